@@ -200,3 +200,9 @@ def test_time_reversal_recovers_mixture(name, stochastic, gen):
     assert ((torch.cov(x.T) - ref_cov).abs() / torch.outer(sd, sd)).max() < 7 / math.sqrt(n) + 0.03
     # the mixture weight: mass on the side of the heavier component
     assert float((x[:, 0] > 0).double().mean()) == pytest.approx(0.7, abs=0.03)
+
+
+def test_registry_lists_valid_names():
+    assert isinstance(S.SDES["vp"](), S.VP)
+    with pytest.raises(KeyError, match="unknown SDE 'vpp'; valid: contractive_ou, contractive_vp, langevin, ou, subvp, ve, ve_edm, vp"):
+        S.SDES["vpp"]

@@ -18,13 +18,15 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 TimeLike = float | Tensor
 
 __all__ = [
     "SDE", "LinearSDE", "OU", "Langevin", "VE", "VEEDM", "VP", "SubVP",
     "ContractiveOU", "ContractiveVP", "reverse_drift", "probability_flow_drift",
-    "simulate", "expand_like", "as_time", "batch_time",
+    "simulate", "expand_like", "as_time", "batch_time", "SDES",
 ]
 
 
@@ -516,3 +518,9 @@ def simulate(sde: SDE, x0: Tensor, t_end: TimeLike, n_steps: int = 100, t_start:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = x + sde.drift(t, x) * expand_like(h, x) + expand_like(sde.diffusion(t) * h.sqrt(), x) * z
     return x
+
+
+SDES: "Registry[type[SDE]]" = Registry("SDE")
+for _name, _cls in [("ou", OU), ("langevin", Langevin), ("ve", VE), ("ve_edm", VEEDM), ("vp", VP),
+                    ("subvp", SubVP), ("contractive_ou", ContractiveOU), ("contractive_vp", ContractiveVP)]:
+    SDES.register(_name)(_cls)
