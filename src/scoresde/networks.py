@@ -1,0 +1,239 @@
+"""Networks net(x, c) for score models, and an exponential moving average of weights.
+
+`c` is one conditioning scalar per sample (shape (batch,)): the time t, or the noise
+level c_noise = log(sigma / alpha) / 4 that `precond.ScoreModel` chooses to pass. Both
+networks embed it with fixed sinusoidal features (Vaswani et al. 1706.03762; Song et al.
+2011.13456 use the same for t) followed by a small MLP.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["SinusoidalEmbedding", "MLP", "UNet", "EMA"]
+
+
+def _check_int(name: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+class SinusoidalEmbedding(nn.Module):
+    """c -> [sin(f_k c), cos(f_k c)], k < dim / 2, frequencies geometric in [min_freq, max_freq].
+
+    The defaults resolve c in [1e-3, 1] (times) and c_noise in about [-3, 3] alike.
+    """
+
+    def __init__(self, dim: int, min_freq: float = 0.1, max_freq: float = 200.0):
+        super().__init__()
+        _check_int("dim", dim, 2)
+        if dim % 2:
+            raise ValueError(f"dim must be even, got {dim}")
+        if not 0 < min_freq < max_freq:
+            raise ValueError(f"need 0 < min_freq < max_freq, got {min_freq}, {max_freq}")
+        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2, dtype=torch.float64))
+        freqs = freqs.to(torch.get_default_dtype())
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, c: Tensor) -> Tensor:
+        if c.dim() != 1:
+            raise ValueError(f"the conditioning must have shape (batch,), got {tuple(c.shape)}")
+        arg = c[:, None].to(self.freqs.dtype) * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=1)
+
+
+def _time_mlp(emb_dim: int, width: int) -> nn.Sequential:
+    return nn.Sequential(SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero-initialise the last layer so that a fresh network outputs 0."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class MLP(nn.Module):
+    """Residual MLP for vector data: x (batch, dim), c (batch,) -> (batch, dim).
+
+    depth residual blocks h <- h + W2 silu(W1 silu(h) + E c_emb), output layer zero-initialised.
+    """
+
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 64):
+        super().__init__()
+        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("emb_dim", emb_dim, 2)):
+            _check_int(name, value, low)
+        self.dim = dim
+        self.embed = _time_mlp(emb_dim, hidden)
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"lin1": nn.Linear(hidden, hidden), "emb": nn.Linear(hidden, hidden),
+                           "lin2": nn.Linear(hidden, hidden)}) for _ in range(depth))
+        self.out = _zero(nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+        e = F.silu(self.embed(c))
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b["lin2"](F.silu(b["lin1"](F.silu(h)) + b["emb"](e)))
+        return self.out(F.silu(h))
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between, 1x1 skip if widths differ."""
+
+    def __init__(self, c_in: int, c_out: int, emb: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb, c_out)
+        self.norm2, self.drop = _norm(c_out, groups), nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(e)[:, :, None, None]
+        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions, residual, output projection zero-initialised."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
+        return x + self.proj(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))
+
+
+class UNet(nn.Module):
+    """A small U-Net for images x (batch, channels, H, W), c (batch,) -> same shape as x.
+
+    Level i has width base * mults[i] and `num_res` residual blocks; levels are joined by
+    stride-2 convolutions down and nearest-neighbour upsampling + conv up, so H and W must be
+    multiples of 2^(len(mults) - 1). `attention=True` adds self-attention at the lowest
+    resolution (middle block). Output conv zero-initialised.
+    """
+
+    def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2), attention: bool = False,
+                 num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0):
+        super().__init__()
+        for name, value, low in (("channels", channels, 1), ("base", base, 1), ("num_res", num_res, 1),
+                                 ("emb_dim", emb_dim, 2), ("groups", groups, 1)):
+            _check_int(name, value, low)
+        mults = tuple(mults)
+        if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
+            raise ValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.channels, self.factor = channels, 2 ** (len(mults) - 1)
+        emb = 4 * base
+        self.embed = _time_mlp(emb_dim, emb)
+        self.inp = nn.Conv2d(channels, base, 3, padding=1)
+        widths = [base * m for m in mults]
+        self.down, skips, c = nn.ModuleList(), [base], base
+        for i, w in enumerate(widths):
+            for _ in range(num_res):
+                self.down.append(ResBlock(c, w, emb, groups, dropout))
+                c = w
+                skips.append(c)
+            if i < len(widths) - 1:
+                self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+                skips.append(c)
+        self.mid1 = ResBlock(c, c, emb, groups, dropout)
+        self.attn = Attention(c, groups) if attention else nn.Identity()
+        self.mid2 = ResBlock(c, c, emb, groups, dropout)
+        self.up = nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            for _ in range(num_res + 1):
+                self.up.append(ResBlock(c + skips.pop(), w, emb, groups, dropout))
+                c = w
+            if i > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
+        self.out = nn.Sequential(_norm(c, groups), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"x must have shape (batch, {self.channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(f"H and W must be multiples of {self.factor} for {self.factor.bit_length()} levels, "
+                             f"got {tuple(x.shape[2:])}")
+        e = F.silu(self.embed(c))
+        h = self.inp(x)
+        hs = [h]
+        for m in self.down:
+            h = m(h, e) if isinstance(m, ResBlock) else m(h)
+            hs.append(h)
+        h = self.mid2(self.attn(self.mid1(h, e)), e)
+        for m in self.up:
+            h = m(torch.cat([h, hs.pop()], 1), e) if isinstance(m, ResBlock) else m(h)
+        return self.out(h)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state: shadow <- decay shadow + (1 - decay) w.
+
+    `update()` after each optimiser step; `state_dict()` / `load_state_dict()` hold plain tensors
+    (saved as safetensors by `checkpoint`); evaluate with `average_parameters()` (swaps the
+    weights in and restores them exactly) or `copy()` (a frozen copy of the model).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0 <= decay < 1:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.model, self.decay = model, float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for k, v in self.model.state_dict().items():
+            if v.is_floating_point():
+                self.shadow[k].lerp_(v, 1.0 - self.decay)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        missing, extra = self.shadow.keys() - state.keys(), state.keys() - self.shadow.keys()
+        if missing or extra:
+            raise ValueError(f"EMA state does not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        with torch.no_grad():
+            for k, v in state.items():
+                if v.shape != self.shadow[k].shape:
+                    raise ValueError(f"EMA state {k!r} has shape {tuple(v.shape)}, model has {tuple(self.shadow[k].shape)}")
+                self.shadow[k].copy_(v)
+
+    @contextmanager
+    def average_parameters(self) -> Iterator[nn.Module]:
+        """Within the block the model holds the EMA weights; its own weights come back after."""
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.shadow)
+        try:
+            yield self.model
+        finally:
+            self.model.load_state_dict(saved)
+
+    def copy(self) -> nn.Module:
+        """A deep copy of the model holding the EMA weights, in eval mode, without gradients."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.shadow)
+        return model.eval().requires_grad_(False)

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from scoresde.networks import EMA, MLP, SinusoidalEmbedding, UNet
+
+
+def test_embedding_values(gen):
+    emb = SinusoidalEmbedding(8, min_freq=1.0, max_freq=1000.0)
+    c = torch.rand(5, generator=gen)
+    out = emb(c)
+    freqs = torch.tensor([1.0, 10.0, 100.0, 1000.0])
+    torch.testing.assert_close(out, torch.cat([torch.sin(c[:, None] * freqs), torch.cos(c[:, None] * freqs)], 1),
+                               rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="dim must be even"):
+        SinusoidalEmbedding(7)
+    with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+        emb(torch.zeros(3, 1))
+
+
+def test_mlp_shapes_zero_init_and_time_dependence(gen):
+    torch.manual_seed(0)
+    net = MLP(3, hidden=32, depth=2, emb_dim=16)
+    x, c = torch.randn(10, 3, generator=gen), torch.rand(10, generator=gen)
+    assert torch.equal(net(x, c), torch.zeros(10, 3))  # zero-initialised output layer
+    torch.nn.init.normal_(net.out.weight, generator=gen)
+    y = net(x, c)
+    assert y.shape == (10, 3)
+    assert not torch.allclose(net(x, c + 0.3), y)  # the conditioning enters
+    assert torch.allclose(net(x[:4], c[:4]), y[:4], atol=1e-6)  # per-sample: no mixing across the batch
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3\)"):
+        net(torch.zeros(2, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match="hidden must be an integer >= 1"):
+        MLP(2, hidden=0)
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_unet_shapes_and_per_sample(attention, gen):
+    torch.manual_seed(0)
+    net = UNet(channels=1, base=8, mults=(1, 2), attention=attention)
+    for p in net.parameters():  # undo the zero init so the outputs carry information
+        torch.nn.init.normal_(p, std=0.2, generator=gen)
+    for hw in (8, 16):
+        x, c = torch.randn(3, 1, hw, hw, generator=gen), torch.rand(3, generator=gen)
+        y = net(x, c)
+        assert y.shape == x.shape
+        torch.testing.assert_close(net(x[:1], c[:1]), y[:1], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(net(x, c + 0.5), y)
+    rgb = UNet(channels=3, base=8, mults=(1, 2, 2))
+    assert rgb(torch.randn(2, 3, 8, 12), torch.rand(2)).shape == (2, 3, 8, 12)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        rgb(torch.randn(2, 3, 6, 8), torch.rand(2))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 3, H, W\)"):
+        rgb(torch.randn(2, 1, 8, 8), torch.rand(2))
+    with pytest.raises(ValueError, match="mults"):
+        UNet(mults=())
+
+
+def test_unet_attention_is_permutation_equivariant_over_positions(gen):
+    """Self-attention (without convolutions) mixes positions only through softmax weights."""
+    from scoresde.networks import Attention
+
+    attn = Attention(8, groups=4)
+    torch.nn.init.normal_(attn.proj.weight, generator=gen)
+    x = torch.randn(2, 8, 4, 4, generator=gen)
+    perm = torch.randperm(16, generator=gen)
+    y = attn(x).flatten(2)[:, :, perm]
+    y_perm = attn(x.flatten(2)[:, :, perm].reshape(2, 8, 4, 4)).flatten(2)
+    torch.testing.assert_close(y, y_perm, rtol=1e-5, atol=1e-5)
+
+
+def test_ema_matches_closed_form_and_round_trips(gen):
+    net = MLP(2, hidden=8, depth=1, emb_dim=4)
+    w0 = {k: v.clone() for k, v in net.state_dict().items()}
+    ema = EMA(net, decay=0.9)
+    ws = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=gen))
+        ws.append({k: v.clone() for k, v in net.state_dict().items()})
+        ema.update()
+    # shadow = 0.9^5 w0 + sum_i 0.1 * 0.9^(4 - i) w_i
+    for k in w0:
+        expect = 0.9**5 * w0[k] + sum(0.1 * 0.9 ** (4 - i) * ws[i][k] for i in range(5))
+        torch.testing.assert_close(ema.shadow[k], expect, rtol=1e-5, atol=1e-5)
+    current = {k: v.clone() for k, v in net.state_dict().items()}
+    x, c = torch.randn(4, 2, generator=gen), torch.rand(4, generator=gen)
+    with ema.average_parameters() as m:
+        y_ema = m(x, c)
+        assert all(torch.equal(v, ema.shadow[k]) for k, v in m.state_dict().items())
+    assert all(torch.equal(v, current[k]) for k, v in net.state_dict().items())  # restored exactly
+    frozen = ema.copy()
+    assert torch.equal(frozen(x, c), y_ema) and not any(p.requires_grad for p in frozen.parameters())
+    other = EMA(MLP(2, hidden=8, depth=1, emb_dim=4), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({})
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(net, decay=1.0)
