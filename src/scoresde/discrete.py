@@ -129,8 +129,9 @@ def ddpm_simple_loss(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, i: Te
 
 @torch.no_grad()
 def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: str = "posterior",
-              generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Per-sample terms of the negative ELBO in nats (Ho et al. eq. 5), x0 on the 8-bit grid in [-1, 1].
+              levels: int = 256, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Per-sample terms of the negative ELBO in nats (Ho et al. eq. 5), x0 on a grid of `levels`
+    values in [-1, 1] (256 for 8-bit images, 17 for scikit-learn's digits).
 
     -ELBO = L_N + sum_{t=2}^N L_{t-1} + L_0 with L_N = KL(q(x_N | x_0) || N(0, I)),
     L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at one draw of x_t ~ q(x_t | x_0)
@@ -149,7 +150,7 @@ def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: st
         mean_p, _ = schedule.posterior(schedule.eps_to_x0(xt, eps_fn(xt, i), i), xt, i)
         if k == 0:
             std = expand_like(var_p[:1].to(x0.dtype).sqrt().expand(n), x0)
-            decoder = -discretized_gaussian_log_likelihood(x0, mean_p, std).flatten(1).sum(1)
+            decoder = -discretized_gaussian_log_likelihood(x0, mean_p, std, levels).flatten(1).sum(1)
         else:
             mean_q, var_q = schedule.posterior(x0, xt, i)
             v = schedule._gather(var_p, i, x0)

@@ -25,7 +25,7 @@ LOG_2PI = math.log(2 * math.pi)
 class VAE(nn.Module):
     """Shared ELBO machinery; subclasses provide `encoder` (x -> 2 * latent features) and `decoder` (z -> x)."""
 
-    def __init__(self, latent_dim: int, likelihood: str = "continuous"):
+    def __init__(self, latent_dim: int, likelihood: str = "continuous", levels: int = 256):
         super().__init__()
         if likelihood not in ("continuous", "discretized"):
             raise ValueError(f"likelihood must be 'continuous' or 'discretized', got {likelihood!r}")
@@ -33,6 +33,7 @@ class VAE(nn.Module):
             raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.levels = levels
         self.log_scale = nn.Parameter(torch.tensor(math.log(0.1)))
         self.encoder: nn.Module
         self.decoder: nn.Module
@@ -46,7 +47,7 @@ class VAE(nn.Module):
         mean = self.decoder(z)
         std = self.log_scale.exp().expand_as(mean)
         if self.likelihood == "discretized":
-            return discretized_gaussian_log_likelihood(x, mean, std).flatten(1).sum(1)
+            return discretized_gaussian_log_likelihood(x, mean, std, self.levels).flatten(1).sum(1)
         return (-0.5 * ((x - mean) / std) ** 2 - self.log_scale - 0.5 * LOG_2PI).flatten(1).sum(1)
 
     def elbo(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -78,9 +79,9 @@ class VAE(nn.Module):
         return torch.logsumexp(torch.stack(log_w), 0) - math.log(k)
 
     def bits_per_dim(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
-        """Per-sample upper bound on -log2 P(x) / D for 8-bit images in [-1, 1] (discretised decoder)."""
+        """Per-sample upper bound on -log2 P(x) / D for images on `levels` grey levels in [-1, 1]."""
         if self.likelihood != "discretized":
-            raise ValueError("bits_per_dim needs likelihood='discretized' (a probability over the 256 levels)")
+            raise ValueError("bits_per_dim needs likelihood='discretized' (a probability over the grey levels)")
         return -self.log_likelihood_bound(x, k, generator) / (x[0].numel() * math.log(2))
 
     @torch.no_grad()
@@ -106,8 +107,9 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 class MLPVAE(VAE):
     """VAE for vectors (batch, dim); `hidden=()` makes encoder and decoder affine (a linear-Gaussian model)."""
 
-    def __init__(self, dim: int, latent_dim: int = 8, hidden: Sequence[int] = (256, 256), likelihood: str = "continuous"):
-        super().__init__(latent_dim, likelihood)
+    def __init__(self, dim: int, latent_dim: int = 8, hidden: Sequence[int] = (256, 256), likelihood: str = "continuous",
+                 levels: int = 256):
+        super().__init__(latent_dim, likelihood, levels)
         self.encoder = _mlp([dim, *hidden, 2 * latent_dim])
         self.decoder = _mlp([latent_dim, *reversed(hidden), dim])
 
@@ -116,8 +118,8 @@ class ConvVAE(VAE):
     """Convolutional VAE for images (batch, C, H, W) with H, W divisible by 4."""
 
     def __init__(self, channels: int = 1, size: int = 8, latent_dim: int = 16, base: int = 32,
-                 likelihood: str = "discretized"):
-        super().__init__(latent_dim, likelihood)
+                 likelihood: str = "discretized", levels: int = 256):
+        super().__init__(latent_dim, likelihood, levels)
         if size % 4:
             raise ValueError(f"size must be divisible by 4, got {size}")
         s, c2 = size // 4, 2 * base
