@@ -42,7 +42,7 @@ def gaussian_flow_map(sde, m, v):
 @pytest.mark.parametrize("sde", LINEAR, ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("dtype", [torch.float32, D64])
 def test_boundary_condition_exact(sde, dtype, gen):
-    model = ConsistencyModel(TinyNet().to(dtype), sde, sigma_data=0.7)
+    model = ConsistencyModel.from_net(TinyNet().to(dtype), sde, sigma_data=0.7)
     x = 3 * torch.randn(64, 2, generator=gen, dtype=dtype)
     assert torch.equal(model(x, sde.t_min), x)
     assert torch.equal(model(x, torch.full((64,), sde.t_min, dtype=dtype)), x)
@@ -52,7 +52,7 @@ def test_boundary_condition_exact(sde, dtype, gen):
 
 @pytest.mark.parametrize("sde", LINEAR, ids=lambda s: type(s).__name__)
 def test_parametrisation_continuous_in_t(sde, gen):
-    model = ConsistencyModel(TinyNet(), sde, sigma_data=0.5)
+    model = ConsistencyModel.from_net(TinyNet(), sde, sigma_data=0.5)
     x = torch.randn(8, 2, generator=gen, dtype=D64)
     # at the boundary |f(x, t_min + h) - x| -> 0 like C h: the difference quotients settle to a finite C
     hs = torch.logspace(-3, -12, 10, dtype=D64) * (sde.T - sde.t_min)
@@ -66,16 +66,18 @@ def test_parametrisation_continuous_in_t(sde, gen):
         assert jump < 1e-6
 
 
-def test_scalings_reduce_to_cm_edm_form():
-    """For VE-EDM (alpha = 1, sigma = t) they are CM's (2303.01469 eq. 26, sigma_min = eps)."""
-    sde, sd = S.VEEDM(), 0.5
+def test_reduces_to_cm_edm_form(gen):
+    """For VE-EDM (alpha = 1, sigma = t) the model is CM's (2303.01469 eq. 26 and appendix C, sigma_min = eps):
+    f = sd^2/((t - eps)^2 + sd^2) x + sd (t - eps)/sqrt(sd^2 + t^2) F(x / sqrt(t^2 + sd^2), log(t) / 4)."""
+    sde, sd, eps = S.VEEDM(), 0.5, S.VEEDM().t_min
     t = torch.tensor([0.002, 0.01, 0.3, 2.0, 80.0], dtype=D64)
-    c_skip, c_out, c_in, c_noise = consistency_scalings(sde, t, sd)
-    eps = sde.t_min
+    c_skip, c_out = consistency_scalings(sde, t, sd)
     torch.testing.assert_close(c_skip, sd**2 / ((t - eps) ** 2 + sd**2))
     torch.testing.assert_close(c_out, sd * (t - eps) / torch.sqrt(sd**2 + t**2))
-    torch.testing.assert_close(c_in, 1 / torch.sqrt(t**2 + sd**2))
-    torch.testing.assert_close(c_noise, torch.log(t) / 4)
+    net = TinyNet()
+    x = 10 * torch.randn(5, 2, generator=gen, dtype=D64)
+    want = c_skip[:, None] * x + c_out[:, None] * net(x / torch.sqrt(t**2 + sd**2)[:, None], torch.log(t) / 4)
+    torch.testing.assert_close(ConsistencyModel.from_net(net, sde, sd)(x, t), want, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("sde", LINEAR, ids=lambda s: type(s).__name__)
@@ -222,22 +224,22 @@ def test_loss_vanishes_at_the_exact_consistency_function_of_a_point_mass(mode, g
 
 def test_target_network_is_an_ema(gen):
     sde = S.VEEDM()
-    model = ConsistencyModel(TinyNet(), sde)
+    model = ConsistencyModel.from_net(TinyNet(), sde)
     loss_fn = ConsistencyLoss(sde, "ct", n_steps=5, target_decay=0.9)
     x0 = torch.randn(8, 2, generator=gen, dtype=D64)
     loss_fn(model, x0, gen)
-    w0 = model.net.w.detach().clone()
-    torch.testing.assert_close(loss_fn.target.net.w, w0)
+    w0 = model.model.net.w.detach().clone()
+    torch.testing.assert_close(loss_fn.target.model.net.w, w0)
     with torch.no_grad():
-        model.net.w.add_(1.0)
+        model.model.net.w.add_(1.0)
     loss_fn(model, x0, gen)
-    torch.testing.assert_close(loss_fn.target.net.w, 0.9 * w0 + 0.1 * (w0 + 1.0))
-    assert "target.net.w" in loss_fn.state_dict() and int(loss_fn.step) == 2
-    assert not loss_fn.target.net.w.requires_grad
+    torch.testing.assert_close(loss_fn.target.model.net.w, 0.9 * w0 + 0.1 * (w0 + 1.0))
+    assert "target.model.net.w" in loss_fn.state_dict() and int(loss_fn.step) == 2
+    assert not loss_fn.target.model.net.w.requires_grad
     # decay 0 (iCT): the target is the current model under stop-gradient
     loss0 = ConsistencyLoss(sde, "ct", n_steps=5, target_decay=0.0)
     loss0(model, x0, gen).mean().backward()
-    assert loss0.target is None and model.net.w.grad is not None
+    assert loss0.target is None and model.model.net.w.grad is not None
 
 
 @pytest.mark.parametrize("sde", [S.VP(), S.VEEDM(), S.ContractiveOU()], ids=lambda s: type(s).__name__)
@@ -274,7 +276,7 @@ def test_distillation_learns_exact_gaussian_flow_map():
     sde = S.VP()
     m, v = torch.tensor([0.5, -1.0], dtype=D64), torch.tensor([0.3, 2.0], dtype=D64)
     target = GaussianMixture(torch.ones(1), m[None], torch.diag(v)[None])
-    model = ConsistencyModel(MLP(2, hidden=64, depth=2, emb_dim=32), sde, sigma_data=1.0)
+    model = ConsistencyModel.from_net(MLP(2, hidden=64, depth=2, emb_dim=32), sde, sigma_data=1.0)
     loss_fn = ConsistencyLoss(sde, "cd", target.score_fn(sde), n_steps=18, solver="heun", target_decay=0.95)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(500):
@@ -297,11 +299,11 @@ def test_distillation_learns_exact_gaussian_flow_map():
 def test_bad_input():
     sde = S.VP()
     with pytest.raises(ValueError, match="sigma_data"):
-        ConsistencyModel(TinyNet(), sde, sigma_data=0.0)
-    with pytest.raises(ValueError, match="LinearSDE"):
-        ConsistencyModel(TinyNet(), S.Langevin(lambda x: x.pow(2).sum(1)))
+        ConsistencyModel.from_net(TinyNet(), sde, sigma_data=0.0)
+    with pytest.raises(ValueError, match="linear SDE|LinearSDE"):
+        ConsistencyModel.from_net(TinyNet(), S.Langevin(lambda x: x.pow(2).sum(1)))
     with pytest.raises(ValueError, match="t must lie"):
-        ConsistencyModel(TinyNet(), sde)(torch.zeros(3, 2, dtype=D64), 0.0)
+        ConsistencyModel.from_net(TinyNet(), sde)(torch.zeros(3, 2, dtype=D64), 0.0)
     with pytest.raises(ValueError, match="teacher"):
         ConsistencyLoss(sde, "cd")
     with pytest.raises(ValueError, match="mode"):

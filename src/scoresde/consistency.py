@@ -11,10 +11,10 @@ EDM's: with g^2 = d(sigma^2)/dt + 2 b sigma^2 and score_y(y) = alpha score_x(alp
 The ODE flow from t to t_min is therefore x -> alpha(t_min) Phi_s(x / alpha(t)) with Phi the
 EDM flow from s(t) to s_min = s(t_min), and the CM parametrisation carries over verbatim:
 
-    f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x / alpha(t), c_noise(t)),
+    f(x, t) = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t)),
     c_skip = (alpha(t_min) / alpha(t)) sd^2 / ((s - s_min)^2 + sd^2),
     c_out  = alpha(t_min) sd (s - s_min) / sqrt(s^2 + sd^2),
-    c_in   = 1 / sqrt(s^2 + sd^2),   c_noise = log(s) / 4,
+    c_in   = 1 / (alpha sqrt(s^2 + sd^2)),   c_noise = log(s) / 4  (`precond.edm_scalings`),
 
 sd = sigma_data. At t = t_min: c_skip = 1, c_out = 0, so f(x, t_min) = x (T 6.15); both are
 continuous in t. The boundary value is also enforced where t == t_min, so that rounding of
@@ -34,7 +34,7 @@ from typing import Callable, Literal
 import torch
 from torch import Tensor, nn
 
-from .precond import edm_scalings
+from .precond import ScoreModel, score_to_x0
 from .sde import LinearSDE, ScoreFn, TimeLike, as_time, batch_time, expand_like, probability_flow_drift
 
 __all__ = [
@@ -58,41 +58,48 @@ def effective_sigma(sde: LinearSDE, t: TimeLike) -> Tensor:
     return sde.sigma(t) / sde.alpha(t)
 
 
-def consistency_scalings(sde: LinearSDE, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in, c_noise) at times t (module docstring), acting on x (not x / alpha);
-    c_in, c_noise are `precond.edm_scalings`' (the same for the score network and the consistency model)."""
+def consistency_scalings(sde: LinearSDE, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) at times t (module docstring), acting on x and on the x0 prediction F."""
     _check_sigma_data(sigma_data)
     t_min = torch.full_like(t, sde.t_min)
-    alpha, alpha_min = sde.alpha(t), sde.alpha(t_min)
     s, s_min = effective_sigma(sde, t), effective_sigma(sde, t_min)
     sd2 = sigma_data**2
-    c_skip = (alpha_min / alpha) * sd2 / ((s - s_min) ** 2 + sd2)
-    c_out = alpha_min * sigma_data * (s - s_min) / torch.sqrt(s**2 + sd2)
-    _, _, c_in, c_noise = edm_scalings(alpha, sde.sigma(t), sigma_data)  # the denoiser's input scaling
-    return c_skip, c_out, c_in, c_noise
+    c_skip = (sde.alpha(t_min) / sde.alpha(t)) * sd2 / ((s - s_min) ** 2 + sd2)
+    c_out = sde.alpha(t_min) * sigma_data * (s - s_min) / torch.sqrt(s**2 + sd2)
+    return c_skip, c_out
 
 
 class ConsistencyModel(nn.Module):
-    """f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(c_in(t) x, c_noise(t)) with f(x, t_min) = x (T 6.15).
+    """f_theta(x, t) = c_skip(t) x + c_out(t) F_theta(x, t) with f(x, t_min) = x (T 6.15).
 
-    `net(x, t)` is any network taking (batch, ...) inputs and (batch,) conditioning; it is
-    fed c_noise = log(sigma / alpha) / 4 in place of t, which is well scaled for every SDE.
+    F is the data prediction of `model`, any module whose forward(x, t) returns a score (a
+    `precond.ScoreModel` or a DDP wrapper of one), read back through Tweedie's formula
+    (`precond.score_to_x0`). With `ScoreModel(net, sde, "x0", sigma_data)` (`from_net`) this is
+    F = net(c_in x, c_noise) with EDM's input scaling for any (alpha, sigma), as in CM; a score
+    model's checkpoint of the same layout can therefore initialise the student. The module's
+    forward is then a consistency function, and `model`'s own output is not a score of p_t.
     """
 
-    def __init__(self, net: nn.Module, sde: LinearSDE, sigma_data: float = 0.5):
+    def __init__(self, model: nn.Module, sde: LinearSDE, sigma_data: float = 0.5):
         super().__init__()
         if not isinstance(sde, LinearSDE):
             raise ValueError(f"sde must be a LinearSDE (alpha, sigma known), got {type(sde).__name__}")
         _check_sigma_data(sigma_data)
-        self.net, self.sde, self.sigma_data = net, sde, float(sigma_data)
+        self.model, self.sde, self.sigma_data = model, sde, float(sigma_data)
+
+    @classmethod
+    def from_net(cls, net: nn.Module, sde: LinearSDE, sigma_data: float = 0.5) -> "ConsistencyModel":
+        """The CM parametrisation around a raw network net(x, c) -> (batch, ...)."""
+        return cls(ScoreModel(net, sde, "x0", sigma_data), sde, sigma_data)
 
     def forward(self, x: Tensor, t: TimeLike) -> Tensor:
         t = batch_time(t, x)
         lo, hi = self.sde.t_min, self.sde.T
         if bool(((t < lo) | (t > hi * (1 + 1e-6))).any()):
             raise ValueError(f"t must lie in [t_min, T] = [{lo}, {hi}], got range [{float(t.min())}, {float(t.max())}]")
-        c_skip, c_out, c_in, c_noise = consistency_scalings(self.sde, t, self.sigma_data)
-        out = expand_like(c_skip, x) * x + expand_like(c_out, x) * self.net(expand_like(c_in, x) * x, c_noise)
+        c_skip, c_out = consistency_scalings(self.sde, t, self.sigma_data)
+        x0_hat = score_to_x0(self.model(x, t), x, self.sde.alpha(t), self.sde.sigma(t))
+        out = expand_like(c_skip, x) * x + expand_like(c_out, x) * x0_hat
         return torch.where(expand_like(t == lo, x), x, out)
 
 
@@ -252,14 +259,17 @@ class ConsistencyLoss(nn.Module):
         for b_t, b in zip(self.target.buffers(), model.buffers()):
             b_t.copy_(b)
 
-    def forward(self, model: nn.Module, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.target_decay > 0:
-            if self.target is None:
-                self.attach(model)
-            elif self.step > 0:
-                self._refresh_target(model)
+    def forward(self, model: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
+                update: bool = True) -> Tensor:
+        """Per-sample losses for data x0. With update=True (training) the target is first refreshed
+        from `model` and the step counter advances; update=False (evaluation) leaves both alone."""
+        if self.target_decay > 0 and self.target is None:
+            self.attach(model)
+        elif self.target_decay > 0 and update and self.step > 0:
+            self._refresh_target(model)
         target_net = model if self.target_decay == 0 else self.target
-        self.step += 1
+        if update:
+            self.step += 1
         n_int = self.current_steps()
         t_grid = self.grid(n_int).to(x0)
         if self.index == "uniform":
