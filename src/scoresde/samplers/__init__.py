@@ -1,0 +1,140 @@
+"""Samplers for every SDE of scoresde (DESIGN section 4) and one entry point, `sample`.
+
+`sample(sde, score_fn, shape, method=..., nfe=...)` spends exactly `nfe` score
+evaluations (at most `nfe` for the adaptive "dopri5"). Budget rules, d = 1 if the final
+Tweedie denoise is on (default) else 0:
+
+| method | function | NFE |
+|---|---|---|
+| em | euler_maruyama (T 5.21) | steps + d |
+| ei | exponential_integrator (T 5.20) | steps + d |
+| pc | predictor_corrector (T 5.22) | steps (1 + corrector_steps) + d |
+| ald | annealed_langevin (NCSN) | levels steps_per_level + d, levels >= 2 |
+| euler | ode_euler (probability flow) | steps + d |
+| heun | heun | 2 steps + d; d defaults to nfe odd, so every nfe >= 2 works |
+| dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
+| dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
+| ddim, ddpm | ddim (eta option), ddpm | steps + d |
+
+Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
+explicit decreasing `ts`; `denoise`; `dtype` (when x_T is not given); and each
+function's own keywords (eta, snr, corrector_steps, predictor, order, rtol, atol, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..registry import Registry
+from ..sde import SDE, ScoreFn
+from .common import Callback
+from .discrete import ddim, ddpm
+from .grids import GRIDS, time_grid
+from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
+from .pc import annealed_langevin, predictor_corrector
+from .sde import euler_maruyama, exponential_integrator
+
+__all__ = [
+    "sample", "METHODS", "Method", "time_grid", "GRIDS", "euler_maruyama", "exponential_integrator",
+    "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5", "dpm_solver_multistep",
+    "ddim", "ddpm",
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A sampler as `sample` drives it: fn(sde, score_fn, x_T, ts, **kw), the score evaluations per
+    grid step (a function of the options), how many grid points the levels add (ald: one level per
+    point), the default grid, and whether it draws noise."""
+
+    fn: Callable[..., Tensor]
+    evals_per_step: Callable[[dict], int] = lambda options: 1
+    levels_are_points: bool = False
+    grid: str = "logsnr"
+    stochastic: bool = False
+
+
+METHODS: "Registry[Method]" = Registry("sampling method")
+for _name, _method in {
+    "em": Method(euler_maruyama, grid="uniform", stochastic=True),
+    "ei": Method(exponential_integrator, grid="uniform", stochastic=True),
+    "pc": Method(predictor_corrector, lambda o: 1 + o.get("corrector_steps", 1), grid="uniform", stochastic=True),
+    "ald": Method(annealed_langevin, lambda o: o.get("steps_per_level", 1), True, "logsnr", True),
+    "euler": Method(ode_euler, grid="edm"),
+    "heun": Method(heun, lambda o: 2, grid="edm"),
+    "dopri5": Method(dopri5),
+    "dpm1": Method(partial(dpm_solver_multistep, order=1)),
+    "dpm2m": Method(partial(dpm_solver_multistep, order=2)),
+    "dpm3m": Method(partial(dpm_solver_multistep, order=3)),
+    "ddim": Method(ddim, stochastic=True),
+    "ddpm": Method(ddpm, stochastic=True),
+}.items():
+    METHODS.register(_name)(_method)
+
+
+def _budget_counter(score_fn: ScoreFn, nfe: int) -> ScoreFn:
+    calls = 0
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > nfe:
+            raise RuntimeError(f"dopri5 needs more than nfe={nfe} score evaluations at these rtol/atol; "
+                               "raise nfe or loosen the tolerances")
+        return score_fn(x, t)
+
+    return counted
+
+
+def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
+           generator: torch.Generator | None = None, x_T: Tensor | None = None,
+           callback: Callback | None = None, **options) -> Tensor:
+    """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations.
+
+    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape` in
+    `options["dtype"]`, default torch's default dtype) fixes the dtype of the whole run.
+    callback(step, t, x) sees every grid time (t = 0 for the denoised output).
+    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring).
+    """
+    try:
+        spec = METHODS[method]
+    except KeyError as err:
+        raise ValueError(f"method: {err.args[0]}") from None
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe}")
+    nfe = int(nfe)
+    dtype = options.pop("dtype", None)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("shape must be given when x_T is not")
+        x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
+    elif shape is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+    denoise = options.pop("denoise", (nfe % 2 == 1) if method == "heun" else True)
+    grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
+    kwargs = dict(options, denoise=bool(denoise), callback=callback)
+    if spec.stochastic:
+        kwargs["generator"] = generator
+    if method == "dopri5":
+        if "t_end" in grid_opts:
+            kwargs["t_end"] = grid_opts["t_end"]
+        return spec.fn(sde, _budget_counter(score_fn, nfe), x_T, **kwargs)
+    per_step = spec.evals_per_step(options)
+    budget = nfe - int(bool(denoise))
+    n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
+    if per_step < 1 or budget % per_step or n_steps < 1:
+        extra = " plus 1 for the final denoise" if denoise else ""
+        raise ValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
+                         f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
+    ts = grid_opts.get("ts")
+    if ts is None:
+        ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=grid_opts.get("t_end"),
+                       rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", 2.0),
+                       dtype=x_T.dtype, device=x_T.device)
+    elif len(ts) != n_steps + 1:
+        raise ValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
+    return spec.fn(sde, score_fn, x_T, ts, **kwargs)

@@ -1,0 +1,55 @@
+"""Helpers shared by the samplers: coefficients, data prediction, the final denoise, noise."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
+
+Callback = Callable[[int, Tensor, Tensor], None]
+
+__all__ = ["Callback", "alpha_sigma", "data_prediction", "finish", "noise_like", "require_linear", "check_grid"]
+
+
+def require_linear(sde: SDE, what: str) -> LinearSDE:
+    if not isinstance(sde, LinearSDE):
+        raise ValueError(f"sde must be a linear SDE (Gaussian kernel) for {what}, got {type(sde).__name__}")
+    return sde
+
+
+def check_grid(ts: Tensor) -> Tensor:
+    """A 1-D strictly decreasing grid of at least two times."""
+    if ts.dim() != 1 or ts.numel() < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError("ts must be strictly decreasing (from T down to t_end)")
+    return ts
+
+
+def alpha_sigma(sde: LinearSDE, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha(t), sigma(t) broadcast against x (t a scalar)."""
+    tb = batch_time(t, x)
+    return expand_like(sde.alpha(tb), x), expand_like(sde.sigma(tb), x)
+
+
+def data_prediction(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor) -> Tensor:
+    """Tweedie's formula x0_hat = (x + sigma^2 s(x, t)) / alpha = E[X_0 | X_t = x]; one NFE."""
+    a, s = alpha_sigma(sde, t, x)
+    return (x + s**2 * score_fn(x, batch_time(t, x))) / a
+
+
+def finish(sde: SDE, score_fn: ScoreFn, x: Tensor, t_end: Tensor, denoise: bool,
+           callback: Callback | None, step: int) -> Tensor:
+    """The optional final denoising step at t_end (one NFE), reported to the callback at t = 0."""
+    if not denoise:
+        return x
+    x = data_prediction(require_linear(sde, "the final denoising step"), score_fn, x, t_end)
+    if callback is not None:
+        callback(step, torch.zeros_like(t_end), x)
+    return x
+
+
+def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)

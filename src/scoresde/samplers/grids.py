@@ -1,0 +1,62 @@
+"""Time grids for the samplers (DESIGN section 4): decreasing times from T to t_end.
+
+Every grid is built in float64 and returned in the requested dtype; the end points are
+exactly T and t_end. Grids other than "uniform" and "poly" are spaced in the log-SNR
+lambda(t) = log(alpha / sigma) and need `sde.inverse_log_snr`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sde import LinearSDE, SDE
+
+__all__ = ["GRIDS", "time_grid"]
+
+GRIDS = ("uniform", "logsnr", "edm", "poly")
+
+
+def _lam(sde: LinearSDE, t: float) -> Tensor:
+    return sde.log_snr(torch.tensor(t, dtype=torch.float64))
+
+
+def time_grid(sde: SDE, n_steps: int, kind: str = "logsnr", t_end: float | None = None,
+              rho: float = 7.0, power: float = 2.0, dtype: torch.dtype = torch.float64,
+              device=None) -> Tensor:
+    """n_steps + 1 decreasing times from sde.T to t_end (default sde.t_min).
+
+    kind: "uniform" in t; "logsnr" uniform in lambda = log(alpha / sigma) (DPM-Solver);
+    "edm": the rho-schedule of Karras et al. (2206.00364 eq. 5) applied to the
+    noise-to-signal ratio sigma / alpha = e^{-lambda} (for VE-EDM this is sigma itself);
+    "poly": t_i = (T^{1/p} + i/N (t_end^{1/p} - T^{1/p}))^p with p = `power`
+    (p = 2 is DPM-Solver's "time quadratic").
+    """
+    if int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps}")
+    if kind not in GRIDS:
+        raise ValueError(f"kind must be one of {', '.join(GRIDS)}, got {kind!r}")
+    T = float(sde.T)
+    t_end = float(sde.t_min) if t_end is None else float(t_end)
+    if not 0 < t_end < T:
+        raise ValueError(f"t_end must lie in (0, T = {T}), got {t_end}")
+    u = torch.linspace(0, 1, int(n_steps) + 1, dtype=torch.float64)
+    if kind == "uniform":
+        ts = T + u * (t_end - T)
+    elif kind == "poly":
+        if not power > 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        ts = (T ** (1 / power) + u * (t_end ** (1 / power) - T ** (1 / power))) ** power
+    else:
+        lam_T, lam_end = _lam(sde, T), _lam(sde, t_end)
+        if kind == "logsnr":
+            lam = lam_T + u * (lam_end - lam_T)
+        else:
+            if not rho > 0:
+                raise ValueError(f"rho must be > 0, got {rho}")
+            s_max, s_min = torch.exp(-lam_T / rho), torch.exp(-lam_end / rho)
+            lam = -rho * torch.log(s_max + u * (s_min - s_max))
+        ts = sde.inverse_log_snr(lam)
+    ts[0], ts[-1] = T, t_end
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError(f"grid {kind!r} is not strictly decreasing for {n_steps} steps; use fewer steps")
+    return ts.to(dtype=dtype, device=device)

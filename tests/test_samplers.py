@@ -1,0 +1,299 @@
+"""Tests of scoresde.samplers against closed forms, a tight dopri5 reference and exact densities."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+
+from scoresde import OU, VE, VEEDM, VP, ContractiveOU, ContractiveVP, SubVP
+from scoresde.samplers import (METHODS, ddim, dopri5, dpm_solver_multistep, euler_maruyama, exponential_integrator,
+                               heun, ode_euler, predictor_corrector, sample, time_grid)
+from scoresde.samplers.sde import ei_coefficients
+from scoresde.targets import GaussianMixture, ring
+
+LINEAR_SDES = [VP(), SubVP(), VE(), VEEDM(), OU(), ContractiveOU(), ContractiveVP()]
+F64 = torch.float64
+
+
+def counted(score_fn):
+    def wrapped(x, t):
+        wrapped.calls += 1
+        assert t.shape == (x.shape[0],)
+        return score_fn(x, t)
+
+    wrapped.calls = 0
+    return wrapped
+
+
+def gaussian_1d(mean=0.5, var=0.04):
+    return GaussianMixture(torch.ones(1), torch.tensor([[mean]]), torch.tensor([[[var]]]))
+
+
+def log_density_gap(target, x, gen, n_ref=20000):
+    """E_gen log p - E_true log p, and a 4-sigma tolerance from both Monte Carlo errors."""
+    lp, lp_ref = target.log_prob(x), target.log_prob(target.sample(n_ref, gen))
+    gap = lp.mean() - lp_ref.mean()
+    se = math.sqrt(lp.var() / len(lp) + lp_ref.var() / len(lp_ref))
+    return gap.item(), 4 * se
+
+
+# ---- grids --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sde", LINEAR_SDES, ids=lambda s: type(s).__name__)
+def test_grids_are_uniform_in_their_variable(sde):
+    n, t_end = 12, 2 * sde.t_min
+    checks = {
+        "uniform": lambda t: t,
+        "logsnr": lambda t: sde.log_snr(t),
+        "edm": lambda t: torch.exp(-sde.log_snr(t) / 5.0),
+        "poly": lambda t: t ** (1 / 3),
+    }
+    for kind, variable in checks.items():
+        ts = time_grid(sde, n, kind, t_end=t_end, rho=5.0, power=3.0)
+        assert ts[0] == sde.T and ts[-1] == t_end and len(ts) == n + 1
+        assert (ts[1:] < ts[:-1]).all()
+        v = variable(ts)
+        torch.testing.assert_close(v[1:] - v[:-1], (v[1:] - v[:-1]).mean().expand(n), rtol=1e-6, atol=1e-9)
+
+
+def test_grid_rejects_bad_input():
+    with pytest.raises(ValueError, match="kind"):
+        time_grid(VP(), 5, "cosine")
+    with pytest.raises(ValueError, match="t_end"):
+        time_grid(VP(), 5, t_end=2.0)
+    with pytest.raises(ValueError, match="n_steps"):
+        time_grid(VP(), 0)
+
+
+# ---- the exponential integrator's coefficients and exactness ------------------------------
+
+def test_ei_coefficients_closed_form_vp():
+    sde, t, tn = VP(), torch.tensor(0.7, dtype=F64), torch.tensor(0.4, dtype=F64)
+    dB = sde.B(t) - sde.B(tn)
+    phi, c, v = ei_coefficients(sde, t, tn)
+    torch.testing.assert_close(phi, torch.exp(dB / 2))
+    torch.testing.assert_close(c, 2 * torch.expm1(dB / 2))
+    torch.testing.assert_close(v, torch.expm1(dB))
+
+
+@pytest.mark.parametrize("sde", LINEAR_SDES, ids=lambda s: type(s).__name__)
+def test_ei_coefficients_against_quadrature(sde):
+    t, tn = 0.6 * sde.T, 0.25 * sde.T
+    a = lambda u: float(sde.alpha(torch.tensor(u, dtype=F64)))
+    g2 = lambda u: float(sde.diffusion(torch.tensor(u, dtype=F64))) ** 2
+    c_ref = a(tn) * integrate.quad(lambda u: g2(u) / a(u), tn, t, epsabs=0, epsrel=1e-12)[0]
+    v_ref = integrate.quad(lambda u: (a(tn) / a(u)) ** 2 * g2(u), tn, t, epsabs=0, epsrel=1e-12)[0]
+    phi, c, v = ei_coefficients(sde, torch.tensor(t, dtype=F64), torch.tensor(tn, dtype=F64))
+    assert phi.item() == pytest.approx(a(tn) / a(t), rel=1e-12)
+    assert c.item() == pytest.approx(c_ref, rel=1e-9)
+    assert v.item() == pytest.approx(v_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("sde", [VP(), ContractiveOU(), SubVP()], ids=lambda s: type(s).__name__)
+def test_exponential_integrator_exact_for_the_linear_part(sde, gen):
+    """With an x-independent score s0 the reverse SDE is linear with constant forcing; the exponential
+    integrator then reproduces its exact law with any number of steps, Euler-Maruyama does not."""
+    n, s0 = 40000, torch.tensor([[0.3]], dtype=F64)
+    score_fn = lambda x, t: s0.expand_as(x)
+    x_T = torch.full((n, 1), 0.8, dtype=F64)
+    T, t_end = torch.tensor(sde.T, dtype=F64), torch.tensor(0.2 * sde.T, dtype=F64)
+    phi, c, v = ei_coefficients(sde, T, t_end)  # one-step coefficients, checked against quadrature above
+    mean, std = phi * 0.8 + c * 0.3, v.sqrt()
+    for steps in (1, 3, 8):
+        ts = time_grid(sde, steps, "uniform", t_end=float(t_end))
+        x = exponential_integrator(sde, score_fn, x_T, ts, generator=gen, denoise=False)
+        assert abs(x.mean() - mean) < 4 * std / math.sqrt(n)
+        assert abs(x.std() / std - 1) < 4 / math.sqrt(2 * n)
+    x_em = euler_maruyama(sde, score_fn, x_T, time_grid(sde, 3, "uniform", t_end=float(t_end)), generator=gen,
+                          denoise=True)
+    x_em = x_em * sde.alpha(t_end) - sde.sigma(t_end) ** 2 * 0.3  # undo the final Tweedie step
+    assert abs(x_em.mean() - mean) > 10 * std / math.sqrt(n) or abs(x_em.std() / std - 1) > 10 / math.sqrt(2 * n)
+
+
+# ---- the NFE budget and the entry point ---------------------------------------------------
+
+BUDGETS = {"em": 7, "ei": 7, "pc": 9, "ald": 9, "euler": 7, "heun": 7, "dpm1": 7, "dpm2m": 7, "dpm3m": 7,
+           "ddim": 7, "ddpm": 7}
+
+
+@pytest.mark.parametrize("method", sorted(BUDGETS))
+@pytest.mark.parametrize("sde", [VP(), VE(), ContractiveVP()], ids=lambda s: type(s).__name__)
+def test_nfe_spent_equals_budget(method, sde, gen):
+    score = counted(ring().score_fn(sde))
+    for nfe in (BUDGETS[method], BUDGETS[method] + 2):
+        score.calls = 0
+        x = sample(sde, score, (64, 2), method=method, nfe=nfe, generator=gen, dtype=F64)
+        assert score.calls == nfe and x.shape == (64, 2) and torch.isfinite(x).all()
+    score.calls = 0
+    sample(sde, score, (64, 2), method=method, nfe=BUDGETS[method] - 1, denoise=False, generator=gen)
+    assert score.calls == BUDGETS[method] - 1
+
+
+def test_all_methods_are_tested():
+    assert set(METHODS) == set(BUDGETS) | {"dopri5"}
+
+
+def test_impossible_budgets_raise(gen):
+    score = ring().score_fn(VP())
+    with pytest.raises(ValueError, match="nfe=8 does not fit method 'heun'"):
+        sample(VP(), score, (4, 2), method="heun", nfe=8, denoise=True)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        sample(VP(), score, (4, 2), method="pc", nfe=8, corrector_steps=2)
+    with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
+        sample(VP(), score, (4, 2), method="em", nfe=0)
+    with pytest.raises(ValueError, match="nfe=1 does not fit"):
+        sample(VP(), score, (4, 2), method="em", nfe=1)  # the denoise step alone
+    with pytest.raises(ValueError, match="valid: ald, ddim, ddpm, dopri5"):
+        sample(VP(), score, (4, 2), method="rk4", nfe=10)
+    with pytest.raises(ValueError, match="shape"):
+        sample(VP(), score, (4, 2), method="em", nfe=10, x_T=torch.zeros(5, 2))
+    with pytest.raises(ValueError, match="eta"):
+        sample(VP(), score, (4, 2), method="ddim", nfe=10, eta=1.5)
+    with pytest.raises(ValueError, match="order"):
+        dpm_solver_multistep(VP(), score, torch.zeros(4, 2), time_grid(VP(), 4), order=4)
+    with pytest.raises(ValueError, match="decreasing"):
+        ode_euler(VP(), score, torch.zeros(4, 2), torch.tensor([0.1, 0.5]))
+
+
+def test_heun_default_denoise_follows_parity(gen):
+    for nfe in (8, 9):
+        score = counted(ring().score_fn(VP()))
+        sample(VP(), score, (8, 2), method="heun", nfe=nfe, generator=gen)
+        assert score.calls == nfe
+
+
+def test_dopri5_budget_is_a_cap(gen):
+    sde, score = VP(), counted(ring().score_fn(VP()))
+    x = sample(sde, score, (32, 2), method="dopri5", nfe=400, generator=gen, dtype=F64)
+    assert 10 < score.calls <= 400 and torch.isfinite(x).all()
+    with pytest.raises(RuntimeError, match="more than nfe=20"):
+        sample(sde, score, (32, 2), method="dopri5", nfe=20, generator=gen, dtype=F64, rtol=1e-8, atol=1e-8)
+
+
+def test_callback_sees_every_step(gen):
+    seen = []
+    sample(VP(), ring().score_fn(VP()), (8, 2), method="dpm2m", nfe=6, generator=gen,
+           callback=lambda i, t, x: seen.append((i, float(t), x.shape)))
+    assert [s[0] for s in seen] == list(range(7))
+    assert seen[0][1] == VP().T and seen[-2][1] == pytest.approx(VP().t_min) and seen[-1][1] == 0.0
+
+
+@pytest.mark.parametrize("method", sorted(BUDGETS))
+def test_image_shapes_and_dtypes(method, gen):
+    """(batch, C, H, W) inputs through every method, in float32 and float64."""
+    sde, mix = VP(), GaussianMixture(torch.ones(2), torch.stack([torch.ones(4), -torch.ones(4)]),
+                                     0.1 * torch.eye(4).expand(2, 4, 4))
+    score = lambda x, t: mix.score_fn(sde)(x.flatten(1), t).view_as(x)
+    for dtype in (torch.float32, F64):
+        x_T = sde.prior_sample((6, 1, 2, 2), gen, dtype)
+        x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen)
+        assert x.shape == (6, 1, 2, 2) and x.dtype == dtype and torch.isfinite(x).all()
+
+
+# ---- deterministic solvers: order against a tight dopri5 reference ------------------------
+
+def _ode_errors(solver, sde, steps, t_end, kind, x_T, ref):
+    return [(solver(sde, ring().score_fn(sde), x_T, time_grid(sde, n, kind, t_end=t_end, dtype=F64),
+                    denoise=False) - ref).norm(dim=1).mean().item() for n in steps]
+
+
+@pytest.fixture(scope="module")
+def vp_reference():
+    sde, t_end = VP(), 0.05
+    x_T = sde.prior_sample((200, 2), torch.Generator().manual_seed(7), F64)
+    ref = dopri5(sde, ring().score_fn(sde), x_T, t_end=t_end, rtol=1e-11, atol=1e-11, denoise=False)
+    return sde, t_end, x_T, ref
+
+
+@pytest.mark.parametrize("solver, kind, order", [
+    (ode_euler, "logsnr", 1), (heun, "logsnr", 2), (ddim, "logsnr", 1),
+    (lambda *a, **k: dpm_solver_multistep(*a, order=2, **k), "logsnr", 2),
+    (lambda *a, **k: dpm_solver_multistep(*a, order=3, lower_order_final=False, **k), "logsnr", 3),
+], ids=["euler", "heun", "ddim", "dpm2m", "dpm3m"])
+def test_observed_order_of_ode_solvers(solver, kind, order, vp_reference):
+    sde, t_end, x_T, ref = vp_reference
+    steps = [16, 32, 64]
+    err = _ode_errors(solver, sde, steps, t_end, kind, x_T, ref)
+    rates = np.log2(np.array(err[:-1]) / np.array(err[1:]))
+    assert err[-1] < err[0]
+    assert order - 0.35 < rates[-1] < order + 0.6, (err, rates)
+
+
+@pytest.mark.parametrize("sde", LINEAR_SDES, ids=lambda s: type(s).__name__)
+def test_multistep_solves_the_flow_of_every_linear_sde(sde):
+    """DPM-Solver++(3M), written only in (alpha, sigma, lambda), converges to the probability-flow
+    solution for VE, contractive and OU SDEs alike."""
+    x_T = sde.prior_sample((100, 2), torch.Generator().manual_seed(3), F64)
+    score = ring().score_fn(sde)
+    ref = dopri5(sde, score, x_T, rtol=1e-10, atol=1e-10, denoise=False)
+    scale = ref.norm(dim=1).mean()
+    errs = [(dpm_solver_multistep(sde, score, x_T, time_grid(sde, n, "logsnr", dtype=F64), order=3,
+                                  denoise=False) - ref).norm(dim=1).mean() / scale for n in (10, 40)]
+    assert errs[1] < 5e-3 and errs[1] < errs[0] / 8, errs
+
+
+def test_ddim_eta0_approaches_the_flow(vp_reference):
+    sde, t_end, x_T, ref = vp_reference
+    err = _ode_errors(ddim, sde, [10, 40, 160], t_end, "logsnr", x_T, ref)
+    assert err[2] < err[1] < err[0] and err[2] < 1e-2, err
+
+
+# ---- stochastic samplers: weak order and convergence to the target -----------------------
+
+def test_euler_maruyama_weak_order_one():
+    """Second moment of the EM output against the exact p_{t_end} for a 1-D Gaussian target (VP);
+    the bias halves when the steps double."""
+    sde, target, t_end, n = VP(), gaussian_1d(), 0.1, 200000
+    p_end = target.at_time(sde, t_end)
+    exact = p_end.alpha**2 * (0.25 + 0.04) + p_end.sigma**2
+    gen = torch.Generator().manual_seed(11)
+    x_T = sde.prior_sample((n, 1), gen, F64)
+    bias = []
+    for steps in (10, 20, 40):
+        x = euler_maruyama(sde, target.score_fn(sde), x_T, time_grid(sde, steps, "uniform", t_end=t_end),
+                           generator=gen, denoise=False)
+        bias.append((x.pow(2).mean() - exact).item())
+    se = x_T.pow(2).std().item() * exact.item() / math.sqrt(n)  # Monte Carlo error of a second moment
+    assert all(b > 8 * se for b in map(abs, bias)), (bias, se)
+    rates = np.log2(np.abs(bias[:-1]) / np.abs(bias[1:]))
+    assert 0.6 < rates[0] < 1.4 and abs(bias[2]) < abs(bias[1]), (bias, rates)
+
+
+@pytest.mark.parametrize("method, options", [
+    ("em", {}), ("ei", {}), ("pc", {"corrector_steps": 1}), ("ddpm", {}), ("ddim", {"eta": 0.5}),
+    ("dpm2m", {}), ("heun", {}),
+])
+def test_converges_to_the_target(method, options, gen):
+    sde, target = VP(), ring()
+    gaps = []
+    for nfe in (7, 151):
+        x = sample(sde, target.score_fn(sde), (3000, 2), method=method, nfe=nfe, generator=gen, dtype=F64, **options)
+        gaps.append(log_density_gap(target, x, gen))
+    (small, _), (large, tol) = gaps
+    assert abs(large) < tol + 0.02, gaps
+    assert abs(large) < abs(small), gaps
+
+
+def test_langevin_corrector_improves_ve(gen):
+    """At 20 predictor steps on VE, two Langevin corrector steps per step (T 5.22, snr 0.16) bring the
+    log-density gap closer to 0 than the predictor alone, by more than 4 standard errors."""
+    sde, target, n = VE(), ring(), 20000
+    x_T = sde.prior_sample((n, 2), gen, F64)
+    ts = time_grid(sde, 20, "uniform")
+    score = target.score_fn(sde)
+    lp_p = target.log_prob(euler_maruyama(sde, score, x_T, ts, generator=gen))
+    lp_pc = target.log_prob(predictor_corrector(sde, score, x_T, ts, corrector_steps=2, snr=0.16, generator=gen))
+    lp_true = target.log_prob(target.sample(n, gen))
+    gap_p, gap_pc = lp_p.mean() - lp_true.mean(), lp_pc.mean() - lp_true.mean()
+    se = math.sqrt((lp_p.var() + lp_pc.var() + 2 * lp_true.var()) / n)
+    assert gap_p < -4 * se and abs(gap_pc) < abs(gap_p) - 4 * se, (gap_p, gap_pc, se)
+
+
+@pytest.mark.slow
+def test_annealed_langevin_converges(gen):
+    sde, target = VE(), ring()
+    x = sample(sde, target.score_fn(sde), (2000, 2), method="ald", nfe=2001, steps_per_level=20, generator=gen,
+               dtype=F64)
+    gap, tol = log_density_gap(target, x, gen)
+    assert abs(gap) < tol + 0.05, gap
