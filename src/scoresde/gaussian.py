@@ -23,7 +23,7 @@ from scipy.integrate import solve_ivp
 from .sde import LinearSDE
 
 __all__ = [
-    "ErrorField", "GaussianLaw", "coefficients", "forward_law", "constant_error", "scaled_error",
+    "ErrorField", "GaussianLaw", "random_gaussian", "coefficients", "forward_law", "constant_error", "scaled_error",
     "score_error_l2", "score_error_sup", "backward_sde_law", "probability_flow_law",
     "euler_maruyama_law", "exponential_integrator_law",
 ]
@@ -51,6 +51,22 @@ def _check_data(mean: np.ndarray, cov: np.ndarray) -> GaussianLaw:
     if np.linalg.eigvalsh(C).min() <= 0:
         raise ValueError("cov must be positive definite")
     return m, C
+
+
+def random_gaussian(dim: int, seed: int = 0, eig_range: tuple[float, float] = (0.3, 2.0)) -> GaussianLaw:
+    """A reproducible N(m, C): |m| = 1 in a random direction, C with eigenvalues spread log-uniformly over
+    eig_range (both ends included) in a random basis."""
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    lo, hi = eig_range
+    if not 0 < lo <= hi:
+        raise ValueError(f"eig_range must satisfy 0 < low <= high, got {eig_range}")
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=dim)
+    Q = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    lam = np.exp(np.linspace(math.log(lo), math.log(hi), dim)) if dim > 1 else np.array([hi])
+    C = (Q * lam) @ Q.T
+    return m / np.linalg.norm(m), 0.5 * (C + C.T)
 
 
 def forward_law(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, t: float) -> GaussianLaw:
