@@ -264,6 +264,27 @@ def test_sampling_with_exact_flow_map_has_the_exact_law(sde, gen):
         consistency_sample(phi, sde, x_T, times=torch.tensor([0.5, 0.7]) * sde.T)
 
 
+def test_registered_sampler_method(gen):
+    """samplers.sample(method="consistency", nfe=k, denoise=False) is k-step consistency sampling,
+    and a ScoreModel with parametrization x0 (a consistency run's checkpoint) is wrapped."""
+    from scoresde.precond import ScoreModel
+    from scoresde.samplers import sample
+
+    sde = S.VP()
+    cm = ConsistencyModel.from_net(TinyNet(), sde, 0.5)
+    x_T = sde.prior_sample((100, 2), dtype=D64, generator=gen)
+    for k in (1, 2, 4):
+        want = consistency_sample(cm, sde, x_T, steps=k, generator=torch.Generator().manual_seed(k))
+        for model in (cm, cm.model):
+            got = sample(sde, model, None, x_T=x_T, method="consistency", nfe=k, denoise=False,
+                         generator=torch.Generator().manual_seed(k))
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="denoise"):
+        sample(sde, cm, None, x_T=x_T, method="consistency", nfe=2)
+    with pytest.raises(ValueError, match="x0"):
+        sample(sde, ScoreModel(TinyNet(), sde, "eps"), None, x_T=x_T, method="consistency", nfe=2, denoise=False)
+
+
 def test_distillation_learns_exact_gaussian_flow_map():
     """CD from the exact score of a 2-D Gaussian under VP (Heun teacher, N = 18, 500 Adam steps): the
     model's one-step map matches the closed-form flow map x_t -> x_{t_min} with relative RMS error

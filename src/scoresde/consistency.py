@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .precond import ScoreModel, score_to_x0
+from .samplers import METHODS, Method, time_grid
 from .sde import LinearSDE, ScoreFn, TimeLike, as_time, batch_time, expand_like, probability_flow_drift
 
 __all__ = [
@@ -104,19 +105,9 @@ class ConsistencyModel(nn.Module):
 
 
 def consistency_times(sde: LinearSDE, n_steps: int, rho: float = 7.0, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Grid t_min = t_0 < ... < t_N = T, uniform in s^{1/rho}, s = sigma / alpha (CM eq. 5 / EDM).
-
-    Times come from `sde.inverse_log_snr(-log s)`; the end points are exact.
-    """
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
-    ends = torch.tensor([sde.t_min, sde.T], dtype=dtype)
-    s_lo, s_hi = effective_sigma(sde, ends).pow(1 / rho)
-    s = (s_lo + torch.linspace(0, 1, n_steps + 1, dtype=dtype) * (s_hi - s_lo)) ** rho
-    t = sde.inverse_log_snr(-torch.log(s[1:-1])).to(dtype)
-    return torch.cat([ends[:1], t, ends[1:]])
+    """Grid t_min = t_0 < ... < t_N = T, uniform in s^{1/rho}, s = sigma / alpha (CM eq. 5 / EDM):
+    the samplers' "edm" grid in increasing order; the end points are exact."""
+    return time_grid(sde, n_steps, "edm", rho=rho, dtype=dtype).flip(0)
 
 
 def teacher_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
@@ -259,15 +250,17 @@ class ConsistencyLoss(nn.Module):
         for b_t, b in zip(self.target.buffers(), model.buffers()):
             b_t.copy_(b)
 
-    def forward(self, model: nn.Module, x0: Tensor, generator: torch.Generator | None = None,
-                update: bool = True) -> Tensor:
-        """Per-sample losses for data x0. With update=True (training) the target is first refreshed
-        from `model` and the step counter advances; update=False (evaluation) leaves both alone."""
-        if self.target_decay > 0 and self.target is None:
+    def forward(self, model: nn.Module, x0: Tensor, generator: torch.Generator | None = None, *,
+                update: bool = True, target: nn.Module | None = None, noise: Tensor | None = None) -> Tensor:
+        """Per-sample losses for data x0. With update=True (training) the own target is first refreshed
+        from `model` and the step counter advances; update=False (evaluation) leaves both alone.
+        A given `target` module is used as theta^- instead of the own EMA (a trainer's EMA, say);
+        `noise` (shape of x0) replaces the draw of z."""
+        if target is None and self.target_decay > 0 and self.target is None:
             self.attach(model)
-        elif self.target_decay > 0 and update and self.step > 0:
+        elif target is None and self.target_decay > 0 and update and self.step > 0:
             self._refresh_target(model)
-        target_net = model if self.target_decay == 0 else self.target
+        target_net = target if target is not None else model if self.target_decay == 0 else self.target
         if update:
             self.step += 1
         n_int = self.current_steps()
@@ -278,14 +271,15 @@ class ConsistencyLoss(nn.Module):
             probs = lognormal_index_probs(effective_sigma(self.sde, t_grid), self.p_mean, self.p_std)
             n = torch.multinomial(probs, x0.shape[0], replacement=True, generator=generator)
         t, t_next = t_grid[n], t_grid[n + 1]
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         with torch.no_grad():
             if self.mode == "cd":
                 x_next, x_t = cd_pair(self.sde, self.teacher, x0, t, t_next, noise, self.solver)
             else:
                 x_next, x_t = ct_pair(self.sde, x0, t, t_next, noise)
-            target = target_net(x_t, t)
-        loss = distance(model(x_next, t_next), target, self.distance, self.huber_c)
+            f_target = target_net(x_t, t)
+        loss = distance(model(x_next, t_next), f_target, self.distance, self.huber_c)
         if self.weighting == "inverse_gap":
             loss = loss / (effective_sigma(self.sde, t_next) - effective_sigma(self.sde, t))
         return loss
@@ -326,3 +320,21 @@ def consistency_sample(model: Callable[[Tensor, Tensor], Tensor], sde: LinearSDE
         if callback is not None:
             callback(i, tau, x)
     return x
+
+
+def _consistency_method(sde: LinearSDE, model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, ts: Tensor, *,
+                        denoise: bool, callback=None, generator: torch.Generator | None = None) -> Tensor:
+    """`samplers.sample(..., method="consistency", nfe=k, denoise=False)`: k consistency steps at
+    the first k times of the grid (default "edm"). `model` is a ConsistencyModel, any consistency
+    function f(x, t), or an x0-parametrised ScoreModel (a consistency run's checkpoint), wrapped here."""
+    if denoise:
+        raise ValueError("method 'consistency' has no final denoising step (every step is one): pass denoise=False")
+    if isinstance(model, ScoreModel):
+        if model.parametrization != "x0":
+            raise ValueError(f"a ScoreModel is read as a consistency model only with parametrization 'x0', "
+                             f"got {model.parametrization!r}")
+        model = ConsistencyModel(model, sde, model.sigma_data)
+    return consistency_sample(model, sde, x_T, times=ts[:-1], generator=generator, callback=callback)
+
+
+METHODS.register("consistency")(Method(_consistency_method, grid="edm", stochastic=True))
