@@ -1,0 +1,169 @@
+"""Run configuration: one flat dataclass read from YAML, overridable by `key=value` strings.
+
+Each run saves its resolved config as `config.yaml` beside its checkpoint (DESIGN section 10).
+Dict-valued fields (`sde_args`, `net_args`, `loss_args`) are keyword arguments of the SDE
+class, the network class and the loss function; override their entries as `net_args.hidden=256`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DICT_KEYS = ("sde_args", "net_args", "loss_args")
+
+__all__ = ["Config", "load_config", "apply_overrides", "save_config", "atomic_write", "config_from_dict"]
+
+
+@dataclass
+class Config:
+    """Every setting of a training run; `run_dir = out/name`."""
+
+    name: str = "run"
+    out: str = "runs"
+    seed: int = 0
+    device: str = "cpu"            # cpu | cuda | auto
+    threads: int = 1               # torch intra-op threads (CPU)
+    # data (scoresde.data.load_dataset)
+    data: str = "moons"            # a built-in name or a path to .npy/.npz/a folder of PNGs
+    n_train: int = 20000           # points drawn for built-in toy/mixture sets
+    n_test: int = 2000             # held-out points (at most a fifth of a finite set)
+    pad_to: int = 0                # pad square images to this size (0: as they are)
+    # model
+    sde: str = "vp"                # scoresde.sde.SDES
+    sde_args: dict = field(default_factory=dict)
+    net: str = "mlp"               # mlp | unet
+    net_args: dict = field(default_factory=dict)
+    parametrization: str = "eps"   # scoresde.precond.PARAMETRIZATIONS
+    sigma_data: float = 0.5
+    loss: str = "denoising"        # scoresde.losses.LOSSES
+    loss_args: dict = field(default_factory=dict)
+    # optimisation (AdamW, linear warm-up, gradient clipping, EMA)
+    steps: int = 5000
+    batch_size: int = 256          # global batch, split across DDP processes
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100              # linear warm-up steps
+    lr_schedule: str = "constant"  # constant | cosine (decay to 0 at `steps` after warm-up)
+    grad_clip: float = 1.0         # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.999
+    # logging, evaluation, checkpoints
+    log_every: int = 50
+    eval_every: int = 1000         # held-out loss, W2 and a sample snapshot; 0 disables
+    checkpoint_every: int = 500
+    n_eval: int = 1000             # samples drawn at each evaluation
+    sampler: str = "em"           # scoresde.samplers.METHODS
+    nfe: int = 500                 # score evaluations per sample
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+    def validate(self) -> None:
+        """Types and ranges of the fields (names of SDEs, losses etc. are checked where they are built)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"config {f.name} must be of type {kind.__name__}, got {value!r}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "n_eval", "nfe", "threads", "n_train", "n_test"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "pad_to", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"config lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.sigma_data <= 0:
+            raise ValueError("config weight_decay and grad_clip must be >= 0 and sigma_data > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"config ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"config lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"config device must be one of cpu, cuda, auto, got {self.device!r}")
+        if not self.name or "/" in self.name:
+            raise ValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """A Config from a dict; unknown keys raise an error listing the valid ones."""
+    unknown = sorted(set(values) - set(_field_names()))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(_field_names())}")
+    return Config(**values)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` (or `dictkey.entry=value`) strings; values are parsed as YAML scalars."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        head, dot, entry = key.partition(".")
+        if head not in _field_names():
+            raise ValueError(f"unknown config key {head!r}; valid: {', '.join(_field_names())}")
+        if dot:
+            if head not in DICT_KEYS:
+                raise ValueError(f"{head} is not a dict-valued key; write {head}=value")
+            values.setdefault(head, {})[entry] = value
+        else:
+            values[key] = value
+    return values
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (None: the defaults), apply overrides; `name` defaults to the file's stem."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
+        values.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(values, list(overrides)))
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file in the same folder, fsync, then os.replace: readers see
+    the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())

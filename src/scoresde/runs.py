@@ -1,0 +1,97 @@
+"""After training: load a run folder, sample it, measure W2 to held-out data, write plots and metrics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import CHECKPOINT, checkpoint_weights
+from .config import Config, atomic_write, load_config
+from .data import Dataset, load_dataset
+from .metrics import w2
+from .precond import ScoreModel
+from .train import build_model, build_sde, draw_samples
+
+__all__ = ["w2_report", "Run", "load_run", "sample_run", "evaluate_run", "write_report"]
+
+
+def w2_report(samples: Tensor, data: Dataset, repeats: int = 3, generator: torch.Generator | None = None) -> dict[str, float]:
+    """W2 of n samples to the first n held-out points, beside its finite-sample floor: the W2 of n
+    training points (drawn `repeats` times) to the same held-out points; a perfect sampler scores the floor."""
+    n = min(samples.shape[0], data.test.shape[0], data.train.shape[0])
+    if n < 2:
+        raise ValueError(f"need at least 2 samples and held-out points, got {n}")
+    test = data.test[:n].flatten(1)
+    value = w2(samples[:n].flatten(1), test)
+    picks = [torch.randperm(data.train.shape[0], generator=generator)[:n] for _ in range(repeats)]
+    floors = [w2(data.train[idx].flatten(1), test) for idx in picks]
+    floor = float(np.mean(floors))
+    return {"w2": value, "w2_floor": floor, "w2_floor_sd": float(np.std(floors)), "w2_ratio": value / floor, "w2_n": n}
+
+
+class Run:
+    """A trained run: its config, data, SDE and the model holding its EMA (or raw) weights."""
+
+    def __init__(self, cfg: Config, data: Dataset, model: ScoreModel, step: int):
+        self.cfg, self.data, self.model, self.step = cfg, data, model, step
+        self.sde = model.sde
+        self.dir = cfg.run_dir
+
+
+def load_run(run_dir: str | Path, which: str = "ema") -> Run:
+    """Rebuild a run from `run_dir/config.yaml` and `run_dir/checkpoint.safetensors`."""
+    from .checkpoint import read_checkpoint
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
+    cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
+    torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, pad_to=cfg.pad_to)
+    model = build_model(cfg, build_sde(cfg), data.sample_shape)
+    model.load_state_dict(checkpoint_weights(run_dir / CHECKPOINT, which))
+    step = int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"])
+    return Run(cfg, data, model.eval().requires_grad_(False), step)
+
+
+def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
+               paths: int = 0) -> tuple[Tensor, Tensor | None]:
+    """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
+    default to the run's config."""
+    return draw_samples(run.sde, run.model, (n,) + run.data.sample_shape, method or run.cfg.sampler,
+                        nfe or run.cfg.nfe, generator=torch.Generator().manual_seed(seed), paths=paths)
+
+
+def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int,
+              paths: int = 0) -> tuple[dict[str, Any], Tensor, Tensor | None]:
+    n = n or min(run.cfg.n_eval * 2, run.data.test.shape[0])
+    x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
+    metrics = {"step": run.step, "sampler": method or run.cfg.sampler, "nfe": nfe or run.cfg.nfe,
+               **w2_report(x, run.data, generator=torch.Generator().manual_seed(seed + 1))}
+    return metrics, x, traj
+
+
+def evaluate_run(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
+                 seed: int = 0) -> dict[str, Any]:
+    """W2 of n samples (default 2 n_eval, at most the held-out size) to held-out data with its floor."""
+    return _evaluate(run, n, method, nfe, seed)[0]
+
+
+def write_report(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
+                 seed: int = 0) -> dict[str, Path]:
+    """Loss curve, samples beside held-out data, reverse trajectories (2-D) and metrics.json in the run folder."""
+    from .plots import plot_loss, plot_samples, plot_trajectories
+
+    metrics, x, traj = _evaluate(run, n, method, nfe, seed, paths=12 if run.data.train.dim() == 2 else 0)
+    d = run.dir
+    out = {"metrics": d / "metrics.json", "loss": plot_loss(d / "metrics.jsonl", d / "loss.png"),
+           "samples": plot_samples(x, run.data.test[:x.shape[0]], d / "samples.png",
+                                   title=f"{run.cfg.name}: W2 {metrics['w2']:.3f} (floor {metrics['w2_floor']:.3f})")}
+    if traj is not None:
+        out["trajectories"] = plot_trajectories(traj, run.data.test[:x.shape[0]], d / "trajectories.png")
+    atomic_write(out["metrics"], (json.dumps(metrics, indent=2) + "\n").encode())
+    return out

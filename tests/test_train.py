@@ -1,0 +1,171 @@
+import json
+import math
+
+import pytest
+import torch
+
+from scoresde.checkpoint import read_checkpoint
+from scoresde.config import Config
+from scoresde.data import Dataset, load_dataset
+from scoresde.sde import VP
+from scoresde.targets import GaussianMixture
+from scoresde.train import NonFiniteLoss, Trainer, build_model, build_sde, draw_samples, learning_rate
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(name="r", out=str(tmp_path), steps=20, batch_size=32, net_args={"hidden": 16, "depth": 1, "emb_dim": 8},
+                lr=1e-2, warmup=3, checkpoint_every=5, eval_every=0, log_every=2, progress=False, n_train=200, n_test=50)
+    return Config(**{**base, **kw})
+
+
+def _state(tr):
+    return {**{f"m/{k}": v for k, v in tr.model.state_dict().items()}, **{f"e/{k}": v for k, v in tr.ema.shadow.items()}}
+
+
+@pytest.mark.parametrize("stop", [13, 10])
+def test_killed_run_resumes_bit_identically(tmp_path, stop):
+    """N steps straight == stop after `stop` steps (a kill: no checkpoint at the kill) + a fresh Trainer resuming."""
+    cfg = dict(lr_schedule="cosine", loss_args={"importance": True})
+    full = Trainer(_cfg(tmp_path, name="full", **cfg)).run()
+    Trainer(_cfg(tmp_path, name="cut", **cfg)).run(until=stop)
+    resumed = Trainer(_cfg(tmp_path, name="cut", **cfg))
+    assert resumed.step == 10  # the last checkpoint before the kill
+    resumed.run()
+    a, b = _state(full), _state(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = full.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+    # the metrics log holds each step once, records after the checkpoint having been dropped on resume
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 21, 2))
+
+
+def test_sliced_loss_resumes_bit_identically(tmp_path):
+    """Sliced SM draws projections inside the loss, from the per-step generator: resume stays exact."""
+    kw = dict(loss="sliced", loss_args={"n_projections": 2}, steps=8, checkpoint_every=4)
+    full = Trainer(_cfg(tmp_path, name="a", **kw)).run()
+    Trainer(_cfg(tmp_path, name="b", **kw)).run(until=6)
+    res = Trainer(_cfg(tmp_path, name="b", **kw)).run()
+    assert all(torch.equal(full.model.state_dict()[k], v) for k, v in res.model.state_dict().items())
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    tr = Trainer(_cfg(tmp_path))
+    real = tr.loss_fn
+
+    def poisoned(*args, **kw):
+        out = real(*args, **kw)
+        return out * math.nan if tr.step == 7 else out
+
+    tr.loss_fn = poisoned
+    tr.run(until=6)
+    ckpt = (tmp_path / "r" / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 7.*checkpoint .* \(step 5\) is intact"):
+        tr.run()
+    assert (tmp_path / "r" / "checkpoint.safetensors").read_bytes() == ckpt
+    assert int(read_checkpoint(tmp_path / "r" / "checkpoint.safetensors")[1]["step"]) == 5
+    fresh = Trainer(_cfg(tmp_path, name="fresh"))
+    fresh.loss_fn = lambda *a, **k: real(*a, **k) * math.inf
+    with pytest.raises(NonFiniteLoss, match="No checkpoint had been written yet"):
+        fresh.run()
+    assert not (tmp_path / "fresh" / "checkpoint.safetensors").exists()
+
+
+def test_nan_step_leaves_weights_untouched(tmp_path):
+    tr = Trainer(_cfg(tmp_path)).run(until=3)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    real = tr.loss_fn
+    tr.loss_fn = lambda *a, **k: real(*a, **k) * math.nan
+    with pytest.raises(NonFiniteLoss):
+        tr.run()
+    assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items()) and tr.step == 3
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    Trainer(_cfg(tmp_path, steps=5)).run()
+    with pytest.raises(ValueError, match="different config.*lr"):
+        Trainer(_cfg(tmp_path, steps=10, lr=0.5))
+    tr = Trainer(_cfg(tmp_path, steps=10))  # more steps is fine
+    assert tr.step == 5
+
+
+def test_learning_rate_schedule(tmp_path):
+    cfg = _cfg(tmp_path, warmup=4, steps=104, lr=1.0, lr_schedule="cosine")
+    assert [learning_rate(cfg, s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert learning_rate(cfg, 54) == pytest.approx(0.5)
+    assert learning_rate(cfg, 103) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert learning_rate(_cfg(tmp_path, warmup=0, lr=0.1), 50) == 0.1
+
+
+def test_build_errors_list_valid_names(tmp_path):
+    with pytest.raises(ValueError, match="unknown SDE 'vpp'; valid: .*vp"):
+        build_sde(_cfg(tmp_path, sde="vpp"))
+    with pytest.raises(ValueError, match="unknown sde_args for 've': beta_max; valid: sigma_min, sigma_max"):
+        build_sde(_cfg(tmp_path, sde="ve", sde_args={"beta_max": 3}))
+    cfg = _cfg(tmp_path, net_args={"width": 3})
+    with pytest.raises(ValueError, match="unknown net_args for 'mlp': width; valid: hidden, depth, emb_dim"):
+        build_model(cfg, VP(), (2,))
+    with pytest.raises(ValueError, match="use net=unet"):
+        build_model(_cfg(tmp_path), VP(), (1, 8, 8))
+    with pytest.raises(ValueError, match="unknown network 'cnn'; valid: mlp, unet"):
+        build_model(_cfg(tmp_path, net="cnn"), VP(), (2,))
+    with pytest.raises(ValueError, match="unknown loss 'dsm'; valid: denoising, explicit, implicit, sliced"):
+        Trainer(_cfg(tmp_path, loss="dsm"))
+    with pytest.raises(ValueError, match="unknown loss_args for 'denoising': n_projections; valid:"):
+        Trainer(_cfg(tmp_path, loss_args={"n_projections": 2}))
+    with pytest.raises(ValueError, match="needs the exact score"):
+        Trainer(_cfg(tmp_path, loss="explicit"))
+    with pytest.raises(ValueError, match="divisible"):
+        _ddp_divisible(tmp_path)
+
+
+def _ddp_divisible(tmp_path):
+    import os
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}), mock.patch.object(dist, "is_initialized", lambda: True), \
+            mock.patch.object(dist, "get_rank", lambda: 0), mock.patch.object(dist, "get_world_size", lambda: 2):
+        Trainer(_cfg(tmp_path, batch_size=33))
+
+
+def test_training_learns_a_gaussian_score(tmp_path, gen):
+    """DSM through the whole loop on N(mu, diag(s^2)) approaches the analytic score (explicit loss falls 5x)."""
+    mix = GaussianMixture(torch.ones(1), torch.tensor([[1.0, -0.5]]), torch.diag(torch.tensor([0.3, 0.8]))[None] ** 2)
+    x = mix.sample(2200, gen).float()
+    data = Dataset(x[:2000], x[2000:], "gauss", mixture=mix)
+    cfg = _cfg(tmp_path, steps=300, batch_size=128, lr=3e-3, warmup=20, checkpoint_every=300,
+               net_args={"hidden": 32, "depth": 2, "emb_dim": 16}, ema_decay=0.0)
+    tr = Trainer(cfg, data=data)
+    from scoresde.losses import explicit_score_matching
+
+    def err():
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            return explicit_score_matching(tr.model, tr.sde, x[:2000], true_score=mix.score_fn(tr.sde), generator=g).mean()
+
+    e0 = err()
+    tr.run()
+    assert err() < e0 / 5
+
+
+def test_draw_samples_returns_paths_and_checks_the_method(gen):
+    """draw_samples is samplers.sample plus the first reverse trajectories (ending at the returned x)."""
+    mu, s = torch.tensor([[0.5, -1.0]], dtype=torch.float64), 0.4
+    g = GaussianMixture(torch.ones(1), mu, s**2 * torch.eye(2)[None])
+    sde = VP()
+    x, path = draw_samples(sde, g.score_fn(sde), (4000, 2), "em", 201, generator=gen, paths=5)
+    assert path.shape[1:] == (5, 2) and path.shape[0] >= 200 and torch.equal(path[-1], x[:5])
+    assert (x.mean(0) - mu[0]).abs().max() < 4 * s / math.sqrt(4000) + 0.01
+    with pytest.raises(ValueError, match="valid: .*em"):
+        draw_samples(sde, g.score_fn(sde), (2, 2), "euler_maruyama", 10)
+    with pytest.raises(ValueError, match="unknown sampling method"):
+        Trainer(Config(sampler="rk4", out="unused"))
+
+
+def test_image_data_trains_with_unet(tmp_path):
+    data = load_dataset("digits", n_test=20)
+    cfg = _cfg(tmp_path, net="unet", net_args={"base": 8, "mults": [1, 2]}, steps=3, batch_size=4, checkpoint_every=3)
+    tr = Trainer(cfg, data=data).run()
+    assert tr.step == 3 and tr.model(data.test[:2], torch.full((2,), 0.5)).shape == (2, 1, 8, 8)
