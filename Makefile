@@ -24,5 +24,8 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+bench-likelihood: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/likelihood.py
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
