@@ -25,7 +25,7 @@ from .sde import LinearSDE
 __all__ = [
     "ErrorField", "GaussianLaw", "random_gaussian", "coefficients", "forward_law", "constant_error", "scaled_error",
     "score_error_l2", "score_error_sup", "backward_sde_law", "probability_flow_law",
-    "euler_maruyama_law", "exponential_integrator_law",
+    "euler_maruyama_law", "exponential_integrator_law", "step_coefficients",
 ]
 
 ErrorField = Callable[[float], tuple[np.ndarray, np.ndarray]]
@@ -110,12 +110,12 @@ def score_error_sup(error: ErrorField, t: float) -> float:
 
 
 def _linear_step(sde: LinearSDE, m: np.ndarray, C: np.ndarray, error: ErrorField | None,
-                 t: float, weight: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(M, c) of weight * scale * [A - C_t^{-1}] and weight * scale * [C_t^{-1} m_t + a], the score part."""
+                 t: float, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """scale * s(t, x) = M x + c for the affine score s = -C_t^{-1} (x - m_t) + A x + a: returns (M, c)."""
     mt, Ct = forward_law(sde, m, C, t)
     P = np.linalg.inv(Ct)
     A, a = error(t) if error is not None else (0.0, 0.0)
-    return weight * scale * (A - P), weight * scale * (P @ mt + a)
+    return scale * (A - P), scale * (P @ mt + a)
 
 
 def _start(sde: LinearSDE, d: int, start: GaussianLaw | None) -> GaussianLaw:
@@ -139,7 +139,7 @@ def _moment_ode(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, error: ErrorF
     def rhs(u: float, y: np.ndarray) -> np.ndarray:
         t = sde.T - u
         k = coefficients(sde, t)
-        Ms, c = _linear_step(sde, m, C, error, t, weight, float(k["g2"]))
+        Ms, c = _linear_step(sde, m, C, error, t, weight * float(k["g2"]))
         M = float(k["b"]) * np.eye(d) + Ms
         mu, S = y[:d], y[d:].reshape(d, d)
         dS = M @ S + S @ M.T
@@ -174,6 +174,36 @@ def probability_flow_law(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, *, e
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
 
 
+def step_coefficients(sde: LinearSDE, ts: np.ndarray, *, exponential: bool,
+                      probability_flow: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step (lin, score_w, noise_var) of a backward scheme over the decreasing forward times ts:
+    Y' = lin Y + score_w s(t, Y) + sqrt(noise_var) Z, with s frozen at the step's start t.
+    Euler-Maruyama (T 5.21): lin = 1 + h b(t), score_w = w h g(t)^2, noise_var = h g(t)^2 (w = 1, or 1/2
+    and no noise for the probability flow). Exponential integrator over [t', t]: lin = alpha(t')/alpha(t),
+    score_w = w int_{t'}^{t} alpha(t')/alpha(r) g(r)^2 dr (24-node Gauss-Legendre), noise_var =
+    alpha(t')^2 (phi(t) - phi(t')) with phi = sigma^2 / alpha^2 = int_0 g^2 / alpha^2."""
+    ts = np.asarray(ts, dtype=np.float64)
+    if ts.ndim != 1 or ts.size < 2 or not np.all(np.diff(ts) < 0):
+        raise ValueError("ts must be a strictly decreasing 1-D array of at least two times")
+    weight = 0.5 if probability_flow else 1.0
+    k = coefficients(sde, ts)
+    lo, hi = ts[1:], ts[:-1]
+    if exponential:
+        r = 0.5 * (hi - lo)[:, None] * _GL_NODES[None] + 0.5 * (hi + lo)[:, None]
+        kr = coefficients(sde, r)
+        alpha_lo = k["alpha"][1:]
+        lin = alpha_lo / k["alpha"][:-1]
+        score_w = 0.5 * (hi - lo) * (alpha_lo[:, None] / kr["alpha"] * kr["g2"] * _GL_WEIGHTS).sum(1)
+        phi = (k["sigma"] / k["alpha"]) ** 2
+        noise = alpha_lo**2 * (phi[:-1] - phi[1:])
+    else:
+        h = hi - lo
+        lin = 1.0 + h * k["b"][:-1]
+        score_w = h * k["g2"][:-1]
+        noise = h * k["g2"][:-1]
+    return lin, weight * score_w, np.zeros_like(noise) if probability_flow else noise
+
+
 def _recursion(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, n_steps: int, error: ErrorField | None,
                t_end: float, start: GaussianLaw | None, probability_flow: bool, exponential: bool) -> GaussianLaw:
     m, C = _check_data(mean, cov)
@@ -183,33 +213,13 @@ def _recursion(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, n_steps: int, 
     d = m.size
     mu, S = _start(sde, d, start)
     ts = np.linspace(sde.T, t_end, n_steps + 1)
-    weight = 0.5 if probability_flow else 1.0
-    k = coefficients(sde, ts)
-    if exponential:
-        # Over [t', t] (t' < t): the linear part maps Y -> (alpha(t')/alpha(t)) Y; the frozen score enters with
-        # int_{t'}^{t} alpha(t')/alpha(r) g(r)^2 dr (Gauss-Legendre, 24 nodes); the noise variance is
-        # alpha(t')^2 (phi(t) - phi(t')), phi = sigma^2 / alpha^2 = int_0 g^2 / alpha^2.
-        lo, hi = ts[1:], ts[:-1]
-        r = 0.5 * (hi - lo)[:, None] * _GL_NODES[None] + 0.5 * (hi + lo)[:, None]
-        kr = coefficients(sde, r)
-        alpha_lo = k["alpha"][1:]
-        lin = alpha_lo / k["alpha"][:-1]
-        score_w = 0.5 * (hi - lo) * (alpha_lo[:, None] / kr["alpha"] * kr["g2"] * _GL_WEIGHTS).sum(1)
-        phi = (k["sigma"] / k["alpha"]) ** 2
-        noise = alpha_lo**2 * (phi[:-1] - phi[1:])
-    else:
-        h = ts[:-1] - ts[1:]
-        lin = 1.0 + h * k["b"][:-1]
-        score_w = h * k["g2"][:-1]
-        noise = h * k["g2"][:-1]
+    lin, score_w, noise = step_coefficients(sde, ts, exponential=exponential, probability_flow=probability_flow)
     eye = np.eye(d)
     for i in range(n_steps):
-        Ms, c = _linear_step(sde, m, C, error, float(ts[i]), weight, float(score_w[i]))
+        Ms, c = _linear_step(sde, m, C, error, float(ts[i]), float(score_w[i]))
         F = lin[i] * eye + Ms
         mu = F @ mu + c
-        S = F @ S @ F.T
-        if not probability_flow:
-            S = S + noise[i] * eye
+        S = F @ S @ F.T + noise[i] * eye
     return mu, 0.5 * (S + S.T)
 
 
