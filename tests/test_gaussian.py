@@ -156,3 +156,22 @@ def test_bad_inputs():
         forward_law(VP(), m, -C, 0.5)
     with pytest.raises(ValueError, match="cov"):
         forward_law(VP(), m, np.eye(3), 0.5)
+
+
+@pytest.mark.parametrize("sde", [VP(), ContractiveVP()], ids=["vp", "cvp"])
+def test_exponential_integrator_recursion_against_the_samplers_module(sde):
+    """Peer check: scoresde.samplers.exponential_integrator (its own coefficients) simulated with the same
+    affine score has the mean and covariance of the exact recursion."""
+    from scoresde.samplers import exponential_integrator
+    d, n, steps = 2, 40_000, 6
+    m, C = _data(d, seed=7)
+    err = _affine_error(d)
+    gen = torch.Generator().manual_seed(2)
+    x_T = sde.prior_sample((n, d), generator=gen, dtype=torch.float64)
+    ts = torch.linspace(sde.T, 0.0, steps + 1, dtype=torch.float64)
+    x = exponential_integrator(sde, _score_fn(sde, m, C, err), x_T, ts, generator=gen, denoise=False)
+    mu, S = exponential_integrator_law(sde, m, C, steps, error=err)
+    mc_mean, mc_cov = x.mean(0).numpy(), np.cov(x.numpy().T)
+    assert np.all(np.abs(mc_mean - mu) < 4 * np.sqrt(np.diag(mc_cov) / n))
+    se_cov = np.sqrt((np.diag(mc_cov)[:, None] * np.diag(mc_cov)[None] + mc_cov**2) / n)
+    assert np.all(np.abs(mc_cov - S) < 4 * se_cov)
