@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-score-matching: $(STAMP)
-	$(PY) benchmarks/score_matching_cost.py
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/score_matching_cost.py
 
 bench-likelihood: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/likelihood.py

@@ -279,6 +279,8 @@ def test_bad_inputs():
     t = torch.full((4,), 0.5, dtype=F64)
     with pytest.raises(ValueError, match="weighting must be one of sigma2, g2, uniform"):
         denoising_score_matching(score, sde, x0, weighting="snr")
+    with pytest.raises(ValueError, match=r"weighting\(t\) must return a scalar or shape \(4,\)"):
+        denoising_score_matching(score, sde, x0, weighting=lambda t: torch.ones(4, 2))
     with pytest.raises(ValueError, match="finite values >= 0"):
         denoising_score_matching(score, sde, x0, weighting=lambda t: -t)
     with pytest.raises(ValueError, match="projection must be one of gaussian, rademacher"):

@@ -76,7 +76,10 @@ def _sigma(sde: SDE, t: Tensor, what: str) -> Tensor:
 def loss_weight(sde: SDE, t: Tensor, weighting: Weighting = "sigma2") -> Tensor:
     """lambda(t) of shape (batch,): sigma(t)^2, g(t)^2, 1 or weighting(t)."""
     if callable(weighting):
-        lam = as_time(weighting(t), t).expand(t.shape)
+        lam = as_time(weighting(t), t)
+        if lam.shape not in ((), t.shape):
+            raise ValueError(f"weighting(t) must return a scalar or shape {tuple(t.shape)}, got {tuple(lam.shape)}")
+        lam = lam.expand(t.shape)
         if not torch.isfinite(lam).all() or (lam < 0).any():
             raise ValueError("weighting(t) must return finite values >= 0")
         return lam
