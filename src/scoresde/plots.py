@@ -37,7 +37,9 @@ def plot_loss(metrics_path: str | Path, out: str | Path) -> Path:
     for pts, label, style in ((train, "train (running mean)", "-"), (held, "held-out (EMA)", "o-")):
         if pts:
             ax.plot(*zip(*pts), style, label=label, ms=3)
-    ax.set_yscale("symlog", linthresh=1e-2)
+    values = [v for _, v in train + held]
+    if values and min(values) > 0:
+        ax.set_yscale("log")  # DSM-type losses are positive; implicit / sliced ones need not be
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
     return _save(fig, out)
@@ -79,15 +81,17 @@ def plot_samples(samples: Tensor, data: Tensor, out: str | Path, title: str = ""
     return _save(fig, out)
 
 
-def plot_trajectories(traj: Tensor, data: Tensor, out: str | Path, n_paths: int = 12) -> Path:
-    """Reverse-time paths (steps, n, d) of the first two coordinates over the data."""
+def plot_trajectories(traj: Tensor, data: Tensor, out: str | Path, n_paths: int = 8, points: int = 80) -> Path:
+    """Reverse-time paths (grid points, n, d) of the first two coordinates, thinned to `points`
+    times, with the data drawn over them."""
     traj = traj.detach().cpu()
+    traj = traj[np.unique(np.linspace(0, traj.shape[0] - 1, points).round().astype(int))]
     fig, ax = plt.subplots(figsize=(4.6, 4.3))
-    ax.scatter(data[:, 0].cpu(), data[:, 1].cpu(), s=1, alpha=0.25, c="grey", label="data")
     for i in range(min(n_paths, traj.shape[1])):
-        ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.7, alpha=0.8)
-        ax.plot(traj[0, i, 0], traj[0, i, 1], "k.", ms=3)
-        ax.plot(traj[-1, i, 0], traj[-1, i, 1], "r.", ms=5)
+        ax.plot(traj[:, i, 0], traj[:, i, 1], lw=0.6, alpha=0.6)
+        ax.plot(traj[0, i, 0], traj[0, i, 1], "k.", ms=4)
+        ax.plot(traj[-1, i, 0], traj[-1, i, 1], "r.", ms=7, zorder=4)
+    ax.scatter(data[:, 0].cpu(), data[:, 1].cpu(), s=1, alpha=0.4, c="black", zorder=3)
     ax.set_aspect("equal")
-    ax.set_title("reverse trajectories (black: x_T, red: x_0)")
+    ax.set_title("reverse SDE paths (black dot: x_T, red: x_0)")
     return _save(fig, out)

@@ -240,7 +240,7 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             save_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt, step=self.step,
-                            generators={"train": self.gen}, extra={"data": self.data.name})
+                            generators={"train": self.gen}, extra={"data": self.data.name, "world_size": self.world})
         self.last_checkpoint = self.step
 
     def _log(self, record: dict[str, Any]) -> None:
