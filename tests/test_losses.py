@@ -202,8 +202,8 @@ def gaussian_truth(sde, t0, mu, cov):
 @pytest.mark.parametrize("name", NAMES)
 def test_training_recovers_gaussian_score(name):
     """Adam on an affine score s(x) = A x + b at a fixed t recovers the closed-form score of a 2-D Gaussian
-    (relative error < 0.08; the empirical optimum from 4096 samples is off by O(1/sqrt(4096)))."""
-    sde, t0, n = VP(), 0.2, 4096
+    (relative error < 0.05; the empirical optimum from 16384 samples is off by O(1/sqrt(16384)))."""
+    sde, t0, n = VP(), 0.2, 16384
     mu = torch.tensor([1.0, -0.5], dtype=F64)
     cov = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=F64)
     A_true, b_true = gaussian_truth(sde, t0, mu, cov)
@@ -229,7 +229,7 @@ def test_training_recovers_gaussian_score(name):
         sched.step()
     err = torch.linalg.norm(torch.cat([(A - A_true).flatten(), b - b_true]))
     scale = torch.linalg.norm(torch.cat([A_true.flatten(), b_true]))
-    assert err / scale < 0.08, (name, (err / scale).item(), A.detach(), A_true)
+    assert err / scale < 0.05, (name, (err / scale).item(), A.detach(), A_true)
 
 
 @pytest.mark.parametrize("name", ["explicit", "implicit", "sliced"])
