@@ -31,6 +31,10 @@ def test_gaussian_estimate_is_closed_form_and_mle(gen):
     closed = gaussian_natural(mean.item(), var.item())
     torch.testing.assert_close(E.score_matching_estimate(fam, x), closed, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(E.mle_estimate(fam, x), closed, rtol=1e-9, atol=1e-9)
+    # badly scaled statistics are not mistaken for a singular H: theta rescales exactly
+    scaled = E.ExponentialFamily(lambda y: torch.cat([1e-7 * y, 1e5 * y**2], -1))
+    torch.testing.assert_close(E.score_matching_estimate(scaled, x), closed * torch.tensor([1e7, 1e-5], dtype=torch.float64),
+                               rtol=1e-9, atol=0)
 
 
 def test_multivariate_gaussian_estimate_is_inverse_sample_covariance(gen):

@@ -64,13 +64,22 @@ def _check_theta(theta: Tensor, n_params: int) -> Tensor:
     return theta
 
 
-def _check_identifiable(h: Tensor) -> None:
-    """Raise if a (batch of) symmetric PSD matrix H is singular: the family is not identifiable."""
-    ev = torch.linalg.eigvalsh(0.5 * (h + h.transpose(-1, -2)))
-    if (ev[..., 0] <= _RTOL_SINGULAR * ev[..., -1].abs().clamp_min(1e-300)).any():
+def _scaled_inverse(h: Tensor) -> Tensor:
+    """Inverse of a (batch of) symmetric PSD H, computed on D^{-1/2} H D^{-1/2} (D = diag H) so that badly
+    scaled parameters do not matter; raises if H is singular, i.e. the family is not identifiable."""
+    h = 0.5 * (h + h.transpose(-1, -2))
+    d = h.diagonal(dim1=-2, dim2=-1)
+    if (d <= 1e-30 * d.max(-1, keepdim=True).values.clamp_min(1e-300)).any():
+        raise ValueError("H = E grad^2_theta l is singular (a parameter does not enter the score): "
+                         "the family is not identifiable from these data")
+    s = d.rsqrt()
+    hn = h * s.unsqueeze(-1) * s.unsqueeze(-2)
+    ev = torch.linalg.eigvalsh(hn)
+    if (ev[..., 0] <= _RTOL_SINGULAR * ev[..., -1]).any():
         raise ValueError(
             "H = E grad^2_theta l is singular: the family is not identifiable from these data "
-            f"(smallest/largest eigenvalue {(ev[..., 0] / ev[..., -1]).min().item():.3g})")
+            f"(smallest/largest eigenvalue of the scaled H {(ev[..., 0] / ev[..., -1]).min().item():.3g})")
+    return torch.linalg.inv(hn) * s.unsqueeze(-1) * s.unsqueeze(-2)
 
 
 class ExponentialFamily:
@@ -199,8 +208,7 @@ def implicit_objective(log_p: LogDensity, x: Tensor, theta: Tensor) -> Tensor:
 def _sm_exponential(family: ExponentialFamily, x: Tensor) -> Tensor:
     m, b = family.quadratic_terms(x)
     m_bar, b_bar = m.mean(-3), b.mean(-2)
-    _check_identifiable(m_bar)
-    return -torch.linalg.solve(m_bar, b_bar.unsqueeze(-1)).squeeze(-1)
+    return -(_scaled_inverse(m_bar) @ b_bar.unsqueeze(-1)).squeeze(-1)
 
 
 def _sm_numerical(log_p: LogDensity, x: Tensor, theta0: Tensor, gtol: float, max_rounds: int) -> Tensor:
@@ -224,7 +232,7 @@ def _sm_numerical(log_p: LogDensity, x: Tensor, theta0: Tensor, gtol: float, max
     else:
         raise RuntimeError(f"L-BFGS did not converge: |grad|_max = {grad.abs().max().item():.3g} > gtol={gtol}")
     theta = theta.detach()
-    _check_identifiable(torch.func.hessian(objective)(theta))
+    _scaled_inverse(torch.func.hessian(objective)(theta))
     return theta
 
 
@@ -252,8 +260,7 @@ def score_matching_estimate(family: ExponentialFamily | LogDensity, x: Tensor, t
 
 
 def _sandwich(h: Tensor, s: Tensor) -> Tensor:
-    _check_identifiable(h)
-    h_inv = torch.linalg.inv(h)
+    h_inv = _scaled_inverse(h)
     cov = h_inv @ s @ h_inv
     return 0.5 * (cov + cov.transpose(-1, -2))
 
@@ -319,8 +326,7 @@ def mle_estimate(family: ExponentialFamily, x: Tensor, tol: float = 1e-11, max_i
         mean = w @ family._q_stat
         centred = family._q_stat - mean
         info = (centred * w.unsqueeze(-1)).T @ centred
-        _check_identifiable(info)
-        step = torch.linalg.solve(info, t_bar - mean)
+        step = _scaled_inverse(info) @ (t_bar - mean)
         f0, lam = objective(theta), 1.0
         while not objective(theta + lam * step) >= f0 and lam > 1e-12:
             lam *= 0.5
@@ -337,5 +343,4 @@ def relative_efficiency(family: ExponentialFamily, theta: Tensor) -> Tensor:
     """Per coordinate diag(I(theta)^{-1}) / diag(H^{-1} S H^{-1}): asymptotic variance of the MLE over
     that of score matching (<= 1; Koehler, Heckett and Risteski, ICLR 2023). 1-D, by quadrature."""
     fisher = fisher_information(family, theta)
-    _check_identifiable(fisher)
-    return torch.linalg.inv(fisher).diagonal() / sandwich_covariance(family, theta).diagonal()
+    return _scaled_inverse(fisher).diagonal() / sandwich_covariance(family, theta).diagonal()
