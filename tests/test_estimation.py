@@ -47,6 +47,8 @@ def test_multivariate_gaussian_estimate_is_inverse_sample_covariance(gen):
     # log p = -x^T P x / 2 + (P mu)^T x: theta = (P mu, -P11/2, -P12, -P22/2)
     closed = torch.cat([prec @ mean, torch.stack([-prec[0, 0] / 2, -prec[0, 1], -prec[1, 1] / 2])])
     torch.testing.assert_close(E.score_matching_estimate(fam, x), closed, rtol=1e-10, atol=1e-10)
+    # the family's score J_T^T theta is the Gaussian score -P (x - mu)
+    torch.testing.assert_close(fam.score(x, closed), -(x - mean) @ prec, rtol=1e-10, atol=1e-10)
 
 
 def test_batched_estimate_equals_per_repetition(gen):

@@ -87,8 +87,7 @@ class ExponentialFamily:
 
     T must act row by row. interval=(a, b) (1-D only) turns on quadrature, composite 16-point
     Gauss-Legendre on n_panels equal panels (normaliser, expectations), and an inverse-CDF sampler
-    on n_grid points;
-    p_theta must be negligible at a and b (checked to a relative density of 1e-12).
+    on n_grid points; p_theta must be negligible at a and b (checked to a relative density of 1e-12).
     """
 
     def __init__(self, sufficient_stat: Callable[[Tensor], Tensor], dim: int = 1,
