@@ -28,7 +28,10 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     from .train import NonFiniteLoss, Trainer
 
     try:
-        trainer = Trainer(load_config(config, overrides or []), resume=not restart).run()
+        cfg = load_config(config, overrides or [])
+        if cfg.loss == "consistency":
+            from .consistency_train import ConsistencyTrainer as Trainer
+        trainer = Trainer(cfg, resume=not restart).run()
         if trainer.rank == 0:
             _report(write_report(load_run(trainer.run_dir)))
     except (ValueError, NonFiniteLoss) as err:
@@ -56,15 +59,26 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            nfe: int = typer.Option(500, "--nfe", "--steps", help="score evaluations"),
            n: int = typer.Option(1000, "--n", help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),
-           seed: int = typer.Option(0)) -> None:
-    """Draw samples from a trained run with its EMA weights."""
+           seed: int = typer.Option(0),
+           label: int = typer.Option(None, "--label", help="class of a class-conditional run (net_args.n_classes)"),
+           guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w (with --label)")) -> None:
+    """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .runs import load_run, sample_run
 
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
             raise ValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
         r = load_run(run)
-        x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed)
+        if label is None:
+            x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed)
+        else:
+            import torch
+
+            from .imaging import label_guided
+            from .train import draw_samples
+
+            x, _ = draw_samples(r.sde, label_guided(r.model, label, n, guidance), (n,) + r.data.sample_shape, method,
+                                nfe, generator=torch.Generator().manual_seed(seed))
     except ValueError as err:
         _fail(err)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +91,46 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
 
         (np.save if out.suffix == ".npy" else np.savez)(out, x.numpy())
     typer.echo(f"{n} samples -> {out}")
+
+
+@app.command()
+def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on images"),
+            mask: Path = typer.Option(..., "--mask", help=".npy (nonzero = known) or .png (bright = known), shape (H, W) "
+                                                            "or (C, H, W)"),
+            out: Path = typer.Option(..., "--out", help=".png (masked, inpainted, original) or .npy (inpainted)"),
+            n: int = typer.Option(16, "--n", help="held-out images to inpaint"),
+            method: str = typer.Option("em", "--method", "--sampler", help="sampling method"),
+            nfe: int = typer.Option(200, "--nfe", "--steps", help="score evaluations"),
+            how: str = typer.Option("replace", "--how", help="replace (Song et al.) or tweedie (h-transform; exact for "
+                                                             "Gaussian data, CG solves per step)"),
+            seed: int = typer.Option(0)) -> None:
+    """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.guidance)."""
+    import torch
+
+    from .guidance import inpaint as fill
+    from .imaging import load_mask, save_grid
+    from .runs import load_run
+
+    try:
+        if out.suffix not in (".npy", ".png"):
+            raise ValueError(f"--out must end in .npy or .png, got {str(out)!r}")
+        r = load_run(run)
+        if not r.data.is_image or not hasattr(r.model, "sde"):
+            raise ValueError("inpaint needs a score model (model: score) trained on images")
+        m = load_mask(mask, r.data.sample_shape)
+        known = r.data.test[:n]
+        x = fill(r.sde, r.model, known, m, method=how, sampler=method, nfe=nfe,
+                 generator=torch.Generator().manual_seed(seed))
+    except ValueError as err:
+        _fail(err)
+    if out.suffix == ".png":
+        save_grid([m * known + (1 - m) * 0.0, x, known], out, ["known", "inpainted", "original"], cols=n)
+    else:
+        import numpy as np
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, x.numpy())
+    typer.echo(f"{known.shape[0]} inpainted images -> {out}")
 
 
 @app.command()

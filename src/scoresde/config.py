@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-DICT_KEYS = ("sde_args", "net_args", "loss_args")
+DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
 
 __all__ = ["Config", "load_config", "apply_overrides", "save_config", "atomic_write", "config_from_dict"]
 
@@ -35,6 +35,9 @@ class Config:
     n_test: int = 2000             # held-out points (at most a fifth of a finite set)
     pad_to: int = 0                # pad square images to this size (0: as they are)
     # model
+    model: str = "score"           # scoresde.families.MODELS: score | vae | ddpm
+    model_args: dict = field(default_factory=dict)  # keywords of the family (ddpm: n_steps, schedule; vae: latent_dim, ...)
+    label_dropout: float = 0.0     # class-conditional nets (net_args.n_classes): share of labels replaced by the null label
     sde: str = "vp"                # scoresde.sde.SDES
     sde_args: dict = field(default_factory=dict)
     net: str = "mlp"               # mlp | unet
@@ -88,6 +91,8 @@ class Config:
             raise ValueError(f"config lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.sigma_data <= 0:
             raise ValueError("config weight_decay and grad_clip must be >= 0 and sigma_data > 0")
+        if not 0 <= self.label_dropout <= 1:
+            raise ValueError(f"config label_dropout must be in [0, 1], got {self.label_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"config ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr_schedule not in ("constant", "cosine"):

@@ -90,6 +90,17 @@ class DDPMSchedule:
         abar = self._gather(self.alphas_cumprod, i, xt)
         return (xt - (1 - abar).sqrt() * eps) / abar.sqrt()
 
+    def respace(self, n_steps: int) -> tuple[DDPMSchedule, Tensor]:
+        """A chain on `n_steps` evenly spaced steps i_1 < ... < i_K = N - 1 of this one with the same
+        abar at each kept step: beta'_k = 1 - abar_{i_k} / abar_{i_{k-1}} (Nichol & Dhariwal 2102.09672
+        sec. 4). Returns the new schedule and the kept indices (an eps net trained on the full chain
+        is evaluated at indices[k] for the new step k)."""
+        if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= self.n_steps:
+            raise ValueError(f"n_steps must be an integer in [1, {self.n_steps}], got {n_steps!r}")
+        idx = torch.linspace(self.n_steps - 1, 0, n_steps, dtype=torch.float64).round().long().flip(0)
+        abar = self.alphas_cumprod[idx]
+        return DDPMSchedule(1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])), idx
+
     def reverse_variance(self, kind: str) -> Tensor:
         """sigma_t^2 of p(x_{t-1} | x_t): "beta" (sigma^2 = beta_t) or "posterior" (beta-tilde_t)."""
         if kind == "beta":

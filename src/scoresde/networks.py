@@ -4,6 +4,11 @@
 level c_noise = log(sigma / alpha) / 4 that `precond.ScoreModel` chooses to pass. Both
 networks embed it with fixed sinusoidal features (Vaswani et al. 1706.03762; Song et al.
 2011.13456 use the same for t) followed by a small MLP.
+
+With `n_classes` = K > 0 the networks are class-conditional, net(x, c, y): a learned embedding
+of the label y in {0..K-1} is added to the time embedding; label K is the null label ("no class"),
+which `y=None` selects and label dropout trains, so one network gives both the conditional and
+the unconditional score of classifier-free guidance (Ho & Salimans 2207.12598).
 """
 from __future__ import annotations
 
@@ -52,6 +57,34 @@ def _time_mlp(emb_dim: int, width: int) -> nn.Sequential:
     return nn.Sequential(SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
 
 
+class LabelEmbedding(nn.Module):
+    """y in {0..n_classes} (n_classes = null label) -> (batch, width); y=None -> the null label."""
+
+    def __init__(self, n_classes: int, width: int):
+        super().__init__()
+        self.n_classes = n_classes
+        self.table = nn.Embedding(n_classes + 1, width)
+
+    def forward(self, y: Tensor | None, batch: int, device: torch.device) -> Tensor:
+        if y is None:
+            y = torch.full((batch,), self.n_classes, dtype=torch.long, device=device)
+        if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"labels y must be integers of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
+        if bool(((y < 0) | (y > self.n_classes)).any()):
+            raise ValueError(f"labels y must lie in 0..{self.n_classes} ({self.n_classes} = null label)")
+        return self.table(y)
+
+
+def _embed(module: nn.Module, c: Tensor, y: Tensor | None) -> Tensor:
+    """silu(time embedding + label embedding); an unconditional network refuses labels."""
+    e = module.embed(c)
+    if module.label is not None:
+        e = e + module.label(y, c.shape[0], c.device)
+    elif y is not None:
+        raise ValueError("this network is unconditional (n_classes=0) but labels y were given")
+    return F.silu(e)
+
+
 def _zero(module: nn.Module) -> nn.Module:
     """Zero-initialise the last layer so that a fresh network outputs 0."""
     for p in module.parameters():
@@ -62,25 +95,28 @@ def _zero(module: nn.Module) -> nn.Module:
 class MLP(nn.Module):
     """Residual MLP for vector data: x (batch, dim), c (batch,) -> (batch, dim).
 
-    depth residual blocks h <- h + W2 silu(W1 silu(h) + E c_emb), output layer zero-initialised.
+    depth residual blocks h <- h + W2 silu(W1 silu(h) + E c_emb), output layer zero-initialised;
+    `n_classes` > 0: class-conditional, forward(x, c, y) (module docstring).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 64):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 64, n_classes: int = 0):
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("emb_dim", emb_dim, 2)):
+        for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("emb_dim", emb_dim, 2),
+                                 ("n_classes", n_classes, 0)):
             _check_int(name, value, low)
-        self.dim = dim
+        self.dim, self.n_classes = dim, n_classes
         self.embed = _time_mlp(emb_dim, hidden)
+        self.label = LabelEmbedding(n_classes, hidden) if n_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
             nn.ModuleDict({"lin1": nn.Linear(hidden, hidden), "emb": nn.Linear(hidden, hidden),
                            "lin2": nn.Linear(hidden, hidden)}) for _ in range(depth))
         self.out = _zero(nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
-        e = F.silu(self.embed(c))
+        e = _embed(self, c, y)
         h = self.inp(x)
         for b in self.blocks:
             h = h + b["lin2"](F.silu(b["lin1"](F.silu(h)) + b["emb"](e)))
@@ -126,26 +162,27 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """A small U-Net for images x (batch, channels, H, W), c (batch,) -> same shape as x.
 
-    Level i has width base * mults[i] and `num_res` residual blocks; levels are joined by
+    `n_classes` > 0: class-conditional, forward(x, c, y) (module docstring). Level i has width base * mults[i] and `num_res` residual blocks; levels are joined by
     stride-2 convolutions down and nearest-neighbour upsampling + conv up, so H and W must be
     multiples of 2^(len(mults) - 1). `attention=True` adds self-attention at the lowest
     resolution (middle block). Output conv zero-initialised.
     """
 
     def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2), attention: bool = False,
-                 num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0):
+                 num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0, n_classes: int = 0):
         super().__init__()
         for name, value, low in (("channels", channels, 1), ("base", base, 1), ("num_res", num_res, 1),
-                                 ("emb_dim", emb_dim, 2), ("groups", groups, 1)):
+                                 ("emb_dim", emb_dim, 2), ("groups", groups, 1), ("n_classes", n_classes, 0)):
             _check_int(name, value, low)
         mults = tuple(mults)
         if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
             raise ValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.channels, self.factor = channels, 2 ** (len(mults) - 1)
+        self.channels, self.factor, self.n_classes = channels, 2 ** (len(mults) - 1), n_classes
         emb = 4 * base
         self.embed = _time_mlp(emb_dim, emb)
+        self.label = LabelEmbedding(n_classes, emb) if n_classes else None
         self.inp = nn.Conv2d(channels, base, 3, padding=1)
         widths = [base * m for m in mults]
         self.down, skips, c = nn.ModuleList(), [base], base
@@ -169,13 +206,13 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
         self.out = nn.Sequential(_norm(c, groups), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape (batch, {self.channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"H and W must be multiples of {self.factor} for {self.factor.bit_length()} levels, "
                              f"got {tuple(x.shape[2:])}")
-        e = F.silu(self.embed(c))
+        e = _embed(self, c, y)
         h = self.inp(x)
         hs = [h]
         for m in self.down:

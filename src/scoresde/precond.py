@@ -124,27 +124,32 @@ class ScoreModel(nn.Module):
         """Which of KINDS `predict` computes without conversion."""
         return {"score": "score", "eps": "eps"}.get(self.parametrization, "x0")
 
-    def predict(self, x: Tensor, t: TimeLike) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The network's prediction of kind `native_kind`, with alpha(t) and sigma(t) (None for 'score')."""
+    def _net(self, x: Tensor, c: Tensor, y: Tensor | None) -> Tensor:
+        return self.net(x, c) if y is None else self.net(x, c, y)
+
+    def predict(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The network's prediction of kind `native_kind`, with alpha(t) and sigma(t) (None for 'score').
+        Labels y (class-conditional networks, `networks`) pass through to the network."""
         t = batch_time(t, x)
         p = self.parametrization
         if p == "score":
-            return self.net(x, t), None, None
+            return self._net(x, t, y), None, None
         alpha, sigma = self.sde.alpha(t), self.sde.sigma(t)
         if p == "vp_skip":
-            return self.net(x, t), alpha, sigma
+            return self._net(x, t, y), alpha, sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(alpha, sigma, self.sigma_data)
-        out = self.net(expand_like(c_in, x) * x, c_noise)
+        out = self._net(expand_like(c_in, x) * x, c_noise, y)
         if p == "edm":
             out = expand_like(c_skip, x) * x + expand_like(c_out, x) * out
         return out, alpha, sigma
 
-    def output(self, x: Tensor, t: TimeLike, kind: str = "score") -> Tensor:
+    def output(self, x: Tensor, t: TimeLike, kind: str = "score", y: Tensor | None = None) -> Tensor:
         """The model's prediction as `kind` in KINDS (score, eps or x0)."""
-        value, alpha, sigma = self.predict(x, t)
+        value, alpha, sigma = self.predict(x, t, y)
         if alpha is None and kind != "score":
             alpha, sigma = self.sde.alpha(batch_time(t, x)), self.sde.sigma(batch_time(t, x))
         return convert(value, self.native_kind, kind, x, alpha, sigma)
 
-    def forward(self, x: Tensor, t: TimeLike) -> Tensor:
-        return self.output(x, t, "score")
+    def forward(self, x: Tensor, t: TimeLike, y: Tensor | None = None) -> Tensor:
+        """The score; with labels y (class-conditional nets) the conditional score, y=None the unconditional one."""
+        return self.output(x, t, "score", y)

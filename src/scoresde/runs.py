@@ -13,7 +13,6 @@ from .checkpoint import CHECKPOINT, checkpoint_weights
 from .config import Config, atomic_write, load_config
 from .data import Dataset, load_dataset
 from .metrics import w2
-from .precond import ScoreModel
 from .train import build_model, build_sde, draw_samples
 
 __all__ = ["w2_report", "Run", "load_run", "sample_run", "evaluate_run", "write_report"]
@@ -36,9 +35,9 @@ def w2_report(samples: Tensor, data: Dataset, repeats: int = 3, generator: torch
 class Run:
     """A trained run: its config, data, SDE and the model holding its EMA (or raw) weights."""
 
-    def __init__(self, cfg: Config, data: Dataset, model: ScoreModel, step: int):
+    def __init__(self, cfg: Config, data: Dataset, model: torch.nn.Module, step: int):
         self.cfg, self.data, self.model, self.step = cfg, data, model, step
-        self.sde = model.sde
+        self.sde = build_sde(cfg)  # also for models without one (families: VAE, DDPM)
         self.dir = cfg.run_dir
 
 

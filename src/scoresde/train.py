@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -24,15 +25,15 @@ from torch import Tensor, nn
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import Dataset, load_dataset
+from .families import MODELS
 from .losses import LOSSES, sample_time
 from .networks import EMA, MLP, UNet
-from .precond import ScoreModel
 from .registry import Registry
 from .samplers import METHODS, sample
 from .sde import SDE, SDES, LinearSDE, ScoreFn
 
-__all__ = ["NETWORKS", "NonFiniteLoss", "learning_rate", "Trainer", "build_sde", "build_model", "construct", "draw_samples",
-           "resolve_device"]
+__all__ = ["NETWORKS", "NonFiniteLoss", "learning_rate", "Trainer", "build_sde", "build_network", "build_model", "construct",
+           "draw_samples", "resolve_device"]
 
 NETWORKS: "Registry[type[nn.Module]]" = Registry("network")
 NETWORKS.register("mlp")(MLP)
@@ -77,8 +78,14 @@ def build_sde(cfg: Config) -> SDE:
     return construct(_lookup(SDES, cfg.sde), cfg.sde_args, f"sde_args for {cfg.sde!r}")
 
 
-def build_model(cfg: Config, sde: SDE, sample_shape: tuple[int, ...]) -> ScoreModel:
-    """The network for data of `sample_shape` wrapped by `ScoreModel` (its forward returns the score)."""
+def build_model(cfg: Config, sde: SDE, sample_shape: tuple[int, ...]) -> nn.Module:
+    """The model of family `cfg.model` (`families.MODELS`); "score": the network wrapped by `ScoreModel`
+    (its forward returns the score)."""
+    return _lookup(MODELS, cfg.model)(cfg, sde, sample_shape, lambda: build_network(cfg, sample_shape))
+
+
+def build_network(cfg: Config, sample_shape: tuple[int, ...]) -> nn.Module:
+    """The network `cfg.net` with `cfg.net_args` for data of `sample_shape`."""
     cls = _lookup(NETWORKS, cfg.net)
     if cls is MLP:
         if len(sample_shape) != 1:
@@ -88,7 +95,7 @@ def build_model(cfg: Config, sde: SDE, sample_shape: tuple[int, ...]) -> ScoreMo
         if len(sample_shape) != 3:
             raise ValueError(f"net 'unet' takes images (n, C, H, W); this data has samples of shape {sample_shape}")
         net = construct(UNet, cfg.net_args, "net_args for 'unet'", channels=sample_shape[0])
-    return ScoreModel(net, sde, cfg.parametrization, cfg.sigma_data)
+    return net
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,10 +110,14 @@ def resolve_device(name: str) -> torch.device:
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
                  generator: torch.Generator | None = None, paths: int = 0) -> tuple[Tensor, Tensor | None]:
     """`samplers.sample` with `method` and `nfe`; with paths > 0 also the first `paths` reverse
-    trajectories, shape (grid points, paths, ...)."""
+    trajectories, shape (grid points, paths, ...). A model with a `generate` method (DDPM, VAE:
+    `families`) draws its own samples (no trajectories)."""
+    if hasattr(score_fn, "generate"):
+        return score_fn.generate(tuple(shape), method=method, nfe=nfe, generator=generator), None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
-    x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, callback=callback)
+    options = {"denoise": False} if method == "consistency" else {}  # every consistency step is a denoise
+    x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, callback=callback, **options)
     return x, torch.stack(states) if paths else None
 
 
@@ -142,6 +153,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_x = self.data.train.to(self.device)
+        self.n_classes = int(cfg.net_args.get("n_classes", 0))
+        if self.n_classes and self.data.train_labels is None:
+            raise ValueError(f"net_args.n_classes = {self.n_classes} needs labelled data; {self.data.name!r} has no labels")
+        self.train_y = self.data.train_labels.to(self.device) if self.n_classes else None
         self.step = 0
         self.run_dir = cfg.run_dir
         self.ckpt_path = self.run_dir / CHECKPOINT
@@ -196,8 +211,9 @@ class Trainer:
             atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines).encode())
 
     # one optimisation step -------------------------------------------------------------------
-    def _batch(self, step: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor, torch.Generator]:
-        """This process's slice of the global batch: x0, t, noise, importance factors, extra generator."""
+    def _batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, torch.Generator]:
+        """This process's slice of the global batch: x0, labels (class-conditional nets, else None), t, noise,
+        importance factors, extra generator."""
         B, n = self.cfg.batch_size, self.train_x.shape[0]
         idx = torch.randint(n, (B,), generator=self.gen)
         t, r = sample_time(self.sde, B, generator=self.gen, dtype=self.train_x.dtype, **self.time_args)
@@ -206,15 +222,25 @@ class Trainer:
         part = slice(self.rank * B // self.world, (self.rank + 1) * B // self.world)
         extra = torch.Generator(self.device).manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
         dev = self.device
-        return (self.train_x[idx[part].to(dev)], t[part].to(dev), None if noise is None else noise[part].to(dev),
+        y = None if self.train_y is None else self.train_y[idx[part].to(dev)]
+        return (self.train_x[idx[part].to(dev)], y, t[part].to(dev), None if noise is None else noise[part].to(dev),
                 r[part].to(dev), extra)
+
+    def _labelled(self, y: Tensor | None, generator: torch.Generator) -> Callable:
+        """The network with labels bound, each replaced by the null label with probability label_dropout
+        (classifier-free guidance training, Ho & Salimans 2207.12598)."""
+        if y is None:
+            return self.net
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.cfg.label_dropout
+        return partial(self.net, y=torch.where(drop, torch.full_like(y, self.n_classes), y))
 
     def _train_step(self) -> tuple[float, float]:
         cfg = self.cfg
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
-        x0, t, noise, r, extra = self._batch(self.step)
-        loss = (self.loss_fn(self.net, self.sde, x0, t=t, noise=noise, generator=extra, **self.loss_args) * r).mean()
+        x0, y, t, noise, r, extra = self._batch(self.step)
+        net = self._labelled(y, extra)
+        loss = (self.loss_fn(net, self.sde, x0, t=t, noise=noise, generator=extra, **self.loss_args) * r).mean()
         value = loss.detach().clone()
         if self.world > 1:
             dist.all_reduce(value)

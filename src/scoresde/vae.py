@@ -61,6 +61,18 @@ class VAE(nn.Module):
         """Per-sample negative ELBO, for the training loop."""
         return -self.elbo(x, generator)
 
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The per-sample training loss (negative ELBO), so that DDP wraps the VAE like any model."""
+        return self.loss(x, generator)
+
+    def generate(self, shape: tuple[int, ...], *, method: str | None = None, nfe: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """`train.draw_samples` hook: decoder means of shape[0] prior draws (method and nfe do not apply)."""
+        x = self.sample(shape[0], generator)
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"this VAE draws samples of shape {tuple(x.shape[1:])}, asked for {tuple(shape[1:])}")
+        return x
+
     @torch.no_grad()
     def log_likelihood_bound(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample importance-weighted lower bound on log p(x) with k samples (k = 1: the ELBO's
