@@ -30,6 +30,9 @@ bench-score-matching: $(STAMP)
 bench-likelihood: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/likelihood.py
 
+bench-bounds: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/bounds_studies.py
+
 bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring
