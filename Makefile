@@ -30,8 +30,17 @@ bench-score-matching: $(STAMP)
 bench-likelihood: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/likelihood.py
 
+bench-train: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/train_throughput.py
+
 bench-bounds: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/bounds_studies.py
+
+bench-imaging: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/imaging.py --budget bench
+
+demo-digits: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/imaging.py --budget demo
 
 bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b

@@ -32,7 +32,7 @@ from .sde import SDE, LinearSDE, ScoreFn
 from .vae import ConvVAE, MLPVAE
 
 __all__ = ["MODELS", "DDPMModel", "make_schedule", "ddpm_loss", "vae_loss", "ncsn_sigmas", "ncsn_train_loss",
-           "unwrap"]
+           "unwrap", "bits_per_dim_offset", "pf_bits_per_dim"]
 
 Builder = Callable[..., nn.Module]  # (cfg, sde, sample_shape, network: () -> nn.Module) -> model
 MODELS: "Registry[Builder]" = Registry("model")
@@ -128,7 +128,7 @@ def ncsn_train_loss(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor | None
                                                             torch.ones(1, dtype=torch.float64)):
         raise ValueError(f"loss 'ncsn' needs a variance-exploding SDE (alpha = 1), got {type(sde).__name__}")
     sigmas = ncsn_sigmas(sde, n_levels)
-    time = lambda s: sde.inverse_log_snr(-2 * torch.log(s)).to(s.dtype)
+    time = lambda s: sde.inverse_log_snr(-torch.log(s)).to(s.dtype)  # log_snr = log(alpha / sigma)
     return ncsn_loss(lambda x, s: score_fn(x, time(s)), sigmas, x0, noise=noise, generator=generator)
 
 
@@ -143,3 +143,29 @@ def bits_per_dim_offset(levels: int) -> float:
     if levels < 2:
         raise ValueError(f"levels must be >= 2, got {levels}")
     return math.log2((levels - 1) / 2)
+
+
+def pf_bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, levels: int, *,
+                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+                    **kwargs) -> tuple[Tensor, dict]:
+    """Per-image bits/dim of images on the grid {-1, -1 + 2/(L-1), ..., 1} of L = `levels` grey levels
+    under the probability-flow model: `likelihood.bits_per_dim` generalised from 8-bit images
+    (L = 256 gives its numbers): uniform dequantisation in cells of width 2/(L-1) centred on the
+    levels, the Gaussian decoder at t_min, bpd = -E log p_x(x) / (D ln 2) + `bits_per_dim_offset(L)`.
+    kwargs go to `likelihood.log_likelihood`."""
+    from .likelihood import log_likelihood
+
+    offset = bits_per_dim_offset(levels)
+    k = (images.double() + 1) * (levels - 1) / 2
+    if (k - k.round()).abs().max() > 1e-4 or k.min() < -1e-4 or k.max() > levels - 1 + 1e-4:
+        raise ValueError(f"images must lie on the {levels} grey levels -1 + 2 k / {levels - 1} in [-1, 1]")
+    u = torch.rand(images.shape, generator=generator, dtype=torch.float64, device=images.device)
+    x = (k.round() + u - 0.5).div(levels - 1).mul(2).sub(1).to(dtype)
+    t_min = kwargs.pop("t_min", None)
+    t_min = sde.t_min if t_min is None else t_min
+    t = torch.as_tensor(float(t_min), dtype=dtype)
+    x = sde.sample_marginal(x, t, torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device))
+    logp, info = log_likelihood(sde, score_fn, x, t_min=t_min, generator=generator, **kwargs)
+    d = x[0].numel()
+    logp_x = logp + d * torch.log(sde.alpha(t))
+    return -logp_x / (d * math.log(2)) + offset, info

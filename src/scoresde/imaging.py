@@ -37,17 +37,23 @@ def load_mask(path: str | Path, sample_shape: tuple[int, ...]) -> Tensor:
     return mask
 
 
-def label_guided(model: nn.Module, label: int, n: int, guidance: float = 0.0) -> ScoreFn:
+def label_guided(model: nn.Module, label: int | Tensor, n: int, guidance: float = 0.0) -> ScoreFn:
     """Classifier-free guided score (1 + w) s(x, t, y) - w s(x, t) of a class-conditional model for n
-    samples of class `label` (its `net.n_classes` classes; the null label is not a class)."""
+    samples of class `label` (an int, or n labels); classes 0..net.n_classes - 1 (the null label is none)."""
     n_classes = int(getattr(getattr(model, "net", model), "n_classes", 0))
     if not n_classes:
         raise ValueError("this run's network is unconditional: train it with net_args.n_classes to use --label")
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < n_classes:
-        raise ValueError(f"label must be an integer in [0, {n_classes - 1}], got {label!r}")
+    device = next(model.parameters()).device
+    if isinstance(label, Tensor):
+        y = label.to(device=device, dtype=torch.long)
+    elif isinstance(label, int) and not isinstance(label, bool):
+        y = torch.full((n,), label, dtype=torch.long, device=device)
+    else:
+        raise ValueError(f"label must be an integer or a tensor of n integers, got {label!r}")
+    if y.shape != (n,) or bool(((y < 0) | (y >= n_classes)).any()):
+        raise ValueError(f"label must hold {n} integers in [0, {n_classes - 1}], got {label!r}")
     if not guidance >= 0:
         raise ValueError(f"guidance must be >= 0, got {guidance}")
-    y = torch.full((n,), label, dtype=torch.long, device=next(model.parameters()).device)
     return classifier_free(model, y, guidance)
 
 

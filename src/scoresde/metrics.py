@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from .targets import GaussianMixture
+from .features import image_features, knn_precision_recall  # FID-style features without downloads (issue 12)
 
 __all__ = [
     "Estimate", "TVGrid", "w2_gaussian", "w2", "w2_floor", "sliced_w2", "mmd2", "tv", "tv_grid",
-    "kl_gaussian", "frechet_distance",
+    "kl_gaussian", "frechet_distance", "image_features", "knn_precision_recall",
 ]
 
 ArrayLike = Tensor | np.ndarray

@@ -1,0 +1,254 @@
+"""Class-conditional networks, guidance through the real network, the model families in the Trainer,
+and the CLI commands sample --label / inpaint on tiny digits runs (issue 12)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from scoresde.cli import app
+from scoresde.config import Config
+from scoresde.discrete import DDPMSchedule, ddpm_sample, ncsn_loss
+from scoresde.families import DDPMModel, ncsn_sigmas, ncsn_train_loss, pf_bits_per_dim
+from scoresde.guidance import classifier_free
+from scoresde.imaging import label_guided, load_mask
+from scoresde.likelihood import bits_per_dim
+from scoresde.networks import MLP, UNet
+from scoresde.precond import ScoreModel
+from scoresde.sde import VE, VP
+from scoresde.targets import GaussianMixture
+from scoresde.train import Trainer, draw_samples
+from scoresde.vae import ConvVAE
+
+runner = CliRunner()
+
+
+def _randomise(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Undo the zero initialisation so that outputs depend on every input (labels included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: MLP(3, hidden=16, depth=1, emb_dim=8, n_classes=4), (6, 3)),
+                                         (lambda: UNet(1, base=8, mults=(1, 2), n_classes=4), (6, 1, 8, 8))])
+def test_conditional_network_labels_and_null_label(make, shape, gen):
+    net = _randomise(make())
+    x, c = torch.randn(shape, generator=gen), torch.rand(shape[0], generator=gen)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    out = net(x, c, y)
+    assert out.shape == x.shape
+    assert not torch.allclose(net(x, c, (y + 1) % 4), out)  # the label enters
+    torch.testing.assert_close(net(x, c), net(x, c, torch.full((6,), 4)))  # y=None is the null label 4
+    torch.testing.assert_close(net(x[:2], c[:2], y[:2]), out[:2], rtol=1e-5, atol=1e-5)  # no mixing across the batch
+    for bad in (torch.full((6,), 5), torch.full((6,), -1), torch.zeros(5, dtype=torch.long), torch.zeros(6)):
+        with pytest.raises(ValueError, match="labels y"):
+            net(x, c, bad)
+
+
+def test_unconditional_network_refuses_labels(gen):
+    net = MLP(2, hidden=8, depth=1, emb_dim=8)
+    with pytest.raises(ValueError, match="unconditional"):
+        net(torch.randn(3, 2, generator=gen), torch.rand(3, generator=gen), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="n_classes"):
+        MLP(2, n_classes=-1)
+
+
+def test_guidance_weight_zero_is_the_conditional_model_through_the_real_network(gen):
+    model = ScoreModel(_randomise(UNet(1, base=8, mults=(1, 2), n_classes=10)), VP())
+    x, t = torch.randn(5, 1, 8, 8, generator=gen), torch.rand(5, generator=gen) * 0.9 + 0.05
+    y = torch.tensor([3, 1, 4, 1, 5])
+    with torch.no_grad():
+        s_c, s_u = model(x, t, y), model(x, t, torch.full((5,), 10))
+        torch.testing.assert_close(classifier_free(model, y, 0.0)(x, t), s_c)
+        torch.testing.assert_close(label_guided(model, y, 5, 0.0)(x, t), s_c)
+        torch.testing.assert_close(label_guided(model, y, 5, 2.0)(x, t), 3 * s_c - 2 * s_u, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(label_guided(model, 3, 5, 1.0)(x, t),
+                                   2 * model(x, t, torch.full((5,), 3)) - s_u, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(s_c, s_u)
+    for bad in (10, -1, torch.zeros(4, dtype=torch.long)):
+        with pytest.raises(ValueError, match="label"):
+            label_guided(model, bad, 5, 1.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        label_guided(ScoreModel(UNet(1, base=8, mults=(1, 2)), VP()), 3, 5)
+
+
+def _digits_cfg(tmp_path, **kw) -> Config:
+    base = dict(name="t", out=str(tmp_path), data="digits", n_test=50, net="unet", net_args={"base": 8, "mults": [1, 2]},
+                steps=2, batch_size=16, eval_every=0, checkpoint_every=2, progress=False, nfe=5, sampler="dpm2m",
+                warmup=1)
+    base.update(kw)
+    return Config(**base)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label(tmp_path):
+    tr = Trainer(_digits_cfg(tmp_path, net_args={"base": 8, "mults": [1, 2], "n_classes": 10}, label_dropout=0.3))
+    y = torch.randint(0, 10, (20000,), generator=torch.Generator().manual_seed(0))
+    bound = tr._labelled(y, torch.Generator().manual_seed(1))
+    dropped = bound.keywords["y"] == 10
+    assert torch.equal(bound.keywords["y"][~dropped], y[~dropped])
+    sd = math.sqrt(0.3 * 0.7 / y.numel())
+    assert abs(dropped.float().mean().item() - 0.3) < 5 * sd
+    tr.cfg.label_dropout = 0.0
+    assert torch.equal(tr._labelled(y, torch.Generator()).keywords["y"], y)
+    tr.cfg.label_dropout = 1.0
+    assert (tr._labelled(y, torch.Generator()).keywords["y"] == 10).all()
+    x0, labels, *_ = tr._batch(0)
+    assert labels.shape == (16,) and labels.max() < 10
+    tr.run()  # the conditional training step runs through the loss
+    assert tr.step == 2
+
+
+def test_conditional_net_needs_labelled_data(tmp_path):
+    with pytest.raises(ValueError, match="labelled data"):
+        Trainer(_digits_cfg(tmp_path, data="moons", net="mlp", net_args={"hidden": 8, "n_classes": 3}))
+
+
+def test_ddpm_respacing_and_generate(gen):
+    s = DDPMSchedule.linear(100)
+    r, idx = s.respace(10)
+    assert idx[0] == 0 and idx[-1] == 99 and len(idx) == 10
+    torch.testing.assert_close(r.alphas_cumprod, s.alphas_cumprod[idx])
+    full, idx_full = s.respace(100)
+    torch.testing.assert_close(full.betas, s.betas)
+    assert torch.equal(idx_full, torch.arange(100))
+    with pytest.raises(ValueError, match="n_steps"):
+        s.respace(101)
+    model = DDPMModel(_randomise(UNet(1, base=8, mults=(1, 2))), s)
+    with torch.no_grad():
+        a = model.generate((3, 1, 8, 8), nfe=100, generator=torch.Generator().manual_seed(5))
+        b = ddpm_sample(lambda x, i: model.net(x, i.float() / 100), s, (3, 1, 8, 8),
+                        generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="ddpm"):
+        model.generate((3, 1, 8, 8), method="em", nfe=10)
+
+
+def test_ncsn_train_loss_feeds_the_time_of_each_level(gen):
+    sde = VE(sigma_max=20.0)
+    sigmas = ncsn_sigmas(sde, 7)
+    assert sigmas[0] == pytest.approx(float(sde.sigma(torch.tensor(sde.T, dtype=torch.float64))), rel=1e-9)
+    assert sigmas[-1] == pytest.approx(float(sde.sigma(torch.tensor(sde.t_min, dtype=torch.float64))), rel=1e-9)
+    seen = []
+
+    def score(x, t):
+        seen.append(sde.sigma(t))
+        return -x / (1 + sde.sigma(t)[:, None] ** 2)
+
+    x0 = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    loss = ncsn_train_loss(score, sde, x0, generator=torch.Generator().manual_seed(3), n_levels=7)
+    ref = ncsn_loss(lambda x, s: -x / (1 + s[:, None] ** 2), sigmas, x0, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loss, ref)
+    assert torch.isclose(seen[0][:, None], sigmas[None], rtol=1e-9).any(1).all()  # sigma(t) is a level
+    with pytest.raises(ValueError, match="variance-exploding"):
+        ncsn_train_loss(score, VP(), x0)
+
+
+def test_pf_bits_per_dim_with_256_levels_is_the_8bit_bound():
+    sde = VP()
+    k = torch.randint(0, 256, (6, 4), generator=torch.Generator().manual_seed(0))
+    mix = GaussianMixture(torch.ones(1), torch.zeros(1, 4, dtype=torch.float64),
+                          0.09 * torch.eye(4, dtype=torch.float64)[None])
+    a, _ = pf_bits_per_dim(sde, mix.score_fn(sde), k / 127.5 - 1, 256, generator=torch.Generator().manual_seed(1),
+                           divergence="exact")
+    b, _ = bits_per_dim(sde, mix.score_fn(sde), k, generator=torch.Generator().manual_seed(1), divergence="exact")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="grey levels"):
+        pf_bits_per_dim(sde, mix.score_fn(sde), torch.full((2, 4), 0.01), 17)
+
+
+def test_vae_and_ddpm_families_train_and_sample_through_the_trainer(tmp_path):
+    vae = Trainer(_digits_cfg(tmp_path, name="vae", model="vae", loss="vae",
+                              model_args={"latent_dim": 4, "base": 8, "levels": 17})).run()
+    assert isinstance(vae.model, ConvVAE) and vae.model.levels == 17
+    x0 = vae.data.test[:4]
+    g = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(vae.loss_fn(vae.model, vae.sde, x0, generator=g),
+                               -vae.model.elbo(x0, torch.Generator().manual_seed(0)))
+    x, _ = draw_samples(vae.sde, vae.ema.copy(), (3, 1, 8, 8), "em", 1, generator=g)
+    assert x.shape == (3, 1, 8, 8)
+    ddpm = Trainer(_digits_cfg(tmp_path, name="ddpm", model="ddpm", loss="ddpm", sampler="ddpm",
+                               model_args={"n_steps": 50})).run()
+    assert ddpm.model.schedule.n_steps == 50
+    x, _ = draw_samples(ddpm.sde, ddpm.ema.copy(), (3, 1, 8, 8), "ddpm", 5, generator=g)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="model_args for 'ddpm'"):
+        Trainer(_digits_cfg(tmp_path, name="bad", model="ddpm", loss="ddpm", model_args={"steps": 3}))
+    with pytest.raises(ValueError, match="unknown model 'gan'"):
+        Trainer(_digits_cfg(tmp_path, name="bad", model="gan"))
+
+
+def test_load_mask_from_npy_and_png(tmp_path):
+    m = np.zeros((8, 8))
+    m[:, :3] = 1
+    np.save(tmp_path / "m.npy", m)
+    import matplotlib.pyplot as plt
+
+    plt.imsave(tmp_path / "m.png", m, cmap="gray", vmin=0, vmax=1)
+    for name in ("m.npy", "m.png"):
+        mask = load_mask(tmp_path / name, (1, 8, 8))
+        assert mask.shape == (1, 8, 8) and torch.equal(mask[0], torch.from_numpy(m).float())
+    with pytest.raises(ValueError, match="shape"):
+        load_mask(tmp_path / "m.npy", (1, 16, 16))
+    with pytest.raises(ValueError, match=".npy or .png"):
+        load_mask(tmp_path / "m.txt", (1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cond")
+    cfg = tmp / "cond.yaml"
+    cfg.write_text("data: digits\nn_test: 40\nnet: unet\nnet_args: {base: 8, mults: [1, 2], n_classes: 10}\n"
+                   "label_dropout: 0.2\nsteps: 3\nbatch_size: 16\neval_every: 0\ncheckpoint_every: 3\n"
+                   "nfe: 5\nsampler: dpm2m\nn_eval: 20\nprogress: false\n")
+    res = runner.invoke(app, ["train", str(cfg), f"out={tmp}"])
+    assert res.exit_code == 0, res.output
+    return tmp / "cond"
+
+
+def test_cli_sample_with_label_and_guidance(cond_run, tmp_path):
+    res = runner.invoke(app, ["sample", str(cond_run), "--label", "3", "--guidance", "2.0", "--n", "6",
+                              "--method", "dpm2m", "--nfe", "5", "--out", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (6, 1, 8, 8) and np.isfinite(x).all()
+    res = runner.invoke(app, ["sample", str(cond_run), "--label", "10", "--n", "6", "--out", str(tmp_path / "y.npy")])
+    assert res.exit_code == 1 and "label must hold" in res.output
+
+
+def test_cli_inpaint_keeps_the_known_pixels(cond_run, tmp_path):
+    m = np.zeros((8, 8))
+    m[:4] = 1
+    np.save(tmp_path / "mask.npy", m)
+    res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "mask.npy"), "--n", "4",
+                              "--nfe", "6", "--out", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    from scoresde.runs import load_run
+
+    known = load_run(cond_run).data.test[:4].numpy()
+    x = np.load(tmp_path / "x.npy")
+    np.testing.assert_array_equal(x[:, :, :4], known[:, :, :4])
+    assert not np.allclose(x[:, :, 4:], known[:, :, 4:])
+    res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "mask.npy"), "--n", "4",
+                              "--out", str(tmp_path / "x.png")])
+    assert res.exit_code == 0 and (tmp_path / "x.png").stat().st_size > 0
+    np.save(tmp_path / "bad.npy", np.ones((3, 3)))
+    res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "bad.npy"), "--out",
+                              str(tmp_path / "z.npy")])
+    assert res.exit_code == 1 and "mask has shape" in res.output
+
+
+def test_cli_trains_a_consistency_run_distilled_from_a_run(cond_run, tmp_path):
+    cfg = tmp_path / "cm.yaml"
+    cfg.write_text("data: digits\nn_test: 40\nnet: unet\nnet_args: {base: 8, mults: [1, 2]}\nloss: consistency\n"
+                   f"parametrization: x0\nloss_args: {{mode: cd, teacher: {cond_run}}}\nsteps: 2\nbatch_size: 8\n"
+                   "eval_every: 0\ncheckpoint_every: 2\nsampler: consistency\nnfe: 1\nn_eval: 20\nprogress: false\n")
+    res = runner.invoke(app, ["train", str(cfg), f"out={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["sample", str(tmp_path / "cm"), "--method", "consistency", "--nfe", "1", "--n", "4",
+                              "--out", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    assert np.load(tmp_path / "x.npy").shape == (4, 1, 8, 8)
