@@ -48,5 +48,8 @@ bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data mixture16
 	$(PY) benchmarks/estimation_studies.py c d --reuse
 
+bench-train: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/train_throughput.py
+
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
