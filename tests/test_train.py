@@ -169,3 +169,42 @@ def test_image_data_trains_with_unet(tmp_path):
     cfg = _cfg(tmp_path, net="unet", net_args={"base": 8, "mults": [1, 2]}, steps=3, batch_size=4, checkpoint_every=3)
     tr = Trainer(cfg, data=data).run()
     assert tr.step == 3 and tr.model(data.test[:2], torch.full((2,), 0.5)).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    """A real `scoresde train` process killed with SIGKILL resumes from its checkpoint to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from scoresde.config import load_config
+
+    p = tmp_path / "k.yaml"
+    p.write_text("n_train: 500\nn_test: 50\nnet_args: {hidden: 32, depth: 2, emb_dim: 8}\nsteps: 3000\nbatch_size: 64\n"
+                 "checkpoint_every: 50\neval_every: 0\nprogress: false\nnfe: 11\nn_eval: 20\n")
+    ckpt = tmp_path / "killed" / "k" / "checkpoint.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "scoresde.cli", "train", str(p), f"out={tmp_path / 'killed'}"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = int(read_checkpoint(ckpt)[1]["step"])
+    assert 0 < killed_at < 3000
+    resumed = Trainer(load_config(p, [f"out={tmp_path / 'killed'}"]))
+    assert resumed.step == killed_at
+    resumed.run()
+    full = Trainer(load_config(p, [f"out={tmp_path / 'full'}"])).run()
+    assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
+    assert all(torch.equal(v, resumed.ema.shadow[k]) for k, v in full.ema.shadow.items())
+
+
+def test_fresh_start_discards_the_old_run(tmp_path):
+    Trainer(_cfg(tmp_path, steps=5)).run()
+    tr = Trainer(_cfg(tmp_path, steps=5, lr=0.5), resume=False)  # a restart may change anything
+    assert tr.step == 0 and not (tmp_path / "r" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()

@@ -164,8 +164,9 @@ class Trainer:
         self.last_checkpoint: int | None = None
         if resume and self.ckpt_path.exists():
             self._resume()
-        elif self.rank == 0 and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh start: old records would mix with the new ones
+        elif self.rank == 0:  # a fresh start: an old checkpoint or log would mix with the new run
+            for path in (self.ckpt_path, self.metrics_path):
+                path.unlink(missing_ok=True)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         self.net = self.model
