@@ -108,16 +108,24 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
-                 generator: torch.Generator | None = None, paths: int = 0) -> tuple[Tensor, Tensor | None]:
+                 generator: torch.Generator | None = None, paths: int = 0,
+                 device: torch.device | None = None) -> tuple[Tensor, Tensor | None]:
     """`samplers.sample` with `method` and `nfe`; with paths > 0 also the first `paths` reverse
     trajectories, shape (grid points, paths, ...). A model with a `generate` method (DDPM, VAE:
-    `families`) draws its own samples (no trajectories)."""
+    `families`) draws its own samples (no trajectories). On a non-CPU `device` the prior draw comes
+    from the CPU `generator` and the sampler's noise from a device generator seeded by it."""
     if hasattr(score_fn, "generate"):
         return score_fn.generate(tuple(shape), method=method, nfe=nfe, generator=generator), None
+    x_T = None
+    if device is not None and torch.device(device).type != "cpu":
+        x_T = sde.prior_sample(tuple(shape), generator=generator).to(device)
+        generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        shape = None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
     options = {"denoise": False} if method == "consistency" else {}  # every consistency step is a denoise
-    x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, callback=callback, **options)
+    x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T, callback=callback,
+               **options)
     return x, torch.stack(states) if paths else None
 
 
@@ -307,10 +315,9 @@ class Trainer:
         return self
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """n samples from the EMA model (on the CPU) with the configured sampler and nfe."""
-        model = self.ema.copy().cpu()
-        return draw_samples(self.sde, model, (n,) + self.data.sample_shape, self.cfg.sampler, self.cfg.nfe,
-                            generator=generator)[0]
+        """n samples (on the CPU) from the EMA model with the configured sampler and nfe."""
+        return draw_samples(self.sde, self.ema.copy(), (n,) + self.data.sample_shape, self.cfg.sampler, self.cfg.nfe,
+                            generator=generator, device=self.device)[0].cpu()
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of the EMA model and W2 of its samples to held-out data; saves a snapshot PNG.
@@ -324,7 +331,8 @@ class Trainer:
         model = self.ema.copy()
         t, r = sample_time(self.sde, test.shape[0], generator=g, dtype=test.dtype, **self.time_args)
         noise = torch.randn(test.shape, generator=g).to(self.device) if isinstance(self.sde, LinearSDE) else None
-        eval_loss = (self.loss_fn(model, self.sde, test, t=t.to(self.device), noise=noise, generator=g,
+        g_dev = torch.Generator(self.device).manual_seed(cfg.seed + 2)  # randomness inside the loss
+        eval_loss = (self.loss_fn(model, self.sde, test, t=t.to(self.device), noise=noise, generator=g_dev,
                                   **self.loss_args) * r.to(self.device)).mean().item()
         x = self.sample(test.shape[0], generator=g)
         plot_samples(x, self.data.test[:cfg.n_eval], self.run_dir / "snapshots" / f"step_{self.step:07d}.png",
