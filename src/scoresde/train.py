@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import Config, save_config
+from .config import Config, atomic_write, save_config
 from .data import Dataset, load_dataset
 from .families import MODELS
 from .losses import LOSSES, sample_time
@@ -216,7 +216,6 @@ class Trainer:
         if self.rank == 0 and self.metrics_path.exists():  # drop records written after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
                      if ln.strip() and json.loads(ln)["step"] <= self.step]
-            from .config import atomic_write
             atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines).encode())
 
     # one optimisation step -------------------------------------------------------------------
