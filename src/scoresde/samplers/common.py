@@ -10,7 +10,8 @@ from ..sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
-__all__ = ["Callback", "alpha_sigma", "data_prediction", "finish", "noise_like", "require_linear", "check_grid"]
+__all__ = ["Callback", "alpha_sigma", "data_prediction", "finish", "noise_like", "require_linear", "check_grid",
+           "schedule"]
 
 
 def require_linear(sde: SDE, what: str) -> LinearSDE:
@@ -26,6 +27,13 @@ def check_grid(ts: Tensor) -> Tensor:
     if not (ts[1:] < ts[:-1]).all():
         raise ValueError("ts must be strictly decreasing (from T down to t_end)")
     return ts
+
+
+def schedule(sde: LinearSDE, ts: Tensor) -> tuple[list[float], list[float], list[float]]:
+    """alpha, sigma and lambda = log(alpha / sigma) at every grid time, computed once in float64 as
+    Python floats, so a solver step costs only its tensor updates of x."""
+    t = ts.detach().to("cpu", torch.float64)
+    return sde.alpha(t).tolist(), sde.sigma(t).tolist(), sde.log_snr(t).tolist()
 
 
 def alpha_sigma(sde: LinearSDE, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,11 +10,13 @@ exponential integrator of the probability-flow ODE.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..sde import LinearSDE, ScoreFn
-from .common import Callback, alpha_sigma, check_grid, data_prediction, finish, noise_like, require_linear
+from .common import Callback, check_grid, finish, noise_like, require_linear, schedule
 
 __all__ = ["ddim", "ddpm"]
 
@@ -27,16 +29,18 @@ def ddim(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, eta: flo
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must be in [0, 1], got {eta}")
     ts = check_grid(ts.to(x_T.dtype))
+    alpha, sigma, lam = schedule(sde, ts)
     x, n = x_T, len(ts) - 1
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
-        a, s = alpha_sigma(sde, ts[i], x)
-        a_next, s_next = alpha_sigma(sde, ts[i + 1], x)
-        x0 = data_prediction(sde, score_fn, x, ts[i])
-        eps = (x - a * x0) / s
-        c = eta * s_next * (-torch.expm1(-2 * (sde.log_snr(ts[i + 1]) - sde.log_snr(ts[i])))).sqrt()
-        x = a_next * x0 + (s_next**2 - c**2).sqrt() * eps
+        a, s, a_next, s_next = alpha[i], sigma[i], alpha[i + 1], sigma[i + 1]
+        c = eta * s_next * math.sqrt(-math.expm1(-2 * (lam[i + 1] - lam[i])))
+        k = math.sqrt(s_next**2 - c**2)
+        # x' = a' x0 + k eps + c z with x0 = (x + s^2 score) / a, eps = (x - a x0) / s: linear in (x, score)
+        x0_weight = a_next - k * a / s
+        score = score_fn(x, ts[i].expand(x.shape[0]))
+        x = (k / s + x0_weight / a) * x + (x0_weight * s**2 / a) * score
         if eta > 0:
             x = x + c * noise_like(x, generator)
         if callback is not None:

@@ -8,14 +8,16 @@ x(lambda') = (sigma'/sigma) x(lambda) + sigma' int_lambda^lambda' e^u x0_hat(u) 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
 from ..sde import SDE, LinearSDE, ScoreFn, probability_flow_drift
-from .common import Callback, alpha_sigma, check_grid, data_prediction, finish, require_linear
+from .common import Callback, check_grid, finish, require_linear, schedule
 
-__all__ = ["ode_euler", "heun", "dopri5", "dpm_solver_multistep", "dpm_step"]
+__all__ = ["ode_euler", "heun", "dopri5", "dpm_solver_multistep", "dpm_weights"]
 
 
 def ode_euler(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, denoise: bool = True,
@@ -69,33 +71,31 @@ def dopri5(sde: SDE, score_fn: ScoreFn, x_T: Tensor, *, t_end: float | None = No
     return finish(sde, score_fn, x, ts[1], denoise, callback, 2)
 
 
-def dpm_step(sde: LinearSDE, x: Tensor, t: Tensor, t_next: Tensor, lams: list[Tensor],
-             x0s: list[Tensor]) -> Tensor:
-    """One exponential-integrator step t -> t_next of order len(x0s) (1 to 3).
+def dpm_weights(a_next: float, h: float, past: list[float]) -> list[float]:
+    """Weights w of x' = (sigma'/sigma) x + sum_j w_j x0_j for one exponential-integrator step of order
+    len(past) + 1 (1 to 3), x0_j the data predictions at the current and previous grid points (newest first),
+    past = the log-SNR gaps [h0, h1] back to the previous points.
 
-    lams, x0s: the log-SNRs and data predictions at the current and previous grid times,
-    newest last. x0_hat(lambda) is replaced by its Newton interpolant through those points
-    and integrated exactly: with h = lambda' - lambda and phi = e^{-h} - 1,
-    x' = (sigma'/sigma) x - alpha' phi D0 + alpha' (phi/h + 1) D1 - alpha' ((phi + h)/h^2 - 1/2) D2,
-    D1 = h x0_hat', D2 = h^2 x0_hat'' at lambda. Order 1 is DDIM (eta = 0).
+    x0_hat(lambda) is replaced by its Newton interpolant through those points and integrated exactly:
+    with phi = e^{-h} - 1, x' = (sigma'/sigma) x - alpha' phi D0 + alpha' (phi/h + 1) D1
+    - alpha' ((phi + h)/h^2 - 1/2) D2, D1 = h x0_hat', D2 = h^2 x0_hat'' at lambda (DPM-Solver++, Lu et al.
+    2211.01095, derived for any (alpha, sigma)). Order 1 is DDIM (eta = 0).
     """
-    a, s = alpha_sigma(sde, t, x)
-    a_next, s_next = alpha_sigma(sde, t_next, x)
-    lam, lam_next = lams[-1], sde.log_snr(t_next)
-    h = lam_next - lam
-    phi = torch.expm1(-h)
-    x_next = (s_next / s) * x - a_next * phi * x0s[-1]
-    if len(x0s) >= 2:
-        h0 = lam - lams[-2]
-        d1 = (x0s[-1] - x0s[-2]) / h0  # first divided difference
+    phi = math.expm1(-h)
+    w = [-a_next * phi, 0.0, 0.0]
+    if past:
+        h0 = past[0]
+        d1 = [1 / h0, -1 / h0, 0.0]  # first divided difference
         deriv = d1
-        if len(x0s) == 3:
-            h1 = lams[-2] - lams[-3]
-            dd = (d1 - (x0s[-2] - x0s[-3]) / h1) / (h0 + h1)  # second divided difference
-            deriv = d1 + h0 * dd
-            x_next = x_next - a_next * ((phi + h) / h**2 - 0.5) * (2 * h**2 * dd)
-        x_next = x_next + a_next * (phi / h + 1) * h * deriv
-    return x_next
+        if len(past) == 2:
+            h1 = past[1]
+            dd = [(d1[j] - e) / (h0 + h1) for j, e in enumerate([0.0, 1 / h1, -1 / h1])]  # second divided difference
+            deriv = [d1[j] + h0 * dd[j] for j in range(3)]
+            c2 = -a_next * ((phi + h) / h**2 - 0.5) * 2 * h**2
+            w = [w[j] + c2 * dd[j] for j in range(3)]
+        c1 = a_next * (phi / h + 1) * h
+        w = [w[j] + c1 * deriv[j] for j in range(3)]
+    return w[:len(past) + 1]
 
 
 def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 2,
@@ -111,15 +111,18 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     ts = check_grid(ts.to(x_T.dtype))
-    x, n = x_T, len(ts) - 1
-    lams, x0s = [], []
+    alpha, sigma, lam = schedule(sde, ts)
+    x, n, x0s = x_T, len(ts) - 1, []
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
-        lams = (lams + [sde.log_snr(ts[i])])[-order:]
-        x0s = (x0s + [data_prediction(sde, score_fn, x, ts[i])])[-order:]
+        score = score_fn(x, ts[i].expand(x.shape[0]))
+        x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order]  # Tweedie, newest first
         k = min(order, i + 1, n - i) if lower_order_final else min(order, i + 1)
-        x = dpm_step(sde, x, ts[i], ts[i + 1], lams[-k:], x0s[-k:])
+        w = dpm_weights(alpha[i + 1], lam[i + 1] - lam[i], [lam[i - j] - lam[i - j - 1] for j in range(k - 1)])
+        x = x * (sigma[i + 1] / sigma[i])
+        for wj, x0 in zip(w, x0s):
+            x = x.add(x0, alpha=wj)
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
