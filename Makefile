@@ -42,6 +42,9 @@ bench-imaging: $(STAMP)
 demo-digits: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/imaging.py --budget demo
 
+bench-samplers: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/samplers.py
+
 bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring
