@@ -39,7 +39,8 @@ NETWORKS: "Registry[type[nn.Module]]" = Registry("network")
 NETWORKS.register("mlp")(MLP)
 NETWORKS.register("unet")(UNet)
 
-# config keys that may change when a run is resumed (they do not affect the weights)
+# config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
+# and with lr_schedule=cosine it also reshapes the remaining learning rates)
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
                      "sampler", "threads", "device"}
 
