@@ -1,0 +1,367 @@
+"""Sample error versus NFE: every scoresde sampler against diffusers' schedulers (issue 8).
+
+Targets (exact scores, float64): (a) the 2-D ring, targets.ring(); (b) the 16-D mixture
+random_mixture(16, 8, seed=0) with full covariances and unequal weights, both under VP
+(beta 0.1 .. 20). scoresde samplers use the continuous VP score; diffusers' schedulers get
+the exact eps model of the matching discrete schedule (1000 linear betas 1e-4 .. 0.02),
+fractional timesteps resolved by diffusers' own log-sigma interpolation.
+
+Metrics against the exact target: (i) the log-density gap E_gen log p - E_true log p;
+(ii) the unbiased squared MMD of scoresde.metrics.mmd2 (kernel sum at bandwidths
+{0.5, 1, 2} sqrt(tr Cov)), its pair term computed in blocks so large n fits in memory,
+with the null spread from exact samples of the same size.
+
+Stages: (1) a sweep over every config at n_sweep samples picks the best peers and the
+time grid; (2) the headline re-measures the best configs on fresh samples at n = 10000 (--n; 20000 did not fit
+the ~10 minute budget on the shared 2-core machine);
+(3) per-step overhead of each sampler with a free score model.
+Run: `flock /tmp/scoresde-heavy.lock .venv/bin/python benchmarks/samplers.py`.
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # before numpy loads BLAS: idle BLAS threads spin in the kernel
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scoresde import VP
+from scoresde.metrics import _mixture_kernel_means, mmd2
+from scoresde.samplers import sample
+from scoresde.targets import GaussianMixture, random_mixture, ring
+
+warnings.filterwarnings("ignore")
+F64 = torch.float64
+NFES = (5, 10, 20, 50, 100)
+OUT = Path(__file__).parent
+FIG = OUT / "figures"
+
+
+# ---- exact models ---------------------------------------------------------------------
+
+class MixtureScore:
+    """Exact grad log p for a mixture pushed to (alpha, sigma) with one time per call: the same formula
+    as targets.DiffusedMixture.score, written as two matrix products (checked against it below)."""
+
+    def __init__(self, target: GaussianMixture):
+        self.target = target
+        evals, U = target._eig
+        K, d = target.means.shape
+        self.evals, self.logw, self.K, self.d = evals, target.weights.log(), K, d
+        self.Uc = U.permute(1, 0, 2).reshape(d, K * d)  # columns: eigenvectors of every component
+        self.mu_proj = torch.einsum("kd,kde->ke", target.means, U)
+
+    def at(self, alpha: float, sigma: float, x: torch.Tensor) -> torch.Tensor:
+        var = alpha**2 * self.evals + sigma**2
+        z = (x @ self.Uc).view(-1, self.K, self.d) - alpha * self.mu_proj
+        zv = z / var
+        r = torch.softmax(self.logw - 0.5 * (z * zv).sum(-1) - 0.5 * var.log().sum(-1), -1)
+        return -((r[:, :, None] * zv).reshape(-1, self.K * self.d) @ self.Uc.T)
+
+    def continuous(self, sde: VP):
+        def score(x, t):
+            a, s = float(sde.alpha(t[0])), float(sde.sigma(t[0]))
+            return self.at(a, s, x)
+        return score
+
+
+class DiscreteEps:
+    """Exact eps(x, timestep) for the 1000-step linear-beta DDPM schedule; a fractional timestep means
+    the noise level diffusers assigns it (log sigma interpolated linearly between integers)."""
+
+    def __init__(self, score: MixtureScore):
+        self.score = score
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
+        abar = torch.cumprod(1 - betas, 0)
+        self.log_sigmas = (0.5 * torch.log((1 - abar) / abar)).numpy()
+
+    def __call__(self, x, timestep):
+        t = float(timestep)
+        log_s = np.interp(t, np.arange(1000), self.log_sigmas)
+        abar = 1 / (1 + math.exp(2 * log_s))
+        sigma = math.sqrt(1 - abar)
+        return -sigma * self.score.at(math.sqrt(abar), sigma, x)
+
+
+# ---- samplers -------------------------------------------------------------------------
+
+OURS = {  # name: (method, options)
+    "em": ("em", {}), "ei": ("ei", {}), "pc": ("pc", {}), "ald": ("ald", {}),
+    "euler": ("euler", {}), "heun": ("heun", {}), "ddim": ("ddim", {}), "ddpm": ("ddpm", {}),
+    "dpm2m": ("dpm2m", {}), "dpm3m": ("dpm3m", {}),
+}
+GRID_STUDY = {"uniform": {"grid": "uniform"}, "poly2": {"grid": "poly", "power": 2.0},
+              "logsnr": {"grid": "logsnr"}, "edm7": {"grid": "edm", "rho": 7.0}}
+T_ENDS = (1e-3, 1e-2, 0.05, 0.2)
+
+
+def peers():
+    import diffusers as D
+    base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon")
+    sigma_knobs = [("karras", {"use_karras_sigmas": True}), ("exp", {"use_exponential_sigmas": True})]
+    trailing = [("trailing", {"timestep_spacing": "trailing"})]
+    table = {
+        "DDIM": (D.DDIMScheduler, {"clip_sample": False}, trailing),
+        "DPM++2M": (D.DPMSolverMultistepScheduler, {"solver_order": 2, "algorithm_type": "dpmsolver++"},
+                    sigma_knobs + [("lu", {"use_lu_lambdas": True})] + trailing),
+        "DPM++3M": (D.DPMSolverMultistepScheduler, {"solver_order": 3, "algorithm_type": "dpmsolver++"},
+                    sigma_knobs + [("lu", {"use_lu_lambdas": True})] + trailing),
+        "UniPC": (D.UniPCMultistepScheduler, {}, sigma_knobs + trailing),
+        "DEIS": (D.DEISMultistepScheduler, {}, sigma_knobs + trailing),
+        "LMS": (D.LMSDiscreteScheduler, {}, sigma_knobs + trailing),
+        "Heun": (D.HeunDiscreteScheduler, {}, sigma_knobs + trailing),
+        "Euler": (D.EulerDiscreteScheduler, {}, sigma_knobs + trailing),
+    }
+    out = {}
+    for name, (cls, fixed, knobs) in table.items():
+        for knob, kw in [("default", {})] + knobs:
+            out[f"{name}/{knob}"] = (cls, {**base, **fixed, **kw})
+    return out
+
+
+def run_peer(cls, config, eps_model, x_T, nfe):
+    """Drive a diffusers scheduler with the largest step count whose NFE fits `nfe`; returns (x, nfe used)."""
+    sched = cls(**config)
+    steps = (nfe + 1) // 2 if cls.__name__.startswith("Heun") else nfe
+    sched.set_timesteps(steps)
+    x, used = x_T * sched.init_noise_sigma, 0
+    for t in sched.timesteps:
+        eps = eps_model(sched.scale_model_input(x, t), t)
+        used += 1
+        x = sched.step(eps, t, x).prev_sample
+    return x, used
+
+
+def run_ours(sde, score_fn, method, options, x_T, nfe, gen):
+    """sample() at this budget; where the default denoise does not fit it (pc at even NFE), without it."""
+    try:
+        return sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
+    except ValueError:
+        options = {**options, "denoise": not options.get("denoise", True)}
+        return sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
+
+
+# ---- metrics --------------------------------------------------------------------------
+
+def bandwidths(target: GaussianMixture) -> np.ndarray:
+    """metrics.mmd2's defaults {0.5, 1, 2} sqrt(tr Cov) (the global shape), then the component scale
+    min_k sqrt(tr Sigma_k) (resolves the modes; penalises over-sharp samples)."""
+    fine = float(torch.diagonal(target.covariances, dim1=1, dim2=2).sum(1).sqrt().min())
+    return np.array(list(math.sqrt(float(torch.trace(target.covariance()))) * np.array([0.5, 1.0, 2.0])) + [fine])
+
+
+def mmd2_blocked(x: torch.Tensor, target: GaussianMixture, block: int = 1000) -> np.ndarray:
+    """metrics.mmd2(x, target, [h]).value for each h in bandwidths(target): the generated-pairs U-statistic
+    summed in row blocks (float32 kernels, float64 sums) so n = 20000 fits in memory."""
+    h = bandwidths(target)
+    x32 = x.to(torch.float32)
+    n, sq = len(x), (x32**2).sum(1)
+    pair_sum = np.zeros(len(h))
+    for i in range(0, n, block):
+        d2 = (sq[i:i + block, None] + sq[None, :] - 2 * x32[i:i + block] @ x32.T).clamp_min_(0)
+        for j, hh in enumerate(h):
+            pair_sum[j] += torch.exp(d2 * (-0.5 / hh**2)).sum(dtype=F64).item()
+    pair_mean = (pair_sum - n) / (n * (n - 1))  # k(x, x) = 1 on the diagonal
+    closed = [_mixture_kernel_means(x.to(F64).numpy(), target, np.array([hh])) for hh in h]
+    return np.array([pair_mean[j] - 2 * mk.mean() + mkk for j, (mk, mkk) in enumerate(closed)])
+
+
+def metrics_of(values: np.ndarray) -> dict:
+    return {"mmd2": float(values[:3].sum()), "mmd2_fine": float(values[3])}
+
+
+class Scorer:
+    """Log-density gap and both MMD^2 columns; null mean and spread from exact samples of the same size."""
+
+    def __init__(self, target, n, gen, null_repeats=4):
+        self.target, self.n = target, n
+        self.ref_logp = float(target.log_prob(target.sample(200000, gen)).mean())
+        null = [metrics_of(mmd2_blocked(target.sample(n, gen), target)) for _ in range(null_repeats)]
+        self.null = {k: (float(np.mean([v[k] for v in null])), float(np.std([v[k] for v in null], ddof=1)))
+                     for k in null[0]}
+
+    def __call__(self, x):
+        if x is None or not torch.isfinite(x).all():
+            return {"gap": float("nan"), "mmd2": float("nan"), "mmd2_fine": float("nan")}
+        return {"gap": float(self.target.log_prob(x).mean()) - self.ref_logp, **metrics_of(mmd2_blocked(x, self.target))}
+
+
+# ---- stages ---------------------------------------------------------------------------
+
+def setup(name):
+    target = ring() if name == "ring" else random_mixture(16, 8, seed=0)
+    return target, MixtureScore(target)
+
+
+def self_check():
+    """The fast exact models agree with targets' scores and the blocked MMD with metrics.mmd2."""
+    gen = torch.Generator().manual_seed(0)
+    sde = VP()
+    for name in ("ring", "mix16"):
+        target, sc = setup(name)
+        x = target.at_time(sde, 0.3).sample(500, gen)
+        t = torch.full((500,), 0.3, dtype=F64)
+        torch.testing.assert_close(sc.continuous(sde)(x, t), target.score_fn(sde)(x, t))
+        ref = [mmd2(x, target, [h]).value for h in bandwidths(target)]
+        np.testing.assert_allclose(mmd2_blocked(x, target, block=128), ref, rtol=1e-4, atol=1e-6)
+        assert abs(metrics_of(mmd2_blocked(x, target))["mmd2"] - mmd2(x, target).value) < 1e-6
+
+
+def configs():
+    """(name, kind, spec): scoresde methods at sample()'s defaults, the time-grid study, every peer."""
+    out = [(f"scoresde/{k}", "ours", v) for k, v in OURS.items()]
+    out += [(f"scoresde/dpm3m@{g},t_end={te:g}{',lof=0' * (not lof)}", "ours",
+             ("dpm3m", {**o, "t_end": te, "lower_order_final": lof}))
+            for g, o in GRID_STUDY.items() for te in T_ENDS for lof in (True, False)]
+    out += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
+    return out
+
+
+def evaluate(tname, n, nfes, seed, wanted=None):
+    """Run configs (all, or the {(name, nfe)} in `wanted`) on one target with n samples; rows of dicts."""
+    sde = VP()
+    target, sc = setup(tname)
+    gen = torch.Generator().manual_seed(seed)
+    scorer = Scorer(target, n, gen)
+    rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
+             **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}]
+    x_T = sde.prior_sample((n, target.dim), gen, F64)
+    score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
+    for name, kind, spec in configs():
+        for nfe in nfes:
+            if wanted is not None and (name, nfe) not in wanted:
+                continue
+            t0 = time.perf_counter()
+            if kind == "ours":
+                x, used = run_ours(sde, score_fn, *spec, x_T, nfe, gen), nfe
+            else:
+                x, used = run_peer(*spec, eps, x_T, nfe)
+            row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, **scorer(x),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+METRICS = ("mmd2", "mmd2_fine", "abs_gap")
+
+
+def value(row, metric):
+    v = abs(row["gap"]) if metric == "abs_gap" else row[metric]
+    return v if v == v else float("inf")
+
+
+def best(rows, tname, nfe, metric, family):
+    cands = [r for r in rows if r["target"] == tname and r["nfe"] == nfe and r["config"].startswith(family)]
+    return min(cands, key=lambda r: value(r, metric)) if cands else None
+
+
+def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3):
+    """Seconds per step of each sampler with a free model (a cached tensor), scoresde vs diffusers."""
+    sde, out = VP(), {}
+    cached = torch.zeros(shape)
+    free_score = lambda x, t: cached
+    free_eps = lambda x, t: cached
+    x_T = torch.randn(shape)
+    for name, kind, spec in configs():
+        if "@" in name or name in ("scoresde/pc", "scoresde/ald"):
+            continue
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            if kind == "ours":
+                method, options = spec
+                nfe = 2 * steps if method == "heun" else steps + 1
+                sample(sde, free_score, None, method=method, nfe=nfe, x_T=x_T, **options)
+                n_steps = steps
+            else:
+                _, n_steps = run_peer(*spec, free_eps, x_T, steps if "Heun" not in name else 2 * steps - 1)
+                n_steps = steps if "Heun" in name else n_steps
+            times.append((time.perf_counter() - t0) / n_steps)
+        out[name] = min(times)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-sweep", type=int, default=3000)
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
+    ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "all"), default="all")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sweep_file, head_file, over_file = (OUT / f"samplers_{k}.json" for k in ("sweep", "headline", "overhead"))
+    if args.stage in ("sweep", "all"):
+        self_check()
+        rows = [r for t in ("ring", "mix16") for r in evaluate(t, args.n_sweep, args.nfes, seed=0)]
+        sweep_file.write_text(json.dumps(rows))
+    if args.stage in ("headline", "all"):
+        rows = json.loads(sweep_file.read_text())
+        head = []
+        for t in ("ring", "mix16"):
+            wanted = {(best(rows, t, nfe, m, fam)["config"], nfe)
+                      for nfe in args.nfes for m in METRICS for fam in ("scoresde", "diffusers")}
+            wanted |= {(c, nfe) for c in ("scoresde/dpm3m", "diffusers/DPM++3M/default")
+                       for nfe in args.nfes}
+            head += evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)
+        head_file.write_text(json.dumps(head))
+    if args.stage in ("overhead", "all"):
+        over_file.write_text(json.dumps({"image (64,3,32,32)": overhead(), "toy (1,2)": overhead((1, 2))}))
+    report(json.loads(sweep_file.read_text()), json.loads(head_file.read_text()),
+           json.loads(over_file.read_text()) if over_file.exists() else {}, args.nfes)
+
+
+def report(sweep_rows, head_rows, over, nfes):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    FIG.mkdir(exist_ok=True)
+    lines = []
+    for t in ("ring", "mix16"):
+        null = [r for r in head_rows if r["target"] == t and r["nfe"] == 0][0]
+        lines.append(f"\n{t} (n = {null['n']}; null mean +- sd: MMD^2 {null['mmd2']:.1e} +- {null['mmd2_sd']:.1e}, "
+                     f"fine {null['mmd2_fine']:.1e} +- {null['mmd2_fine_sd']:.1e})\n")
+        lines.append("| metric | NFE | best scoresde | value | best diffusers | value | ratio |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for m in METRICS:
+            for nfe in nfes:
+                o, p = best(head_rows, t, nfe, m, "scoresde"), best(head_rows, t, nfe, m, "diffusers")
+                ratio = value(o, m) / value(p, m) if value(p, m) > 0 else float("nan")
+                lines.append(f"| {m} | {nfe} | {o['config'][9:]} | {value(o, m):.2e} | {p['config'][10:]} "
+                             f"(NFE {p['used']}) | {value(p, m):.2e} | {ratio:.2f} |")
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, m in zip(axes, METRICS):
+            for fam, style in (("scoresde", "-o"), ("diffusers", "--s")):
+                ys = [value(best(sweep_rows, t, nfe, m, fam), m) for nfe in nfes]
+                ax.plot(nfes, np.maximum(ys, 1e-7), style, label=f"best {fam} (sweep, n={sweep_rows[0]['n']})")
+            for c in ("scoresde/dpm3m", "scoresde/dpm2m", "scoresde/heun", "scoresde/em", "diffusers/DPM++3M/default",
+                      "diffusers/UniPC/default", "diffusers/DDIM/default"):
+                ys = [value(r, m) for nfe in nfes for r in sweep_rows
+                      if r["target"] == t and r["config"] == c and r["nfe"] == nfe]
+                ax.plot(nfes[:len(ys)], np.maximum(ys, 1e-7), ":", alpha=0.6, label=c)
+            ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{t}: {m}")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(FIG / f"samplers_{t}.png", dpi=110)
+        plt.close(fig)
+    if over:
+        lines.append("\n| sampler | s/step image (64,3,32,32) | s/step toy (1,2) |\n|---|---|---|")
+        for k in over["image (64,3,32,32)"]:
+            lines.append(f"| {k} | {over['image (64,3,32,32)'][k]:.2e} | {over['toy (1,2)'][k]:.2e} |")
+    text = "\n".join(lines)
+    (OUT / "samplers_report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
