@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import integrate
 
-from scoresde import OU, VE, VEEDM, VP, ContractiveOU, ContractiveVP, SubVP
+from scoresde import OU, VE, VEEDM, VP, ContractiveOU, ContractiveVP, Langevin, SubVP
 from scoresde.samplers import (METHODS, ddim, dopri5, dpm_solver_multistep, euler_maruyama, exponential_integrator,
                                heun, ode_euler, predictor_corrector, sample, time_grid)
 from scoresde.samplers.sde import ei_coefficients
@@ -191,6 +191,22 @@ def test_image_shapes_and_dtypes(method, gen):
         x_T = sde.prior_sample((6, 1, 2, 2), gen, dtype)
         x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen)
         assert x.shape == (6, 1, 2, 2) and x.dtype == dtype and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("method", ["em", "euler", "heun", "dopri5"])
+def test_generic_samplers_run_the_nonlinear_langevin_sde(method):
+    """Langevin with V = |x|^2 / 2 is OU: the generic-drift path (no Tweedie step by default) must give
+    OU's result from the same x_T and noise."""
+    lang = Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1), T=OU().T, t_min=OU().t_min)
+    score = ring().score_fn(OU())
+    x_T = OU().prior_sample((50, 2), torch.Generator().manual_seed(2), F64)
+    nfe = 2000 if method == "dopri5" else 8
+    runs = [sample(sde, score, None, method=method, nfe=nfe, x_T=x_T, generator=torch.Generator().manual_seed(5),
+                   grid="uniform", denoise=False) for sde in (OU(), lang)]
+    torch.testing.assert_close(runs[0], runs[1])
+    sample(lang, score, None, method=method, nfe=nfe, x_T=x_T, grid="uniform")  # default: no denoise
+    with pytest.raises(ValueError, match="linear SDE"):
+        sample(lang, score, None, method="em", nfe=8, x_T=x_T, denoise=True)
 
 
 # ---- deterministic solvers: order against a tight dopri5 reference ------------------------

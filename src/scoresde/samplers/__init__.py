@@ -17,7 +17,8 @@ Tweedie denoise is on (default) else 0:
 | ddim, ddpm | ddim (eta option), ddpm | steps + d |
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
-explicit decreasing `ts`; `denoise`; `dtype` (when x_T is not given); and each
+explicit decreasing `ts`; `denoise` (default on for linear SDEs; the general Langevin SDE has
+no Tweedie step); `dtype` (when x_T is not given); and each
 function's own keywords (eta, snr, corrector_steps, predictor, order, rtol, atol, ...).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Registry
-from ..sde import SDE, ScoreFn
+from ..sde import SDE, LinearSDE, ScoreFn
 from .common import Callback
 from .discrete import ddim, ddpm
 from .grids import GRIDS, time_grid
@@ -114,7 +115,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
     elif shape is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
-    denoise = options.pop("denoise", (nfe % 2 == 1) if method == "heun" else True)
+    default_denoise = isinstance(sde, LinearSDE) and (nfe % 2 == 1 if method == "heun" else True)
+    denoise = options.pop("denoise", default_denoise)
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
     if spec.stochastic:
