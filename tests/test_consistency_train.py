@@ -13,7 +13,7 @@ def _cfg(tmp_path, **kw):
                 net_args={"hidden": 16, "depth": 1, "emb_dim": 8}, parametrization="x0", sigma_data=1.0,
                 loss="consistency", loss_args={"mode": "cd", "teacher": "exact", "n_steps": 6},
                 ema_decay=0.9, checkpoint_every=5, eval_every=0, log_every=2, progress=False,
-                n_train=200, n_test=50, nfe=2)
+                n_train=200, n_test=50, nfe=2, sampler="consistency")
     return Config(**{**base, **kw})
 
 
@@ -72,6 +72,8 @@ def test_teacher_from_a_run_folder(tmp_path):
 
 
 def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="sampler consistency"):
+        ConsistencyTrainer(_cfg(tmp_path, sampler="heun"))
     with pytest.raises(ValueError, match="parametrization x0"):
         ConsistencyTrainer(_cfg(tmp_path, parametrization="eps"))
     with pytest.raises(ValueError, match="teacher"):

@@ -8,9 +8,9 @@ changes is the loss (`consistency.ConsistencyLoss`), the target network and samp
 - the target network theta^- is the trainer's EMA (`ema_decay` = CM's mu; 0 gives iCT's
   stop-gradient target), refreshed before every step: it is checkpointed and resumed with the
   run, bit-identically, and sampling uses it;
-- samples are `nfe`-step consistency samples.
+- samples are `nfe`-step consistency samples (`sampler: consistency`), here and in `runs`.
 
-Config: `loss: consistency`, `parametrization: x0`, `loss_args: {mode: cd | ct, teacher: RUN |
+Config: `loss: consistency`, `parametrization: x0`, `sampler: consistency`, `loss_args: {mode: cd | ct, teacher: RUN |
 exact, ...}` plus any keyword of `ConsistencyLoss` (n_steps, solver, distance, huber_c,
 curriculum, max_steps, index, p_mean, p_std, weighting, rho; total_steps defaults to `steps`).
 `teacher` (mode cd) is a trained run folder, whose EMA score model is the teacher, or "exact"
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Config
-from .consistency import ConsistencyLoss, ConsistencyModel, consistency_sample
+from .consistency import ConsistencyLoss, ConsistencyModel
 from .data import Dataset
 from .sde import SDE, LinearSDE, ScoreFn
 from .train import Trainer, construct
@@ -55,6 +55,8 @@ class ConsistencyTrainer(Trainer):
     def __init__(self, cfg: Config, data: Dataset | None = None, resume: bool = True):
         if cfg.loss != "consistency":
             raise ValueError(f"ConsistencyTrainer needs loss 'consistency', got {cfg.loss!r}")
+        if cfg.sampler != "consistency":
+            raise ValueError(f"a consistency run samples with sampler consistency (nfe = steps), got {cfg.sampler!r}")
         if cfg.parametrization != "x0":
             raise ValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
                              f"got {cfg.parametrization!r}")
@@ -89,10 +91,3 @@ class ConsistencyTrainer(Trainer):
         sd = self.cfg.sigma_data
         return self.consistency(ConsistencyModel(model, sde, sd), x0, generator, update=False,
                                 target=ConsistencyModel(self._target, sde, sd), noise=noise)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator) -> Tensor:
-        """n samples with `nfe` consistency steps from the EMA (target) model, on the CPU."""
-        model = ConsistencyModel(self.ema.copy().cpu(), self.sde, self.cfg.sigma_data)
-        x_T = self.sde.prior_sample((n,) + self.data.sample_shape, generator=generator)
-        return consistency_sample(model, self.sde, x_T, steps=self.cfg.nfe, generator=generator)
