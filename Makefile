@@ -45,6 +45,9 @@ demo-digits: $(STAMP)
 bench-samplers: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/samplers.py
 
+bench-consistency: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/consistency.py
+
 bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring
