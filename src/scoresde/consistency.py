@@ -76,9 +76,9 @@ class ConsistencyModel(nn.Module):
     F is the data prediction of `model`, any module whose forward(x, t) returns a score (a
     `precond.ScoreModel` or a DDP wrapper of one), read back through Tweedie's formula
     (`precond.score_to_x0`). With `ScoreModel(net, sde, "x0", sigma_data)` (`from_net`) this is
-    F = net(c_in x, c_noise) with EDM's input scaling for any (alpha, sigma), as in CM; a score
-    model's checkpoint of the same layout can therefore initialise the student. The module's
-    forward is then a consistency function, and `model`'s own output is not a score of p_t.
+    F = net(c_in x, c_noise) with EDM's input scaling for any (alpha, sigma), as in CM, and a
+    consistency checkpoint has the layout of an x0-parametrised score model's; `model`'s own
+    output is then not a score of p_t, only this module's forward is meaningful.
     """
 
     def __init__(self, model: nn.Module, sde: LinearSDE, sigma_data: float = 0.5):
