@@ -253,3 +253,17 @@ def test_cli_trains_a_consistency_run_distilled_from_a_run(cond_run, tmp_path):
     assert res.exit_code == 0, res.output
     assert np.load(tmp_path / "x.npy").shape == (4, 1, 8, 8)
 
+
+
+def test_a_run_saved_before_the_family_keys_existed_resumes(tmp_path):
+    import yaml
+
+    cfg = _digits_cfg(tmp_path, steps=3)
+    Trainer(cfg).run(until=2)
+    saved = yaml.safe_load((cfg.run_dir / "config.yaml").read_text())
+    for key in ("model", "model_args", "label_dropout"):  # as written by the trainer before issue 12
+        del saved[key]
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert Trainer(cfg).step == 2
+    with pytest.raises(ValueError, match="different config"):
+        Trainer(_digits_cfg(tmp_path, steps=3, label_dropout=0.5))

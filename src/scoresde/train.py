@@ -206,8 +206,9 @@ class Trainer:
         saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
             saved = yaml.safe_load(saved_path.read_text())
+            defaults = Config().to_dict()  # keys added since the run was saved hold their defaults
             changed = sorted(k for k, v in self.cfg.to_dict().items()
-                             if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+                             if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
             if changed:
                 raise ValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
                                  f"choose another name=... or remove that folder")
