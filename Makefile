@@ -52,10 +52,7 @@ bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data mixture16
-	$(PY) benchmarks/estimation_studies.py c d --reuse
-
-bench-train: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/train_throughput.py
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --reuse
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

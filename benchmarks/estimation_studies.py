@@ -237,6 +237,51 @@ def score_error_profile(model, mixture, sde, ts: np.ndarray, m: int, gen: torch.
     return np.array(out)
 
 
+def empirical_optimum_profile(x0: torch.Tensor, mixture, sde, ts: np.ndarray, m: int,
+                              gen: torch.Generator) -> np.ndarray:
+    """E(t)^2 of the exact minimiser of the DSM loss on the n points x0: the score of the smoothed empirical
+    law (1/n) sum_i N(alpha_t x0_i, sigma_t^2 I), i.e. an infinitely flexible network trained to the end."""
+    out = []
+    for t in ts:
+        tt = torch.tensor(float(t), dtype=F64)
+        a, s2 = float(sde.alpha(tt)), float(sde.sigma(tt)) ** 2
+        pt = mixture.at_time(sde, float(t))
+        x = pt.sample(m, gen)
+        centres = a * x0
+        est = torch.cat([(torch.softmax(-torch.cdist(xc, centres) ** 2 / (2 * s2), -1) @ centres - xc) / s2
+                         for xc in x.split(250)])
+        out.append(((est - pt.score(x)) ** 2).sum(-1).mean().item())
+    return np.array(out)
+
+
+def add_empirical_optimum(result: dict) -> dict:
+    """Adds the empirical DSM minimiser's error profile for every finite n of the sweep (no training)."""
+    from scoresde.data import load_dataset
+    from scoresde.sde import VP
+
+    ts = np.array(result["ts"])
+    emp = {}
+    for n in [n for n in N_SWEEP if n != N_INF]:
+        ds = load_dataset(result["data"], n_train=n, n_test=200, seed=0)  # the training points of (c)
+        e2 = empirical_optimum_profile(ds.train.double(), ds.mixture, VP(), ts, 1000, torch.Generator().manual_seed(7))
+        emp[str(n)] = e2.tolist()
+        print(f"{result['data']} empirical DSM optimum n={n}: eps2={eps2_of(e2, ts):.4g}", flush=True)
+    extra = {}
+    if ds.mixture.dim == 2:  # the histogram TV of an exact sample: the floor of the TV column of (d)
+        from scoresde.metrics import tv_grid
+        exact = ds.mixture.sample(N_GEN, torch.Generator().manual_seed(5))
+        extra["tv_grid_exact"] = tv_grid(exact, ds.mixture.log_prob, bins=40).value
+    return {**result, "empirical": emp, **extra}
+
+
+def eps2_of(e2: np.ndarray, ts: np.ndarray) -> float:
+    """sigma_t^2-weighted time average of E(t)^2 on [t_min, T] (the eps-prediction error; DSM weighting)."""
+    from scoresde.sde import VP
+
+    sig2 = np.array([float(VP().sigma(torch.tensor(t, dtype=F64))) ** 2 for t in ts])
+    return float(np.trapezoid(sig2 * np.asarray(e2), ts) / (ts[-1] - ts[0]))
+
+
 def study_cd(data: str, with_samples: bool, out: Path) -> dict:
     from scoresde.bounds import tv_bound, tv_bound_vp
     from scoresde.metrics import mmd2, tv_grid, w2, w2_floor
@@ -244,7 +289,6 @@ def study_cd(data: str, with_samples: bool, out: Path) -> dict:
 
     sde = VP()
     ts = sde.t_min + (sde.T - sde.t_min) * np.linspace(0, 1, 25) ** 2  # dense near t_min where errors grow
-    sig2 = np.array([float(sde.sigma(torch.tensor(t, dtype=F64))) ** 2 for t in ts])
     runs = sorted({(n, W_FIXED) for n in N_SWEEP} | {(N_INF, w) for w in W_SWEEP})
     gen = torch.Generator().manual_seed(7)
     rows, extra = {}, {}
@@ -254,7 +298,7 @@ def study_cd(data: str, with_samples: bool, out: Path) -> dict:
         mixture = trainer.data.mixture
         model = trainer.ema.copy().eval()
         e2 = score_error_profile(model, mixture, sde, ts, 4000, torch.Generator().manual_seed(7))  # common draws
-        eps2 = float(np.trapezoid(sig2 * e2, ts) / (ts[-1] - ts[0]))  # sigma^2-weighted (eps-units) L2 error
+        eps2 = eps2_of(e2, ts)
         row = {"n": n, "width": w, "E2": e2.tolist(), "eps2": eps2, "train_s": time.perf_counter() - t0}
         if with_samples:
             x = trainer.sample(N_GEN, torch.Generator().manual_seed(11)).double()
@@ -297,12 +341,20 @@ def report_cd(results: list[dict]) -> None:
         b = np.polyfit(np.log(ws), np.log([approx[w] for w in ws]), 1)[0]
         print(f"\nfits ({data}): sample part ~ n^{a:.2f} (width {W_FIXED}); approximation part ~ width^{b:.2f} "
               f"(n = {N_INF})")
-        line = axes[0].loglog(ns[ok], sample[ok], "o-", label=f"{data}: sample part (slope {a:.2f})")[0]
-        axes[0].axhline(approx[W_FIXED], ls=":", color=line.get_color(), label=f"{data}: eps^2(inf, {W_FIXED})")
+        ts = np.array(res["ts"])
+        emp = np.array([eps2_of(res["empirical"][str(n)], ts) for n in ns])
+        c = np.polyfit(np.log(ns), np.log(emp), 1)[0]
+        print(f"\nempirical DSM minimiser (score of the smoothed training set), eps^2 against n: "
+              + ", ".join(f"{n}: {e:.4g}" for n, e in zip(ns, emp)) + f"; fitted slope {c:.2f}")
+        net = np.array([rows[n, W_FIXED]["eps2"] for n in ns])
+        line = axes[0].loglog(ns, net, "o-", label=f"{data}: network, width {W_FIXED}")[0]
+        axes[0].loglog(ns, emp, "s--", color=line.get_color(), label=f"{data}: empirical DSM minimiser (slope {c:.2f})")
+        axes[0].axhline(approx[W_FIXED], ls=":", color=line.get_color(), label=f"{data}: network at n = inf")
         axes[1].loglog(ws, [approx[w] for w in ws], "o-", label=f"{data} (slope {b:.2f})")
         if "w2" in res["rows"][0]:
+            tv0 = f"; histogram TV of an exact sample {res['tv_grid_exact']:.3f}" if "tv_grid_exact" in res else ""
             print(f"\n### (d) {data}: sample quality against the score error (W2 floor {res['w2_floor']:.3f} at "
-                  f"{N_GEN} points; prior TV term {res['prior_tv']:.2e})\n")
+                  f"{N_GEN} points; prior TV term {res['prior_tv']:.2e}{tv0})\n")
             print("| n | width | eps^2 | W2 | W2 - floor | MMD^2 | TV bound (T 5.2) | TV histogram |")
             print("|---|---|---|---|---|---|---|---|")
             for (n, w), r in sorted(rows.items()):
@@ -314,7 +366,8 @@ def report_cd(results: list[dict]) -> None:
             axes[2].loglog(eps, [r["tv_bound"] for r in rows.values()], "^", label=f"{data}: TV bound")
             if "tv_grid" in res["rows"][0]:
                 axes[2].loglog(eps, [r["tv_grid"] for r in rows.values()], "s", label=f"{data}: TV histogram")
-    axes[0].set(xlabel="training samples n", ylabel="eps^2(n) - eps^2(inf)", title=f"sample error (width {W_FIXED})")
+                axes[2].axhline(res["tv_grid_exact"], ls=":", color="k", label=f"{data}: TV histogram, exact sample")
+    axes[0].set(xlabel="training samples n", ylabel="eps^2", title="score error against n")
     axes[1].set(xlabel="width", ylabel="eps^2 at n = inf", title="approximation (+ optimisation) error")
     axes[2].set(xlabel="eps^2 (sigma^2-weighted L2 score error)", ylabel="sample error",
                 title="from score error to samples")
@@ -341,8 +394,12 @@ def main() -> None:
         results = []
         for data in args.data:
             saved = args.out / f"estimation_networks_{data}.json"
-            results.append(json.loads(saved.read_text()) if args.reuse and saved.exists()
-                           else study_cd(data, "d" in args.studies, args.out))
+            res = json.loads(saved.read_text()) if args.reuse and saved.exists() \
+                else study_cd(data, "d" in args.studies, args.out)
+            if "empirical" not in res:
+                res = add_empirical_optimum(res)
+                saved.write_text(json.dumps(res))
+            results.append(res)
         report_cd(results)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
