@@ -201,7 +201,7 @@ def _tweedie_reward(sde: SDE, reward: Reward, ro: Rollout) -> Tensor:
     x, t = ro.states[:-1], ro.times[:-1]
     a = expand_like(sde.alpha(t).to(x.dtype), x)
     sig = expand_like(sde.sigma(t).to(x.dtype), x)
-    x0 = (x + sig**2 * ro.scores) / a
+    x0 = (x + sig**2 * ro.pre) / a
     return _reward(reward, x0.flatten(0, 1)).reshape(ro.noise.shape[:2])
 
 
@@ -268,19 +268,22 @@ def _record(it: int, ro: Rollout, r: Tensor, nfe: int, start: float) -> dict:
             "diversity": mean_pairwise_distance(ro.terminal), "wall_time": time.perf_counter() - start, "nfe": nfe}
 
 
-def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, grid, lr, shape, network,
+def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, grid, lr, lr_final, shape, network,
            generator, callback) -> tuple[nn.Module, list[dict]]:
     """The loop shared by `finetune` and `ddpo`: roll out, score, record, update."""
     _int("steps", steps, 1)
     _int("batch_size", batch_size, 2)
     _int("n_time_steps", n_time_steps, 1)
-    _check("lr", lr, isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), "a finite number > 0")
+    for name, v in (("lr", lr), ("lr_final", lr if lr_final is None else lr_final)):
+        _check(name, v, isinstance(v, (int, float)) and v > 0 and math.isfinite(v), "a finite number > 0")
     ts = _resolve_grid(sde, n_time_steps, grid)
     model, frozen, shape = _prepare(pretrained, shape, network, generator)
     dtype = next(model.parameters()).dtype
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     history, nfe, start = [], 0, time.perf_counter()
     for it in range(steps):
+        if lr_final is not None:  # cosine schedule from lr to lr_final
+            opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * it / steps))
         ro = rollout(sde, model, frozen, (batch_size, *shape), ts, generator, dtype)
         r = _reward(reward, ro.terminal)
         nfe += ro.nfe
@@ -294,7 +297,8 @@ def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, 
 
 
 def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, steps: int = 200,
-             batch_size: int = 256, n_time_steps: int = 50, lr: float = 1e-3, baseline: str = "value",
+             batch_size: int = 256, n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None,
+             baseline: str = "value",
              clip: float | None = None, updates_per_batch: int = 1, grid: str | Tensor = "uniform",
              shape: tuple[int, ...] | None = None, network: nn.Module | None = None,
              generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
@@ -306,6 +310,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
     grid: a kind for samplers.time_grid or an explicit decreasing tensor of n_time_steps + 1
     times. baseline: "value" (r at the Tweedie point plus a learned correction, fitted to
     the returns after they are used), "mean" (leave-one-out batch mean, unbiased), "none".
+    lr_final: if given, a cosine schedule takes Adam's learning rate from lr to lr_final.
     clip: the path-ratio trust region of `policy_loss`, for updates_per_batch > 1.
     Returns the fine-tuned score model and one history dict per iteration (reward mean/std,
     path KL and its standard error, diversity, wall time, cumulative score evaluations; nfe
@@ -316,6 +321,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
     _check("clip", clip, clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0")
     _int("updates_per_batch", updates_per_batch, 1)
     value = value_opt = None
+    value_seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
 
     def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
         nonlocal value, value_opt
@@ -324,7 +330,10 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
             V = leave_one_out_mean(G)
         elif baseline == "value":
             if value is None:
-                value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G.dtype)
+                with torch.random.fork_rng():
+                    if value_seed is not None:
+                        torch.manual_seed(value_seed)
+                    value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G.dtype)
                 value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
             r_tw = _tweedie_reward(sde, reward, ro)
             with torch.no_grad():
@@ -343,11 +352,11 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
         return updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
     return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
-                  grid=grid, lr=lr, shape=shape, network=network, generator=generator, callback=callback)
+                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
 
 
 def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, *, steps: int = 200, batch_size: int = 256,
-         n_time_steps: int = 50, lr: float = 1e-3, clip: float = 1e-4, minibatches: int = 4,
+         n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None, clip: float = 1e-4, minibatches: int = 4,
          adv_clip: float = 5.0, grid: str | Tensor = "uniform", shape: tuple[int, ...] | None = None,
          network: nn.Module | None = None, generator: torch.Generator | None = None,
          callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
@@ -375,7 +384,7 @@ def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, *, steps: int = 200, bat
         return ro.noise.shape[0] * ro.noise.shape[1]
 
     return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
-                  grid=grid, lr=lr, shape=shape, network=network, generator=generator, callback=callback)
+                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
 
 
 def tilted_mixture(mixture: GaussianMixture, c: Tensor, beta: float) -> GaussianMixture:
