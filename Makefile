@@ -48,6 +48,9 @@ bench-samplers: $(STAMP)
 bench-consistency: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/consistency.py
 
+bench-alignment: $(STAMP)
+	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/alignment.py
+
 bench-estimation: $(STAMP)
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
 	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring

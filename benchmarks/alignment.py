@@ -49,12 +49,13 @@ MIX = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[-1.0, 0.0], 
 C = torch.tensor([1.0, 0.5])
 
 
-def evaluate(model, pre, n_steps: int, n: int, seed: int) -> tuple[torch.Tensor, float, float, float]:
-    """Terminal samples of the model's EM chain on a uniform grid, their mean reward, path KL and its stderr."""
+def evaluate(model, pre, n_steps: int, n: int, seed: int, c: torch.Tensor = C) -> tuple[torch.Tensor, float, float, float]:
+    """Terminal samples of the model's EM chain on a uniform grid, their mean reward c^T x, path KL and its stderr."""
     gen = torch.Generator().manual_seed(seed)
     ro = A.rollout(SDE, model, pre, (n, 2), time_grid(SDE, n_steps, kind="uniform"), gen)
     kl = ro.cost().sum(0)
-    return ro.terminal.double(), float(ro.terminal @ C), float(kl.mean()), float(kl.std() / math.sqrt(n))
+    x = ro.terminal.double()
+    return x, float((x @ c.double()).mean()), float(kl.mean()), float(kl.std() / math.sqrt(n))
 
 
 def mmd(x, target) -> float:
@@ -63,7 +64,7 @@ def mmd(x, target) -> float:
 
 def tilted_case(args) -> dict:
     pre = MIX.score_fn(SDE)
-    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=3e-3, lr_final=1e-4, shape=(2,))
+    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-2, lr_final=3e-4, shape=(2,))
     net = lambda: MLP(2, hidden=64, depth=2)  # noqa: E731
     out = {"mine": {}, "ddpo": []}
     for beta in args.betas:
@@ -105,7 +106,7 @@ def grid_study(args) -> dict:
     for method in ("finetune", "ddpo"):
         for n in args.grid_steps:
             gen = torch.Generator().manual_seed(1)
-            common = dict(steps=args.iters, batch_size=args.batch, n_time_steps=n, lr=3e-3, lr_final=1e-4,
+            common = dict(steps=args.iters, batch_size=args.batch, n_time_steps=n, lr=1e-2, lr_final=3e-4,
                           shape=(2,), network=MLP(2, hidden=64, depth=2), generator=gen)
             if method == "finetune":
                 model, hist = A.finetune(SDE, pre, linear(C), beta=1.0, **common)
@@ -151,7 +152,7 @@ def toy_case(args) -> dict:
         tic = time.perf_counter()
         model, hist = A.finetune(SDE, net, reward, beta=beta, steps=args.toy_iters,
                                  generator=torch.Generator().manual_seed(1), **common)
-        x, r, kl, kl_se = (v for v in evaluate_generic(model, net, args, c))
+        x, r, kl, kl_se = evaluate(model, net, args.n_steps, args.n_eval, 2, c)
         out["mine"][beta] = {"reward": r, "kl": kl, "kl_se": kl_se, "mmd": mmd(x, out["ref"][beta]["samples"]),
                              "nfe": hist[-1]["nfe"], "seconds": time.perf_counter() - tic, "samples": x[:1500].tolist()}
         print(f"toy finetune beta={beta}: reward {r:.3f} (tilt {out['ref'][beta]['reward']:.3f}) KL {kl:.3f}+-{kl_se:.3f} "
@@ -160,7 +161,7 @@ def toy_case(args) -> dict:
 
     def snapshot(it, model, record):
         if (it + 1) % max(1, ddpo_iters // 10) == 0:
-            x, r, kl, kl_se = evaluate_generic(model, net, args, c)
+            x, r, kl, kl_se = evaluate(model, net, args.n_steps, args.n_eval, 3, c)
             out["ddpo"].append({"iteration": it + 1, "nfe": record["nfe"], "reward": r, "kl": kl, "kl_se": kl_se,
                                 "mmd": {b: mmd(x, out["ref"][b]["samples"]) for b in args.toy_betas},
                                 "samples": x[:1500].tolist()})
@@ -171,14 +172,6 @@ def toy_case(args) -> dict:
     for beta in args.toy_betas:
         out["ref"][beta]["samples"] = out["ref"][beta]["samples"][:1500].tolist()
     return out
-
-
-def evaluate_generic(model, pre, args, c):
-    gen = torch.Generator().manual_seed(2)
-    ro = A.rollout(SDE, model, pre, (args.n_eval, 2), time_grid(SDE, args.n_steps, kind="uniform"), gen)
-    kl = ro.cost().sum(0)
-    x = ro.terminal.double()
-    return x, float(x @ c.double()), float(kl.mean()), float(kl.std() / math.sqrt(args.n_eval))
 
 
 def summarise(name: str, res: dict) -> list[str]:

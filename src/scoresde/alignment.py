@@ -252,7 +252,7 @@ def _prepare(pretrained, shape, network, generator) -> tuple[nn.Module, ScoreFn,
             torch.manual_seed(seed)
         if isinstance(pretrained, nn.Module):
             frozen = copy.deepcopy(pretrained).eval().requires_grad_(False)
-            return copy.deepcopy(pretrained).train(), frozen, shape
+            return copy.deepcopy(pretrained).train().requires_grad_(True), frozen, shape
         _check("pretrained", pretrained, callable(pretrained), "a score network or a callable (x, t) -> score")
         if network is None:
             _check("shape", shape, len(shape) == 1, "1-D for the default residual MLP; pass `network` otherwise")
@@ -304,7 +304,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
              generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
     """KL-regularised continuous-time policy gradient (DESIGN 9): maximise E r - beta KL(path).
 
-    pretrained: a score network (a copy is fine-tuned, the original frozen) or any score
+    pretrained: a score network (a copy, all its parameters trainable, is fine-tuned) or any score
     callable (x, t) -> score (a zero-initialised residual `network`, default networks.MLP,
     is trained on top of it). reward(x) -> (batch,) need not be differentiable.
     grid: a kind for samplers.time_grid or an explicit decreasing tensor of n_time_steps + 1
