@@ -321,3 +321,33 @@ def test_mean_pairwise_distance():
 
     x = torch.randn(40, 2, generator=torch.Generator().manual_seed(3))
     assert math.isclose(A.mean_pairwise_distance(x), float(pdist(x.double().numpy()).mean()), rel_tol=1e-10)
+
+
+def test_parse_reward():
+    r = A.parse_reward("distance", {"points": "0,1;1,0"})
+    assert torch.allclose(r(torch.tensor([[0.0, 1.0], [3.0, 0.0]])), torch.tensor([0.0, -2.0]))
+    assert torch.allclose(A.parse_reward("linear", {"c": "1,2"})(torch.ones(1, 2)), torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="unknown reward"):
+        A.parse_reward("speed", {})
+    with pytest.raises(ValueError, match="numbers"):
+        A.parse_reward("linear", {"c": "a,b"})
+
+
+def test_finetune_run_writes_loadable_run(tmp_path):
+    """A tiny trained run fine-tuned into a new folder that `load_run` reads back with the new weights."""
+    from scoresde.config import load_config
+    from scoresde.runs import load_run
+    from scoresde.train import Trainer
+
+    cfg = load_config(None, [f"out={tmp_path}", "name=base", "steps=20", "eval_every=0", "progress=false",
+                             "net_args.hidden=16", "net_args.depth=1", "n_train=500", "n_test=200", "nfe=20"])
+    Trainer(cfg).run()
+    out = A.finetune_run(tmp_path / "base", tmp_path / "tuned", A.parse_reward("linear", {"c": "0,1"}), beta=0.5,
+                         steps=3, batch_size=16, n_time_steps=5, lr=1e-2, n_samples=100)
+    for path in out["paths"].values():
+        assert path.is_file()
+    tuned, base = load_run(tmp_path / "tuned"), load_run(tmp_path / "base")
+    diff = [not torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), base.model.state_dict().values())]
+    assert any(diff) and tuned.step == base.step + 3
+    with pytest.raises(ValueError, match="out_dir"):
+        A.finetune_run(tmp_path / "base", tmp_path / "base", A.parse_reward("linear", {"c": "0,1"}), beta=0.5)
