@@ -326,7 +326,11 @@ def test_mean_pairwise_distance():
 def test_parse_reward():
     r = A.parse_reward("distance", {"points": "0,1;1,0"})
     assert torch.allclose(r(torch.tensor([[0.0, 1.0], [3.0, 0.0]])), torch.tensor([0.0, -2.0]))
-    assert torch.allclose(A.parse_reward("linear", {"c": "1,2"})(torch.ones(1, 2)), torch.tensor([3.0]))
+    assert torch.allclose(A.parse_reward("linear", ["c=1,2"])(torch.ones(1, 2)), torch.tensor([3.0]))
+    assert torch.allclose(A.parse_reward("region", ["low=0,0", "high=1,1", "sharpness=100"])(torch.tensor([[0.5, 0.5]])),
+                          torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="key=value"):
+        A.parse_reward("linear", ["c"])
     with pytest.raises(ValueError, match="unknown reward"):
         A.parse_reward("speed", {})
     with pytest.raises(ValueError, match="numbers"):

@@ -404,10 +404,15 @@ def mean_pairwise_distance(x: Tensor) -> float:
     return float(torch.pdist(x.flatten(1).double()).mean())
 
 
-def parse_reward(name: str, params: dict[str, str]):
-    """A reward from `rewards.REWARDS` with CLI-style string parameters: numbers and comma-separated
-    vectors, points of a set separated by ';' (e.g. c="1,0", points="0,1;1,0", sharpness="5")."""
+def parse_reward(name: str, params: dict[str, str] | list[str]) -> Reward:
+    """A reward from `rewards.REWARDS` with CLI-style string parameters (a dict or "key=value" strings):
+    numbers and comma-separated vectors, points of a set separated by ';' (c=1,0 points=0,1;1,0 sharpness=5)."""
     from .rewards import REWARDS
+
+    if not isinstance(params, dict):
+        bad = [p for p in params if "=" not in p]
+        _check("reward parameters", bad, not bad, "key=value strings")
+        params = dict(p.split("=", 1) for p in params)
 
     def value(s: str):
         rows = [[float(v) for v in row.split(",")] for row in s.split(";")]
