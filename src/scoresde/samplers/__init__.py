@@ -72,8 +72,8 @@ for _name, _method in {
     "euler": Method(ode_euler, grid="edm"),
     "heun": Method(heun, lambda o: 2, grid="edm"),
     "dopri5": Method(dopri5),
-    # default grid "poly" (t quadratic): at NFE 5-10 it beat log-SNR, uniform and EDM rho=7 grids by
-    # 2-10x in MMD^2 on both benchmark targets, and tied at NFE >= 20 (benchmarks/RESULTS.md)
+    # default grid "poly" (t quadratic): best at NFE 5 on both benchmark targets, mixed with uniform at
+    # NFE 10, ahead of log-SNR and EDM rho = 7, tied at NFE >= 20 (benchmarks/RESULTS.md)
     "dpm1": Method(partial(dpm_solver_multistep, order=1), grid="poly"),
     "dpm2m": Method(partial(dpm_solver_multistep, order=2), grid="poly"),
     "dpm3m": Method(partial(dpm_solver_multistep, order=3), grid="poly"),
