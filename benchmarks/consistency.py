@@ -66,7 +66,13 @@ def teacher(name: str) -> tuple[str, float]:
     return str(cfg.run_dir), time.perf_counter() - tic
 
 
-def student(name: str, mode: str, spec: str, steps: int, sigma_data: float) -> tuple[ConsistencyTrainer, float]:
+def student(name: str, mode: str, spec: str, steps: int, sigma_data: float, reuse: bool) -> tuple[torch.nn.Module, float]:
+    """The trained student's EMA model (x0-parametrised ScoreModel) and its training time; reuse=True
+    loads a finished run of this script instead of training (time: the logged steps / steps_per_s)."""
+    if reuse:
+        run_dir = RUNS / f"{name}-{mode}"
+        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        return load_run(run_dir).model, last["step"] / last["steps_per_s"]
     base = base_config(name)
     dim = load_dataset(name, n_train=10, n_test=2).train.shape[1]
     if mode == "cd":  # CM's CD: Heun teacher steps on N = 18 intervals, EMA target mu = 0.95, squared L2
@@ -81,7 +87,7 @@ def student(name: str, mode: str, spec: str, steps: int, sigma_data: float) -> t
                     "checkpoint_every": steps})
     tic = time.perf_counter()
     tr = ConsistencyTrainer(cfg, resume=False).run()
-    return tr, time.perf_counter() - tic
+    return tr.ema.copy(), time.perf_counter() - tic
 
 
 def two_step_time(cm: ConsistencyModel, sde, ref: torch.Tensor, sigma_data: float) -> float:
@@ -98,7 +104,7 @@ def two_step_time(cm: ConsistencyModel, sde, ref: torch.Tensor, sigma_data: floa
     return best[1]
 
 
-def run_set(name: str, seeds: int, steps: int) -> dict:
+def run_set(name: str, seeds: int, steps: int, reuse: bool = False) -> dict:
     torch.manual_seed(0)
     spec, teacher_s = teacher(name)
     cfg = Config(**base_config(name))
@@ -107,9 +113,9 @@ def run_set(name: str, seeds: int, steps: int) -> dict:
     score = data.mixture.score_fn(sde) if spec == "exact" else load_run(spec).model.eval().requires_grad_(False)
     out: dict = {"set": name, "sde": type(sde).__name__, "teacher": "exact score" if spec == "exact" else spec,
                  "teacher_train_s": round(teacher_s, 1), "sigma_data": sigma_data, "steps": steps}
-    students = {m: student(name, m, spec, steps, sigma_data) for m in ("cd", "ct")}
+    students = {m: student(name, m, spec, steps, sigma_data, reuse) for m in ("cd", "ct")}
     out["train_s"] = {m: round(s, 1) for m, (_, s) in students.items()}
-    cms = {m: ConsistencyModel(tr.ema.copy(), sde, sigma_data) for m, (tr, _) in students.items()}
+    cms = {m: ConsistencyModel(model, sde, sigma_data) for m, (model, _) in students.items()}
     ref = data.train[-N:]
     t_mid = {m: two_step_time(cm, sde, ref, sigma_data) for m, cm in cms.items()}
     out["two_step_s_mid"] = {m: float(effective_sigma(sde, torch.tensor(t, dtype=torch.float64))) for m, t in t_mid.items()}
@@ -139,11 +145,15 @@ def run_set(name: str, seeds: int, steps: int) -> dict:
                 if m == "cd":
                     flow.append(float((x1 - ode).pow(2).sum(1).mean().sqrt()))
                 if seed == 0:
-                    keep[m] = x1
+                    keep[m], keep[f"{m}-2"] = x1, x2
         if seed == 0:
             keep["ode"] = ode
         rows.setdefault("floor", []).append(w2(data.train[torch.randperm(len(data.train) - N, generator=g)[:N]], test))
     out["w2"] = {k: [float(np.nanmean(v)), float(np.nanstd(v))] for k, v in rows.items()}
+    if data.mixture is not None:  # mean log p_0 of the samples under the true law: stray points show here
+        logp = lambda x: float(data.mixture.log_prob(x.double()).mean())
+        out["mean_log_p0"] = {"held-out data": logp(test), "teacher dpm2m@100": logp(keep["ode"]),
+                              **{k: logp(keep[k]) for k in ("cd", "cd-2", "ct", "ct-2")}}
     out["cd_flow_rms"] = float(np.mean(flow))
     best = min((v[0], k) for k, v in out["w2"].items() if k.endswith("@100"))
     out["best_teacher_100"] = {"method": best[1], "w2": best[0]}
@@ -179,6 +189,9 @@ def table(out: dict) -> str:
     for m in ("cd", "ct"):
         lines.append(f"| {m.upper()} | {fmt(f'{m}-1step')} ({out['ratios'][f'{m}-1step']:.2f}) | "
                      f"{fmt(f'{m}-2step')} ({out['ratios'][f'{m}-2step']:.2f}) | {out['train_s'][m]} |")
+    if "mean_log_p0" in out:
+        lines.append("\nmean log p_0 under the true mixture (seed 0): "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in out["mean_log_p0"].items()))
     lines.append(f"\nbest teacher at 100 NFE: {out['best_teacher_100']['method']}; CD flow-map RMS error "
                  f"{out['cd_flow_rms']:.3f}; teacher training {out['teacher_train_s']} s")
     return "\n".join(lines)
@@ -189,10 +202,11 @@ def main() -> None:
     parser.add_argument("--sets", default="ring,mixture16,moons,checkerboard,swiss_roll,rings")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--reuse", action="store_true", help="evaluate the students of a previous run (no training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.sets.split(","):
-        out = run_set(name, args.seeds, args.steps)
+        out = run_set(name, args.seeds, args.steps, args.reuse)
         path = ROOT / "results" / f"consistency_{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1) + "\n")
