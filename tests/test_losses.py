@@ -305,5 +305,5 @@ def test_bad_inputs():
         explicit_score_matching(score, sde, x0, true_score=lambda x, t: x.sum(1), t=t)
     with pytest.raises(ValueError, match="pass either t or importance=True"):
         denoising_score_matching(score, sde, x0, t=t, importance=True)
-    with pytest.raises(KeyError, match="valid: denoising, explicit, implicit, sliced"):
+    with pytest.raises(KeyError, match="valid: ddpm, denoising, explicit, implicit, ncsn, sliced, vae"):
         LOSSES["hyvarinen"]

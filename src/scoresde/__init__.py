@@ -1,5 +1,6 @@
 """scoresde: score-based diffusion models written as stochastic differential equations."""
 from . import sde, targets
+from . import families  # noqa: F401  (completes the registries: losses ddpm/ncsn/vae, sampler "consistency")
 from .sde import OU, VE, VEEDM, VP, ContractiveOU, ContractiveVP, Langevin, SubVP
 
 __version__ = "0.1.0"
