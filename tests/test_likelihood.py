@@ -194,3 +194,25 @@ def test_evaluate_likelihood_on_8bit_images(gen):
     assert not is_8bit(images + 1e-2) and is_8bit(images)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_likelihood(sde, score_fn, images, batch_size=0)
+
+
+def test_cli_likelihood_on_a_tiny_run(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from scoresde.cli import app
+    from scoresde.config import Config
+    from scoresde.train import Trainer
+
+    cfg = Config(name="r", out=str(tmp_path), data="ring", steps=10, batch_size=32, warmup=2, checkpoint_every=10,
+                 eval_every=0, log_every=5, progress=False, n_train=100, n_test=20,
+                 net_args={"hidden": 16, "depth": 1, "emb_dim": 8})
+    Trainer(cfg).run()
+    res = CliRunner().invoke(app, ["likelihood", str(tmp_path / "r"), "--n", "8"])
+    assert res.exit_code == 0, res.output
+    assert "NLL =" in res.output and "not 8-bit" in res.output
+    out = json.loads((tmp_path / "r" / "likelihood.json").read_text())
+    assert out["n"] == 8 and out["divergence"] == "exact" and math.isfinite(out["nll"])
+    bad = CliRunner().invoke(app, ["likelihood", str(tmp_path / "r"), "--data", "mixture16"])
+    assert bad.exit_code == 1 and "shape" in bad.output
