@@ -61,18 +61,30 @@ def teacher(name: str) -> tuple[str, float]:
         return "exact", 0.0
     base = base_config(name)
     cfg = Config(**{**base, "name": f"{name}-teacher", "steps": min(base["steps"], 5000)})
-    tic = time.perf_counter()
     Trainer(cfg).run()  # resumes (and does nothing) when the run is complete
-    return str(cfg.run_dir), time.perf_counter() - tic
+    return str(cfg.run_dir), logged_time(cfg.run_dir)
+
+
+def _last_log(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def logged_steps(run_dir: Path) -> int:
+    return _last_log(run_dir)["step"]
+
+
+def logged_time(run_dir: Path) -> float:
+    """Training time of a finished run from its metrics log: steps / steps per second."""
+    last = _last_log(run_dir)
+    return last["step"] / last["steps_per_s"]
 
 
 def student(name: str, mode: str, spec: str, steps: int, sigma_data: float, reuse: bool) -> tuple[torch.nn.Module, float]:
     """The trained student's EMA model (x0-parametrised ScoreModel) and its training time; reuse=True
-    loads a finished run of this script instead of training (time: the logged steps / steps_per_s)."""
-    if reuse:
-        run_dir = RUNS / f"{name}-{mode}"
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        return load_run(run_dir).model, last["step"] / last["steps_per_s"]
+    loads a finished run of this script, when there is one, instead of training (time from its log)."""
+    run_dir = RUNS / f"{name}-{mode}"
+    if reuse and (run_dir / "metrics.jsonl").is_file() and logged_steps(run_dir) == steps:
+        return load_run(run_dir).model, logged_time(run_dir)
     base = base_config(name)
     dim = load_dataset(name, n_train=10, n_test=2).train.shape[1]
     if mode == "cd":  # CM's CD: Heun teacher steps on N = 18 intervals, EMA target mu = 0.95, squared L2
@@ -111,7 +123,8 @@ def run_set(name: str, seeds: int, steps: int, reuse: bool = False) -> dict:
     data, sde = load_dataset(name, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed), build_sde(cfg)
     sigma_data = round(float(data.train.std()), 2)
     score = data.mixture.score_fn(sde) if spec == "exact" else load_run(spec).model.eval().requires_grad_(False)
-    out: dict = {"set": name, "sde": type(sde).__name__, "teacher": "exact score" if spec == "exact" else spec,
+    out: dict = {"set": name, "sde": type(sde).__name__,
+                 "teacher": "exact score" if spec == "exact" else str(Path(spec).relative_to(ROOT.parent)),
                  "teacher_train_s": round(teacher_s, 1), "sigma_data": sigma_data, "steps": steps}
     students = {m: student(name, m, spec, steps, sigma_data, reuse) for m in ("cd", "ct")}
     out["train_s"] = {m: round(s, 1) for m, (_, s) in students.items()}
@@ -125,7 +138,8 @@ def run_set(name: str, seeds: int, steps: int, reuse: bool = False) -> dict:
     keep = {}
     for seed in range(seeds):
         g = torch.Generator().manual_seed(seed)
-        x_T = sde.prior_sample((N,) + data.sample_shape, generator=g, dtype=torch.float64)
+        x_T = sde.prior_sample((N,) + data.sample_shape, generator=g,
+                               dtype=torch.float64 if spec == "exact" else torch.float32)
         with torch.no_grad():
             for method in METHODS:
                 for nfe in NFES:
@@ -133,8 +147,11 @@ def run_set(name: str, seeds: int, steps: int, reuse: bool = False) -> dict:
                         x = sample(sde, score, None, x_T=x_T, method=method, nfe=nfe, generator=g,
                                    **OPTIONS.get(method, {})).float()
                         rows.setdefault(f"{method}@{nfe}", []).append(w2(x, test))
-                    except RuntimeError:  # dopri5 needs more evaluations at its tolerances
+                    except RuntimeError as err:  # dopri5 needs more evaluations at its tolerances
+                        if method != "dopri5":
+                            raise
                         rows.setdefault(f"{method}@{nfe}", []).append(math.nan)
+                        print(f"{name} {method}@{nfe}: {err}", flush=True)
                     if (method, nfe) == ("dpm2m", 100):
                         ode = x
             for m, cm in cms.items():
@@ -202,7 +219,7 @@ def main() -> None:
     parser.add_argument("--sets", default="ring,mixture16,moons,checkerboard,swiss_roll,rings")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--reuse", action="store_true", help="evaluate the students of a previous run (no training)")
+    parser.add_argument("--reuse", action="store_true", help="evaluate finished students of a previous run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for name in args.sets.split(","):
