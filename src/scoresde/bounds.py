@@ -101,7 +101,7 @@ def tv_bound(sde: LinearSDE, *, score_error: float | Callable[[float], float], p
             raise ValueError(f"score_error({t}) must be >= 0, got {e}")
         return _g2(sde, t) * e**2
 
-    integral = quad(integrand, t_end, T, epsabs=0.0, epsrel=RTOL, limit=200)[0]
+    integral = quad(integrand, t_end, T, epsabs=1e-16, epsrel=RTOL, limit=200)[0]
     score = 0.5 * math.sqrt(integral)
     return Bound(float(prior_tv + score), float(prior_tv), float(score))
 
