@@ -355,3 +355,22 @@ def test_finetune_run_writes_loadable_run(tmp_path):
     assert any(diff) and tuned.step == base.step + 3
     with pytest.raises(ValueError, match="out_dir"):
         A.finetune_run(tmp_path / "base", tmp_path / "base", A.parse_reward("linear", {"c": "0,1"}), beta=0.5)
+
+
+def test_cli_finetune(tmp_path):
+    from typer.testing import CliRunner
+
+    from scoresde.cli import app
+    from scoresde.config import load_config
+    from scoresde.train import Trainer
+
+    cfg = load_config(None, [f"out={tmp_path}", "name=base", "steps=10", "eval_every=0", "progress=false",
+                             "net_args.hidden=16", "net_args.depth=1", "n_train=300", "n_test=100", "nfe=10"])
+    Trainer(cfg).run()
+    args = ["finetune", str(tmp_path / "base"), "--reward", "region", "--param", "low=0,0", "--param", "high=1,1",
+            "--beta", "0.5", "--steps", "2", "--batch-size", "8", "--n-time-steps", "4", "--n", "50"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "mean reward" in res.output and (tmp_path / "base-finetuned" / "finetune_curves.png").is_file()
+    bad = CliRunner().invoke(app, args[:3] + ["speed", "--beta", "1"])
+    assert bad.exit_code == 1 and "unknown reward" in bad.output

@@ -234,6 +234,33 @@ def tour() -> None:
 
 
 @app.command()
+def finetune(run: Path = typer.Argument(..., help="run folder of a trained score model"),
+             reward: str = typer.Option(..., "--reward", help="scoresde.rewards.REWARDS: linear, distance, region"),
+             param: list[str] = typer.Option([], "--param", help="reward parameter key=value, repeatable: c=0,1 "
+                                             "points=0,1;1,0 low=0,0 high=1,1 sharpness=10"),
+             beta: float = typer.Option(..., "--beta", help="weight of the path KL to the pretrained model"),
+             out: Path = typer.Option(None, "--out", help="new run folder (default: RUN-finetuned)"),
+             steps: int = typer.Option(200, help="policy-gradient iterations"),
+             batch_size: int = typer.Option(256, "--batch-size"),
+             n_time_steps: int = typer.Option(50, "--n-time-steps", help="Euler-Maruyama steps of the rollouts"),
+             lr: float = typer.Option(1e-3), baseline: str = typer.Option("value", help="value | mean | none"),
+             n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
+             seed: int = typer.Option(0)) -> None:
+    """Fine-tune a run against a reward (KL-regularised continuous-time RL, DESIGN 9) into a new run folder."""
+    from .alignment import finetune_run, parse_reward
+
+    try:
+        out = out or run.parent / f"{run.name}-finetuned"
+        res = finetune_run(run, out, parse_reward(reward, param), beta=beta, n_samples=n, seed=seed, steps=steps,
+                           batch_size=batch_size, n_time_steps=n_time_steps, lr=lr, baseline=baseline)
+    except ValueError as err:
+        _fail(err)
+    typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")
+    for name, path in res["paths"].items():
+        typer.echo(f"  {name:15s} {path}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from . import __version__
