@@ -212,7 +212,7 @@ def study_b() -> None:
         ax.set_title(f"N(m, I/{kappa:g}) (kappa={kappa:g}), exact W2")
     # bimodal mixture: exact score + constant error, exponential integrator with 500 steps; the runs with and
     # without the error share x_T and the Brownian increments (synchronous coupling, as in the proof of T 5.5)
-    target, n, reps = bimodal(), 2000, 3
+    target, n, reps = bimodal(), 1000, 3
     gen = torch.Generator().manual_seed(0)
     floor = w2_floor(lambda k: target.sample(k, gen), n, repeats=reps)
     u = np.array([1.0, 1.0]) / math.sqrt(2)
