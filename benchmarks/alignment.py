@@ -185,13 +185,19 @@ def summarise(name: str, res: dict) -> list[str]:
     return lines
 
 
-def plots(res: dict) -> None:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     FIG.mkdir(exist_ok=True)
+    return plt
+
+
+def plot_reward_kl(res: dict) -> None:
+    """Reward against path KL, zoomed to the finetune points (DDPO without a KL term runs far beyond them)."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "tilt", "tilted mixture"), (axes[1], "toy", "moons model (trained)")):
         if key not in res:
@@ -202,10 +208,17 @@ def plots(res: dict) -> None:
                 label="scoresde finetune (one beta each)")
         for beta, m in r["mine"].items():
             ax.annotate(f"beta={beta}", (m["kl"], m["reward"]), fontsize=8, textcoords="offset points", xytext=(4, -10))
+        kl_max = 3 * max(m["kl"] for m in r["mine"].values())
+        ax.set_xlim(0, kl_max), ax.set_ylim(-0.2, 1.5 * max(m["reward"] for m in r["mine"].values()))
         ax.set_xlabel("path KL to pretrained"), ax.set_ylabel("mean reward"), ax.set_title(title), ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(FIG / "alignment_reward_kl.png", dpi=120)
     plt.close(fig)
+
+
+def plots(res: dict) -> None:
+    plot_reward_kl(res)
+    plt = _plt()
 
     if "tilt" in res:
         r = res["tilt"]
