@@ -240,18 +240,25 @@ def plots(res: dict) -> None:
         plt.close(fig)
 
     if "grid" in res:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        for method, style in (("finetune", "s-"), ("ddpo", "o-")):
-            rows = [d for d in res["grid"].values() if d["method"] == method]
-            ns = [d["n"] for d in rows]
-            axes[0].plot(ns, [d["reward_fine"] for d in rows], style, label=method)
-            axes[1].plot(ns, [d["kl_fine"] for d in rows], style, label=method)
-        for ax, lab in zip(axes, ("mean reward", "path KL")):
-            ax.set_xscale("log"), ax.set_xlabel("training grid steps N"), ax.set_ylabel(lab + " (evaluated at N=100)")
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(FIG / "alignment_grid.png", dpi=120)
-        plt.close(fig)
+        plot_grid(res["grid"])
+
+
+def plot_grid(grid: dict) -> None:
+    """Reward and KL at N = 100 against the training grid's N; log-scale y (DDPO may diverge)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for method, style in (("finetune", "s-"), ("ddpo", "o-")):
+        rows = [d for d in grid.values() if d["method"] == method]
+        ns = [d["n"] for d in rows]
+        axes[0].plot(ns, [d["reward_fine"] for d in rows], style, label=method)
+        axes[1].plot(ns, [d["kl_fine"] for d in rows], style, label=method)
+    for ax, lab in zip(axes, ("mean reward", "path KL")):
+        ax.set_xscale("log"), ax.set_yscale("symlog", linthresh=1.0), ax.set_ylim(bottom=-0.2)
+        ax.set_xlabel("training grid steps N"), ax.set_ylabel(lab + " (evaluated at N=100)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(FIG / "alignment_grid.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
