@@ -76,3 +76,19 @@ def test_demo_learns_two_moons(tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["w2"] < 2 * metrics["w2_floor"]
+
+
+def test_evaluate_analytic_data_reports_tv_and_bound(tmp_path):
+    """On a known mixture: MMD^2, histogram TV and the T 5.2 bound from the measured score error.
+    The bound must sit above the TV it bounds (the histogram TV, less its noise floor, is below the true TV)."""
+    cfg = tmp_path / "ring.yaml"
+    cfg.write_text("data: ring\nn_train: 2000\nn_test: 1000\nnet_args: {hidden: 64, depth: 2}\nsteps: 400\n"
+                   "batch_size: 128\nema_decay: 0.98\ncheckpoint_every: 400\neval_every: 400\nn_eval: 500\nnfe: 51\nprogress: false\n")
+    assert runner.invoke(app, ["train", str(cfg), f"out={tmp_path}"]).exit_code == 0
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "ring"), "--n", "1000"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "ring" / "eval.json").read_text())
+    assert out["mmd2_stderr"] > 0 and abs(out["mmd2"]) < 1
+    assert 0 < out["score_error_rms"] < 100 and 0 <= out["prior_tv"] < 0.05
+    assert out["tv_bound"] >= out["tv_histogram"] - 2 * out["tv_histogram_floor"]
+    assert out["tv_bound"] == pytest.approx(out["prior_tv"] + out["tv_bound_score_term"])
