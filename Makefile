@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow clean demo-digits bench-score-matching bench-likelihood bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
