@@ -51,6 +51,19 @@ def test_exact_score_from_p_T_returns_the_data(sde):
     np.testing.assert_allclose(S, Ct, rtol=1e-8)
 
 
+def _simulate_backward(sde, score_fn, n, d, steps, flow, gen):
+    """Euler(-Maruyama) on a uniform grid from T to 0 of the backward SDE or probability flow, from the prior."""
+    drift = (probability_flow_drift if flow else reverse_drift)(sde, score_fn)
+    x = sde.prior_sample((n, d), generator=gen, dtype=torch.float64)
+    ts = torch.linspace(sde.T, 0.0, steps + 1, dtype=torch.float64)
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        h = float(t - t_next)
+        x = x - h * drift(t, x)
+        if not flow:
+            x = x + math.sqrt(h) * float(sde.diffusion(t)) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    return x
+
+
 @pytest.mark.parametrize("sde", [VP(), ContractiveVP()], ids=["vp", "cvp"])
 @pytest.mark.parametrize("flow", [False, True], ids=["sde", "ode"])
 def test_moment_odes_against_monte_carlo(sde, flow):
@@ -60,14 +73,7 @@ def test_moment_odes_against_monte_carlo(sde, flow):
     m, C = _data(d, seed=2)
     err = _affine_error(d)
     gen = torch.Generator().manual_seed(0)
-    drift = (probability_flow_drift if flow else reverse_drift)(sde, _score_fn(sde, m, C, err))
-    x = sde.prior_sample((n, d), generator=gen, dtype=torch.float64)
-    ts = torch.linspace(sde.T, 0.0, steps + 1, dtype=torch.float64)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        h = float(t - t_next)
-        x = x - h * drift(t, x)
-        if not flow:
-            x = x + math.sqrt(h) * float(sde.diffusion(t)) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x = _simulate_backward(sde, _score_fn(sde, m, C, err), n, d, steps, flow, gen)
     law = (probability_flow_law if flow else backward_sde_law)(sde, m, C, error=err)
     mc_mean, mc_cov = x.mean(0).numpy(), np.cov(x.numpy().T)
     se_mean = np.sqrt(np.diag(mc_cov) / n)
@@ -84,14 +90,7 @@ def test_euler_maruyama_recursion_against_monte_carlo(sde, flow):
     m, C = _data(d, seed=3)
     err = _affine_error(d)
     gen = torch.Generator().manual_seed(1)
-    drift = (probability_flow_drift if flow else reverse_drift)(sde, _score_fn(sde, m, C, err))
-    x = sde.prior_sample((n, d), generator=gen, dtype=torch.float64)
-    ts = torch.linspace(sde.T, 0.0, steps + 1, dtype=torch.float64)
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        h = float(t - t_next)
-        x = x - h * drift(t, x)
-        if not flow:
-            x = x + math.sqrt(h) * float(sde.diffusion(t)) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    x = _simulate_backward(sde, _score_fn(sde, m, C, err), n, d, steps, flow, gen)
     mu, S = euler_maruyama_law(sde, m, C, steps, error=err, probability_flow=flow)
     mc_mean, mc_cov = x.mean(0).numpy(), np.cov(x.numpy().T)
     assert np.all(np.abs(mc_mean - mu) < 4 * np.sqrt(np.diag(mc_cov) / n))

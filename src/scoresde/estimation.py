@@ -245,17 +245,23 @@ def score_matching_estimate(family: ExponentialFamily | LogDensity, x: Tensor, t
     """
     if isinstance(family, ExponentialFamily):
         return _sm_exponential(family, _check_sample(x, family.n_params, family.dim))
+    if theta0 is None and callable(family):
+        raise ValueError("theta0 (initial parameter, shape (k,)) is required for a general log_p")
+    theta0, x = _general_args(family, theta0, x, "theta0")
+    return _sm_numerical(family, x, theta0, gtol, max_rounds)
+
+
+def _general_args(family, theta, x, name: str) -> tuple[Tensor, Tensor]:
+    """Validate (theta, x) for a general family given as a callable log_p(x, theta)."""
     if not callable(family):
         raise ValueError("family must be an ExponentialFamily or a callable log_p(x, theta)")
-    if theta0 is None:
-        raise ValueError("theta0 (initial parameter, shape (k,)) is required for a general log_p")
-    theta0 = torch.as_tensor(theta0, dtype=torch.float64)
-    if theta0.dim() != 1:
-        raise ValueError(f"theta0 must have shape (k,), got {tuple(theta0.shape)}")
-    x = _check_sample(x, len(theta0))
+    theta = torch.as_tensor(theta, dtype=torch.float64)
+    if theta.dim() != 1:
+        raise ValueError(f"{name} must have shape (k,), got {tuple(theta.shape)}")
+    x = _check_sample(x, len(theta))
     if x.dim() != 2:
         raise ValueError(f"x must have shape (n, d) for a general log_p, got {tuple(x.shape)}")
-    return _sm_numerical(family, x, _check_theta(theta0, len(theta0)), gtol, max_rounds)
+    return _check_theta(theta, len(theta)), x
 
 
 def _sandwich(h: Tensor, s: Tensor) -> Tensor:
@@ -282,17 +288,9 @@ def sandwich_covariance(family: ExponentialFamily | LogDensity, theta: Tensor, x
         if m.dim() != 3:
             raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
         return _sandwich(m.mean(0), torch.cov((m @ theta + b).T).reshape(len(theta), len(theta)))
-    if not callable(family):
-        raise ValueError("family must be an ExponentialFamily or a callable log_p(x, theta)")
-    if x is None:
+    if x is None and callable(family):
         raise ValueError("x is required for a general log_p (quadrature needs an ExponentialFamily)")
-    theta = torch.as_tensor(theta, dtype=torch.float64)
-    if theta.dim() != 1:
-        raise ValueError(f"theta must have shape (k,), got {tuple(theta.shape)}")
-    theta = _check_theta(theta, len(theta))
-    x = _check_sample(x, len(theta))
-    if x.dim() != 2:
-        raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
+    theta, x = _general_args(family, theta, x, "theta")
     grads = torch.func.jacrev(lambda th: implicit_objective(family, x, th))(theta)  # (n, k)
     h = torch.func.hessian(lambda th: implicit_objective(family, x, th).mean())(theta)
     return _sandwich(h, torch.cov(grads.T).reshape(len(theta), len(theta)))
