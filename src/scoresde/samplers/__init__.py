@@ -14,11 +14,13 @@ Tweedie denoise is on (default) else 0:
 | heun | heun | 2 steps + d; d defaults to nfe odd, so every nfe >= 2 works |
 | dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
 | dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
+| unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
 | ddim, ddpm | ddim (eta option), ddpm | steps + d |
 
 Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun;
-quadratic in t ("poly", power 2) for dpm*, ddim, ddpm (chosen by benchmarks/samplers.py);
-t_end = sde.t_min.
+quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
+whose default t_end is `end_time_for_steps` (noise-to-signal 0.4 / steps); all chosen by
+benchmarks/samplers.py. Other methods end at sde.t_min.
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
 explicit decreasing `ts`; `denoise` (default on for linear SDEs; the general Langevin SDE has
@@ -38,13 +40,13 @@ from ..registry import Registry
 from ..sde import SDE, LinearSDE, ScoreFn
 from .common import Callback
 from .discrete import ddim, ddpm
-from .grids import GRIDS, time_grid
+from .grids import GRIDS, end_time_for_steps, time_grid
 from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
 from .pc import annealed_langevin, predictor_corrector
 from .sde import euler_maruyama, exponential_integrator
 
 __all__ = [
-    "sample", "METHODS", "Method", "time_grid", "GRIDS", "euler_maruyama", "exponential_integrator",
+    "sample", "METHODS", "Method", "time_grid", "end_time_for_steps", "GRIDS", "euler_maruyama", "exponential_integrator",
     "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5", "dpm_solver_multistep",
     "ddim", "ddpm",
 ]
@@ -54,13 +56,16 @@ __all__ = [
 class Method:
     """A sampler as `sample` drives it: fn(sde, score_fn, x_T, ts, **kw), the score evaluations per
     grid step (a function of the options), how many grid points the levels add (ald: one level per
-    point), the default grid, and whether it draws noise."""
+    point), the default grid (kind and power), whether it draws noise, and whether its default end time
+    follows the step count (`end_time_for_steps`) rather than sde.t_min."""
 
     fn: Callable[..., Tensor]
     evals_per_step: Callable[[dict], int] = lambda options: 1
     levels_are_points: bool = False
     grid: str = "logsnr"
     stochastic: bool = False
+    power: float = 2.0
+    end_follows_steps: bool = False
 
 
 METHODS: "Registry[Method]" = Registry("sampling method")
@@ -79,6 +84,11 @@ for _name, _method in {
     "dpm3m": Method(partial(dpm_solver_multistep, order=3), grid="poly"),
     "ddim": Method(ddim, grid="poly", stochastic=True),
     "ddpm": Method(ddpm, grid="poly", stochastic=True),
+    # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
+    "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
+                     power=3.0, end_follows_steps=True),
+    "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
+                     power=3.0, end_follows_steps=True),
 }.items():
     METHODS.register(_name)(_method)
 
@@ -140,8 +150,11 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
                          f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
     ts = grid_opts.get("ts")
     if ts is None:
-        ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=grid_opts.get("t_end"),
-                       rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", 2.0),
+        t_end = grid_opts.get("t_end")
+        if t_end is None and spec.end_follows_steps:
+            t_end = end_time_for_steps(sde, n_steps)
+        ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=t_end,
+                       rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", spec.power),
                        dtype=x_T.dtype, device=x_T.device)
     elif len(ts) != n_steps + 1:
         raise ValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")

@@ -17,7 +17,7 @@ from torchdiffeq import odeint
 from ..sde import SDE, LinearSDE, ScoreFn, probability_flow_drift
 from .common import Callback, check_grid, finish, require_linear, schedule
 
-__all__ = ["ode_euler", "heun", "dopri5", "dpm_solver_multistep", "dpm_weights"]
+__all__ = ["ode_euler", "heun", "dopri5", "dpm_solver_multistep", "exp_adams_weights"]
 
 
 def ode_euler(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, denoise: bool = True,
@@ -81,58 +81,86 @@ def dopri5(sde: SDE, score_fn: ScoreFn, x_T: Tensor, *, t_end: float | None = No
     return finish(sde, score_fn, x, ts[1], denoise, callback, 2)
 
 
-def dpm_weights(a_next: float, h: float, past: list[float]) -> list[float]:
-    """Weights w of x' = (sigma'/sigma) x + sum_j w_j x0_j for one exponential-integrator step of order
-    len(past) + 1 (1 to 3), x0_j the data predictions at the current and previous grid points (newest first),
-    past = the log-SNR gaps [h0, h1] back to the previous points.
+def _exp_moments(h: float, count: int) -> list[float]:
+    """m_k = int_{-1}^0 e^{h u} u^k du for k < count: a series for h < 1 (no cancellation), else the
+    integration-by-parts recurrence m_k = -(-1)^k e^{-h} / h - (k / h) m_{k-1} (stable when h >= 1)."""
+    if h < 1:
+        out = []
+        for k in range(count):
+            total, term = 0.0, 1.0
+            for j in range(60):
+                total += term / (j + k + 1)
+                term *= -h / (j + 1)
+            out.append((-1) ** k * total)
+        return out
+    out = [-math.expm1(-h) / h]
+    for k in range(1, count):
+        out.append(-((-1) ** k) * math.exp(-h) / h - k / h * out[-1])
+    return out
 
-    x0_hat(lambda) is replaced by its Newton interpolant through those points and integrated exactly:
-    with phi = e^{-h} - 1, x' = (sigma'/sigma) x - alpha' phi D0 + alpha' (phi/h + 1) D1
-    - alpha' ((phi + h)/h^2 - 1/2) D2, D1 = h x0_hat', D2 = h^2 x0_hat'' at lambda (DPM-Solver++, Lu et al.
-    2211.01095, derived for any (alpha, sigma)). Order 1 is DDIM (eta = 0).
+
+def exp_adams_weights(a_next: float, lam_from: float, lam_to: float, nodes: list[float]) -> list[float]:
+    """Weights w of x(lam_to) = (sigma'/sigma) x(lam_from) + sum_j w_j x0_j for the probability flow in
+    data-prediction form, x0_j = x0_hat at log-SNR nodes[j] (up to 4 distinct nodes).
+
+    The exact flow is x' = (sigma'/sigma) x + sigma' int e^u x0_hat(u) du over [lam_from, lam_to]
+    (T 6.8 in lambda); x0_hat is replaced by its Lagrange interpolant through the nodes and integrated
+    exactly, w_j = alpha' int e^{u - lam_to} L_j(u) du. Nodes at and before lam_from give the explicit
+    multistep DPM-Solver++ (Lu et al. 2211.01095; one node is DDIM); a node at lam_to as well gives the
+    implicit (Adams-Moulton) step, one order higher, that the UniC corrector (Zhao et al. 2302.04867)
+    applies with the evaluation made at the predicted point.
     """
-    phi = math.expm1(-h)
-    w = [-a_next * phi, 0.0, 0.0]
-    if past:
-        h0 = past[0]
-        d1 = [1 / h0, -1 / h0, 0.0]  # first divided difference
-        deriv = d1
-        if len(past) == 2:
-            h1 = past[1]
-            dd = [(d1[j] - e) / (h0 + h1) for j, e in enumerate([0.0, 1 / h1, -1 / h1])]  # second divided difference
-            deriv = [d1[j] + h0 * dd[j] for j in range(3)]
-            c2 = -a_next * ((phi + h) / h**2 - 0.5) * 2 * h**2
-            w = [w[j] + c2 * dd[j] for j in range(3)]
-        c1 = a_next * (phi / h + 1) * h
-        w = [w[j] + c1 * deriv[j] for j in range(3)]
-    return w[:len(past) + 1]
+    h = lam_to - lam_from
+    u = torch.tensor(nodes, dtype=torch.float64).sub(lam_to).div(h)
+    vander = torch.vander(u, len(nodes), increasing=True)  # vander[j, k] = u_j^k
+    moments = torch.tensor(_exp_moments(h, len(nodes)), dtype=torch.float64)
+    return (a_next * h * torch.linalg.solve(vander.T, moments)).tolist()
 
 
 def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 2,
-                         lower_order_final: bool = True, denoise: bool = True,
-                         callback: Callback | None = None) -> Tensor:
+                         lower_order_final: bool = True, corrector: bool = False, denoise: bool = True,
+                         extrapolate: bool = False, callback: Callback | None = None) -> Tensor:
     """Multistep DPM-Solver++ (order 1, 2 or 3) in data-prediction form for any linear SDE.
 
     Warm start with lower orders (step i uses order min(order, i + 1)); with
     `lower_order_final` the last steps drop order too (min(order, steps left)), which
-    stabilises very coarse grids. One NFE per step: NFE = len(ts) - 1 + denoise.
+    stabilises very coarse grids. With `corrector` (UniC, Zhao et al. 2302.04867) each new
+    evaluation also re-does the step that led to it with that point as one more node (one order
+    higher) before the next step starts, at no extra NFE. One NFE per step: NFE = len(ts) - 1 + denoise.
     """
     sde = require_linear(sde, "the DPM-Solver++ multistep solver")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     ts = check_grid(ts.to(x_T.dtype))
     alpha, sigma, lam = schedule(sde, ts)
-    x, n, x0s = x_T, len(ts) - 1, []
+    x, n, x0s, x_prev, k = x_T, len(ts) - 1, [], None, 0
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
         score = score_fn(x, ts[i].expand(x.shape[0]))
-        x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order]  # Tweedie, newest first
+        x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order + 1]  # Tweedie, newest first
+        if corrector and i > 0:  # the step i-1 -> i again, its k nodes and the new one
+            x = _combine(x_prev, sigma[i] / sigma[i - 1], x0s,
+                         exp_adams_weights(alpha[i], lam[i - 1], lam[i], lam[i - k:i + 1][::-1]))
         k = min(order, i + 1, n - i) if lower_order_final else min(order, i + 1)
-        w = dpm_weights(alpha[i + 1], lam[i + 1] - lam[i], [lam[i - j] - lam[i - j - 1] for j in range(k - 1)])
-        x = x * (sigma[i + 1] / sigma[i])
-        for wj, x0 in zip(w, x0s):
-            x = x.add(x0, alpha=wj)
+        x_prev = x
+        x = _combine(x, sigma[i + 1] / sigma[i], x0s,
+                     exp_adams_weights(alpha[i + 1], lam[i], lam[i + 1], lam[i - k + 1:i + 1][::-1]))
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
+    if denoise and extrapolate and n >= 1:
+        x0 = (x + sigma[n] ** 2 * score_fn(x, ts[n].expand(x.shape[0]))) / alpha[n]
+        r2 = [math.exp(-2 * lam[n - 1]), math.exp(-2 * lam[n])]
+        x = x0 + (x0 - x0s[0]) * (r2[1] / (r2[0] - r2[1]))
+        if callback is not None:
+            callback(n + 1, torch.zeros_like(ts[-1]), x)
+        return x
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
+
+
+def _combine(x: Tensor, ratio: float, x0s: list[Tensor], weights: list[float]) -> Tensor:
+    """ratio x + sum_j weights_j x0s_j (zip stops at the shorter list)."""
+    x = x * ratio
+    for w, x0 in zip(weights, x0s):
+        x = x.add(x0, alpha=w)
+    return x
