@@ -12,8 +12,8 @@ Metrics against the exact target: (i) the log-density gap E_gen log p - E_true l
 with the null spread from exact samples of the same size.
 
 Stages: (1) a sweep over every config at n_sweep samples picks the best peers and the
-time grid; (2) the headline re-measures the best configs on fresh samples at n = 10000 (--n; 20000 did not fit
-the ~10 minute budget on the shared 2-core machine);
+time grid; (2) the headline re-measures the best configs, and the untuned default (unipc2), on fresh
+samples at n = 20000 (--n);
 (3) per-step overhead of each sampler with a free score model.
 Run: `flock /tmp/scoresde-heavy.lock .venv/bin/python benchmarks/samplers.py`.
 """
@@ -97,11 +97,13 @@ class DiscreteEps:
 OURS = {  # name: (method, options)
     "em": ("em", {}), "ei": ("ei", {}), "pc": ("pc", {}), "ald": ("ald", {}),
     "euler": ("euler", {}), "heun": ("heun", {}), "ddim": ("ddim", {}), "ddpm": ("ddpm", {}),
-    "dpm2m": ("dpm2m", {}), "dpm3m": ("dpm3m", {}),
+    "dpm2m": ("dpm2m", {}), "dpm3m": ("dpm3m", {}), "unipc2": ("unipc2", {}), "unipc3": ("unipc3", {}),
 }
 GRID_STUDY = {"uniform": {"grid": "uniform"}, "poly2": {"grid": "poly", "power": 2.0},
               "logsnr": {"grid": "logsnr"}, "edm7": {"grid": "edm", "rho": 7.0}}
 T_ENDS = (1e-3, 1e-2, 0.05, 0.2)
+UNIPC_GRIDS = {**GRID_STUDY, "poly3": {"grid": "poly", "power": 3.0}, "poly4": {"grid": "poly", "power": 4.0}}
+UNIPC_T_ENDS = (None, 3e-3, 1e-2, 3e-2, 0.1)  # None: end_time_for_steps
 
 
 def peers():
@@ -160,9 +162,10 @@ def bandwidths(target: GaussianMixture) -> np.ndarray:
     return np.array(list(math.sqrt(float(torch.trace(target.covariance()))) * np.array([0.5, 1.0, 2.0])) + [fine])
 
 
-def mmd2_blocked(x: torch.Tensor, target: GaussianMixture, block: int = 1000) -> np.ndarray:
+def mmd2_blocked(x: torch.Tensor, target: GaussianMixture, block: int = 250) -> np.ndarray:
     """metrics.mmd2(x, target, [h]).value for each h in bandwidths(target): the generated-pairs U-statistic
-    summed in row blocks (float32 kernels, float64 sums) so n = 20000 fits in memory."""
+    summed in row blocks (float32 kernels, float64 sums) so n = 20000 fits in memory; blocks of 250 rows
+    keep each temporary under glibc's mmap threshold (1000-row blocks ran 5x slower, in page faults)."""
     h = bandwidths(target)
     x32 = x.to(torch.float32)
     n, sq = len(x), (x32**2).sum(1)
@@ -223,6 +226,9 @@ def configs():
     out += [(f"scoresde/dpm3m@{g},t_end={te:g}{',lof=0' * (not lof)}", "ours",
              ("dpm3m", {**o, "t_end": te, "lower_order_final": lof}))
             for g, o in GRID_STUDY.items() for te in T_ENDS for lof in (True, False)]
+    out += [(f"scoresde/{m}@{g}" + (f",t_end={te:g}" if te else ""), "ours", (m, {**o, **({"t_end": te} if te else {})}))
+            for m in ("unipc2", "unipc3") for g, o in UNIPC_GRIDS.items() for te in UNIPC_T_ENDS
+            if (g, te) != ("poly3", None)]  # that one is the method's default row
     out += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
     return out
 
@@ -254,6 +260,7 @@ def evaluate(tname, n, nfes, seed, wanted=None):
 
 
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
+DEFAULT = "scoresde/unipc2"  # the one configuration a user gets without tuning
 
 
 def value(row, metric):
@@ -296,7 +303,7 @@ def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-sweep", type=int, default=3000)
-    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
     ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "all"), default="all")
     args = ap.parse_args()
@@ -312,7 +319,7 @@ def main():
         for t in ("ring", "mix16"):
             wanted = {(best(rows, t, nfe, m, fam)["config"], nfe)
                       for nfe in args.nfes for m in METRICS for fam in ("scoresde", "diffusers")}
-            wanted |= {(c, nfe) for c in ("scoresde/dpm3m", "diffusers/DPM++3M/default")
+            wanted |= {(c, nfe) for c in (DEFAULT, "scoresde/dpm3m", "diffusers/DPM++3M/default")
                        for nfe in args.nfes}
             head += evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)
         head_file.write_text(json.dumps(head))
@@ -340,12 +347,22 @@ def report(sweep_rows, head_rows, over, nfes):
                 ratio = value(o, m) / value(p, m) if value(p, m) > 0 else float("nan")
                 lines.append(f"| {m} | {nfe} | {o['config'][9:]} | {value(o, m):.2e} | {p['config'][10:]} "
                              f"(NFE {p['used']}) | {value(p, m):.2e} | {ratio:.2f} |")
+        lines.append(f"\n{t}: the untuned default `{DEFAULT[9:]}` against the best diffusers configuration of each cell\n")
+        lines.append("| NFE | " + " | ".join(f"{m} default / best peer (ratio)" for m in METRICS) + " |")
+        lines.append("|---|" + "---|" * len(METRICS))
+        for nfe in nfes:
+            d = [r for r in head_rows if r["target"] == t and r["nfe"] == nfe and r["config"] == DEFAULT][0]
+            cells = []
+            for m in METRICS:
+                p = best(head_rows, t, nfe, m, "diffusers")
+                cells.append(f"{value(d, m):.2e} / {value(p, m):.2e} ({value(d, m) / value(p, m):.2f})")
+            lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, m in zip(axes, METRICS):
             for fam, style in (("scoresde", "-o"), ("diffusers", "--s")):
                 ys = [value(best(sweep_rows, t, nfe, m, fam), m) for nfe in nfes]
                 ax.plot(nfes, np.maximum(ys, 1e-7), style, label=f"best {fam} (sweep, n={sweep_rows[0]['n']})")
-            for c in ("scoresde/dpm3m", "scoresde/dpm2m", "scoresde/heun", "scoresde/em", "diffusers/DPM++3M/default",
+            for c in (DEFAULT, "scoresde/dpm3m", "scoresde/dpm2m", "scoresde/heun", "scoresde/em", "diffusers/DPM++3M/default",
                       "diffusers/UniPC/default", "diffusers/DDIM/default"):
                 ys = [value(r, m) for nfe in nfes for r in sweep_rows
                       if r["target"] == t and r["config"] == c and r["nfe"] == nfe]

@@ -19,7 +19,7 @@ Tweedie denoise is on (default) else 0:
 
 Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun;
 quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
-whose default t_end is `end_time_for_steps` (noise-to-signal 0.4 / steps); all chosen by
+whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
 benchmarks/samplers.py. Other methods end at sde.t_min.
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an

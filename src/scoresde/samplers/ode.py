@@ -126,7 +126,10 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     `lower_order_final` the last steps drop order too (min(order, steps left)), which
     stabilises very coarse grids. With `corrector` (UniC, Zhao et al. 2302.04867) each new
     evaluation also re-does the step that led to it with that point as one more node (one order
-    higher) before the next step starts, at no extra NFE. One NFE per step: NFE = len(ts) - 1 + denoise.
+    higher) before the next step starts, at no extra NFE. With `extrapolate` the final denoise
+    returns x0_hat extrapolated to sigma = 0 linearly in r^2 = (sigma / alpha)^2 through its last two
+    values: along the flow x0_hat = x0 + c r^2 + O(r^4), so the O(r^2) shrinkage of the plain Tweedie
+    step at t_end cancels. One NFE per step: NFE = len(ts) - 1 + denoise.
     """
     sde = require_linear(sde, "the DPM-Solver++ multistep solver")
     if order not in (1, 2, 3):
