@@ -308,6 +308,18 @@ def test_extrapolated_denoise_follows_the_flow_to_zero(sde):
     assert err[False] > 1e-3 and err[True] < err[False] / 8, err
 
 
+def test_corrector_pays_at_equal_nfe(vp_reference):
+    """At 8, 12 and 16 steps on the same grid, the corrected solver lands closer to the exact flow than
+    DPM-Solver++ of the same order, for the same number of score evaluations (the gain grows with the steps:
+    one order more)."""
+    sde, t_end, x_T, ref = vp_reference
+    for order in (2, 3):
+        plain, corrected = (_ode_errors(lambda *a, **k: dpm_solver_multistep(*a, order=order, corrector=c, **k),
+                                        sde, [8, 12, 16], t_end, "logsnr", x_T, ref) for c in (False, True))
+        assert all(b < a / 1.3 for a, b in zip(plain, corrected)), (order, plain, corrected)
+        assert corrected[-1] < plain[-1] / 2, (order, plain, corrected)
+
+
 def test_ddim_eta0_approaches_the_flow(vp_reference):
     sde, t_end, x_T, ref = vp_reference
     err = _ode_errors(ddim, sde, [10, 40, 160], t_end, "logsnr", x_T, ref)
