@@ -40,7 +40,7 @@ BUDGETS = {"bench": dict(steps=1500, n=500, n_lik=100), "demo": dict(steps=1000,
 CANDIDATES = ("dpm2m", "dpm3m", "heun")
 NFES = (10, 20, 50)
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
-ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; step_ratio 0.2 diverged here
+ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; NCSN's step_ratio 0.2 under-mixed here
 HERE = Path(__file__).resolve().parent
 
 
