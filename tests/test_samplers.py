@@ -215,6 +215,21 @@ def test_callback_sees_every_step(gen):
     assert seen[0][1] == VP().T and seen[-2][1] == pytest.approx(VP().t_min) and seen[-1][1] == 0.0
 
 
+@pytest.mark.parametrize("sde", [VP(), VE()], ids=lambda s: type(s).__name__)
+def test_unipc_default_grid_is_cubic_to_the_step_dependent_end(sde, gen):
+    """unipc2 at nfe 10: 9 steps on the cubic-in-t grid from T to end_time_for_steps(sde, 9), then the
+    extrapolated denoise; an explicit t_end or grid overrides the defaults."""
+    seen = []
+    sample(sde, ring().score_fn(sde), (8, 2), method="unipc2", nfe=10, generator=gen, dtype=F64,
+           callback=lambda i, t, x: seen.append(float(t)))
+    expected = time_grid(sde, 9, "poly", t_end=end_time_for_steps(sde, 9), power=3.0).tolist() + [0.0]
+    np.testing.assert_allclose(seen, expected, rtol=1e-12)
+    seen.clear()
+    sample(sde, ring().score_fn(sde), (8, 2), method="unipc2", nfe=10, generator=gen, dtype=F64, t_end=0.05,
+           grid="uniform", callback=lambda i, t, x: seen.append(float(t)))
+    np.testing.assert_allclose(seen[:-1], time_grid(sde, 9, "uniform", t_end=0.05).tolist(), rtol=1e-12)
+
+
 @pytest.mark.parametrize("method", sorted(BUDGETS))
 def test_image_shapes_and_dtypes(method, gen):
     """(batch, C, H, W) inputs through every method, in float32 and float64."""
