@@ -329,6 +329,23 @@ def main():
            json.loads(over_file.read_text()) if over_file.exists() else {}, args.nfes)
 
 
+def floor_of(tname, null_row):
+    """Twice the null spread of each metric at the headline's n: the MMD^2 sd over exact samples, and for the
+    gap the standard error of E_gen log p - E_true log p (the variance of log p under the target)."""
+    target, _ = setup(tname)
+    var = float(target.log_prob(target.sample(200000, torch.Generator().manual_seed(5))).var())
+    gap_se = math.sqrt(var / null_row["n"] + var / 200000)
+    return {"mmd2": 2 * null_row["mmd2_sd"], "mmd2_fine": 2 * null_row["mmd2_fine_sd"], "abs_gap": 2 * gap_se}
+
+
+def verdict(ours, peer, m, floor):
+    """The ratio ours / peer, or "floor" when both lie within the null spread (their ratio is noise)."""
+    a, b = value(ours, m), value(peer, m)
+    if a < floor[m] and b < floor[m]:
+        return f"floor ({a / b:.2f})"
+    return f"{a / b:.2f}"
+
+
 def report(sweep_rows, head_rows, over, nfes):
     import matplotlib
     matplotlib.use("Agg")
@@ -337,16 +354,17 @@ def report(sweep_rows, head_rows, over, nfes):
     lines = []
     for t in ("ring", "mix16"):
         null = [r for r in head_rows if r["target"] == t and r["nfe"] == 0][0]
+        floor = floor_of(t, null)
         lines.append(f"\n{t} (n = {null['n']}; null mean +- sd: MMD^2 {null['mmd2']:.1e} +- {null['mmd2_sd']:.1e}, "
-                     f"fine {null['mmd2_fine']:.1e} +- {null['mmd2_fine_sd']:.1e})\n")
+                     f"fine {null['mmd2_fine']:.1e} +- {null['mmd2_fine_sd']:.1e}; standard error of the gap "
+                     f"{floor['abs_gap'] / 2:.1e}; 'floor': both values below 2 sd)\n")
         lines.append("| metric | NFE | best scoresde | value | best diffusers | value | ratio |")
         lines.append("|---|---|---|---|---|---|---|")
         for m in METRICS:
             for nfe in nfes:
                 o, p = best(head_rows, t, nfe, m, "scoresde"), best(head_rows, t, nfe, m, "diffusers")
-                ratio = value(o, m) / value(p, m) if value(p, m) > 0 else float("nan")
                 lines.append(f"| {m} | {nfe} | {o['config'][9:]} | {value(o, m):.2e} | {p['config'][10:]} "
-                             f"(NFE {p['used']}) | {value(p, m):.2e} | {ratio:.2f} |")
+                             f"(NFE {p['used']}) | {value(p, m):.2e} | {verdict(o, p, m, floor)} |")
         lines.append(f"\n{t}: the untuned default `{DEFAULT[9:]}` against the best diffusers configuration of each cell\n")
         lines.append("| NFE | " + " | ".join(f"{m} default / best peer (ratio)" for m in METRICS) + " |")
         lines.append("|---|" + "---|" * len(METRICS))
@@ -355,7 +373,7 @@ def report(sweep_rows, head_rows, over, nfes):
             cells = []
             for m in METRICS:
                 p = best(head_rows, t, nfe, m, "diffusers")
-                cells.append(f"{value(d, m):.2e} / {value(p, m):.2e} ({value(d, m) / value(p, m):.2f})")
+                cells.append(f"{value(d, m):.2e} / {value(p, m):.2e} ({verdict(d, p, m, floor)})")
             lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for ax, m in zip(axes, METRICS):
