@@ -36,11 +36,13 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
             _report(write_report(load_run(trainer.run_dir)))
     except (ValueError, NonFiniteLoss) as err:
         _fail(err)
-    finally:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        # every rank waits for rank 0's report, then all tear down together: a gloo rank that destroys
+        # its group while a peer is still connected can abort ("terminate called without an active exception")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _report(paths: dict) -> None:
