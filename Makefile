@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# benchmarks share the 2 cores: one heavy run at a time
+HEAVY := flock /tmp/scoresde-heavy.lock $(PY)
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
@@ -25,37 +27,37 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench-score-matching: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/score_matching_cost.py
+	$(HEAVY) benchmarks/score_matching_cost.py
 
 bench-likelihood: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/likelihood.py
+	$(HEAVY) benchmarks/likelihood.py
 
 bench-train: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/train_throughput.py
+	$(HEAVY) benchmarks/train_throughput.py
 
 bench-bounds: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/bounds_studies.py
+	$(HEAVY) benchmarks/bounds_studies.py
 
 bench-imaging: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/imaging.py --budget bench
+	$(HEAVY) benchmarks/imaging.py --budget bench
 
 demo-digits: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/imaging.py --budget demo
+	$(HEAVY) benchmarks/imaging.py --budget demo
 
 bench-samplers: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/samplers.py
+	$(HEAVY) benchmarks/samplers.py
 
 bench-consistency: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/consistency.py
+	$(HEAVY) benchmarks/consistency.py
 
 bench-alignment: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/alignment.py
+	$(HEAVY) benchmarks/alignment.py
 
 bench-estimation: $(STAMP)
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py a b
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data ring
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --data mixture16
-	flock /tmp/scoresde-heavy.lock $(PY) benchmarks/estimation_studies.py c d --reuse
+	$(HEAVY) benchmarks/estimation_studies.py a b
+	$(HEAVY) benchmarks/estimation_studies.py c d --data ring
+	$(HEAVY) benchmarks/estimation_studies.py c d --data mixture16
+	$(HEAVY) benchmarks/estimation_studies.py c d --reuse
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
