@@ -226,7 +226,8 @@ def configs():
     out += [(f"scoresde/dpm3m@{g},t_end={te:g}{',lof=0' * (not lof)}", "ours",
              ("dpm3m", {**o, "t_end": te, "lower_order_final": lof}))
             for g, o in GRID_STUDY.items() for te in T_ENDS for lof in (True, False)]
-    out += [(f"scoresde/{m}@{g}" + (f",t_end={te:g}" if te else ""), "ours", (m, {**o, **({"t_end": te} if te else {})}))
+    out += [(f"scoresde/{m}@{g}" + (f",t_end={te:g}" if te else ""), "ours",
+             (m, {**o, **({"t_end": te} if te else {})}))
             for m in ("unipc2", "unipc3") for g, o in UNIPC_GRIDS.items() for te in UNIPC_T_ENDS
             if (g, te) != ("poly3", None)]  # that one is the method's default row
     out += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
@@ -365,7 +366,8 @@ def report(sweep_rows, head_rows, over, nfes):
                 o, p = best(head_rows, t, nfe, m, "scoresde"), best(head_rows, t, nfe, m, "diffusers")
                 lines.append(f"| {m} | {nfe} | {o['config'][9:]} | {value(o, m):.2e} | {p['config'][10:]} "
                              f"(NFE {p['used']}) | {value(p, m):.2e} | {verdict(o, p, m, floor)} |")
-        lines.append(f"\n{t}: the untuned default `{DEFAULT[9:]}` against the best diffusers configuration of each cell\n")
+        lines.append(f"\n{t}: the untuned default `{DEFAULT[9:]}` against the best diffusers configuration "
+                     "of each cell\n")
         lines.append("| NFE | " + " | ".join(f"{m} default / best peer (ratio)" for m in METRICS) + " |")
         lines.append("|---|" + "---|" * len(METRICS))
         for nfe in nfes:
@@ -380,7 +382,8 @@ def report(sweep_rows, head_rows, over, nfes):
             for fam, style in (("scoresde", "-o"), ("diffusers", "--s")):
                 ys = [value(best(sweep_rows, t, nfe, m, fam), m) for nfe in nfes]
                 ax.plot(nfes, np.maximum(ys, 1e-7), style, label=f"best {fam} (sweep, n={sweep_rows[0]['n']})")
-            for c in (DEFAULT, "scoresde/dpm3m", "scoresde/dpm2m", "scoresde/heun", "scoresde/em", "diffusers/DPM++3M/default",
+            for c in (DEFAULT, "scoresde/dpm3m", "scoresde/dpm2m", "scoresde/heun", "scoresde/em",
+                      "diffusers/DPM++3M/default",
                       "diffusers/UniPC/default", "diffusers/DDIM/default"):
                 ys = [value(r, m) for nfe in nfes for r in sweep_rows
                       if r["target"] == t and r["config"] == c and r["nfe"] == nfe]

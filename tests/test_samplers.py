@@ -256,6 +256,8 @@ def test_generic_samplers_run_the_nonlinear_langevin_sde(method):
     sample(lang, score, None, method=method, nfe=nfe, x_T=x_T, grid="uniform")  # default: no denoise
     with pytest.raises(ValueError, match="linear SDE"):
         sample(lang, score, None, method="em", nfe=8, x_T=x_T, denoise=True)
+    with pytest.raises(ValueError, match="linear SDE"):  # the multistep solvers need (alpha, sigma)
+        sample(lang, score, None, method="unipc2", nfe=8, x_T=x_T, denoise=False)
 
 
 # ---- deterministic solvers: order against a tight dopri5 reference ------------------------

@@ -46,9 +46,9 @@ from .pc import annealed_langevin, predictor_corrector
 from .sde import euler_maruyama, exponential_integrator
 
 __all__ = [
-    "sample", "METHODS", "Method", "time_grid", "end_time_for_steps", "GRIDS", "euler_maruyama", "exponential_integrator",
-    "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5", "dpm_solver_multistep",
-    "ddim", "ddpm",
+    "sample", "METHODS", "Method", "time_grid", "end_time_for_steps", "GRIDS", "euler_maruyama",
+    "exponential_integrator", "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5",
+    "dpm_solver_multistep", "ddim", "ddpm",
 ]
 
 
@@ -153,7 +153,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     ts = grid_opts.get("ts")
     if ts is None:
         t_end = grid_opts.get("t_end")
-        if t_end is None and spec.end_follows_steps:
+        if t_end is None and spec.end_follows_steps and isinstance(sde, LinearSDE):
             t_end = end_time_for_steps(sde, n_steps)
         ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=t_end,
                        rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", spec.power),
