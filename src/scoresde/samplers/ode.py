@@ -148,7 +148,8 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
         callback(0, ts[0], x)
     for i in range(n):
         score = score_fn(x, ts[i].expand(x.shape[0]))
-        x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order + bool(corrector)]  # Tweedie, newest first (the corrector needs one more)
+        # Tweedie, newest first; the corrector needs one more
+        x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order + bool(corrector)]
         if corrector and i > 0:  # the step i-1 -> i again, its k nodes and the new one
             x = _combine(x_prev, sigma[i] / sigma[i - 1], x0s,
                          exp_adams_weights(alpha[i], lam[i - 1], lam[i], lam[i - k:i + 1][::-1]))
