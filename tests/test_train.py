@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -87,6 +88,15 @@ def test_resume_refuses_a_different_config(tmp_path):
         Trainer(_cfg(tmp_path, steps=10, lr=0.5))
     tr = Trainer(_cfg(tmp_path, steps=10))  # more steps is fine
     assert tr.step == 5
+
+
+def test_short_run_warns_that_the_ema_is_mostly_initialisation(tmp_path):
+    """0.999^20 = 98% of the EMA is still the random init after 20 steps; 0.5^20 is not."""
+    with pytest.warns(UserWarning, match=r"ema_decay 0.999 .* still hold 98% of the random initialisation"):
+        Trainer(_cfg(tmp_path, steps=20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(_cfg(tmp_path, steps=20, ema_decay=0.5))
 
 
 def test_learning_rate_schedule(tmp_path):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from functools import partial
 from typing import Any, Callable
 
@@ -159,6 +160,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.sde, self.data.sample_shape).to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
+        init_share = cfg.ema_decay ** cfg.steps
+        if init_share > 0.05 and self.rank == 0:
+            warnings.warn(f"ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps: after "
+                          f"steps = {cfg.steps} the EMA weights used for sampling still hold {init_share:.0%} of the "
+                          f"random initialisation; train longer or lower ema_decay", stacklevel=2)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_x = self.data.train.to(self.device)
