@@ -133,10 +133,9 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     `lower_order_final` the last steps drop order too (min(order, steps left)), which
     stabilises very coarse grids. With `corrector` (UniC, Zhao et al. 2302.04867) each new
     evaluation also re-does the step that led to it with that point as one more node (one order
-    higher) before the next step starts, at no extra NFE. With `extrapolate` the final denoise
-    returns x0_hat extrapolated to sigma = 0 linearly in r^2 = (sigma / alpha)^2 through its last two
-    values: along the flow x0_hat = x0 + c r^2 + O(r^4), so the O(r^2) shrinkage of the plain Tweedie
-    step at t_end cancels. One NFE per step: NFE = len(ts) - 1 + denoise.
+    higher) before the next step starts, at no extra NFE. With `extrapolate` the final denoise is
+    extrapolated to sigma = 0 through the last two data predictions (`finish`). One NFE per step:
+    NFE = len(ts) - 1 + denoise.
     """
     sde = require_linear(sde, "the DPM-Solver++ multistep solver")
     if order not in (1, 2, 3):
@@ -159,14 +158,8 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
                      exp_adams_weights(alpha[i + 1], lam[i], lam[i + 1], lam[i - k + 1:i + 1][::-1]))
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
-    if denoise and extrapolate:
-        x0 = (x + sigma[n] ** 2 * score_fn(x, ts[n].expand(x.shape[0]))) / alpha[n]
-        r2 = [math.exp(-2 * lam[n - 1]), math.exp(-2 * lam[n])]
-        x = x0 + (x0 - x0s[0]) * (r2[1] / (r2[0] - r2[1]))
-        if callback is not None:
-            callback(n + 1, torch.zeros_like(ts[-1]), x)
-        return x
-    return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
+    previous = (x0s[0], math.exp(-2 * lam[n - 1])) if extrapolate else None
+    return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1, previous)
 
 
 def _combine(x: Tensor, ratio: float, x0s: list[Tensor], weights: list[float]) -> Tensor:
