@@ -17,8 +17,8 @@ Tweedie denoise is on (default) else 0:
 | unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
 | ddim, ddpm | ddim (eta option), ddpm | steps + d |
 
-Default grids: uniform in t for em, ei, pc; log-SNR for ald; quadratic in t ("poly", power 2)
-for euler, heun, dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
+Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun;
+quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
 whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
 benchmarks/samplers.py. Other methods end at sde.t_min.
 
@@ -74,10 +74,11 @@ for _name, _method in {
     "ei": Method(exponential_integrator, grid="uniform", stochastic=True),
     "pc": Method(predictor_corrector, lambda o: 1 + o.get("corrector_steps", 1), grid="uniform", stochastic=True),
     "ald": Method(annealed_langevin, lambda o: o.get("steps_per_level", 1), True, "logsnr", True),
-    # quadratic in t beat EDM rho = 7, rho = 3, log-SNR and uniform for Euler and Heun at NFE 11-51 on both
-    # benchmark targets (e.g. Heun, NFE 21, ring component-scale MMD^2 1.2e-5 vs 2.8e-3 for rho = 7)
-    "euler": Method(ode_euler, grid="poly"),
-    "heun": Method(heun, lambda o: 2, grid="poly"),
+    # EDM rho = 7: quadratic in t wins for Euler and Heun under VP (Heun, NFE 21, ring component-scale MMD^2
+    # 1.5e-4 vs 2.8e-3) but loses under VE (swiss-roll teacher, Heun NFE 10: W2 3.40 vs 0.29), so the default
+    # stays the parametrisation-free EDM grid; pass grid="poly" for VP
+    "euler": Method(ode_euler, grid="edm"),
+    "heun": Method(heun, lambda o: 2, grid="edm"),
     "dopri5": Method(dopri5),
     # default grid "poly" (t quadratic): best at NFE 5 on both benchmark targets, mixed with uniform at
     # NFE 10, ahead of log-SNR and EDM rho = 7, tied at NFE >= 20 (benchmarks/RESULTS.md)
