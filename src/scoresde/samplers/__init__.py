@@ -23,7 +23,7 @@ whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.
 benchmarks/samplers.py. Other methods end at sde.t_min.
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
-explicit decreasing `ts`; `denoise` (default on for linear SDEs; the general Langevin SDE has
+explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
 no Tweedie step); `dtype` (when x_T is not given); and each
 function's own keywords (eta, snr, corrector_steps, predictor, order, rtol, atol, ...).
 """
@@ -44,11 +44,12 @@ from .grids import GRIDS, end_time_for_steps, time_grid
 from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
 from .pc import annealed_langevin, predictor_corrector
 from .sde import euler_maruyama, exponential_integrator
+from .tuning import GridFit, fit_grid
 
 __all__ = [
     "sample", "METHODS", "Method", "time_grid", "end_time_for_steps", "GRIDS", "euler_maruyama",
     "exponential_integrator", "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5",
-    "dpm_solver_multistep", "ddim", "ddpm",
+    "dpm_solver_multistep", "ddim", "ddpm", "fit_grid", "GridFit",
 ]
 
 
