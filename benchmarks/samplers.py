@@ -36,7 +36,7 @@ import torch
 
 from scoresde import VP
 from scoresde.metrics import _mixture_kernel_means, mmd2
-from scoresde.samplers import sample
+from scoresde.samplers import fit_grid, sample
 from scoresde.targets import GaussianMixture, random_mixture, ring
 
 warnings.filterwarnings("ignore")
@@ -104,6 +104,7 @@ GRID_STUDY = {"uniform": {"grid": "uniform"}, "poly2": {"grid": "poly", "power":
 T_ENDS = (1e-3, 1e-2, 0.05, 0.2)
 UNIPC_GRIDS = {**GRID_STUDY, "poly3": {"grid": "poly", "power": 3.0}, "poly4": {"grid": "poly", "power": 4.0}}
 UNIPC_T_ENDS = (None, 3e-3, 1e-2, 3e-2, 0.1)  # None: end_time_for_steps
+FIT_T_ENDS, FIT_MAX_NFE, FIT_PROBES = (None, 3e-2, 0.1, 0.2), 10, 512  # grids fitted by samplers.fit_grid
 
 
 def peers():
@@ -135,7 +136,7 @@ def run_peer(cls, config, eps_model, x_T, nfe):
     """Drive a diffusers scheduler with the largest step count whose NFE fits `nfe`; returns (x, nfe used)."""
     sched = cls(**config)
     steps = (nfe + 1) // 2 if cls.__name__.startswith("Heun") else nfe
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=x_T.device)
     x, used = x_T * sched.init_noise_sigma, 0
     for t in sched.timesteps:
         eps = eps_model(sched.scale_model_input(x, t), t)
@@ -145,12 +146,21 @@ def run_peer(cls, config, eps_model, x_T, nfe):
 
 
 def run_ours(sde, score_fn, method, options, x_T, nfe, gen):
-    """sample() at this budget; where the default denoise does not fit it (pc at even NFE), without it."""
+    """sample() at this budget, and the probe-batch score evaluations spent fitting its grid (0 unless
+    options has fit=True: fit_grid on FIT_PROBES prior draws of their own seed, apart from x_T); where the
+    default denoise does not fit the budget (pc at even NFE), without it."""
+    options, fit_evals = dict(options), 0
+    if options.pop("fit", False):
+        probe = sde.prior_sample((FIT_PROBES, x_T.shape[1]), torch.Generator().manual_seed(7), x_T.dtype)
+        fit = fit_grid(sde, score_fn, probe, method=method, nfe=nfe, **options)
+        options = {k: v for k, v in options.items() if k != "t_end"} | {"ts": fit.ts}
+        fit_evals = fit.evaluations
     try:
-        return sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
+        x = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
     except ValueError:
         options = {**options, "denoise": not options.get("denoise", True)}
-        return sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
+        x = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
+    return x, fit_evals
 
 
 # ---- metrics --------------------------------------------------------------------------
@@ -230,6 +240,9 @@ def configs():
              (m, {**o, **({"t_end": te} if te else {})}))
             for m in ("unipc2", "unipc3") for g, o in UNIPC_GRIDS.items() for te in UNIPC_T_ENDS
             if (g, te) != ("poly3", None)]  # that one is the method's default row
+    out += [(f"scoresde/{m}@fit" + (f",t_end={te:g}" if te else "") + ",lof=0" * (not lof), "ours",
+             (m, {"fit": True, "lower_order_final": lof, **({"t_end": te} if te else {})}))
+            for m in ("unipc2", "unipc3") for te in FIT_T_ENDS for lof in (True, False)]
     out += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
     return out
 
@@ -246,15 +259,15 @@ def evaluate(tname, n, nfes, seed, wanted=None):
     score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
     for name, kind, spec in configs():
         for nfe in nfes:
-            if wanted is not None and (name, nfe) not in wanted:
+            if (wanted is not None and (name, nfe) not in wanted) or ("@fit" in name and nfe > FIT_MAX_NFE):
                 continue
             t0 = time.perf_counter()
             if kind == "ours":
-                x, used = run_ours(sde, score_fn, *spec, x_T, nfe, gen), nfe
+                (x, fit_evals), used = run_ours(sde, score_fn, *spec, x_T, nfe, gen), nfe
             else:
-                x, used = run_peer(*spec, eps, x_T, nfe)
+                (x, used), fit_evals = run_peer(*spec, eps, x_T, nfe), 0
             row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, **scorer(x),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+                   "fit_evals": fit_evals, "seconds": round(time.perf_counter() - t0, 2)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -275,18 +288,21 @@ def best(rows, tname, nfe, metric, family):
     return min(cands, key=lambda r: value(r, metric)) if cands else None
 
 
-def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3):
-    """Seconds per step of each sampler with a free model (a cached tensor), scoresde vs diffusers."""
+def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3, device="cpu"):
+    """Seconds per step of each sampler with a free model (a cached tensor), scoresde vs diffusers; on a GPU
+    the clock stops after the device has finished (the first repeat also warms the kernels up)."""
     sde, out = VP(), {}
-    cached = torch.zeros(shape)
+    cached = torch.zeros(shape, device=device)
     free_score = lambda x, t: cached
     free_eps = lambda x, t: cached
-    x_T = torch.randn(shape)
+    x_T = torch.randn(shape, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     for name, kind, spec in configs():
         if "@" in name or name in ("scoresde/pc", "scoresde/ald"):
             continue
         times = []
         for _ in range(repeats):
+            sync()
             t0 = time.perf_counter()
             if kind == "ours":
                 method, options = spec
@@ -296,6 +312,7 @@ def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3):
             else:
                 _, n_steps = run_peer(*spec, free_eps, x_T, steps if "Heun" not in name else 2 * steps - 1)
                 n_steps = steps if "Heun" in name else n_steps
+            sync()
             times.append((time.perf_counter() - t0) / n_steps)
         out[name] = min(times)
     return out
@@ -307,8 +324,15 @@ def main():
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
     ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "all"), default="all")
+    ap.add_argument("--device", default="cpu", help="overhead stage only: cuda writes samplers_overhead_cuda.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.device != "cpu":
+        assert args.stage == "overhead", "--device applies to the overhead stage"
+        (OUT / "samplers_overhead_cuda.json").write_text(json.dumps({
+            f"image (64,3,32,32), {torch.cuda.get_device_name()}": overhead(device=args.device),
+            f"image (256,3,64,64), {torch.cuda.get_device_name()}": overhead((256, 3, 64, 64), device=args.device)}))
+        return
     sweep_file, head_file, over_file = (OUT / f"samplers_{k}.json" for k in ("sweep", "headline", "overhead"))
     if args.stage in ("sweep", "all"):
         self_check()
@@ -327,7 +351,8 @@ def main():
     if args.stage in ("overhead", "all"):
         over_file.write_text(json.dumps({"image (64,3,32,32)": overhead(), "toy (1,2)": overhead((1, 2))}))
     report(json.loads(sweep_file.read_text()), json.loads(head_file.read_text()),
-           json.loads(over_file.read_text()) if over_file.exists() else {}, args.nfes)
+           {k: v for f in (over_file, OUT / "samplers_overhead_cuda.json") if f.exists()
+            for k, v in json.loads(f.read_text()).items()}, args.nfes)
 
 
 def floor_of(tname, null_row):
@@ -400,9 +425,9 @@ def report(sweep_rows, head_rows, over, nfes):
         fig.savefig(FIG / f"samplers_{t}.png", dpi=110)
         plt.close(fig)
     if over:
-        lines.append("\n| sampler | s/step image (64,3,32,32) | s/step toy (1,2) |\n|---|---|---|")
+        lines.append("\n| sampler | " + " | ".join(f"s/step {c}" for c in over) + " |\n|---|" + "---|" * len(over))
         for k in over["image (64,3,32,32)"]:
-            lines.append(f"| {k} | {over['image (64,3,32,32)'][k]:.2e} | {over['toy (1,2)'][k]:.2e} |")
+            lines.append(f"| {k} | " + " | ".join(f"{col[k]:.2e}" for col in over.values()) + " |")
     text = "\n".join(lines)
     (OUT / "samplers_report.md").write_text(text)
     print(text)

@@ -20,7 +20,13 @@ _GL_NODES, _GL_WEIGHTS = (torch.from_numpy(v) for v in np.polynomial.legendre.le
 
 def em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
             generator: torch.Generator | None = None, noise: bool = True) -> Tensor:
-    """One Euler-Maruyama step of the reverse SDE (T 5.21) from t down to t_next; one NFE."""
+    """One Euler-Maruyama step of the reverse SDE (T 5.21) from t down to t_next; one NFE. For a linear SDE
+    (f = -b x) the coefficients are Python floats computed on the CPU: no small kernels on a GPU."""
+    if isinstance(sde, LinearSDE):
+        tc, tn = (s.detach().to("cpu", torch.float64) for s in (t, t_next))
+        h, b, g = float(tc - tn), float(sde.b(tc)), float(sde.diffusion(tc))
+        x = x + h * (b * x + g**2 * score_fn(x, batch_time(t, x)))
+        return x + (g * h**0.5) * noise_like(x, generator) if noise else x
     h = t - t_next
     x = x - h * reverse_drift(sde, score_fn)(t, x)
     if not noise:
@@ -52,10 +58,10 @@ def ei_coefficients(sde: LinearSDE, t: Tensor, t_next: Tensor) -> tuple[Tensor, 
 
     phi = alpha(t')/alpha(t), c = alpha(t') int_{t'}^{t} g(u)^2 / alpha(u) du (Gauss-Legendre,
     32 nodes, float64) and v = alpha(t')^2 (r(t) - r(t')), r = sigma^2 / alpha^2, the exact
-    variance of the linear part (g^2 / alpha^2 = dr/dt).
+    variance of the linear part (g^2 / alpha^2 = dr/dt). Computed on the CPU in float64.
     """
-    t, tn = t.double(), t_next.double()
-    nodes, weights = _GL_NODES.to(t.device), _GL_WEIGHTS.to(t.device)
+    t, tn = (s.detach().to("cpu", torch.float64) for s in (t, t_next))
+    nodes, weights = _GL_NODES, _GL_WEIGHTS
     u = 0.5 * (t + tn) + 0.5 * (t - tn) * nodes
     integral = 0.5 * (t - tn) * (weights * sde.diffusion(u) ** 2 / sde.alpha(u)).sum()
     a, an = sde.alpha(t), sde.alpha(tn)
@@ -66,8 +72,8 @@ def ei_coefficients(sde: LinearSDE, t: Tensor, t_next: Tensor) -> tuple[Tensor, 
 def ei_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
             generator: torch.Generator | None = None) -> Tensor:
     """One exponential-integrator step (T 5.20) from t down to t_next; one NFE."""
-    phi, c, v = (k.to(x.dtype) for k in ei_coefficients(sde, t, t_next))
-    return phi * x + c * score_fn(x, batch_time(t, x)) + v.sqrt() * noise_like(x, generator)
+    phi, c, v = (float(k) for k in ei_coefficients(sde, t, t_next))
+    return phi * x + c * score_fn(x, batch_time(t, x)) + v**0.5 * noise_like(x, generator)
 
 
 def exponential_integrator(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
