@@ -49,6 +49,19 @@ def test_sample_and_evaluate(run_dir, tmp_path):
     assert out["w2_n"] == 50 and out["nfe"] == 11 and out["sampler"] == "em"
 
 
+def test_sample_with_a_fitted_grid(run_dir, tmp_path):
+    """--fit-grid fits the grid on probe draws, reports the probe error before and after, samples on it."""
+    res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "5", "--n", "32",
+                              "--fit-grid", "64", "--out", str(tmp_path / "f.npy")])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("fitted grid"))
+    before, after = (float(v) for v in line.split("probe error ")[1].split(" (")[0].split(" -> "))
+    assert after <= before and np.isfinite(np.load(tmp_path / "f.npy")).all()
+    res = runner.invoke(app, ["sample", str(run_dir), "--method", "em", "--nfe", "5", "--fit-grid", "64",
+                              "--out", str(tmp_path / "g.npy")])
+    assert res.exit_code == 1 and "method must be a deterministic" in res.output
+
+
 def test_errors_are_one_line_messages(run_dir, tmp_path):
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "rk45", "--nfe", "10", "--out", str(tmp_path / "a.npy")])
     assert res.exit_code == 1 and "unknown sampling method 'rk45'; valid:" in res.output

@@ -63,16 +63,36 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),
            seed: int = typer.Option(0),
            label: int = typer.Option(None, "--label", help="class of a class-conditional run (net_args.n_classes)"),
-           guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w (with --label)")) -> None:
+           guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w (with --label)"),
+           fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
+                                        "prior draws first (samplers.fit_grid; deterministic methods, 0: off)")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .runs import load_run, sample_run
 
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
             raise ValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
+        if fit_grid < 0 or (fit_grid and label is not None):
+            raise ValueError(f"--fit-grid must be >= 0 (0: off) and is for unconditional sampling, got {fit_grid}")
         r = load_run(run)
+        options = {}
+        if fit_grid:
+            import torch
+
+            from .samplers import fit_grid as fit
+            from .sde import LinearSDE
+
+            if hasattr(r.model, "generate") or not isinstance(r.sde, LinearSDE):
+                raise ValueError(f"--fit-grid needs a score model on a linear SDE; run {run} has {r.cfg.sde!r} / "
+                                 f"{type(r.model).__name__}")
+            probe = r.sde.prior_sample((fit_grid,) + r.data.sample_shape, torch.Generator().manual_seed(seed + 1))
+            with torch.no_grad():
+                fitted = fit(r.sde, r.model, probe, method=method, nfe=nfe)
+            options["ts"] = fitted.ts
+            typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g} "
+                       f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
         if label is None:
-            x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed)
+            x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, **options)
         else:
             import torch
 

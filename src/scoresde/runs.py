@@ -60,11 +60,11 @@ def load_run(run_dir: str | Path, which: str = "ema") -> Run:
 
 
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
-               paths: int = 0) -> tuple[Tensor, Tensor | None]:
+               paths: int = 0, **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
-    default to the run's config."""
+    default to the run's config; options go to `samplers.sample` (e.g. ts, t_end)."""
     return draw_samples(run.sde, run.model, (n,) + run.data.sample_shape, method or run.cfg.sampler,
-                        nfe or run.cfg.nfe, generator=torch.Generator().manual_seed(seed), paths=paths)
+                        nfe or run.cfg.nfe, generator=torch.Generator().manual_seed(seed), paths=paths, **options)
 
 
 def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int,

@@ -111,8 +111,8 @@ def resolve_device(name: str) -> torch.device:
 @torch.no_grad()
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
                  generator: torch.Generator | None = None, paths: int = 0,
-                 device: torch.device | None = None) -> tuple[Tensor, Tensor | None]:
-    """`samplers.sample` with `method` and `nfe`; with paths > 0 also the first `paths` reverse
+                 device: torch.device | None = None, **options) -> tuple[Tensor, Tensor | None]:
+    """`samplers.sample` with `method`, `nfe` and its `options`; with paths > 0 also the first `paths` reverse
     trajectories, shape (grid points, paths, ...). A model with a `generate` method (DDPM, VAE:
     `families`) draws its own samples (no trajectories). On a non-CPU `device` the prior draw comes
     from the CPU `generator` and the sampler's noise from a device generator seeded by it."""
@@ -125,7 +125,8 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
         shape = None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
-    options = {"denoise": False} if method == "consistency" else {}  # every consistency step is a denoise
+    if method == "consistency":
+        options = {"denoise": False, **options}  # every consistency step is a denoise
     x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T, callback=callback,
                **options)
     return x, torch.stack(states) if paths else None
