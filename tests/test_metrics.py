@@ -153,6 +153,16 @@ def test_tv_grid_floor_and_value(gen):
     assert 0.5 * res.floor < res.value < 2 * res.floor
 
 
+def test_tv_grid_stays_a_distance_for_densities_sharper_than_the_cells(gen):
+    """A density far narrower than a cell: the midpoint rule puts mass 399 in the centre cell; rescaled to 1,
+    samples of that density are at TV ~0 from it and samples far away at TV 1 (the bound)."""
+    p = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64))
+    log_q = lambda z: p.log_prob(z[:, 0])
+    near = tv_grid(p.sample((1000,))[:, None], log_q, bins=3, bounds=[(-1.5, 1.5)], subcells=1)
+    far = tv_grid(torch.full((1000, 1), 1.0, dtype=torch.float64), log_q, bins=3, bounds=[(-1.5, 1.5)], subcells=1)
+    assert near.value < 1e-12 and far.value == pytest.approx(1.0)
+
+
 def test_kl_gaussian_against_torch():
     rng = np.random.default_rng(4)
     m1, m2, C1, C2 = rng.normal(size=3), rng.normal(size=3), _spd(rng, 3), _spd(rng, 3)
