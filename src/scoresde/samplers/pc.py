@@ -7,11 +7,11 @@ from torch import Tensor
 
 from ..sde import LinearSDE, ScoreFn, batch_time
 from .common import Callback, alpha_sigma, check_grid, finish, noise_like, require_linear
-from .sde import ei_step, em_step
+from .sde import ei_grid_coefficients, ei_step, em_coefficients, em_step
 
 __all__ = ["langevin_corrector_step", "predictor_corrector", "annealed_langevin", "PREDICTORS"]
 
-PREDICTORS = {"em": em_step, "ei": ei_step}
+PREDICTORS = {"em": (em_step, em_coefficients), "ei": (ei_step, ei_grid_coefficients)}  # step, its coefficients
 
 
 def langevin_corrector_step(score_fn: ScoreFn, x: Tensor, t: Tensor, snr: float,
@@ -36,15 +36,18 @@ def predictor_corrector(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tens
         raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps}")
     if not snr > 0:
         raise ValueError(f"snr must be > 0, got {snr}")
-    step = PREDICTORS[predictor]
+    step, coefficients = PREDICTORS[predictor]
     ts = check_grid(ts.to(x_T.dtype))
     x, n = x_T, len(ts) - 1
+    if predictor == "ei":
+        require_linear(sde, "the exponential-integrator predictor")
+    coefs = coefficients(sde, ts) if isinstance(sde, LinearSDE) else [None] * n
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
         for _ in range(int(corrector_steps)):
             x = langevin_corrector_step(score_fn, x, ts[i], snr, generator)
-        x = step(sde, score_fn, x, ts[i], ts[i + 1], generator)
+        x = step(sde, score_fn, x, ts[i], ts[i + 1], generator, coefficients=coefs[i])
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
