@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from scipy import integrate
 
 from scoresde.bounds import kappa_t, prior_w2_bound, tv_bound, tv_bound_vp, w2_bound, w2_bound_log_concave
 from scoresde.gaussian import (backward_sde_law, constant_error, forward_law, random_gaussian, scaled_error,
@@ -90,6 +91,14 @@ def test_tv_bound_quadrature_against_closed_forms():
     # E(t) = t: int_0^1 beta(t) t^2 dt = beta_min / 3 + (beta_max - beta_min) / 4
     r = tv_bound(sde, score_error=lambda t: t, prior_tv=0.0)
     assert r.score_term == pytest.approx(0.5 * math.sqrt(0.1 / 3 + 19.9 / 4), rel=1e-9)
+    # a kinked error curve, E = |t - 0.3| + 1 on a 40-knot log grid interpolated as in runs.analytic_report:
+    # with its knots as breakpoints the quadrature matches the exact integral of the interpolant piece by piece
+    knots = np.geomspace(1e-3, 1.0, 40)
+    E = lambda t: float(np.interp(np.log(t), np.log(knots), np.abs(knots - 0.3) + 1))
+    pieces = [quad_exact for a, b in zip(knots[:-1], knots[1:])
+              for quad_exact in [integrate.quad(lambda t: (0.1 + 19.9 * t) * E(t) ** 2, a, b, epsrel=1e-12)[0]]]
+    r = tv_bound(sde, score_error=E, prior_tv=0.0, t_end=1e-3, breakpoints=knots[1:-1])
+    assert r.score_term == pytest.approx(0.5 * math.sqrt(sum(pieces)), rel=1e-9)
     # T 5.3 for OU: prior sqrt(KL / 2) e^{-T}, score eps sqrt(2T) / 2
     r = tv_bound_vp(OU(T=2.0), score_error=0.1, data_kl=0.8)
     assert r.prior_term == pytest.approx(math.sqrt(0.4) * math.exp(-2.0), rel=1e-9)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy.integrate import quad, solve_ivp
@@ -86,9 +86,10 @@ def _g2(sde: LinearSDE, t: float) -> float:
 
 
 def tv_bound(sde: LinearSDE, *, score_error: float | Callable[[float], float], prior_tv: float,
-             T: float | None = None, t_end: float = 0.0) -> Bound:
+             T: float | None = None, t_end: float = 0.0, breakpoints: Sequence[float] = ()) -> Bound:
     """T 5.2: TV(p_{t_end}, q) <= TV(p_T, pi) + (1/2) (int_{t_end}^T g(t)^2 E(t)^2 dt)^{1/2}.
-    `score_error` is eps (E(t) = eps) or a callable t -> E(t) >= 0 (forward time)."""
+    `score_error` is eps (E(t) = eps) or a callable t -> E(t) >= 0 (forward time); `breakpoints`: times where
+    it has kinks (e.g. the knots of a measured, interpolated error curve), handed to the quadrature."""
     T = _horizon(sde, T, t_end)
     prior_tv = _nonneg("prior_tv", prior_tv)
     if not callable(score_error):
@@ -101,7 +102,8 @@ def tv_bound(sde: LinearSDE, *, score_error: float | Callable[[float], float], p
             raise ValueError(f"score_error({t}) must be >= 0, got {e}")
         return _g2(sde, t) * e**2
 
-    integral = quad(integrand, t_end, T, epsabs=1e-16, epsrel=RTOL, limit=200)[0]
+    points = [p for p in breakpoints if t_end < p < T] or None
+    integral = quad(integrand, t_end, T, epsabs=1e-16, epsrel=RTOL, limit=200 + len(points or ()), points=points)[0]
     score = 0.5 * math.sqrt(integral)
     return Bound(float(prior_tv + score), float(prior_tv), float(score))
 

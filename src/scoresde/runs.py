@@ -105,7 +105,7 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
     pT = mix.at_time(sde, sde.T)
     prior = tv(pT.log_prob, sde.prior_logp, pT.sample(n_points, generator))
     bound = tv_bound(sde, score_error=lambda t: float(np.interp(np.log(t), np.log(ts), errors)),
-                     prior_tv=prior.value, t_end=sde.t_min)
+                     prior_tv=prior.value, t_end=sde.t_min, breakpoints=ts[1:-1].tolist())
     out.update(score_error_rms=float(np.sqrt(np.mean(np.square(errors)))), prior_tv=prior.value,
                tv_bound=bound.value, tv_bound_score_term=bound.score_term)
     return out
