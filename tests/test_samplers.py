@@ -366,6 +366,10 @@ def test_fit_grid_rejects_bad_input():
                           ({"nfe": 2}, "nothing to fit"), ({"t_end": 2.0}, "t_end")]:
         with pytest.raises(ValueError, match=match):
             fit_grid(sde, score, probe, **{"method": "unipc2", "nfe": 5, **kwargs})
+    with pytest.raises(ValueError, match="x_probe"):
+        fit_grid(sde, score, probe[0], method="unipc2", nfe=5)
+    with pytest.raises(ValueError, match="not finite"):
+        fit_grid(sde, lambda x, t: x * math.nan, probe, method="unipc2", nfe=5)
     with pytest.raises(ValueError, match="linear SDE"):
         fit_grid(Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1)), score, probe, method="unipc2", nfe=5)
 
