@@ -357,10 +357,22 @@ def test_fitted_grid_beats_the_default_on_fresh_draws(sde):
     assert err["fitted"] < err["default"] / 1.5, err
 
 
+@pytest.mark.parametrize("sde", LINEAR_SDES, ids=lambda s: type(s).__name__)
+def test_fit_grid_works_for_every_linear_sde(sde):
+    """The knots live in lambda, so the fit needs only log_snr and its inverse: every linear SDE, a multistep
+    and an explicit solver (ddim at eta = 0 counts as deterministic); the fit at least halves the probe error."""
+    score = ring().score_fn(sde)
+    probe = sde.prior_sample((128, 2), torch.Generator().manual_seed(0), F64)
+    for method in ("unipc2", "heun", "ddim"):
+        fit = fit_grid(sde, score, probe, method=method, nfe=7, max_iter=60)
+        assert fit.error < fit.start_error / 2 and len(fit.ts) == (4 if method == "heun" else 7), (method, fit)
+
+
 def test_fit_grid_rejects_bad_input():
     sde, score = VP(), ring().score_fn(VP())
     probe = sde.prior_sample((16, 2), torch.Generator().manual_seed(0), F64)
     for kwargs, match in [({"method": "em"}, "deterministic"), ({"method": "dopri5"}, "deterministic"),
+                          ({"method": "ddim", "eta": 0.5}, "with eta > 0"),
                           ({"method": "nope"}, "deterministic"), ({"ts": time_grid(sde, 4)}, "do not pass ts"),
                           ({"reference_nfe": 5}, "reference_nfe"), ({"min_fraction": 0.3}, "min_fraction"),
                           ({"nfe": 2}, "nothing to fit"), ({"t_end": 2.0}, "t_end")]:
