@@ -18,8 +18,12 @@ BUDGETS = {"pc": 9, "ald": 9}  # others: 7
 
 
 def on(device, score):
-    """The exact CPU score of the mixture, called from samplers that run on `device`."""
-    return lambda x, t: score(x.cpu(), t.cpu()).to(x.device)
+    """The exact CPU score of the mixture, called from samplers that run on `device` (which must pass t there)."""
+    def wrapped(x, t):
+        assert x.device.type == t.device.type == device, (x.device, t.device)
+        return score(x.cpu(), t.cpu()).to(x.device)
+
+    return wrapped
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "consistency"])

@@ -368,14 +368,24 @@ def test_fit_grid_works_for_every_linear_sde(sde):
         assert fit.error < fit.start_error / 2 and len(fit.ts) == (4 if method == "heun" else 7), (method, fit)
 
 
+def test_explicit_grid_may_be_a_list_and_follows_x_T():
+    sde, score = VP(), ring().score_fn(VP())
+    x_T = sde.prior_sample((16, 2), torch.Generator().manual_seed(0), F64)
+    ts = time_grid(sde, 6, "logsnr", t_end=0.01)
+    a = sample(sde, score, None, method="unipc2", nfe=7, x_T=x_T, ts=ts.float())
+    b = sample(sde, score, None, method="unipc2", nfe=7, x_T=x_T, ts=ts.tolist())
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert a.dtype == F64
+
+
 def test_fit_grid_rejects_bad_input():
     sde, score = VP(), ring().score_fn(VP())
     probe = sde.prior_sample((16, 2), torch.Generator().manual_seed(0), F64)
     for kwargs, match in [({"method": "em"}, "deterministic"), ({"method": "dopri5"}, "deterministic"),
                           ({"method": "ddim", "eta": 0.5}, "with eta > 0"),
                           ({"method": "nope"}, "deterministic"), ({"ts": time_grid(sde, 4)}, "do not pass ts"),
-                          ({"reference_nfe": 5}, "reference_nfe"), ({"min_fraction": 0.3}, "min_fraction"),
-                          ({"nfe": 2}, "nothing to fit"), ({"t_end": 2.0}, "t_end")]:
+                          ({"reference_steps": 4}, "reference_steps"), ({"min_fraction": 0.3}, "min_fraction"),
+                          ({"nfe": 2}, "nothing to fit"), ({"nfe": 1}, "does not fit"), ({"t_end": 2.0}, "t_end")]:
         with pytest.raises(ValueError, match=match):
             fit_grid(sde, score, probe, **{"method": "unipc2", "nfe": 5, **kwargs})
     with pytest.raises(ValueError, match="x_probe"):

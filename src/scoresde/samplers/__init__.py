@@ -49,7 +49,7 @@ from .tuning import GridFit, fit_grid
 __all__ = [
     "sample", "METHODS", "Method", "time_grid", "end_time_for_steps", "GRIDS", "euler_maruyama",
     "exponential_integrator", "predictor_corrector", "annealed_langevin", "ode_euler", "heun", "dopri5",
-    "dpm_solver_multistep", "ddim", "ddpm", "fit_grid", "GridFit",
+    "dpm_solver_multistep", "ddim", "ddpm", "fit_grid", "GridFit", "default_denoise", "steps_for",
 ]
 
 
@@ -111,6 +111,25 @@ def _budget_counter(score_fn: ScoreFn, nfe: int) -> ScoreFn:
     return counted
 
 
+def default_denoise(sde: SDE, method: str, nfe: int) -> bool:
+    """The final Tweedie step is on for linear SDEs; heun takes it where nfe is odd (2 per step)."""
+    return isinstance(sde, LinearSDE) and (nfe % 2 == 1 if method == "heun" else True)
+
+
+def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
+    """Grid steps that spend exactly `nfe` evaluations with `method` (budget rules of the module docstring);
+    ValueError when nfe does not fit."""
+    spec = METHODS[method]
+    per_step = spec.evals_per_step(options)
+    budget = nfe - int(bool(denoise))
+    n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
+    if per_step < 1 or budget % per_step or n_steps < 1:
+        extra = " plus 1 for the final denoise" if denoise else ""
+        raise ValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
+                         f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
+    return n_steps
+
+
 def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
            generator: torch.Generator | None = None, x_T: Tensor | None = None,
            callback: Callback | None = None, **options) -> Tensor:
@@ -135,8 +154,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
     elif shape is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
-    default_denoise = isinstance(sde, LinearSDE) and (nfe % 2 == 1 if method == "heun" else True)
-    denoise = options.pop("denoise", default_denoise)
+    denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
     if spec.stochastic:
@@ -145,13 +163,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if "t_end" in grid_opts:
             kwargs["t_end"] = grid_opts["t_end"]
         return spec.fn(sde, _budget_counter(score_fn, nfe), x_T, **kwargs)
-    per_step = spec.evals_per_step(options)
-    budget = nfe - int(bool(denoise))
-    n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
-    if per_step < 1 or budget % per_step or n_steps < 1:
-        extra = " plus 1 for the final denoise" if denoise else ""
-        raise ValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
-                         f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
+    n_steps = steps_for(method, nfe, denoise, options)
     ts = grid_opts.get("ts")
     if ts is None:
         t_end = grid_opts.get("t_end")
@@ -160,6 +172,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=t_end,
                        rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", spec.power),
                        dtype=x_T.dtype, device=x_T.device)
-    elif len(ts) != n_steps + 1:
+    else:
+        ts = torch.as_tensor(ts).to(device=x_T.device, dtype=x_T.dtype)
+    if len(ts) != n_steps + 1:
         raise ValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
     return spec.fn(sde, score_fn, x_T, ts, **kwargs)

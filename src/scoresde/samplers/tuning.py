@@ -36,22 +36,22 @@ class GridFit:
 
 
 def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str, nfe: int,
-             t_end: float | None = None, reference_nfe: int = 201, min_fraction: float = 0.01,
+             t_end: float | None = None, reference_steps: int = 200, min_fraction: float = 0.01,
              max_iter: int | None = None, **options) -> GridFit:
     """Fit the grid of `sample(sde, score_fn, method=method, nfe=nfe, **options)` to this model.
 
     x_probe: prior draws (a few hundred suffice; keep them apart from the draws you sample from).
-    The reference is the same method at `reference_nfe` on a log-SNR grid to the same t_end (default:
+    The reference is the same method with `reference_steps` on a log-SNR grid to the same t_end (default:
     the method's own default end time). The objective is log mean ||x(ts) - x_ref||^2 over the probe
     draws, minimised by Nelder-Mead over the log step lengths in lambda, starting from the method's
     default grid; each step keeps at least `min_fraction` of the lambda range. Costs about
-    reference_nfe + (max_iter + 2) * nfe score evaluations of the probe batch (max_iter: 150 n_steps).
+    reference_steps + (max_iter + 2) * nfe score evaluations of the probe batch (max_iter: 150 n_steps).
 
     The fit minimises path error, not a distribution distance: choose t_end by measurement as for any
     grid (on the 16-D mixture of benchmarks/samplers.py, unipc3 with lower_order_final=False at NFE 5, a grid
     fitted to noise-to-signal 0.1 at the end lost to the unfitted one; fitted to 0.34 it won 3x).
     """
-    from . import METHODS, sample  # the entry point lives in the package that imports this module
+    from . import METHODS, default_denoise, sample, steps_for  # the package that imports this module
 
     if not isinstance(sde, LinearSDE):
         raise ValueError(f"sde must be a linear SDE for fit_grid, got {type(sde).__name__}")
@@ -64,10 +64,10 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         raise ValueError(f"x_probe must be a batch of prior draws, shape (n, ...), got {getattr(x_probe, 'shape', x_probe)}")
     if "ts" in options or "grid" in options:
         raise ValueError("fit_grid chooses the grid itself: do not pass ts or grid")
-    if int(reference_nfe) != reference_nfe or reference_nfe <= nfe:
-        raise ValueError(f"reference_nfe must be an integer > nfe = {nfe}, got {reference_nfe}")
-    denoise = options.get("denoise", method != "heun" or nfe % 2 == 1)
-    n_steps = (int(nfe) - int(bool(denoise))) // spec.evals_per_step(options)
+    denoise = bool(options.get("denoise", default_denoise(sde, method, nfe)))
+    n_steps = steps_for(method, nfe, denoise, options)
+    if int(reference_steps) != reference_steps or reference_steps <= n_steps:
+        raise ValueError(f"reference_steps must be an integer > the {n_steps} steps of nfe={nfe}, got {reference_steps}")
     if n_steps < 2:
         raise ValueError(f"nfe={nfe} gives {n_steps} step(s) for {method!r}: nothing to fit")
     if not 0 < min_fraction * n_steps < 1:
@@ -77,7 +77,7 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
     start = time_grid(sde, n_steps, kind=spec.grid, t_end=t_end, power=spec.power)  # validates t_end
 
     def run(ts: Tensor, budget: int) -> Tensor:
-        return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_probe, ts=ts.to(x_probe.dtype), **options)
+        return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_probe, ts=ts, **options)
 
     lam = sde.log_snr(start)
     lam_T, span = float(lam[0]), float(lam[-1] - lam[0])
@@ -89,9 +89,8 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         ts[0], ts[-1] = start[0], start[-1]
         return ts
 
-    ref_steps = (reference_nfe - int(bool(denoise))) // spec.evals_per_step(options)
-    ref_nfe = ref_steps * spec.evals_per_step(options) + int(bool(denoise))
-    reference = run(time_grid(sde, ref_steps, "logsnr", t_end=t_end), ref_nfe)
+    ref_nfe = int(reference_steps) * spec.evals_per_step(options) + int(denoise)
+    reference = run(time_grid(sde, int(reference_steps), "logsnr", t_end=t_end), ref_nfe)
     calls = 0
 
     def error(ts: Tensor) -> float:
