@@ -318,12 +318,43 @@ def overhead(shape=(64, 3, 32, 32), steps=50, repeats=3, device="cpu"):
     return out
 
 
+def grid_transfer(n=10000, cells=((5, 0.1, False), (5, None, True), (10, 0.03, False))):
+    """Side study: is the fitted grid's gain the grid's alone? The grid fit_grid gives unipc2 (t_end, lof) is
+    handed to diffusers' DPM++3M as custom integer timesteps (its noise levels rounded to the discrete
+    schedule; DPM++3M default and lower_order_final=False), both run from the same x_T."""
+    import diffusers as D
+    sde, rows = VP(), []
+    for tname in ("ring", "mix16"):
+        target, sc = setup(tname)
+        score, eps = sc.continuous(sde), DiscreteEps(sc)
+        gen = torch.Generator().manual_seed(1)
+        scorer = Scorer(target, n, gen, null_repeats=2)
+        x_T = sde.prior_sample((n, target.dim), gen, F64)
+        for nfe, t_end, lof in cells:
+            options = {"lower_order_final": lof, **({"t_end": t_end} if t_end else {})}
+            probe = sde.prior_sample((FIT_PROBES, target.dim), torch.Generator().manual_seed(7), F64)
+            ts = fit_grid(sde, score, probe, method="unipc2", nfe=nfe, **options).ts
+            x = sample(sde, score, None, method="unipc2", nfe=nfe, x_T=x_T, ts=ts, lower_order_final=lof)
+            steps = [int(round(float(np.interp(v, eps.log_sigmas, np.arange(1000))))) for v in -sde.log_snr(ts)]
+            row = {"target": tname, "nfe": nfe, "t_end": t_end, "lof": lof, "timesteps": steps, "scoresde/unipc2": scorer(x)}
+            for knob, kw in (("default", {}), ("lof=0", {"lower_order_final": False})):
+                sched = D.DPMSolverMultistepScheduler(**{**peers()["DPM++3M/default"][1], **kw})
+                sched.set_timesteps(timesteps=steps)
+                y = x_T * sched.init_noise_sigma
+                for t in sched.timesteps:
+                    y = sched.step(eps(sched.scale_model_input(y, t), t), t, y).prev_sample
+                row[f"diffusers/DPM++3M/{knob}"] = scorer(y)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-sweep", type=int, default=3000)
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
-    ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "all"), default="all")
+    ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "transfer", "all"), default="all")
     ap.add_argument("--device", default="cpu", help="overhead stage only: cuda writes samplers_overhead_cuda.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -332,6 +363,9 @@ def main():
         (OUT / "samplers_overhead_cuda.json").write_text(json.dumps({
             f"image (64,3,32,32), {torch.cuda.get_device_name()}": overhead(device=args.device),
             f"image (256,3,64,64), {torch.cuda.get_device_name()}": overhead((256, 3, 64, 64), device=args.device)}))
+        return
+    if args.stage == "transfer":  # side study, not part of "all"
+        (OUT / "samplers_transfer.json").write_text(json.dumps(grid_transfer()))
         return
     sweep_file, head_file, over_file = (OUT / f"samplers_{k}.json" for k in ("sweep", "headline", "overhead"))
     if args.stage in ("sweep", "all"):
