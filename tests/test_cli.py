@@ -60,6 +60,8 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "em", "--nfe", "5", "--fit-grid", "64",
                               "--out", str(tmp_path / "g.npy")])
     assert res.exit_code == 1 and "method must be a deterministic" in res.output
+    res = runner.invoke(app, ["sample", str(run_dir), "--fit-grid", "-1", "--out", str(tmp_path / "g.npy")])
+    assert res.exit_code == 1 and "--fit-grid must be >= 0" in res.output
 
 
 def test_errors_are_one_line_messages(run_dir, tmp_path):

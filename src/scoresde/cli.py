@@ -72,8 +72,10 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
             raise ValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
-        if fit_grid < 0 or (fit_grid and label is not None):
-            raise ValueError(f"--fit-grid must be >= 0 (0: off) and is for unconditional sampling, got {fit_grid}")
+        if fit_grid < 0:
+            raise ValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
+        if fit_grid and label is not None:
+            raise ValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
         r = load_run(run)
         options = {}
         if fit_grid:
