@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scoresde import alignment as A
-from scoresde.metrics import mmd2
-from scoresde.networks import MLP
-from scoresde.rewards import linear
-from scoresde.samplers.grids import time_grid
-from scoresde.sde import VP
-from scoresde.targets import GaussianMixture
+from scoresde.core.sde import VP
+from scoresde.core.targets import GaussianMixture
+from scoresde.evaluation.metrics import mmd2
+from scoresde.learning.networks import MLP
+from scoresde.models import alignment as A
+from scoresde.models.rewards import linear
+from scoresde.sampling.grids import time_grid
 
 FIG = Path(__file__).parent / "figures"
 SDE = VP()
@@ -125,9 +125,9 @@ def grid_study(args) -> dict:
 
 def toy_case(args) -> dict:
     """A moons model trained by the library, fine-tuned as a network; reference tilt by importance resampling."""
-    from scoresde.config import load_config
-    from scoresde.runs import load_run
-    from scoresde.train import Trainer
+    from scoresde.running.config import load_config
+    from scoresde.running.runs import load_run
+    from scoresde.running.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"out={tmp}", "name=moons", "data=moons", f"steps={args.toy_train_steps}",

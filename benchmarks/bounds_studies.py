@@ -29,15 +29,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scoresde.bounds import tv_bound, tv_bound_vp, w2_bound_log_concave  # noqa: E402
-from scoresde.gaussian import (backward_sde_law, constant_error, euler_maruyama_law,  # noqa: E402
-                               exponential_integrator_law, forward_law, probability_flow_law, random_gaussian,
-                               scaled_error, score_error_l2, step_coefficients)
-from scoresde.likelihood import log_likelihood  # noqa: E402
-from scoresde.metrics import Estimate, kl_gaussian, tv, tv_grid, w2, w2_floor, w2_gaussian  # noqa: E402
-from scoresde.samplers import dopri5, exponential_integrator  # noqa: E402
-from scoresde.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP  # noqa: E402
-from scoresde.targets import GaussianMixture  # noqa: E402
+from scoresde.core.gaussian import (
+    backward_sde_law,
+    constant_error,
+    euler_maruyama_law,
+    exponential_integrator_law,
+    forward_law,
+    probability_flow_law,
+    random_gaussian,
+    scaled_error,
+    score_error_l2,
+    step_coefficients,
+)
+from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP  # noqa: E402
+from scoresde.core.targets import GaussianMixture  # noqa: E402
+from scoresde.evaluation.bounds import tv_bound, tv_bound_vp, w2_bound_log_concave  # noqa: E402
+from scoresde.evaluation.metrics import Estimate, kl_gaussian, tv, tv_grid, w2, w2_floor, w2_gaussian  # noqa: E402
+from scoresde.sampling import dopri5, exponential_integrator  # noqa: E402
+from scoresde.sampling.likelihood import log_likelihood  # noqa: E402
 
 torch.set_num_threads(1)
 FIG = Path(__file__).resolve().parent / "figures"

@@ -30,14 +30,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scoresde.config import Config, load_config  # noqa: E402
-from scoresde.consistency import ConsistencyModel, consistency_sample, effective_sigma  # noqa: E402
-from scoresde.consistency_train import ConsistencyTrainer  # noqa: E402
-from scoresde.metrics import w2  # noqa: E402
-from scoresde.runs import load_run  # noqa: E402
-from scoresde.samplers import sample  # noqa: E402
-from scoresde.data import load_dataset  # noqa: E402
-from scoresde.train import Trainer, build_sde  # noqa: E402
+from scoresde.evaluation.metrics import w2  # noqa: E402
+from scoresde.models.consistency import ConsistencyModel, effective_sigma  # noqa: E402
+from scoresde.running.build import build_sde
+from scoresde.running.config import Config, load_config  # noqa: E402
+from scoresde.running.consistency_train import ConsistencyTrainer  # noqa: E402
+from scoresde.running.data import load_dataset  # noqa: E402
+from scoresde.running.runs import load_run  # noqa: E402
+from scoresde.running.train import Trainer  # noqa: E402
+from scoresde.sampling import sample  # noqa: E402
+from scoresde.sampling.consistency import consistency_sample
 
 ROOT = Path(__file__).resolve().parent
 RUNS = ROOT.parent / "runs" / "bench-consistency"

@@ -32,8 +32,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from scoresde.estimation import (ExponentialFamily, mle_estimate, relative_efficiency,  # noqa: E402
-                                 sandwich_covariance, score_matching_estimate)
+from scoresde.learning.estimation import (
+    ExponentialFamily,
+    mle_estimate,
+    relative_efficiency,
+    sandwich_covariance,
+    score_matching_estimate,
+)
 
 torch.set_num_threads(1)
 FIG = Path(__file__).resolve().parent / "figures"
@@ -215,8 +220,8 @@ W_FIXED = 128
 
 def train_network(data: str, n: int, width: int, out: Path):
     """An MLP trained by scoresde.train.Trainer with denoising score matching on n points of `data`."""
-    from scoresde.config import Config
-    from scoresde.train import Trainer
+    from scoresde.running.config import Config
+    from scoresde.running.train import Trainer
 
     cfg = Config(name=f"{data}_n{n}_w{width}", out=str(out), seed=0, data=data, n_train=n, n_test=200, sde="vp",
                  net="mlp", net_args={"hidden": width, "depth": DEPTH}, parametrization="eps", loss="denoising",
@@ -256,8 +261,8 @@ def empirical_optimum_profile(x0: torch.Tensor, mixture, sde, ts: np.ndarray, m:
 
 def add_empirical_optimum(result: dict) -> dict:
     """Adds the empirical DSM minimiser's error profile for every finite n of the sweep (no training)."""
-    from scoresde.data import load_dataset
-    from scoresde.sde import VP
+    from scoresde.core.sde import VP
+    from scoresde.running.data import load_dataset
 
     ts = np.array(result["ts"])
     emp = {}
@@ -268,7 +273,7 @@ def add_empirical_optimum(result: dict) -> dict:
         print(f"{result['data']} empirical DSM optimum n={n}: eps2={eps2_of(e2, ts):.4g}", flush=True)
     extra = {}
     if ds.mixture.dim == 2:  # the histogram TV of an exact sample: the floor of the TV column of (d)
-        from scoresde.metrics import tv_grid
+        from scoresde.evaluation.metrics import tv_grid
         exact = ds.mixture.sample(N_GEN, torch.Generator().manual_seed(5))
         extra["tv_grid_exact"] = tv_grid(exact, ds.mixture.log_prob, bins=40).value
     return {**result, "empirical": emp, **extra}
@@ -276,16 +281,16 @@ def add_empirical_optimum(result: dict) -> dict:
 
 def eps2_of(e2: np.ndarray, ts: np.ndarray) -> float:
     """sigma_t^2-weighted time average of E(t)^2 on [t_min, T] (the eps-prediction error; DSM weighting)."""
-    from scoresde.sde import VP
+    from scoresde.core.sde import VP
 
     sig2 = np.array([float(VP().sigma(torch.tensor(t, dtype=F64))) ** 2 for t in ts])
     return float(np.trapezoid(sig2 * np.asarray(e2), ts) / (ts[-1] - ts[0]))
 
 
 def study_cd(data: str, with_samples: bool, out: Path) -> dict:
-    from scoresde.bounds import tv_bound, tv_bound_vp
-    from scoresde.metrics import mmd2, tv_grid, w2, w2_floor
-    from scoresde.sde import VP
+    from scoresde.core.sde import VP
+    from scoresde.evaluation.bounds import tv_bound, tv_bound_vp
+    from scoresde.evaluation.metrics import mmd2, tv_grid, w2, w2_floor
 
     sde = VP()
     ts = sde.t_min + (sde.T - sde.t_min) * np.linspace(0, 1, 25) ** 2  # dense near t_min where errors grow

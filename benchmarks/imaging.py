@@ -23,17 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scoresde.config import Config
-from scoresde.data import load_digits
-from scoresde.discrete import DDPMSchedule, ddpm_elbo
-from scoresde.features import digits_feature_net, image_features, knn_precision_recall
-from scoresde.families import pf_bits_per_dim
-from scoresde.guidance import inpaint
-from scoresde.imaging import label_guided, save_grid
-from scoresde.metrics import frechet_distance
-from scoresde.networks import EMA
-from scoresde.samplers import sample
-from scoresde.train import Trainer, draw_samples, learning_rate
+from scoresde.evaluation.features import image_features, knn_precision_recall
+from scoresde.evaluation.metrics import frechet_distance
+from scoresde.learning.networks import EMA
+from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
+from scoresde.running.build import draw_samples
+from scoresde.running.config import Config
+from scoresde.running.data import load_digits
+from scoresde.running.feature_net import digits_feature_net
+from scoresde.running.plots import save_grid
+from scoresde.running.train import Trainer, learning_rate
+from scoresde.sampling import sample
+from scoresde.sampling.guidance import inpaint, label_guided
+from scoresde.sampling.likelihood import pf_bits_per_dim
 
 LEVELS = 17  # digits: pixel / 8 - 1, pixel in 0..16
 BUDGETS = {"bench": dict(steps=1500, n=500, n_lik=100), "demo": dict(steps=1000, n=300, n_lik=50)}
@@ -232,7 +234,7 @@ def main() -> None:
                 grid.append(x), grid_labels.append(f"{label} {method} {nfe}")
 
     # consistency model distilled from the VP model, one step
-    from scoresde.consistency_train import ConsistencyTrainer
+    from scoresde.running.consistency_train import ConsistencyTrainer
 
     cm_spec = dict(sde="vp", parametrization="x0", loss="consistency", sampler="consistency", nfe=1,
                    loss_args={"mode": "cd", "teacher": str(trained["VP"][0].run_dir)}, ema_decay=0.95)

@@ -21,9 +21,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from scoresde import sde as S  # noqa: E402
-from scoresde.likelihood import log_likelihood  # noqa: E402
-from scoresde.targets import random_mixture  # noqa: E402
+from scoresde.core import sde as S  # noqa: E402
+from scoresde.core.targets import random_mixture  # noqa: E402
+from scoresde.sampling.likelihood import log_likelihood  # noqa: E402
 
 FIG = Path(__file__).parent / "figures"
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)

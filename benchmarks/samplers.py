@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scoresde import VP
-from scoresde.metrics import _mixture_kernel_means, mmd2
-from scoresde.samplers import fit_grid, sample
-from scoresde.targets import GaussianMixture, random_mixture, ring
+from scoresde.core.sde import VP
+from scoresde.core.targets import GaussianMixture, random_mixture, ring
+from scoresde.evaluation.metrics import _mixture_kernel_means, mmd2
+from scoresde.sampling import fit_grid, sample
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64

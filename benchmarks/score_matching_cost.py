@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from scoresde.losses import denoising_score_matching, implicit_score_matching, sliced_score_matching  # noqa: E402
-from scoresde.networks import MLP  # noqa: E402
-from scoresde.sde import VP  # noqa: E402
+from scoresde.core.sde import VP  # noqa: E402
+from scoresde.learning.losses import denoising_score_matching, implicit_score_matching, sliced_score_matching  # noqa: E402
+from scoresde.learning.networks import MLP  # noqa: E402
 
 FIG = Path(__file__).parent / "figures"
 DIMS = (2, 8, 32, 128, 512, 1024)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from scoresde.config import Config
-from scoresde.train import Trainer, build_model, build_sde
+from scoresde.running.build import build_model, build_sde
+from scoresde.running.config import Config
+from scoresde.running.train import Trainer
 
 FIG = Path(__file__).parent / "figures" / "train_throughput.png"
 CASES = [  # name, config overrides, steps per round

@@ -5,11 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from scoresde import alignment as A
-from scoresde import rewards as R
-from scoresde.samplers.grids import time_grid
-from scoresde.sde import VP
-from scoresde.targets import GaussianMixture
+from scoresde.core.sde import VP
+from scoresde.core.targets import GaussianMixture
+from scoresde.models import alignment as A
+from scoresde.models import rewards as R
+from scoresde.running.finetune import finetune_run
+from scoresde.sampling.grids import time_grid
 
 SDE = VP()
 
@@ -166,8 +167,8 @@ def component_weights(x, mixture):
 
 def tilt_run(beta, steps, n_time_steps, gen):
     """Fine-tune a residual MLP on the exact mixture score; return the fine-tuned samples and history."""
-    from scoresde.networks import MLP
-    from scoresde.samplers import sample
+    from scoresde.learning.networks import MLP
+    from scoresde.sampling import sample
 
     pre = MIX.score_fn(SDE)
     model, hist = A.finetune(SDE, pre, R.linear(C_TILT), beta=beta, steps=steps, batch_size=256,
@@ -255,7 +256,7 @@ def test_log_ratio_is_gaussian_transition_ratio(gen):
 
 def test_ddpo_raises_reward(gen):
     """DDPO on the tilted-mixture problem: the reward climbs well past the pretrained one; KL is recorded."""
-    from scoresde.networks import MLP
+    from scoresde.learning.networks import MLP
 
     _, hist = A.ddpo(SDE, MIX.score_fn(SDE), R.linear(C_TILT), steps=40, batch_size=128, n_time_steps=10, lr=1e-2,
                      shape=(2,), network=MLP(2, hidden=32, depth=1), generator=gen)
@@ -304,7 +305,7 @@ def test_reward_and_input_validation():
 
 def test_clipped_updates_and_network_pretrained(gen):
     """Several clipped updates per batch on a network pretrained (a copy is trained, the original untouched)."""
-    from scoresde.networks import MLP
+    from scoresde.learning.networks import MLP
 
     net = MLP(2, hidden=16, depth=1)
     nn.init.normal_(net.out.weight, std=0.1)
@@ -324,29 +325,29 @@ def test_mean_pairwise_distance():
 
 
 def test_parse_reward():
-    r = A.parse_reward("distance", {"points": "0,1;1,0"})
+    r = R.parse_reward("distance", {"points": "0,1;1,0"})
     assert torch.allclose(r(torch.tensor([[0.0, 1.0], [3.0, 0.0]])), torch.tensor([0.0, -2.0]))
-    assert torch.allclose(A.parse_reward("linear", ["c=1,2"])(torch.ones(1, 2)), torch.tensor([3.0]))
-    assert torch.allclose(A.parse_reward("region", ["low=0,0", "high=1,1", "sharpness=100"])(torch.tensor([[0.5, 0.5]])),
+    assert torch.allclose(R.parse_reward("linear", ["c=1,2"])(torch.ones(1, 2)), torch.tensor([3.0]))
+    assert torch.allclose(R.parse_reward("region", ["low=0,0", "high=1,1", "sharpness=100"])(torch.tensor([[0.5, 0.5]])),
                           torch.tensor([1.0]))
     with pytest.raises(ValueError, match="key=value"):
-        A.parse_reward("linear", ["c"])
+        R.parse_reward("linear", ["c"])
     with pytest.raises(ValueError, match="unknown reward"):
-        A.parse_reward("speed", {})
+        R.parse_reward("speed", {})
     with pytest.raises(ValueError, match="numbers"):
-        A.parse_reward("linear", {"c": "a,b"})
+        R.parse_reward("linear", {"c": "a,b"})
 
 
 def test_finetune_run_writes_loadable_run(tmp_path):
     """A tiny trained run fine-tuned into a new folder that `load_run` reads back with the new weights."""
-    from scoresde.config import load_config
-    from scoresde.runs import load_run
-    from scoresde.train import Trainer
+    from scoresde.running.config import load_config
+    from scoresde.running.runs import load_run
+    from scoresde.running.train import Trainer
 
     cfg = load_config(None, [f"out={tmp_path}", "name=base", "steps=20", "eval_every=0", "progress=false",
                              "net_args.hidden=16", "net_args.depth=1", "n_train=500", "n_test=200", "nfe=20"])
     Trainer(cfg).run()
-    out = A.finetune_run(tmp_path / "base", tmp_path / "tuned", A.parse_reward("linear", {"c": "0,1"}), beta=0.5,
+    out = finetune_run(tmp_path / "base", tmp_path / "tuned", R.parse_reward("linear", {"c": "0,1"}), beta=0.5,
                          steps=3, batch_size=16, n_time_steps=5, lr=1e-2, n_samples=100)
     for path in out["paths"].values():
         assert path.is_file()
@@ -354,15 +355,15 @@ def test_finetune_run_writes_loadable_run(tmp_path):
     diff = [not torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), base.model.state_dict().values())]
     assert any(diff) and tuned.step == base.step + 3
     with pytest.raises(ValueError, match="out_dir"):
-        A.finetune_run(tmp_path / "base", tmp_path / "base", A.parse_reward("linear", {"c": "0,1"}), beta=0.5)
+        finetune_run(tmp_path / "base", tmp_path / "base", R.parse_reward("linear", {"c": "0,1"}), beta=0.5)
 
 
 def test_cli_finetune(tmp_path):
     from typer.testing import CliRunner
 
     from scoresde.cli import app
-    from scoresde.config import load_config
-    from scoresde.train import Trainer
+    from scoresde.running.config import load_config
+    from scoresde.running.train import Trainer
 
     cfg = load_config(None, [f"out={tmp_path}", "name=base", "steps=10", "eval_every=0", "progress=false",
                              "net_args.hidden=16", "net_args.depth=1", "n_train=300", "n_test=100", "nfe=10"])

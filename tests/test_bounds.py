@@ -6,11 +6,17 @@ import pytest
 import torch
 from scipy import integrate
 
-from scoresde.bounds import kappa_t, prior_w2_bound, tv_bound, tv_bound_vp, w2_bound, w2_bound_log_concave
-from scoresde.gaussian import (backward_sde_law, constant_error, forward_law, random_gaussian, scaled_error,
-                               score_error_l2)
-from scoresde.metrics import kl_gaussian, tv, w2_gaussian
-from scoresde.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP
+from scoresde.core.gaussian import (
+    backward_sde_law,
+    constant_error,
+    forward_law,
+    random_gaussian,
+    scaled_error,
+    score_error_l2,
+)
+from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP
+from scoresde.evaluation.bounds import kappa_t, prior_w2_bound, tv_bound, tv_bound_vp, w2_bound, w2_bound_log_concave
+from scoresde.evaluation.metrics import kl_gaussian, tv, w2_gaussian
 
 # The SDEs of study (a) and their horizon grids (benchmarks/bounds_studies.py uses the same).
 GRIDS = {

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from scoresde import checkpoint as C
-from scoresde.networks import EMA, MLP
+from scoresde.learning.networks import EMA, MLP
+from scoresde.running import checkpoint as C
 
 
 def _trained(gen, steps=3):

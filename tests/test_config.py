@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scoresde.config import Config, apply_overrides, load_config, save_config
+from scoresde.running.config import Config, apply_overrides, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -51,10 +51,10 @@ def test_errors_name_the_key_and_list_valid_ones(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_build(path):
     """Every config in configs/ resolves: its SDE, network (on its data's shape), loss and sampler exist."""
-    from scoresde.data import load_dataset
-    from scoresde.losses import LOSSES
-    from scoresde.samplers import METHODS
-    from scoresde.train import build_model, build_sde
+    from scoresde.learning.losses import LOSSES
+    from scoresde.running.build import build_model, build_sde
+    from scoresde.running.data import load_dataset
+    from scoresde.sampling import METHODS
 
     cfg = load_config(path)
     data = load_dataset(cfg.data, n_train=16, n_test=4, pad_to=cfg.pad_to)

@@ -5,12 +5,21 @@ import pytest
 import torch
 from torch import nn
 
-from scoresde import sde as S
-from scoresde.consistency import (
-    ConsistencyLoss, ConsistencyModel, cd_pair, consistency_sample, consistency_scalings, consistency_times,
-    ct_pair, distance, effective_sigma, improved_ct_steps, lognormal_index_probs, multistep_times, teacher_step,
+from scoresde.core import sde as S
+from scoresde.core.targets import GaussianMixture
+from scoresde.models.consistency import (
+    ConsistencyLoss,
+    ConsistencyModel,
+    cd_pair,
+    consistency_times,
+    ct_pair,
+    distance,
+    effective_sigma,
+    improved_ct_steps,
+    lognormal_index_probs,
+    teacher_step,
 )
-from scoresde.targets import GaussianMixture
+from scoresde.sampling.consistency import consistency_sample, consistency_scalings, multistep_times
 
 LINEAR = [S.VP(), S.VE(), S.VEEDM(), S.SubVP(), S.OU(), S.ContractiveOU(), S.ContractiveVP()]
 D64 = torch.float64
@@ -267,8 +276,8 @@ def test_sampling_with_exact_flow_map_has_the_exact_law(sde, gen):
 def test_registered_sampler_method(gen):
     """samplers.sample(method="consistency", nfe=k, denoise=False) is k-step consistency sampling,
     and a ScoreModel with parametrization x0 (a consistency run's checkpoint) is wrapped."""
-    from scoresde.precond import ScoreModel
-    from scoresde.samplers import sample
+    from scoresde.core.precond import ScoreModel
+    from scoresde.sampling import sample
 
     sde = S.VP()
     cm = ConsistencyModel.from_net(TinyNet(), sde, 0.5)
@@ -290,7 +299,7 @@ def test_distillation_learns_exact_gaussian_flow_map():
     model's one-step map matches the closed-form flow map x_t -> x_{t_min} with relative RMS error
     < 4% over t on the grid and x_t ~ p_t (it starts at 75%; the posterior mean E[x0 | x_t], which a
     denoiser would learn instead, is off by far more at large t)."""
-    from scoresde.networks import MLP
+    from scoresde.learning.networks import MLP
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from scoresde.config import Config
-from scoresde.consistency import ConsistencyModel, consistency_sample
-from scoresde.consistency_train import ConsistencyTrainer
-from scoresde.train import Trainer
+from scoresde.models.consistency import ConsistencyModel
+from scoresde.running.config import Config
+from scoresde.running.consistency_train import ConsistencyTrainer
+from scoresde.running.train import Trainer
+from scoresde.sampling.consistency import consistency_sample
 
 
 def _cfg(tmp_path, **kw):

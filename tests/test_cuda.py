@@ -5,12 +5,12 @@ Skipped where CUDA is absent (CI); run on a GPU machine with `pytest tests/test_
 import pytest
 import torch
 
-from scoresde import VE, VP
-from scoresde.config import Config
-from scoresde.likelihood import log_likelihood
-from scoresde.samplers import METHODS, fit_grid, sample
-from scoresde.targets import ring
-from scoresde.train import Trainer
+from scoresde.core.sde import VE, VP
+from scoresde.core.targets import ring
+from scoresde.running.config import Config
+from scoresde.running.train import Trainer
+from scoresde.sampling import METHODS, fit_grid, sample
+from scoresde.sampling.likelihood import log_likelihood
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 F64 = torch.float64

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.data import load_array, load_dataset, load_digits, load_png_folder, validate
-from scoresde.targets import two_moons
+from scoresde.core.targets import two_moons
+from scoresde.running.data import load_array, load_dataset, load_digits, load_png_folder, validate
 
 
 def test_toy_sets_are_seeded_draws_of_the_targets():

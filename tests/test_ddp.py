@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from scoresde.checkpoint import checkpoint_weights, read_checkpoint
-from scoresde.config import load_config
-from scoresde.train import Trainer
+from scoresde.running.checkpoint import checkpoint_weights, read_checkpoint
+from scoresde.running.config import load_config
+from scoresde.running.train import Trainer
 
 CONFIG = ("data: moons\nn_train: 400\nn_test: 50\nnet_args: {hidden: 16, depth: 2, emb_dim: 8}\nsteps: 12\n"
           "batch_size: 64\nlr: 0.01\nwarmup: 2\ncheckpoint_every: 6\neval_every: 0\nn_eval: 20\nnfe: 11\nprogress: false\n")

@@ -4,9 +4,15 @@ import math
 import pytest
 import torch
 
-from scoresde import sde as S
-from scoresde.discrete import (DDPMSchedule, ddpm_elbo, ddpm_sample, ddpm_simple_loss,
-                               discretized_gaussian_log_likelihood, geometric_sigmas, ncsn_loss)
+from scoresde.core import sde as S
+from scoresde.models.ddpm import (
+    DDPMSchedule,
+    ddpm_elbo,
+    ddpm_sample,
+    ddpm_simple_loss,
+    discretized_gaussian_log_likelihood,
+)
+from scoresde.models.ncsn import geometric_sigmas, ncsn_loss
 
 
 def two_point_eps(schedule):

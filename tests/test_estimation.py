@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import integrate, stats
 
-from scoresde import estimation as E
+from scoresde.learning import estimation as E
 
 
 def gaussian_family(interval=(-15.0, 15.0)):

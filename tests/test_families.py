@@ -8,18 +8,19 @@ import torch
 from typer.testing import CliRunner
 
 from scoresde.cli import app
-from scoresde.config import Config
-from scoresde.discrete import DDPMSchedule, ddpm_sample, ncsn_loss
-from scoresde.families import DDPMModel, ncsn_sigmas, ncsn_train_loss, pf_bits_per_dim
-from scoresde.guidance import classifier_free
-from scoresde.imaging import label_guided, load_mask
-from scoresde.likelihood import bits_per_dim
-from scoresde.networks import MLP, UNet
-from scoresde.precond import ScoreModel
-from scoresde.sde import VE, VP
-from scoresde.targets import GaussianMixture
-from scoresde.train import Trainer, draw_samples
-from scoresde.vae import ConvVAE
+from scoresde.core.precond import ScoreModel
+from scoresde.core.sde import VE, VP
+from scoresde.core.targets import GaussianMixture
+from scoresde.learning.networks import MLP, UNet
+from scoresde.models.ddpm import DDPMModel, DDPMSchedule, ddpm_sample
+from scoresde.models.ncsn import ncsn_loss, ncsn_sigmas, ncsn_train_loss
+from scoresde.models.vae import ConvVAE
+from scoresde.running.build import draw_samples
+from scoresde.running.config import Config
+from scoresde.running.data import load_mask
+from scoresde.running.train import Trainer
+from scoresde.sampling.guidance import classifier_free, label_guided
+from scoresde.sampling.likelihood import bits_per_dim, pf_bits_per_dim
 
 runner = CliRunner()
 
@@ -226,7 +227,7 @@ def test_cli_inpaint_keeps_the_known_pixels(cond_run, tmp_path):
     res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "mask.npy"), "--n", "4",
                               "--nfe", "6", "--out", str(tmp_path / "x.npy")])
     assert res.exit_code == 0, res.output
-    from scoresde.runs import load_run
+    from scoresde.running.runs import load_run
 
     known = load_run(cond_run).data.test[:4].numpy()
     x = np.load(tmp_path / "x.npy")

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.data import load_digits
-from scoresde.features import digits_feature_net, image_features, knn_precision_recall
-from scoresde.metrics import frechet_distance
+from scoresde.evaluation.features import image_features, knn_precision_recall
+from scoresde.evaluation.metrics import frechet_distance
+from scoresde.running.data import load_digits
+from scoresde.running.feature_net import digits_feature_net
 
 
 @pytest.fixture(scope="module")

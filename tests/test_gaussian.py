@@ -4,9 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.gaussian import (backward_sde_law, constant_error, euler_maruyama_law, exponential_integrator_law,
-                               forward_law, probability_flow_law, scaled_error, score_error_l2, score_error_sup)
-from scoresde.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP, probability_flow_drift, reverse_drift
+from scoresde.core.gaussian import (
+    backward_sde_law,
+    constant_error,
+    euler_maruyama_law,
+    exponential_integrator_law,
+    forward_law,
+    probability_flow_law,
+    scaled_error,
+    score_error_l2,
+    score_error_sup,
+)
+from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP, probability_flow_drift, reverse_drift
 
 SDES = [VP(), SubVP(), OU(T=3.0), ContractiveOU(g=2.0, T=1.0), ContractiveVP()]
 IDS = ["vp", "subvp", "ou", "cou", "cvp"]
@@ -161,7 +170,7 @@ def test_bad_inputs():
 def test_exponential_integrator_recursion_against_the_samplers_module(sde):
     """Peer check: scoresde.samplers.exponential_integrator (its own coefficients) simulated with the same
     affine score has the mean and covariance of the exact recursion."""
-    from scoresde.samplers import exponential_integrator
+    from scoresde.sampling import exponential_integrator
     d, n, steps = 2, 40_000, 6
     m, C = _data(d, seed=7)
     err = _affine_error(d)

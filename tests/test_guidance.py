@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from scoresde import sde as S
-from scoresde.guidance import classifier_free, classifier_guidance, inpaint, inpaint_score
-from scoresde.targets import GaussianMixture
+from scoresde.core import sde as S
+from scoresde.core.targets import GaussianMixture
+from scoresde.sampling.guidance import classifier_free, classifier_guidance, inpaint, inpaint_score
 
 
 def image_gaussian(gen):

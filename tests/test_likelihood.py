@@ -4,9 +4,16 @@ import math
 import pytest
 import torch
 
-from scoresde import sde as S
-from scoresde.likelihood import bits_per_dim, dequantize, evaluate_likelihood, is_8bit, log_likelihood, pixel_values
-from scoresde.targets import GaussianMixture, random_mixture, ring
+from scoresde.core import sde as S
+from scoresde.core.targets import GaussianMixture, random_mixture, ring
+from scoresde.sampling.likelihood import (
+    bits_per_dim,
+    dequantize,
+    evaluate_likelihood,
+    is_8bit,
+    log_likelihood,
+    pixel_values,
+)
 
 F64 = torch.float64
 
@@ -202,8 +209,8 @@ def test_cli_likelihood_on_a_tiny_run(tmp_path):
     from typer.testing import CliRunner
 
     from scoresde.cli import app
-    from scoresde.config import Config
-    from scoresde.train import Trainer
+    from scoresde.running.config import Config
+    from scoresde.running.train import Trainer
 
     cfg = Config(name="r", out=str(tmp_path), data="ring", steps=10, batch_size=32, warmup=2, checkpoint_every=10,
                  eval_every=0, log_every=5, progress=False, n_train=100, n_test=20,

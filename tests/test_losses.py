@@ -4,10 +4,17 @@ import math
 import pytest
 import torch
 
-from scoresde.losses import (LOSSES, denoising_score_matching, explicit_score_matching, implicit_score_matching,
-                             loss_weight, sample_time, sliced_score_matching)
-from scoresde.sde import OU, VE, VP, Langevin, SubVP
-from scoresde.targets import GaussianMixture
+from scoresde.core.sde import OU, VE, VP, Langevin, SubVP
+from scoresde.core.targets import GaussianMixture
+from scoresde.learning.losses import (
+    LOSSES,
+    denoising_score_matching,
+    explicit_score_matching,
+    implicit_score_matching,
+    loss_weight,
+    sample_time,
+    sliced_score_matching,
+)
 
 F64 = torch.float64
 NAMES = ["explicit", "implicit", "sliced", "denoising"]

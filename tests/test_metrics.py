@@ -8,9 +8,19 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import norm
 
-from scoresde.metrics import (Estimate, frechet_distance, kl_gaussian, mmd2, sliced_w2, tv, tv_grid, w2,
-                              w2_floor, w2_gaussian)
-from scoresde.targets import GaussianMixture, ring
+from scoresde.core.targets import GaussianMixture, ring
+from scoresde.evaluation.metrics import (
+    Estimate,
+    frechet_distance,
+    kl_gaussian,
+    mmd2,
+    sliced_w2,
+    tv,
+    tv_grid,
+    w2,
+    w2_floor,
+    w2_gaussian,
+)
 
 
 def _spd(rng, d, jitter=0.3):

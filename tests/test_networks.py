@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from scoresde.networks import EMA, MLP, SinusoidalEmbedding, UNet
+from scoresde.learning.networks import EMA, MLP, SinusoidalEmbedding, UNet
 
 
 def test_embedding_values(gen):
@@ -57,7 +57,7 @@ def test_unet_shapes_and_per_sample(attention, gen):
 
 def test_unet_attention_is_permutation_equivariant_over_positions(gen):
     """Self-attention (without convolutions) mixes positions only through softmax weights."""
-    from scoresde.networks import Attention
+    from scoresde.learning.networks import Attention
 
     attn = Attention(8, groups=4)
     torch.nn.init.normal_(attn.proj.weight, generator=gen)

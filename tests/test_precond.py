@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from scoresde import precond as P
-from scoresde.sde import OU, VE, VEEDM, VP, ContractiveVP, Langevin, SubVP
-from scoresde.targets import GaussianMixture, ring
+from scoresde.core import precond as P
+from scoresde.core.sde import OU, VE, VEEDM, VP, ContractiveVP, Langevin, SubVP
+from scoresde.core.targets import GaussianMixture, ring
 
 SDES = [VP(), SubVP(), VE(), VEEDM(), OU(), ContractiveVP()]
 

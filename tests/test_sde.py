@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import integrate
 
-from scoresde import sde as S
-from scoresde.targets import GaussianMixture, ring
+from scoresde.core import sde as S
+from scoresde.core.targets import GaussianMixture, ring
 
 LINEAR = {
     "OU": S.OU(),

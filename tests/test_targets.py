@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from scoresde import sde as S
-from scoresde import targets as TG
+from scoresde.core import sde as S
+from scoresde.core import targets as TG
 
 
 def test_score_is_gradient_of_log_prob(gen):

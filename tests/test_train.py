@@ -5,12 +5,13 @@ import warnings
 import pytest
 import torch
 
-from scoresde.checkpoint import read_checkpoint
-from scoresde.config import Config
-from scoresde.data import Dataset, load_dataset
-from scoresde.sde import VP
-from scoresde.targets import GaussianMixture
-from scoresde.train import NonFiniteLoss, Trainer, build_model, build_sde, draw_samples, learning_rate
+from scoresde.core.sde import VP
+from scoresde.core.targets import GaussianMixture
+from scoresde.running.build import build_model, build_sde, draw_samples
+from scoresde.running.checkpoint import read_checkpoint
+from scoresde.running.config import Config
+from scoresde.running.data import Dataset, load_dataset
+from scoresde.running.train import NonFiniteLoss, Trainer, learning_rate
 
 
 def _cfg(tmp_path, **kw):
@@ -148,7 +149,7 @@ def test_training_learns_a_gaussian_score(tmp_path, gen):
     cfg = _cfg(tmp_path, steps=300, batch_size=128, lr=3e-3, warmup=20, checkpoint_every=300,
                net_args={"hidden": 32, "depth": 2, "emb_dim": 16}, ema_decay=0.0)
     tr = Trainer(cfg, data=data)
-    from scoresde.losses import explicit_score_matching
+    from scoresde.learning.losses import explicit_score_matching
 
     def err():
         g = torch.Generator().manual_seed(5)
@@ -190,7 +191,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     import sys
     import time
 
-    from scoresde.config import load_config
+    from scoresde.running.config import load_config
 
     p = tmp_path / "k.yaml"
     p.write_text("n_train: 500\nn_test: 50\nnet_args: {hidden: 32, depth: 2, emb_dim: 8}\nsteps: 3000\nbatch_size: 64\n"

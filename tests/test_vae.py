@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scoresde.vae import ConvVAE, MLPVAE
+from scoresde.models.vae import MLPVAE, ConvVAE
 
 
 def linear_vae(gen):

@@ -23,14 +23,14 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
           overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. steps=2000 net_args.hidden=256"),
           restart: bool = typer.Option(False, help="start from step 0 even if the run folder holds a checkpoint")) -> None:
     """Train a score model (resumes from the run folder's checkpoint); under torchrun, data-parallel."""
-    from .config import load_config
-    from .runs import load_run, write_report
-    from .train import NonFiniteLoss, Trainer
+    from .running.config import load_config
+    from .running.runs import load_run, write_report
+    from .running.train import NonFiniteLoss, Trainer
 
     try:
         cfg = load_config(config, overrides or [])
         if cfg.loss == "consistency":
-            from .consistency_train import ConsistencyTrainer as Trainer
+            from .running.consistency_train import ConsistencyTrainer as Trainer
         trainer = Trainer(cfg, resume=not restart).run()
         if trainer.rank == 0:
             _report(write_report(load_run(trainer.run_dir)))
@@ -67,7 +67,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (samplers.fit_grid; deterministic methods, 0: off)")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
-    from .runs import load_run, sample_run
+    from .running.runs import load_run, sample_run
 
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
@@ -81,8 +81,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         if fit_grid:
             import torch
 
-            from .samplers import fit_grid as fit
-            from .sde import LinearSDE
+            from .core.sde import LinearSDE
+            from .sampling.tuning import fit_grid as fit
 
             if hasattr(r.model, "generate") or not isinstance(r.sde, LinearSDE):
                 raise ValueError(f"--fit-grid needs a score model on a linear SDE; run {run} has {r.cfg.sde!r} / "
@@ -98,8 +98,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         else:
             import torch
 
-            from .imaging import label_guided
-            from .train import draw_samples
+            from .running.build import draw_samples
+            from .sampling.guidance import label_guided
 
             x, _ = draw_samples(r.sde, label_guided(r.model, label, n, guidance), (n,) + r.data.sample_shape, method,
                                 nfe, generator=torch.Generator().manual_seed(seed))
@@ -107,7 +107,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         _fail(err)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".png":
-        from .plots import plot_samples
+        from .running.plots import plot_samples
 
         plot_samples(x, r.data.test[:n], out, title=f"{r.cfg.name}: {method}, nfe {nfe}")
     else:
@@ -131,9 +131,10 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.guidance)."""
     import torch
 
-    from .guidance import inpaint as fill
-    from .imaging import load_mask, save_grid
-    from .runs import load_run
+    from .running.data import load_mask
+    from .running.plots import save_grid
+    from .running.runs import load_run
+    from .sampling.guidance import inpaint as fill
 
     try:
         if out.suffix not in (".npy", ".png"):
@@ -167,8 +168,8 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     measured score error; writes RUN/eval.json."""
     import json
 
-    from .config import atomic_write
-    from .runs import evaluate_run, load_run
+    from .running.config import atomic_write
+    from .running.runs import evaluate_run, load_run
 
     try:
         metrics = evaluate_run(load_run(run), n or None, method=method or None, nfe=nfe or None, seed=seed)
@@ -195,10 +196,10 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
 
     import torch
 
-    from .config import atomic_write
-    from .data import load_dataset
-    from .likelihood import evaluate_likelihood
-    from .runs import load_run
+    from .running.config import atomic_write
+    from .running.data import load_dataset
+    from .running.runs import load_run
+    from .sampling.likelihood import evaluate_likelihood
 
     try:
         if n < 2:
@@ -232,9 +233,9 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
 def demo(out: str = typer.Option("runs", help="parent folder of runs/demo"),
          steps: int = typer.Option(DEMO["steps"], help="training steps")) -> None:
     """Train a VP score model on 2-D two moons on CPU (a few minutes), sample it, write plots and W2."""
-    from .config import Config
-    from .runs import load_run, write_report
-    from .train import Trainer
+    from .running.config import Config
+    from .running.runs import load_run, write_report
+    from .running.train import Trainer
 
     cfg = Config(**{**DEMO, "out": out, "steps": steps})
     typer.echo(f"training {cfg.steps} steps ({cfg.sde}, {cfg.net}, {cfg.data}) into {cfg.run_dir} ...")
@@ -247,8 +248,8 @@ def tour() -> None:
     """A short tour: forward SDEs and their exact marginals on an analytic mixture."""
     import torch
 
-    from . import sde as S
-    from .targets import ring
+    from .core import sde as S
+    from .core.targets import ring
 
     torch.set_num_threads(1)
     mix = ring()
@@ -272,7 +273,8 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
              seed: int = typer.Option(0)) -> None:
     """Fine-tune a run against a reward (KL-regularised continuous-time RL, DESIGN 9) into a new run folder."""
-    from .alignment import finetune_run, parse_reward
+    from .models.rewards import parse_reward
+    from .running.finetune import finetune_run
 
     try:
         out = out or run.parent / f"{run.name}-finetuned"

@@ -1,0 +1,329 @@
+"""Distances between a sampler's output and its target (DESIGN 7.1).
+
+Conventions: every `w2*` function returns the Wasserstein-2 distance itself, not its
+square; `frechet_distance` returns the squared distance (the FID convention). Point
+clouds are arrays of shape (n, d) (torch or numpy, evaluated in float64). Estimates
+that carry Monte Carlo error return an `Estimate` with `.value` and `.stderr`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import ot
+import torch
+from torch import Tensor
+
+from ..core.targets import GaussianMixture
+from .features import image_features, knn_precision_recall  # FID-style features without downloads (issue 12)
+
+__all__ = [
+    "Estimate", "TVGrid", "w2_gaussian", "w2", "w2_floor", "sliced_w2", "mmd2", "tv", "tv_grid",
+    "kl_gaussian", "frechet_distance", "image_features", "knn_precision_recall",
+]
+
+ArrayLike = Tensor | np.ndarray
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A Monte Carlo estimate and its standard error."""
+
+    value: float
+    stderr: float
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def _points(x: ArrayLike, name: str, dim: int | None = None, min_n: int = 1) -> np.ndarray:
+    """`x` as a float64 array of shape (n, d), validated."""
+    if not isinstance(x, (Tensor, np.ndarray)):
+        raise ValueError(f"{name} must be a torch tensor or numpy array of shape (n, d), got {type(x).__name__}")
+    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ValueError(f"{name} must have a floating dtype, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must have shape (n, d), got {a.shape}")
+    if a.shape[0] < min_n:
+        raise ValueError(f"{name} must hold at least {min_n} points, got {a.shape[0]}")
+    if dim is not None and a.shape[1] != dim:
+        raise ValueError(f"{name} must have dimension {dim}, got {a.shape[1]}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite")
+    return a.astype(np.float64, copy=False)
+
+
+def _moments(m: ArrayLike, C: ArrayLike, name: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    m = np.atleast_1d(np.asarray(m.detach().cpu() if isinstance(m, Tensor) else m, dtype=np.float64))
+    C = np.atleast_2d(np.asarray(C.detach().cpu() if isinstance(C, Tensor) else C, dtype=np.float64))
+    d = m.shape[0]
+    if m.ndim != 1 or C.shape != (d, d):
+        raise ValueError(f"{name}: mean must have shape (d,) and covariance (d, d), got {m.shape} and {C.shape}")
+    if dim is not None and d != dim:
+        raise ValueError(f"{name}: dimension {d} does not match {dim}")
+    if not (np.isfinite(m).all() and np.isfinite(C).all()):
+        raise ValueError(f"{name}: mean and covariance must be finite")
+    if not np.allclose(C, C.T, rtol=1e-8, atol=1e-12 * max(1.0, np.abs(C).max())):
+        raise ValueError(f"{name}: covariance must be symmetric")
+    return m, 0.5 * (C + C.T)
+
+
+def _sqrtm_psd(C: np.ndarray) -> np.ndarray:
+    lam, U = np.linalg.eigh(C)
+    return (U * np.sqrt(np.clip(lam, 0.0, None))) @ U.T
+
+
+def w2_gaussian(m1: ArrayLike, C1: ArrayLike, m2: ArrayLike, C2: ArrayLike) -> float:
+    """W2 (not squared) between N(m1, C1) and N(m2, C2):
+    W2^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2}) (DESIGN 7.1)."""
+    m1, C1 = _moments(m1, C1, "first Gaussian")
+    m2, C2 = _moments(m2, C2, "second Gaussian", m1.shape[0])
+    s2 = _sqrtm_psd(C2)
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(s2 @ C1 @ s2), 0.0, None)).sum()
+    w2sq = float(((m1 - m2) ** 2).sum() + np.trace(C1) + np.trace(C2) - 2 * cross)
+    return math.sqrt(max(w2sq, 0.0))
+
+
+def kl_gaussian(m1: ArrayLike, C1: ArrayLike, m2: ArrayLike, C2: ArrayLike) -> float:
+    """KL(N(m1, C1) || N(m2, C2)) = (tr(C2^{-1} C1) + dm^T C2^{-1} dm - d + log det C2 - log det C1) / 2."""
+    m1, C1 = _moments(m1, C1, "first Gaussian")
+    m2, C2 = _moments(m2, C2, "second Gaussian", m1.shape[0])
+    L2 = np.linalg.cholesky(C2)
+    L1 = np.linalg.cholesky(C1)
+    A = np.linalg.solve(L2, L1)
+    dm = np.linalg.solve(L2, m2 - m1)
+    logdet = 2 * (np.log(np.diag(L2)).sum() - np.log(np.diag(L1)).sum())
+    return float(0.5 * ((A**2).sum() + (dm**2).sum() - m1.shape[0] + logdet))
+
+
+def w2(x: ArrayLike, y: ArrayLike) -> float:
+    """Exact W2 (not squared) between the empirical measures of x (n, d) and y (m, d), uniform
+    weights, by the network simplex (POT `ot.emd2`). Biased upward on finite samples: report it
+    with `w2_floor`."""
+    x = _points(x, "x")
+    y = _points(y, "y", x.shape[1])
+    a = np.full(x.shape[0], 1.0 / x.shape[0])
+    b = np.full(y.shape[0], 1.0 / y.shape[0])
+    cost = ot.dist(x, y, metric="sqeuclidean")
+    return math.sqrt(max(float(ot.emd2(a, b, cost, numItermax=max(100_000, 50 * cost.size))), 0.0))
+
+
+def w2_floor(sample_reference: Callable[[int], ArrayLike], n: int, repeats: int = 3) -> Estimate:
+    """The finite-sample floor of `w2`: W2 between two independent n-point draws of the reference
+    (`sample_reference(n) -> (n, d)`), averaged over `repeats` pairs; an exact sampler scores this."""
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    vals = np.array([w2(sample_reference(n), sample_reference(n)) for _ in range(repeats)])
+    se = float(vals.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else float("nan")
+    return Estimate(float(vals.mean()), se)
+
+
+def _w2_1d_sq(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Exact squared W2 between sorted 1-D empirical measures, batched: xs (P, n), ys (P, m).
+    Integrates |F^{-1}(q) - G^{-1}(q)|^2 over the merged quantile breakpoints."""
+    n, m = xs.shape[1], ys.shape[1]
+    q = np.union1d(np.arange(1, n + 1) / n, np.arange(1, m + 1) / m)
+    widths = np.diff(np.concatenate([[0.0], q]))
+    mid = q - widths / 2
+    ix = np.minimum((mid * n).astype(np.int64), n - 1)
+    iy = np.minimum((mid * m).astype(np.int64), m - 1)
+    return ((xs[:, ix] - ys[:, iy]) ** 2 * widths).sum(1)
+
+
+def sliced_w2(x: ArrayLike, y: ArrayLike, n_projections: int = 128, generator: torch.Generator | None = None,
+              directions: ArrayLike | None = None) -> float:
+    """Sliced W2 (not squared): sqrt(mean over random unit directions theta of W2^2(theta.x, theta.y)),
+    each 1-D term exact (sorted quantiles). `directions` (P, d) overrides the random ones."""
+    x = _points(x, "x")
+    y = _points(y, "y", x.shape[1])
+    if directions is None:
+        if n_projections < 1:
+            raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+        theta = torch.randn(n_projections, x.shape[1], generator=generator, dtype=torch.float64).numpy()
+    else:
+        theta = _points(directions, "directions", x.shape[1])
+    theta = theta / np.linalg.norm(theta, axis=1, keepdims=True)
+    xs, ys = np.sort(theta @ x.T, axis=1), np.sort(theta @ y.T, axis=1)
+    return math.sqrt(max(float(_w2_1d_sq(xs, ys).mean()), 0.0))
+
+
+def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.clip((a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T, 0.0, None)
+
+
+def _gauss_kernel(a: np.ndarray, b: np.ndarray, bandwidths: np.ndarray) -> np.ndarray:
+    d2 = _sqdist(a, b)
+    return np.exp(-d2[None] / (2 * bandwidths[:, None, None] ** 2)).sum(0)
+
+
+def _gauss_pdf(diff: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """N(diff; 0, cov) for diff of shape (n, d)."""
+    L = np.linalg.cholesky(cov)
+    z = np.linalg.solve(L, diff.T)
+    return np.exp(-0.5 * (z**2).sum(0) - np.log(np.diag(L)).sum() - 0.5 * cov.shape[0] * math.log(2 * math.pi))
+
+
+def _mixture_kernel_means(x: np.ndarray, target: GaussianMixture, bandwidths: np.ndarray) -> tuple[np.ndarray, float]:
+    """E_{y~p} k(x, y) per point and E_{y,y'~p} k(y, y') in closed form for k = sum_h exp(-|.|^2 / 2h^2):
+    int N(y; mu, S) exp(-|x - y|^2 / 2h^2) dy = (2 pi h^2)^{d/2} N(x; mu, S + h^2 I)."""
+    w, mu, S = (v.numpy() for v in (target.weights, target.means, target.covariances))
+    d = mu.shape[1]
+    mean_k, mean_kk = np.zeros(x.shape[0]), 0.0
+    for h in bandwidths:
+        c = (2 * math.pi * h**2) ** (d / 2)
+        for k in range(len(w)):
+            mean_k += w[k] * c * _gauss_pdf(x - mu[k], S[k] + h**2 * np.eye(d))
+            for j in range(len(w)):
+                mean_kk += w[k] * w[j] * c * float(_gauss_pdf((mu[k] - mu[j])[None], S[k] + S[j] + h**2 * np.eye(d))[0])
+    return mean_k, float(mean_kk)
+
+
+def _row_means_offdiag(K: np.ndarray) -> np.ndarray:
+    return (K.sum(1) - np.diag(K)) / (K.shape[0] - 1)
+
+
+def _offdiag_mean(K: np.ndarray) -> float:
+    n = K.shape[0]
+    return float((K.sum() - np.trace(K)) / (n * (n - 1)))
+
+
+def mmd2(x: ArrayLike, target: GaussianMixture | ArrayLike, bandwidths: Sequence[float] | None = None) -> Estimate:
+    """Unbiased squared MMD with the kernel k = sum_h exp(-|x - y|^2 / (2 h^2)) (DESIGN 7.1).
+
+    Against a `GaussianMixture` the terms E_p k(x, .) and E_{p,p} k are closed-form Gaussian
+    integrals and only the generated pairs form a U-statistic, so an exact sampler scores 0 in
+    expectation; against samples (m, d) the usual two-sample U-statistic. Default bandwidths
+    {0.5, 1, 2} * sqrt(trace Cov(target)) depend on the target only (no bias from x). Standard
+    error: against a mixture, the exact U-statistic variance with estimated zeta1, zeta2; against
+    samples, the first-order (Hoeffding) projection from row means, which includes the row means'
+    own noise and so errs on the large side (by at most sqrt(2) when the MMD is 0).
+    """
+    x = _points(x, "x", min_n=2)
+    n, d = x.shape
+    if isinstance(target, GaussianMixture):
+        if target.dim != d:
+            raise ValueError(f"target has dimension {target.dim}, x has {d}")
+        scale = float(torch.trace(target.covariance()))
+    else:
+        target = _points(target, "target", d, min_n=2)
+        scale = float(np.trace(np.atleast_2d(np.cov(target.T))))
+    if bandwidths is None:
+        h = math.sqrt(scale) * np.array([0.5, 1.0, 2.0])
+    else:
+        h = np.asarray(bandwidths, dtype=np.float64).ravel()
+        if h.size == 0 or not np.isfinite(h).all() or (h <= 0).any():
+            raise ValueError(f"bandwidths must be finite and > 0, got {bandwidths}")
+    Kxx = _gauss_kernel(x, x, h)
+    if isinstance(target, GaussianMixture):
+        mean_k, mean_kk = _mixture_kernel_means(x, target, h)
+        value = _offdiag_mean(Kxx) - 2 * mean_k.mean() + mean_kk
+        # U-statistic with kernel H_ij = k(x_i, x_j) - m_i - m_j + E_pp k: Var U = (4 (n - 2) zeta1 + 2 zeta2) / (n (n - 1)),
+        # zeta1 = Var E[H | x_i] (estimated from row means, less their own noise), zeta2 = Var H.
+        H = Kxx - mean_k[:, None] - mean_k[None, :] + mean_kk
+        zeta2 = _offdiag_mean(H**2) - value**2
+        zeta1 = max((_row_means_offdiag(H).var(ddof=1) - zeta2 / (n - 1)) / (1 - 1 / (n - 1)), 0.0)
+        var = (4 * (n - 2) * zeta1 + 2 * zeta2) / (n * (n - 1))
+    else:
+        m = target.shape[0]
+        Kyy = _gauss_kernel(target, target, h)
+        Kxy = _gauss_kernel(x, target, h)
+        value = _offdiag_mean(Kxx) + _offdiag_mean(Kyy) - 2 * Kxy.mean()
+        hx = _row_means_offdiag(Kxx) - Kxy.mean(1)
+        hy = _row_means_offdiag(Kyy) - Kxy.mean(0)
+        var = 4 * hx.var(ddof=1) / n + 4 * hy.var(ddof=1) / m
+    return Estimate(float(value), math.sqrt(max(float(var), 0.0)))
+
+
+def tv(log_p: Callable[[Tensor], Tensor], log_q: Callable[[Tensor], Tensor], x: Tensor) -> Estimate:
+    """TV(p, q) = E_{x~p}[(1 - q(x)/p(x))_+] by Monte Carlo over x ~ p (DESIGN 7.1).
+
+    `log_p(x)`, `log_q(x)` return per-sample log-densities (n,); valid in any dimension."""
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 2:
+        raise ValueError("x must be a tensor of shape (n, ...) with n >= 2 samples from p")
+    lp, lq = log_p(x), log_q(x)
+    for name, v in (("log_p", lp), ("log_q", lq)):
+        if not isinstance(v, Tensor) or v.shape != (x.shape[0],):
+            raise ValueError(f"{name}(x) must return a tensor of shape ({x.shape[0]},)")
+    if not torch.isfinite(lp).all():
+        raise ValueError("log_p(x) must be finite on samples from p")
+    r = (-torch.expm1(lq.double() - lp.double())).clamp(min=0.0)
+    return Estimate(float(r.mean()), float(r.std() / math.sqrt(r.numel())))
+
+
+@dataclass(frozen=True)
+class TVGrid:
+    """Histogram TV estimate. `floor` is the expected value for an exact sampler (the upward bias
+    of the histogram noise, (1/2) sum_i sqrt(2 q_i (1 - q_i) / (pi n)) to first order); binning
+    biases the other way: the TV of binned laws is <= the TV of the densities."""
+
+    value: float
+    floor: float
+    cell_size: tuple[float, ...]
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+def tv_grid(x: ArrayLike, log_q: Callable[[Tensor], Tensor], bins: int = 64,
+            bounds: Sequence[tuple[float, float]] | None = None, subcells: int = 4) -> TVGrid:
+    """TV between the empirical law of x (n, 1) or (n, 2) and a density q on a regular grid:
+    (1/2) sum_cells |n_i / n - Q_i| + (1/2)|n_out / n - Q_out|, where Q_i integrates q over the cell
+    by a `subcells`^d midpoint rule, rescaled to total mass 1 where the rule overshoots (a density sharper
+    than the cells), so the value stays in [0, 1]. `bounds` default: the samples' range widened by 10 percent."""
+    x = _points(x, "x", min_n=2)
+    n, d = x.shape
+    if d not in (1, 2):
+        raise ValueError(f"tv_grid handles 1-D or 2-D samples, got dimension {d}")
+    if bins < 2 or subcells < 1:
+        raise ValueError(f"bins must be >= 2 and subcells >= 1, got {bins} and {subcells}")
+    if bounds is None:
+        lo, hi = x.min(0), x.max(0)
+        pad = 0.1 * (hi - lo) + 1e-12
+        bounds = list(zip(lo - pad, hi + pad))
+    if len(bounds) != d or any(not b[0] < b[1] for b in bounds):
+        raise ValueError(f"bounds must be {d} pairs (low, high) with low < high, got {bounds}")
+    edges = [np.linspace(lo, hi, bins + 1) for lo, hi in bounds]
+    counts = np.histogramdd(x, bins=edges)[0] / n
+    widths = [e[1] - e[0] for e in edges]
+    fine = [np.linspace(lo, hi, bins * subcells + 1) for lo, hi in bounds]
+    centres = [0.5 * (f[1:] + f[:-1]) for f in fine]
+    mesh = np.stack(np.meshgrid(*centres, indexing="ij"), -1).reshape(-1, d)
+    dens = torch.exp(log_q(torch.from_numpy(mesh))).double().numpy().reshape((bins * subcells,) * d)
+    for axis in range(d):
+        dens = dens.reshape(dens.shape[:axis] + (bins, subcells) + dens.shape[axis + 1:]).sum(axis + 1)
+    Q = dens * np.prod(widths) / subcells**d
+    Q = Q / max(Q.sum(), 1.0)
+    q_out = 1.0 - Q.sum()
+    p_out = 1.0 - counts.sum()
+    value = 0.5 * (np.abs(counts - Q).sum() + abs(p_out - q_out))
+    floor = 0.5 * np.sqrt(2 * Q * (1 - Q) / (math.pi * n)).sum()
+    return TVGrid(float(value), float(floor), tuple(float(w) for w in widths))
+
+
+def frechet_distance(feats_x: ArrayLike, feats_y: ArrayLike) -> float:
+    """Squared Frechet distance (the FID formula) between Gaussians fitted to two feature sets:
+    w2_gaussian(mean_x, cov_x, mean_y, cov_y)^2, unbiased (n - 1) covariances."""
+    fx = _points(feats_x, "feats_x", min_n=2)
+    fy = _points(feats_y, "feats_y", fx.shape[1], min_n=2)
+    cx, cy = np.atleast_2d(np.cov(fx.T)), np.atleast_2d(np.cov(fy.T))
+    return w2_gaussian(fx.mean(0), cx, fy.mean(0), cy) ** 2
+
+
+def w2_report(samples: Tensor, data,  repeats: int = 3, generator: torch.Generator | None = None) -> dict[str, float]:
+    """W2 of n samples to the first n held-out points, beside its finite-sample floor: the W2 of n
+    training points (drawn `repeats` times) to the same held-out points; a perfect sampler scores the floor.
+    `data` holds `train` and `test` tensors (a `running.data.Dataset`)."""
+    n = min(samples.shape[0], data.test.shape[0], data.train.shape[0])
+    if n < 2:
+        raise ValueError(f"need at least 2 samples and held-out points, got {n}")
+    test = data.test[:n].flatten(1)
+    value = w2(samples[:n].flatten(1), test)
+    picks = [torch.randperm(data.train.shape[0], generator=generator)[:n] for _ in range(repeats)]
+    floors = [w2(data.train[idx].flatten(1), test) for idx in picks]
+    floor = float(np.mean(floors))
+    return {"w2": value, "w2_floor": floor, "w2_floor_sd": float(np.std(floors)), "w2_ratio": value / floor, "w2_n": n}

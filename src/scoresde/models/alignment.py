@@ -1,0 +1,400 @@
+"""Alignment: fine-tune a score model against a terminal reward (DESIGN section 9; T 7.10-7.14).
+
+Continuous-time RL with the score as the action. On a decreasing time grid
+T = t_0 > ... > t_N = t_end the backward Euler-Maruyama chain is
+
+    x_{k+1} = x_k + [-f(t_k, x_k) + g_k^2 s_theta(x_k, t_k)] h_k + g_k dB_k,   h_k = t_k - t_{k+1},
+
+and the objective is J(theta) = E r(x_N) - beta KL, with the Girsanov path KL
+
+    KL = E sum_k c_k,   c_k = (g_k^2 / 2) h_k |s_theta - s_pre|^2(x_k, t_k)
+
+(w = g^2 / 2), which is exactly the KL between the fine-tuned and pretrained chains on
+that grid and tends to the continuous-time integral as the grid is refined. The path
+score is d log P_theta = sum_k g_k (grad_theta s_theta)^T dB_k (Girsanov), so
+
+    grad J = E[sum_j g_j (grad s_theta(x_j))^T dB_j (G_j - V(x_j))] - beta E sum_k grad_theta c_k |_{x_k fixed},
+    G_j = r(x_N) - beta sum_{k > j} c_k,
+
+the second term differentiating the penalty's integrand and the first its law: a
+penalty c_k depends on the actions j < k through x_k, so it enters their returns (the
+"cost to go"); c_j itself does not depend on the action dB_j. Any baseline V(x_j, t_j)
+that does not see dB_j leaves the estimator unbiased. `policy_loss` returns a scalar
+whose autograd gradient is this estimator; the same formula serves every time grid.
+
+DDPO (Black et al. 2305.13301) is the baseline: per-step Gaussian likelihood ratios of
+the same chain with PPO clipping, normalised rewards and no KL term.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
+from ..core.targets import GaussianMixture
+from ..core.validate import check
+from ..learning.networks import MLP
+from ..sampling.common import check_grid
+from ..sampling.grids import time_grid
+from .rewards import Reward
+
+__all__ = [
+    "ResidualScore", "Rollout", "rollout", "returns_to_go", "leave_one_out_mean", "policy_loss", "path_kl",
+    "finetune", "ddpo",
+    "tilted_mixture", "mean_pairwise_distance", "BASELINES",
+]
+
+BASELINES = ("value", "mean", "none")
+Callback = Callable[[int, nn.Module, dict], None]
+
+
+class ResidualScore(nn.Module):
+    """s(x, t) = s_pre(x, t) + net(x, t): a trainable residual on a frozen score callable.
+
+    `net` must output zero at initialisation (networks.MLP does), so the model starts equal
+    to the pretrained score.
+    """
+
+    def __init__(self, pretrained: ScoreFn, net: nn.Module):
+        super().__init__()
+        self.pretrained = pretrained
+        self.net = net
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        with torch.no_grad():
+            pre = self.pretrained(x, t)
+        return pre + self.net(x, t)
+
+
+def _score_pair(model: ScoreFn, pretrained: ScoreFn, x: Tensor, t: Tensor,
+                pre: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(s_theta, s_pre) at (x, t); a residual model reuses the pretrained evaluation."""
+    if pre is None:
+        with torch.no_grad():
+            pre = pretrained(x, t)
+    s = pre + model.net(x, t) if isinstance(model, ResidualScore) else model(x, t)
+    return s, pre
+
+
+def _sq(v: Tensor) -> Tensor:
+    """Squared norm per sample over all but the leading (step, batch) dimensions."""
+    return v.flatten(2).pow(2).sum(-1)
+
+
+@dataclass
+class Rollout:
+    """One batch of backward Euler-Maruyama trajectories, everything detached.
+
+    states (N+1, B, ...), noise dB (N, B, ...), scores s_theta and pre s_pre at the states
+    (N, B, ...), times (N+1,), diffusion g_k (N,), nfe the score evaluations spent.
+    """
+
+    times: Tensor
+    states: Tensor
+    noise: Tensor
+    scores: Tensor
+    pre: Tensor
+    diffusion: Tensor
+    nfe: int
+
+    @property
+    def steps(self) -> Tensor:
+        return self.times[:-1] - self.times[1:]
+
+    @property
+    def terminal(self) -> Tensor:
+        return self.states[-1]
+
+    def cost(self, scores: Tensor | None = None) -> Tensor:
+        """c_k = (g_k^2 / 2) h_k |s - s_pre|^2 (N, B), for the stored or the given scores."""
+        s = self.scores if scores is None else scores
+        return 0.5 * (self.diffusion**2 * self.steps)[:, None] * _sq(s - self.pre)
+
+    def log_ratio(self, scores: Tensor) -> Tensor:
+        """log p_new(x_{k+1} | x_k) / p_old(x_{k+1} | x_k) (N, B) of the Gaussian EM steps:
+        g <delta, dB> - g^2 h |delta|^2 / 2, delta = s_new - s_old (the Girsanov density per step)."""
+        g, h = self.diffusion[:, None], self.steps[:, None]
+        delta = scores - self.scores
+        return g * (delta * self.noise).flatten(2).sum(-1) - 0.5 * g**2 * h * _sq(delta)
+
+    def rescore(self, model: ScoreFn) -> Tensor:
+        """s_theta at every stored state, with gradient, in one batched call (N, B, ...)."""
+        N, B = self.noise.shape[:2]
+        x = self.states[:-1].flatten(0, 1)
+        t = self.times[:-1].repeat_interleave(B)
+        s, _ = _score_pair(model, model, x, t, pre=self.pre.flatten(0, 1))
+        return s.reshape(self.noise.shape)
+
+
+def rollout(sde: SDE, model: ScoreFn, pretrained: ScoreFn, shape: tuple[int, ...], grid: Tensor,
+            generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Rollout:
+    """Simulate the backward EM chain from the prior along `grid` (T down to t_end), no gradient."""
+    ts = check_grid(torch.as_tensor(grid, dtype=dtype))
+    x = sde.prior_sample(shape, generator=generator, dtype=dtype)
+    states, noise, scores, pres, gs = [x], [], [], [], []
+    per_point = 1 if isinstance(model, ResidualScore) else 2
+    with torch.no_grad():
+        for k in range(ts.numel() - 1):
+            t, h = batch_time(ts[k], x), ts[k] - ts[k + 1]
+            s, pre = _score_pair(model, pretrained, x, t)
+            g = sde.diffusion(ts[k]).to(dtype)
+            dB = h.sqrt() * torch.randn(x.shape, generator=generator, dtype=dtype)
+            x = x + (-sde.drift(t, x) + g**2 * s) * h + g * dB  # reverse-time EM step (T 5.21)
+            states.append(x), noise.append(dB), scores.append(s), pres.append(pre), gs.append(g)
+    return Rollout(ts, torch.stack(states), torch.stack(noise), torch.stack(scores), torch.stack(pres),
+                   torch.stack(gs), per_point * shape[0] * (ts.numel() - 1))
+
+
+def path_kl(sde: SDE, model: ScoreFn, pretrained: ScoreFn, shape: tuple[int, ...], grid: Tensor,
+            generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> tuple[float, float]:
+    """Monte Carlo Girsanov path KL(P_model || P_pretrained) on `grid` and its standard error."""
+    kl = rollout(sde, model, pretrained, shape, grid, generator, dtype).cost().sum(0)
+    return float(kl.mean()), float(kl.std() / math.sqrt(kl.numel()))
+
+
+def reward_of(reward: Reward, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        r = reward(x)
+    if r.shape != x.shape[:1]:
+        raise ValueError(f"reward must return shape ({x.shape[0]},), got {tuple(r.shape)}")
+    return r.to(x.dtype)
+
+
+def returns_to_go(ro: Rollout, r: Tensor, beta: float) -> Tensor:
+    """G_j = r - beta sum_{k > j} c_k (N, B): what the action at step j influences."""
+    c = ro.cost()
+    later = c.flip(0).cumsum(0).flip(0) - c
+    return r[None] - beta * later
+
+
+def leave_one_out_mean(G: Tensor) -> Tensor:
+    """Baseline for sample i: the mean of G over the other samples of the batch (dim 1); unbiased."""
+    return (G.sum(1, keepdim=True) - G) / (G.shape[1] - 1)
+
+
+def policy_loss(model: ScoreFn, ro: Rollout, advantages: Tensor, beta: float,
+                clip: float | None = None) -> Tensor:
+    """Surrogate -L whose gradient is minus the policy gradient of J (module docstring).
+
+    L = mean_B [sum_j rho_j A_j m - beta sum_k c_k(theta)], rho_j the per-step likelihood
+    ratio to the rollout's policy (1 at the first update, where grad rho_j = grad log rho_j),
+    m = 1{|sum_j log rho_j| <= clip}: a trust region on the whole-path Girsanov ratio, so its
+    meaning does not depend on the grid. The penalty is differentiated along the stored states.
+    """
+    s = ro.rescore(model)
+    log_rho = ro.log_ratio(s)
+    lr_term = (log_rho.exp() * advantages.detach()).sum(0)
+    if clip is not None:
+        lr_term = lr_term * (log_rho.sum(0).abs() <= clip).to(lr_term).detach()
+    return -(lr_term - beta * ro.cost(s).sum(0)).mean()
+
+
+def _tweedie_reward(sde: SDE, reward: Reward, ro: Rollout) -> Tensor:
+    """r at the denoised points (x + sigma^2 s) / alpha (Tweedie) of every stored state (N, B)."""
+    if not isinstance(sde, LinearSDE):
+        return torch.zeros(ro.noise.shape[:2], dtype=ro.states.dtype)
+    x, t = ro.states[:-1], ro.times[:-1]
+    a = expand_like(sde.alpha(t).to(x.dtype), x)
+    sig = expand_like(sde.sigma(t).to(x.dtype), x)
+    x0 = (x + sig**2 * ro.pre) / a
+    return reward_of(reward, x0.flatten(0, 1)).reshape(ro.noise.shape[:2])
+
+
+class _ValueNet(nn.Module):
+    """A learned correction V(x, t) - r(Tweedie(x, t)), zero at initialisation."""
+
+    def __init__(self, dim: int, T: float, hidden: int = 64):
+        super().__init__()
+        self.T = T
+        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[-1].weight), nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x (N, B, ...), t (N,) -> (N, B)."""
+        N, B = x.shape[:2]
+        inp = torch.cat([x.flatten(2), (t / self.T)[:, None, None].expand(N, B, 1).to(x)], dim=-1)
+        return self.net(inp).squeeze(-1)
+
+
+def _int(name: str, value, low: int) -> None:
+    check(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}")
+
+
+def _resolve_grid(sde: SDE, n_time_steps: int, grid: str | Tensor) -> Tensor:
+    if isinstance(grid, str):
+        return time_grid(sde, n_time_steps, kind=grid)
+    grid = check_grid(torch.as_tensor(grid, dtype=torch.float64))
+    check("grid", tuple(grid.shape), grid.numel() == n_time_steps + 1, f"a tensor of n_time_steps + 1 = {n_time_steps + 1} times")
+    return grid
+
+
+def _prepare(pretrained, shape, network, generator) -> tuple[nn.Module, ScoreFn, tuple[int, ...]]:
+    """The trainable model, the frozen pretrained score and the per-sample shape."""
+    if shape is None:
+        dim = getattr(pretrained, "dim", None)
+        check("shape", shape, dim is not None, "given (per-sample shape) when pretrained has no `dim` attribute")
+        shape = (dim,)
+    shape = tuple(int(s) for s in shape)
+    seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng():
+        if seed is not None:
+            torch.manual_seed(seed)
+        if isinstance(pretrained, nn.Module):
+            frozen = copy.deepcopy(pretrained).eval().requires_grad_(False)
+            return copy.deepcopy(pretrained).train().requires_grad_(True), frozen, shape
+        check("pretrained", pretrained, callable(pretrained), "a score network or a callable (x, t) -> score")
+        if network is None:
+            check("shape", shape, len(shape) == 1, "1-D for the default residual MLP; pass `network` otherwise")
+            network = MLP(shape[0])
+        return ResidualScore(pretrained, network), pretrained, shape
+
+
+def _record(it: int, ro: Rollout, r: Tensor, nfe: int, start: float) -> dict:
+    kl = ro.cost().sum(0)
+    B = r.numel()
+    return {"iteration": it, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+            "kl": float(kl.mean()), "kl_stderr": float(kl.std() / math.sqrt(B)),
+            "diversity": mean_pairwise_distance(ro.terminal), "wall_time": time.perf_counter() - start, "nfe": nfe}
+
+
+def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, grid, lr, lr_final, shape, network,
+           generator, callback) -> tuple[nn.Module, list[dict]]:
+    """The loop shared by `finetune` and `ddpo`: roll out, score, record, update."""
+    _int("steps", steps, 1)
+    _int("batch_size", batch_size, 2)
+    _int("n_time_steps", n_time_steps, 1)
+    for name, v in (("lr", lr), ("lr_final", lr if lr_final is None else lr_final)):
+        check(name, v, isinstance(v, (int, float)) and v > 0 and math.isfinite(v), "a finite number > 0")
+    ts = _resolve_grid(sde, n_time_steps, grid)
+    model, frozen, shape = _prepare(pretrained, shape, network, generator)
+    dtype = next(model.parameters()).dtype
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    history, nfe, start = [], 0, time.perf_counter()
+    for it in range(steps):
+        if lr_final is not None:  # cosine schedule from lr to lr_final
+            opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * it / steps))
+        ro = rollout(sde, model, frozen, (batch_size, *shape), ts, generator, dtype)
+        r = reward_of(reward, ro.terminal)
+        nfe += ro.nfe
+        record = _record(it, ro, r, nfe, start)
+        nfe += update(model, opt, ro, r)
+        record.update(nfe=nfe, wall_time=time.perf_counter() - start)
+        history.append(record)
+        if callback is not None:
+            callback(it, model, record)
+    return model.eval(), history
+
+
+def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, steps: int = 200,
+             batch_size: int = 256, n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None,
+             baseline: str = "value",
+             clip: float | None = None, updates_per_batch: int = 1, grid: str | Tensor = "uniform",
+             shape: tuple[int, ...] | None = None, network: nn.Module | None = None,
+             generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
+    """KL-regularised continuous-time policy gradient (DESIGN 9): maximise E r - beta KL(path).
+
+    pretrained: a score network (a copy, all its parameters trainable, is fine-tuned) or any score
+    callable (x, t) -> score (a zero-initialised residual `network`, default networks.MLP,
+    is trained on top of it). reward(x) -> (batch,) need not be differentiable.
+    grid: a kind for samplers.time_grid or an explicit decreasing tensor of n_time_steps + 1
+    times. baseline: "value" (r at the Tweedie point plus a learned correction, fitted to
+    the returns after they are used), "mean" (leave-one-out batch mean, unbiased), "none".
+    lr_final: if given, a cosine schedule takes Adam's learning rate from lr to lr_final.
+    clip: the path-ratio trust region of `policy_loss`, for updates_per_batch > 1.
+    Returns the fine-tuned score model and one history dict per iteration (reward mean/std,
+    path KL and its standard error, diversity, wall time, cumulative score evaluations; nfe
+    counts every evaluation of a score network or callable made for training).
+    """
+    check("beta", beta, isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta), "a finite number >= 0")
+    check("baseline", baseline, baseline in BASELINES, f"one of {BASELINES}")
+    check("clip", clip, clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0")
+    _int("updates_per_batch", updates_per_batch, 1)
+    value = value_opt = None
+    value_seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
+
+    def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
+        nonlocal value, value_opt
+        G = returns_to_go(ro, r, beta)
+        if baseline == "mean":
+            V = leave_one_out_mean(G)
+        elif baseline == "value":
+            if value is None:
+                with torch.random.fork_rng():
+                    if value_seed is not None:
+                        torch.manual_seed(value_seed)
+                    value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G.dtype)
+                value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
+            r_tw = _tweedie_reward(sde, reward, ro)
+            with torch.no_grad():
+                V = r_tw + value(ro.states[:-1], ro.times[:-1])
+        else:
+            V = torch.zeros_like(G)
+        for _ in range(updates_per_batch):
+            opt.zero_grad()
+            policy_loss(model, ro, G - V, beta, clip).backward()
+            opt.step()
+        if baseline == "value":  # fit the correction after use, so V never saw this batch's noise
+            for _ in range(4):
+                value_opt.zero_grad()
+                (value(ro.states[:-1], ro.times[:-1]) - (G - r_tw)).pow(2).mean().backward()
+                value_opt.step()
+        return updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
+
+    return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
+                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
+
+
+def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, *, steps: int = 200, batch_size: int = 256,
+         n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None, clip: float = 1e-4, minibatches: int = 4,
+         adv_clip: float = 5.0, grid: str | Tensor = "uniform", shape: tuple[int, ...] | None = None,
+         network: nn.Module | None = None, generator: torch.Generator | None = None,
+         callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
+    """DDPO-clip (Black et al. 2305.13301, sec. 4.3): rewards normalised over the batch (clipped to
+    +-adv_clip), per-step ratios rho_k of the chain's Gaussian transitions, loss
+    mean_{k, i} max(-A_i rho_ik, -A_i clip(rho_ik, 1 - clip, 1 + clip)), one pass over
+    `minibatches` chunks of each batch, no KL term. Same inputs and history as `finetune`
+    (the KL there is a diagnostic only).
+    """
+    check("clip", clip, isinstance(clip, (int, float)) and clip > 0, "a number > 0")
+    check("adv_clip", adv_clip, isinstance(adv_clip, (int, float)) and adv_clip > 0, "a number > 0")
+    _int("minibatches", minibatches, 1)
+    check("minibatches", minibatches, minibatches <= batch_size, f"<= batch_size = {batch_size}")
+
+    def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
+        A = ((r - r.mean()) / (r.std() + 1e-8)).clamp(-adv_clip, adv_clip)
+        for idx in torch.arange(r.numel()).chunk(minibatches):
+            sub = Rollout(ro.times, ro.states[:, idx], ro.noise[:, idx], ro.scores[:, idx], ro.pre[:, idx],
+                          ro.diffusion, 0)
+            rho = sub.log_ratio(sub.rescore(model)).exp()
+            loss = torch.maximum(-A[idx] * rho, -A[idx] * rho.clamp(1 - clip, 1 + clip)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return ro.noise.shape[0] * ro.noise.shape[1]
+
+    return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
+                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
+
+
+def tilted_mixture(mixture: GaussianMixture, c: Tensor, beta: float) -> GaussianMixture:
+    """The optimum p_pre exp(c^T x / beta) / Z for a mixture and a linear reward (DESIGN 9):
+    weights w_k exp(c^T mu_k / beta + c^T Sigma_k c / (2 beta^2)), means mu_k + Sigma_k c / beta."""
+    check("beta", beta, beta > 0 and math.isfinite(beta), "a finite number > 0")
+    c = torch.as_tensor(c, dtype=mixture.dtype)
+    check("c", tuple(c.shape), c.shape == (mixture.dim,), f"a vector of shape ({mixture.dim},)")
+    Sc = mixture.covariances @ c
+    logw = mixture.weights.log() + mixture.means @ c / beta + Sc @ c / (2 * beta**2)
+    return GaussianMixture(torch.softmax(logw, 0), mixture.means + Sc / beta, mixture.covariances)
+
+
+def mean_pairwise_distance(x: Tensor) -> float:
+    """Diversity: the mean Euclidean distance between distinct samples."""
+    return float(torch.pdist(x.flatten(1).double()).mean())

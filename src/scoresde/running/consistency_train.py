@@ -1,0 +1,94 @@
+"""Consistency distillation and training through the library's `Trainer` (DESIGN section 5).
+
+Same loop, AdamW, warm-up, clipping, checkpoints, resume, DDP and CLI as score models; what
+changes is the loss (`consistency.ConsistencyLoss`), the target network and sampling:
+
+- the trained module is a `ScoreModel` with parametrization "x0"; the consistency function is
+  `ConsistencyModel(it)` (F = its x0 prediction), so checkpoints have the usual layout;
+- the target network theta^- is the trainer's EMA (`ema_decay` = CM's mu; 0 gives iCT's
+  stop-gradient target), refreshed before every step: it is checkpointed and resumed with the
+  run, bit-identically, and sampling uses it;
+- samples are `nfe`-step consistency samples (`sampler: consistency`), here and in `runs`.
+
+Config: `loss: consistency`, `parametrization: x0`, `sampler: consistency`, `loss_args: {mode: cd | ct, teacher: RUN |
+exact, ...}` plus any keyword of `ConsistencyLoss` (n_steps, solver, distance, huber_c,
+curriculum, max_steps, index, p_mean, p_std, weighting, rho; total_steps defaults to `steps`).
+`teacher` (mode cd) is a trained run folder, whose EMA score model is the teacher, or "exact"
+for the analytic data sets (ring, grid, mixture<d>).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..core.sde import SDE, LinearSDE, ScoreFn
+from ..core.validate import construct
+from ..models.consistency import ConsistencyLoss, ConsistencyModel
+from .config import Config
+from .data import Dataset
+from .train import Trainer
+
+__all__ = ["ConsistencyTrainer", "load_teacher"]
+
+
+def load_teacher(spec: str, sde: SDE, data: Dataset) -> ScoreFn:
+    """The teacher score: "exact" (the analytic data set's true score) or a run folder's EMA model."""
+    if spec == "exact":
+        if data.mixture is None:
+            raise ValueError(f"teacher 'exact' needs an analytic data set (ring, grid, mixture<d>), got {data.name!r}")
+        return data.mixture.score_fn(sde)
+    from .runs import load_run
+
+    run = load_run(spec)
+    if run.sde != sde:
+        raise ValueError(f"the teacher run {spec!r} uses {run.sde}, the student {sde}: they must match")
+    if run.data.sample_shape != data.sample_shape:
+        raise ValueError(f"the teacher run {spec!r} has samples of shape {run.data.sample_shape}, "
+                         f"the data {data.sample_shape}")
+    return run.model.eval().requires_grad_(False)
+
+
+class ConsistencyTrainer(Trainer):
+    """A `Trainer` for consistency models (module docstring); `run()`, `save()`, resume as usual."""
+
+    def __init__(self, cfg: Config, data: Dataset | None = None, resume: bool = True):
+        if cfg.loss != "consistency":
+            raise ValueError(f"ConsistencyTrainer needs loss 'consistency', got {cfg.loss!r}")
+        if cfg.sampler != "consistency":
+            raise ValueError(f"a consistency run samples with sampler consistency (nfe = steps), got {cfg.sampler!r}")
+        if cfg.parametrization != "x0":
+            raise ValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
+                             f"got {cfg.parametrization!r}")
+        super().__init__(cfg, data, resume)
+        if not isinstance(self.sde, LinearSDE):
+            raise ValueError(f"consistency models need a linear SDE, got {type(self.sde).__name__}")
+        self._target = self.ema.copy()
+        self._target_step = self.step
+
+    def _loss_setup(self) -> tuple[Callable[..., Tensor], dict[str, Any], dict[str, Any]]:
+        args = dict(self.cfg.loss_args)
+        mode, teacher = args.pop("mode", "cd"), args.pop("teacher", None)
+        if mode == "cd" and teacher is None:
+            raise ValueError("loss_args.teacher (a run folder or 'exact') is required for mode 'cd'")
+        if mode == "ct" and teacher is not None:
+            raise ValueError("mode 'ct' trains without a teacher: drop loss_args.teacher")
+        args.setdefault("total_steps", self.cfg.steps)
+        score = load_teacher(str(teacher), self.sde, self.data) if mode == "cd" else None
+        if isinstance(score, nn.Module):
+            score = score.to(self.device)
+        self.consistency = construct(ConsistencyLoss, args, "loss_args for 'consistency'", sde=self.sde,
+                                     mode=mode, teacher=score, target_decay=self.cfg.ema_decay)
+        return self._loss, {}, {"importance": False}
+
+    def _loss(self, model: nn.Module, sde: SDE, x0: Tensor, *, t: Tensor | None = None,
+              noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """The trainer's loss call: `t` is unused (the loss draws grid indices), `noise` is z."""
+        if self._target_step != self.step:  # theta^- <- the EMA after the last optimiser step
+            self._target.load_state_dict(self.ema.shadow)
+            self._target_step = self.step
+        self.consistency.step.fill_(self.step)
+        sd = self.cfg.sigma_data
+        return self.consistency(ConsistencyModel(model, sde, sd), x0, generator, update=False,
+                                target=ConsistencyModel(self._target, sde, sd), noise=noise)

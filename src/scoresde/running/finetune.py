@@ -1,0 +1,61 @@
+"""Fine-tuning a trained run against a reward into a new run folder (models.alignment on a run)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..learning.networks import EMA
+from ..models.alignment import finetune, reward_of
+from ..models.rewards import Reward
+from .checkpoint import CHECKPOINT, save_checkpoint
+from .config import atomic_write, save_config
+from .plots import plot_samples, plt
+from .runs import Run, load_run, sample_run
+
+__all__ = ["finetune_run"]
+
+
+def finetune_run(run_dir, out_dir, reward: Reward, *, beta: float, n_samples: int = 2000, seed: int = 0,
+                 **options) -> dict:
+    """Fine-tune a trained run (`runs.load_run`) and write a new run folder at `out_dir`: its config and a
+    checkpoint (loadable by `load_run`), history.json, reward and KL curves, samples before and after.
+
+    `options` go to `finetune` (steps, batch_size, n_time_steps, lr, baseline, ...). Returns the paths
+    and the mean reward of n_samples draws (the run's sampler and NFE) before and after.
+    """
+    run, out_dir = load_run(run_dir), Path(out_dir)
+    if out_dir.resolve() == Path(run_dir).resolve():
+        raise ValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    model, history = finetune(run.sde, run.model, reward, beta=beta, shape=run.data.sample_shape, generator=gen,
+                              **options)
+    cfg = dataclasses.replace(run.cfg, out=str(out_dir.parent), name=out_dir.name)
+    new = Run(cfg, run.data, model.requires_grad_(False), run.step + len(history))
+    save_config(cfg, out_dir / "config.yaml")
+    save_checkpoint(out_dir / CHECKPOINT, model=model, ema=EMA(model), step=new.step,
+                    extra={"finetuned_from": str(run_dir), "beta": beta})
+    atomic_write(out_dir / "history.json", (json.dumps(history, indent=1) + "\n").encode())
+    paths, rewards = {}, {}
+    for key, r in (("before", run), ("after", new)):
+        x, _ = sample_run(r, n_samples, seed=seed)
+        rewards[key] = float(reward_of(reward, x).mean())
+        paths[f"samples_{key}"] = plot_samples(x, run.data.test[:n_samples], out_dir / f"samples_{key}.png",
+                                               title=f"{key} fine-tuning: mean reward {rewards[key]:.3f}")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    it = [h["iteration"] for h in history]
+    for ax, key, err, label in ((axes[0], "reward_mean", "reward_std", "reward (mean +- sd)"),
+                                (axes[1], "kl", "kl_stderr", "path KL to pretrained (+- se)")):
+        m, e = np.array([h[key] for h in history]), np.array([h[err] for h in history])
+        ax.plot(it, m), ax.fill_between(it, m - e, m + e, alpha=0.3)
+        ax.set_xlabel("iteration"), ax.set_title(label)
+    fig.tight_layout()
+    fig.savefig(out_dir / "finetune_curves.png", dpi=110)
+    plt.close(fig)
+    paths.update(curves=out_dir / "finetune_curves.png", checkpoint=out_dir / CHECKPOINT, history=out_dir / "history.json")
+    return {"paths": paths, "reward_before": rewards["before"], "reward_after": rewards["after"],
+            "kl": history[-1]["kl"]}

@@ -1,0 +1,269 @@
+"""The training loop: data -> loss(sde, network) -> AdamW -> EMA -> checkpoint (DESIGN section 10).
+
+One `Trainer` serves a single process and PyTorch DDP (launched by torchrun; gloo on CPU, nccl on
+GPU). Randomness is reproducible and resumable: one CPU generator draws every step's global
+batch indices, times and noise (each process then takes its slice, so any number of processes
+computes the same global batch); extra randomness inside a loss (sliced projections, Langevin
+paths) comes from a generator seeded by (seed, step, rank). With the generator, optimiser and
+EMA states in the checkpoint, a run killed at any step and resumed reaches, on CPU, bit-identical
+weights to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+import warnings
+from functools import partial
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..core.sde import SDE, SDES, LinearSDE, ScoreFn
+from ..learning.losses import LOSSES, sample_time
+from ..learning.networks import EMA, MLP, UNet
+from ..sampling.methods import METHODS, sample
+from .build import build_model, build_sde, draw_samples, lookup, resolve_device
+from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from .config import Config, atomic_write, save_config
+from .data import Dataset, load_dataset
+
+__all__ = ["NonFiniteLoss", "learning_rate", "Trainer"]
+
+# config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
+# and with lr_schedule=cosine it also reshapes the remaining learning rates)
+RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
+                     "sampler", "threads", "device"}
+
+
+def learning_rate(cfg: Config, step: int) -> float:
+    """Linear warm-up over cfg.warmup steps, then constant or cosine decay to 0 at cfg.steps."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+    return cfg.lr
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/inf; the run stopped before touching the weights."""
+
+
+class Trainer:
+    """Builds data, SDE, model, AdamW and EMA from a Config; `run()` trains, checkpoints and evaluates.
+
+    With resume=True (default) a run directory that holds a checkpoint is continued from it.
+    Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel.
+    """
+
+    def __init__(self, cfg: Config, data: Dataset | None = None, resume: bool = True):
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+        self.data = data if data is not None else load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test,
+                                                               seed=cfg.seed, pad_to=cfg.pad_to)
+        self.sde = build_sde(cfg)
+        self.loss_fn, self.loss_args, self.time_args = self._loss_setup()
+        lookup(METHODS, cfg.sampler)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.sde, self.data.sample_shape).to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        init_share = cfg.ema_decay ** cfg.steps
+        if init_share > 0.05 and self.rank == 0:
+            warnings.warn(f"ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps: after "
+                          f"steps = {cfg.steps} the EMA weights used for sampling still hold {init_share:.0%} of the "
+                          f"random initialisation; train longer or lower ema_decay", stacklevel=2)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.train_x = self.data.train.to(self.device)
+        self.n_classes = int(cfg.net_args.get("n_classes", 0))
+        if self.n_classes and self.data.train_labels is None:
+            raise ValueError(f"net_args.n_classes = {self.n_classes} needs labelled data; {self.data.name!r} has no labels")
+        self.train_y = self.data.train_labels.to(self.device) if self.n_classes else None
+        self.step = 0
+        self.run_dir = cfg.run_dir
+        self.ckpt_path = self.run_dir / CHECKPOINT
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_checkpoint: int | None = None
+        if resume and self.ckpt_path.exists():
+            self._resume()
+        elif self.rank == 0:  # a fresh start: an old checkpoint or log would mix with the new run
+            for path in (self.ckpt_path, self.metrics_path):
+                path.unlink(missing_ok=True)
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _loss_setup(self) -> tuple[Callable[..., Tensor], dict[str, Any], dict[str, Any]]:
+        cfg = self.cfg
+        fn = lookup(LOSSES, cfg.loss)
+        own = {"t", "noise", "generator", "score_fn", "sde", "x0", "true_score"}
+        valid = [p for p in inspect.signature(fn).parameters if p not in own]
+        unknown = sorted(set(cfg.loss_args) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown loss_args for {cfg.loss!r}: {', '.join(unknown)}; valid: {', '.join(valid)}")
+        args = dict(cfg.loss_args)
+        time_args = {"weighting": args.get("weighting", "sigma2"), "importance": args.pop("importance", False)}
+        if "true_score" in inspect.signature(fn).parameters:
+            if self.data.mixture is None:
+                raise ValueError(f"loss {cfg.loss!r} needs the exact score: use an analytic data set "
+                                 "(ring, grid, mixture<d>) or another loss")
+            args["true_score"] = self.data.mixture.score_fn(self.sde)
+        return fn, args, time_args
+
+    def _resume(self) -> None:
+        import yaml
+
+        saved_path = self.run_dir / "config.yaml"
+        if saved_path.exists():
+            saved = yaml.safe_load(saved_path.read_text())
+            defaults = Config().to_dict()  # keys added since the run was saved hold their defaults
+            changed = sorted(k for k, v in self.cfg.to_dict().items()
+                             if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
+            if changed:
+                raise ValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
+                                 f"choose another name=... or remove that folder")
+        self.step, _ = load_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt,
+                                       generators={"train": self.gen})
+        self.last_checkpoint = self.step
+        if self.rank == 0 and self.metrics_path.exists():  # drop records written after the checkpoint
+            lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["step"] <= self.step]
+            atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines).encode())
+
+    # one optimisation step -------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, torch.Generator]:
+        """This process's slice of the global batch: x0, labels (class-conditional nets, else None), t, noise,
+        importance factors, extra generator."""
+        B, n = self.cfg.batch_size, self.train_x.shape[0]
+        idx = torch.randint(n, (B,), generator=self.gen)
+        t, r = sample_time(self.sde, B, generator=self.gen, dtype=self.train_x.dtype, **self.time_args)
+        noise = torch.randn((B,) + self.data.sample_shape, generator=self.gen) \
+            if isinstance(self.sde, LinearSDE) else None
+        part = slice(self.rank * B // self.world, (self.rank + 1) * B // self.world)
+        extra = torch.Generator(self.device).manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
+        dev = self.device
+        y = None if self.train_y is None else self.train_y[idx[part].to(dev)]
+        return (self.train_x[idx[part].to(dev)], y, t[part].to(dev), None if noise is None else noise[part].to(dev),
+                r[part].to(dev), extra)
+
+    def _labelled(self, y: Tensor | None, generator: torch.Generator) -> Callable:
+        """The network with labels bound, each replaced by the null label with probability label_dropout
+        (classifier-free guidance training, Ho & Salimans 2207.12598)."""
+        if y is None:
+            return self.net
+        drop = torch.rand(y.shape, generator=generator, device=y.device) < self.cfg.label_dropout
+        return partial(self.net, y=torch.where(drop, torch.full_like(y, self.n_classes), y))
+
+    def _train_step(self) -> tuple[float, float]:
+        cfg = self.cfg
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(cfg, self.step)
+        x0, y, t, noise, r, extra = self._batch(self.step)
+        net = self._labelled(y, extra)
+        loss = (self.loss_fn(net, self.sde, x0, t=t, noise=noise, generator=extra, **self.loss_args) * r).mean()
+        value = loss.detach().clone()
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        if not torch.isfinite(value):
+            raise NonFiniteLoss(f"loss is {value.item()} at step {self.step}; training stopped. {self._last_good()}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise NonFiniteLoss(f"gradient norm is {norm.item()} at step {self.step}; training stopped. {self._last_good()}")
+        self.opt.step()
+        self.ema.update()
+        self.step += 1
+        return value.item(), norm.item()
+
+    def _last_good(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint had been written yet."
+        return f"The last good checkpoint {self.ckpt_path} (step {self.last_checkpoint}) is intact."
+
+    # the loop --------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.rank == 0:
+            save_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt, step=self.step,
+                            generators={"train": self.gen}, extra={"data": self.data.name, "world_size": self.world})
+        self.last_checkpoint = self.step
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.rank == 0:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self, until: int | None = None) -> "Trainer":
+        """Train up to step `until` (default cfg.steps). Checkpoints every checkpoint_every steps and at
+        cfg.steps; stopping earlier (until < steps) leaves the state as a killed run would."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        until = cfg.steps if until is None else min(until, cfg.steps)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not cfg.progress or self.rank != 0)
+        losses, tic, start = [], time.perf_counter(), self.step
+        self.model.train()
+        try:
+            while self.step < until:
+                loss, norm = self._train_step()
+                losses.append(loss)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    rate = (self.step - start) / (time.perf_counter() - tic)
+                    self._log({"step": self.step, "loss": sum(losses) / len(losses), "grad_norm": norm,
+                               "lr": self.opt.param_groups[0]["lr"], "steps_per_s": rate})
+                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4g}")
+                    losses = []
+                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                    self.save()
+                if self.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self._log({"step": self.step, **self.evaluate()})
+        finally:
+            bar.close()
+        return self
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """n samples (on the CPU) from the EMA model with the configured sampler and nfe."""
+        return draw_samples(self.sde, self.ema.copy(), (n,) + self.data.sample_shape, self.cfg.sampler, self.cfg.nfe,
+                            generator=generator, device=self.device)[0].cpu()
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss of the EMA model and W2 of its samples to held-out data; saves a snapshot PNG.
+        Uses its own generators, so the training randomness is untouched."""
+        from ..evaluation.metrics import w2_report
+        from .plots import plot_samples
+
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(cfg.seed + 1)
+        test = self.data.test[:cfg.n_eval].to(self.device)
+        model = self.ema.copy()
+        t, r = sample_time(self.sde, test.shape[0], generator=g, dtype=test.dtype, **self.time_args)
+        noise = torch.randn(test.shape, generator=g).to(self.device) if isinstance(self.sde, LinearSDE) else None
+        g_dev = torch.Generator(self.device).manual_seed(cfg.seed + 2)  # randomness inside the loss
+        eval_loss = (self.loss_fn(model, self.sde, test, t=t.to(self.device), noise=noise, generator=g_dev,
+                                  **self.loss_args) * r.to(self.device)).mean().item()
+        x = self.sample(test.shape[0], generator=g)
+        plot_samples(x, self.data.test[:cfg.n_eval], self.run_dir / "snapshots" / f"step_{self.step:07d}.png",
+                     title=f"step {self.step}")
+        return {"eval_loss": eval_loss, **w2_report(x, self.data, generator=g)}

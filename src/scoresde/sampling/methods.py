@@ -1,0 +1,177 @@
+"""Samplers for every SDE of scoresde (DESIGN section 4) and one entry point, `sample`.
+
+`sample(sde, score_fn, shape, method=..., nfe=...)` spends exactly `nfe` score
+evaluations (at most `nfe` for the adaptive "dopri5"). Budget rules, d = 1 if the final
+Tweedie denoise is on (default) else 0:
+
+| method | function | NFE |
+|---|---|---|
+| em | euler_maruyama (T 5.21) | steps + d |
+| ei | exponential_integrator (T 5.20) | steps + d |
+| pc | predictor_corrector (T 5.22) | steps (1 + corrector_steps) + d |
+| ald | annealed_langevin (NCSN) | levels steps_per_level + d, levels >= 2 |
+| euler | ode_euler (probability flow) | steps + d |
+| heun | heun | 2 steps + d; d defaults to nfe odd, so every nfe >= 2 works |
+| dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
+| dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
+| unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
+| ddim, ddpm | ddim (eta option), ddpm | steps + d |
+
+Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun;
+quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
+whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
+benchmarks/samplers.py. Other methods end at sde.t_min.
+
+Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
+explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
+no Tweedie step); `dtype` (when x_T is not given); and each
+function's own keywords (eta, snr, corrector_steps, predictor, order, rtol, atol, ...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..core.registry import Registry
+from ..core.sde import SDE, LinearSDE, ScoreFn
+from .common import Callback
+from .consistency import consistency_method
+from .ddim import ddim, ddpm
+from .grids import end_time_for_steps, time_grid
+from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
+from .pc import annealed_langevin, predictor_corrector
+from .stochastic import euler_maruyama, exponential_integrator
+
+__all__ = ["sample", "METHODS", "Method", "default_denoise", "steps_for"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A sampler as `sample` drives it: fn(sde, score_fn, x_T, ts, **kw), the score evaluations per
+    grid step (a function of the options), how many grid points the levels add (ald: one level per
+    point), the default grid (kind and power), whether it draws noise, and whether its default end time
+    follows the step count (`end_time_for_steps`) rather than sde.t_min."""
+
+    fn: Callable[..., Tensor]
+    evals_per_step: Callable[[dict], int] = lambda options: 1
+    levels_are_points: bool = False
+    grid: str = "logsnr"
+    stochastic: bool = False
+    power: float = 2.0
+    end_follows_steps: bool = False
+
+
+METHODS: "Registry[Method]" = Registry("sampling method")
+for _name, _method in {
+    "em": Method(euler_maruyama, grid="uniform", stochastic=True),
+    "ei": Method(exponential_integrator, grid="uniform", stochastic=True),
+    "pc": Method(predictor_corrector, lambda o: 1 + o.get("corrector_steps", 1), grid="uniform", stochastic=True),
+    "ald": Method(annealed_langevin, lambda o: o.get("steps_per_level", 1), True, "logsnr", True),
+    # EDM rho = 7: quadratic in t wins for Euler and Heun under VP (Heun, NFE 21, ring component-scale MMD^2
+    # 1.5e-4 vs 2.8e-3) but loses under VE (swiss-roll teacher, Heun NFE 10: W2 3.40 vs 0.29), so the default
+    # stays the parametrisation-free EDM grid; pass grid="poly" for VP
+    "euler": Method(ode_euler, grid="edm"),
+    "heun": Method(heun, lambda o: 2, grid="edm"),
+    "dopri5": Method(dopri5),
+    # default grid "poly" (t quadratic): best at NFE 5 on both benchmark targets, mixed with uniform at
+    # NFE 10, ahead of log-SNR and EDM rho = 7, tied at NFE >= 20 (benchmarks/RESULTS.md)
+    "dpm1": Method(partial(dpm_solver_multistep, order=1), grid="poly"),
+    "dpm2m": Method(partial(dpm_solver_multistep, order=2), grid="poly"),
+    "dpm3m": Method(partial(dpm_solver_multistep, order=3), grid="poly"),
+    "ddim": Method(ddim, grid="poly", stochastic=True),
+    "ddpm": Method(ddpm, grid="poly", stochastic=True),
+    # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
+    "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
+                     power=3.0, end_follows_steps=True),
+    "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
+                     power=3.0, end_follows_steps=True),
+    # a consistency model's steps at the first k times of the grid (every step is a denoise)
+    "consistency": Method(consistency_method, grid="edm", stochastic=True),
+}.items():
+    METHODS.register(_name)(_method)
+
+
+def _budget_counter(score_fn: ScoreFn, nfe: int) -> ScoreFn:
+    calls = 0
+
+    def counted(x: Tensor, t: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > nfe:
+            raise RuntimeError(f"dopri5 needs more than nfe={nfe} score evaluations at these rtol/atol; "
+                               "raise nfe or loosen the tolerances")
+        return score_fn(x, t)
+
+    return counted
+
+
+def default_denoise(sde: SDE, method: str, nfe: int) -> bool:
+    """The final Tweedie step is on for linear SDEs; heun takes it where nfe is odd (2 per step)."""
+    return isinstance(sde, LinearSDE) and (nfe % 2 == 1 if method == "heun" else True)
+
+
+def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
+    """Grid steps that spend exactly `nfe` evaluations with `method` (budget rules of the module docstring);
+    ValueError when nfe does not fit."""
+    spec = METHODS[method]
+    per_step = spec.evals_per_step(options)
+    budget = nfe - int(bool(denoise))
+    n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
+    if per_step < 1 or budget % per_step or n_steps < 1:
+        extra = " plus 1 for the final denoise" if denoise else ""
+        raise ValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
+                         f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
+    return n_steps
+
+
+def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
+           generator: torch.Generator | None = None, x_T: Tensor | None = None,
+           callback: Callback | None = None, **options) -> Tensor:
+    """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations.
+
+    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape` in
+    `options["dtype"]`, default torch's default dtype) fixes the dtype of the whole run.
+    callback(step, t, x) sees every grid time (t = 0 for the denoised output).
+    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring).
+    """
+    try:
+        spec = METHODS[method]
+    except KeyError as err:
+        raise ValueError(f"method: {err.args[0]}") from None
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe}")
+    nfe = int(nfe)
+    dtype = options.pop("dtype", None)
+    if x_T is None:
+        if shape is None:
+            raise ValueError("shape must be given when x_T is not")
+        x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
+    elif shape is not None and tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+    denoise = options.pop("denoise", default_denoise(sde, method, nfe))
+    grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
+    kwargs = dict(options, denoise=bool(denoise), callback=callback)
+    if spec.stochastic:
+        kwargs["generator"] = generator
+    if method == "dopri5":
+        if "t_end" in grid_opts:
+            kwargs["t_end"] = grid_opts["t_end"]
+        return spec.fn(sde, _budget_counter(score_fn, nfe), x_T, **kwargs)
+    n_steps = steps_for(method, nfe, denoise, options)
+    ts = grid_opts.get("ts")
+    if ts is None:
+        t_end = grid_opts.get("t_end")
+        if t_end is None and spec.end_follows_steps and isinstance(sde, LinearSDE):
+            t_end = end_time_for_steps(sde, n_steps)
+        ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=t_end,
+                       rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", spec.power),
+                       dtype=x_T.dtype, device=x_T.device)
+    else:
+        ts = torch.as_tensor(ts).to(device=x_T.device, dtype=x_T.dtype)
+    if len(ts) != n_steps + 1:
+        raise ValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
+    return spec.fn(sde, score_fn, x_T, ts, **kwargs)

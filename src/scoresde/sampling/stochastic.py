@@ -1,0 +1,113 @@
+"""Reverse-SDE samplers (T 5.20, 5.21): Euler-Maruyama and the exponential integrator.
+
+Both integrate the time reversal dx = [f(t, x) - g(t)^2 s(x, t)] dt + g(t) dW-bar
+(T 2.7, written in forward time) down a decreasing grid ts = (T, ..., t_end), one score
+evaluation per step, then optionally denoise with Tweedie's formula at t_end (one more).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like, reverse_drift
+from .common import Callback, check_grid, finish, noise_like, require_linear
+
+__all__ = ["euler_maruyama", "exponential_integrator", "em_step", "ei_step", "em_coefficients", "ei_coefficients",
+           "ei_grid_coefficients"]
+
+_GL_NODES, _GL_WEIGHTS = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(32))
+
+
+def em_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float, float]]:
+    """(h, b, g) of every step of the grid for a linear SDE (f = -b x): h = t_i - t_{i+1}, b and g at t_i;
+    Python floats computed once on the CPU, so a step on a GPU launches no coefficient kernels."""
+    t = ts.detach().to("cpu", torch.float64)
+    return list(zip((t[:-1] - t[1:]).tolist(), sde.b(t[:-1]).tolist(), sde.diffusion(t[:-1]).tolist()))
+
+
+def em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
+            generator: torch.Generator | None = None, noise: bool = True,
+            coefficients: tuple[float, float, float] | None = None) -> Tensor:
+    """One Euler-Maruyama step of the reverse SDE (T 5.21) from t down to t_next; one NFE. For a linear SDE
+    x <- x + h (b x + g^2 s) + g sqrt(h) z with `coefficients` (h, b, g) (default: from t, t_next)."""
+    if isinstance(sde, LinearSDE):
+        h, b, g = coefficients or em_coefficients(sde, torch.stack([t, t_next]))[0]
+        x = x + h * (b * x + g**2 * score_fn(x, batch_time(t, x)))
+        return x + (g * h**0.5) * noise_like(x, generator) if noise else x
+    h = t - t_next
+    x = x - h * reverse_drift(sde, score_fn)(t, x)
+    if not noise:
+        return x
+    return x + expand_like(sde.diffusion(batch_time(t, x)), x) * h.sqrt() * noise_like(x, generator)
+
+
+def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
+                   generator: torch.Generator | None = None, denoise: bool = True,
+                   callback: Callback | None = None) -> Tensor:
+    """Euler-Maruyama on the reverse SDE (T 5.21): x <- x - h [f - g^2 s] + g sqrt(h) z, h = t_i - t_{i+1}.
+
+    NFE = len(ts) - 1 + denoise. Without the final denoise the last step adds no noise
+    (it returns the predictor mean, as Song et al. 2011.13456 do).
+    """
+    ts = check_grid(ts.to(x_T.dtype))
+    x, n = x_T, len(ts) - 1
+    if callback is not None:
+        callback(0, ts[0], x)
+    coefs = em_coefficients(sde, ts) if isinstance(sde, LinearSDE) else [None] * n
+    for i in range(n):
+        x = em_step(sde, score_fn, x, ts[i], ts[i + 1], generator, noise=denoise or i < n - 1, coefficients=coefs[i])
+        if callback is not None:
+            callback(i + 1, ts[i + 1], x)
+    return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
+
+
+def ei_coefficients(sde: LinearSDE, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(phi, c, v) with x(t_next) = phi x(t) + c s + sqrt(v) z for the reverse SDE with the score frozen at s.
+
+    phi = alpha(t')/alpha(t), c = alpha(t') int_{t'}^{t} g(u)^2 / alpha(u) du (Gauss-Legendre,
+    32 nodes, float64) and v = alpha(t')^2 (r(t) - r(t')), r = sigma^2 / alpha^2, the exact
+    variance of the linear part (g^2 / alpha^2 = dr/dt). Elementwise in t, t_next; on the CPU in float64.
+    """
+    t, tn = (s.detach().to("cpu", torch.float64) for s in (t, t_next))
+    u = (0.5 * (t + tn))[..., None] + (0.5 * (t - tn))[..., None] * _GL_NODES
+    integral = 0.5 * (t - tn) * (_GL_WEIGHTS * sde.diffusion(u) ** 2 / sde.alpha(u)).sum(-1)
+    a, an = sde.alpha(t), sde.alpha(tn)
+    r, rn = (sde.sigma(t) / a) ** 2, (sde.sigma(tn) / an) ** 2
+    return an / a, an * integral, an**2 * (r - rn)
+
+
+def ei_grid_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float, float]]:
+    """(phi, c, sqrt(v)) of every step of the grid as Python floats, computed once."""
+    phi, c, v = ei_coefficients(sde, ts[:-1], ts[1:])
+    return list(zip(phi.tolist(), c.tolist(), v.sqrt().tolist()))
+
+
+def ei_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
+            generator: torch.Generator | None = None,
+            coefficients: tuple[float, float, float] | None = None) -> Tensor:
+    """One exponential-integrator step (T 5.20) from t down to t_next; one NFE. `coefficients`:
+    (phi, c, sqrt(v)) of `ei_grid_coefficients` (default: computed from t, t_next)."""
+    phi, c, sd = coefficients or ei_grid_coefficients(sde, torch.stack([t, t_next]))[0]
+    return phi * x + c * score_fn(x, batch_time(t, x)) + sd * noise_like(x, generator)
+
+
+def exponential_integrator(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
+                           generator: torch.Generator | None = None, denoise: bool = True,
+                           callback: Callback | None = None) -> Tensor:
+    """Exponential integrator (T 5.20; Tang & Zhao 2401.13115): the linear drift -b x and the
+    noise are integrated exactly over each step, the score frozen at its start.
+
+    For VP this is x' = e^{dB/2} x + 2 (e^{dB/2} - 1) s + sqrt(e^{dB} - 1) z. NFE = len(ts) - 1 + denoise.
+    """
+    sde = require_linear(sde, "the exponential integrator")
+    ts = check_grid(ts.to(x_T.dtype))
+    x, n = x_T, len(ts) - 1
+    if callback is not None:
+        callback(0, ts[0], x)
+    coefs = ei_grid_coefficients(sde, ts)
+    for i in range(n):
+        x = ei_step(sde, score_fn, x, ts[i], ts[i + 1], generator, coefficients=coefs[i])
+        if callback is not None:
+            callback(i + 1, ts[i + 1], x)
+    return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
