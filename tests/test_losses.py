@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from scoresde.core.sde import OU, VE, VP, Langevin, SubVP
+from scoresde.core.sde import OU, VE, VP, ContractiveVP, Langevin, SubVP
 from scoresde.core.targets import GaussianMixture
 from scoresde.learning.losses import (
     LOSSES,
@@ -272,12 +272,24 @@ def test_langevin_refusals():
 
 
 def test_weightings():
-    sde, t = SubVP(), torch.tensor([0.1, 0.5, 0.9], dtype=F64)
-    torch.testing.assert_close(loss_weight(sde, t, "sigma2"), sde.sigma(t) ** 2)
-    torch.testing.assert_close(loss_weight(sde, t, "g2"), sde.beta(t) * (1 - torch.exp(-2 * sde.B(t))))
-    torch.testing.assert_close(loss_weight(sde, t, "uniform"), torch.ones(3, dtype=F64))
-    torch.testing.assert_close(loss_weight(sde, t, lambda t: t**2), t**2)
-    torch.testing.assert_close(loss_weight(sde, t, lambda t: 2.0), torch.full((3,), 2.0, dtype=F64))
+    """sigma2 against sigma(t)^2 = 1 - exp(-int_0^t beta) by quadrature (VP); g2 against the variance ODE of a
+    linear SDE, g^2 = d(sigma^2)/dt + 2 b sigma^2 with b = -f(t, x) / x, by autograd (VP, sub-VP, VE,
+    contractive VP); callables as given."""
+    from scipy.integrate import quad
+
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=F64)
+    vp = VP()
+    var = [1 - math.exp(-quad(lambda u: 0.1 + 19.9 * u, 0, float(s))[0]) for s in t]
+    torch.testing.assert_close(loss_weight(vp, t, "sigma2"), torch.tensor(var, dtype=F64))
+    for sde in (vp, SubVP(), VE(), ContractiveVP()):
+        tt = t.clone().requires_grad_(True)
+        var = sde.sigma(tt) ** 2
+        dvar = torch.autograd.grad(var.sum(), tt)[0]
+        b = -sde.drift(t, torch.ones(3, 1, dtype=F64))[:, 0]
+        torch.testing.assert_close(loss_weight(sde, t, "g2"), dvar + 2 * b * var.detach(), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(loss_weight(vp, t, "uniform"), torch.ones(3, dtype=F64))
+    torch.testing.assert_close(loss_weight(vp, t, lambda t: t**2), t**2)
+    torch.testing.assert_close(loss_weight(vp, t, lambda t: 2.0), torch.full((3,), 2.0, dtype=F64))
 
 
 def test_bad_inputs():

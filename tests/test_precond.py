@@ -77,48 +77,56 @@ def test_edm_scalings_match_table_1_and_give_unit_variance(gen):
         P.edm_scalings(one, s, 0.0)
 
 
-class _Oracle(nn.Module):
-    """A 'network' that outputs exactly what ScoreModel's parametrization asks of it, by inverting
-    the conditioning it is given (c_noise -> t through the inverse log-SNR)."""
+class _GaussianOracle(nn.Module):
+    """The exact 'network' of each parametrization for data N(mu, c^2 I), written from the closed forms
+    alone: posterior mean x0_hat = mu + alpha c^2 (x - alpha mu) / v, v = alpha^2 c^2 + sigma^2 (conjugacy),
+    score -(x - alpha mu) / v, eps = (x - alpha x0_hat) / sigma, and EDM Table 1 (2206.00364) on y = x / alpha
+    at noise level s = sigma / alpha. The conditioning it gets is inverted by hand (c_noise = log(s) / 4)."""
 
-    def __init__(self, mix, sde, parametrization, sigma_data):
+    def __init__(self, sde, parametrization, mu, c, sigma_data):
         super().__init__()
-        self.mix, self.sde, self.p, self.sd = mix, sde, parametrization, sigma_data
+        self.sde, self.p, self.mu, self.c, self.sd = sde, parametrization, mu, c, sigma_data
         self.dummy = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x_in, c):
-        sde, p = self.sde, self.p
-        if p in ("score", "vp_skip"):
-            t, x = c, x_in
+    def forward(self, x_in, cond):
+        sde, p, mu, c, sd = self.sde, self.p, self.mu, self.c, self.sd
+        if p in ("score", "vp_skip"):  # raw x and t in
+            t, x = cond, x_in
+            a, sig = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
         else:
-            t = sde.inverse_log_snr(-4 * c)
-            a, s = sde.alpha(t), sde.sigma(t)
-            x = x_in * (s**2 + a**2 * self.sd**2).sqrt()[:, None]
-        s_true = self.mix.score_fn(sde)(x, t)
-        a, sig = sde.alpha(t), sde.sigma(t)
+            s = torch.exp(4 * cond)  # s = sigma / alpha
+            t = sde.inverse_log_snr(-torch.log(s))
+            a, sig = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+            x = a * x_in * (s[:, None] ** 2 + sd**2).sqrt()  # c_in = 1 / sqrt(s^2 + sd^2) acts on y = x / alpha
+        v = a**2 * c**2 + sig**2
+        x0 = mu + a * c**2 * (x - a * mu) / v
         if p == "score":
-            return s_true
+            return -(x - a * mu) / v
         if p == "eps":
-            return P.score_to_eps(s_true, sig)
-        x0 = P.score_to_x0(s_true, x, a, sig)
+            return (x - a * x0) / sig
         if p in ("x0", "vp_skip"):
             return x0
-        c_skip, c_out, _, _ = P.edm_scalings(a, sig, self.sd)
-        return (x0 - c_skip[:, None] * x) / c_out[:, None]
+        s = sig / a  # edm: D(y) = c_skip y + c_out F with D = x0_hat, Table 1
+        c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+        return (x0 - c_skip * x / a) / c_out
 
 
 @pytest.mark.parametrize("parametrization", P.PARAMETRIZATIONS)
 @pytest.mark.parametrize("sde", [VP(), VE(), VEEDM(), ContractiveVP()], ids=lambda s: type(s).__name__)
 def test_score_model_with_exact_network_recovers_exact_score(sde, parametrization, gen):
-    mix, sd = ring(), 0.7
-    model = P.ScoreModel(_Oracle(mix, sde, parametrization, sd), sde, parametrization, sigma_data=sd)
+    """ScoreModel around the exact network of its parametrization returns the closed-form Gaussian score,
+    posterior mean and noise."""
+    mu, c, sd = torch.tensor([[0.7, -1.2]], dtype=torch.float64), 0.6, 0.7
+    model = P.ScoreModel(_GaussianOracle(sde, parametrization, mu, c, sd), sde, parametrization, sigma_data=sd)
     t = _times(sde, 200, gen).clamp(max=sde.T * 0.9)
-    x = mix.at_time(sde, t).sample(200, gen)
-    truth = mix.score_fn(sde)(x, t)
-    torch.testing.assert_close(model(x, t), truth, rtol=1e-6, atol=1e-6 * truth.abs().max().item())
-    a, sig = sde.alpha(t), sde.sigma(t)
-    torch.testing.assert_close(model.output(x, t, "x0"), P.score_to_x0(truth, x, a, sig), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(model.output(x, t, "eps"), P.score_to_eps(truth, sig), rtol=1e-6, atol=1e-6)
+    a, sig = sde.alpha(t)[:, None], sde.sigma(t)[:, None]
+    v = a**2 * c**2 + sig**2
+    x = a * mu + v.sqrt() * torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    score = -(x - a * mu) / v
+    x0 = mu + a * c**2 * (x - a * mu) / v
+    torch.testing.assert_close(model(x, t), score, rtol=1e-6, atol=1e-6 * score.abs().max().item())
+    torch.testing.assert_close(model.output(x, t, "x0"), x0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model.output(x, t, "eps"), (x - a * x0) / sig, rtol=1e-6, atol=1e-6)
 
 
 def test_score_model_input_is_unit_scale_for_every_sde(gen):
