@@ -1,0 +1,20 @@
+"""The benchmarks of scoresde, run through one harness: ``python -m benchmarks NAME [--quick] [options]``.
+
+``python -m benchmarks --list`` lists them; ``make bench-NAME`` runs one through the heavy-run lock.
+Each benchmark is a module with ``add_arguments(parser)``, ``run(args)`` and ``QUICK`` (the option
+defaults of its ``--quick`` smoke run); shared helpers (output folder, environment record, plotting)
+live in ``benchmarks.common``. Results and the commands that produced them: ``benchmarks/RESULTS.md``.
+"""
+
+# harness name -> module (the output folder is benchmarks/results/<name>/)
+BENCHMARKS = {
+    "likelihood": "likelihood",
+    "score-matching": "score_matching_cost",
+    "estimation": "estimation_studies",
+    "train": "train_throughput",
+    "imaging": "imaging",
+    "samplers": "samplers",
+    "bounds": "bounds_studies",
+    "consistency": "consistency",
+    "alignment": "alignment",
+}
