@@ -8,37 +8,42 @@
    divergence as the dimension grows (random_mixture(d, 8), VP, batch 16, rtol = atol = 1e-3);
    exact only up to d = 128 (it costs d backward passes per evaluation).
 
-Run: .venv/bin/python benchmarks/likelihood.py   (make bench-likelihood)
+Run: python -m benchmarks likelihood   (make bench-likelihood); outputs in benchmarks/results/likelihood/.
 """
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from benchmarks import common
+from scoresde.core import sde as S
+from scoresde.core.targets import random_mixture
+from scoresde.sampling.likelihood import log_likelihood
 
-from scoresde.core import sde as S  # noqa: E402
-from scoresde.core.targets import random_mixture  # noqa: E402
-from scoresde.sampling.likelihood import log_likelihood  # noqa: E402
-
-FIG = Path(__file__).parent / "figures"
+NAME = "likelihood"
 TOLS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 1e-5)
 GOAL = 0.005  # nats/dim
 CONFIGS = (("dopri5", "t"), ("dopri5", "log_snr"), ("bosh3", "t"), ("dopri8", "t"))
+DIMS = (2, 8, 32, 128, 512)
+QUICK = dict(n=8, tols=[1e-1, 1e-2], dims=[2, 8], repeats=1)
 
 
-def accuracy_sweep(n: int = 64) -> list[dict]:
+def add_arguments(p) -> None:
+    p.add_argument("--n", type=int, default=64, help="samples of the accuracy sweep")
+    p.add_argument("--tols", type=float, nargs="+", default=list(TOLS), help="rtol = atol values of the sweep")
+    p.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="dimensions of the divergence-cost study")
+    p.add_argument("--repeats", type=int, default=3, help="solves per cell of the cost study (minimum wall time)")
+
+
+def accuracy_sweep(n: int = 64, tols=TOLS) -> list[dict]:
     mix = random_mixture(16, 8, seed=0)
     x = mix.sample(n, torch.Generator().manual_seed(0))
     rows = []
     for sde in (S.VP(), S.VE()):
         exact = mix.at_time(sde, sde.t_min).log_prob(x)
         for solver, tv in CONFIGS:
-            for tol in TOLS:
+            for tol in tols:
                 t0 = time.perf_counter()
                 logp, info = log_likelihood(sde, mix.score_fn(sde), x, solver=solver, rtol=tol, atol=tol,
                                             time_variable=tv)
@@ -53,7 +58,7 @@ def accuracy_sweep(n: int = 64) -> list[dict]:
     return rows
 
 
-def divergence_cost(dims=(2, 8, 32, 128, 512), n: int = 16, repeats: int = 3) -> list[dict]:
+def divergence_cost(dims=DIMS, n: int = 16, repeats: int = 3) -> list[dict]:
     rows = []
     sde = S.VP()
     for d in dims:
@@ -80,7 +85,7 @@ def divergence_cost(dims=(2, 8, 32, 128, 512), n: int = 16, repeats: int = 3) ->
 
 
 def plot(acc: list[dict], cost: list[dict]) -> None:
-    FIG.mkdir(exist_ok=True)
+    plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, name in zip(axes, ("VP", "VE")):
         for (solver, tv), style in zip(CONFIGS, ("o-", "s-", "^:", "v:")):
@@ -92,7 +97,7 @@ def plot(acc: list[dict], cost: list[dict]) -> None:
     axes[0].set_ylabel("mean |log p error| (nats/dim)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIG / "likelihood_error_vs_nfe.png", dpi=120)
+    common.save_figure(fig, NAME, "likelihood_error_vs_nfe.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 4))
     for div, style in (("exact", "o-"), ("hutchinson-rademacher", "s-")):
         rs = [r for r in cost if r["div"] == div]
@@ -102,24 +107,23 @@ def plot(acc: list[dict], cost: list[dict]) -> None:
     ax.set_title("divergence cost, VP, 1 thread")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(FIG / "likelihood_divergence_cost.png", dpi=120)
+    common.save_figure(fig, NAME, "likelihood_divergence_cost.png", dpi=120)
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def run(args) -> None:
     print("| SDE | solver | time variable | rtol = atol | NFE | err (nats/dim) | ODE-only err | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")
-    acc = accuracy_sweep()
+    acc = accuracy_sweep(args.n, args.tols)
     for name in ("VP", "VE"):
         ok = [r for r in acc if r["sde"] == name and r["err"] < GOAL]
+        if not ok:
+            print(f"{name}: no tolerance reaches error < {GOAL} nats/dim")
+            continue
         best = min(ok, key=lambda r: r["nfe"])
         print(f"{name}: smallest NFE with error < {GOAL} nats/dim: {best['nfe']} "
               f"({best['solver']}, {best['tv']}, tol {best['tol']:.0e}, err {best['err']:.2e})")
     print("\n| d | divergence | NFE | wall (s) | ms / NFE | mean abs err (nats/dim) | sd of err (nats/dim) |")
     print("|---|---|---|---|---|---|---|")
-    cost = divergence_cost()
+    cost = divergence_cost(args.dims, repeats=args.repeats)
+    common.write_json(NAME, {"goal_nats_per_dim": GOAL, "accuracy": acc, "divergence_cost": cost})
     plot(acc, cost)
-
-
-if __name__ == "__main__":
-    main()
