@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test test-slow clean demo-digits bench-score-matching bench-likelihood bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# the documentation site (docs/ + API reference from the docstrings), offline, warnings as errors
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 bench-score-matching: $(STAMP)
 	$(HEAVY) benchmarks/score_matching_cost.py
