@@ -7,30 +7,28 @@ each step is loss(...).mean().backward(). Times are medians over repetitions cap
 per-cell time budget, as process CPU time (robust on a shared, oversubscribed machine) and
 wall time. Slopes are least-squares fits of log(time) on log(d) over d >= 32.
 
-Run: .venv/bin/python benchmarks/score_matching_cost.py   (make bench-score-matching)
+Run: python -m benchmarks score-matching   (make bench-score-matching); outputs in
+benchmarks/results/score-matching/.
 """
 from __future__ import annotations
 
 import statistics
 import time
-from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks import common
+from scoresde.core.sde import VP
+from scoresde.learning.losses import denoising_score_matching, implicit_score_matching, sliced_score_matching
+from scoresde.learning.networks import MLP
 
-from scoresde.core.sde import VP  # noqa: E402
-from scoresde.learning.losses import denoising_score_matching, implicit_score_matching, sliced_score_matching  # noqa: E402
-from scoresde.learning.networks import MLP  # noqa: E402
-
-FIG = Path(__file__).parent / "figures"
+NAME = "score-matching"
 DIMS = (2, 8, 32, 128, 512, 1024)
 BATCH = 256
 HIDDEN, DEPTH = 64, 2
 MAX_REPS, BUDGET_S = 5, 2.0
+QUICK = dict(dims=[8, 32, 64], max_reps=1, budget_s=0.2)
 METHODS = {
     "implicit": lambda f, sde, x, g: implicit_score_matching(f, sde, x, generator=g),
     "sliced M=1": lambda f, sde, x, g: sliced_score_matching(f, sde, x, generator=g, n_projections=1),
@@ -39,21 +37,27 @@ METHODS = {
 }
 
 
-def time_step(loss, model, sde, x0, g) -> tuple[float, float, int]:
+def add_arguments(p) -> None:
+    p.add_argument("--dims", type=int, nargs="+", default=list(DIMS), help="dimensions d")
+    p.add_argument("--max-reps", type=int, default=MAX_REPS, help="timed repetitions per cell at most")
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help="wall-time budget per cell (s)")
+
+
+def time_step(loss, model, sde, x0, g, max_reps: int = MAX_REPS, budget_s: float = BUDGET_S) -> tuple[float, float, int]:
     """Median wall and process-CPU seconds of loss + backward, and the number of timed steps: one warm-up
     step, then up to MAX_REPS within BUDGET_S (wall); a warm-up longer than BUDGET_S is the measurement."""
     wall: list[float] = []
     cpu: list[float] = []
-    for i in range(MAX_REPS + 1):
+    for i in range(max_reps + 1):
         model.zero_grad(set_to_none=True)
         w0, c0 = time.perf_counter(), time.process_time()
         loss(model, sde, x0, g).mean().backward()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
-        if i == 0 and wall[0] <= BUDGET_S:
+        if i == 0 and wall[0] <= budget_s:
             wall.clear()
             cpu.clear()
-        elif sum(wall) > BUDGET_S:
+        elif sum(wall) > budget_s:
             break
     return statistics.median(wall), statistics.median(cpu), len(wall)
 
@@ -63,8 +67,8 @@ def slope(dims, seconds) -> float:
     return float(np.polyfit(np.log(np.array(dims)[big]), np.log(np.array(seconds)[big]), 1)[0])
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def run(args) -> None:
+    dims = tuple(args.dims)
     torch.manual_seed(0)
     sde, g = VP(), torch.Generator().manual_seed(0)
     wall: dict[str, list[float]] = {name: [] for name in METHODS}
@@ -72,35 +76,32 @@ def main() -> None:
     print("CPU ms (wall ms, timed reps) per loss + backward step")
     print("| d | " + " | ".join(METHODS) + " | implicit / sliced M=1 (CPU) |")
     print("|---" * (len(METHODS) + 2) + "|")
-    for d in DIMS:
+    for d in dims:
         model = MLP(d, hidden=HIDDEN, depth=DEPTH)
         x0 = torch.randn(BATCH, d, generator=g)
         cells = []
         for name, loss in METHODS.items():
-            w, c, reps = time_step(loss, model, sde, x0, g)
+            w, c, reps = time_step(loss, model, sde, x0, g, args.max_reps, args.budget_s)
             wall[name].append(w)
             cpu[name].append(c)
             cells.append(f"{c * 1e3:.1f} ({w * 1e3:.1f}, {reps})")
         ratio = cpu["implicit"][-1] / cpu["sliced M=1"][-1]
         print(f"| {d} | " + " | ".join(cells) + f" | {ratio:.0f} |", flush=True)
-    slopes = {n: (slope(DIMS, cpu[n]), slope(DIMS, wall[n])) for n in METHODS}
+    slopes = {n: (slope(dims, cpu[n]), slope(dims, wall[n])) for n in METHODS}
     print("slopes of log time on log d, d >= 32 (CPU / wall): "
           + ", ".join(f"{n} {c:.2f} / {w:.2f}" for n, (c, w) in slopes.items()))
-    ratio_slope = slope(DIMS, np.array(cpu["implicit"]) / np.array(cpu["sliced M=1"]))
+    ratio_slope = slope(dims, np.array(cpu["implicit"]) / np.array(cpu["sliced M=1"]))
     print(f"slope of implicit / sliced M=1 (CPU) on d, d >= 32: {ratio_slope:.2f}")
-    FIG.mkdir(exist_ok=True)
+    common.write_json(NAME, {"dims": dims, "batch": BATCH, "hidden": HIDDEN, "depth": DEPTH, "cpu_s": cpu,
+                             "wall_s": wall, "slopes_cpu_wall": slopes, "ratio_slope": ratio_slope})
+    plt = common.plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for k, name in enumerate(METHODS):
-        ax.loglog(DIMS, np.array(cpu[name]) * 1e3, "o-", color=f"C{k}", label=f"{name} (slope {slopes[name][0]:.2f})")
-        ax.loglog(DIMS, np.array(wall[name]) * 1e3, ":", color=f"C{k}", alpha=0.5)
+        ax.loglog(dims, np.array(cpu[name]) * 1e3, "o-", color=f"C{k}", label=f"{name} (slope {slopes[name][0]:.2f})")
+        ax.loglog(dims, np.array(wall[name]) * 1e3, ":", color=f"C{k}", alpha=0.5)
     ax.set_xlabel("dimension d")
     ax.set_ylabel("loss + backward, ms (batch 256; dotted: wall)")
     ax.set_title(f"score-matching cost, MLP {HIDDEN}x{DEPTH}, 1 CPU thread")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIG / "score_matching_cost.png", dpi=120)
-    print(f"wrote {FIG / 'score_matching_cost.png'}")
-
-
-if __name__ == "__main__":
-    main()
+    print(f"wrote {common.save_figure(fig, NAME, 'score_matching_cost.png', dpi=120)}")
