@@ -7,23 +7,22 @@ update, the finite-loss guard and JSONL logging (every 50 steps; no evaluation, 
 the timed window, progress bar off). Both are timed in alternating rounds on the same machine state;
 the table reports medians and overhead = loop / bare - 1.
 
-Run: .venv/bin/python benchmarks/train_throughput.py  (make bench-train)
+Run: python -m benchmarks train  (make bench-train); outputs in benchmarks/results/train/.
 """
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from scoresde.running.build import build_model, build_sde
 from scoresde.running.config import Config
 from scoresde.running.train import Trainer
 
-FIG = Path(__file__).parent / "figures" / "train_throughput.png"
+NAME = "train"
 CASES = [  # name, config overrides, steps per round
     ("MLP 128x3, 2-D moons, batch 256 (demo)", dict(data="moons", net_args={"hidden": 128, "depth": 3}, batch_size=256), 300),
     ("MLP 512x4, 16-D mixture, batch 1024", dict(data="mixture16", net_args={"hidden": 512, "depth": 4}, batch_size=1024), 40),
@@ -32,6 +31,12 @@ CASES = [  # name, config overrides, steps per round
           batch_size=64), 10),
 ]
 ROUNDS = 5
+QUICK = dict(rounds=1, steps=2)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--rounds", type=int, default=ROUNDS, help="alternating timed rounds per case")
+    p.add_argument("--steps", type=int, default=0, help="steps per round for every case (0: each case's own)")
 
 
 def trainer_round(tr: Trainer, steps: int) -> float:
@@ -64,18 +69,18 @@ def bare_setup(cfg: Config, data: torch.Tensor):
     return round_
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def run(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, over, steps in CASES:
+            steps = args.steps or steps
             cfg = Config(**{"name": "bench", "out": tmp, "steps": 10**9, "eval_every": 0, "checkpoint_every": 10**9,
                             "progress": False, "log_every": 50, **over})
             tr = Trainer(cfg, resume=False)
             bare = bare_setup(cfg, tr.train_x)
             trainer_round(tr, 3), bare(3)  # warm-up
             loop_t, bare_t = [], []
-            for _ in range(ROUNDS):
+            for _ in range(args.rounds):
                 loop_t.append(trainer_round(tr, steps))
                 bare_t.append(bare(steps))
             lo, ba = statistics.median(loop_t), statistics.median(bare_t)
@@ -87,16 +92,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, ba, lo, ov, omin, omax in rows:
         print(f"| {name} | {ba:.2f} | {lo:.2f} | {ov:+.1f}% | {omin:+.1f}% .. {omax:+.1f}% |")
-    plot(rows)
-    print(f"\nfigure: {FIG}", file=sys.stderr)
+    common.write_json(NAME, {"rounds": args.rounds, "columns": ["case", "bare_ms", "trainer_ms", "overhead_pct",
+                                                                 "round_min_pct", "round_max_pct"], "rows": rows})
+    print(f"\nfigure: {plot(rows)}")
 
 
-def plot(rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows):
+    plt = common.plt()
     fig, ax = plt.subplots(figsize=(7, 3))
     y = range(len(rows))
     ax.barh([i + 0.2 for i in y], [r[1] for r in rows], height=0.4, label="bare PyTorch loop")
@@ -107,9 +109,4 @@ def plot(rows) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("ms per training step (1 thread, log scale)")
     ax.legend(fontsize=8)
-    FIG.parent.mkdir(exist_ok=True)
-    fig.savefig(FIG, dpi=110, bbox_inches="tight")
-
-
-if __name__ == "__main__":
-    main()
+    return common.save_figure(fig, NAME, "train_throughput.png", dpi=110)
