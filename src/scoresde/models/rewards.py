@@ -96,8 +96,6 @@ def class_log_prob(classifier: Callable[[Tensor], Tensor], label: int) -> Reward
 def parse_reward(name: str, params: dict[str, str] | list[str]) -> Reward:
     """A reward from `rewards.REWARDS` with CLI-style string parameters (a dict or "key=value" strings):
     numbers and comma-separated vectors, points of a set separated by ';' (c=1,0 points=0,1;1,0 sharpness=5)."""
-    from .rewards import REWARDS
-
     if not isinstance(params, dict):
         bad = [p for p in params if "=" not in p]
         check("reward parameters", bad, not bad, "key=value strings")
