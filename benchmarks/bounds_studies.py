@@ -9,25 +9,21 @@
 (d) TV of probability-flow ODE samplers against the TV bound of T 5.2 fed with the measured L2 score error:
     exact for Gaussian data, from the sampler's own log-density (scoresde.likelihood) for a 2-D mixture.
 
-Run: .venv/bin/python benchmarks/bounds_studies.py [a] [b] [c] [d] [d2]   (default all; make bench-bounds;
+Run: python -m benchmarks bounds [a] [b] [c] [d] [d2]   (default all; make bench-bounds;
 d is the Gaussian part of (d), d2 the mixture part).
-Figures go to benchmarks/figures/bounds_*.png; markdown tables are printed.
+Figures go to benchmarks/results/bounds/bounds_*.png; markdown tables are printed (and kept in run.log).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
-from pathlib import Path
 
-import matplotlib
 import matplotlib.ticker
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from benchmarks import common
 
 from scoresde.core.gaussian import (
     backward_sde_law,
@@ -41,15 +37,16 @@ from scoresde.core.gaussian import (
     score_error_l2,
     step_coefficients,
 )
-from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP  # noqa: E402
-from scoresde.core.targets import GaussianMixture  # noqa: E402
-from scoresde.evaluation.bounds import tv_bound, tv_bound_vp, w2_bound_log_concave  # noqa: E402
-from scoresde.evaluation.metrics import Estimate, kl_gaussian, tv, tv_grid, w2, w2_floor, w2_gaussian  # noqa: E402
-from scoresde.sampling import dopri5, exponential_integrator  # noqa: E402
-from scoresde.sampling.likelihood import log_likelihood  # noqa: E402
+from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP
+from scoresde.core.targets import GaussianMixture
+from scoresde.evaluation.bounds import tv_bound, tv_bound_vp, w2_bound_log_concave
+from scoresde.evaluation.metrics import Estimate, kl_gaussian, tv, tv_grid, w2, w2_floor, w2_gaussian
+from scoresde.sampling import dopri5, exponential_integrator
+from scoresde.sampling.likelihood import log_likelihood
 
-torch.set_num_threads(1)
-FIG = Path(__file__).resolve().parent / "figures"
+NAME = "bounds"
+plt = common.plt()
+MC = 100_000  # Monte Carlo sample size of the TV estimates and of (c)'s mixture paths (--mc)
 GRIDS = {
     "VP": (VP(), [0.1, 0.25, 0.5, 0.75, 1.0]),
     "sub-VP": (SubVP(), [0.1, 0.25, 0.5, 0.75, 1.0]),
@@ -61,8 +58,9 @@ EPS = [0.0, 0.01, 0.1, 0.5]
 COLORS = {0.0: "k", 0.01: "tab:blue", 0.1: "tab:orange", 0.5: "tab:red"}
 
 
-def gaussian_tv(p: tuple, q: tuple, n: int = 100_000, seed: int = 0) -> Estimate:
-    """Monte Carlo TV between two Gaussians (samples from the first), by scoresde.metrics.tv."""
+def gaussian_tv(p: tuple, q: tuple, n: int | None = None, seed: int = 0) -> Estimate:
+    """Monte Carlo TV between two Gaussians (MC samples from the first), by scoresde.metrics.tv."""
+    n = n or MC
     P = torch.distributions.MultivariateNormal(torch.from_numpy(p[0]), torch.from_numpy(p[1]))
     Q = torch.distributions.MultivariateNormal(torch.from_numpy(q[0]), torch.from_numpy(q[1]))
     torch.manual_seed(seed)
@@ -178,8 +176,7 @@ def study_a() -> None:
                           min(ratios_tv), min(ratios_w2), viol_tv, viol_w2, viol_lin, viol_l2fed))
         fig.suptitle(f"(a) exact distance (solid) vs bound (dashed; dotted: T 5.3) against T, Gaussian data, d={dim}")
         fig.tight_layout()
-        fig.savefig(FIG / f"bounds_a_d{dim}.png", dpi=90)
-        plt.close(fig)
+        common.save_figure(fig, NAME, f"bounds_a_d{dim}.png", dpi=90)
     print("| d | SDE | T | TV exact (eps=0.1) | TV bound | W2 exact (eps=0.1) | W2 bound | W2 exact (eps=0) | W2 bound (eps=0) "
           "| min TV bound/exact | min W2 bound/exact | TV violations | W2 violations | TV viol. (linear error) "
           "| W2 bound fed L2 error < exact |")
@@ -260,8 +257,7 @@ def study_b() -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(FIG / "bounds_b_vp_vs_cvp.png", dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "bounds_b_vp_vs_cvp.png", dpi=90)
     print(f"W2 floor of the mixture at n={n}: {floor.value:.3f} +- {floor.stderr:.3f}\n")
     print("| data | SDE | W2(out, data) at T=1, eps=0 | at T=1, eps=0.1 | W2(out_eps, out_0) at T=1 (mixture: coupled "
           "upper bound) | W2 bound at T=1 | min over T of W2 (eps=0.1) |")
@@ -305,7 +301,7 @@ def study_c() -> None:
     target = bimodal()
     m2_mix = float(torch.trace(target.covariance()) + target.mean() @ target.mean())
     gen = torch.Generator().manual_seed(1)
-    nm, n_mc = np.array([8, 16, 32, 64, 128, 256]), 100_000
+    nm, n_mc = np.array([8, 16, 32, 64, 128, 256]), MC
     ax = axes[-1]
     mix_rows = []
     for name, sde in (("VP", VP()), ("contractive VP", ContractiveVP())):
@@ -332,8 +328,7 @@ def study_c() -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIG / "bounds_c_discretisation.png", dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "bounds_c_discretisation.png", dpi=90)
     print("Gaussian data, d = 2, started from the exact p_T (discretisation error only); order fitted on N = 64..1024.\n")
     print("| SDE | " + " | ".join(f"{s}: order W2 / order E|Y|^2 / W2 at N=64" for s in schemes) + " |")
     print("|---|" + "---|" * len(schemes))
@@ -381,7 +376,7 @@ def study_d_mixture() -> None:
     gen = torch.Generator().manual_seed(4)
     u = np.array([1.0, 1.0]) / math.sqrt(2)
     p_end = target.at_time(sde, t_min)
-    ptv_mix = tv(target.at_time(sde, sde.T).log_prob, sde.prior_logp, target.at_time(sde, sde.T).sample(100_000, gen))
+    ptv_mix = tv(target.at_time(sde, sde.T).log_prob, sde.prior_logp, target.at_time(sde, sde.T).sample(MC, gen))
     print(f"\n2-D bimodal mixture, VP, t_end = {t_min}; TV(p_T, pi) = {ptv_mix.value:.2e}. TV(p_t_end, q) = "
           "E_q[(1 - p/q)_+] over n = 2000 ODE samples (dopri5, rtol 1e-7), log q from scoresde.likelihood "
           "(exact divergence, rtol 1e-7); the SDE column is the EI sampler (500 steps) scored by tv_grid (60x60 "
@@ -429,14 +424,27 @@ def study_d_mixture() -> None:
     ax[1].legend(fontsize=7, markerscale=4)
     ax[1].set_aspect("equal")
     fig.tight_layout()
-    fig.savefig(FIG / "bounds_d_ode_tv.png", dpi=90)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "bounds_d_ode_tv.png", dpi=90)
 
 
-if __name__ == "__main__":
-    FIG.mkdir(parents=True, exist_ok=True)
-    chosen = sys.argv[1:] or ["a", "b", "c", "d", "d2"]
-    for key in chosen:
+STUDIES = {"a": study_a, "b": study_b, "c": study_c, "d": study_d, "d2": study_d_mixture}
+QUICK = dict(studies=["d", "c"], mc=2000)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("studies", nargs="*", default=list(STUDIES), type=common.choice(STUDIES),
+                   help=f"studies to run, of {', '.join(STUDIES)} (default all; d: Gaussian part of (d), d2: mixture part)")
+    p.add_argument("--mc", type=int, default=MC, help="Monte Carlo sample size of the TV estimates and (c)'s paths")
+
+
+def run_tag(args) -> str:
+    return "" if set(args.studies) == set(STUDIES) else "-".join(args.studies)
+
+
+def run(args) -> None:
+    global MC
+    MC = args.mc
+    for key in args.studies:
         start = time.perf_counter()
-        {"a": study_a, "b": study_b, "c": study_c, "d": study_d, "d2": study_d_mixture}[key]()
+        STUDIES[key]()
         print(f"\n(study {key}: {time.perf_counter() - start:.0f} s)")

@@ -52,6 +52,18 @@ def scratch_dir(name: str, default: str | Path) -> Path:
     return out_dir(name) / "runs" if quick() else REPO / default
 
 
+def choice(allowed):
+    """An argparse `type` for positional lists with a list default (argparse checks `choices` against the
+    whole default list when none is given)."""
+    def check(value: str) -> str:
+        if value not in allowed:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+    return check
+
+
 # ---- the environment record ----------------------------------------------------------------------------
 
 def _git(*args: str) -> str:
