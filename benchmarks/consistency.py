@@ -11,48 +11,59 @@ The two-step intermediate time is chosen on training points (not the held-out on
 small grid of noise levels. Also reported: the RMS distance |f(x_T, T) - ODE(x_T)| of the
 one-step CD map to the teacher's 100-NFE DPM-Solver++ output from the same x_T.
 
-    .venv/bin/python benchmarks/consistency.py [--sets moons,ring] [--seeds 3]
+    python -m benchmarks consistency [--sets moons,ring] [--seeds 3]      (make bench-consistency)
 
-Writes benchmarks/figures/consistency_<set>.png and benchmarks/results/consistency_<set>.json.
+Writes benchmarks/results/consistency/consistency_<set>.png and consistency_<set>.json; run folders
+(teachers, students) under runs/bench-consistency.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from scoresde.evaluation.metrics import w2  # noqa: E402
-from scoresde.models.consistency import ConsistencyModel, effective_sigma  # noqa: E402
+from benchmarks import common
+from scoresde.evaluation.metrics import w2
 from scoresde.running.build import build_sde
-from scoresde.running.config import Config, load_config  # noqa: E402
-from scoresde.running.consistency_train import ConsistencyTrainer  # noqa: E402
-from scoresde.running.data import load_dataset  # noqa: E402
-from scoresde.running.runs import load_run  # noqa: E402
-from scoresde.running.train import Trainer  # noqa: E402
-from scoresde.sampling import sample  # noqa: E402
-from scoresde.sampling.consistency import consistency_sample
+from scoresde.running.config import Config, load_config
+from scoresde.running.consistency_train import ConsistencyTrainer
+from scoresde.running.data import load_dataset
+from scoresde.running.runs import load_run
+from scoresde.running.train import Trainer
+from scoresde.sampling import sample
+from scoresde.sampling.consistency import ConsistencyModel, consistency_sample, effective_sigma
 
-ROOT = Path(__file__).resolve().parent
-RUNS = ROOT.parent / "runs" / "bench-consistency"
+NAME = "consistency"
+REPO = common.REPO
+RUNS = REPO / "runs" / "bench-consistency"  # a quick run trains under its output folder instead (run())
 ANALYTIC = {"ring": "moons", "mixture16": "mixture16"}  # set -> config giving SDE and network
 TOY_CONFIG = {"moons": "moons", "checkerboard": "checkerboard", "swiss_roll": "swiss_roll", "rings": "moons"}
 METHODS, NFES = ("euler", "heun", "dpm2m", "dopri5"), (10, 20, 100)
 OPTIONS = {"dopri5": {"rtol": 1e-3, "atol": 1e-3}}  # at its default 1e-5 it never fits 100 NFE here
 S_MID = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # two-step noise levels sigma/alpha, times sigma_data
-N = 2000
+N = 2000  # samples, held-out and reference points (--n)
+QUICK = dict(sets="ring", seeds=1, steps=20, n=200)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--sets", default="ring,mixture16,moons,checkerboard,swiss_roll,rings")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--n", type=int, default=N, help="samples per W2 and held-out points")
+    p.add_argument("--reuse", action="store_true", help="evaluate finished students of a previous run")
+
+
+def run_tag(args) -> str:
+    return args.sets.replace(",", "-")
 
 
 def base_config(name: str) -> dict:
-    cfg = load_config(ROOT.parent / "configs" / f"{TOY_CONFIG.get(name, ANALYTIC.get(name))}.yaml").to_dict()
+    cfg = load_config(REPO / "configs" / f"{TOY_CONFIG.get(name, ANALYTIC.get(name))}.yaml").to_dict()
     return {**cfg, "data": name, "out": str(RUNS), "progress": False, "eval_every": 0, "n_train": 20000,
             "n_test": N, "seed": 0}
 
@@ -126,7 +137,7 @@ def run_set(name: str, seeds: int, steps: int, reuse: bool = False) -> dict:
     sigma_data = round(float(data.train.std()), 2)
     score = data.mixture.score_fn(sde) if spec == "exact" else load_run(spec).model.eval().requires_grad_(False)
     out: dict = {"set": name, "sde": type(sde).__name__,
-                 "teacher": "exact score" if spec == "exact" else str(Path(spec).relative_to(ROOT.parent)),
+                 "teacher": "exact score" if spec == "exact" else os.path.relpath(spec, REPO),
                  "teacher_train_s": round(teacher_s, 1), "sigma_data": sigma_data, "steps": steps}
     students = {m: student(name, m, spec, steps, sigma_data, reuse) for m in ("cd", "ct")}
     out["train_s"] = {m: round(s, 1) for m, (_, s) in students.items()}
@@ -185,6 +196,7 @@ def picture(name: str, test: torch.Tensor, keep: dict, out: dict) -> None:
     panels = [("held-out data", test), (f"teacher ODE, DPM-Solver++ 100 NFE", keep["ode"]),
               (f"CD, 1 step (W2 ratio {out['ratios']['cd-1step']:.2f})", keep["cd"]),
               (f"CT, 1 step (W2 ratio {out['ratios']['ct-1step']:.2f})", keep["ct"])]
+    plt = common.plt()
     fig, axes = plt.subplots(1, 4, figsize=(16, 4.2), sharex=True, sharey=True)
     for ax, (title, x) in zip(axes, panels):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.5)
@@ -192,10 +204,7 @@ def picture(name: str, test: torch.Tensor, keep: dict, out: dict) -> None:
         ax.set_aspect("equal")
     fig.suptitle(f"{name}: one-step consistency samples beside the teacher"
                  + (" (first two coordinates)" if test.shape[1] > 2 else ""))
-    path = ROOT / "figures" / f"consistency_{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    common.save_figure(fig, NAME, f"consistency_{name}.png", dpi=90)
 
 
 def table(out: dict) -> str:
@@ -216,21 +225,10 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", default="ring,mixture16,moons,checkerboard,swiss_roll,rings")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--reuse", action="store_true", help="evaluate finished students of a previous run")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+def run(args) -> None:
+    global RUNS, N
+    RUNS, N = common.scratch_dir(NAME, RUNS.relative_to(REPO)), args.n
     for name in args.sets.split(","):
         out = run_set(name, args.seeds, args.steps, args.reuse)
-        path = ROOT / "results" / f"consistency_{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1) + "\n")
+        common.write_json(NAME, out, file=f"consistency_{name}.json")
         print(table(out), flush=True)
-
-
-if __name__ == "__main__":
-    main()
