@@ -15,25 +15,19 @@
     1.5x the iterations so the budgets are equal.
 (c) Time grid: the same budget in iterations at N = 10, 20, 40 steps for both methods; each
     result is also evaluated on a common fine grid (N = 100).
-Run: `flock /tmp/scoresde-heavy.lock .venv/bin/python benchmarks/alignment.py` (make bench-alignment).
+Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
 
-import os
-
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import argparse
 import json
 import math
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import common
 from scoresde.core.sde import VP
 from scoresde.core.targets import GaussianMixture
 from scoresde.evaluation.metrics import mmd2
@@ -42,7 +36,7 @@ from scoresde.models import alignment as A
 from scoresde.models.rewards import linear
 from scoresde.sampling.grids import time_grid
 
-FIG = Path(__file__).parent / "figures"
+NAME = "alignment"
 SDE = VP()
 MIX = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.2]]),
                       0.12 * torch.eye(2).expand(3, 2, 2))
@@ -185,19 +179,9 @@ def summarise(name: str, res: dict) -> list[str]:
     return lines
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    FIG.mkdir(exist_ok=True)
-    return plt
-
-
 def plot_reward_kl(res: dict) -> None:
     """Reward against path KL, zoomed to the finetune points (DDPO without a KL term runs far beyond them)."""
-    plt = _plt()
+    plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "tilt", "tilted mixture"), (axes[1], "toy", "moons model (trained)")):
         if key not in res:
@@ -212,13 +196,12 @@ def plot_reward_kl(res: dict) -> None:
         ax.set_xlim(0, kl_max), ax.set_ylim(-0.2, 1.5 * max(m["reward"] for m in r["mine"].values()))
         ax.set_xlabel("path KL to pretrained"), ax.set_ylabel("mean reward"), ax.set_title(title), ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIG / "alignment_reward_kl.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "alignment_reward_kl.png", dpi=120)
 
 
 def plots(res: dict) -> None:
     plot_reward_kl(res)
-    plt = _plt()
+    plt = common.plt()
 
     if "tilt" in res:
         r = res["tilt"]
@@ -236,8 +219,7 @@ def plots(res: dict) -> None:
             ax.set_title(title, fontsize=9)
             ax.set_xlim(-2.5, 3.5), ax.set_ylim(-2, 3)  # DDPO's final samples may lie far outside
         fig.tight_layout()
-        fig.savefig(FIG / "alignment_samples.png", dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, NAME, "alignment_samples.png", dpi=110)
 
     if "grid" in res:
         plot_grid(res["grid"])
@@ -245,7 +227,7 @@ def plots(res: dict) -> None:
 
 def plot_grid(grid: dict) -> None:
     """Reward and KL at N = 100 against the training grid's N; log-scale y (DDPO may diverge)."""
-    plt = _plt()
+    plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for method, style in (("finetune", "s-"), ("ddpo", "o-")):
         rows = [d for d in grid.values() if d["method"] == method]
@@ -257,12 +239,14 @@ def plot_grid(grid: dict) -> None:
         ax.set_xlabel("training grid steps N"), ax.set_ylabel(lab + " (evaluated at N=100)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIG / "alignment_grid.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "alignment_grid.png", dpi=120)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+QUICK = dict(iters=4, batch=32, n_eval=200, betas=[1.0], grid_steps=[10], toy_train_steps=200, toy_iters=4,
+             toy_betas=[1.0], toy_ref=2000)
+
+
+def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--n-steps", type=int, default=20)
@@ -274,8 +258,9 @@ def main() -> None:
     p.add_argument("--toy-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--toy-ref", type=int, default=200000)
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"])
-    args = p.parse_args()
-    torch.set_num_threads(1)
+
+
+def run(args) -> None:
     res, tic = {}, time.perf_counter()
     if "tilt" in args.parts:
         res["tilt"] = tilted_case(args)
@@ -304,8 +289,4 @@ def main() -> None:
         part.pop("pretrained_samples", None)
         for v in (part.get("ref", {}) or {}).values():
             v.pop("samples", None)
-    (FIG / "alignment.json").write_text(json.dumps(slim, indent=1))
-
-
-if __name__ == "__main__":
-    main()
+    common.write_json(NAME, slim, file="alignment.json")
