@@ -1,4 +1,5 @@
 """Tests for scoresde.consistency against closed forms, Monte Carlo and the papers' formulas."""
+import copy
 import math
 
 import pytest
@@ -7,19 +8,25 @@ from torch import nn
 
 from scoresde.core import sde as S
 from scoresde.core.targets import GaussianMixture
+from scoresde.learning.networks import EMA
 from scoresde.models.consistency import (
-    ConsistencyLoss,
-    ConsistencyModel,
+    ConsistencyOptions,
     cd_pair,
-    consistency_times,
+    consistency_loss,
     ct_pair,
     distance,
-    effective_sigma,
     improved_ct_steps,
     lognormal_index_probs,
-    teacher_step,
 )
-from scoresde.sampling.consistency import consistency_sample, consistency_scalings, multistep_times
+from scoresde.sampling.consistency import (
+    ConsistencyModel,
+    consistency_sample,
+    consistency_scalings,
+    consistency_times,
+    effective_sigma,
+    multistep_times,
+)
+from scoresde.sampling.ode import pf_step
 
 LINEAR = [S.VP(), S.VE(), S.VEEDM(), S.SubVP(), S.OU(), S.ContractiveOU(), S.ContractiveVP()]
 D64 = torch.float64
@@ -142,7 +149,7 @@ def test_ct_vs_cd_pair_gaussian_closed_form(gen):
 
 
 @pytest.mark.parametrize("sde", [S.VP(), S.VEEDM(), S.ContractiveVP()], ids=lambda s: type(s).__name__)
-def test_teacher_step_converges_to_exact_flow(sde):
+def test_pf_step_converges_to_exact_flow(sde):
     """Heun is second order, Euler first order, against the Gaussian closed-form flow."""
     m, v = torch.tensor([0.5, -1.0], dtype=D64), torch.tensor([0.3, 2.0], dtype=D64)
     target = GaussianMixture(torch.ones(1), m[None], torch.diag(v)[None])
@@ -162,7 +169,7 @@ def test_teacher_step_converges_to_exact_flow(sde):
             ts = torch.linspace(t0, t1, k + 1, dtype=D64)
             z = x
             for a, b in zip(ts[:-1], ts[1:]):
-                z = teacher_step(sde, target.score_fn(sde), z, a, b, solver)
+                z = pf_step(sde, target.score_fn(sde), z, a, b, solver)
             errs[solver].append(float((z - exact).abs().max()))
     assert 1.6 < errs["euler"][0] / errs["euler"][1] < 2.4
     assert 3.2 < errs["heun"][0] / errs["heun"][1] < 4.8
@@ -225,30 +232,83 @@ def test_loss_vanishes_at_the_exact_consistency_function_of_a_point_mass(mode, g
     x0 = torch.tensor([[0.3, -0.7]], dtype=D64).expand(256, 2)
     exact = Oracle(lambda x, t: x0[: len(x)] + (sde.t_min / t)[:, None] * (x - x0[: len(x)]))
     score = lambda x, t: -(x - x0[: len(x)]) / t[:, None] ** 2
-    loss_fn = ConsistencyLoss(sde, mode, score if mode == "cd" else None, n_steps=12, solver="euler")
-    assert loss_fn(exact, x0, gen).abs().max() < 1e-20
+    opts = ConsistencyOptions(mode, n_steps=12, solver="euler")
+    teacher = score if mode == "cd" else None
+    assert consistency_loss(sde, opts, exact, exact, x0, 0, teacher=teacher, generator=gen).abs().max() < 1e-20
     wrong = Oracle(lambda x, t: x)  # the identity: loss = (t_{n+1} - t_n)^2 |z|^2
-    assert loss_fn(wrong, x0, gen).mean() > 1e-6
+    assert consistency_loss(sde, opts, wrong, wrong, x0, 0, teacher=teacher, generator=gen).mean() > 1e-6
+    # the target is what is passed: the exact model against the identity as theta^- is not consistent
+    assert consistency_loss(sde, opts, exact, wrong, x0, 0, teacher=teacher, generator=gen).mean() > 1e-6
 
 
-def test_target_network_is_an_ema(gen):
+def test_gradient_flows_through_the_model_only(gen):
+    """With target = model (iCT's stop-gradient target) the gradient is that of d(f_theta(x_{n+1}), const):
+    the same as with a frozen copy of the model as target."""
     sde = S.VEEDM()
     model = ConsistencyModel.from_net(TinyNet(), sde)
-    loss_fn = ConsistencyLoss(sde, "ct", n_steps=5, target_decay=0.9)
+    frozen = copy.deepcopy(model).requires_grad_(False)
     x0 = torch.randn(8, 2, generator=gen, dtype=D64)
-    loss_fn(model, x0, gen)
-    w0 = model.model.net.w.detach().clone()
-    torch.testing.assert_close(loss_fn.target.model.net.w, w0)
-    with torch.no_grad():
-        model.model.net.w.add_(1.0)
-    loss_fn(model, x0, gen)
-    torch.testing.assert_close(loss_fn.target.model.net.w, 0.9 * w0 + 0.1 * (w0 + 1.0))
-    assert "target.model.net.w" in loss_fn.state_dict() and int(loss_fn.step) == 2
-    assert not loss_fn.target.model.net.w.requires_grad
-    # decay 0 (iCT): the target is the current model under stop-gradient
-    loss0 = ConsistencyLoss(sde, "ct", n_steps=5, target_decay=0.0)
-    loss0(model, x0, gen).mean().backward()
-    assert loss0.target is None and model.model.net.w.grad is not None
+    opts = ConsistencyOptions("ct", n_steps=5)
+    grads = []
+    for target in (model, frozen):
+        model.zero_grad()
+        consistency_loss(sde, opts, model, target, x0, 0, generator=torch.Generator().manual_seed(1)).sum().backward()
+        grads.append(model.model.net.w.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+    assert frozen.model.net.w.grad is None
+
+
+def test_step_sets_the_curriculum(gen):
+    """The step passed in selects N(k) of iCT's curriculum: the times drawn are exactly the first N(k)
+    points of the N(k)-interval grid (t_n) and the last N(k) (t_{n+1})."""
+    sde = S.VEEDM()
+    opts = ConsistencyOptions("ct", n_steps=2, max_steps=16, curriculum="improved", total_steps=100)
+    seen = {"model": [], "target": []}
+
+    def spy(key):
+        return lambda x, t: (seen[key].append(t), x)[1]
+
+    x0 = torch.zeros(4000, 1, dtype=D64)
+    for step, n in ((0, 2), (24, 2), (25, 4), (50, 8), (99, 16)):  # K' = floor(100 / (log2 8 + 1)) = 25
+        assert opts.intervals(step) == n
+        seen = {"model": [], "target": []}
+        consistency_loss(sde, opts, spy("model"), spy("target"), x0, step, generator=gen)
+        grid = consistency_times(sde, n)
+        torch.testing.assert_close(seen["target"][0].unique(), grid[:-1], rtol=0, atol=0)
+        torch.testing.assert_close(seen["model"][0].unique(), grid[1:], rtol=0, atol=0)
+
+
+def test_loss_with_an_ema_target_matches_its_own_ema_loop(gen):
+    """The caller's EMA target: after k optimiser steps theta^- = EMA_k, so two identical loops, one
+    passing a copy of the EMA weights and one recomputing theta^- = decay theta^- + (1 - decay) theta by
+    hand, give the same losses."""
+    sde = S.VP()
+    x0 = torch.randn(16, 2, generator=gen, dtype=D64)
+    opts = ConsistencyOptions("ct", n_steps=6)
+    losses = []
+    for by_hand in (False, True):
+        torch.manual_seed(0)
+        model = ConsistencyModel.from_net(TinyNet(), sde)
+        target = copy.deepcopy(model).requires_grad_(False)
+        ema = EMA(model, 0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g, out = torch.Generator().manual_seed(3), []
+        for step in range(3):
+            loss = consistency_loss(sde, opts, model, target, x0, step, generator=g).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+            if by_hand:
+                with torch.no_grad():
+                    for p_t, p in zip(target.parameters(), model.parameters()):
+                        p_t.mul_(0.9).add_(0.1 * p)
+            else:
+                ema.update()
+                target.load_state_dict(ema.shadow)
+        losses.append(out)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
+    assert len(set(losses[0])) == 3
 
 
 @pytest.mark.parametrize("sde", [S.VP(), S.VEEDM(), S.ContractiveOU()], ids=lambda s: type(s).__name__)
@@ -289,7 +349,7 @@ def test_registered_sampler_method(gen):
                          generator=torch.Generator().manual_seed(k))
             torch.testing.assert_close(got, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="denoise"):
-        sample(sde, cm, None, x_T=x_T, method="consistency", nfe=2)
+        sample(sde, cm, None, x_T=x_T, method="consistency", nfe=2, denoise=True)
     with pytest.raises(ValueError, match="x0"):
         sample(sde, ScoreModel(TinyNet(), sde, "eps"), None, x_T=x_T, method="consistency", nfe=2, denoise=False)
 
@@ -307,13 +367,18 @@ def test_distillation_learns_exact_gaussian_flow_map():
     m, v = torch.tensor([0.5, -1.0], dtype=D64), torch.tensor([0.3, 2.0], dtype=D64)
     target = GaussianMixture(torch.ones(1), m[None], torch.diag(v)[None])
     model = ConsistencyModel.from_net(MLP(2, hidden=64, depth=2, emb_dim=32), sde, sigma_data=1.0)
-    loss_fn = ConsistencyLoss(sde, "cd", target.score_fn(sde), n_steps=18, solver="heun", target_decay=0.95)
+    opts = ConsistencyOptions("cd", n_steps=18, solver="heun")
+    ema = EMA(model, 0.95)
+    theta_minus = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(500):
-        loss = loss_fn(model, target.sample(256, gen).float(), gen).mean()
+    for step in range(500):
+        loss = consistency_loss(sde, opts, model, theta_minus, target.sample(256, gen).float(), step,
+                                teacher=target.score_fn(sde), generator=gen).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+        ema.update()
+        theta_minus.load_state_dict(ema.shadow)
     t = consistency_times(sde, 18)[1:].repeat_interleave(200)
     x_t = target.at_time(sde, t).sample(len(t), gen)
     exact = gaussian_flow_map(sde, m, v)(x_t, t)
@@ -334,15 +399,22 @@ def test_bad_input():
         ConsistencyModel.from_net(TinyNet(), S.Langevin(lambda x: x.pow(2).sum(1)))
     with pytest.raises(ValueError, match="t must lie"):
         ConsistencyModel.from_net(TinyNet(), sde)(torch.zeros(3, 2, dtype=D64), 0.0)
+    x0, f = torch.zeros(3, 2), lambda x, t: x
+    with pytest.raises(ValueError, match="teacher must be a score_fn for mode 'cd'"):
+        consistency_loss(sde, ConsistencyOptions("cd"), f, f, x0, 0)
     with pytest.raises(ValueError, match="teacher"):
-        ConsistencyLoss(sde, "cd")
-    with pytest.raises(ValueError, match="mode"):
-        ConsistencyLoss(sde, "xx")
-    with pytest.raises(ValueError, match="total_steps"):
-        ConsistencyLoss(sde, "ct", curriculum="improved")
-    with pytest.raises(ValueError, match="target_decay"):
-        ConsistencyLoss(sde, "ct", target_decay=1.0)
+        consistency_loss(sde, ConsistencyOptions("ct"), f, f, x0, 0, teacher=f)
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
+        consistency_loss(sde, ConsistencyOptions("ct"), f, f, x0, -1)
+    for bad, match in [(dict(mode="xx"), "mode must be one of 'cd', 'ct'"),
+                       (dict(curriculum="improved"), "total_steps"), (dict(total_steps=0), "total_steps"),
+                       (dict(solver="rk4"), "solver"), (dict(distance="l1"), "distance"), (dict(index="x"), "index"),
+                       (dict(weighting="x"), "weighting"), (dict(n_steps=0), "n_steps must be an integer >= 1"),
+                       (dict(n_steps=8, max_steps=4), "max_steps must be an integer >= 8"),
+                       (dict(huber_c=0.0), "huber_c"), (dict(p_std=-1.0), "p_std"), (dict(rho=float("nan")), "rho")]:
+        with pytest.raises(ValueError, match=match):
+            ConsistencyOptions(**bad)
     with pytest.raises(ValueError, match="solver"):
-        teacher_step(sde, lambda x, t: x, torch.zeros(2, 2), 0.5, 0.4, "rk4")
+        pf_step(sde, lambda x, t: x, torch.zeros(2, 2), 0.5, 0.4, "rk4")
     with pytest.raises(ValueError, match="n_steps"):
         consistency_times(sde, 0)

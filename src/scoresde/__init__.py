@@ -37,7 +37,7 @@ _EXPORTS = {
     "evaluation.bounds": ["tv_bound", "w2_bound"],
     "models.family": ["MODELS"],
     "models.alignment": ["finetune", "ddpo"],
-    "models.consistency": ["ConsistencyLoss"],
+    "models.consistency": ["ConsistencyOptions", "consistency_loss"],
     "running.config": ["Config", "load_config"],
     "running.data": ["Dataset", "load_dataset"],
     "running.train": ["Trainer"],

@@ -1,31 +1,34 @@
 """Consistency distillation and training through the library's `Trainer` (DESIGN section 5).
 
 Same loop, AdamW, warm-up, clipping, checkpoints, resume, DDP and CLI as score models; what
-changes is the loss (`consistency.ConsistencyLoss`), the target network and sampling:
+changes is the loss (`consistency.consistency_loss`), the target network and sampling:
 
 - the trained module is a `ScoreModel` with parametrization "x0"; the consistency function is
   `ConsistencyModel(it)` (F = its x0 prediction), so checkpoints have the usual layout;
 - the target network theta^- is the trainer's EMA (`ema_decay` = CM's mu; 0 gives iCT's
   stop-gradient target), refreshed before every step: it is checkpointed and resumed with the
-  run, bit-identically, and sampling uses it;
+  run, bit-identically, and sampling uses it; the loss gets it and the step (its curriculum)
+  as arguments and keeps no state;
 - samples are `nfe`-step consistency samples (`sampler: consistency`), here and in `runs`.
 
 Config: `loss: consistency`, `parametrization: x0`, `sampler: consistency`, `loss_args: {mode: cd | ct, teacher: RUN |
-exact, ...}` plus any keyword of `ConsistencyLoss` (n_steps, solver, distance, huber_c,
+exact, ...}` plus any field of `ConsistencyOptions` (n_steps, solver, distance, huber_c,
 curriculum, max_steps, index, p_mean, p_std, weighting, rho; total_steps defaults to `steps`).
 `teacher` (mode cd) is a trained run folder, whose EMA score model is the teacher, or "exact"
 for the analytic data sets (ring, grid, mixture<d>).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from ..core.validate import construct
-from ..models.consistency import ConsistencyLoss, ConsistencyModel
+from ..models.consistency import ConsistencyOptions, consistency_loss
+from ..sampling.consistency import ConsistencyModel
 from .config import Config
 from .data import Dataset
 from .train import Trainer
@@ -75,11 +78,10 @@ class ConsistencyTrainer(Trainer):
         if mode == "ct" and teacher is not None:
             raise ValueError("mode 'ct' trains without a teacher: drop loss_args.teacher")
         args.setdefault("total_steps", self.cfg.steps)
-        score = load_teacher(str(teacher), self.sde, self.data) if mode == "cd" else None
-        if isinstance(score, nn.Module):
-            score = score.to(self.device)
-        self.consistency = construct(ConsistencyLoss, args, "loss_args for 'consistency'", sde=self.sde,
-                                     mode=mode, teacher=score, target_decay=self.cfg.ema_decay)
+        self.options = construct(ConsistencyOptions, args, "loss_args for 'consistency'", mode=mode)
+        self.teacher = load_teacher(str(teacher), self.sde, self.data) if mode == "cd" else None
+        if isinstance(self.teacher, nn.Module):
+            self.teacher = self.teacher.to(self.device)
         return self._loss, {}, {"importance": False}
 
     def _loss(self, model: nn.Module, sde: SDE, x0: Tensor, *, t: Tensor | None = None,
@@ -88,7 +90,6 @@ class ConsistencyTrainer(Trainer):
         if self._target_step != self.step:  # theta^- <- the EMA after the last optimiser step
             self._target.load_state_dict(self.ema.shadow)
             self._target_step = self.step
-        self.consistency.step.fill_(self.step)
         sd = self.cfg.sigma_data
-        return self.consistency(ConsistencyModel(model, sde, sd), x0, generator, update=False,
-                                target=ConsistencyModel(self._target, sde, sd), noise=noise)
+        return consistency_loss(sde, self.options, ConsistencyModel(model, sde, sd), ConsistencyModel(self._target, sde, sd),
+                                x0, self.step, teacher=self.teacher, generator=generator, noise=noise)

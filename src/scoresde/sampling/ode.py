@@ -9,15 +9,37 @@ x(lambda') = (sigma'/sigma) x(lambda) + sigma' int_lambda^lambda' e^u x0_hat(u) 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.sde import SDE, LinearSDE, ScoreFn, probability_flow_drift
+from ..core.sde import SDE, LinearSDE, ScoreFn, TimeLike, batch_time, expand_like, probability_flow_drift
+from ..core.validate import one_of
 from .common import Callback, check_grid, finish, require_linear, schedule
 
-__all__ = ["ode_euler", "heun", "dopri5", "dpm_solver_multistep", "exp_adams_weights"]
+__all__ = ["dopri5", "dpm_solver_multistep", "exp_adams_weights", "explicit_step", "heun", "ode_euler", "pf_step"]
+
+
+def explicit_step(drift: Callable, x: Tensor, t, t_next, h: float | Tensor, second_order: bool) -> Tensor:
+    """One Euler step x + h d(t, x) of dx/dt = d(t, x) (T 6.7), or Heun's, which averages the slopes at
+    both ends (Karras et al. 2206.00364 Alg. 1). t, t_next are whatever `drift` takes (a grid index,
+    per-sample times); h = t_next - t, a float or a tensor broadcasting over x."""
+    d = drift(t, x)
+    x_euler = x + h * d
+    return x + h * 0.5 * (d + drift(t_next, x_euler)) if second_order else x_euler
+
+
+def pf_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: TimeLike, t_next: TimeLike,
+            solver: Literal["euler", "heun"] = "heun") -> Tensor:
+    """One Euler or Heun step of the probability-flow ODE (T 6.1, 6.7) from t to t_next, per-sample
+    times allowed (a consistency-distillation teacher, `models.consistency`)."""
+    one_of("solver", solver, ("euler", "heun"))
+    t, t_next = batch_time(t, x), batch_time(t_next, x)
+    return explicit_step(probability_flow_drift(sde, score_fn), x, t, t_next, expand_like(t_next - t, x),
+                         solver == "heun")
 
 
 def ode_euler(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, denoise: bool = True,
@@ -50,11 +72,7 @@ def _explicit(sde, score_fn, x_T, ts, second_order, denoise, callback):
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
-        dt = float(ts[i + 1] - ts[i])
-        d = drift(i, x)
-        x_euler = x + dt * d
-        # Heun: average the slopes at both ends of the step
-        x = x + dt * 0.5 * (d + drift(i + 1, x_euler)) if second_order else x_euler
+        x = explicit_step(drift, x, i, i + 1, float(ts[i + 1] - ts[i]), second_order)
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
