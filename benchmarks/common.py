@@ -115,10 +115,20 @@ def _path(name: str, file: str | None, suffix: str) -> Path:
     return out_dir(name) / (file or f"{name}{suffix}")
 
 
+def _plain(value: Any) -> Any:
+    """JSON for what json does not know: numpy scalars and arrays, paths."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def write_json(name: str, obj: Any, file: str | None = None, indent: int | None = 1) -> Path:
     """Write `obj` to out_dir(name)/file (default <name>.json) with the environment record: a dict gets an
     "environment" key, anything else is wrapped as {"environment": ..., "data": obj} (read_json unwraps)."""
-    obj = json.loads(json.dumps(obj, default=float))  # numpy scalars, tuples
+    obj = json.loads(json.dumps(obj, default=_plain))
     payload = {"environment": environment(), **obj} if isinstance(obj, dict) else {"environment": environment(), "data": obj}
     path = _path(name, file, ".json")
     path.write_text(json.dumps(payload, indent=indent) + "\n")

@@ -12,26 +12,22 @@
 (d) the same models' samples: W2 (with its floor), MMD^2, and the TV bound of T 5.2 fed with the
     measured score-error profile (and a histogram TV in 2-D).
 
-Run: .venv/bin/python benchmarks/estimation_studies.py [a] [b] [c] [d] [--reps R] [--data ring mixture16]
-(default a b; make bench-estimation runs all). Figures: benchmarks/figures/estimation_*.png; markdown
-tables are printed; (c), (d) keep run folders and JSON under runs/estimation.
+Run: python -m benchmarks estimation [a] [b] [c] [d] [--reps R] [--data ring mixture16]
+(default a b; make bench-estimation runs all). Figures and the JSON of (c), (d):
+benchmarks/results/estimation/; markdown tables are printed (and kept in run-<studies>.log); (c), (d) keep
+their run folders under runs/estimation.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from scipy import stats  # noqa: E402
-
+from benchmarks import common
 from scoresde.learning.estimation import (
     ExponentialFamily,
     mle_estimate,
@@ -40,9 +36,11 @@ from scoresde.learning.estimation import (
     score_matching_estimate,
 )
 
-torch.set_num_threads(1)
-FIG = Path(__file__).resolve().parent / "figures"
+NAME = "estimation"
+plt = common.plt()
 F64 = torch.float64
+NS_A = [100, 316, 1000, 3162, 10000, 31623, 100000]  # sample sizes of (a) (--max-n caps them)
+M_POINTS_B = 47  # separations m of (b) on [0.5, 12] (--b-points)
 
 
 def double_well_theta(m: float, sigma: float = 1.0) -> torch.Tensor:
@@ -73,8 +71,8 @@ def repeated_estimates(family: ExponentialFamily, theta: torch.Tensor, n: int, r
     return torch.cat(out)
 
 
-def study_a(reps: int) -> None:
-    ns = [100, 316, 1000, 3162, 10000, 31623, 100000]
+def study_a(reps: int, max_n: int = NS_A[-1]) -> None:
+    ns = [n for n in NS_A if n <= max_n]
     gen = torch.Generator().manual_seed(0)
     fig, (ax_err, ax_cov) = plt.subplots(1, 2, figsize=(11, 4.2))
     qq = {}
@@ -113,8 +111,7 @@ def study_a(reps: int) -> None:
     ax_err.legend(fontsize=8)
     ax_cov.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(FIG / "estimation_consistency.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "estimation_consistency.png", dpi=120)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     for ax, (n, z) in zip(axes, sorted(qq.items())):
@@ -128,8 +125,7 @@ def study_a(reps: int) -> None:
         print(f"\nQQ quartic x^4 coordinate n={n}: KS statistic {ks.statistic:.3f} (p={ks.pvalue:.2g}), "
               f"skewness {stats.skew(z):.2f}")
     fig.tight_layout()
-    fig.savefig(FIG / "estimation_qq.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "estimation_qq.png", dpi=120)
 
 
 # Three exponential families through the same symmetric double well (modes +-m, unit curvature). Layouts
@@ -150,8 +146,8 @@ def b_family(name: str, m: float) -> tuple[ExponentialFamily, torch.Tensor]:
     return fam, dw[list(layout)]  # layout: where (0, x^2 coef., x^4 coef.) go
 
 
-def study_b(reps: int) -> None:
-    ms = np.linspace(0.5, 12.0, 47)
+def study_b(reps: int, points: int = M_POINTS_B) -> None:
+    ms = np.linspace(0.5, 12.0, points)
     barrier = ms**2 / 8  # log p(+-m) - log p(0), unit curvature at the modes
     eff = {name: np.array([relative_efficiency(*b_family(name, m)).numpy() for m in ms]) for name in B_FAMILIES}
     names = list(B_FAMILIES)
@@ -206,8 +202,7 @@ def study_b(reps: int) -> None:
     ax2.set(xlabel="barrier m^2/8", ylabel="log efficiency", title="log efficiency against the barrier")
     ax2.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIG / "estimation_efficiency.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "estimation_efficiency.png", dpi=120)
 
 
 # ---- (c), (d): networks trained by the library's loop ----------------------------------------------------
@@ -322,7 +317,7 @@ def study_cd(data: str, with_samples: bool, out: Path) -> dict:
         print(f"{data} n={n} width={w}: eps2={eps2:.4g}" + (f", W2={row['w2']:.3f}, MMD2={row['mmd2']:.2e}, "
               f"TV bound={row['tv_bound']:.3f}" if with_samples else "") + f" ({row['train_s']:.0f} s)", flush=True)
     result = {"data": data, "ts": ts.tolist(), "rows": list(rows.values()), **extra}
-    (out / f"estimation_networks_{data}.json").write_text(json.dumps(result))
+    common.write_json(NAME, result, file=f"estimation_networks_{data}.json", indent=None)
     return result
 
 
@@ -379,35 +374,53 @@ def report_cd(results: list[dict]) -> None:
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(FIG / "estimation_networks.png", dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, NAME, "estimation_networks.png", dpi=120)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("studies", nargs="*", default=["a", "b"], choices=["a", "b", "c", "d"])
-    parser.add_argument("--reps", type=int, default=500, help="repetitions per n in (a); (b) uses min(reps, 300)")
-    parser.add_argument("--data", nargs="+", default=["ring", "mixture16"], help="data sets of (c), (d)")
-    parser.add_argument("--reuse", action="store_true", help="(c), (d): reuse saved results under --out")
-    parser.add_argument("--out", type=Path, default=Path("runs/estimation"), help="run folders and JSON of (c), (d)")
-    args = parser.parse_args()
-    FIG.mkdir(exist_ok=True)
+QUICK = dict(studies=["a", "b", "c", "d"], reps=20, max_n=1000, b_points=6, data=["ring"], steps=30,
+             n_sweep=[100, 1000], n_inf=5000, widths=[16, 32], w_fixed=32)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("studies", nargs="*", default=["a", "b"], type=common.choice("abcd"), help="of a, b, c, d")
+    p.add_argument("--reps", type=int, default=500, help="repetitions per n in (a); (b) uses min(reps, 300)")
+    p.add_argument("--max-n", type=int, default=NS_A[-1], help="(a): largest sample size")
+    p.add_argument("--b-points", type=int, default=M_POINTS_B, help="(b): separations m on [0.5, 12]")
+    p.add_argument("--data", nargs="+", default=["ring", "mixture16"], help="data sets of (c), (d)")
+    p.add_argument("--reuse", action="store_true", help="(c), (d): reuse the saved JSON of a previous run")
+    p.add_argument("--runs", type=Path, default=Path("runs/estimation"), help="run folders of (c), (d)")
+    p.add_argument("--steps", type=int, default=STEPS, help="(c), (d): training steps per network")
+    p.add_argument("--n-sweep", type=int, nargs="+", default=[n for n in N_SWEEP if n != N_INF],
+                   help="(c), (d): finite training-set sizes")
+    p.add_argument("--n-inf", type=int, default=N_INF, help='(c), (d): the "infinite" training set')
+    p.add_argument("--widths", type=int, nargs="+", default=W_SWEEP, help="(c), (d): widths at n = inf")
+    p.add_argument("--w-fixed", type=int, default=W_FIXED, help="(c), (d): the width of the n sweep")
+
+
+def run_tag(args) -> str:
+    return "-".join(args.studies + (args.data if {"c", "d"} & set(args.studies) else []) + ["reuse"] * args.reuse)
+
+
+def run(args) -> None:
+    global STEPS, N_INF, N_SWEEP, W_SWEEP, W_FIXED
+    STEPS, N_INF, W_SWEEP, W_FIXED = args.steps, args.n_inf, args.widths, args.w_fixed
+    N_SWEEP = args.n_sweep + [N_INF]
+    runs = common.scratch_dir(NAME, args.runs)
     t0 = time.perf_counter()
     for s in [s for s in args.studies if s in "ab"]:
-        {"a": study_a, "b": study_b}[s](args.reps if s == "a" else min(args.reps, 300))
+        if s == "a":
+            study_a(args.reps, args.max_n)
+        else:
+            study_b(min(args.reps, 300), args.b_points)
     if {"c", "d"} & set(args.studies):
         results = []
         for data in args.data:
-            saved = args.out / f"estimation_networks_{data}.json"
-            res = json.loads(saved.read_text()) if args.reuse and saved.exists() \
-                else study_cd(data, "d" in args.studies, args.out)
+            file = f"estimation_networks_{data}.json"
+            saved = next((f for f in (common.out_dir(NAME) / file, runs / file) if f.exists()), None)
+            res = common.read_json(saved) if args.reuse and saved else study_cd(data, "d" in args.studies, runs)
             if "empirical" not in res:
                 res = add_empirical_optimum(res)
-                saved.write_text(json.dumps(res))
+                common.write_json(NAME, res, file=file, indent=None)
             results.append(res)
         report_cd(results)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
