@@ -122,3 +122,20 @@ def test_geometric_sigmas_and_validation():
         DDPMSchedule(torch.tensor([0.5, 1.5]))
     with pytest.raises(ValueError, match="variance must be"):
         DDPMSchedule.linear(10).reverse_variance("fixed")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "squaredcos_cap_v2"])
+def test_reverse_variances_are_diffusers_fixed_large_and_fixed_small(schedule):
+    """`ddpm_sample`'s variance "beta" (its default) is diffusers' "fixed_large" beta_t and "posterior" is
+    "fixed_small" beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t, which is smaller for t >= 2
+    (Ho et al. sec. 3.2); at t = 1 beta-tilde is 0 and "posterior" uses beta_1 (the decoder's variance)."""
+    diffusers = pytest.importorskip("diffusers")
+    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule=schedule)
+    ours = DDPMSchedule.linear(1000) if schedule == "linear" else DDPMSchedule.cosine(1000)
+    large = torch.stack([ref._get_variance(t, variance_type="fixed_large") for t in range(1000)]).double()
+    small = torch.stack([ref._get_variance(t, variance_type="fixed_small") for t in range(1000)]).double()
+    beta, posterior = ours.reverse_variance("beta"), ours.reverse_variance("posterior")
+    # diffusers divides float32 alphas_cumprod: beta carries an absolute error of a few float32 ulps of abar
+    torch.testing.assert_close(beta, large, rtol=0, atol=3e-7)
+    torch.testing.assert_close(posterior[1:], small[1:], rtol=0, atol=3e-7)
+    assert (posterior[1:] < beta[1:]).all() and posterior[0] == beta[0]

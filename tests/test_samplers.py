@@ -254,14 +254,15 @@ def test_image_shapes_and_dtypes(method, gen):
         assert x.shape == (6, 1, 2, 2) and x.dtype == dtype and torch.isfinite(x).all()
 
 
-@pytest.mark.parametrize("method", ["em", "euler", "heun", "dopri5"])
+@pytest.mark.parametrize("method", [m for m in METHODS if not METHODS[m].linear])
 def test_generic_samplers_run_the_nonlinear_langevin_sde(method):
     """Langevin with V = |x|^2 / 2 is OU: the generic-drift path (no Tweedie step by default) must give
-    OU's result from the same x_T and noise."""
+    OU's result from the same x_T and noise, for every method not declared `linear`."""
+    assert set(METHODS) - {m for m in METHODS if METHODS[m].linear} == {"em", "pc", "euler", "heun", "dopri5"}
     lang = Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1), T=OU().T, t_min=OU().t_min)
     score = ring().score_fn(OU())
     x_T = OU().prior_sample((50, 2), torch.Generator().manual_seed(2), F64)
-    nfe = 2000 if method == "dopri5" else 8
+    nfe = 2000 if METHODS[method].adaptive else 8
     runs = [sample(sde, score, None, method=method, nfe=nfe, x_T=x_T, generator=torch.Generator().manual_seed(5),
                    grid="uniform", denoise=False) for sde in (OU(), lang)]
     torch.testing.assert_close(runs[0], runs[1])
@@ -270,6 +271,76 @@ def test_generic_samplers_run_the_nonlinear_langevin_sde(method):
         sample(lang, score, None, method="em", nfe=8, x_T=x_T, denoise=True)
     with pytest.raises(ValueError, match="linear SDE"):  # the multistep solvers need (alpha, sigma)
         sample(lang, score, None, method="unipc2", nfe=8, x_T=x_T, denoise=False)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].linear])
+def test_methods_declared_linear_refuse_a_nonlinear_sde(method):
+    lang = Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1), T=OU().T, t_min=OU().t_min)
+    with pytest.raises(ValueError, match=f"linear SDE .*method '{method}'"):
+        sample(lang, ring().score_fn(OU()), None, method=method, nfe=9, x_T=torch.zeros(4, 2), denoise=False)
+
+
+def test_declared_noise_rule_of_ddim_follows_eta():
+    """ddim is deterministic exactly at eta = 0 (its declared rule): other generators give the same output
+    there and different outputs at eta = 0.5; em always draws noise, heun never."""
+    sde, score = VP(), ring().score_fn(VP())
+    x_T = sde.prior_sample((64, 2), torch.Generator().manual_seed(0), F64)
+
+    def two_draws(method, **kw):
+        return [sample(sde, score, None, method=method, nfe=7, x_T=x_T, generator=torch.Generator().manual_seed(s),
+                       **kw) for s in (1, 2)]
+
+    for method, kw in (("ddim", {}), ("ddim", {"eta": 0.5}), ("em", {}), ("heun", {})):
+        a, b = two_draws(method, **kw)
+        assert METHODS[method].stochastic(kw) == (not torch.equal(a, b)), (method, kw)
+
+
+def test_consistency_method_needs_no_denoise_flag():
+    """sample(method="consistency", nfe=k) takes k consistency steps without denoise=False (the method's declared
+    default); for Gaussian data N(0, s0^2) under VP the exact consistency function is the flow map
+    f(x, t) = x sqrt(alpha_min^2 s0^2 + sigma_min^2) / sqrt(alpha_t^2 s0^2 + sigma_t^2), so one step is that
+    map at T."""
+    sde, s0 = VP(), 0.7
+    sd = lambda t: torch.sqrt(sde.alpha(t) ** 2 * s0**2 + sde.sigma(t) ** 2)
+    t_min = torch.tensor(sde.t_min, dtype=F64)
+    f = counted(lambda x, t: x * (sd(t_min) / sd(t))[:, None])
+    x_T = sde.prior_sample((16, 2), torch.Generator().manual_seed(0), F64)
+    x = sample(sde, f, None, method="consistency", nfe=1, x_T=x_T)
+    torch.testing.assert_close(x, x_T * sd(t_min) / sd(torch.tensor(sde.T, dtype=F64)))
+    f.calls = 0
+    sample(sde, f, (16, 2), method="consistency", nfe=3, generator=torch.Generator().manual_seed(1))
+    assert f.calls == 3
+    with pytest.raises(ValueError, match="no final denoising step"):
+        sample(sde, f, (16, 2), method="consistency", nfe=3, denoise=True)
+
+
+def _step_noise_variance(sde, ts, **kw):
+    """c^2 of one ddpm step t -> t' from x = 0 with a zero score: the output is c z with z the step's draw."""
+    x = sample(sde, lambda x, t: torch.zeros_like(x), None, method="ddpm", nfe=1, x_T=torch.zeros(8, 1, dtype=F64),
+               ts=ts, denoise=False, generator=torch.Generator().manual_seed(3), **kw)
+    z = torch.randn(8, 1, generator=torch.Generator().manual_seed(3), dtype=F64)
+    return float((x / z).pow(2).mean())
+
+
+def test_ddpm_variances_are_ho_et_al_fixed_small_and_fixed_large():
+    """The sampler "ddpm" on a respaced VP grid whose alpha^2 are diffusers' alphas_cumprod: variance "posterior"
+    (the default) is diffusers' "fixed_small" beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t, "beta" is
+    "fixed_large" beta_t = 1 - abar_t / abar_{t-1}, and beta-tilde < beta (Ho et al. sec. 3.2)."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    sched.set_timesteps(10)
+    sde = VP()
+    abar = sched.alphas_cumprod.double()
+    steps = sched.timesteps.tolist()
+    for t, t_prev in zip(steps[:-1], steps[1:]):
+        ts = sde.inverse_log_snr(0.5 * torch.log(abar[[t, t_prev]] / (1 - abar[[t, t_prev]])))
+        small = float(sched._get_variance(t, variance_type="fixed_small"))
+        large = float(sched._get_variance(t, variance_type="fixed_large"))
+        posterior, beta = _step_noise_variance(sde, ts), _step_noise_variance(sde, ts, variance="beta")
+        assert posterior == pytest.approx(small, rel=1e-4) and beta == pytest.approx(large, rel=1e-4), t
+        assert posterior < beta
+    with pytest.raises(ValueError, match="variance must be one of posterior, beta"):
+        _step_noise_variance(sde, ts, variance="large")
 
 
 # ---- deterministic solvers: order against a tight dopri5 reference ------------------------
@@ -393,7 +464,7 @@ def test_fit_grid_rejects_bad_input():
     sde, score = VP(), ring().score_fn(VP())
     probe = sde.prior_sample((16, 2), torch.Generator().manual_seed(0), F64)
     for kwargs, match in [({"method": "em"}, "deterministic"), ({"method": "dopri5"}, "deterministic"),
-                          ({"method": "ddim", "eta": 0.5}, "with eta > 0"),
+                          ({"method": "ddim", "eta": 0.5}, "draws noise"),
                           ({"method": "nope"}, "deterministic"), ({"ts": time_grid(sde, 4)}, "do not pass ts"),
                           ({"reference_steps": 4}, "reference_steps"), ({"min_fraction": 0.3}, "min_fraction"),
                           ({"nfe": 2}, "nothing to fit"), ({"nfe": 1}, "does not fit"), ({"t_end": 2.0}, "t_end")]:

@@ -25,13 +25,12 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     """Train a score model (resumes from the run folder's checkpoint); under torchrun, data-parallel."""
     from .running.config import load_config
     from .running.runs import load_run, write_report
-    from .running.train import NonFiniteLoss, Trainer
+    from .running.train import NonFiniteLoss
+    from .running.trainers import trainer_for
 
     try:
         cfg = load_config(config, overrides or [])
-        if cfg.loss == "consistency":
-            from .running.consistency_train import ConsistencyTrainer as Trainer
-        trainer = Trainer(cfg, resume=not restart).run()
+        trainer = trainer_for(cfg)(cfg, resume=not restart).run()
         if trainer.rank == 0:
             _report(write_report(load_run(trainer.run_dir)))
     except (ValueError, NonFiniteLoss) as err:
@@ -57,7 +56,8 @@ def _report(paths: dict) -> None:
 
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
-           method: str = typer.Option("em", "--method", "--sampler", help="sampling method (scoresde.samplers.METHODS)"),
+           method: str = typer.Option("em", "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
+                                      "or the run's family's own: ddpm, decoder)"),
            nfe: int = typer.Option(500, "--nfe", "--steps", help="score evaluations"),
            n: int = typer.Option(1000, "--n", help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),
@@ -65,9 +65,9 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            label: int = typer.Option(None, "--label", help="class of a class-conditional run (net_args.n_classes)"),
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
-                                        "prior draws first (samplers.fit_grid; deterministic methods, 0: off)")) -> None:
+                                        "prior draws first (sampling.fit_grid; deterministic methods, 0: off)")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
-    from .running.runs import load_run, sample_run
+    from .running.runs import fit_run_grid, load_run, sample_run
 
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
@@ -79,30 +79,11 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         r = load_run(run)
         options = {}
         if fit_grid:
-            import torch
-
-            from .core.sde import LinearSDE
-            from .sampling.tuning import fit_grid as fit
-
-            if hasattr(r.model, "generate") or not isinstance(r.sde, LinearSDE):
-                raise ValueError(f"--fit-grid needs a score model on a linear SDE; run {run} has {r.cfg.sde!r} / "
-                                 f"{type(r.model).__name__}")
-            probe = r.sde.prior_sample((fit_grid,) + r.data.sample_shape, torch.Generator().manual_seed(seed + 1))
-            with torch.no_grad():
-                fitted = fit(r.sde, r.model, probe, method=method, nfe=nfe)
+            fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed)
             options["ts"] = fitted.ts
             typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g} "
                        f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-        if label is None:
-            x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, **options)
-        else:
-            import torch
-
-            from .running.build import draw_samples
-            from .sampling.guidance import label_guided
-
-            x, _ = draw_samples(r.sde, label_guided(r.model, label, n, guidance), (n,) + r.data.sample_shape, method,
-                                nfe, generator=torch.Generator().manual_seed(seed))
+        x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
     except ValueError as err:
         _fail(err)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -125,31 +106,22 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
             n: int = typer.Option(16, "--n", help="held-out images to inpaint"),
             method: str = typer.Option("em", "--method", "--sampler", help="sampling method"),
             nfe: int = typer.Option(200, "--nfe", "--steps", help="score evaluations"),
-            how: str = typer.Option("replace", "--how", help="replace (Song et al.) or tweedie (h-transform; exact for "
-                                                             "Gaussian data, CG solves per step)"),
+            how: str = typer.Option("tweedie", "--how", help="tweedie (default: the h-transform, exact for Gaussian "
+                                                             "data, CG solves per step) or replace (Song et al.: one "
+                                                             "score call per step, biased at any NFE)"),
             seed: int = typer.Option(0)) -> None:
-    """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.guidance)."""
-    import torch
-
-    from .running.data import load_mask
+    """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
     from .running.plots import save_grid
-    from .running.runs import load_run
-    from .sampling.guidance import inpaint as fill
+    from .running.runs import inpaint_run, load_run
 
     try:
         if out.suffix not in (".npy", ".png"):
             raise ValueError(f"--out must end in .npy or .png, got {str(out)!r}")
-        r = load_run(run)
-        if not r.data.is_image or not hasattr(r.model, "sde"):
-            raise ValueError("inpaint needs a score model (model: score) trained on images")
-        m = load_mask(mask, r.data.sample_shape)
-        known = r.data.test[:n]
-        x = fill(r.sde, r.model, known, m, method=how, sampler=method, nfe=nfe,
-                 generator=torch.Generator().manual_seed(seed))
+        known, m, x = inpaint_run(load_run(run), mask, n, how=how, method=method, nfe=nfe, seed=seed)
     except ValueError as err:
         _fail(err)
     if out.suffix == ".png":
-        save_grid([m * known + (1 - m) * 0.0, x, known], out, ["known", "inpainted", "original"], cols=n)
+        save_grid([m * known, x, known], out, ["known", "inpainted", "original"], cols=n)
     else:
         import numpy as np
 
@@ -194,31 +166,14 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
     import json
 
-    import torch
-
     from .running.config import atomic_write
-    from .running.data import load_dataset
-    from .running.runs import load_run
-    from .sampling.likelihood import evaluate_likelihood
+    from .running.runs import likelihood_run, load_run
 
     try:
-        if n < 2:
-            raise ValueError(f"--n must be >= 2, got {n}")
-        r = load_run(run)
-        if not hasattr(r.model, "sde"):
-            raise ValueError("likelihood needs a score model (model: score)")
-        if data:
-            ds = load_dataset(data, n_train=n, n_test=n, seed=seed, pad_to=r.cfg.pad_to)
-            x = torch.cat([ds.test, ds.train])[:n]
-        else:
-            x = r.data.test[:n]
-        if x.shape[1:] != r.data.sample_shape:
-            raise ValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {r.data.sample_shape}")
-        out = evaluate_likelihood(r.sde, r.model, x, divergence=divergence, batch_size=batch_size, rtol=rtol,
-                                  atol=atol, generator=torch.Generator().manual_seed(seed))
+        out = likelihood_run(load_run(run), data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
+                             rtol=rtol, atol=atol)
     except ValueError as err:
         _fail(err)
-    out.update(data=data or f"{r.cfg.data} (held out)", sde=r.cfg.sde, step=r.step)
     atomic_write(run / "likelihood.json", (json.dumps(out, indent=2) + "\n").encode())
     typer.echo(f"{out['n']} points of {out['data']}, {out['dim']} dims; {out['divergence']} divergence, "
                f"t_min {out['t_min']:g}, {out['nfe_per_batch']:.0f} NFE per batch")

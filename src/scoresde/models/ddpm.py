@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from ..core.sde import SDE, VP, expand_like
 from ..core.validate import construct
 from ..learning.losses import LOSSES
-from .family import MODELS, unwrap
+from .family import Family, register, unwrap
 
-__all__ = ["DDPMSchedule", "discretized_gaussian_log_likelihood", "gaussian_kl", "ddpm_simple_loss",
-           "ddpm_elbo", "ddpm_sample", "geometric_sigmas", "ncsn_loss"]
+__all__ = ["DDPMSchedule", "DDPMModel", "discretized_gaussian_log_likelihood", "gaussian_kl", "ddpm_simple_loss",
+           "ddpm_elbo", "ddpm_sample", "make_schedule", "DDPM"]
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # eps_fn(x_t, i) with integer step indices i of shape (batch,)
 
@@ -178,7 +178,10 @@ def ddpm_elbo(eps_fn: EpsFn, schedule: DDPMSchedule, x0: Tensor, *, variance: st
 def ddpm_sample(eps_fn: EpsFn, schedule: DDPMSchedule, shape: tuple[int, ...], *, variance: str = "beta",
                 generator: torch.Generator | None = None, x_T: Tensor | None = None,
                 dtype: torch.dtype = torch.float32, clip: bool = False) -> Tensor:
-    """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) from x_N ~ N(0, I) (Ho et al. Algorithm 2)."""
+    """Ancestral sampling x_{t-1} ~ p(x_{t-1} | x_t) from x_N ~ N(0, I) (Ho et al. Algorithm 2) with
+    sigma_t^2 = beta_t (variance "beta", the default: Ho et al.'s choice for x0 ~ N(0, I)) or the posterior
+    variance beta-tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t < beta_t ("posterior", eq. 7; the default
+    of the score family's `sampling.ddim.ddpm`); `DDPMSchedule.reverse_variance`."""
     var = schedule.reverse_variance(variance)
     x = torch.randn(shape, generator=generator, dtype=dtype) if x_T is None else x_T
     for k in reversed(range(schedule.n_steps)):
@@ -210,7 +213,8 @@ class DDPMModel(nn.Module):
 
     def generate(self, shape: tuple[int, ...], *, method: str = "ddpm", nfe: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """Ancestral sampling (Ho et al. Alg. 2) on `nfe` respaced steps (default: all N); method 'ddpm'."""
+        """Ancestral sampling (Ho et al. Alg. 2, variance beta_t) on `nfe` respaced steps (default: all N);
+        method 'ddpm'."""
         if method != "ddpm":
             raise ValueError(f"a DDPM run samples with method 'ddpm' (ancestral), got {method!r}")
         sched, idx = self.schedule.respace(int(nfe or self.schedule.n_steps))
@@ -218,7 +222,6 @@ class DDPMModel(nn.Module):
         return ddpm_sample(lambda x, i: self(x, idx[i]), sched, tuple(shape), generator=generator)
 
 
-@MODELS.register("ddpm")
 def _ddpm(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:
     return DDPMModel(network(), construct(make_schedule, cfg.model_args, "model_args for 'ddpm'"))
 
@@ -231,3 +234,8 @@ def ddpm_loss(model: Callable, sde: SDE, x0: Tensor, *, t: Tensor | None = None,
 
 
 LOSSES.register("ddpm")(ddpm_loss)
+
+
+# method "ddpm" of this family is the discrete chain's ancestral sampler with sigma_t^2 = beta_t, not the
+# continuous-time `sampling.ddim.ddpm` (default variance "posterior") of the score family
+DDPM = register(Family("ddpm", _ddpm, losses=("ddpm",), methods=("ddpm",), generate=DDPMModel.generate))

@@ -1,5 +1,6 @@
 """SMLD / NCSN (Song & Ermon 1907.05600): geometric noise levels and the multi-level denoising loss,
-and its form for a score model of a VE SDE trained through the one Trainer (loss "ncsn")."""
+and its form for a score model of a VE SDE trained through the one Trainer (loss "ncsn"). NCSN is not a
+family of its own: "ncsn" is a loss of the "score" family (`models.score`), sampled with `sampler: ald`."""
 from __future__ import annotations
 
 import math

@@ -19,9 +19,9 @@ from ..core.sde import SDE
 from ..core.validate import construct
 from ..learning.losses import LOSSES
 from .ddpm import discretized_gaussian_log_likelihood
-from .family import MODELS
+from .family import Family, register
 
-__all__ = ["VAE", "MLPVAE", "ConvVAE"]
+__all__ = ["VAE", "MLPVAE", "ConvVAE", "VAE_FAMILY"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -69,9 +69,14 @@ class VAE(nn.Module):
         """The per-sample training loss (negative ELBO), so that DDP wraps the VAE like any model."""
         return self.loss(x, generator)
 
-    def generate(self, shape: tuple[int, ...], *, method: str | None = None, nfe: int | None = None,
+    def generate(self, shape: tuple[int, ...], *, method: str = "decoder", nfe: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """`train.draw_samples` hook: decoder means of shape[0] prior draws (method and nfe do not apply)."""
+        """The family's sampler (`running.build.draw_samples`): decoder means of shape[0] prior draws, method
+        "decoder", one network evaluation (nfe 1 or None)."""
+        if method != "decoder":
+            raise ValueError(f"a VAE samples with method 'decoder' (decoder means of prior draws), got {method!r}")
+        if nfe not in (None, 1):
+            raise ValueError(f"a VAE sample costs one decoder evaluation: nfe must be 1, got {nfe!r}")
         x = self.sample(shape[0], generator)
         if tuple(x.shape) != tuple(shape):
             raise ValueError(f"this VAE draws samples of shape {tuple(x.shape[1:])}, asked for {tuple(shape[1:])}")
@@ -151,7 +156,6 @@ class ConvVAE(VAE):
             nn.Conv2d(base, channels, 3, padding=1))
 
 
-@MODELS.register("vae")
 def _vae(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:
     if len(sample_shape) == 1:
         return construct(MLPVAE, cfg.model_args, "model_args for 'vae'", dim=sample_shape[0])
@@ -167,3 +171,6 @@ def vae_loss(model: Callable, sde: SDE, x0: Tensor, *, t: Tensor | None = None, 
 
 
 LOSSES.register("vae")(vae_loss)
+
+
+VAE_FAMILY = register(Family("vae", _vae, losses=("vae",), methods=("decoder",), generate=VAE.generate))

@@ -1,11 +1,11 @@
 """Builders from a Config: the SDE, the network, the model of its family, the device; and sampling glue.
 
-`construct` validates keyword options against a factory's signature (core.validate);
+`construct` validates keyword options against a factory's signature (core.validate); `family_of` and
+`check_config` resolve a config's `models.Family` record and check model, loss and sampler against it;
 `draw_samples` draws from any trained model: its family's own sampler (DDPM, VAE) or `sampling.sample`.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -14,12 +14,12 @@ from ..core.registry import Registry
 from ..core.sde import SDE, SDES, ScoreFn
 from ..core.validate import construct
 from ..learning.networks import MLP, UNet
-from ..models import MODELS
+from ..models import FAMILIES, Family, unwrap
 from ..sampling.methods import sample
 from .config import Config
 
 __all__ = ["NETWORKS", "build_sde", "build_network", "build_model", "construct", "draw_samples", "resolve_device",
-           "lookup"]
+           "lookup", "family_of", "check_config"]
 
 
 NETWORKS: "Registry[type[nn.Module]]" = Registry("network")
@@ -38,10 +38,23 @@ def build_sde(cfg: Config) -> SDE:
     return construct(lookup(SDES, cfg.sde), cfg.sde_args, f"sde_args for {cfg.sde!r}")
 
 
+def family_of(cfg: Config) -> Family:
+    """The family of a run: the record `cfg.model` in `models.FAMILIES`, or its variant for `cfg.loss`;
+    ValueError if the model does not train with that loss."""
+    return lookup(FAMILIES, cfg.model).for_loss(cfg.loss)
+
+
+def check_config(cfg: Config) -> Family:
+    """`family_of(cfg)`, also checking that its family samples with `cfg.sampler`."""
+    family = family_of(cfg)
+    family.check_method(cfg.sampler)
+    return family
+
+
 def build_model(cfg: Config, sde: SDE, sample_shape: tuple[int, ...]) -> nn.Module:
-    """The model of family `cfg.model` (`families.MODELS`); "score": the network wrapped by `ScoreModel`
+    """The model of the run's family (`family_of`); "score": the network wrapped by `ScoreModel`
     (its forward returns the score)."""
-    return lookup(MODELS, cfg.model)(cfg, sde, sample_shape, lambda: build_network(cfg, sample_shape))
+    return family_of(cfg).build(cfg, sde, sample_shape, lambda: build_network(cfg, sample_shape))
 
 
 def build_network(cfg: Config, sample_shape: tuple[int, ...]) -> nn.Module:
@@ -68,14 +81,21 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
-                 generator: torch.Generator | None = None, paths: int = 0,
+                 generator: torch.Generator | None = None, paths: int = 0, family: Family | None = None,
                  device: torch.device | None = None, **options) -> tuple[Tensor, Tensor | None]:
-    """`samplers.sample` with `method`, `nfe` and its `options`; with paths > 0 also the first `paths` reverse
-    trajectories, shape (grid points, paths, ...). A model with a `generate` method (DDPM, VAE:
-    `families`) draws its own samples (no trajectories). On a non-CPU `device` the prior draw comes
-    from the CPU `generator` and the sampler's noise from a device generator seeded by it."""
-    if hasattr(score_fn, "generate"):
-        return score_fn.generate(tuple(shape), method=method, nfe=nfe, generator=generator), None
+    """`sampling.sample` with `method`, `nfe` and its `options`; with paths > 0 also the first `paths` reverse
+    trajectories, shape (grid points, paths, ...). `score_fn` is the model of `family` (None: any score
+    function, or a consistency function for methods that take one), which must accept `method`; a family
+    with its own sampler (`Family.generate`: DDPM, VAE) draws its samples itself (trajectories None, no
+    options). On a non-CPU `device` the prior draw comes from the CPU `generator` and the sampler's noise
+    from a device generator seeded by it."""
+    if family is not None:
+        family.check_method(method)
+        if family.generate is not None:
+            if options:
+                raise ValueError(f"a {family.name!r} model draws its own samples: it takes no sampler options, "
+                                 f"got {', '.join(sorted(options))}")
+            return family.generate(unwrap(score_fn), tuple(shape), method=method, nfe=nfe, generator=generator), None
     x_T = None
     if device is not None and torch.device(device).type != "cpu":
         x_T = sde.prior_sample(tuple(shape), generator=generator).to(device)
@@ -83,8 +103,6 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
         shape = None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
-    if method == "consistency":
-        options = {"denoise": False, **options}  # every consistency step is a denoise
     x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T, callback=callback,
                **options)
     return x, torch.stack(states) if paths else None

@@ -1,4 +1,6 @@
-"""After training: load a run folder, sample it, measure W2 to held-out data, write plots and metrics."""
+"""After training: load a run folder, sample it (label-guided, on a fitted grid), inpaint, measure W2 to
+held-out data and the likelihood, write plots and metrics. The CLI commands call these functions; what
+applies to a run is read from its `models.Family` record (`Run.family`)."""
 from __future__ import annotations
 
 import json
@@ -12,12 +14,16 @@ from torch import Tensor
 from ..core.sde import LinearSDE
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import mmd2, tv, tv_grid, w2_report
-from .build import build_model, build_sde, draw_samples
+from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
+from ..sampling.likelihood import evaluate_likelihood
+from ..sampling.tuning import GridFit, fit_grid
+from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, checkpoint_weights
 from .config import Config, atomic_write, load_config
-from .data import Dataset, load_dataset
+from .data import Dataset, load_dataset, load_mask
 
-__all__ = ["analytic_report", "Run", "load_run", "sample_run", "evaluate_run", "write_report"]
+__all__ = ["analytic_report", "Run", "load_run", "sample_run", "fit_run_grid", "inpaint_run", "likelihood_run",
+           "evaluate_run", "write_report"]
 
 
 class Run:
@@ -25,8 +31,15 @@ class Run:
 
     def __init__(self, cfg: Config, data: Dataset, model: torch.nn.Module, step: int):
         self.cfg, self.data, self.model, self.step = cfg, data, model, step
+        self.family = family_of(cfg)
         self.sde = build_sde(cfg)  # also for models without one (families: VAE, DDPM)
         self.dir = cfg.run_dir
+
+    def require_linear(self, what: str) -> LinearSDE:
+        """The run's SDE, which `what` needs to be linear."""
+        if not isinstance(self.sde, LinearSDE):
+            raise ValueError(f"{what} needs a linear SDE; this run's sde is {self.cfg.sde!r}")
+        return self.sde
 
 
 def load_run(run_dir: str | Path, which: str = "ema") -> Run:
@@ -46,11 +59,73 @@ def load_run(run_dir: str | Path, which: str = "ema") -> Run:
 
 
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
-               paths: int = 0, **options) -> tuple[Tensor, Tensor | None]:
+               paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0,
+               **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
-    default to the run's config; options go to `samplers.sample` (e.g. ts, t_end)."""
-    return draw_samples(run.sde, run.model, (n,) + run.data.sample_shape, method or run.cfg.sampler,
-                        nfe or run.cfg.nfe, generator=torch.Generator().manual_seed(seed), paths=paths, **options)
+    default to the run's config; options go to `sampling.sample` (e.g. ts from `fit_run_grid`, t_end).
+    With `label` (an int or n ints) the samples are of that class, by classifier-free guidance with weight
+    `guidance` (`guidance.label_guided`; a class-conditional score run)."""
+    method, model, family = method or run.cfg.sampler, run.model, run.family
+    if label is not None:  # the guided score is a score function of the run's family, not its model
+        family.require("guidance")
+        family.check_method(method)
+        model, family = label_guided(run.model, label, n, guidance), None
+    return draw_samples(run.sde, model, (n,) + run.data.sample_shape, method, nfe or run.cfg.nfe,
+                        generator=torch.Generator().manual_seed(seed), paths=paths, family=family, **options)
+
+
+def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0, **options) -> GridFit:
+    """`sampling.tuning.fit_grid` for the run's model on `n_probe` prior draws (seeded by seed + 1, apart from
+    `sample_run`'s draws at `seed`); pass the result's ts to `sample_run`."""
+    run.family.require("fit_grid")
+    sde = run.require_linear("fit_grid")
+    if isinstance(n_probe, bool) or not isinstance(n_probe, int) or n_probe < 1:
+        raise ValueError(f"n_probe must be an integer >= 1, got {n_probe!r}")
+    probe = sde.prior_sample((n_probe,) + run.data.sample_shape, torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        return fit_grid(sde, run.model, probe, method=method, nfe=nfe, **options)
+
+
+def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "tweedie", method: str = "em",
+                nfe: int = 200, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Fill the pixels outside `mask` (a .npy / .png file for `data.load_mask`, or a 0/1 tensor of one
+    sample's shape, 1 = known) of the run's first n held-out images; `how`: "tweedie" (default: the
+    h-transform, exact for Gaussian data) or "replace" (Song et al., biased at any NFE); see
+    `sampling.guidance`. Returns (known images, mask, inpainted images)."""
+    run.family.require("inpaint")
+    sde = run.require_linear("inpaint")
+    if not run.data.is_image:
+        raise ValueError(f"inpaint needs a run trained on images; {run.cfg.data!r} has samples of shape "
+                         f"{run.data.sample_shape}")
+    if how not in INPAINT_METHODS:
+        raise ValueError(f"how must be one of {', '.join(INPAINT_METHODS)}, got {how!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    run.family.check_method(method)
+    m = mask if isinstance(mask, Tensor) else load_mask(mask, run.data.sample_shape)
+    known = run.data.test[:n]
+    x = inpaint(sde, run.model, known, m, method=how, sampler=method, nfe=nfe,
+                generator=torch.Generator().manual_seed(seed))
+    return known, m, x
+
+
+def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **options) -> dict[str, Any]:
+    """Mean NLL (and bits/dim for 8-bit images) with its 95% CI through the probability-flow ODE of the run's
+    model (`sampling.likelihood.evaluate_likelihood`, which takes `options`: divergence, batch_size, rtol,
+    atol) on n points of `data` (a data source as in configs; default: the run's held-out set)."""
+    run.family.require("likelihood")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+    if data:
+        ds = load_dataset(data, n_train=n, n_test=n, seed=seed, pad_to=run.cfg.pad_to)
+        x = torch.cat([ds.test, ds.train])[:n]
+    else:
+        x = run.data.test[:n]
+    if x.shape[1:] != run.data.sample_shape:
+        raise ValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.data.sample_shape}")
+    out = evaluate_likelihood(run.sde, run.model, x, generator=torch.Generator().manual_seed(seed), **options)
+    out.update(data=data or f"{run.cfg.data} (held out)", sde=run.cfg.sde, step=run.step)
+    return out
 
 
 def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int,
@@ -78,7 +153,7 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
     if x.flatten(1).shape[1] <= 2:
         g = tv_grid(x.flatten(1).double(), mix.log_prob)
         out.update(tv_histogram=g.value, tv_histogram_floor=g.floor)
-    if run.cfg.model != "score" or not isinstance(sde, LinearSDE):
+    if "tv_bound" not in run.family.evaluations or not isinstance(sde, LinearSDE):
         return out
     ts = np.geomspace(sde.t_min, sde.T, n_times)
     errors = []

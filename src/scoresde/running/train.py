@@ -23,11 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..core.sde import SDE, SDES, LinearSDE, ScoreFn
+from ..core.sde import LinearSDE
 from ..learning.losses import LOSSES, sample_time
-from ..learning.networks import EMA, MLP, UNet
-from ..sampling.methods import METHODS, sample
-from .build import build_model, build_sde, draw_samples, lookup, resolve_device
+from ..learning.networks import EMA
+from .build import build_model, build_sde, check_config, draw_samples, lookup, resolve_device
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, atomic_write, save_config
 from .data import Dataset, load_dataset
@@ -56,6 +55,9 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     """Builds data, SDE, model, AdamW and EMA from a Config; `run()` trains, checkpoints and evaluates.
 
+    The run's `models.Family` record (`build.check_config`) must accept cfg.loss and cfg.sampler; a family
+    with its own training loop is trained by the class `running.trainers.trainer_for` names.
+
     With resume=True (default) a run directory that holds a checkpoint is continued from it.
     Under torchrun (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel.
     """
@@ -76,9 +78,9 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         self.data = data if data is not None else load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test,
                                                                seed=cfg.seed, pad_to=cfg.pad_to)
+        self.family = check_config(cfg)
         self.sde = build_sde(cfg)
         self.loss_fn, self.loss_args, self.time_args = self._loss_setup()
-        lookup(METHODS, cfg.sampler)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.sde, self.data.sample_shape).to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -246,7 +248,7 @@ class Trainer:
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
         """n samples (on the CPU) from the EMA model with the configured sampler and nfe."""
         return draw_samples(self.sde, self.ema.copy(), (n,) + self.data.sample_shape, self.cfg.sampler, self.cfg.nfe,
-                            generator=generator, device=self.device)[0].cpu()
+                            generator=generator, family=self.family, device=self.device)[0].cpu()
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss of the EMA model and W2 of its samples to held-out data; saves a snapshot PNG.

@@ -1,8 +1,9 @@
 """Samplers for every SDE of scoresde (DESIGN section 4) and one entry point, `sample`.
 
 `sample(sde, score_fn, shape, method=..., nfe=...)` spends exactly `nfe` score
-evaluations (at most `nfe` for the adaptive "dopri5"). Budget rules, d = 1 if the final
-Tweedie denoise is on (default) else 0:
+evaluations (at most `nfe` for the adaptive "dopri5"). Each method is a `Method` record in `METHODS`
+that declares its budget, default grid, noise, denoise and SDE rules. Budget rules, d = 1 if the final
+Tweedie denoise is on (default: `Method.denoise`) else 0:
 
 | method | function | NFE |
 |---|---|---|
@@ -15,7 +16,9 @@ Tweedie denoise is on (default) else 0:
 | dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
 | dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
 | unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
-| ddim, ddpm | ddim (eta option), ddpm | steps + d |
+| ddim | ddim (eta option; deterministic at eta = 0) | steps + d |
+| ddpm | ddpm: ancestral, variance "posterior" beta-tilde (default, = ddim eta 1) or "beta" | steps + d |
+| consistency | consistency_method: k steps of a consistency model | steps, no denoise (d = 0) |
 
 Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun;
 quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
@@ -38,7 +41,7 @@ from torch import Tensor
 
 from ..core.registry import Registry
 from ..core.sde import SDE, LinearSDE, ScoreFn
-from .common import Callback
+from .common import Callback, require_linear
 from .consistency import consistency_method
 from .ddim import ddim, ddpm
 from .grids import end_time_for_steps, time_grid
@@ -49,60 +52,97 @@ from .stochastic import euler_maruyama, exponential_integrator
 __all__ = ["sample", "METHODS", "Method", "default_denoise", "steps_for"]
 
 
+def _one(options: dict) -> int:
+    return 1
+
+
+def _never(options: dict) -> bool:
+    return False
+
+
+def _always(options: dict) -> bool:
+    return True
+
+
+def _always_denoise(nfe: int) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Method:
-    """A sampler as `sample` drives it: fn(sde, score_fn, x_T, ts, **kw), the score evaluations per
-    grid step (a function of the options), how many grid points the levels add (ald: one level per
-    point), the default grid (kind and power), whether it draws noise, and whether its default end time
-    follows the step count (`end_time_for_steps`) rather than sde.t_min."""
+    """A sampler as `sample` drives it; every rule `sample`, `steps_for`, `default_denoise` and `fit_grid`
+    apply is declared here, none is keyed on a method's name.
+
+    fn: fn(sde, model, x_T, ts, **kw) (adaptive: without ts). evals_per_step(options): model calls per grid
+    step. levels_are_points: the grid has one point per level (ald). grid, power: the default grid
+    (`time_grid` kind and poly power). end_follows_steps: the default end time is `end_time_for_steps`, not
+    sde.t_min. stochastic(options): it draws noise with these options (it then gets the generator; only
+    deterministic fixed-grid methods can be grid-fitted). adaptive: it picks its own steps (nfe is a cap
+    enforced by a counter; only t_end applies). denoise(nfe): whether the final Tweedie step is on by
+    default (on linear SDEs only). linear: it needs alpha and sigma (a LinearSDE). takes: what fn's second
+    argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model).
+    """
 
     fn: Callable[..., Tensor]
-    evals_per_step: Callable[[dict], int] = lambda options: 1
+    evals_per_step: Callable[[dict], int] = _one
     levels_are_points: bool = False
     grid: str = "logsnr"
-    stochastic: bool = False
     power: float = 2.0
     end_follows_steps: bool = False
+    stochastic: Callable[[dict], bool] = _never
+    adaptive: bool = False
+    denoise: Callable[[int], bool] = _always_denoise
+    linear: bool = False
+    takes: str = "score"
+
+    def __post_init__(self):
+        if self.takes not in ("score", "consistency"):
+            raise ValueError(f"takes must be 'score' or 'consistency', got {self.takes!r}")
 
 
 METHODS: "Registry[Method]" = Registry("sampling method")
 for _name, _method in {
-    "em": Method(euler_maruyama, grid="uniform", stochastic=True),
-    "ei": Method(exponential_integrator, grid="uniform", stochastic=True),
-    "pc": Method(predictor_corrector, lambda o: 1 + o.get("corrector_steps", 1), grid="uniform", stochastic=True),
-    "ald": Method(annealed_langevin, lambda o: o.get("steps_per_level", 1), True, "logsnr", True),
+    "em": Method(euler_maruyama, grid="uniform", stochastic=_always),
+    "ei": Method(exponential_integrator, grid="uniform", stochastic=_always, linear=True),
+    "pc": Method(predictor_corrector, lambda o: 1 + o.get("corrector_steps", 1), grid="uniform", stochastic=_always),
+    "ald": Method(annealed_langevin, lambda o: o.get("steps_per_level", 1), True, "logsnr", stochastic=_always,
+                  linear=True),
     # EDM rho = 7: quadratic in t wins for Euler and Heun under VP (Heun, NFE 21, ring component-scale MMD^2
     # 1.5e-4 vs 2.8e-3) but loses under VE (swiss-roll teacher, Heun NFE 10: W2 3.40 vs 0.29), so the default
     # stays the parametrisation-free EDM grid; pass grid="poly" for VP
     "euler": Method(ode_euler, grid="edm"),
-    "heun": Method(heun, lambda o: 2, grid="edm"),
-    "dopri5": Method(dopri5),
+    # two evaluations per step: the final denoise is on where nfe is odd, so every nfe >= 2 works
+    "heun": Method(heun, lambda o: 2, grid="edm", denoise=lambda nfe: nfe % 2 == 1),
+    "dopri5": Method(dopri5, adaptive=True),
     # default grid "poly" (t quadratic): best at NFE 5 on both benchmark targets, mixed with uniform at
     # NFE 10, ahead of log-SNR and EDM rho = 7, tied at NFE >= 20 (benchmarks/RESULTS.md)
-    "dpm1": Method(partial(dpm_solver_multistep, order=1), grid="poly"),
-    "dpm2m": Method(partial(dpm_solver_multistep, order=2), grid="poly"),
-    "dpm3m": Method(partial(dpm_solver_multistep, order=3), grid="poly"),
-    "ddim": Method(ddim, grid="poly", stochastic=True),
-    "ddpm": Method(ddpm, grid="poly", stochastic=True),
+    "dpm1": Method(partial(dpm_solver_multistep, order=1), grid="poly", linear=True),
+    "dpm2m": Method(partial(dpm_solver_multistep, order=2), grid="poly", linear=True),
+    "dpm3m": Method(partial(dpm_solver_multistep, order=3), grid="poly", linear=True),
+    # deterministic at eta = 0 (its default): the first-order exponential integrator of the flow
+    "ddim": Method(ddim, grid="poly", stochastic=lambda o: bool(o.get("eta", 0.0)), linear=True),
+    # ancestral sampling, variance "posterior" (beta-tilde, DDIM eta = 1) by default or "beta"
+    "ddpm": Method(ddpm, grid="poly", stochastic=_always, linear=True),
     # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
     "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True),
+                     power=3.0, end_follows_steps=True, linear=True),
     "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True),
-    # a consistency model's steps at the first k times of the grid (every step is a denoise)
-    "consistency": Method(consistency_method, grid="edm", stochastic=True),
+                     power=3.0, end_follows_steps=True, linear=True),
+    # a consistency model's steps at the first k times of the grid (every step is a denoise, so none follows)
+    "consistency": Method(consistency_method, grid="edm", stochastic=_always, denoise=lambda nfe: False,
+                          linear=True, takes="consistency"),
 }.items():
     METHODS.register(_name)(_method)
 
 
-def _budget_counter(score_fn: ScoreFn, nfe: int) -> ScoreFn:
+def _budget_counter(score_fn: ScoreFn, nfe: int, method: str) -> ScoreFn:
     calls = 0
 
     def counted(x: Tensor, t: Tensor) -> Tensor:
         nonlocal calls
         calls += 1
         if calls > nfe:
-            raise RuntimeError(f"dopri5 needs more than nfe={nfe} score evaluations at these rtol/atol; "
+            raise RuntimeError(f"{method} needs more than nfe={nfe} score evaluations at these rtol/atol; "
                                "raise nfe or loosen the tolerances")
         return score_fn(x, t)
 
@@ -110,8 +150,8 @@ def _budget_counter(score_fn: ScoreFn, nfe: int) -> ScoreFn:
 
 
 def default_denoise(sde: SDE, method: str, nfe: int) -> bool:
-    """The final Tweedie step is on for linear SDEs; heun takes it where nfe is odd (2 per step)."""
-    return isinstance(sde, LinearSDE) and (nfe % 2 == 1 if method == "heun" else True)
+    """The final Tweedie step: on for linear SDEs where the method's rule (`Method.denoise`) says so."""
+    return isinstance(sde, LinearSDE) and METHODS[method].denoise(nfe)
 
 
 def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
@@ -154,13 +194,15 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
+    if spec.linear:
+        require_linear(sde, f"method {method!r}")
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
-    if spec.stochastic:
+    if spec.stochastic(options):
         kwargs["generator"] = generator
-    if method == "dopri5":
+    if spec.adaptive:
         if "t_end" in grid_opts:
             kwargs["t_end"] = grid_opts["t_end"]
-        return spec.fn(sde, _budget_counter(score_fn, nfe), x_T, **kwargs)
+        return spec.fn(sde, _budget_counter(score_fn, nfe, method), x_T, **kwargs)
     n_steps = steps_for(method, nfe, denoise, options)
     ts = grid_opts.get("ts")
     if ts is None:

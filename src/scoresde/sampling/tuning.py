@@ -55,10 +55,11 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
     if not isinstance(sde, LinearSDE):
         raise ValueError(f"sde must be a linear SDE for fit_grid, got {type(sde).__name__}")
     spec = METHODS[method] if method in METHODS else None
-    if spec is None or method == "dopri5" or (spec.stochastic and not (method == "ddim" and not options.get("eta"))):
-        deterministic = [m for m in METHODS if not METHODS[m].stochastic and m != "dopri5"] + ["ddim (eta = 0)"]
-        raise ValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(deterministic)}), "
-                         f"got {method!r}{' with eta > 0' if method == 'ddim' else ''}")
+    if spec is None or spec.adaptive or spec.stochastic(options):
+        fixed = [m for m in METHODS if not (METHODS[m].adaptive or METHODS[m].stochastic({}))]
+        why = "unknown" if spec is None else "adaptive" if spec.adaptive else "it draws noise with these options"
+        raise ValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}; ddim at eta = 0), "
+                         f"got {method!r} ({why})")
     if not (isinstance(x_probe, Tensor) and x_probe.dim() >= 2 and len(x_probe) >= 1):
         raise ValueError(f"x_probe must be a batch of prior draws, shape (n, ...), got {getattr(x_probe, 'shape', x_probe)}")
     if "ts" in options or "grid" in options:
