@@ -8,21 +8,24 @@ features of a digits classifier (floor: two disjoint sets of real digits), k-NN 
 recall, bits/dim on the 17 grey levels, NFE, training and sampling wall time; class-conditional
 accuracy against the guidance weight; a sample grid PNG.
 
-    .venv/bin/python benchmarks/imaging.py                  # make bench-imaging (about 15 min, 1 thread)
-    .venv/bin/python benchmarks/imaging.py --budget demo    # make demo-digits (about 10 min)
+    python -m benchmarks imaging --budget bench   # make bench-imaging (about 15 min, 1 thread)
+    python -m benchmarks imaging --budget demo    # make demo-digits (about 10 min)
+    python -m benchmarks imaging --table benchmarks/results/imaging/imaging_bench.json   # reprint the tables
+
+Outputs: benchmarks/results/imaging/imaging_<budget>.json and imaging_<budget>_samples.png; run folders
+under runs/imaging_<budget>.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import common
 from scoresde.evaluation.features import image_features, knn_precision_recall
 from scoresde.evaluation.metrics import frechet_distance
 from scoresde.learning.networks import EMA
@@ -38,16 +41,18 @@ from scoresde.sampling.guidance import inpaint, label_guided
 from scoresde.sampling.likelihood import pf_bits_per_dim
 
 LEVELS = 17  # digits: pixel / 8 - 1, pixel in 0..16
-BUDGETS = {"bench": dict(steps=1500, n=500, n_lik=100), "demo": dict(steps=1000, n=300, n_lik=50)}
+NAME = "imaging"
+BUDGETS = {"bench": dict(steps=1500, n=500, n_lik=100), "demo": dict(steps=1000, n=300, n_lik=50),
+           "quick": dict(steps=20, n=40, n_lik=8)}
 CANDIDATES = ("dpm2m", "dpm3m", "heun")
 NFES = (10, 20, 50)
 GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
 ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; NCSN's step_ratio 0.2 under-mixed here
-HERE = Path(__file__).resolve().parent
+QUICK = dict(budget="quick", nfes=[10], candidates=["dpm2m"], guidance=[0.0, 1.0], ancestral_steps=20)
 
 
 def base_config(args, name: str, **kw) -> Config:
-    cfg = dict(name=name, out=str(args.out), seed=0, threads=args.threads, data="digits", n_test=200, net="unet",
+    cfg = dict(name=name, out=str(args.runs), seed=0, threads=args.threads, data="digits", n_test=200, net="unet",
                net_args={"base": 16, "mults": [1, 2]}, parametrization="eps", steps=args.steps, batch_size=128,
                lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.995, eval_every=0, checkpoint_every=args.steps,
                progress=False, nfe=20, sampler="dpm2m")
@@ -57,7 +62,7 @@ def base_config(args, name: str, **kw) -> Config:
 
 
 FAMILIES = {
-    "VAE": dict(model="vae", model_args={"latent_dim": 16, "base": 32, "levels": LEVELS}, loss="vae"),
+    "VAE": dict(model="vae", model_args={"latent_dim": 16, "base": 32, "levels": LEVELS}, loss="vae", sampler="decoder"),
     "DDPM": dict(model="ddpm", loss="ddpm", sampler="ddpm"),
     "SMLD": dict(sde="ve", sde_args={"sigma_max": 20.0}, loss="ncsn", loss_args={"n_levels": 50}, sampler="ald"),
     "VP": dict(sde="vp"),
@@ -150,23 +155,38 @@ def diffusers_sample(unet, scheduler_cls, config, steps: int, n: int, seed: int)
     return x
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap) -> None:
     ap.add_argument("--budget", choices=sorted(BUDGETS), default="bench")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the budget's)")
     ap.add_argument("--n", type=int, default=0, help="samples per row (0: the budget's)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="run folder parent (default runs/imaging_<budget>)")
-    ap.add_argument("--figures", type=Path, default=HERE / "figures")
-    args = ap.parse_args()
+    ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/imaging_<budget>)")
+    ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES), help="NFE of the score models' samplers")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="samplers tried at each NFE")
+    ap.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE), help="guidance weights")
+    ap.add_argument("--ancestral-steps", type=int, default=1000, help="steps of the long DDPM ancestral chains")
+    ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
+
+
+def run_tag(args) -> str:
+    return args.budget
+
+
+def run(args) -> None:
+    global NFES, CANDIDATES, GUIDANCE
+    if args.table:
+        print_table(common.read_json(args.table))
+        return
+    NFES, CANDIDATES, GUIDANCE = tuple(args.nfes), tuple(args.candidates), tuple(args.guidance)
+    long_chain = args.ancestral_steps
     budget = BUDGETS[args.budget]
     args.steps = args.steps or budget["steps"]
     n = args.n or budget["n"]
     n_lik = min(budget["n_lik"], n)
-    args.out = args.out or Path("runs") / f"imaging_{args.budget}"
+    args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{args.budget}")
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
-    ev = Evaluator(n, Path("runs") / "features")
+    ev = Evaluator(n, common.REPO / "runs" / "features")
     print(f"feature classifier held-out accuracy {ev.acc:.3f}; FID floor {ev.floor:.3f} (n={ev.n})", flush=True)
 
     rows, grid, grid_labels, trained = [], [], [], {}
@@ -184,13 +204,13 @@ def main() -> None:
     def samples(tr, method, nfe, score=None, seed=1):
         model = tr.ema.copy()
         return timed(lambda: draw_samples(tr.sde, score or model, (n,) + tr.data.sample_shape, method, nfe,
-                                          generator=torch.Generator().manual_seed(seed))[0])
+                                          generator=torch.Generator().manual_seed(seed), family=tr.family)[0])
 
     # VAE: importance-weighted bound (K = 100)
     tr, sec = trained["VAE"]
     vae = tr.ema.copy()
     bpd = float(vae.bits_per_dim(test, k=100, generator=torch.Generator().manual_seed(0)).mean())
-    x, ts = samples(tr, "vae", 1)
+    x, ts = samples(tr, "decoder", 1)
     add("VAE (conv, latent 16)", "decoder mean", 1, x, sec, ts, bpd)
     grid.append(x), grid_labels.append("VAE")
 
@@ -199,11 +219,11 @@ def main() -> None:
     ddpm = tr.ema.copy()
     bpd = float(ddpm_elbo(ddpm, ddpm.schedule, test, levels=LEVELS, generator=torch.Generator().manual_seed(0))
                 ["bits_per_dim"].mean())
-    for steps in (1000, 50):
+    for steps in (long_chain, 50):
         x, ts = samples(tr, "ddpm", steps)
-        add("DDPM (discrete, eps)", "ancestral", steps, x, sec, ts, bpd if steps == 1000 else None)
-        if steps == 1000:
-            grid.append(x), grid_labels.append("DDPM 1000")
+        add("DDPM (discrete, eps)", "ancestral", steps, x, sec, ts, bpd if steps == long_chain else None)
+        if steps == long_chain:
+            grid.append(x), grid_labels.append(f"DDPM {long_chain}")
 
     # SMLD / NCSN with annealed Langevin (100 levels x 2 steps + denoise)
     tr, sec = trained["SMLD"]
@@ -251,7 +271,7 @@ def main() -> None:
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
     bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=LEVELS,
                           generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean())
-    for cls, steps_list in ((DDPMScheduler, (1000,)), (DPMSolverMultistepScheduler, NFES)):
+    for cls, steps_list in ((DDPMScheduler, (long_chain,)), (DPMSolverMultistepScheduler, NFES)):
         for steps in steps_list:
             x, ts = timed(lambda: diffusers_sample(unet, cls, sched.config, steps, n, seed=1))
             add("diffusers UNet2DModel", cls.__name__, steps, x, sec, ts, bpd if cls is DDPMScheduler else None)
@@ -289,11 +309,12 @@ def main() -> None:
     grid += [mask * known, x, known]
     grid_labels += ["known half", "inpainted (VP, em)", "original"]
 
-    fig = save_grid(grid, args.figures / f"imaging_{args.budget}_samples.png", grid_labels)
+    fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{args.budget}_samples.png", grid_labels))
     result = {"budget": args.budget, "steps": args.steps, "batch": 128, "n": ev.n, "threads": args.threads,
               "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "rows": rows,
-              "conditional": cond, "inpainting": inp, "total_s": time.perf_counter() - total, "figure": str(fig)}
-    (args.figures / f"imaging_{args.budget}.json").write_text(json.dumps(result, indent=1))
+              "conditional": cond, "inpainting": inp, "total_s": time.perf_counter() - total,
+              "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
+    common.write_json(NAME, result, file=f"imaging_{args.budget}.json")
     print_table(result)
 
 
@@ -316,9 +337,3 @@ def print_table(res: dict) -> None:
         print(f"\ninpainting (right half unknown): {json.dumps(res['inpainting'])}")
     print(f"\ntotal {res['total_s']:.0f} s; grid {res['figure']}")
 
-
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--table":
-        print_table(json.loads(Path(sys.argv[2]).read_text()))
-    else:
-        main()
