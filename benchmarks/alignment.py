@@ -58,13 +58,14 @@ def mmd(x, target) -> float:
 
 def tilted_case(args) -> dict:
     pre = MIX.score_fn(SDE)
-    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-2, lr_final=3e-4, shape=(2,))
+    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-2, lr_final=3e-4)
     net = lambda: MLP(2, hidden=64, depth=2)  # noqa: E731
     out = {"mine": {}, "ddpo": []}
     for beta in args.betas:
         gen = torch.Generator().manual_seed(1)
         tic = time.perf_counter()
-        model, hist = A.finetune(SDE, pre, linear(C), beta=beta, steps=args.iters, network=net(), generator=gen, **common)
+        model, hist = A.finetune(SDE, pre, linear(C), A.FinetuneOptions(beta=beta, steps=args.iters, **common),
+                                 shape=(2,), network=net(), generator=gen)
         x, r, kl, kl_se = evaluate(model, pre, args.n_steps, args.n_eval, 2)
         out["mine"][beta] = {"reward": r, "kl": kl, "kl_se": kl_se, "mmd": mmd(x, A.tilted_mixture(MIX, C, beta)),
                              "nfe": hist[-1]["nfe"], "seconds": time.perf_counter() - tic,
@@ -80,8 +81,8 @@ def tilted_case(args) -> dict:
                                 "samples": x[:1500].tolist()})
 
     tic = time.perf_counter()
-    A.ddpo(SDE, pre, linear(C), steps=args.iters, network=net(), generator=torch.Generator().manual_seed(1),
-           callback=snapshot, **common)
+    A.ddpo(SDE, pre, linear(C), A.DDPOOptions(steps=args.iters, **common), shape=(2,), network=net(),
+           generator=torch.Generator().manual_seed(1), callback=snapshot)
     print(f"ddpo: {time.perf_counter() - tic:.0f} s; curve (KL, reward): "
           + ", ".join(f"({d['kl']:.2f}, {d['reward']:.2f})" for d in out["ddpo"]), flush=True)
     return out
@@ -100,12 +101,12 @@ def grid_study(args) -> dict:
     for method in ("finetune", "ddpo"):
         for n in args.grid_steps:
             gen = torch.Generator().manual_seed(1)
-            common = dict(steps=args.iters, batch_size=args.batch, n_time_steps=n, lr=1e-2, lr_final=3e-4,
-                          shape=(2,), network=MLP(2, hidden=64, depth=2), generator=gen)
+            common = dict(steps=args.iters, batch_size=args.batch, n_time_steps=n, lr=1e-2, lr_final=3e-4)
+            inputs = dict(shape=(2,), network=MLP(2, hidden=64, depth=2), generator=gen)
             if method == "finetune":
-                model, hist = A.finetune(SDE, pre, linear(C), beta=1.0, **common)
+                model, hist = A.finetune(SDE, pre, linear(C), A.FinetuneOptions(beta=1.0, **common), **inputs)
             else:
-                model, hist = A.ddpo(SDE, pre, linear(C), **common)
+                model, hist = A.ddpo(SDE, pre, linear(C), A.DDPOOptions(**common), **inputs)
             own = evaluate(model, pre, n, args.n_eval, 2)
             fine = evaluate(model, pre, 100, args.n_eval, 2)
             out[f"{method}-{n}"] = {"method": method, "n": n, "reward": own[1], "kl": own[2], "kl_se": own[3],
@@ -140,12 +141,12 @@ def toy_case(args) -> dict:
         w = torch.softmax(base @ c.double() / beta, 0)
         idx = torch.multinomial(w, args.n_eval, replacement=True, generator=torch.Generator().manual_seed(6))
         out["ref"][beta] = {"samples": base[idx], "ess": float(1 / w.pow(2).sum()), "reward": float(w @ (base @ c.double()))}
-    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-3, lr_final=1e-4, shape=(2,))
+    common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-3, lr_final=1e-4)
     per_iter = {"finetune": 3, "ddpo": 2}
     for beta in args.toy_betas:
         tic = time.perf_counter()
-        model, hist = A.finetune(SDE, net, reward, beta=beta, steps=args.toy_iters,
-                                 generator=torch.Generator().manual_seed(1), **common)
+        model, hist = A.finetune(SDE, net, reward, A.FinetuneOptions(beta=beta, steps=args.toy_iters, **common),
+                                 shape=(2,), generator=torch.Generator().manual_seed(1))
         x, r, kl, kl_se = evaluate(model, net, args.n_steps, args.n_eval, 2, c)
         out["mine"][beta] = {"reward": r, "kl": kl, "kl_se": kl_se, "mmd": mmd(x, out["ref"][beta]["samples"]),
                              "nfe": hist[-1]["nfe"], "seconds": time.perf_counter() - tic, "samples": x[:1500].tolist()}
@@ -160,7 +161,8 @@ def toy_case(args) -> dict:
                                 "mmd": {b: mmd(x, out["ref"][b]["samples"]) for b in args.toy_betas},
                                 "samples": x[:1500].tolist()})
 
-    A.ddpo(SDE, net, reward, steps=ddpo_iters, generator=torch.Generator().manual_seed(1), callback=snapshot, **common)
+    A.ddpo(SDE, net, reward, A.DDPOOptions(steps=ddpo_iters, **common), shape=(2,),
+           generator=torch.Generator().manual_seed(1), callback=snapshot)
     print("toy ddpo curve (nfe, KL, reward): " + ", ".join(f"({d['nfe']}, {d['kl']:.2f}, {d['reward']:.2f})"
                                                           for d in out["ddpo"]), flush=True)
     for beta in args.toy_betas:

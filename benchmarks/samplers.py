@@ -15,25 +15,21 @@ Stages: (1) a sweep over every config at n_sweep samples picks the best peers an
 time grid; (2) the headline re-measures the best configs, and the untuned default (unipc2), on fresh
 samples at n = 20000 (--n);
 (3) per-step overhead of each sampler with a free score model.
-Run: `flock /tmp/scoresde-heavy.lock .venv/bin/python benchmarks/samplers.py`.
+Run: `python -m benchmarks samplers` (make bench-samplers). Outputs in benchmarks/results/samplers/:
+samplers_{sweep,headline,overhead}.json, samplers_report.md, samplers_{ring,mix16}.png; side runs
+samplers_transfer.json (--stage transfer) and samplers_overhead_cuda.json (--stage overhead --device cuda).
 """
 from __future__ import annotations
 
-import os
-
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")  # before numpy loads BLAS: idle BLAS threads spin in the kernel
-
-import argparse
 import json
 import math
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks import common
 from scoresde.core.sde import VP
 from scoresde.core.targets import GaussianMixture, random_mixture, ring
 from scoresde.evaluation.metrics import _mixture_kernel_means, mmd2
@@ -42,8 +38,11 @@ from scoresde.sampling import fit_grid, sample
 warnings.filterwarnings("ignore")
 F64 = torch.float64
 NFES = (5, 10, 20, 50, 100)
-OUT = Path(__file__).parent
-FIG = OUT / "figures"
+NAME = "samplers"
+CONFIGS: list[str] | None = None  # --configs: run only these configuration names (None: all)
+QUICK = dict(n_sweep=200, n=300, nfes=[5], overhead_steps=5, overhead_repeats=1,
+             configs=["scoresde/unipc2", "scoresde/dpm3m", "scoresde/heun", "diffusers/DPM++3M/default",
+                      "diffusers/UniPC/default"])
 
 
 # ---- exact models ---------------------------------------------------------------------
@@ -244,7 +243,7 @@ def configs():
              (m, {"fit": True, "lower_order_final": lof, **({"t_end": te} if te else {})}))
             for m in ("unipc2", "unipc3") for te in FIT_T_ENDS for lof in (True, False)]
     out += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
-    return out
+    return out if CONFIGS is None else [c for c in out if c[0] in CONFIGS]
 
 
 def evaluate(tname, n, nfes, seed, wanted=None):
@@ -349,31 +348,44 @@ def grid_transfer(n=10000, cells=((5, 0.1, False), (5, None, True), (10, 0.03, F
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_arguments(ap) -> None:
     ap.add_argument("--n-sweep", type=int, default=3000)
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--nfes", type=int, nargs="*", default=list(NFES))
     ap.add_argument("--stage", choices=("sweep", "headline", "overhead", "report", "transfer", "all"), default="all")
     ap.add_argument("--device", default="cpu", help="overhead stage only: cuda writes samplers_overhead_cuda.json")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    ap.add_argument("--overhead-steps", type=int, default=50, help="steps per timed overhead run")
+    ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
+    ap.add_argument("--configs", nargs="+", default=None, help="only these configuration names (default all)")
+
+
+def run_tag(args) -> str:
+    return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
+
+
+def run(args):
+    global CONFIGS
+    CONFIGS = args.configs
+    timing = dict(steps=args.overhead_steps, repeats=args.overhead_repeats)
+    out = common.out_dir(NAME)
     if args.device != "cpu":
         assert args.stage == "overhead", "--device applies to the overhead stage"
-        (OUT / "samplers_overhead_cuda.json").write_text(json.dumps({
-            f"image (64,3,32,32), {torch.cuda.get_device_name()}": overhead(device=args.device),
-            f"image (256,3,64,64), {torch.cuda.get_device_name()}": overhead((256, 3, 64, 64), device=args.device)}))
+        common.write_json(NAME, {
+            f"image (64,3,32,32), {torch.cuda.get_device_name()}": overhead(device=args.device, **timing),
+            f"image (256,3,64,64), {torch.cuda.get_device_name()}": overhead((256, 3, 64, 64), device=args.device,
+                                                                              **timing)},
+            file="samplers_overhead_cuda.json", indent=None)
         return
     if args.stage == "transfer":  # side study, not part of "all"
-        (OUT / "samplers_transfer.json").write_text(json.dumps(grid_transfer()))
+        common.write_json(NAME, grid_transfer(), file="samplers_transfer.json", indent=None)
         return
-    sweep_file, head_file, over_file = (OUT / f"samplers_{k}.json" for k in ("sweep", "headline", "overhead"))
+    sweep_file, head_file, over_file = (out / f"samplers_{k}.json" for k in ("sweep", "headline", "overhead"))
     if args.stage in ("sweep", "all"):
         self_check()
         rows = [r for t in ("ring", "mix16") for r in evaluate(t, args.n_sweep, args.nfes, seed=0)]
-        sweep_file.write_text(json.dumps(rows))
+        common.write_json(NAME, rows, file=sweep_file.name, indent=None)
     if args.stage in ("headline", "all"):
-        rows = json.loads(sweep_file.read_text())
+        rows = common.read_json(sweep_file)
         head = []
         for t in ("ring", "mix16"):
             wanted = {(best(rows, t, nfe, m, fam)["config"], nfe)
@@ -381,12 +393,13 @@ def main():
             wanted |= {(c, nfe) for c in (DEFAULT, "scoresde/dpm3m", "diffusers/DPM++3M/default")
                        for nfe in args.nfes}
             head += evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)
-        head_file.write_text(json.dumps(head))
+        common.write_json(NAME, head, file=head_file.name, indent=None)
     if args.stage in ("overhead", "all"):
-        over_file.write_text(json.dumps({"image (64,3,32,32)": overhead(), "toy (1,2)": overhead((1, 2))}))
-    report(json.loads(sweep_file.read_text()), json.loads(head_file.read_text()),
-           {k: v for f in (over_file, OUT / "samplers_overhead_cuda.json") if f.exists()
-            for k, v in json.loads(f.read_text()).items()}, args.nfes)
+        common.write_json(NAME, {"image (64,3,32,32)": overhead(**timing), "toy (1,2)": overhead((1, 2), **timing)},
+                          file=over_file.name, indent=None)
+    report(common.read_json(sweep_file), common.read_json(head_file),
+           {k: v for f in (over_file, out / "samplers_overhead_cuda.json") if f.exists()
+            for k, v in common.read_json(f).items()}, args.nfes)
 
 
 def floor_of(tname, null_row):
@@ -407,10 +420,7 @@ def verdict(ours, peer, m, floor):
 
 
 def report(sweep_rows, head_rows, over, nfes):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    FIG.mkdir(exist_ok=True)
+    plt = common.plt()
     lines = []
     for t in ("ring", "mix16"):
         null = [r for r in head_rows if r["target"] == t and r["nfe"] == 0][0]
@@ -456,16 +466,11 @@ def report(sweep_rows, head_rows, over, nfes):
             ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{t}: |{m}|")
         axes[0].legend(fontsize=6)
         fig.tight_layout()
-        fig.savefig(FIG / f"samplers_{t}.png", dpi=110)
-        plt.close(fig)
+        common.save_figure(fig, NAME, f"samplers_{t}.png", dpi=110)
     if over:
         lines.append("\n| sampler | " + " | ".join(f"s/step {c}" for c in over) + " |\n|---|" + "---|" * len(over))
         for k in over["image (64,3,32,32)"]:
             lines.append(f"| {k} | " + " | ".join(f"{col[k]:.2e}" for col in over.values()) + " |")
     text = "\n".join(lines)
-    (OUT / "samplers_report.md").write_text(text)
+    common.write_text(NAME, "samplers_report.md", text)
     print(text)
-
-
-if __name__ == "__main__":
-    main()
