@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# benchmarks share the 2 cores: one heavy run at a time
+# benchmarks share the 2 cores: one heavy run at a time; `python -m benchmarks --list` names them,
+# outputs go to benchmarks/results/<name>/; e.g. `make bench-likelihood BENCH_ARGS=--quick` for a smoke run
 HEAVY := flock /tmp/scoresde-heavy.lock $(PY)
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
@@ -31,37 +32,37 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict --site-dir build/site
 
 bench-score-matching: $(STAMP)
-	$(HEAVY) benchmarks/score_matching_cost.py
+	$(HEAVY) -m benchmarks score-matching $(BENCH_ARGS)
 
 bench-likelihood: $(STAMP)
-	$(HEAVY) benchmarks/likelihood.py
+	$(HEAVY) -m benchmarks likelihood $(BENCH_ARGS)
 
 bench-train: $(STAMP)
-	$(HEAVY) benchmarks/train_throughput.py
+	$(HEAVY) -m benchmarks train $(BENCH_ARGS)
 
 bench-bounds: $(STAMP)
-	$(HEAVY) benchmarks/bounds_studies.py
+	$(HEAVY) -m benchmarks bounds $(BENCH_ARGS)
 
 bench-imaging: $(STAMP)
-	$(HEAVY) benchmarks/imaging.py --budget bench
+	$(HEAVY) -m benchmarks imaging --budget bench $(BENCH_ARGS)
 
 demo-digits: $(STAMP)
-	$(HEAVY) benchmarks/imaging.py --budget demo
+	$(HEAVY) -m benchmarks imaging --budget demo $(BENCH_ARGS)
 
 bench-samplers: $(STAMP)
-	$(HEAVY) benchmarks/samplers.py
+	$(HEAVY) -m benchmarks samplers $(BENCH_ARGS)
 
 bench-consistency: $(STAMP)
-	$(HEAVY) benchmarks/consistency.py
+	$(HEAVY) -m benchmarks consistency $(BENCH_ARGS)
 
 bench-alignment: $(STAMP)
-	$(HEAVY) benchmarks/alignment.py
+	$(HEAVY) -m benchmarks alignment $(BENCH_ARGS)
 
 bench-estimation: $(STAMP)
-	$(HEAVY) benchmarks/estimation_studies.py a b
-	$(HEAVY) benchmarks/estimation_studies.py c d --data ring
-	$(HEAVY) benchmarks/estimation_studies.py c d --data mixture16
-	$(HEAVY) benchmarks/estimation_studies.py c d --reuse
+	$(HEAVY) -m benchmarks estimation a b $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks estimation c d --data ring $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks estimation c d --data mixture16 $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks estimation c d --reuse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
