@@ -171,9 +171,9 @@ def tilt_run(beta, steps, n_time_steps, gen):
     from scoresde.sampling import sample
 
     pre = MIX.score_fn(SDE)
-    model, hist = A.finetune(SDE, pre, R.linear(C_TILT), beta=beta, steps=steps, batch_size=256,
-                             n_time_steps=n_time_steps, lr=1e-2, lr_final=3e-4, shape=(2,),
-                             network=MLP(2, hidden=64, depth=2), generator=gen)
+    opts = A.FinetuneOptions(beta=beta, steps=steps, batch_size=256, n_time_steps=n_time_steps, lr=1e-2, lr_final=3e-4)
+    model, hist = A.finetune(SDE, pre, R.linear(C_TILT), opts, shape=(2,), network=MLP(2, hidden=64, depth=2),
+                             generator=gen)
     with torch.no_grad():
         x = sample(SDE, model, (4000, 2), method="em", nfe=n_time_steps, denoise=False, grid="uniform", generator=gen)
     kl, kl_se = A.path_kl(SDE, model, pre, (4000, 2), time_grid(SDE, n_time_steps, kind="uniform"), gen, torch.float32)
@@ -239,6 +239,27 @@ def test_finetune_reaches_tilt_full(gen):
 # ---------------------------------------------------------------- pieces: likelihood ratio, DDPO, rewards, inputs
 
 
+def test_rollout_is_the_samplers_em_chain():
+    """The rollout's chain is the EM sampler's (`stochastic.em_step`, same draws): identical states; the
+    stored dB reproduces each transition as its Gaussian mean + g dB."""
+    from scoresde.sampling.stochastic import em_step
+
+    sde = SDE
+    grid = time_grid(SDE, 6, kind="uniform").double()
+    score = gaussian([0.2, 0.1], 0.5).score_fn(SDE)
+    ro = A.rollout(sde, score, score, (32, 2), grid, torch.Generator().manual_seed(4), torch.float64)
+    g = torch.Generator().manual_seed(4)
+    x = sde.prior_sample((32, 2), generator=g, dtype=torch.float64)
+    for k in range(6):
+        assert torch.equal(ro.states[k], x)
+        x = em_step(sde, score, x, grid[k], grid[k + 1], g)
+        t = grid[k].expand(32)
+        mean = ro.states[k] - (grid[k] - grid[k + 1]) * (sde.drift(t, ro.states[k]) - sde.diffusion(t)[:, None] ** 2
+                                                          * score(ro.states[k], t))
+        torch.testing.assert_close(ro.states[k + 1], mean + ro.diffusion[k] * ro.noise[k], rtol=1e-12, atol=1e-12)
+    assert torch.equal(ro.states[-1], x)
+
+
 def test_log_ratio_is_gaussian_transition_ratio(gen):
     """Rollout.log_ratio against torch.distributions.Normal log-densities of the EM transitions."""
     grid = time_grid(SDE, 6, kind="uniform")
@@ -258,8 +279,9 @@ def test_ddpo_raises_reward(gen):
     """DDPO on the tilted-mixture problem: the reward climbs well past the pretrained one; KL is recorded."""
     from scoresde.learning.networks import MLP
 
-    _, hist = A.ddpo(SDE, MIX.score_fn(SDE), R.linear(C_TILT), steps=40, batch_size=128, n_time_steps=10, lr=1e-2,
-                     shape=(2,), network=MLP(2, hidden=32, depth=1), generator=gen)
+    opts = A.DDPOOptions(steps=40, batch_size=128, n_time_steps=10, lr=1e-2)
+    _, hist = A.ddpo(SDE, MIX.score_fn(SDE), R.linear(C_TILT), opts, shape=(2,), network=MLP(2, hidden=32, depth=1),
+                     generator=gen)
     first, last = hist[0], hist[-1]
     assert first["kl"] == 0.0 and last["kl"] > 0.05
     assert last["reward_mean"] > first["reward_mean"] + 5 * first["reward_std"] / math.sqrt(128)
@@ -291,16 +313,31 @@ def test_reward_and_input_validation():
     with pytest.raises(ValueError, match="label"):
         R.class_log_prob(lambda z: z, -1)
     pre, rew = MIX.score_fn(SDE), R.linear(C_TILT)
-    for kwargs, name in ((dict(beta=-1.0), "beta"), (dict(beta=1.0, baseline="critic"), "baseline"),
-                         (dict(beta=1.0, steps=0), "steps"), (dict(beta=1.0, batch_size=1), "batch_size"),
-                         (dict(beta=1.0, lr=0.0), "lr"), (dict(beta=1.0, clip=0.0), "clip"),
-                         (dict(beta=1.0, grid=torch.tensor([1.0, 0.5])), "grid")):
-        with pytest.raises(ValueError, match=name):
-            A.finetune(SDE, pre, rew, shape=(2,), n_time_steps=4, **kwargs)
+    for kwargs, match in (({"beta": -1.0}, "beta must be a finite number >= 0"),
+                          ({"beta": float("inf")}, "beta must be a finite number"),
+                          ({"beta": 1.0, "baseline": "critic"}, "baseline must be one of 'value', 'mean', 'none'"),
+                          ({"beta": 1.0, "steps": 0}, "steps must be an integer >= 1"),
+                          ({"beta": 1.0, "batch_size": 1}, "batch_size must be an integer >= 2"),
+                          ({"beta": 1.0, "steps": 2.5}, "steps must be an integer"),
+                          ({"beta": 1.0, "lr": 0.0}, "lr must be a finite number > 0"),
+                          ({"beta": 1.0, "lr_final": -1.0}, "lr_final"), ({"beta": 1.0, "clip": 0.0}, "clip"),
+                          ({"beta": 1.0, "updates_per_batch": 0}, "updates_per_batch"),
+                          ({"beta": 1.0, "grid": torch.tensor([1.0, 0.5])}, "grid")):
+        with pytest.raises(ValueError, match=match):
+            A.FinetuneOptions(n_time_steps=4, **kwargs)
+    with pytest.raises(TypeError, match="beta"):
+        A.FinetuneOptions()
+    for kwargs, match in (({"clip": 0.0}, "clip"), ({"adv_clip": -1.0}, "adv_clip"),
+                          ({"batch_size": 4, "minibatches": 5}, "minibatches must be <= batch_size = 4")):
+        with pytest.raises(ValueError, match=match):
+            A.DDPOOptions(**kwargs)
+    with pytest.raises(ValueError, match="options must be a FinetuneOptions"):
+        A.finetune(SDE, pre, rew, A.DDPOOptions(), shape=(2,))
     with pytest.raises(ValueError, match="shape"):
-        A.finetune(SDE, pre, rew, beta=1.0)
+        A.finetune(SDE, pre, rew, A.FinetuneOptions(beta=1.0))
     with pytest.raises(ValueError, match="reward"):
-        A.finetune(SDE, pre, lambda x: x, beta=1.0, shape=(2,), steps=1, batch_size=4, n_time_steps=2)
+        A.finetune(SDE, pre, lambda x: x, A.FinetuneOptions(beta=1.0, steps=1, batch_size=4, n_time_steps=2),
+                   shape=(2,))
 
 
 def test_clipped_updates_and_network_pretrained(gen):
@@ -310,8 +347,9 @@ def test_clipped_updates_and_network_pretrained(gen):
     net = MLP(2, hidden=16, depth=1)
     nn.init.normal_(net.out.weight, std=0.1)
     before = [p.detach().clone() for p in net.parameters()]
-    model, hist = A.finetune(SDE, net, R.linear(C_TILT), beta=1.0, steps=3, batch_size=32, n_time_steps=5,
-                             updates_per_batch=3, clip=0.5, baseline="none", generator=gen)
+    opts = A.FinetuneOptions(beta=1.0, steps=3, batch_size=32, n_time_steps=5, updates_per_batch=3, clip=0.5,
+                             baseline="none")
+    model, hist = A.finetune(SDE, net, R.linear(C_TILT), opts, generator=gen)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert hist[0]["kl"] == 0.0 and hist[-1]["nfe"] == 3 * (2 + 3) * 32 * 5
@@ -347,15 +385,15 @@ def test_finetune_run_writes_loadable_run(tmp_path):
     cfg = load_config(None, [f"out={tmp_path}", "name=base", "steps=20", "eval_every=0", "progress=false",
                              "net_args.hidden=16", "net_args.depth=1", "n_train=500", "n_test=200", "nfe=20"])
     Trainer(cfg).run()
-    out = finetune_run(tmp_path / "base", tmp_path / "tuned", R.parse_reward("linear", {"c": "0,1"}), beta=0.5,
-                         steps=3, batch_size=16, n_time_steps=5, lr=1e-2, n_samples=100)
+    opts = A.FinetuneOptions(beta=0.5, steps=3, batch_size=16, n_time_steps=5, lr=1e-2)
+    out = finetune_run(tmp_path / "base", tmp_path / "tuned", R.parse_reward("linear", {"c": "0,1"}), opts, n_samples=100)
     for path in out["paths"].values():
         assert path.is_file()
     tuned, base = load_run(tmp_path / "tuned"), load_run(tmp_path / "base")
     diff = [not torch.equal(a, b) for a, b in zip(tuned.model.state_dict().values(), base.model.state_dict().values())]
     assert any(diff) and tuned.step == base.step + 3
     with pytest.raises(ValueError, match="out_dir"):
-        finetune_run(tmp_path / "base", tmp_path / "base", R.parse_reward("linear", {"c": "0,1"}), beta=0.5)
+        finetune_run(tmp_path / "base", tmp_path / "base", R.parse_reward("linear", {"c": "0,1"}), opts)
 
 
 def test_cli_finetune(tmp_path):

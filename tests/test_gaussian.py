@@ -14,6 +14,7 @@ from scoresde.core.gaussian import (
     scaled_error,
     score_error_l2,
     score_error_sup,
+    step_coefficients,
 )
 from scoresde.core.sde import OU, VP, ContractiveOU, ContractiveVP, SubVP, probability_flow_drift, reverse_drift
 
@@ -183,3 +184,24 @@ def test_exponential_integrator_recursion_against_the_samplers_module(sde):
     assert np.all(np.abs(mc_mean - mu) < 4 * np.sqrt(np.diag(mc_cov) / n))
     se_cov = np.sqrt((np.diag(mc_cov)[:, None] * np.diag(mc_cov)[None] + mc_cov**2) / n)
     assert np.all(np.abs(mc_cov - S) < 4 * se_cov)
+
+
+def test_step_coefficients_vp_closed_form():
+    """VP (b = beta / 2, g^2 = beta, D = int_{t'}^{t} beta): the exponential integrator's step is
+    Y' = e^{D/2} Y + 2 (e^{D/2} - 1) s + sqrt(e^D - 1) Z; Euler-Maruyama's 1 + h beta / 2, h beta, h beta."""
+    sde = VP()
+    ts = np.array([1.0, 0.7, 0.3, 0.05, 1e-3])
+    hi, lo = ts[:-1], ts[1:]
+    D = sde.beta_min * (hi - lo) + 0.5 * (sde.beta_max - sde.beta_min) * (hi**2 - lo**2)
+    lin, score_w, noise = step_coefficients(sde, ts, exponential=True)
+    np.testing.assert_allclose(lin, np.exp(D / 2), rtol=1e-13)
+    np.testing.assert_allclose(score_w, 2 * np.expm1(D / 2), rtol=1e-13)
+    np.testing.assert_allclose(noise, np.expm1(D), rtol=1e-13)
+    lin, score_w, noise = step_coefficients(sde, ts, exponential=True, probability_flow=True)
+    np.testing.assert_allclose(score_w, np.expm1(D / 2), rtol=1e-13)
+    assert not noise.any()
+    beta = sde.beta_min + (sde.beta_max - sde.beta_min) * hi
+    lin, score_w, noise = step_coefficients(sde, ts, exponential=False)
+    np.testing.assert_allclose(lin, 1 + (hi - lo) * beta / 2, rtol=1e-14)
+    np.testing.assert_allclose(score_w, (hi - lo) * beta, rtol=1e-14)
+    np.testing.assert_allclose(noise, (hi - lo) * beta, rtol=1e-14)

@@ -228,13 +228,15 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
              seed: int = typer.Option(0)) -> None:
     """Fine-tune a run against a reward (KL-regularised continuous-time RL, DESIGN 9) into a new run folder."""
+    from .models.alignment import FinetuneOptions
     from .models.rewards import parse_reward
     from .running.finetune import finetune_run
 
     try:
         out = out or run.parent / f"{run.name}-finetuned"
-        res = finetune_run(run, out, parse_reward(reward, param), beta=beta, n_samples=n, seed=seed, steps=steps,
-                           batch_size=batch_size, n_time_steps=n_time_steps, lr=lr, baseline=baseline)
+        options = FinetuneOptions(beta=beta, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps, lr=lr,
+                                  baseline=baseline)
+        res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed)
     except ValueError as err:
         _fail(err)
     typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")

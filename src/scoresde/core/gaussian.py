@@ -25,7 +25,7 @@ from .sde import LinearSDE
 __all__ = [
     "ErrorField", "GaussianLaw", "random_gaussian", "coefficients", "forward_law", "constant_error", "scaled_error",
     "score_error_l2", "score_error_sup", "backward_sde_law", "probability_flow_law",
-    "euler_maruyama_law", "exponential_integrator_law", "step_coefficients",
+    "euler_maruyama_law", "exponential_integrator_law", "step_coefficients", "ei_coefficients",
 ]
 
 ErrorField = Callable[[float], tuple[np.ndarray, np.ndarray]]
@@ -171,7 +171,24 @@ def probability_flow_law(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, *, e
     return _moment_ode(sde, mean, cov, error, t_end, start, 0.5, rtol, atol)
 
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
+_GL_NODES, _GL_WEIGHTS = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(32))
+
+
+def ei_coefficients(sde: LinearSDE, t: torch.Tensor, t_next: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(phi, c, v) with x(t_next) = phi x(t) + c s + sqrt(v) z for the reverse SDE with the score frozen at s
+    (the exponential integrator, T 5.20; the samplers' `stochastic.ei_step` and `step_coefficients`).
+
+    phi = alpha(t')/alpha(t), c = alpha(t') int_{t'}^{t} g(u)^2 / alpha(u) du (Gauss-Legendre,
+    32 nodes, float64) and v = alpha(t')^2 (r(t) - r(t')), r = sigma^2 / alpha^2, the exact
+    variance of the linear part (g^2 / alpha^2 = dr/dt). Elementwise in t, t_next; on the CPU in float64.
+    """
+    t, tn = (s.detach().to("cpu", torch.float64) for s in (t, t_next))
+    u = (0.5 * (t + tn))[..., None] + (0.5 * (t - tn))[..., None] * _GL_NODES
+    integral = 0.5 * (t - tn) * (_GL_WEIGHTS * sde.diffusion(u) ** 2 / sde.alpha(u)).sum(-1)
+    a, an = sde.alpha(t), sde.alpha(tn)
+    r, rn = (sde.sigma(t) / a) ** 2, (sde.sigma(tn) / an) ** 2
+    return an / a, an * integral, an**2 * (r - rn)
 
 
 def step_coefficients(sde: LinearSDE, ts: np.ndarray, *, exponential: bool,
@@ -179,25 +196,17 @@ def step_coefficients(sde: LinearSDE, ts: np.ndarray, *, exponential: bool,
     """Per-step (lin, score_w, noise_var) of a backward scheme over the decreasing forward times ts:
     Y' = lin Y + score_w s(t, Y) + sqrt(noise_var) Z, with s frozen at the step's start t.
     Euler-Maruyama (T 5.21): lin = 1 + h b(t), score_w = w h g(t)^2, noise_var = h g(t)^2 (w = 1, or 1/2
-    and no noise for the probability flow). Exponential integrator over [t', t]: lin = alpha(t')/alpha(t),
-    score_w = w int_{t'}^{t} alpha(t')/alpha(r) g(r)^2 dr (24-node Gauss-Legendre), noise_var =
-    alpha(t')^2 (phi(t) - phi(t')) with phi = sigma^2 / alpha^2 = int_0 g^2 / alpha^2."""
+    and no noise for the probability flow). Exponential integrator: (lin, score_w / w, noise_var) =
+    `ei_coefficients` over each step [t', t]."""
     ts = np.asarray(ts, dtype=np.float64)
     if ts.ndim != 1 or ts.size < 2 or not np.all(np.diff(ts) < 0):
         raise ValueError("ts must be a strictly decreasing 1-D array of at least two times")
     weight = 0.5 if probability_flow else 1.0
-    k = coefficients(sde, ts)
-    lo, hi = ts[1:], ts[:-1]
     if exponential:
-        r = 0.5 * (hi - lo)[:, None] * _GL_NODES[None] + 0.5 * (hi + lo)[:, None]
-        kr = coefficients(sde, r)
-        alpha_lo = k["alpha"][1:]
-        lin = alpha_lo / k["alpha"][:-1]
-        score_w = 0.5 * (hi - lo) * (alpha_lo[:, None] / kr["alpha"] * kr["g2"] * _GL_WEIGHTS).sum(1)
-        phi = (k["sigma"] / k["alpha"]) ** 2
-        noise = alpha_lo**2 * (phi[:-1] - phi[1:])
+        lin, score_w, noise = (v.numpy() for v in ei_coefficients(sde, torch.from_numpy(ts[:-1]), torch.from_numpy(ts[1:])))
     else:
-        h = hi - lo
+        k = coefficients(sde, ts)
+        h = ts[:-1] - ts[1:]
         lin = 1.0 + h * k["b"][:-1]
         score_w = h * k["g2"][:-1]
         noise = h * k["g2"][:-1]

@@ -30,8 +30,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -39,15 +39,16 @@ from torch import Tensor, nn
 
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from ..core.targets import GaussianMixture
-from ..core.validate import check
+from ..core.validate import check, integer, number, one_of, positive
 from ..learning.networks import MLP
 from ..sampling.common import check_grid
 from ..sampling.grids import time_grid
+from ..sampling.stochastic import em_coefficients, em_update
 from .rewards import Reward
 
 __all__ = [
     "ResidualScore", "Rollout", "rollout", "returns_to_go", "leave_one_out_mean", "policy_loss", "path_kl",
-    "finetune", "ddpo",
+    "LoopOptions", "FinetuneOptions", "DDPOOptions", "finetune", "ddpo",
     "tilted_mixture", "mean_pairwise_distance", "BASELINES",
 ]
 
@@ -135,19 +136,21 @@ class Rollout:
 
 def rollout(sde: SDE, model: ScoreFn, pretrained: ScoreFn, shape: tuple[int, ...], grid: Tensor,
             generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Rollout:
-    """Simulate the backward EM chain from the prior along `grid` (T down to t_end), no gradient."""
+    """Simulate the backward EM chain from the prior along `grid` (T down to t_end), no gradient;
+    each step is the samplers' (`stochastic.em_update`, T 5.21) with dB = sqrt(h) z."""
     ts = check_grid(torch.as_tensor(grid, dtype=dtype))
     x = sde.prior_sample(shape, generator=generator, dtype=dtype)
     states, noise, scores, pres, gs = [x], [], [], [], []
     per_point = 1 if isinstance(model, ResidualScore) else 2
+    coefs = em_coefficients(sde, ts) if isinstance(sde, LinearSDE) else [None] * (ts.numel() - 1)
     with torch.no_grad():
         for k in range(ts.numel() - 1):
-            t, h = batch_time(ts[k], x), ts[k] - ts[k + 1]
-            s, pre = _score_pair(model, pretrained, x, t)
-            g = sde.diffusion(ts[k]).to(dtype)
-            dB = h.sqrt() * torch.randn(x.shape, generator=generator, dtype=dtype)
-            x = x + (-sde.drift(t, x) + g**2 * s) * h + g * dB  # reverse-time EM step (T 5.21)
-            states.append(x), noise.append(dB), scores.append(s), pres.append(pre), gs.append(g)
+            s, pre = _score_pair(model, pretrained, x, batch_time(ts[k], x))
+            z = torch.randn(x.shape, generator=generator, dtype=dtype)
+            x_next = em_update(sde, x, s, ts[k], ts[k + 1], z, coefs[k])
+            states.append(x_next), noise.append((ts[k] - ts[k + 1]).sqrt() * z), scores.append(s), pres.append(pre)
+            gs.append(sde.diffusion(ts[k]).to(dtype))
+            x = x_next
     return Rollout(ts, torch.stack(states), torch.stack(noise), torch.stack(scores), torch.stack(pres),
                    torch.stack(gs), per_point * shape[0] * (ts.numel() - 1))
 
@@ -224,16 +227,72 @@ class _ValueNet(nn.Module):
         return self.net(inp).squeeze(-1)
 
 
-def _int(name: str, value, low: int) -> None:
-    check(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}")
+@dataclass(frozen=True, kw_only=True)
+class LoopOptions:
+    """The loop shared by `finetune` and `ddpo`: `steps` iterations, each a rollout of `batch_size`
+    chains of `n_time_steps` EM steps on `grid` (a kind for `grids.time_grid` or a decreasing tensor
+    of n_time_steps + 1 times) and an Adam update at `lr`, cosine-decayed to `lr_final` if given."""
+
+    steps: int = 200
+    batch_size: int = 256
+    n_time_steps: int = 50
+    lr: float = 1e-3
+    lr_final: float | None = None
+    grid: str | Tensor = "uniform"
+
+    def __post_init__(self):
+        integer("steps", self.steps, 1)
+        integer("batch_size", self.batch_size, 2)
+        integer("n_time_steps", self.n_time_steps, 1)
+        positive("lr", self.lr)
+        if self.lr_final is not None:
+            positive("lr_final", self.lr_final)
+        if not isinstance(self.grid, str):
+            n = self.n_time_steps + 1
+            check("grid", tuple(torch.as_tensor(self.grid).shape), torch.as_tensor(self.grid).shape == (n,),
+                  f"a grid kind or a tensor of n_time_steps + 1 = {n} times")
 
 
-def _resolve_grid(sde: SDE, n_time_steps: int, grid: str | Tensor) -> Tensor:
-    if isinstance(grid, str):
-        return time_grid(sde, n_time_steps, kind=grid)
-    grid = check_grid(torch.as_tensor(grid, dtype=torch.float64))
-    check("grid", tuple(grid.shape), grid.numel() == n_time_steps + 1, f"a tensor of n_time_steps + 1 = {n_time_steps + 1} times")
-    return grid
+@dataclass(frozen=True, kw_only=True)
+class FinetuneOptions(LoopOptions):
+    """`finetune`: the KL weight `beta` (required), the `baseline` ("value": r at the Tweedie point plus a
+    learned correction, fitted to the returns after they are used; "mean": leave-one-out batch mean,
+    unbiased; "none"), `updates_per_batch` and the path-ratio trust region `clip` of `policy_loss`."""
+
+    beta: float
+    baseline: str = "value"
+    clip: float | None = None
+    updates_per_batch: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        number("beta", self.beta, 0, strict=False)
+        one_of("baseline", self.baseline, BASELINES)
+        if self.clip is not None:
+            positive("clip", self.clip)
+        integer("updates_per_batch", self.updates_per_batch, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DDPOOptions(LoopOptions):
+    """`ddpo`: the PPO ratio clip, the advantage clip and the number of minibatches per batch."""
+
+    clip: float = 1e-4
+    minibatches: int = 4
+    adv_clip: float = 5.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        positive("clip", self.clip)
+        positive("adv_clip", self.adv_clip)
+        integer("minibatches", self.minibatches, 1)
+        check("minibatches", self.minibatches, self.minibatches <= self.batch_size, f"<= batch_size = {self.batch_size}")
+
+
+def _resolve_grid(sde: SDE, options: LoopOptions) -> Tensor:
+    if isinstance(options.grid, str):
+        return time_grid(sde, options.n_time_steps, kind=options.grid)
+    return check_grid(torch.as_tensor(options.grid, dtype=torch.float64))
 
 
 def _prepare(pretrained, shape, network, generator) -> tuple[nn.Module, ScoreFn, tuple[int, ...]]:
@@ -265,23 +324,19 @@ def _record(it: int, ro: Rollout, r: Tensor, nfe: int, start: float) -> dict:
             "diversity": mean_pairwise_distance(ro.terminal), "wall_time": time.perf_counter() - start, "nfe": nfe}
 
 
-def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, grid, lr, lr_final, shape, network,
-           generator, callback) -> tuple[nn.Module, list[dict]]:
+def _train(sde, pretrained, reward, update, options: LoopOptions, shape, network, generator,
+           callback) -> tuple[nn.Module, list[dict]]:
     """The loop shared by `finetune` and `ddpo`: roll out, score, record, update."""
-    _int("steps", steps, 1)
-    _int("batch_size", batch_size, 2)
-    _int("n_time_steps", n_time_steps, 1)
-    for name, v in (("lr", lr), ("lr_final", lr if lr_final is None else lr_final)):
-        check(name, v, isinstance(v, (int, float)) and v > 0 and math.isfinite(v), "a finite number > 0")
-    ts = _resolve_grid(sde, n_time_steps, grid)
+    ts = _resolve_grid(sde, options)
     model, frozen, shape = _prepare(pretrained, shape, network, generator)
     dtype = next(model.parameters()).dtype
+    lr, lr_final = options.lr, options.lr_final
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     history, nfe, start = [], 0, time.perf_counter()
-    for it in range(steps):
+    for it in range(options.steps):
         if lr_final is not None:  # cosine schedule from lr to lr_final
-            opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * it / steps))
-        ro = rollout(sde, model, frozen, (batch_size, *shape), ts, generator, dtype)
+            opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * it / options.steps))
+        ro = rollout(sde, model, frozen, (options.batch_size, *shape), ts, generator, dtype)
         r = reward_of(reward, ro.terminal)
         nfe += ro.nfe
         record = _record(it, ro, r, nfe, start)
@@ -293,30 +348,21 @@ def _train(sde, pretrained, reward, update, *, steps, batch_size, n_time_steps, 
     return model.eval(), history
 
 
-def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, steps: int = 200,
-             batch_size: int = 256, n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None,
-             baseline: str = "value",
-             clip: float | None = None, updates_per_batch: int = 1, grid: str | Tensor = "uniform",
+def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOptions, *,
              shape: tuple[int, ...] | None = None, network: nn.Module | None = None,
              generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
     """KL-regularised continuous-time policy gradient (DESIGN 9): maximise E r - beta KL(path).
 
     pretrained: a score network (a copy, all its parameters trainable, is fine-tuned) or any score
     callable (x, t) -> score (a zero-initialised residual `network`, default networks.MLP,
-    is trained on top of it). reward(x) -> (batch,) need not be differentiable.
-    grid: a kind for samplers.time_grid or an explicit decreasing tensor of n_time_steps + 1
-    times. baseline: "value" (r at the Tweedie point plus a learned correction, fitted to
-    the returns after they are used), "mean" (leave-one-out batch mean, unbiased), "none".
-    lr_final: if given, a cosine schedule takes Adam's learning rate from lr to lr_final.
-    clip: the path-ratio trust region of `policy_loss`, for updates_per_batch > 1.
+    is trained on top of it); `shape` the per-sample shape (default (pretrained.dim,)).
+    reward(x) -> (batch,) need not be differentiable. `options`: `FinetuneOptions`.
     Returns the fine-tuned score model and one history dict per iteration (reward mean/std,
     path KL and its standard error, diversity, wall time, cumulative score evaluations; nfe
     counts every evaluation of a score network or callable made for training).
     """
-    check("beta", beta, isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta), "a finite number >= 0")
-    check("baseline", baseline, baseline in BASELINES, f"one of {BASELINES}")
-    check("clip", clip, clip is None or (isinstance(clip, (int, float)) and clip > 0), "None or a number > 0")
-    _int("updates_per_batch", updates_per_batch, 1)
+    check("options", options, isinstance(options, FinetuneOptions), "a FinetuneOptions")
+    beta, baseline = options.beta, options.baseline
     value = value_opt = None
     value_seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
 
@@ -337,40 +383,36 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, *, beta: float, step
                 V = r_tw + value(ro.states[:-1], ro.times[:-1])
         else:
             V = torch.zeros_like(G)
-        for _ in range(updates_per_batch):
+        for _ in range(options.updates_per_batch):
             opt.zero_grad()
-            policy_loss(model, ro, G - V, beta, clip).backward()
+            policy_loss(model, ro, G - V, beta, options.clip).backward()
             opt.step()
         if baseline == "value":  # fit the correction after use, so V never saw this batch's noise
             for _ in range(4):
                 value_opt.zero_grad()
                 (value(ro.states[:-1], ro.times[:-1]) - (G - r_tw)).pow(2).mean().backward()
                 value_opt.step()
-        return updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
+        return options.updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
-                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
+    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
 
 
-def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, *, steps: int = 200, batch_size: int = 256,
-         n_time_steps: int = 50, lr: float = 1e-3, lr_final: float | None = None, clip: float = 1e-4, minibatches: int = 4,
-         adv_clip: float = 5.0, grid: str | Tensor = "uniform", shape: tuple[int, ...] | None = None,
-         network: nn.Module | None = None, generator: torch.Generator | None = None,
-         callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
+def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DDPOOptions | None = None, *,
+         shape: tuple[int, ...] | None = None, network: nn.Module | None = None,
+         generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
     """DDPO-clip (Black et al. 2305.13301, sec. 4.3): rewards normalised over the batch (clipped to
     +-adv_clip), per-step ratios rho_k of the chain's Gaussian transitions, loss
     mean_{k, i} max(-A_i rho_ik, -A_i clip(rho_ik, 1 - clip, 1 + clip)), one pass over
-    `minibatches` chunks of each batch, no KL term. Same inputs and history as `finetune`
-    (the KL there is a diagnostic only).
+    `minibatches` chunks of each batch, no KL term. `options`: `DDPOOptions` (default: its defaults);
+    the other inputs and the history as for `finetune` (the KL there is a diagnostic only).
     """
-    check("clip", clip, isinstance(clip, (int, float)) and clip > 0, "a number > 0")
-    check("adv_clip", adv_clip, isinstance(adv_clip, (int, float)) and adv_clip > 0, "a number > 0")
-    _int("minibatches", minibatches, 1)
-    check("minibatches", minibatches, minibatches <= batch_size, f"<= batch_size = {batch_size}")
+    options = DDPOOptions() if options is None else options
+    check("options", options, isinstance(options, DDPOOptions), "a DDPOOptions")
+    clip, adv_clip = options.clip, options.adv_clip
 
     def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
         A = ((r - r.mean()) / (r.std() + 1e-8)).clamp(-adv_clip, adv_clip)
-        for idx in torch.arange(r.numel()).chunk(minibatches):
+        for idx in torch.arange(r.numel()).chunk(options.minibatches):
             sub = Rollout(ro.times, ro.states[:, idx], ro.noise[:, idx], ro.scores[:, idx], ro.pre[:, idx],
                           ro.diffusion, 0)
             rho = sub.log_ratio(sub.rescore(model)).exp()
@@ -380,14 +422,13 @@ def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, *, steps: int = 200, bat
             opt.step()
         return ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
-                  grid=grid, lr=lr, lr_final=lr_final, shape=shape, network=network, generator=generator, callback=callback)
+    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
 
 
 def tilted_mixture(mixture: GaussianMixture, c: Tensor, beta: float) -> GaussianMixture:
     """The optimum p_pre exp(c^T x / beta) / Z for a mixture and a linear reward (DESIGN 9):
     weights w_k exp(c^T mu_k / beta + c^T Sigma_k c / (2 beta^2)), means mu_k + Sigma_k c / beta."""
-    check("beta", beta, beta > 0 and math.isfinite(beta), "a finite number > 0")
+    positive("beta", beta)
     c = torch.as_tensor(c, dtype=mixture.dtype)
     check("c", tuple(c.shape), c.shape == (mixture.dim,), f"a vector of shape ({mixture.dim},)")
     Sc = mixture.covariances @ c

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..learning.networks import EMA
-from ..models.alignment import finetune, reward_of
+from ..models.alignment import FinetuneOptions, finetune, reward_of
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import atomic_write, save_config
@@ -19,12 +19,12 @@ from .runs import Run, load_run, sample_run
 __all__ = ["finetune_run"]
 
 
-def finetune_run(run_dir, out_dir, reward: Reward, *, beta: float, n_samples: int = 2000, seed: int = 0,
-                 **options) -> dict:
+def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, n_samples: int = 2000,
+                 seed: int = 0) -> dict:
     """Fine-tune a trained run (`runs.load_run`) and write a new run folder at `out_dir`: its config and a
     checkpoint (loadable by `load_run`), history.json, reward and KL curves, samples before and after.
 
-    `options` go to `finetune` (steps, batch_size, n_time_steps, lr, baseline, ...). Returns the paths
+    `options` go to `finetune` (beta, steps, batch_size, n_time_steps, lr, baseline, ...). Returns the paths
     and the mean reward of n_samples draws (the run's sampler and NFE) before and after.
     """
     run, out_dir = load_run(run_dir), Path(out_dir)
@@ -32,13 +32,12 @@ def finetune_run(run_dir, out_dir, reward: Reward, *, beta: float, n_samples: in
         raise ValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    model, history = finetune(run.sde, run.model, reward, beta=beta, shape=run.data.sample_shape, generator=gen,
-                              **options)
+    model, history = finetune(run.sde, run.model, reward, options, shape=run.data.sample_shape, generator=gen)
     cfg = dataclasses.replace(run.cfg, out=str(out_dir.parent), name=out_dir.name)
     new = Run(cfg, run.data, model.requires_grad_(False), run.step + len(history))
     save_config(cfg, out_dir / "config.yaml")
     save_checkpoint(out_dir / CHECKPOINT, model=model, ema=EMA(model), step=new.step,
-                    extra={"finetuned_from": str(run_dir), "beta": beta})
+                    extra={"finetuned_from": str(run_dir), "beta": options.beta})
     atomic_write(out_dir / "history.json", (json.dumps(history, indent=1) + "\n").encode())
     paths, rewards = {}, {}
     for key, r in (("before", run), ("after", new)):

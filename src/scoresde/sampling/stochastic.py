@@ -6,17 +6,15 @@ evaluation per step, then optionally denoise with Tweedie's formula at t_end (on
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like, reverse_drift
+from ..core.gaussian import ei_coefficients
+from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from .common import Callback, check_grid, finish, noise_like, require_linear
 
-__all__ = ["euler_maruyama", "exponential_integrator", "em_step", "ei_step", "em_coefficients", "ei_coefficients",
+__all__ = ["euler_maruyama", "exponential_integrator", "em_step", "em_update", "ei_step", "em_coefficients",
            "ei_grid_coefficients"]
-
-_GL_NODES, _GL_WEIGHTS = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(32))
 
 
 def em_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float, float]]:
@@ -26,20 +24,26 @@ def em_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float, floa
     return list(zip((t[:-1] - t[1:]).tolist(), sde.b(t[:-1]).tolist(), sde.diffusion(t[:-1]).tolist()))
 
 
-def em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
-            generator: torch.Generator | None = None, noise: bool = True,
-            coefficients: tuple[float, float, float] | None = None) -> Tensor:
-    """One Euler-Maruyama step of the reverse SDE (T 5.21) from t down to t_next; one NFE. For a linear SDE
+def em_update(sde: SDE, x: Tensor, score: Tensor, t: Tensor, t_next: Tensor, z: Tensor | None = None,
+              coefficients: tuple[float, float, float] | None = None) -> Tensor:
+    """One Euler-Maruyama step of the reverse SDE (T 5.21) from t down to t_next, given the score at (x, t)
+    and the standard normal z (None: no noise, the predictor mean). For a linear SDE
     x <- x + h (b x + g^2 s) + g sqrt(h) z with `coefficients` (h, b, g) (default: from t, t_next)."""
     if isinstance(sde, LinearSDE):
         h, b, g = coefficients or em_coefficients(sde, torch.stack([t, t_next]))[0]
-        x = x + h * (b * x + g**2 * score_fn(x, batch_time(t, x)))
-        return x + (g * h**0.5) * noise_like(x, generator) if noise else x
-    h = t - t_next
-    x = x - h * reverse_drift(sde, score_fn)(t, x)
-    if not noise:
-        return x
-    return x + expand_like(sde.diffusion(batch_time(t, x)), x) * h.sqrt() * noise_like(x, generator)
+        x = x + h * (b * x + g**2 * score)
+        return x if z is None else x + (g * h**0.5) * z
+    h, tb = t - t_next, batch_time(t, x)
+    x = x - h * (sde.drift(tb, x) - expand_like(sde.diffusion(tb) ** 2, x) * score)
+    return x if z is None else x + expand_like(sde.diffusion(tb), x) * h.sqrt() * z
+
+
+def em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
+            generator: torch.Generator | None = None, noise: bool = True,
+            coefficients: tuple[float, float, float] | None = None) -> Tensor:
+    """`em_update` with the score evaluated at (x, t) and z drawn from `generator` (if noise); one NFE."""
+    score = score_fn(x, batch_time(t, x))
+    return em_update(sde, x, score, t, t_next, noise_like(x, generator) if noise else None, coefficients)
 
 
 def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
@@ -62,23 +66,8 @@ def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
 
 
-def ei_coefficients(sde: LinearSDE, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(phi, c, v) with x(t_next) = phi x(t) + c s + sqrt(v) z for the reverse SDE with the score frozen at s.
-
-    phi = alpha(t')/alpha(t), c = alpha(t') int_{t'}^{t} g(u)^2 / alpha(u) du (Gauss-Legendre,
-    32 nodes, float64) and v = alpha(t')^2 (r(t) - r(t')), r = sigma^2 / alpha^2, the exact
-    variance of the linear part (g^2 / alpha^2 = dr/dt). Elementwise in t, t_next; on the CPU in float64.
-    """
-    t, tn = (s.detach().to("cpu", torch.float64) for s in (t, t_next))
-    u = (0.5 * (t + tn))[..., None] + (0.5 * (t - tn))[..., None] * _GL_NODES
-    integral = 0.5 * (t - tn) * (_GL_WEIGHTS * sde.diffusion(u) ** 2 / sde.alpha(u)).sum(-1)
-    a, an = sde.alpha(t), sde.alpha(tn)
-    r, rn = (sde.sigma(t) / a) ** 2, (sde.sigma(tn) / an) ** 2
-    return an / a, an * integral, an**2 * (r - rn)
-
-
 def ei_grid_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float, float]]:
-    """(phi, c, sqrt(v)) of every step of the grid as Python floats, computed once."""
+    """(phi, c, sqrt(v)) of every step of the grid as Python floats (`gaussian.ei_coefficients`), computed once."""
     phi, c, v = ei_coefficients(sde, ts[:-1], ts[1:])
     return list(zip(phi.tolist(), c.tolist(), v.sqrt().tolist()))
 
