@@ -1,0 +1,84 @@
+"""The benchmark harness (`python -m benchmarks`): listing, one quick run, the environment record."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the benchmarks package lives beside src/, not inside it
+
+from benchmarks import BENCHMARKS, common  # noqa: E402
+
+ENV_KEYS = {"machine", "torch", "cuda", "git", "date", "quick"}
+
+
+def harness(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop(common.ENV_VAR, None)
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_list_names_every_benchmark():
+    res = harness("--list")
+    assert res.returncode == 0, res.stderr
+    listed = [line.split()[0] for line in res.stdout.splitlines() if line.strip()]
+    assert listed == list(BENCHMARKS)
+
+
+def test_unknown_benchmark_is_refused():
+    res = harness("no-such-benchmark")
+    assert res.returncode != 0 and "invalid choice" in res.stderr
+
+
+def check_environment(record: dict) -> None:
+    assert ENV_KEYS <= set(record)
+    assert {"platform", "cpu", "cpu_count"} <= set(record["machine"])
+    assert record["git"]["revision"] and len(record["git"]["revision"]) == 40
+    assert record["quick"] is True
+
+
+def test_quick_run_writes_outputs_with_the_environment(tmp_path):
+    res = harness("consistency", "--quick", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = tmp_path / "consistency"
+    out = json.loads((folder / "consistency_ring.json").read_text())
+    check_environment(out["environment"])
+    assert out["set"] == "ring" and "w2" in out
+    run = json.loads((folder / "run-ring.json").read_text())
+    check_environment(run["environment"])
+    assert run["command"].startswith("python -m benchmarks consistency --quick")
+    assert "### ring" in (folder / "run-ring.log").read_text()
+    from PIL import Image
+
+    with Image.open(folder / "consistency_ring.png") as im:
+        check_environment(json.loads(im.info["Description"]))
+    assert (folder / "runs").is_dir()  # a quick run trains under its own folder, never under runs/bench-*
+
+
+def test_json_round_trip_and_markdown_header(tmp_path):
+    common.configure(tmp_path, quick=True)
+    try:
+        path = common.write_json("x", [1, 2.5, {"a": Path("p")}], file="rows.json")
+        assert json.loads(path.read_text())["environment"]["quick"] is True
+        assert common.read_json(path) == [1, 2.5, {"a": "p"}]
+        d = common.write_json("x", {"k": 1})
+        assert d == tmp_path / "x" / "x.json" and common.read_json(d) == {"k": 1}
+        md = common.write_text("x", "report.md", "| a |")
+        assert md.read_text().startswith("<!-- environment: {")
+    finally:
+        common.configure(None, quick=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in BENCHMARKS if n != "consistency"])
+def test_every_benchmark_runs_quick(name, tmp_path):
+    res = harness(name, "--quick", "--out", str(tmp_path), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / name).glob("run*.json"))
+    assert runs and all("environment" in json.loads(r.read_text()) for r in runs)
