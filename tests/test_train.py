@@ -120,7 +120,8 @@ def test_build_errors_list_valid_names(tmp_path):
         build_model(_cfg(tmp_path), VP(), (1, 8, 8))
     with pytest.raises(ValueError, match="unknown network 'cnn'; valid: mlp, unet"):
         build_model(_cfg(tmp_path, net="cnn"), VP(), (2,))
-    with pytest.raises(ValueError, match="unknown loss 'dsm'; valid: .*denoising, explicit, implicit, .*sliced"):
+    with pytest.raises(ValueError, match="model 'score' trains with loss denoising, sliced, implicit, explicit, .*; "
+                                         "got loss 'dsm'"):
         Trainer(_cfg(tmp_path, loss="dsm"))
     with pytest.raises(ValueError, match="unknown loss_args for 'denoising': n_projections; valid:"):
         Trainer(_cfg(tmp_path, loss_args={"n_projections": 2}))
@@ -171,7 +172,7 @@ def test_draw_samples_returns_paths_and_checks_the_method(gen):
     assert (x.mean(0) - mu[0]).abs().max() < 4 * s / math.sqrt(4000) + 0.01
     with pytest.raises(ValueError, match="valid: .*em"):
         draw_samples(sde, g.score_fn(sde), (2, 2), "euler_maruyama", 10)
-    with pytest.raises(ValueError, match="unknown sampling method"):
+    with pytest.raises(ValueError, match="sampling method 'rk4' does not apply to a 'score' model; valid: em"):
         Trainer(Config(sampler="rk4", out="unused"))
 
 

@@ -35,7 +35,7 @@ class Config:
     n_test: int = 2000             # held-out points (at most a fifth of a finite set)
     pad_to: int = 0                # pad square images to this size (0: as they are)
     # model
-    model: str = "score"           # scoresde.families.MODELS: score | vae | ddpm
+    model: str = "score"           # scoresde.models.FAMILIES: score | vae | ddpm (its record lists losses, samplers)
     model_args: dict = field(default_factory=dict)  # keywords of the family (ddpm: n_steps, schedule; vae: latent_dim, ...)
     label_dropout: float = 0.0     # class-conditional nets (net_args.n_classes): share of labels replaced by the null label
     sde: str = "vp"                # scoresde.sde.SDES
@@ -60,7 +60,7 @@ class Config:
     eval_every: int = 1000         # held-out loss, W2 and a sample snapshot; 0 disables
     checkpoint_every: int = 500
     n_eval: int = 1000             # samples drawn at each evaluation
-    sampler: str = "em"           # scoresde.samplers.METHODS
+    sampler: str = "em"            # a method of the model's family: sampling.METHODS (score), ddpm, decoder (vae)
     nfe: int = 500                 # score evaluations per sample
     progress: bool = True
 
@@ -72,7 +72,8 @@ class Config:
         return Path(self.out) / self.name
 
     def validate(self) -> None:
-        """Types and ranges of the fields (names of SDEs, losses etc. are checked where they are built)."""
+        """Types and ranges of the fields (names of SDEs, losses etc. are checked where they are built; model,
+        loss and sampler against the family's record by `build.check_config`)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]

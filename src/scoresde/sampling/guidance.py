@@ -103,7 +103,9 @@ def inpaint_score(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor
 
 def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, method: str = "tweedie",
             sampler: str = "em", nfe: int = 200, generator: torch.Generator | None = None, **options) -> Tensor:
-    """Fill the pixels outside `mask` with any sampler of `scoresde.samplers`; known pixels are kept."""
+    """Fill the pixels outside `mask` with any sampler of `sampling.METHODS`; known pixels are kept. method:
+    "tweedie" (default; exact for Gaussian data, its error shrinks with nfe) or "replace" (one score call per
+    step, but biased at any nfe); module docstring."""
     from .methods import sample
 
     cond = inpaint_score(sde, score_fn, known, mask, method=method, generator=generator)
