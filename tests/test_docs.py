@@ -12,10 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "scoresde"
 
-pytest.importorskip("mkdocs")
-pytest.importorskip("mkdocstrings")
-
-
 def _modules() -> set[str]:
     names = set()
     for path in PACKAGE.rglob("*.py"):
