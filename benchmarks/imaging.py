@@ -38,7 +38,7 @@ from scoresde.running.plots import save_grid
 from scoresde.running.train import Trainer, learning_rate
 from scoresde.sampling import sample
 from scoresde.sampling.guidance import inpaint, label_guided
-from scoresde.sampling.likelihood import pf_bits_per_dim
+from scoresde.sampling.likelihood import bits_per_dim
 
 LEVELS = 17  # digits: pixel / 8 - 1, pixel in 0..16
 NAME = "imaging"
@@ -229,7 +229,7 @@ def run(args) -> None:
     tr, sec = trained["SMLD"]
     x, ts = timed(lambda: sample(tr.sde, tr.ema.copy(), (n,) + tr.data.sample_shape, method="ald", nfe=201,
                                  generator=torch.Generator().manual_seed(1), **ALD))
-    bpd = float(pf_bits_per_dim(tr.sde, tr.ema.copy(), test, LEVELS, generator=torch.Generator().manual_seed(0),
+    bpd = float(bits_per_dim(tr.sde, tr.ema.copy(), test, levels=LEVELS, generator=torch.Generator().manual_seed(0),
                                 divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3, dtype=torch.float32)[0].mean())
     add("SMLD/NCSN (VE, 50 levels)", f"ald (ratio {ALD['step_ratio']:g})", 201, x, sec, ts, bpd)
     grid.append(x), grid_labels.append("SMLD ald")
@@ -239,8 +239,8 @@ def run(args) -> None:
     for label in ("VP", "VE", "sub-VP", "contractive VP"):
         tr, sec = trained[label]
         model = tr.ema.copy()
-        bpd, _ = timed(lambda: float(pf_bits_per_dim(
-            tr.sde, model, test, LEVELS, generator=torch.Generator().manual_seed(0),
+        bpd, _ = timed(lambda: float(bits_per_dim(
+            tr.sde, model, test, levels=LEVELS, generator=torch.Generator().manual_seed(0),
             divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3, dtype=torch.float32)[0].mean()))
         for nfe in NFES:
             results = []

@@ -28,12 +28,18 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..core.sde import LinearSDE, ScoreFn, batch_time, expand_like, probability_flow_drift
+from ..core.validate import check, finite_tensor, integer, one_of, positive
 
-__all__ = ["log_likelihood", "bits_per_dim", "dequantize", "pixel_values", "is_8bit", "evaluate_likelihood", "DIVERGENCES", "TIME_VARIABLES", "SOLVERS"]
+__all__ = ["log_likelihood", "bits_per_dim", "dequantize", "pixel_values", "is_8bit", "evaluate_likelihood",
+           "DIVERGENCES", "TIME_VARIABLES", "SOLVERS", "RTOL", "ATOL"]
 
 DIVERGENCES = ("exact", "hutchinson-gaussian", "hutchinson-rademacher")
 TIME_VARIABLES = ("log_snr", "t")
 SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+# default tolerances: the loosest whose worst error at points 3-4 component standard deviations into the tails
+# of exact-score Gaussian mixtures stays below 0.01 nats (dopri5, VP and VE: 3e-3 nats; held-out targets 1.5e-3;
+# 1e-5 left 0.05-0.1 nats there) at about 1.5x the NFE of 1e-5 (benchmarks/likelihood_tolerance.py)
+RTOL = ATOL = 1e-6
 
 
 def _probes(x: Tensor, divergence: str, n_probes: int, generator: torch.Generator | None) -> Tensor:
@@ -82,33 +88,21 @@ def _clock(sde: LinearSDE, time_variable: str, t_min: float, x: Tensor
 def _check_args(sde: LinearSDE, x: Tensor, divergence: str, n_probes: int, solver: str, rtol: float,
                 atol: float, t_min: float | None, time_variable: str) -> float:
     """Validate the arguments of `log_likelihood`; return the resolved t_min."""
-    if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a LinearSDE (normalised Gaussian prior), got {type(sde).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
-        raise ValueError("x must be a floating tensor of shape (batch, ...) with at least 2 dims")
-    if x.shape[0] == 0 or x[0].numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x must be finite")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"n_probes must be an int >= 1, got {n_probes!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of the adaptive solvers {SOLVERS}, got {solver!r}")
-    if time_variable not in TIME_VARIABLES:
-        raise ValueError(f"time_variable must be one of {TIME_VARIABLES}, got {time_variable!r}")
-    for name, tol in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {tol!r}")
+    check("sde", type(sde).__name__, isinstance(sde, LinearSDE), "a LinearSDE (normalised Gaussian prior)")
+    finite_tensor("x", x)
+    one_of("divergence", divergence, DIVERGENCES)
+    integer("n_probes", n_probes, 1)
+    one_of("solver", solver, SOLVERS)
+    one_of("time_variable", time_variable, TIME_VARIABLES)
+    positive("rtol", rtol)
+    positive("atol", atol)
     t_min = sde.t_min if t_min is None else t_min
-    if not (isinstance(t_min, (int, float)) and 0 < t_min < sde.T):
-        raise ValueError(f"t_min must be in (0, T = {sde.T}), got {t_min!r}")
+    check("t_min", t_min, isinstance(t_min, (int, float)) and 0 < t_min < sde.T, f"in (0, T = {sde.T})")
     return float(t_min)
 
 
 def log_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, divergence: str = "exact",
-                   n_probes: int = 1, solver: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
+                   n_probes: int = 1, solver: str = "dopri5", rtol: float = RTOL, atol: float = ATOL,
                    t_min: float | None = None, time_variable: str = "t",
                    generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
     """Per-sample log p_{t_min}(x) in nats of the model defined by the probability-flow ODE.
@@ -149,18 +143,27 @@ def log_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, divergence: 
                                 "x_T": x_T, "t_min": t_min}
 
 
-def pixel_values(images: Tensor) -> Tensor:
-    """The 8-bit values k in {0, ..., 255} (float64) of integer images or of floats scaled as k / 127.5 - 1."""
+def _half_range(levels: int) -> float:
+    """(L - 1) / 2: level k sits at k / ((L - 1) / 2) - 1 in [-1, 1] (127.5 for 8-bit images)."""
+    integer("levels", levels, 2)
+    return (levels - 1) / 2
+
+
+def pixel_values(images: Tensor, levels: int = 256) -> Tensor:
+    """The level indices k in {0, ..., L - 1} (float64) of integer images or of floats scaled as
+    k / ((L - 1) / 2) - 1 (L = `levels`; 8-bit: k / 127.5 - 1)."""
+    half = _half_range(levels)
     if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] == 0:
         raise ValueError("images must be a non-empty tensor of shape (batch, ...)")
     if images.dtype == torch.bool:
-        raise ValueError("images must be integer (0..255) or float in [-1, 1], got bool")
-    k = (images.double() + 1) * 127.5 if images.is_floating_point() else images.double()
+        raise ValueError(f"images must be integer (0..{levels - 1}) or float in [-1, 1], got bool")
+    k = (images.double() + 1) * half if images.is_floating_point() else images.double()
     if not torch.isfinite(k).all() or (k - k.round()).abs().max() > 1e-3:
-        raise ValueError("float images must be 8-bit values scaled as k / 127.5 - 1, k in {0..255}")
+        raise ValueError(f"float images must lie on the {levels} grey levels, scaled as k / {half:g} - 1, "
+                         f"k in {{0..{levels - 1}}}")
     k = k.round()
-    if k.min() < 0 or k.max() > 255:
-        raise ValueError("images must take values in {0, ..., 255} (or that range scaled to [-1, 1])")
+    if k.min() < 0 or k.max() > levels - 1:
+        raise ValueError(f"images must take values in {{0, ..., {levels - 1}}} (or that range scaled to [-1, 1])")
     return k
 
 
@@ -174,33 +177,34 @@ def is_8bit(images: Tensor) -> bool:
 
 
 def dequantize(images: Tensor, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float64) -> Tensor:
-    """Uniformly dequantised 8-bit images in the library's [-1, 1] scaling.
+               dtype: torch.dtype = torch.float64, levels: int = 256) -> Tensor:
+    """Uniformly dequantised images in the library's [-1, 1] scaling.
 
-    `images` are integers k in {0, ..., 255} (any integer dtype) or floats already scaled as
-    k / 127.5 - 1. Returns x = (k + u - 1/2) / 127.5 - 1, u ~ U[0, 1)^D: each pixel's cell of
-    width 1/127.5 is centred on the training value k / 127.5 - 1, so x in [-1 - 1/255, 1 + 1/255).
+    `images` are integers k in {0, ..., L - 1} (any integer dtype) or floats already scaled as
+    k / h - 1, h = (L - 1) / 2 (`pixel_values`; 8-bit: h = 127.5). Returns x = (k + u - 1/2) / h - 1,
+    u ~ U[0, 1)^D: each pixel's cell of width 1 / h is centred on its level, so x in [-1 - 1/(2h), 1 + 1/(2h)).
     """
-    k = pixel_values(images)
+    k = pixel_values(images, levels)
     u = torch.rand(k.shape, generator=generator, dtype=torch.float64, device=k.device)
-    return ((k + u - 0.5) / 127.5 - 1).to(dtype)
+    return ((k + u - 0.5) / _half_range(levels) - 1).to(dtype)
 
 
-def bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, *, decoder: str = "gaussian",
+def bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, *, levels: int = 256, decoder: str = "gaussian",
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
                  **kwargs) -> tuple[Tensor, dict]:
-    """Per-image bits/dim of 8-bit images: an upper bound, in expectation, on -log2 P(k) / D.
+    """Per-image bits/dim of images with L = `levels` grey levels (256: 8-bit): an upper bound, in
+    expectation, on -log2 P(k) / D.
 
     Dequantisation (Theis et al. 1511.01844; Ho et al. 2006.11239 discuss it). For any density
     p_x on x-space and the cell C_k of pixel values k, P(k) = int_{C_k} p_x, and by Jensen
 
-        log P(k) >= E_u[log p_x(x_k(u))] + D log(1/127.5) ,  x_k(u) = (k + u - 1/2)/127.5 - 1,
+        log P(k) >= E_u[log p_x(x_k(u))] + D log(1/h) ,  x_k(u) = (k + u - 1/2)/h - 1,  h = (L - 1)/2,
 
-    (`dequantize`; the cell has volume 127.5^-D). In bits/dim:
+    (`dequantize`; the cell has volume h^-D). In bits/dim:
 
-        bpd = -E_u[log p_x(x)] / (D ln 2) + log2(127.5),    log2(127.5) = 6.99435...
+        bpd = -E_u[log p_x(x)] / (D ln 2) + log2(h),    8-bit: log2(127.5) = 6.99435...
 
-    The offset log2(127.5) is the log-volume of the scaling from pixel units to [-1, 1]. (Song
+    The offset log2(h) is the log-volume of the scaling from pixel units to [-1, 1]. (Song
     et al.'s code maps x = (k + u)/128 - 1 instead, hence their offset 7 = log2(128); the two
     cell grids differ by < 1/255 in x and the bounds by a few 1e-3 bits at most.)
 
@@ -220,9 +224,8 @@ def bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, *, decoder: 
     kwargs go to `log_likelihood`. info: its info plus logp_x (the per-image log p_x bound in
     nats at the dequantised points).
     """
-    if decoder not in ("gaussian", "none"):
-        raise ValueError(f"decoder must be 'gaussian' or 'none', got {decoder!r}")
-    x = dequantize(images, generator, dtype)
+    one_of("decoder", decoder, ("gaussian", "none"))
+    x = dequantize(images, generator, dtype, levels)
     d = x[0].numel()
     t_min = kwargs.pop("t_min", None)
     t_min = sde.t_min if t_min is None else t_min
@@ -234,7 +237,7 @@ def bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, *, decoder: 
     logp, info = log_likelihood(sde, score_fn, x, t_min=t_min, generator=generator, **kwargs)
     logp_x = logp + correction
     info["logp_x"] = logp_x
-    return -logp_x / (d * math.log(2)) + math.log2(127.5), info
+    return -logp_x / (d * math.log(2)) + math.log2(_half_range(levels)), info
 
 
 def evaluate_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, divergence: str = "auto",
@@ -246,8 +249,7 @@ def evaluate_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, diverge
     exact up to 32 dimensions and Rademacher-Hutchinson above. The ODE runs in x's dtype, in
     batches of `batch_size`; kwargs go to `log_likelihood`.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    integer("batch_size", batch_size, 1)
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
         raise ValueError("x must be a tensor of shape (n, ...) with n >= 2")
     d = x[0].numel()
@@ -275,35 +277,3 @@ def evaluate_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, diverge
             out[name + "_ci"] = 1.96 * float(v.std()) / math.sqrt(v.numel())
     out["nll_per_dim"] = out["nll"] / d
     return out
-
-
-def bits_per_dim_offset(levels: int) -> float:
-    """log2 of the grey-level spacing's inverse, 2 / (levels - 1) in [-1, 1]: a density on [-1, 1]^D
-    dequantised in cells of that width gives bits/dim = -log p / (D ln 2) + log2((levels - 1) / 2)."""
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
-    return math.log2((levels - 1) / 2)
-
-
-def pf_bits_per_dim(sde: LinearSDE, score_fn: ScoreFn, images: Tensor, levels: int, *,
-                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-                    **kwargs) -> tuple[Tensor, dict]:
-    """Per-image bits/dim of images on the grid {-1, -1 + 2/(L-1), ..., 1} of L = `levels` grey levels
-    under the probability-flow model: `likelihood.bits_per_dim` generalised from 8-bit images
-    (L = 256 gives its numbers): uniform dequantisation in cells of width 2/(L-1) centred on the
-    levels, the Gaussian decoder at t_min, bpd = -E log p_x(x) / (D ln 2) + `bits_per_dim_offset(L)`.
-    kwargs go to `likelihood.log_likelihood`."""
-    offset = bits_per_dim_offset(levels)
-    k = (images.double() + 1) * (levels - 1) / 2
-    if (k - k.round()).abs().max() > 1e-4 or k.min() < -1e-4 or k.max() > levels - 1 + 1e-4:
-        raise ValueError(f"images must lie on the {levels} grey levels -1 + 2 k / {levels - 1} in [-1, 1]")
-    u = torch.rand(images.shape, generator=generator, dtype=torch.float64, device=images.device)
-    x = (k.round() + u - 0.5).div(levels - 1).mul(2).sub(1).to(dtype)
-    t_min = kwargs.pop("t_min", None)
-    t_min = sde.t_min if t_min is None else t_min
-    t = torch.as_tensor(float(t_min), dtype=dtype)
-    x = sde.sample_marginal(x, t, torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device))
-    logp, info = log_likelihood(sde, score_fn, x, t_min=t_min, generator=generator, **kwargs)
-    d = x[0].numel()
-    logp_x = logp + d * torch.log(sde.alpha(t))
-    return -logp_x / (d * math.log(2)) + offset, info
