@@ -14,10 +14,16 @@ from scoresde.learning.networks import MLP, UNet
 from scoresde.models.ddpm import DDPMModel, DDPMSchedule, ddpm_sample
 from scoresde.models.ncsn import ncsn_loss, ncsn_sigmas, ncsn_train_loss
 from scoresde.models.vae import ConvVAE
-from scoresde.running.build import draw_samples
+from scoresde.learning.losses import LOSSES
+from scoresde.models import FAMILIES, Family
+from scoresde.running.build import build_model, check_config, draw_samples, family_of
 from scoresde.running.config import Config
+from scoresde.running.consistency_train import ConsistencyTrainer
 from scoresde.running.data import load_mask
+from scoresde.running.runs import sample_run
 from scoresde.running.train import Trainer
+from scoresde.running.trainers import TRAINERS, trainer_for
+from scoresde.sampling.methods import METHODS
 from scoresde.sampling.guidance import classifier_free, label_guided
 
 runner = CliRunner()
@@ -147,24 +153,76 @@ def test_ncsn_train_loss_feeds_the_time_of_each_level(gen):
 
 
 def test_vae_and_ddpm_families_train_and_sample_through_the_trainer(tmp_path):
-    vae = Trainer(_digits_cfg(tmp_path, name="vae", model="vae", loss="vae",
+    vae = Trainer(_digits_cfg(tmp_path, name="vae", model="vae", loss="vae", sampler="decoder", nfe=1,
                               model_args={"latent_dim": 4, "base": 8, "levels": 17})).run()
-    assert isinstance(vae.model, ConvVAE) and vae.model.levels == 17
+    assert isinstance(vae.model, ConvVAE) and vae.model.levels == 17 and vae.family is FAMILIES["vae"]
     x0 = vae.data.test[:4]
     g = torch.Generator().manual_seed(0)
     torch.testing.assert_close(vae.loss_fn(vae.model, vae.sde, x0, generator=g),
                                -vae.model.elbo(x0, torch.Generator().manual_seed(0)))
-    x, _ = draw_samples(vae.sde, vae.ema.copy(), (3, 1, 8, 8), "em", 1, generator=g)
-    assert x.shape == (3, 1, 8, 8)
+    x, _ = draw_samples(vae.sde, vae.ema.copy(), (3, 1, 8, 8), "decoder", 1, generator=torch.Generator().manual_seed(4),
+                        family=vae.family)
+    torch.testing.assert_close(x, vae.ema.copy().sample(3, torch.Generator().manual_seed(4)))  # decoder means
+    with pytest.raises(ValueError, match="does not apply to a 'vae' model; valid: decoder"):
+        draw_samples(vae.sde, vae.model, (3, 1, 8, 8), "em", 1, family=vae.family)
+    with pytest.raises(ValueError, match="method 'decoder'"):  # the VAE itself refuses what it cannot honour
+        vae.model.generate((3, 1, 8, 8), method="em", nfe=1)
+    with pytest.raises(ValueError, match="nfe must be 1"):
+        vae.model.generate((3, 1, 8, 8), nfe=5)
     ddpm = Trainer(_digits_cfg(tmp_path, name="ddpm", model="ddpm", loss="ddpm", sampler="ddpm",
                                model_args={"n_steps": 50})).run()
     assert ddpm.model.schedule.n_steps == 50
-    x, _ = draw_samples(ddpm.sde, ddpm.ema.copy(), (3, 1, 8, 8), "ddpm", 5, generator=g)
+    x, _ = draw_samples(ddpm.sde, ddpm.ema.copy(), (3, 1, 8, 8), "ddpm", 5, generator=g, family=ddpm.family)
     assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="takes no sampler options"):
+        draw_samples(ddpm.sde, ddpm.model, (3, 1, 8, 8), "ddpm", 5, family=ddpm.family, t_end=0.1)
     with pytest.raises(ValueError, match="model_args for 'ddpm'"):
-        Trainer(_digits_cfg(tmp_path, name="bad", model="ddpm", loss="ddpm", model_args={"steps": 3}))
+        Trainer(_digits_cfg(tmp_path, name="bad", model="ddpm", loss="ddpm", sampler="ddpm", model_args={"steps": 3}))
     with pytest.raises(ValueError, match="unknown model 'gan'"):
         Trainer(_digits_cfg(tmp_path, name="bad", model="gan"))
+
+
+def test_config_is_checked_against_the_family_record(tmp_path):
+    """Model, loss and sampler must fit the record: clear errors naming what is allowed."""
+    for kw, match in ((dict(model="vae", loss="vae"), "sampling method 'dpm2m' does not apply to a 'vae' model; "
+                                                      "valid: decoder"),
+                      (dict(model="vae", loss="denoising"), "model 'vae' trains with loss vae; got loss 'denoising'"),
+                      (dict(model="ddpm", loss="ddpm", sampler="ddim"), "valid: ddpm"),
+                      (dict(loss="ddpm"), "model 'score' trains with loss denoising, sliced"),
+                      (dict(loss="consistency", parametrization="x0"), "does not apply to a 'consistency' model"),
+                      (dict(sampler="consistency"), "does not apply to a 'score' model")):
+        with pytest.raises(ValueError, match=match):
+            check_config(_digits_cfg(tmp_path, **kw))
+    with pytest.raises(ValueError, match="parametrization x0"):
+        build_model(_digits_cfg(tmp_path, loss="consistency", sampler="consistency"), VP(), (1, 8, 8))
+
+
+def test_family_records():
+    """Defaults first and equal to Config's; every loss of a family trained by the plain Trainer is a LOSSES
+    entry; a family sampled by `sampling.sample` accepts exactly the METHODS that take its kind of model (a
+    family with its own sampler names its own methods: the DDPM family's "ddpm" is its discrete chain)."""
+    cfg = Config()
+    score = FAMILIES["score"]
+    assert (score.losses[0], score.methods[0]) == (cfg.loss, cfg.sampler) and family_of(cfg) is score
+    for name in FAMILIES:
+        for loss in FAMILIES[name].losses:
+            family = FAMILIES[name].for_loss(loss)
+            if TRAINERS.get(family.name, Trainer) is Trainer:
+                assert loss in LOSSES, (name, loss)
+            if family.generate is None:
+                takes = "score" if family.has_score else "consistency"
+                assert set(family.methods) == {m for m in METHODS if METHODS[m].takes == takes}, family.name
+    cm = Config(loss="consistency", parametrization="x0", sampler="consistency")
+    assert family_of(cm).name == "consistency" and not family_of(cm).has_score
+    assert trainer_for(cm) is ConsistencyTrainer and trainer_for(cfg) is Trainer
+    with pytest.raises(ValueError, match="likelihood needs a score model.*'vae'"):
+        FAMILIES["vae"].require("likelihood")
+    with pytest.raises(ValueError, match="evaluation must be one of"):
+        score.require("fid")
+    with pytest.raises(ValueError, match="need has_score=True"):
+        Family("x", score.build, ("denoising",), ("em",), evaluations=frozenset({"likelihood"}))
+    with pytest.raises(ValueError, match="variants must be keyed by its losses"):
+        Family("x", score.build, ("denoising",), ("em",), variants={"vae": score})
 
 
 def test_load_mask_from_npy_and_png(tmp_path):
@@ -225,6 +283,40 @@ def test_cli_inpaint_keeps_the_known_pixels(cond_run, tmp_path):
     res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "bad.npy"), "--out",
                               str(tmp_path / "z.npy")])
     assert res.exit_code == 1 and "mask has shape" in res.output
+
+
+def test_sample_run_with_a_label_draws_from_the_conditional_model(cond_run):
+    """With guidance 0 the label-guided samples are the conditional model's: the same draws as sampling its
+    score s(x, t, y) directly (classifier-free guidance itself: test_guidance_weight_zero_...)."""
+    from scoresde.running.runs import load_run
+    from scoresde.sampling import sample
+
+    r = load_run(cond_run)
+    x, _ = sample_run(r, 6, method="dpm2m", nfe=5, seed=2, label=3)
+    y = torch.full((6,), 3)
+    want = sample(r.sde, lambda x, t: r.model(x, t, y), (6, 1, 8, 8), method="dpm2m", nfe=5,
+                  generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x, want)
+    with pytest.raises(ValueError, match="does not apply to a 'score' model"):
+        sample_run(r, 6, method="decoder", nfe=1, label=3)
+
+
+def test_inpaint_run_defaults_to_tweedie(cond_run):
+    """runs.inpaint_run (the CLI's inpaint) uses the Tweedie h-transform unless told otherwise, and checks its input."""
+    from scoresde.running.runs import inpaint_run, load_run
+    from scoresde.sampling.guidance import inpaint
+
+    r = load_run(cond_run)
+    mask = torch.zeros(1, 8, 8)
+    mask[:, :4] = 1
+    known, m, x = inpaint_run(r, mask, 2, method="em", nfe=6, seed=1)
+    want = inpaint(r.sde, r.model, r.data.test[:2], mask, method="tweedie", sampler="em", nfe=6,
+                   generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, want)
+    torch.testing.assert_close(known, r.data.test[:2])
+    for kw, match in (({"how": "gibbs"}, "how must be one of tweedie, replace"), ({"method": "ddpm_x"}, "does not apply")):
+        with pytest.raises(ValueError, match=match):
+            inpaint_run(r, mask, 2, **kw)
 
 
 def test_cli_trains_a_consistency_run_distilled_from_a_run(cond_run, tmp_path):
