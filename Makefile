@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-score-matching: $(STAMP)
 
 bench-likelihood: $(STAMP)
 	$(HEAVY) -m benchmarks likelihood $(BENCH_ARGS)
+
+bench-likelihood-tolerance: $(STAMP)
+	$(HEAVY) -m benchmarks likelihood-tolerance $(BENCH_ARGS)
 
 bench-train: $(STAMP)
 	$(HEAVY) -m benchmarks train $(BENCH_ARGS)

@@ -9,6 +9,7 @@ live in ``benchmarks.common``. Results and the commands that produced them: ``be
 # harness name -> module (the output folder is benchmarks/results/<name>/)
 BENCHMARKS = {
     "likelihood": "likelihood",
+    "likelihood-tolerance": "likelihood_tolerance",
     "score-matching": "score_matching_cost",
     "estimation": "estimation_studies",
     "train": "train_throughput",

@@ -13,22 +13,20 @@ The default is the loosest tolerance whose worst tail error is below GOAL on the
 targets (ring, random_mixture(16, 8, seed=0)); the held-out targets (grid, random_mixture(8, 4,
 seed=1)) confirm it.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/likelihood_tolerance.py
-Writes benchmarks/results/likelihood_tolerance.json and .md.
+Run: python -m benchmarks likelihood-tolerance (make bench-likelihood-tolerance).
+Writes benchmarks/results/likelihood-tolerance/likelihood_tolerance.json and .md.
 """
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from benchmarks import common
 from scoresde.core import sde as S
 from scoresde.core.targets import GaussianMixture, grid, random_mixture, ring
 from scoresde.sampling.likelihood import log_likelihood
 
-OUT = Path(__file__).parent / "results"
+NAME = "likelihood-tolerance"
 TOLS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 GOAL = 0.01  # nats per point
 SETS = {"choose": {"ring": ring(), "mixture16": random_mixture(16, 8, seed=0)},
@@ -48,14 +46,14 @@ def points(mix: GaussianMixture, n_typical: int = 48, n_tail: int = 8, seed: int
     return torch.cat([typical, tail]), mask
 
 
-def measure() -> list[dict]:
+def measure(tols=TOLS, n_typical: int = 48, n_tail: int = 8) -> list[dict]:
     rows = []
     for split, targets in SETS.items():
         for name, mix in targets.items():
-            x, tail = points(mix)
+            x, tail = points(mix, n_typical, n_tail)
             for sde in (S.VP(), S.VE()):
                 exact = mix.at_time(sde, sde.t_min).log_prob(x)
-                for tol in TOLS:
+                for tol in tols:
                     _, info = log_likelihood(sde, mix.score_fn(sde), x, rtol=tol, atol=tol)
                     err = (mix.at_time(sde, sde.T).log_prob(info["x_T"]) + info["delta_logp"] - exact).abs()
                     rows.append({"split": split, "target": name, "dim": mix.dim, "sde": type(sde).__name__,
@@ -69,26 +67,29 @@ def measure() -> list[dict]:
 
 def choose(rows: list[dict], split: str) -> float | None:
     """The loosest tolerance whose worst tail error over the split's targets and SDEs is below GOAL."""
-    ok = [tol for tol in TOLS if all(r["tail_max"] < GOAL for r in rows if r["split"] == split and r["tol"] == tol)]
+    ok = [tol for tol in sorted({r["tol"] for r in rows}) if all(r["tail_max"] < GOAL for r in rows if r["split"] == split and r["tol"] == tol)]
     return max(ok) if ok else None
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    rows = measure()
+QUICK = dict(tols=[1e-3, 1e-4], n_typical=8, n_tail=2)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--tols", type=float, nargs="+", default=list(TOLS), help="rtol = atol values")
+    p.add_argument("--n-typical", type=int, default=48, help="typical points per batch")
+    p.add_argument("--n-tail", type=int, default=8, help="tail points per batch at s = 3 and at s = 4 each")
+
+
+def run(args) -> None:
+    rows = measure(args.tols, args.n_typical, args.n_tail)
     chosen, held = choose(rows, "choose"), choose(rows, "held_out")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "likelihood_tolerance.json").write_text(json.dumps(
-        {"goal_nats": GOAL, "chosen": chosen, "held_out_loosest": held, "rows": rows}, indent=1))
+    common.write_json(NAME, {"goal_nats": GOAL, "chosen": chosen, "held_out_loosest": held, "rows": rows},
+                      file="likelihood_tolerance.json")
     lines = ["| split | target | d | SDE | rtol = atol | NFE | tail max | tail mean | typical max |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['split']} | {r['target']} | {r['dim']} | {r['sde']} | {r['tol']:.0e} | {r['nfe']} | "
               f"{r['tail_max']:.1e} | {r['tail_mean']:.1e} | {r['typical_max']:.1e} |" for r in rows]
     lines.append(f"\nchosen (worst tail error < {GOAL} nats on the choose set): {chosen}; "
                  f"loosest passing on the held-out set: {held}")
-    (OUT / "likelihood_tolerance.md").write_text("\n".join(lines) + "\n")
+    common.write_text(NAME, "likelihood_tolerance.md", "\n".join(lines))
     print("\n".join(lines[-1:]))
-
-
-if __name__ == "__main__":
-    main()
