@@ -125,11 +125,11 @@ def consistency_sample(model: Callable[[Tensor, Tensor], Tensor], sde: LinearSDE
 
 def consistency_method(sde: LinearSDE, model: Callable[[Tensor, Tensor], Tensor], x_T: Tensor, ts: Tensor, *,
                         denoise: bool, callback=None, generator: torch.Generator | None = None) -> Tensor:
-    """`samplers.sample(..., method="consistency", nfe=k, denoise=False)`: k consistency steps at
+    """`sampling.sample(..., method="consistency", nfe=k)` (no denoise: `Method.denoise`): k consistency steps at
     the first k times of the grid (default "edm"). `model` is a ConsistencyModel, any consistency
     function f(x, t), or an x0-parametrised ScoreModel (a consistency run's checkpoint), wrapped here."""
     if denoise:
-        raise ValueError("method 'consistency' has no final denoising step (every step is one): pass denoise=False")
+        raise ValueError("method 'consistency' has no final denoising step (every step is one): drop denoise=True")
     if isinstance(model, ScoreModel):
         if model.parametrization != "x0":
             raise ValueError(f"a ScoreModel is read as a consistency model only with parametrization 'x0', "
