@@ -148,3 +148,12 @@ def test_evaluate_analytic_data_reports_tv_and_bound(tmp_path):
     assert 0 < out["score_error_rms"] < 100 and 0 <= out["prior_tv"] < 0.05
     assert out["tv_bound"] >= out["tv_histogram"] - 2 * out["tv_histogram_floor"]
     assert out["tv_bound"] == pytest.approx(out["prior_tv"] + out["tv_bound_score_term"])
+
+
+def test_inpaint_run_needs_images(run_dir):
+    import torch
+
+    from scoresde.running.runs import inpaint_run, load_run
+
+    with pytest.raises(ValueError, match="inpaint needs a run trained on images"):
+        inpaint_run(load_run(run_dir), torch.ones(2), 2)
