@@ -324,5 +324,7 @@ def test_bad_inputs():
         explicit_score_matching(score, sde, x0, true_score=lambda x, t: x.sum(1), t=t)
     with pytest.raises(ValueError, match="pass either t or importance=True"):
         denoising_score_matching(score, sde, x0, t=t, importance=True)
+    import scoresde.models  # noqa: F401  (registers the families' losses: ddpm, ncsn, vae)
+
     with pytest.raises(KeyError, match="valid: ddpm, denoising, explicit, implicit, ncsn, sliced, vae"):
         LOSSES["hyvarinen"]

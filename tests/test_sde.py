@@ -7,7 +7,7 @@ import torch
 from scipy import integrate
 
 from scoresde.core import sde as S
-from scoresde.core.targets import GaussianMixture, ring
+from scoresde.core.targets import GaussianMixture
 
 LINEAR = {
     "OU": S.OU(),
@@ -119,15 +119,15 @@ def test_shapes_broadcast_over_images(gen):
 
 @pytest.mark.parametrize("bad, message", [
     (lambda: S.VP(beta_min=1.0, beta_max=1.0), "beta_max must be > beta_min"),
-    (lambda: S.VP(beta_min=-1.0), "beta_min must be >= 0"),
+    (lambda: S.VP(beta_min=-1.0), "beta_min must be a finite number >= 0"),
     (lambda: S.SubVP(beta_max=float("nan")), "beta_max must be a finite number"),
     (lambda: S.ContractiveVP(beta_min=5.0, beta_max=2.0), "beta_max must be > beta_min"),
-    (lambda: S.VE(sigma_min=0.0), "sigma_min must be > 0"),
+    (lambda: S.VE(sigma_min=0.0), "sigma_min must be a finite number > 0"),
     (lambda: S.VE(sigma_min=2.0, sigma_max=1.0), "sigma_max must be > sigma_min"),
-    (lambda: S.ContractiveOU(theta=0.0), "theta must be > 0"),
-    (lambda: S.ContractiveOU(g=-1.0), "g must be > 0"),
+    (lambda: S.ContractiveOU(theta=0.0), "theta must be a finite number > 0"),
+    (lambda: S.ContractiveOU(g=-1.0), "g must be a finite number > 0"),
     (lambda: S.OU(T=0.001, t_min=0.01), "T must be > t_min"),
-    (lambda: S.VEEDM(t_min=-1.0), "t_min must be >= 0"),
+    (lambda: S.VEEDM(t_min=-1.0), "t_min must be a finite number >= 0"),
     (lambda: S.VP(T=float("inf")), "T must be a finite number"),
     (lambda: S.Langevin(potential=3.0), "potential must be a callable"),
 ])

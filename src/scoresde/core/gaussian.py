@@ -21,6 +21,7 @@ import torch
 from scipy.integrate import solve_ivp
 
 from .sde import LinearSDE
+from .validate import check, integer, moments
 
 __all__ = [
     "ErrorField", "GaussianLaw", "random_gaussian", "coefficients", "forward_law", "constant_error", "scaled_error",
@@ -41,23 +42,17 @@ def coefficients(sde: LinearSDE, t: np.ndarray | float) -> dict[str, np.ndarray]
             "alpha": sde.alpha(tt).numpy(), "sigma": sde.sigma(tt).numpy()}
 
 
-def _check_data(mean: np.ndarray, cov: np.ndarray) -> GaussianLaw:
-    m = np.atleast_1d(np.asarray(mean, dtype=np.float64))
-    C = np.atleast_2d(np.asarray(cov, dtype=np.float64))
-    if m.ndim != 1 or C.shape != (m.size, m.size):
-        raise ValueError(f"mean must have shape (d,) and cov (d, d), got {m.shape} and {C.shape}")
-    if not (np.isfinite(m).all() and np.isfinite(C).all()) or not np.allclose(C, C.T):
-        raise ValueError("mean and cov must be finite and cov symmetric")
-    if np.linalg.eigvalsh(C).min() <= 0:
-        raise ValueError("cov must be positive definite")
+def _check_data(mean: np.ndarray, cov: np.ndarray, name: str = "data") -> GaussianLaw:
+    m, C = moments(name, mean, cov)
+    low = float(np.linalg.eigvalsh(C).min())
+    check(f"{name}: the covariance", f"smallest eigenvalue {low:g}", low > 0, "positive definite")
     return m, C
 
 
 def random_gaussian(dim: int, seed: int = 0, eig_range: tuple[float, float] = (0.3, 2.0)) -> GaussianLaw:
     """A reproducible N(m, C): |m| = 1 in a random direction, C with eigenvalues spread log-uniformly over
     eig_range (both ends included) in a random basis."""
-    if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
+    integer("dim", dim, 1)
     lo, hi = eig_range
     if not 0 < lo <= hi:
         raise ValueError(f"eig_range must satisfy 0 < low <= high, got {eig_range}")
@@ -121,7 +116,7 @@ def _linear_step(sde: LinearSDE, m: np.ndarray, C: np.ndarray, error: ErrorField
 def _start(sde: LinearSDE, d: int, start: GaussianLaw | None) -> GaussianLaw:
     if start is None:
         return np.zeros(d), sde.prior_std**2 * np.eye(d)
-    return _check_data(*start)
+    return _check_data(*start, name="start")
 
 
 def _check_end(sde: LinearSDE, t_end: float) -> None:
@@ -217,8 +212,7 @@ def _recursion(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, n_steps: int, 
                t_end: float, start: GaussianLaw | None, probability_flow: bool, exponential: bool) -> GaussianLaw:
     m, C = _check_data(mean, cov)
     _check_end(sde, t_end)
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    integer("n_steps", n_steps, 1)
     d = m.size
     mu, S = _start(sde, d, start)
     ts = np.linspace(sde.T, t_end, n_steps + 1)

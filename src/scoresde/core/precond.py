@@ -13,12 +13,12 @@ network sees unit-variance inputs for VP, VE and contractive SDEs alike.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn
 
 from .sde import SDE, LinearSDE, TimeLike, as_time, batch_time, expand_like
+from .validate import one_of, positive
 
 __all__ = [
     "eps_to_score", "score_to_eps", "x0_to_score", "score_to_x0", "eps_to_x0", "x0_to_eps",
@@ -65,9 +65,8 @@ def x0_to_eps(x0_hat: Tensor, x: Tensor, alpha: TimeLike, sigma: TimeLike) -> Te
 
 def convert(value: Tensor, src: str, dst: str, x: Tensor, alpha: TimeLike, sigma: TimeLike) -> Tensor:
     """Convert a prediction of kind `src` to kind `dst`, both in KINDS, at x_t = x."""
-    for name, kind in (("src", src), ("dst", dst)):
-        if kind not in KINDS:
-            raise ValueError(f"{name} must be one of {', '.join(KINDS)}, got {kind!r}")
+    one_of("src", src, KINDS)
+    one_of("dst", dst, KINDS)
     if src == dst:
         return value
     if (src, dst) == ("eps", "x0"):
@@ -86,8 +85,7 @@ def edm_scalings(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tenso
     c_in = 1 / sqrt(sigma^2 + alpha^2 sd^2), c_noise = log(sigma / alpha) / 4. For alpha = 1 these
     are Table 1's. c_in x and the training target of F have unit variance when x0 has std sd.
     """
-    if not sigma_data > 0:
-        raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+    positive("sigma_data", sigma_data)
     norm2 = sigma**2 + alpha**2 * sigma_data**2
     c_in = torch.rsqrt(norm2)
     return alpha * sigma_data**2 / norm2, sigma * sigma_data * c_in, c_in, 0.25 * (sigma.log() - alpha.log())
@@ -107,13 +105,11 @@ class ScoreModel(nn.Module):
 
     def __init__(self, net: nn.Module, sde: SDE, parametrization: str = "eps", sigma_data: float = 0.5):
         super().__init__()
-        if parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"parametrization must be one of {', '.join(PARAMETRIZATIONS)}, got {parametrization!r}")
+        one_of("parametrization", parametrization, PARAMETRIZATIONS)
         if parametrization != "score" and not isinstance(sde, LinearSDE):
             raise ValueError(f"parametrization {parametrization!r} needs a linear SDE with (alpha, sigma); "
                              f"{type(sde).__name__} supports only 'score'")
-        if not (math.isfinite(sigma_data) and sigma_data > 0):
-            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data}")
+        positive("sigma_data", sigma_data)
         self.net = net
         self.sde = sde
         self.parametrization = parametrization

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
+from .validate import check, integer, number, positive
 
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 TimeLike = float | Tensor
@@ -43,25 +44,10 @@ def expand_like(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
 
 
-def _check_finite(**params: float) -> None:
-    for name, value in params.items():
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-
-
-def _check_positive(**params: float) -> None:
-    _check_finite(**params)
-    for name, value in params.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-
-
 def _check_horizon(T: float, t_min: float) -> None:
-    _check_finite(T=T, t_min=t_min)
-    if t_min < 0:
-        raise ValueError(f"t_min must be >= 0, got {t_min}")
-    if T <= t_min:
-        raise ValueError(f"T must be > t_min = {t_min}, got T = {T}")
+    number("t_min", t_min, 0, strict=False)
+    number("T", T)
+    check("T", T, T > t_min, f"> t_min = {t_min}")
 
 
 class SDE:
@@ -146,11 +132,9 @@ class LinearSDE(SDE):
 
 
 def _beta_params(beta_min: float, beta_max: float) -> None:
-    _check_finite(beta_min=beta_min, beta_max=beta_max)
-    if beta_min < 0:
-        raise ValueError(f"beta_min must be >= 0, got {beta_min}")
-    if beta_max <= beta_min:
-        raise ValueError(f"beta_max must be > beta_min = {beta_min}, got {beta_max}")
+    number("beta_min", beta_min, 0, strict=False)
+    number("beta_max", beta_max)
+    check("beta_max", beta_max, beta_max > beta_min, f"> beta_min = {beta_min}")
 
 
 class _LinearBeta:
@@ -219,10 +203,9 @@ class VE(LinearSDE):
     t_min: float = 1e-5
 
     def __post_init__(self):
-        _check_positive(sigma_min=self.sigma_min)
-        _check_finite(sigma_max=self.sigma_max)
-        if self.sigma_max <= self.sigma_min:
-            raise ValueError(f"sigma_max must be > sigma_min = {self.sigma_min}, got {self.sigma_max}")
+        positive("sigma_min", self.sigma_min)
+        number("sigma_max", self.sigma_max)
+        check("sigma_max", self.sigma_max, self.sigma_max > self.sigma_min, f"> sigma_min = {self.sigma_min}")
         _check_horizon(self.T, self.t_min)
 
     @property
@@ -371,7 +354,8 @@ class ContractiveOU(LinearSDE):
     t_min: float = 1e-3
 
     def __post_init__(self):
-        _check_positive(theta=self.theta, g=self.g)
+        positive("theta", self.theta)
+        positive("g", self.g)
         _check_horizon(self.T, self.t_min)
 
     def b(self, t):
@@ -449,8 +433,7 @@ class Langevin(SDE):
     t_min: float = 1e-3
 
     def __post_init__(self):
-        if not callable(self.potential):
-            raise ValueError("potential must be a callable x -> V(x) of shape (batch,)")
+        check("potential", self.potential, callable(self.potential), "a callable x -> V(x) of shape (batch,)")
         _check_horizon(self.T, self.t_min)
 
     def grad_potential(self, x: Tensor) -> Tensor:
@@ -508,8 +491,7 @@ def probability_flow_drift(sde: SDE, score_fn: ScoreFn) -> Callable[[Tensor, Ten
 def simulate(sde: SDE, x0: Tensor, t_end: TimeLike, n_steps: int = 100, t_start: TimeLike = 0.0,
              generator: torch.Generator | None = None) -> Tensor:
     """Euler-Maruyama simulation of the forward SDE from t_start to t_end (per-sample t_end allowed)."""
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    integer("n_steps", n_steps, 1)
     t0, t1 = batch_time(t_start, x0), batch_time(t_end, x0)
     h = (t1 - t0) / n_steps
     x = x0

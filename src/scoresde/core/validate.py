@@ -10,9 +10,10 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import numpy as np
 from torch import Tensor
 
-__all__ = ["check", "construct", "finite_tensor", "integer", "number", "one_of", "positive"]
+__all__ = ["batch_tensor", "check", "construct", "integer", "moments", "number", "one_of", "positive"]
 
 C = TypeVar("C")
 
@@ -52,15 +53,32 @@ def one_of(name: str, value: C, choices: Iterable[C]) -> C:
     return value
 
 
-def finite_tensor(name: str, x: Any) -> Tensor:
-    """A non-empty finite floating tensor of shape (batch, ...), at least 2-D."""
+def batch_tensor(name: str, x: Any, *, finite: bool = True) -> Tensor:
+    """A non-empty floating tensor of shape (batch, ...), at least 2-D; finite unless finite=False (which
+    spares a device synchronisation in training losses)."""
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2):
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a floating tensor of shape (batch, ...) with at least 2 dims, got {got}")
     check(name, f"shape {tuple(x.shape)}", x.numel() > 0, "non-empty")
-    if not bool(x.isfinite().all()):
+    if finite and not bool(x.isfinite().all()):
         raise ValueError(f"{name} must be finite, got non-finite values")
     return x
+
+
+def moments(name: str, mean: Any, cov: Any, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian's (mean (d,), covariance (d, d)) as float64 arrays, finite, the covariance symmetric
+    (to rounding; returned symmetrised) and of dimension `dim` when given."""
+    m, C = (np.asarray(v.detach().cpu() if isinstance(v, Tensor) else v, dtype=np.float64) for v in (mean, cov))
+    m, C = np.atleast_1d(m), np.atleast_2d(C)
+    d = m.shape[0]
+    if m.ndim != 1 or C.shape != (d, d):
+        raise ValueError(f"{name}: mean must have shape (d,) and covariance (d, d), got {m.shape} and {C.shape}")
+    check(f"{name}: the dimension", d, dim is None or d == dim, f"{dim}")
+    if not (np.isfinite(m).all() and np.isfinite(C).all()):
+        raise ValueError(f"{name}: mean and covariance must be finite")
+    if not np.allclose(C, C.T, rtol=1e-8, atol=1e-12 * max(1.0, np.abs(C).max())):
+        raise ValueError(f"{name}: covariance must be symmetric")
+    return m, 0.5 * (C + C.T)
 
 
 def construct(factory: Callable, kwargs: dict[str, Any], what: str, **fixed: Any):

@@ -31,6 +31,7 @@ from scipy.integrate import quad, solve_ivp
 
 from ..core.gaussian import coefficients
 from ..core.sde import OU, VP, LinearSDE
+from ..core.validate import number, positive
 
 __all__ = ["Bound", "tv_bound", "tv_bound_vp", "w2_bound", "w2_bound_log_concave", "prior_w2_bound", "kappa_t"]
 
@@ -50,10 +51,7 @@ class Bound:
 
 
 def _nonneg(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return value
+    return number(name, float(value), 0, strict=False)
 
 
 def _horizon(sde: LinearSDE, T: float | None, t_end: float) -> float:
@@ -177,9 +175,7 @@ def w2_bound_log_concave(sde: LinearSDE, *, kappa: float, score_error_sup: float
                          t_end: float = 0.0) -> Bound:
     """T 5.6 (VP), T 5.7 (contractive VP) and the same argument for any linear SDE (sub-VP, OU, contractive
     OU): T 5.5 with L(u) = b(T - u) - g(T - u)^2 kappa_{T-u} and W2(p_T, pi) from `prior_w2_bound`."""
-    kappa = float(kappa)
-    if not math.isfinite(kappa) or kappa <= 0:
-        raise ValueError(f"kappa must be a finite number > 0, got {kappa}")
+    kappa = positive("kappa", float(kappa))
     T = _horizon(sde, None, t_end)
     prior_w2 = prior_w2_bound(sde, data_mean, data_second_moment)
 

@@ -8,18 +8,14 @@ network takes a noise level and serves as the noise-conditional classifier of cl
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..learning.networks import SinusoidalEmbedding
 
-__all__ = ["Classifier", "train_classifier", "digits_feature_net", "image_features", "knn_precision_recall"]
+__all__ = ["Classifier", "train_classifier", "image_features", "knn_precision_recall"]
 
 
 class Classifier(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..core.targets import GaussianMixture
+from ..core.validate import integer, moments
 from .features import image_features, knn_precision_recall  # FID-style features without downloads (issue 12)
 
 __all__ = [
@@ -56,21 +57,6 @@ def _points(x: ArrayLike, name: str, dim: int | None = None, min_n: int = 1) -> 
     return a.astype(np.float64, copy=False)
 
 
-def _moments(m: ArrayLike, C: ArrayLike, name: str, dim: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    m = np.atleast_1d(np.asarray(m.detach().cpu() if isinstance(m, Tensor) else m, dtype=np.float64))
-    C = np.atleast_2d(np.asarray(C.detach().cpu() if isinstance(C, Tensor) else C, dtype=np.float64))
-    d = m.shape[0]
-    if m.ndim != 1 or C.shape != (d, d):
-        raise ValueError(f"{name}: mean must have shape (d,) and covariance (d, d), got {m.shape} and {C.shape}")
-    if dim is not None and d != dim:
-        raise ValueError(f"{name}: dimension {d} does not match {dim}")
-    if not (np.isfinite(m).all() and np.isfinite(C).all()):
-        raise ValueError(f"{name}: mean and covariance must be finite")
-    if not np.allclose(C, C.T, rtol=1e-8, atol=1e-12 * max(1.0, np.abs(C).max())):
-        raise ValueError(f"{name}: covariance must be symmetric")
-    return m, 0.5 * (C + C.T)
-
-
 def _sqrtm_psd(C: np.ndarray) -> np.ndarray:
     lam, U = np.linalg.eigh(C)
     return (U * np.sqrt(np.clip(lam, 0.0, None))) @ U.T
@@ -79,8 +65,8 @@ def _sqrtm_psd(C: np.ndarray) -> np.ndarray:
 def w2_gaussian(m1: ArrayLike, C1: ArrayLike, m2: ArrayLike, C2: ArrayLike) -> float:
     """W2 (not squared) between N(m1, C1) and N(m2, C2):
     W2^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2}) (DESIGN 7.1)."""
-    m1, C1 = _moments(m1, C1, "first Gaussian")
-    m2, C2 = _moments(m2, C2, "second Gaussian", m1.shape[0])
+    m1, C1 = moments("first Gaussian", m1, C1)
+    m2, C2 = moments("second Gaussian", m2, C2, m1.shape[0])
     s2 = _sqrtm_psd(C2)
     cross = np.sqrt(np.clip(np.linalg.eigvalsh(s2 @ C1 @ s2), 0.0, None)).sum()
     w2sq = float(((m1 - m2) ** 2).sum() + np.trace(C1) + np.trace(C2) - 2 * cross)
@@ -89,8 +75,8 @@ def w2_gaussian(m1: ArrayLike, C1: ArrayLike, m2: ArrayLike, C2: ArrayLike) -> f
 
 def kl_gaussian(m1: ArrayLike, C1: ArrayLike, m2: ArrayLike, C2: ArrayLike) -> float:
     """KL(N(m1, C1) || N(m2, C2)) = (tr(C2^{-1} C1) + dm^T C2^{-1} dm - d + log det C2 - log det C1) / 2."""
-    m1, C1 = _moments(m1, C1, "first Gaussian")
-    m2, C2 = _moments(m2, C2, "second Gaussian", m1.shape[0])
+    m1, C1 = moments("first Gaussian", m1, C1)
+    m2, C2 = moments("second Gaussian", m2, C2, m1.shape[0])
     L2 = np.linalg.cholesky(C2)
     L1 = np.linalg.cholesky(C1)
     A = np.linalg.solve(L2, L1)
@@ -114,10 +100,8 @@ def w2(x: ArrayLike, y: ArrayLike) -> float:
 def w2_floor(sample_reference: Callable[[int], ArrayLike], n: int, repeats: int = 3) -> Estimate:
     """The finite-sample floor of `w2`: W2 between two independent n-point draws of the reference
     (`sample_reference(n) -> (n, d)`), averaged over `repeats` pairs; an exact sampler scores this."""
-    if n < 2:
-        raise ValueError(f"n must be >= 2, got {n}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    integer("n", n, 2)
+    integer("repeats", repeats, 1)
     vals = np.array([w2(sample_reference(n), sample_reference(n)) for _ in range(repeats)])
     se = float(vals.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else float("nan")
     return Estimate(float(vals.mean()), se)
@@ -142,8 +126,7 @@ def sliced_w2(x: ArrayLike, y: ArrayLike, n_projections: int = 128, generator: t
     x = _points(x, "x")
     y = _points(y, "y", x.shape[1])
     if directions is None:
-        if n_projections < 1:
-            raise ValueError(f"n_projections must be >= 1, got {n_projections}")
+        integer("n_projections", n_projections, 1)
         theta = torch.randn(n_projections, x.shape[1], generator=generator, dtype=torch.float64).numpy()
     else:
         theta = _points(directions, "directions", x.shape[1])
@@ -279,8 +262,8 @@ def tv_grid(x: ArrayLike, log_q: Callable[[Tensor], Tensor], bins: int = 64,
     n, d = x.shape
     if d not in (1, 2):
         raise ValueError(f"tv_grid handles 1-D or 2-D samples, got dimension {d}")
-    if bins < 2 or subcells < 1:
-        raise ValueError(f"bins must be >= 2 and subcells >= 1, got {bins} and {subcells}")
+    integer("bins", bins, 2)
+    integer("subcells", subcells, 1)
     if bounds is None:
         lo, hi = x.min(0), x.max(0)
         pad = 0.1 * (hi - lo) + 1e-12

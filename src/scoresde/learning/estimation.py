@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.validate import integer
+
 __all__ = [
     "ExponentialFamily", "score_matching_estimate", "implicit_objective", "sandwich_covariance",
     "fisher_information", "mle_estimate", "relative_efficiency",
@@ -92,8 +94,7 @@ class ExponentialFamily:
 
     def __init__(self, sufficient_stat: Callable[[Tensor], Tensor], dim: int = 1,
                  interval: tuple[float, float] | None = None, n_panels: int = 256, n_grid: int = 2**16):
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
+        integer("dim", dim, 1)
         self.sufficient_stat, self.dim = sufficient_stat, dim
         probe = sufficient_stat(torch.zeros(2, dim, dtype=torch.float64))
         if probe.dim() != 2 or probe.shape[0] != 2:
@@ -106,8 +107,8 @@ class ExponentialFamily:
             a, b = (float(v) for v in interval)
             if not (np.isfinite(a) and np.isfinite(b) and a < b):
                 raise ValueError(f"interval must be finite with a < b, got {interval}")
-            if n_panels < 1 or n_grid < 10:
-                raise ValueError(f"need n_panels >= 1 and n_grid >= 10, got {n_panels}, {n_grid}")
+            integer("n_panels", n_panels, 1)
+            integer("n_grid", n_grid, 10)
             self.interval = (a, b)
             nodes, weights = np.polynomial.legendre.leggauss(16)
             edges = np.linspace(a, b, n_panels + 1)
@@ -183,8 +184,7 @@ class ExponentialFamily:
     def sample(self, n: int, theta: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """n draws (n, 1) by inverse CDF: the trapezoid CDF on n_grid points, inverted linearly."""
         self._require_quadrature()
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        integer("n", n, 1)
         theta = _check_theta(theta, self.n_params)
         self._quad_weights(theta)
         lp = self._grid_stat @ theta

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from ..core.registry import Registry
 from ..core.sde import SDE, Langevin, LinearSDE, ScoreFn, as_time, expand_like, simulate
+from ..core.validate import batch_tensor, integer
 
 Weighting = str | Callable[[Tensor], Tensor]
 
@@ -122,12 +123,6 @@ def sample_time(sde: SDE, n: int, *, weighting: Weighting = "sigma2", importance
     return t.to(dtype), r.to(dtype)
 
 
-def _check_x0(x0: Tensor) -> None:
-    if not isinstance(x0, Tensor) or not x0.is_floating_point() or x0.dim() < 2 or x0.shape[0] < 1:
-        raise ValueError("x0 must be a floating tensor of shape (batch, ...) with batch >= 1, got "
-                         + (f"shape {tuple(x0.shape)}, dtype {x0.dtype}" if isinstance(x0, Tensor) else type(x0).__name__))
-
-
 def _times(sde: SDE, x0: Tensor, t: Tensor | None, generator, weighting: Weighting,
            importance: bool) -> tuple[Tensor, Tensor]:
     """Per-sample times and the per-sample factor lambda(t) * r (r from importance sampling)."""
@@ -173,7 +168,7 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, name: str = "score_fn") -> T
 
 def _setup(sde: SDE, x0: Tensor, t: Tensor | None, noise: Tensor | None, generator, weighting: Weighting,
            importance: bool, n_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    _check_x0(x0)
+    batch_tensor("x0", x0, finite=False)
     t, lam = _times(sde, x0, t, generator, weighting, importance)
     xt, noise = _perturb(sde, x0, t, noise, generator, n_steps)
     return xt, t, lam, noise
@@ -248,8 +243,7 @@ def sliced_score_matching(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor 
     """
     if projection not in PROJECTIONS:
         raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
-    if not isinstance(n_projections, int) or n_projections < 1:
-        raise ValueError(f"n_projections must be an integer >= 1, got {n_projections!r}")
+    integer("n_projections", n_projections, 1)
     xt, t, lam, _ = _setup(sde, x0, t, noise, generator, weighting, importance, n_steps)
 
     def loss(x: Tensor) -> Tensor:

@@ -21,12 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.validate import check, integer
+
 __all__ = ["SinusoidalEmbedding", "MLP", "UNet", "EMA"]
-
-
-def _check_int(name: str, value: int, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -37,7 +34,7 @@ class SinusoidalEmbedding(nn.Module):
 
     def __init__(self, dim: int, min_freq: float = 0.1, max_freq: float = 200.0):
         super().__init__()
-        _check_int("dim", dim, 2)
+        integer("dim", dim, 2)
         if dim % 2:
             raise ValueError(f"dim must be even, got {dim}")
         if not 0 < min_freq < max_freq:
@@ -103,7 +100,7 @@ class MLP(nn.Module):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("emb_dim", emb_dim, 2),
                                  ("n_classes", n_classes, 0)):
-            _check_int(name, value, low)
+            integer(name, value, low)
         self.dim, self.n_classes = dim, n_classes
         self.embed = _time_mlp(emb_dim, hidden)
         self.label = LabelEmbedding(n_classes, hidden) if n_classes else None
@@ -173,12 +170,11 @@ class UNet(nn.Module):
         super().__init__()
         for name, value, low in (("channels", channels, 1), ("base", base, 1), ("num_res", num_res, 1),
                                  ("emb_dim", emb_dim, 2), ("groups", groups, 1), ("n_classes", n_classes, 0)):
-            _check_int(name, value, low)
+            integer(name, value, low)
         mults = tuple(mults)
         if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
             raise ValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
-        if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
         self.channels, self.factor, self.n_classes = channels, 2 ** (len(mults) - 1), n_classes
         emb = 4 * base
         self.embed = _time_mlp(emb_dim, emb)
@@ -233,8 +229,7 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.999):
-        if not 0 <= decay < 1:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        check("decay", decay, 0 <= decay < 1, "in [0, 1)")
         self.model, self.decay = model, float(decay)
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..core.registry import Registry
-from ..core.validate import check
+from ..core.validate import check, positive
 
 Reward = Callable[[Tensor], Tensor]
 
@@ -62,8 +62,7 @@ def region_mass(low, high, sharpness: float = 10.0) -> Reward:
     low, high = _vector("low", low), _vector("high", high)
     if low.shape != high.shape or not (low < high).all():
         raise ValueError(f"need low < high elementwise with equal lengths, got {low.tolist()} and {high.tolist()}")
-    if not sharpness > 0:
-        raise ValueError(f"sharpness must be > 0, got {sharpness}")
+    positive("sharpness", sharpness)
 
     def reward(x: Tensor) -> Tensor:
         x = x.flatten(1)

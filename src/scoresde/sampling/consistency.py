@@ -6,7 +6,6 @@ registered as the sampling method "consistency" (`methods.METHODS`). Training: `
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -14,16 +13,11 @@ from torch import Tensor, nn
 
 from ..core.precond import ScoreModel, score_to_x0
 from ..core.sde import LinearSDE, TimeLike, as_time, batch_time, expand_like
+from ..core.validate import check, positive
 from .grids import time_grid
 
 __all__ = ["effective_sigma", "consistency_scalings", "ConsistencyModel", "consistency_times", "multistep_times",
            "consistency_sample", "consistency_method"]
-
-
-def _check_sigma_data(sigma_data: float) -> None:
-    if not (math.isfinite(sigma_data) and sigma_data > 0):
-        raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data}")
-
 
 
 def effective_sigma(sde: LinearSDE, t: TimeLike) -> Tensor:
@@ -32,17 +26,15 @@ def effective_sigma(sde: LinearSDE, t: TimeLike) -> Tensor:
     return sde.sigma(t) / sde.alpha(t)
 
 
-
 def consistency_scalings(sde: LinearSDE, t: Tensor, sigma_data: float) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) at times t (module docstring), acting on x and on the x0 prediction F."""
-    _check_sigma_data(sigma_data)
+    positive("sigma_data", sigma_data)
     t_min = torch.full_like(t, sde.t_min)
     s, s_min = effective_sigma(sde, t), effective_sigma(sde, t_min)
     sd2 = sigma_data**2
     c_skip = (sde.alpha(t_min) / sde.alpha(t)) * sd2 / ((s - s_min) ** 2 + sd2)
     c_out = sde.alpha(t_min) * sigma_data * (s - s_min) / torch.sqrt(s**2 + sd2)
     return c_skip, c_out
-
 
 
 class ConsistencyModel(nn.Module):
@@ -58,9 +50,8 @@ class ConsistencyModel(nn.Module):
 
     def __init__(self, model: nn.Module, sde: LinearSDE, sigma_data: float = 0.5):
         super().__init__()
-        if not isinstance(sde, LinearSDE):
-            raise ValueError(f"sde must be a LinearSDE (alpha, sigma known), got {type(sde).__name__}")
-        _check_sigma_data(sigma_data)
+        check("sde", type(sde).__name__, isinstance(sde, LinearSDE), "a LinearSDE (alpha, sigma known)")
+        positive("sigma_data", sigma_data)
         self.model, self.sde, self.sigma_data = model, sde, float(sigma_data)
 
     @classmethod
@@ -77,7 +68,6 @@ class ConsistencyModel(nn.Module):
         x0_hat = score_to_x0(self.model(x, t), x, self.sde.alpha(t), self.sde.sigma(t))
         out = expand_like(c_skip, x) * x + expand_like(c_out, x) * x0_hat
         return torch.where(expand_like(t == lo, x), x, out)
-
 
 
 def consistency_times(sde: LinearSDE, n_steps: int, rho: float = 7.0, dtype: torch.dtype = torch.float64) -> Tensor:

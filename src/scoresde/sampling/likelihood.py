@@ -28,7 +28,7 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..core.sde import LinearSDE, ScoreFn, batch_time, expand_like, probability_flow_drift
-from ..core.validate import check, finite_tensor, integer, one_of, positive
+from ..core.validate import batch_tensor, check, integer, one_of, positive
 
 __all__ = ["log_likelihood", "bits_per_dim", "dequantize", "pixel_values", "is_8bit", "evaluate_likelihood",
            "DIVERGENCES", "TIME_VARIABLES", "SOLVERS", "RTOL", "ATOL"]
@@ -89,7 +89,7 @@ def _check_args(sde: LinearSDE, x: Tensor, divergence: str, n_probes: int, solve
                 atol: float, t_min: float | None, time_variable: str) -> float:
     """Validate the arguments of `log_likelihood`; return the resolved t_min."""
     check("sde", type(sde).__name__, isinstance(sde, LinearSDE), "a LinearSDE (normalised Gaussian prior)")
-    finite_tensor("x", x)
+    batch_tensor("x", x)
     one_of("divergence", divergence, DIVERGENCES)
     integer("n_probes", n_probes, 1)
     one_of("solver", solver, SOLVERS)
