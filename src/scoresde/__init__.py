@@ -36,7 +36,7 @@ _EXPORTS = {
     "evaluation.metrics": ["w2", "mmd2", "tv", "frechet_distance"],
     "evaluation.bounds": ["tv_bound", "w2_bound"],
     "models.family": ["FAMILIES", "Family"],
-    "models.alignment": ["finetune", "ddpo"],
+    "models.alignment": ["finetune", "ddpo", "FinetuneOptions", "DDPOOptions"],
     "models.consistency": ["ConsistencyOptions", "consistency_loss"],
     "running.config": ["Config", "load_config"],
     "running.data": ["Dataset", "load_dataset"],
