@@ -169,7 +169,7 @@ def add_arguments(ap) -> None:
 
 
 def run_tag(args) -> str:
-    return args.budget
+    return "table" if args.table else args.budget  # reprinting a table keeps the run's own log
 
 
 def run(args) -> None:
