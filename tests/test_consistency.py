@@ -418,3 +418,21 @@ def test_bad_input():
         pf_step(sde, lambda x, t: x, torch.zeros(2, 2), 0.5, 0.4, "rk4")
     with pytest.raises(ValueError, match="n_steps"):
         consistency_times(sde, 0)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_pf_step_is_the_samplers_step(solver, gen):
+    """The distillation teacher's step (per-sample times) and the ODE samplers' step on a grid are one
+    scheme: chaining pf_step along the grid reproduces ode_euler / heun (no final denoise)."""
+    from scoresde.sampling.ode import heun, ode_euler
+
+    sde = S.VP()
+    target = GaussianMixture(torch.ones(1), torch.tensor([[0.5, -1.0]], dtype=D64), torch.diag(torch.tensor([0.3, 2.0],
+                                                                                                           dtype=D64))[None])
+    ts = torch.linspace(sde.T, 0.05, 9, dtype=D64)
+    x_T = sde.prior_sample((16, 2), dtype=D64, generator=gen)
+    x = x_T
+    for a, b in zip(ts[:-1], ts[1:]):
+        x = pf_step(sde, target.score_fn(sde), x, a.expand(16), b.expand(16), solver)
+    sampler = {"euler": ode_euler, "heun": heun}[solver]
+    torch.testing.assert_close(x, sampler(sde, target.score_fn(sde), x_T, ts, denoise=False), rtol=1e-13, atol=1e-13)
