@@ -40,7 +40,8 @@ from scoresde.sampling.consistency import ConsistencyModel, consistency_sample, 
 
 NAME = "consistency"
 REPO = common.REPO
-RUNS = REPO / "runs" / "bench-consistency"  # a quick run trains under its output folder instead (run())
+DEFAULT_RUNS = "runs/bench-consistency"
+RUNS = REPO / DEFAULT_RUNS  # a quick run trains under its output folder instead (run())
 ANALYTIC = {"ring": "moons", "mixture16": "mixture16"}  # set -> config giving SDE and network
 TOY_CONFIG = {"moons": "moons", "checkerboard": "checkerboard", "swiss_roll": "swiss_roll", "rings": "moons"}
 METHODS, NFES = ("euler", "heun", "dpm2m", "dopri5"), (10, 20, 100)
@@ -227,7 +228,7 @@ def table(out: dict) -> str:
 
 def run(args) -> None:
     global RUNS, N
-    RUNS, N = common.scratch_dir(NAME, RUNS.relative_to(REPO)), args.n
+    RUNS, N = common.scratch_dir(NAME, DEFAULT_RUNS), args.n
     for name in args.sets.split(","):
         out = run_set(name, args.seeds, args.steps, args.reuse)
         common.write_json(NAME, out, file=f"consistency_{name}.json")
