@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +23,8 @@ from .common import Callback, check_grid, finish, require_linear, schedule
 __all__ = ["dopri5", "dpm_solver_multistep", "exp_adams_weights", "explicit_step", "heun", "ode_euler", "pf_step"]
 
 
-def explicit_step(drift: Callable, x: Tensor, t, t_next, h: float | Tensor, second_order: bool) -> Tensor:
+def explicit_step(drift: Callable[[Any, Tensor], Tensor], x: Tensor, t: Any, t_next: Any, h: float | Tensor,
+                  second_order: bool) -> Tensor:
     """One Euler step x + h d(t, x) of dx/dt = d(t, x) (T 6.7), or Heun's, which averages the slopes at
     both ends (Karras et al. 2206.00364 Alg. 1). t, t_next are whatever `drift` takes (a grid index,
     per-sample times); h = t_next - t, a float or a tensor broadcasting over x."""
