@@ -5,7 +5,7 @@ import yaml
 
 from scoresde.running.config import Config, apply_overrides, load_config, save_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -24,7 +24,7 @@ from scoresde.sampling import (
     time_grid,
 )
 from scoresde.sampling.ode import exp_adams_weights
-from scoresde.sampling.stochastic import ei_coefficients
+from scoresde.core.gaussian import ei_coefficients
 
 LINEAR_SDES = [VP(), SubVP(), VE(), VEEDM(), OU(), ContractiveOU(), ContractiveVP()]
 F64 = torch.float64

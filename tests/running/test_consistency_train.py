@@ -8,13 +8,14 @@ from scoresde.running.train import Trainer
 from scoresde.sampling.consistency import ConsistencyModel, consistency_sample
 
 
-def _cfg(tmp_path, **kw):
-    base = dict(name="c", out=str(tmp_path), data="ring", sde="vp", steps=12, batch_size=32, lr=1e-2, warmup=2,
-                net_args={"hidden": 16, "depth": 1, "emb_dim": 8}, parametrization="x0", sigma_data=1.0,
-                loss="consistency", loss_args={"mode": "cd", "teacher": "exact", "n_steps": 6},
-                ema_decay=0.9, checkpoint_every=5, eval_every=0, log_every=2, progress=False,
-                n_train=200, n_test=50, nfe=2, sampler="consistency")
-    return Config(**{**base, **kw})
+@pytest.fixture
+def make_cfg(tiny_config):
+    """This module's runs: the tiny config trained by consistency distillation from the exact ring score."""
+    return lambda **kw: tiny_config(**{"name": "c", "data": "ring", "sde": "vp", "steps": 12, "lr": 1e-2, "warmup": 2,
+                                       "parametrization": "x0", "sigma_data": 1.0, "loss": "consistency",
+                                       "loss_args": {"mode": "cd", "teacher": "exact", "n_steps": 6},
+                                       "ema_decay": 0.9, "checkpoint_every": 5, "log_every": 2, "n_train": 200,
+                                       "n_test": 50, "nfe": 2, "sampler": "consistency", **kw})
 
 
 def _weights(tr):
@@ -26,19 +27,19 @@ def _weights(tr):
     {"mode": "ct", "curriculum": "improved", "n_steps": 2, "max_steps": 16, "index": "lognormal",
      "weighting": "inverse_gap", "distance": "pseudo_huber"},
 ], ids=["cd", "ict"])
-def test_killed_run_resumes_bit_identically(tmp_path, loss_args):
+def test_killed_run_resumes_bit_identically(tmp_path, loss_args, make_cfg):
     """The target network is the trainer's EMA, so a resumed run ends on the same weights (and curriculum)."""
-    full = ConsistencyTrainer(_cfg(tmp_path, name="full", loss_args=loss_args)).run()
-    ConsistencyTrainer(_cfg(tmp_path, name="cut", loss_args=loss_args)).run(until=8)
-    resumed = ConsistencyTrainer(_cfg(tmp_path, name="cut", loss_args=loss_args))
+    full = ConsistencyTrainer(make_cfg(name="full", loss_args=loss_args)).run()
+    ConsistencyTrainer(make_cfg(name="cut", loss_args=loss_args)).run(until=8)
+    resumed = ConsistencyTrainer(make_cfg(name="cut", loss_args=loss_args))
     assert resumed.step == 5
     resumed.run()
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_target_is_the_ema_and_training_reduces_the_loss(tmp_path):
-    tr = ConsistencyTrainer(_cfg(tmp_path, steps=60, net_args={"hidden": 32, "depth": 2, "emb_dim": 16}))
+def test_target_is_the_ema_and_training_reduces_the_loss(tmp_path, make_cfg):
+    tr = ConsistencyTrainer(make_cfg(steps=60, net_args={"hidden": 32, "depth": 2, "emb_dim": 16}))
     g = torch.Generator().manual_seed(0)
     x0 = tr.data.test
 
@@ -58,26 +59,26 @@ def test_target_is_the_ema_and_training_reduces_the_loss(tmp_path):
     assert x.shape == (64, 2) and torch.equal(x, want)
 
 
-def test_teacher_from_a_run_folder(tmp_path):
+def test_teacher_from_a_run_folder(tmp_path, make_cfg):
     base = dict(out=str(tmp_path), data="moons", steps=3, batch_size=16, net_args={"hidden": 16, "depth": 1, "emb_dim": 8},
                 eval_every=0, progress=False, n_train=100, n_test=20)
     Trainer(Config(name="teacher", sde="vp", **base)).run()
     Trainer(Config(name="teacher_ve", sde="ve", **base)).run()
     args = {"mode": "cd", "teacher": str(tmp_path / "teacher"), "n_steps": 4}
-    tr = ConsistencyTrainer(_cfg(tmp_path, data="moons", steps=3, loss_args=args)).run()
+    tr = ConsistencyTrainer(make_cfg(data="moons", steps=3, loss_args=args)).run()
     assert not any(p.requires_grad for p in tr.teacher.parameters())
     with pytest.raises(ValueError, match="must match"):
-        ConsistencyTrainer(_cfg(tmp_path, name="c2", data="moons", loss_args={**args, "teacher": str(tmp_path / "teacher_ve")}))
+        ConsistencyTrainer(make_cfg(name="c2", data="moons", loss_args={**args, "teacher": str(tmp_path / "teacher_ve")}))
 
 
-def test_config_errors(tmp_path):
+def test_config_errors(tmp_path, make_cfg):
     with pytest.raises(ValueError, match="sampler consistency"):
-        ConsistencyTrainer(_cfg(tmp_path, sampler="heun"))
+        ConsistencyTrainer(make_cfg(sampler="heun"))
     with pytest.raises(ValueError, match="parametrization x0"):
-        ConsistencyTrainer(_cfg(tmp_path, parametrization="eps"))
+        ConsistencyTrainer(make_cfg(parametrization="eps"))
     with pytest.raises(ValueError, match="teacher"):
-        ConsistencyTrainer(_cfg(tmp_path, loss_args={"mode": "cd"}))
+        ConsistencyTrainer(make_cfg(loss_args={"mode": "cd"}))
     with pytest.raises(ValueError, match="analytic"):
-        ConsistencyTrainer(_cfg(tmp_path, data="moons"))
+        ConsistencyTrainer(make_cfg(data="moons"))
     with pytest.raises(ValueError, match="valid: .*n_steps"):
-        ConsistencyTrainer(_cfg(tmp_path, loss_args={"mode": "ct", "n_step": 4}))
+        ConsistencyTrainer(make_cfg(loss_args={"mode": "ct", "n_step": 4}))
