@@ -86,3 +86,18 @@ assert exact < LOSSES["x0"](lambda x, t: score(x, t) + 0.1, sde, x0, t=t, noise=
 assert x.shape == (256, 2)
 """
     _run("\n".join(_python_blocks(ROOT / "docs" / "recipes.md")) + check, tmp_path)
+
+
+# file names the pages mention that are not repository paths: a run folder's file, the design's old modules
+NOT_PATHS = {"config.yaml", "discrete.py", "families.py"}
+
+
+def test_the_files_the_pages_name_exist():
+    """Every `path.py` / `.md` / `.yaml` the pages name exists (from the root, src/ or src/scoresde/), so a moved
+    test or module leaves no stale pointer in the docs."""
+    stale = []
+    for page in sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]:
+        for name in re.findall(r"`([\w./-]+\.(?:py|md|yaml|toml|json))`", page.read_text()):
+            if name not in NOT_PATHS and not any((base / name).exists() for base in (ROOT, ROOT / "src", PACKAGE)):
+                stale.append(f"{page.relative_to(ROOT)}: {name}")
+    assert not stale, stale
