@@ -42,6 +42,7 @@ _EXPORTS = {
     "running.data": ["Dataset", "load_dataset"],
     "running.train": ["Trainer"],
     "running.runs": ["load_run", "sample_run", "evaluate_run"],
+    "running.export": ["export_run", "load_model", "load_sde"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -246,6 +246,20 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
 
 
 @app.command()
+def export(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
+           out: Path = typer.Argument(..., help="folder for model.safetensors (EMA weights) and model.json")) -> None:
+    """Write a run's EMA weights and what rebuilds its model (scoresde.load_model reads them back)."""
+    from .running.export import export_run
+
+    try:
+        paths = export_run(run, out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    for name, path in paths.items():
+        typer.echo(f"  {name:8s} {path}")
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from . import __version__

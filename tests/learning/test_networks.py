@@ -68,6 +68,26 @@ def test_unet_attention_is_permutation_equivariant_over_positions(gen):
     torch.testing.assert_close(y, y_perm, rtol=1e-5, atol=1e-5)
 
 
+def test_unet_attention_levels_at_28_px(gen):
+    """Levels 1 and 2 of a 3-level U-Net on 28 px images work at 14x14 and 7x7; one attention block after
+    each residual block there (2 down + 3 up per level at num_res=2), none elsewhere."""
+    from scoresde.learning.networks import Attention
+
+    net = UNet(channels=1, base=8, mults=(1, 2, 2), num_res=2, attention_levels=(1, 2))
+    seen = []
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[2:])))
+    x = torch.randn(2, 1, 28, 28, generator=gen)
+    assert net(x, torch.rand(2, generator=gen)).shape == x.shape
+    assert sorted(seen) == sorted([(14, 14)] * 5 + [(7, 7)] * 5)
+    plain = UNet(channels=1, base=8, mults=(1, 2, 2), num_res=2, attention=True)
+    assert not any("attn" in k for k in plain.state_dict() if not k.startswith("attn."))  # layout of older runs
+    for bad in ((3,), (1, 1), (-1,), (True,), ("16",)):
+        with pytest.raises(ValueError, match=r"attention_levels must be distinct level indices in 0\.\.2"):
+            UNet(mults=(1, 2, 2), attention_levels=bad)
+
+
 def test_ema_matches_closed_form_and_round_trips(gen):
     net = MLP(2, hidden=8, depth=1, emb_dim=4)
     w0 = {k: v.clone() for k, v in net.state_dict().items()}

@@ -125,19 +125,22 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between, 1x1 skip if widths differ."""
+    """GroupNorm-SiLU-conv twice, the time embedding added in between, 1x1 skip if widths differ;
+    `attention`: self-attention on the output."""
 
-    def __init__(self, c_in: int, c_out: int, emb: int, groups: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb: int, groups: int, dropout: float, attention: bool = False):
         super().__init__()
         self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb, c_out)
         self.norm2, self.drop = _norm(c_out, groups), nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = Attention(c_out, groups) if attention else None
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x))) + self.emb(e)[:, :, None, None]
-        return self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        h = self.skip(x) + self.conv2(self.drop(F.silu(self.norm2(h))))
+        return h if self.attn is None else self.attn(h)
 
 
 class Attention(nn.Module):
@@ -151,9 +154,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
-        w = torch.softmax(torch.einsum("bci,bcj->bij", q, k) / math.sqrt(C), dim=-1)
-        return x + self.proj(torch.einsum("bij,bcj->bci", w, v).reshape(B, C, H, W))
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, 1, HW, C)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
 class UNet(nn.Module):
@@ -161,12 +164,15 @@ class UNet(nn.Module):
 
     `n_classes` > 0: class-conditional, forward(x, c, y) (module docstring). Level i has width base * mults[i] and `num_res` residual blocks; levels are joined by
     stride-2 convolutions down and nearest-neighbour upsampling + conv up, so H and W must be
-    multiples of 2^(len(mults) - 1). `attention=True` adds self-attention at the lowest
-    resolution (middle block). Output conv zero-initialised.
+    multiples of 2^(len(mults) - 1) (28 px with 3 levels: 28, 14, 7). `attention=True` adds
+    self-attention at the lowest resolution (middle block); `attention_levels` after every residual
+    block of those levels (level i works at H / 2^i: at 32 px, (1, 2) = 16x16 and 8x8).
+    Output conv zero-initialised.
     """
 
     def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2), attention: bool = False,
-                 num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0, n_classes: int = 0):
+                 num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0, n_classes: int = 0,
+                 attention_levels: Sequence[int] = ()):
         super().__init__()
         for name, value, low in (("channels", channels, 1), ("base", base, 1), ("num_res", num_res, 1),
                                  ("emb_dim", emb_dim, 2), ("groups", groups, 1), ("n_classes", n_classes, 0)):
@@ -175,6 +181,11 @@ class UNet(nn.Module):
         if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
             raise ValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
         check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
+        levels = tuple(attention_levels)
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(mults) for i in levels) \
+                or len(set(levels)) < len(levels):
+            raise ValueError(f"attention_levels must be distinct level indices in 0..{len(mults) - 1} "
+                             f"(level i works at H / 2^i), got {attention_levels!r}")
         self.channels, self.factor, self.n_classes = channels, 2 ** (len(mults) - 1), n_classes
         emb = 4 * base
         self.embed = _time_mlp(emb_dim, emb)
@@ -184,7 +195,7 @@ class UNet(nn.Module):
         self.down, skips, c = nn.ModuleList(), [base], base
         for i, w in enumerate(widths):
             for _ in range(num_res):
-                self.down.append(ResBlock(c, w, emb, groups, dropout))
+                self.down.append(ResBlock(c, w, emb, groups, dropout, i in levels))
                 c = w
                 skips.append(c)
             if i < len(widths) - 1:
@@ -196,7 +207,7 @@ class UNet(nn.Module):
         self.up = nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             for _ in range(num_res + 1):
-                self.up.append(ResBlock(c + skips.pop(), w, emb, groups, dropout))
+                self.up.append(ResBlock(c + skips.pop(), w, emb, groups, dropout, i in levels))
                 c = w
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
