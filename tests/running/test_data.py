@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from scoresde.core.targets import two_moons
-from scoresde.running.data import load_array, load_dataset, load_digits, load_png_folder, validate
+from scoresde.running.data import load_array, load_dataset, load_digits, validate
 
 
 def test_toy_sets_are_seeded_draws_of_the_targets():
@@ -62,24 +62,6 @@ def test_user_arrays(tmp_path):
     (tmp_path / "e.csv").write_text("1,2\n")
     with pytest.raises(ValueError, match=r"must end in .npy or .npz"):
         load_array(tmp_path / "e.csv")
-
-
-def test_png_folder(tmp_path):
-    import matplotlib.image as mpimg
-
-    rng = np.random.default_rng(1)
-    imgs = rng.integers(0, 256, size=(3, 6, 4)).astype(np.float64) / 255
-    for i, img in enumerate(imgs):
-        mpimg.imsave(tmp_path / f"{i}.png", img, cmap="gray", vmin=0, vmax=1)
-    x = load_png_folder(tmp_path)
-    assert x.shape == (3, 3, 6, 4)  # saved as RGB(A) by matplotlib; alpha dropped
-    np.testing.assert_allclose(x[:, 0].numpy(), 2 * imgs - 1, atol=2 / 255 + 1e-6)
-    mpimg.imsave(tmp_path / "9.png", np.zeros((5, 4)), cmap="gray")
-    with pytest.raises(ValueError, match="images must all have one size: 0.png is .* 9.png is"):
-        load_png_folder(tmp_path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="holds no .png files"):
-        load_dataset(str(tmp_path / "empty"))
 
 
 def test_bad_data_is_refused_before_training():

@@ -30,10 +30,15 @@ class Config:
     device: str = "cpu"            # cpu | cuda | auto
     threads: int = 1               # torch intra-op threads (CPU)
     # data (scoresde.data.load_dataset)
-    data: str = "moons"            # a built-in name or a path to .npy/.npz/a folder of PNGs
+    data: str = "moons"            # a built-in name or a path to .npy/.npz/an image folder (running.images)
     n_train: int = 20000           # points drawn for built-in toy/mixture sets
     n_test: int = 2000             # held-out points (at most a fifth of a finite set)
     pad_to: int = 0                # pad square images to this size (0: as they are)
+    image_size: int = 0            # image folders: resize the shorter side and centre-crop to this size (0: as they are)
+    channels: int = 0              # image folders: 1 (grey) | 3 (RGB) | 0 (1 if every image is grey, else 3)
+    hflip: bool = False            # images: mirror each training image left-right with probability 1/2
+    data_memory_mb: int = 1024     # image folders decoding to more than this are read lazily from disk (0: always)
+    data_workers: int = 2          # DataLoader worker processes reading a lazy image folder (0: in the main process)
     # model
     model: str = "score"           # scoresde.models.FAMILIES: score | vae | ddpm (its record lists losses, samplers)
     model_args: dict = field(default_factory=dict)  # keywords of the family (ddpm: n_steps, schedule; vae: latent_dim, ...)
@@ -85,7 +90,7 @@ class Config:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "n_eval", "nfe", "threads", "n_train", "n_test"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "eval_every", "pad_to", "seed"):
+        for name in ("warmup", "eval_every", "pad_to", "seed", "image_size", "data_memory_mb", "data_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -1,10 +1,15 @@
 """Training data: built-in toy sets and analytic mixtures, scikit-learn's 8x8 digits, user arrays
-(.npy/.npz) and folders of PNG images (DESIGN section 8).
+(.npy/.npz) and image folders (PNG, JPEG, ...; `running.images`) (DESIGN section 8).
 
 Everything is checked before any training step: empty sets, wrong ranks, NaN/inf and images of
 different sizes are refused with a message naming the problem. Vectors are (n, d); images are
-(n, C, H, W) (an (n, H, W) array is read as one channel). Built-in images are scaled to [-1, 1];
-user arrays are used as given.
+(n, C, H, W) (an (n, H, W) array is read as one channel). Built-in images and image folders are
+scaled to [-1, 1]; user arrays are used as given.
+
+An image folder whose decoded size (float32) exceeds `memory_mb` is read lazily: `Dataset.train` is then
+a `LazyImages` view that `take_batch` indexes with the trainer's batch indices (decoded by DataLoader
+workers, the next batch read ahead), so training on it is bit-identical to training on the same folder
+in memory. The held-out set is always a tensor.
 """
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ import torch
 from torch import Tensor
 
 from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, ring
+from .config import Config
+from .images import ImageFolder, LazyImages
 
-__all__ = ["Dataset", "validate", "load_dataset", "load_digits", "load_array", "load_png_folder", "builtin_names"]
+__all__ = ["Dataset", "validate", "load_dataset", "load_config_data", "load_digits", "load_array", "builtin_names",
+           "take_batch"]
 
 _MIXTURES = {"ring": ring, "grid": grid}
 _MIXTURE_DIM = re.compile(r"^mixture(\d+)$")
@@ -26,14 +34,17 @@ _MIXTURE_DIM = re.compile(r"^mixture(\d+)$")
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and held-out test points, optional integer labels, and the exact law when it is known."""
+    """Train and held-out test points, optional integer labels (`classes[k]` names label k for image
+    folders), and the exact law when it is known. `train` is a tensor or, for big image folders, a
+    `LazyImages` view indexed like one."""
 
-    train: Tensor
+    train: Tensor | LazyImages
     test: Tensor
     name: str
     train_labels: Tensor | None = None
     test_labels: Tensor | None = None
     mixture: GaussianMixture | None = None
+    classes: tuple[str, ...] = ()
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -108,39 +119,26 @@ def load_array(path: str | Path) -> tuple[Tensor, Tensor | None]:
     return x, labels
 
 
-def load_png_folder(path: str | Path) -> Tensor:
-    """Every *.png in a folder as (n, C, H, W) in [-1, 1]; grey (C = 1) or RGB (alpha dropped)."""
-    import matplotlib.image as mpimg
-
-    path = Path(path)
-    files = sorted(path.glob("*.png"))
-    if not files:
-        raise ValueError(f"folder {str(path)!r} holds no .png files")
-    images = []
-    for f in files:
-        img = np.asarray(mpimg.imread(f), dtype=np.float32)
-        img = img[None] if img.ndim == 2 else img[..., :3].transpose(2, 0, 1)
-        if images and img.shape != images[0].shape:
-            raise ValueError(f"images must all have one size: {files[0].name} is {images[0].shape} (C, H, W), "
-                             f"{f.name} is {img.shape}")
-        images.append(img)
-    return validate(2 * np.stack(images) - 1, str(path))
-
-
-def _split(x: Tensor, labels: Tensor | None, n_test: int, generator: torch.Generator):
-    n = x.shape[0]
+def _holdout(n: int, n_test: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Train and held-out row indices: min(n_test, n / 5) (at least 1) rows held out at random."""
     if n < 2:
         raise ValueError(f"need at least 2 samples to hold some out, got {n}")
-    k = max(1, min(n_test, n // 5))
     perm = torch.randperm(n, generator=generator)
-    te, tr = perm[:k], perm[k:]
-    pick = (lambda idx: labels[idx]) if labels is not None else (lambda idx: None)
-    return x[tr], x[te], pick(tr), pick(te)
+    k = max(1, min(n_test, n // 5))
+    return perm[k:], perm[:k]
 
 
-def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed: int = 0, pad_to: int = 0) -> Dataset:
+def _labels(labels: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if labels is None else labels[rows]
+
+
+def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed: int = 0, pad_to: int = 0,
+                 image_size: int = 0, channels: int = 0, memory_mb: int = 1024, workers: int = 2) -> Dataset:
     """Built-in names (see `builtin_names`) draw n_train + n_test fresh points with the seed; finite
-    sets (digits, files, folders) hold out min(n_test, n / 5) points chosen with the seed."""
+    sets (digits, files, folders) hold out min(n_test, n / 5) points chosen with the seed.
+
+    A folder is an `images.ImageFolder(source, image_size, channels)`; beyond `memory_mb` of decoded
+    images its training part is read lazily by `workers` DataLoader processes (module docstring)."""
     g = torch.Generator().manual_seed(seed)
     m = _MIXTURE_DIM.match(source)
     if source in TOY_DATASETS:
@@ -152,6 +150,8 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         return Dataset(x[:n_train], x[n_train:], source, mixture=mix)
     if pad_to and source != "digits":
         raise ValueError("pad_to applies to the built-in digits only")
+    if (image_size or channels) and not Path(source).is_dir():
+        raise ValueError(f"image_size and channels apply to image folders only; {source!r} is not a folder")
     name = source
     if source == "digits":
         x, labels = load_digits(pad_to)
@@ -159,14 +159,50 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         path = Path(source)
         name = path.name
         if path.is_dir():
-            x, labels = load_png_folder(path), None
-        elif path.is_file():
+            folder = ImageFolder(path, image_size, channels)
+            tr, te = _holdout(len(folder), n_test, g)
+            test = torch.stack([folder[i] for i in te.tolist()])
+            if folder.nbytes > memory_mb * 2 ** 20:
+                train = LazyImages(folder, tr, workers)
+            else:
+                train = folder.load()[tr]
+            return Dataset(train, test, name, _labels(folder.labels, tr), _labels(folder.labels, te),
+                           classes=folder.classes)
+        if path.is_file():
             x, labels = load_array(path)
         else:
             raise ValueError(f"unknown data {source!r}: not a file or folder, and not a built-in name; "
                              f"valid names: {', '.join(builtin_names())}")
-    tr, te, ltr, lte = _split(x, labels, n_test, g)
-    return Dataset(tr, te, name, ltr, lte)
+    tr, te = _holdout(x.shape[0], n_test, g)
+    return Dataset(x[tr], x[te], name, _labels(labels, tr), _labels(labels, te))
+
+
+def load_config_data(cfg: Config) -> Dataset:
+    """The data of a run's config (`data` and the keys under it in `Config`)."""
+    return load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, pad_to=cfg.pad_to,
+                        image_size=cfg.image_size, channels=cfg.channels, memory_mb=cfg.data_memory_mb,
+                        workers=cfg.data_workers)
+
+
+def take_batch(x: Tensor | LazyImages, idx: Tensor, part: slice | Tensor, generator: torch.Generator,
+               hflip: bool = False) -> Tensor:
+    """This process's rows x[idx[part]], on x's device (`Trainer._batch`; idx is the drawn batch, part this
+    process's positions in it).
+
+    With hflip, each of the len(idx) images is mirrored left-right with probability 1/2, by coins drawn
+    from `generator` (the trainer's, so a resumed run draws the same). For a lazy x the next batch is read
+    ahead: the rows that `torch.randint(len(x), idx.shape, generator=generator)` will draw next, as the
+    trainer does; if a step draws other rows, they are read when asked for, with the same result."""
+    batch = x[idx[part].to(x.device)]
+    if hflip:
+        if batch.dim() != 4:
+            raise ValueError(f"hflip mirrors images; this data has samples of shape {tuple(x.shape[1:])}")
+        flip = (torch.rand(len(idx), generator=generator) < 0.5)[part].to(batch.device)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    if isinstance(x, LazyImages):
+        upcoming = torch.Generator().set_state(generator.get_state())
+        x.prefetch(torch.randint(len(x), idx.shape, generator=upcoming)[part])
+    return batch
 
 
 def load_mask(path: str | Path, sample_shape: tuple[int, ...]) -> Tensor:

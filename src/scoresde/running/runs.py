@@ -20,7 +20,7 @@ from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, checkpoint_weights
 from .config import Config, atomic_write, load_config
-from .data import Dataset, load_dataset, load_mask
+from .data import Dataset, load_config_data, load_dataset, load_mask
 
 __all__ = ["analytic_report", "Run", "load_run", "sample_run", "fit_run_grid", "inpaint_run", "likelihood_run",
            "evaluate_run", "write_report"]
@@ -51,7 +51,7 @@ def load_run(run_dir: str | Path, which: str = "ema") -> Run:
         raise ValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     torch.set_num_threads(cfg.threads)
-    data = load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, pad_to=cfg.pad_to)
+    data = load_config_data(cfg)
     model = build_model(cfg, build_sde(cfg), data.sample_shape)
     model.load_state_dict(checkpoint_weights(run_dir / CHECKPOINT, which))
     step = int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"])
@@ -117,8 +117,9 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got {n!r}")
     if data:
-        ds = load_dataset(data, n_train=n, n_test=n, seed=seed, pad_to=run.cfg.pad_to)
-        x = torch.cat([ds.test, ds.train])[:n]
+        ds = load_dataset(data, n_train=n, n_test=n, seed=seed, pad_to=run.cfg.pad_to, image_size=run.cfg.image_size,
+                          channels=run.cfg.channels)
+        x = torch.cat([ds.test, ds.train[:n]])[:n]
     else:
         x = run.data.test[:n]
     if x.shape[1:] != run.data.sample_shape:

@@ -29,14 +29,14 @@ from ..learning.networks import EMA
 from .build import build_model, build_sde, check_config, draw_samples, lookup, resolve_device
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, atomic_write, save_config
-from .data import Dataset, load_dataset
+from .data import Dataset, load_config_data, take_batch
 
 __all__ = ["NonFiniteLoss", "learning_rate", "Trainer"]
 
 # config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
 # and with lr_schedule=cosine it also reshapes the remaining learning rates)
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
-                     "sampler", "threads", "device"}
+                     "sampler", "threads", "device", "data_workers", "data_memory_mb"}
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -76,8 +76,7 @@ class Trainer:
                 torch.cuda.set_device(self.device)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
-        self.data = data if data is not None else load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test,
-                                                               seed=cfg.seed, pad_to=cfg.pad_to)
+        self.data = data if data is not None else load_config_data(cfg)
         self.family = check_config(cfg)
         self.sde = build_sde(cfg)
         self.loss_fn, self.loss_args, self.time_args = self._loss_setup()
@@ -163,8 +162,8 @@ class Trainer:
         extra = torch.Generator(self.device).manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
         dev = self.device
         y = None if self.train_y is None else self.train_y[idx[part].to(dev)]
-        return (self.train_x[idx[part].to(dev)], y, t[part].to(dev), None if noise is None else noise[part].to(dev),
-                r[part].to(dev), extra)
+        x0 = take_batch(self.train_x, idx, part, self.gen, self.cfg.hflip)
+        return (x0, y, t[part].to(dev), None if noise is None else noise[part].to(dev), r[part].to(dev), extra)
 
     def _labelled(self, y: Tensor | None, generator: torch.Generator) -> Callable:
         """The network with labels bound, each replaced by the null label with probability label_dropout
