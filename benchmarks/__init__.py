@@ -18,4 +18,5 @@ BENCHMARKS = {
     "bounds": "bounds_studies",
     "consistency": "consistency",
     "alignment": "alignment",
+    "gpu": "gpu",
 }

@@ -1,4 +1,4 @@
-"""Training throughput of scoresde's Trainer against a bare PyTorch loop of the same network and batch.
+"""Training throughput: scoresde's Trainer against a bare loop, and its U-Net against diffusers' UNet2DModel.
 
 The bare loop: index a batch, draw t ~ U(t_min, T) and noise, form x_t, eps-loss |sigma s + z|^2, AdamW
 step; nothing else. The Trainer adds what a real run needs: seeded batch/time/noise generators that
@@ -7,18 +7,28 @@ update, the finite-loss guard and JSONL logging (every 50 steps; no evaluation, 
 the timed window, progress bar off). Both are timed in alternating rounds on the same machine state;
 the table reports medians and overhead = loop / bare - 1.
 
-Run: python -m benchmarks train  (make bench-train); outputs in benchmarks/results/train/.
+The U-Net part times one training step (forward, eps-loss, backward, AdamW step) of scoresde's UNet and
+of diffusers' UNet2DModel built as its twin (`diffusers_twin`: same widths, residual blocks per level,
+attention levels and middle attention, so the same parameter count; diffusers' defaults otherwise), on
+the same random batch, fp32 and bf16 (torch.autocast on the CPU), alternating the two networks round by
+round after a warm-up; the table reports medians and the ratio scoresde / diffusers (below 1: faster).
+
+Run: python -m benchmarks train [--part trainer unet] (make bench-train); outputs in benchmarks/results/train/.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import torch
+from torch import nn
 
 from benchmarks import common
 from scoresde.running.build import build_model, build_sde
+from scoresde.learning.networks import UNet
 from scoresde.running.config import Config
 from scoresde.running.train import Trainer
 
@@ -29,7 +39,16 @@ CASES = [  # name, config overrides, steps per round
     ("U-Net 32 (1,2,2)+attn, 16x16 digits, batch 64",
      dict(data="digits", pad_to=16, n_test=200, net="unet", net_args={"base": 32, "mults": [1, 2, 2], "attention": True},
           batch_size=64), 10),
+    ("U-Net 64 (1,2,2)x2, attn 7x7 + mid (configs/unet28.yaml), 28x28 digits, batch 16",
+     dict(data="digits", pad_to=28, n_test=200, net="unet", batch_size=16,
+          net_args={"base": 64, "mults": [1, 2, 2], "num_res": 2, "attention": True, "attention_levels": [2]}), 3),
 ]
+# the U-Net against diffusers: px -> (channels, batch, UNet arguments = configs/unet28.yaml, unet64.yaml)
+UNET_CASES = {
+    28: (1, 16, dict(base=64, mults=(1, 2, 2), num_res=2, attention=True, attention_levels=(2,))),
+    64: (3, 8, dict(base=64, mults=(1, 2, 2, 4), num_res=2, attention=True, attention_levels=(2, 3))),
+}
+UNET_STEPS = 2
 ROUNDS = 5
 QUICK = dict(rounds=1, steps=2)
 
@@ -37,6 +56,92 @@ QUICK = dict(rounds=1, steps=2)
 def add_arguments(p) -> None:
     p.add_argument("--rounds", type=int, default=ROUNDS, help="alternating timed rounds per case")
     p.add_argument("--steps", type=int, default=0, help="steps per round for every case (0: each case's own)")
+    p.add_argument("--part", nargs="+", choices=["trainer", "unet"], default=["trainer", "unet"],
+                   help="trainer: the Trainer against a bare loop; unet: scoresde's U-Net against diffusers'")
+
+
+def diffusers_twin(channels: int, px: int, base: int, mults, num_res: int, attention: bool,
+                   attention_levels=()) -> nn.Module:
+    """diffusers' UNet2DModel with the widths, blocks per level and attention of scoresde's UNet(channels, base,
+    mults, num_res, attention, attention_levels): the same parameter count (diffusers' defaults otherwise)."""
+    from diffusers import UNet2DModel
+
+    levels = range(len(mults))
+    return UNet2DModel(sample_size=px, in_channels=channels, out_channels=channels,
+                       block_out_channels=tuple(base * m for m in mults), layers_per_block=num_res,
+                       down_block_types=tuple("AttnDownBlock2D" if i in attention_levels else "DownBlock2D"
+                                              for i in levels),
+                       up_block_types=tuple("AttnUpBlock2D" if i in attention_levels else "UpBlock2D"
+                                            for i in reversed(levels)), add_attention=attention,
+                       norm_num_groups=math.gcd(32, base))  # 32 (the default) unless base is small
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def step_timer(net: nn.Module, call: Callable, batch: tuple, device: str = "cpu") -> Callable[[int, str], float]:
+    """round_(steps, precision) -> seconds per training step of `net` (fp32 or bf16 autocast) on `batch`."""
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x, t, z = batch
+
+    def round_(steps: int, precision: str) -> float:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        tic = time.perf_counter()
+        for _ in range(steps):
+            with torch.autocast(device, torch.bfloat16, enabled=precision != "fp32"):
+                out = call(x, t)
+            loss = (out.float() - z).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sync()
+        return (time.perf_counter() - tic) / steps
+
+    return round_
+
+
+def unet_pair(channels: int, px: int, batch: int, args: dict, device: str = "cpu"):
+    """(scoresde UNet, diffusers twin, their step timers) on one seeded random batch."""
+    torch.manual_seed(0)
+    ours = UNet(channels=channels, **args).to(device)
+    theirs = diffusers_twin(channels, px, **args).to(device)
+    g = torch.Generator().manual_seed(1)
+    x, z = (torch.randn(batch, channels, px, px, generator=g).to(device) for _ in range(2))
+    t = (1e-3 + torch.rand(batch, generator=g)).to(device)
+    return ours, theirs, (step_timer(ours, ours, (x, t, z), device),
+                          step_timer(theirs, lambda x, t: theirs(x, t * 999).sample, (x, t, z), device))
+
+
+def run_unet(args) -> list:
+    rows = []
+    for px, (channels, batch, net_args) in UNET_CASES.items():
+        if common.quick():
+            batch, net_args = 2, {**net_args, "base": 8}
+        ours, theirs, (a, b) = unet_pair(channels, px, batch, net_args)
+        pa, pb = n_params(ours), n_params(theirs)
+        if abs(pa / pb - 1) > 0.1:
+            raise RuntimeError(f"the twins differ by more than 10% in parameters: {pa} against {pb}")
+        steps = args.steps or UNET_STEPS
+        for precision in ("fp32", "bf16"):
+            a(1, precision), b(1, precision)  # warm-up
+            ta, tb = [], []
+            for _ in range(args.rounds):
+                ta.append(a(steps, precision))
+                tb.append(b(steps, precision))
+            ma, mb = statistics.median(ta), statistics.median(tb)
+            ratios = [u / v for u, v in zip(ta, tb)]
+            rows.append((px, channels, batch, precision, pa, pb, ma * 1e3, mb * 1e3, ma / mb, min(ratios), max(ratios)))
+            print(f"{px} px, batch {batch}, {precision}: scoresde {ma * 1e3:.0f} ms/step ({pa / 1e6:.2f}M params), "
+                  f"diffusers {mb * 1e3:.0f} ms/step ({pb / 1e6:.2f}M), ratio {ma / mb:.3f}", flush=True)
+    print("\n| size | batch | precision | scoresde params | diffusers params | scoresde (ms/step) | diffusers (ms/step) "
+          "| scoresde / diffusers (median) | per-round range |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for px, ch, batch, prec, pa, pb, ma, mb, r, rmin, rmax in rows:
+        print(f"| {px}x{px}x{ch} | {batch} | {prec} | {pa / 1e6:.2f}M | {pb / 1e6:.2f}M | {ma:.0f} | {mb:.0f} | {r:.3f} "
+              f"| {rmin:.3f} .. {rmax:.3f} |")
+    return rows
 
 
 def trainer_round(tr: Trainer, steps: int) -> float:
@@ -70,6 +175,21 @@ def bare_setup(cfg: Config, data: torch.Tensor):
 
 
 def run(args) -> None:
+    out = {"rounds": args.rounds, "threads": torch.get_num_threads()}
+    if "trainer" in args.part:
+        out.update(run_trainer(args))
+    if "unet" in args.part:
+        out["unet_columns"] = ["px", "channels", "batch", "precision", "scoresde_params", "diffusers_params",
+                               "scoresde_ms", "diffusers_ms", "ratio", "round_min_ratio", "round_max_ratio"]
+        out["unet_rows"] = run_unet(args)
+    common.write_json(NAME, out, file=f"{NAME}_{'_'.join(args.part)}.json")
+
+
+def run_tag(args) -> str:
+    return "" if set(args.part) == {"trainer", "unet"} else "-".join(args.part)
+
+
+def run_trainer(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, over, steps in CASES:
@@ -92,9 +212,8 @@ def run(args) -> None:
     print("|---|---|---|---|---|")
     for name, ba, lo, ov, omin, omax in rows:
         print(f"| {name} | {ba:.2f} | {lo:.2f} | {ov:+.1f}% | {omin:+.1f}% .. {omax:+.1f}% |")
-    common.write_json(NAME, {"rounds": args.rounds, "columns": ["case", "bare_ms", "trainer_ms", "overhead_pct",
-                                                                 "round_min_pct", "round_max_pct"], "rows": rows})
     print(f"\nfigure: {plot(rows)}")
+    return {"columns": ["case", "bare_ms", "trainer_ms", "overhead_pct", "round_min_pct", "round_max_pct"], "rows": rows}
 
 
 def plot(rows):

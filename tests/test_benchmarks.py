@@ -82,3 +82,22 @@ def test_every_benchmark_runs_quick(name, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / name).glob("run*.json"))
     assert runs and all("environment" in json.loads(r.read_text()) for r in runs)
+
+
+def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
+    """`gpu --quick` runs the whole code path on the CPU (tiny twins, no compile); without --quick and without
+    CUDA it refuses with a message."""
+    res = harness("gpu", "--quick", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu" / "gpu.json").read_text())
+    check_environment(out["environment"])
+    assert [r["precision"] for r in out["train"]] == ["fp32", "bf16"]
+    assert [r["precision"] for r in out["sample"]] == ["fp32", "bf16"]
+    for r in out["train"]:
+        assert abs(r["scoresde_params"] / r["diffusers_params"] - 1) < 0.1
+        assert r["scoresde_img_s"] > 0 and r["diffusers_img_s"] > 0
+    import torch
+
+    if not torch.cuda.is_available():
+        res = harness("gpu", "--out", str(tmp_path))
+        assert res.returncode != 0 and "needs a CUDA device" in res.stderr
