@@ -22,6 +22,7 @@ from ..core.sde import SDE
 from .build import build_model, build_sde
 from .checkpoint import CHECKPOINT, checkpoint_weights, read_checkpoint
 from .config import Config, atomic_write, load_config
+from .data import load_config_data
 
 __all__ = ["WEIGHTS", "SPEC", "FORMAT", "export_run", "load_model", "load_sde"]
 
@@ -37,9 +38,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
         raise ValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     weights = checkpoint_weights(run_dir / CHECKPOINT, "ema")
-    from .data import load_dataset  # the sample shape; built-in sets are generated, files are read
-
-    shape = load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, pad_to=cfg.pad_to).sample_shape
+    shape = load_config_data(cfg).sample_shape  # built-in sets are generated, image folders read lazily
     blob = st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"format": FORMAT})
     spec: dict[str, Any] = {"format": FORMAT, "version": __version__, **{k: getattr(cfg, k) for k in FIELDS},
                             "sample_shape": list(shape), "step": int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"]),
