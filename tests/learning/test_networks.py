@@ -1,7 +1,10 @@
+import math
+from functools import partial
+
 import pytest
 import torch
 
-from scoresde.learning.networks import EMA, MLP, SinusoidalEmbedding, UNet
+from scoresde.learning.networks import EMA, MLP, SinusoidalEmbedding, UNet, edm_decay, power_decay
 
 
 def test_embedding_values(gen):
@@ -118,3 +121,47 @@ def test_ema_matches_closed_form_and_round_trips(gen):
         other.load_state_dict({})
     with pytest.raises(ValueError, match="decay must be in"):
         EMA(net, decay=1.0)
+
+
+def _history(net, ema, n, gen):
+    """Set the weights to n independent random draws, an EMA update after each; the draws (float64)."""
+    ws = []
+    for _ in range(n):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        ws.append({k: v.double() for k, v in net.state_dict().items()})
+        ema.update()
+    return ws
+
+
+@pytest.mark.parametrize("gamma, weight", [
+    (1, lambda i, n: 1 / n),  # beta_i = i / (i + 1): the plain average of the history
+    (3, lambda i, n: 3 * (i + 1) * (i + 2) / (n * (n + 1) * (n + 2))),  # beta_i = i / (i + 3): weights ~ (i+1)(i+2)
+])
+def test_power_warm_up_with_power_one_is_a_polynomially_weighted_average(gen, gamma, weight):
+    net = MLP(2, hidden=8, depth=1, emb_dim=4)
+    ema = EMA(net, partial(power_decay, gamma=float(gamma), power=1.0))
+    ws = _history(net, ema, 7, gen)
+    assert ema.updates == 7 and sum(weight(i, 7) for i in range(7)) == pytest.approx(1)
+    for k, v in ema.shadow.items():
+        torch.testing.assert_close(v.double(), sum(weight(i, 7) * w[k] for i, w in enumerate(ws)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("decay, betas", [
+    (partial(power_decay, gamma=2.0, power=0.75), [1 - (1 + n / 2) ** -0.75 for n in range(9)]),
+    (partial(edm_decay, halflife=3.0, rampup=0.5), [0.0] + [0.5 ** (1 / min(3.0, 0.5 * n)) for n in range(1, 9)]),
+    (partial(edm_decay, halflife=3.0, rampup=0.0), [0.5 ** (1 / 3)] * 9),  # no ramp-up: the init keeps a share
+])
+def test_ema_with_a_schedule_equals_its_weighted_history(gen, decay, betas):
+    """shadow_n = prod_j beta_j w_init + sum_i (1 - beta_i) prod_{j > i} beta_j w_i, betas written out by hand."""
+    net = MLP(2, hidden=8, depth=1, emb_dim=4)
+    init = {k: v.double() for k, v in net.state_dict().items()}
+    ema = EMA(net, decay)
+    ws = _history(net, ema, len(betas), gen)
+    tail = [math.prod(betas[i + 1:]) for i in range(len(betas))]
+    for k, v in ema.shadow.items():
+        want = math.prod(betas) * init[k] + sum((1 - b) * c * w[k] for b, c, w in zip(betas, tail, ws))
+        torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"the EMA decay of update 0 must be in \[0, 1\), got 1.5"):
+        EMA(net, lambda n: 1.5).update()

@@ -93,12 +93,15 @@ def test_resume_refuses_a_different_config(tmp_path, make_cfg):
 
 
 def test_short_run_warns_that_the_ema_is_mostly_initialisation(tmp_path, make_cfg):
-    """0.999^20 = 98% of the EMA is still the random init after 20 steps; 0.5^20 is not."""
+    """A constant 0.999: 0.999^20 = 98% of the EMA is still the random init after 20 steps; 0.5^20 is not, and
+    the warm-up schedules (the default power, edm) give the init no weight (beta_0 = 0)."""
     with pytest.warns(UserWarning, match=r"ema_decay 0.999 .* still hold 98% of the random initialisation"):
-        Trainer(make_cfg(steps=20))
+        Trainer(make_cfg(steps=20, ema_decay=0.999))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trainer(make_cfg(steps=20, ema_decay=0.5))
+        assert Trainer(make_cfg(steps=20)).cfg.ema_schedule == "power"
+        Trainer(make_cfg(steps=20, ema_schedule="edm"))
 
 
 def test_learning_rate_schedule(tmp_path, make_cfg):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from ..core.validate import check, integer
 
-__all__ = ["SinusoidalEmbedding", "MLP", "UNet", "EMA"]
+__all__ = ["SinusoidalEmbedding", "MLP", "UNet", "EMA", "power_decay", "edm_decay"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -231,26 +231,55 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-class EMA:
-    """Exponential moving average of a model's floating-point state: shadow <- decay shadow + (1 - decay) w.
+def power_decay(n: int, gamma: float = 1.0, power: float = 0.75) -> float:
+    """The warm-up decay beta_n = 1 - (1 + n / gamma)^(-power) of the n-th update (n = 0, 1, ...; beta_0 = 0):
+    ema-pytorch's `EMA(inv_gamma, power)` and diffusers' `EMAModel(use_ema_warmup=True)`. With power = 1 and
+    an integer gamma the average weighs the i-th weights by (i + 1)(i + 2)...(i + gamma - 1): the power-function
+    profile (weights ~ i^(gamma - 1)) of Karras et al. 2312.02696."""
+    return 1.0 - (1.0 + n / gamma) ** -power
 
-    `update()` after each optimiser step; `state_dict()` / `load_state_dict()` hold plain tensors
-    (saved as safetensors by `checkpoint`); evaluate with `average_parameters()` (swaps the
-    weights in and restores them exactly) or `copy()` (a frozen copy of the model).
+
+def edm_decay(n: int, halflife: float = 1000.0, rampup: float = 0.05) -> float:
+    """EDM's decay (Karras et al. 2206.00364, training loop of its code): beta_n = 0.5^(1 / h_n), a half-life
+    of h_n = min(halflife, rampup * n) updates (rampup = 0: h_n = halflife); beta_0 = 0 when rampup > 0."""
+    h = min(halflife, rampup * n) if rampup > 0 else halflife
+    return 0.5 ** (1.0 / h) if h > 0 else 0.0
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state: shadow <- beta_n shadow + (1 - beta_n) w
+    at the n-th `update()` (n = 0, 1, ...), so shadow = sum_i w_i (1 - beta_i) prod_{j > i} beta_j + the
+    initial weights times prod_j beta_j (none when beta_0 = 0, as in the warm-up schedules).
+
+    `decay`: a constant beta, or a schedule n -> beta_n (`power_decay`, `edm_decay`, bound with
+    functools.partial). `updates` counts the updates (checkpointed by `running.checkpoint`);
+    `state_dict()` / `load_state_dict()` hold the shadow as plain tensors; evaluate with
+    `average_parameters()` (swaps the weights in and restores them exactly) or `copy()` (a frozen copy).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999):
-        check("decay", decay, 0 <= decay < 1, "in [0, 1)")
-        self.model, self.decay = model, float(decay)
+    def __init__(self, model: nn.Module, decay: float | Callable[[int], float] = 0.999):
+        if not callable(decay):
+            check("decay", decay, 0 <= decay < 1, "in [0, 1) or a schedule n -> beta_n")
+            decay = float(decay)
+        self.model, self.decay, self.updates = model, decay, 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def beta(self, n: int) -> float:
+        """The decay of the n-th update."""
+        beta = self.decay(n) if callable(self.decay) else self.decay
+        check(f"the EMA decay of update {n}", beta, 0 <= beta < 1, "in [0, 1)")
+        return beta
 
     @torch.no_grad()
     def update(self) -> None:
-        for k, v in self.model.state_dict().items():
-            if v.is_floating_point():
-                self.shadow[k].lerp_(v, 1.0 - self.decay)
-            else:
+        weight = 1.0 - self.beta(self.updates)
+        state = self.model.state_dict()
+        floats = [k for k, v in state.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k] for k in floats], weight)
+        for k, v in state.items():
+            if not v.is_floating_point():
                 self.shadow[k].copy_(v)
+        self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.shadow.items()}

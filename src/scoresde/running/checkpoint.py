@@ -2,8 +2,8 @@
 
 Layout of the tensors: `model/<name>` (weights), `ema/<name>` (EMA weights), `optim/<i>/<key>`
 (per-parameter optimiser state), `rng/<name>` (generator states as uint8 tensors). The
-safetensors metadata (strings) holds the step, the optimiser's param_groups and any non-tensor
-state as JSON. The file is written to a temporary name and renamed over the old one
+safetensors metadata (strings) holds the step, the EMA's update count (its warm-up schedule's
+position), the optimiser's param_groups, the fp16 GradScaler's state and any non-tensor state as JSON. The file is written to a temporary name and renamed over the old one
 (`config.atomic_write`), so a run killed at any moment leaves the previous checkpoint intact.
 """
 from __future__ import annotations
@@ -60,8 +60,9 @@ def _optim_join(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, A
 def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, step: int, ema: EMA | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     generators: dict[str, torch.Generator] | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
-    """Write model (+ EMA, optimiser, generator states, torch's global CPU RNG) at `step` atomically.
+                    extra: dict[str, Any] | None = None, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Write model (+ EMA, optimiser, generator states, torch's global CPU RNG, an enabled GradScaler) at
+    `step` atomically.
 
     `extra` is any JSON-serialisable dict, returned by `load_checkpoint`.
     """
@@ -69,10 +70,13 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, step: int, ema
     meta: dict[str, str] = {"format": FORMAT, "step": str(int(step)), "extra": json.dumps(extra or {})}
     if ema is not None:
         tensors.update(_prefixed("ema", ema.state_dict()))
+        meta["ema"] = json.dumps({"updates": ema.updates})
     if optimizer is not None:
         opt_tensors, opt_meta = _optim_split(optimizer)
         tensors.update(_prefixed("optim", opt_tensors))
         meta["optim"] = json.dumps(opt_meta)
+    if scaler is not None and scaler.is_enabled():
+        meta["scaler"] = json.dumps(scaler.state_dict())
     rng = {f"gen/{name}": g.get_state() for name, g in (generators or {}).items()}
     rng["torch_cpu"] = torch.get_rng_state()
     tensors.update(_prefixed("rng", rng))
@@ -116,12 +120,19 @@ def _load_module(model: nn.Module, state: dict[str, Tensor], path) -> None:
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, ema: EMA | None = None,
                     optimizer: torch.optim.Optimizer | None = None,
                     generators: dict[str, torch.Generator] | None = None,
-                    restore_global_rng: bool = True) -> tuple[int, dict[str, Any]]:
-    """Restore what `save_checkpoint` wrote into the given objects; returns (step, extra)."""
+                    restore_global_rng: bool = True,
+                    scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict[str, Any]]:
+    """Restore what `save_checkpoint` wrote into the given objects; returns (step, extra). A checkpoint
+    written before EMA update counts were saved (a constant decay) counts one update per step."""
     tensors, meta = read_checkpoint(path)
     _load_module(model, _strip("model", tensors), path)
     if ema is not None:
         ema.load_state_dict(_strip("ema", tensors))
+        ema.updates = json.loads(meta["ema"])["updates"] if "ema" in meta else int(meta["step"])
+    if scaler is not None and scaler.is_enabled():
+        if "scaler" not in meta:
+            raise ValueError(f"{path} holds no GradScaler state (it was not trained with precision fp16)")
+        scaler.load_state_dict(json.loads(meta["scaler"]))
     if optimizer is not None:
         if "optim" not in meta:
             raise ValueError(f"{path} holds no optimiser state")

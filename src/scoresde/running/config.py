@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
+PRECISIONS = ("fp32", "bf16", "fp16")
+EMA_SCHEDULES = ("power", "edm", "constant")
 
 __all__ = ["Config", "load_config", "apply_overrides", "save_config", "atomic_write", "config_from_dict"]
 
@@ -59,7 +61,17 @@ class Config:
     warmup: int = 100              # linear warm-up steps
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 at `steps` after warm-up)
     grad_clip: float = 1.0         # max gradient norm; 0 disables clipping
-    ema_decay: float = 0.999
+    accumulate: int = 1            # micro-batches per optimiser step (slices of one drawn batch): effective batch = accumulate x batch_size
+    precision: str = "fp32"        # fp32 | bf16 | fp16: the network's forward and backward under torch.autocast (fp16 with
+                                   # a GradScaler); weights, optimiser, EMA, SDE coefficients, losses and samplers stay fp32/fp64
+    compile: bool = False          # torch.compile the network for training (inductor: a C++ compiler on CPU, Triton on CUDA)
+    # EMA of the weights, used for sampling: beta_n is the decay of the n-th update (learning.networks.EMA)
+    ema_schedule: str | None = None  # power | edm | constant; unset: constant when ema_decay is set, else power
+    ema_decay: float | None = None   # constant: beta_n = ema_decay (the schedule of configs written before warm-up)
+    ema_gamma: float = 1.0         # power: beta_n = 1 - (1 + n / ema_gamma)^(-ema_power) (ema-pytorch, diffusers' warm-up)
+    ema_power: float = 0.75
+    ema_halflife: float = 1000.0   # edm: beta_n = 0.5^(1 / min(ema_halflife, ema_rampup n)), half-life in steps (EDM)
+    ema_rampup: float = 0.05       # edm: 0 gives a constant half-life ema_halflife
     # logging, evaluation, checkpoints
     log_every: int = 50
     eval_every: int = 1000         # held-out loss, W2 and a sample snapshot; 0 disables
@@ -80,8 +92,10 @@ class Config:
         """Types and ranges of the fields (names of SDEs, losses etc. are checked where they are built; model,
         loss and sampler against the family's record by `build.check_config`)."""
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[str(f.type)]
+            value, kind_name = getattr(self, f.name), str(f.type)
+            if value is None and kind_name.endswith(" | None"):
+                continue
+            kind = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict}[kind_name.removesuffix(" | None")]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
@@ -99,14 +113,37 @@ class Config:
             raise ValueError("config weight_decay and grad_clip must be >= 0 and sigma_data > 0")
         if not 0 <= self.label_dropout <= 1:
             raise ValueError(f"config label_dropout must be in [0, 1], got {self.label_dropout}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"config ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.accumulate < 1:
+            raise ValueError(f"config accumulate must be >= 1, got {self.accumulate}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"config precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self._validate_ema()
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"config lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"config device must be one of cpu, cuda, auto, got {self.device!r}")
         if not self.name or "/" in self.name:
             raise ValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
+
+    def _validate_ema(self) -> None:
+        """Resolve an unset ema_schedule (constant when ema_decay is set, so configs written before the
+        warm-up schedules train as they did; else power) and check the schedule's keys."""
+        if self.ema_schedule is None:
+            self.ema_schedule = "power" if self.ema_decay is None else "constant"
+        if self.ema_schedule not in EMA_SCHEDULES:
+            raise ValueError(f"config ema_schedule must be one of {', '.join(EMA_SCHEDULES)}, got {self.ema_schedule!r}")
+        if self.ema_schedule == "constant":
+            if self.ema_decay is None or not 0 <= self.ema_decay < 1:
+                raise ValueError(f"config ema_decay must be in [0, 1) for ema_schedule constant, got {self.ema_decay}")
+        elif self.ema_decay is not None:
+            raise ValueError(f"config ema_decay sets the constant schedule; ema_schedule {self.ema_schedule} is set by "
+                             f"{'ema_gamma and ema_power' if self.ema_schedule == 'power' else 'ema_halflife and ema_rampup'}"
+                             f": drop ema_decay or set ema_schedule constant")
+        for name in ("ema_gamma", "ema_power", "ema_halflife"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
+        if self.ema_rampup < 0:
+            raise ValueError(f"config ema_rampup must be >= 0, got {self.ema_rampup}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

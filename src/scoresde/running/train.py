@@ -7,6 +7,12 @@ computes the same global batch); extra randomness inside a loss (sliced projecti
 paths) comes from a generator seeded by (seed, step, rank). With the generator, optimiser and
 EMA states in the checkpoint, a run killed at any step and resumed reaches, on CPU, bit-identical
 weights to an uninterrupted run.
+
+With `accumulate` = k the drawn global batch holds k x batch_size samples, and the step averages the
+gradients of its k consecutive slices (micro-batches; under DDP without an all-reduce on the first
+k - 1), so it equals one step on the whole batch up to float rounding. `precision` and `compile` apply
+to the networks only (`running.precision`); a GradScaler scales fp16 losses, and an fp16 step whose
+gradient overflowed is skipped (the scale halves) instead of stopping the run.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import math
 import os
 import time
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
@@ -25,18 +32,20 @@ from torch import Tensor, nn
 
 from ..core.sde import LinearSDE
 from ..learning.losses import LOSSES, sample_time
-from ..learning.networks import EMA
+from ..learning.networks import EMA, edm_decay, power_decay
 from .build import build_model, build_sde, check_config, draw_samples, lookup, resolve_device
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import Config, atomic_write, save_config
+from .config import Config, atomic_write, config_from_dict, save_config
 from .data import Dataset, load_config_data, take_batch
+from .precision import compile_blocker, training_view
 
-__all__ = ["NonFiniteLoss", "learning_rate", "Trainer"]
+__all__ = ["NonFiniteLoss", "learning_rate", "ema_decay", "Trainer"]
 
 # config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
-# and with lr_schedule=cosine it also reshapes the remaining learning rates)
+# and with lr_schedule=cosine it also reshapes the remaining learning rates), `device` and `compile` only
+# up to float rounding
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
-                     "sampler", "threads", "device", "data_workers", "data_memory_mb"}
+                     "sampler", "threads", "device", "data_workers", "data_memory_mb", "compile"}
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -46,6 +55,20 @@ def learning_rate(cfg: Config, step: int) -> float:
     if cfg.lr_schedule == "cosine":
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
     return cfg.lr
+
+
+def ema_decay(cfg: Config) -> float | Callable[[int], float]:
+    """The EMA decay of cfg.ema_schedule: constant ema_decay, or the schedule n -> beta_n (`networks.EMA`)."""
+    if cfg.ema_schedule == "power":
+        return partial(power_decay, gamma=cfg.ema_gamma, power=cfg.ema_power)
+    if cfg.ema_schedule == "edm":
+        return partial(edm_decay, halflife=cfg.ema_halflife, rampup=cfg.ema_rampup)
+    return cfg.ema_decay
+
+
+def _micro(v: Tensor | None, k: int) -> list[Tensor | None]:
+    """k equal consecutive slices of a batch tensor (None: k times None)."""
+    return [None] * k if v is None else list(v.chunk(k))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,19 +99,26 @@ class Trainer:
                 torch.cuda.set_device(self.device)
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+        if cfg.compile and (reason := compile_blocker(self.device)):
+            raise ValueError(f"config compile: torch.compile cannot compile on this platform ({reason}); "
+                             f"set compile: false")
         self.data = data if data is not None else load_config_data(cfg)
         self.family = check_config(cfg)
         self.sde = build_sde(cfg)
         self.loss_fn, self.loss_args, self.time_args = self._loss_setup()
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.sde, self.data.sample_shape).to(self.device)
-        self.ema = EMA(self.model, cfg.ema_decay)
-        init_share = cfg.ema_decay ** cfg.steps
+        self.ema = EMA(self.model, ema_decay(cfg))
+        init_share = cfg.ema_decay ** cfg.steps if cfg.ema_schedule == "constant" else 0.0
         if init_share > 0.05 and self.rank == 0:
             warnings.warn(f"ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps: after "
                           f"steps = {cfg.steps} the EMA weights used for sampling still hold {init_share:.0%} of the "
                           f"random initialisation; train longer or lower ema_decay", stacklevel=2)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        B, W = cfg.batch_size, self.world  # this process's positions in the drawn batch, micro-batch after micro-batch
+        self.part = (torch.arange(cfg.accumulate)[:, None] * B + torch.arange(self.rank * B // W,
+                                                                              (self.rank + 1) * B // W)).flatten()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_x = self.data.train.to(self.device)
         self.n_classes = int(cfg.net_args.get("n_classes", 0))
@@ -107,10 +137,15 @@ class Trainer:
                 path.unlink(missing_ok=True)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
-        self.net = self.model
+            n = sum(p.numel() for p in self.model.parameters())
+            print(f"run {self.run_dir}: {n:,} parameters, precision {cfg.precision}, batch {cfg.batch_size} x "
+                  f"accumulate {cfg.accumulate}{', compiled' if cfg.compile else ''}, EMA {cfg.ema_schedule}", flush=True)
+            if self.step:
+                print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
+        self.net = training_view(self.model, self.device, cfg.precision, cfg.compile)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
 
     def _loss_setup(self) -> tuple[Callable[..., Tensor], dict[str, Any], dict[str, Any]]:
         cfg = self.cfg
@@ -135,14 +170,14 @@ class Trainer:
         saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
             saved = yaml.safe_load(saved_path.read_text())
-            defaults = Config().to_dict()  # keys added since the run was saved hold their defaults
-            changed = sorted(k for k, v in self.cfg.to_dict().items()
-                             if k not in RESUMABLE_CHANGES and saved.get(k, defaults[k]) != v)
+            # keys added since the run was saved take their defaults, resolved as then (ema_decay: constant)
+            saved = config_from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}).to_dict()
+            changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved[k] != v)
             if changed:
                 raise ValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
                                  f"choose another name=... or remove that folder")
         self.step, _ = load_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt,
-                                       generators={"train": self.gen})
+                                       generators={"train": self.gen}, scaler=self.scaler)
         self.last_checkpoint = self.step
         if self.rank == 0 and self.metrics_path.exists():  # drop records written after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
@@ -153,12 +188,12 @@ class Trainer:
     def _batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, torch.Generator]:
         """This process's slice of the global batch: x0, labels (class-conditional nets, else None), t, noise,
         importance factors, extra generator."""
-        B, n = self.cfg.batch_size, self.train_x.shape[0]
+        B, n = self.cfg.batch_size * self.cfg.accumulate, self.train_x.shape[0]
         idx = torch.randint(n, (B,), generator=self.gen)
         t, r = sample_time(self.sde, B, generator=self.gen, dtype=self.train_x.dtype, **self.time_args)
         noise = torch.randn((B,) + self.data.sample_shape, generator=self.gen) \
             if isinstance(self.sde, LinearSDE) else None
-        part = slice(self.rank * B // self.world, (self.rank + 1) * B // self.world)
+        part = self.part
         extra = torch.Generator(self.device).manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
         dev = self.device
         y = None if self.train_y is None else self.train_y[idx[part].to(dev)]
@@ -174,24 +209,32 @@ class Trainer:
         return partial(self.net, y=torch.where(drop, torch.full_like(y, self.n_classes), y))
 
     def _train_step(self) -> tuple[float, float]:
-        cfg = self.cfg
+        cfg, k = self.cfg, self.cfg.accumulate
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(cfg, self.step)
         x0, y, t, noise, r, extra = self._batch(self.step)
-        net = self._labelled(y, extra)
-        loss = (self.loss_fn(net, self.sde, x0, t=t, noise=noise, generator=extra, **self.loss_args) * r).mean()
-        value = loss.detach().clone()
+        self.opt.zero_grad(set_to_none=True)
+        value = 0.0
+        for j, (x0_j, y_j, t_j, noise_j, r_j) in enumerate(zip(*(_micro(v, k) for v in (x0, y, t, noise, r)))):
+            with self.net.no_sync() if self.world > 1 and j < k - 1 else nullcontext():
+                loss = (self.loss_fn(self._labelled(y_j, extra), self.sde, x0_j, t=t_j, noise=noise_j, generator=extra,
+                                     **self.loss_args) * r_j).mean()
+                self.scaler.scale(loss / k if k > 1 else loss).backward()
+            value = value + loss.detach()
+        value = value / k if k > 1 else value
         if self.world > 1:
             dist.all_reduce(value)
             value /= self.world
         if not torch.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value.item()} at step {self.step}; training stopped. {self._last_good()}")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+            raise NonFiniteLoss(f"loss is {value.item()} at step {self.step} (precision {cfg.precision}); training "
+                                f"stopped. {self._last_good()}")
+        self.scaler.unscale_(self.opt)
         norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm):
-            raise NonFiniteLoss(f"gradient norm is {norm.item()} at step {self.step}; training stopped. {self._last_good()}")
-        self.opt.step()
+        if not torch.isfinite(norm) and not self.scaler.is_enabled():
+            raise NonFiniteLoss(f"gradient norm is {norm.item()} at step {self.step} (precision {cfg.precision}); "
+                                f"training stopped. {self._last_good()}")
+        self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed, the scale then halves
+        self.scaler.update()
         self.ema.update()
         self.step += 1
         return value.item(), norm.item()
@@ -205,7 +248,8 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             save_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt, step=self.step,
-                            generators={"train": self.gen}, extra={"data": self.data.name, "world_size": self.world})
+                            generators={"train": self.gen}, extra={"data": self.data.name, "world_size": self.world},
+                            scaler=self.scaler)
         self.last_checkpoint = self.step
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -224,7 +268,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not cfg.progress or self.rank != 0)
         losses, tic, start = [], time.perf_counter(), self.step
-        self.model.train()
+        self.net.train()
         try:
             while self.step < until:
                 loss, norm = self._train_step()
