@@ -103,3 +103,36 @@ def test_bad_checkpoints(tmp_path, gen):
     save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a scoresde checkpoint"):
         C.read_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_ema_update_count_and_grad_scaler_round_trip(tmp_path, gen):
+    """The warm-up EMA's position (its update count) and an fp16 GradScaler's scale and growth tracker come
+    back exactly; a checkpoint from before update counts (a constant decay) counts one update per step."""
+    from functools import partial
+
+    from safetensors.torch import save as st_save
+
+    from scoresde.learning.networks import power_decay
+
+    net, ema, opt = _trained(gen)
+    ema.updates = 7
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
+    scaler.scale(torch.ones(()))  # the scale and growth tracker exist from the first scaled loss on
+    scaler.update(2.0**7)
+    scaler._growth_tracker.fill_(3)
+    path = tmp_path / "c.safetensors"
+    C.save_checkpoint(path, model=net, ema=ema, step=3, scaler=scaler)
+    ema2 = EMA(net, partial(power_decay, gamma=1.0, power=0.75))
+    scaler2 = torch.amp.GradScaler("cpu", growth_interval=5)
+    C.load_checkpoint(path, model=net, ema=ema2, scaler=scaler2)
+    assert ema2.updates == 7 and scaler2.state_dict() == scaler.state_dict()
+    assert scaler2.get_scale() == 2.0**7 and scaler2.state_dict()["_growth_tracker"] == 3
+    C.save_checkpoint(tmp_path / "fp32.safetensors", model=net, step=1)
+    with pytest.raises(ValueError, match="holds no GradScaler state"):
+        C.load_checkpoint(tmp_path / "fp32.safetensors", model=net, scaler=scaler2)
+    C.load_checkpoint(path, model=net, scaler=torch.amp.GradScaler("cpu", enabled=False))  # fp32/bf16: no scaler
+    tensors, meta = C.read_checkpoint(path)
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(st_save(tensors, metadata={k: v for k, v in meta.items() if k not in ("ema", "scaler")}))
+    C.load_checkpoint(old, model=net, ema=ema2)
+    assert ema2.updates == 3

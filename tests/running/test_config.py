@@ -48,6 +48,31 @@ def test_errors_name_the_key_and_list_valid_ones(tmp_path):
         load_config(p)
 
 
+def test_training_keys_and_the_ema_schedule_resolution(tmp_path):
+    """New configs get the power warm-up; one that sets ema_decay keeps its constant schedule; the saved config
+    holds the resolved schedule and reads back equal."""
+    cfg = Config()
+    assert (cfg.ema_schedule, cfg.ema_decay, cfg.precision, cfg.accumulate, cfg.compile) == ("power", None, "fp32", 1, False)
+    assert Config(ema_decay=0.99).ema_schedule == "constant"
+    for overrides in (["ema_decay=0.99"], ["ema_schedule=edm", "ema_halflife=500"], ["precision=bf16", "accumulate=4"]):
+        cfg = load_config(None, overrides)
+        save_config(cfg, tmp_path / "c.yaml")
+        assert load_config(tmp_path / "c.yaml") == cfg
+    bad = [(dict(ema_schedule="karras"), "ema_schedule must be one of power, edm, constant, got 'karras'"),
+           (dict(ema_schedule="constant"), r"ema_decay must be in \[0, 1\) for ema_schedule constant, got None"),
+           (dict(ema_schedule="power", ema_decay=0.9), "ema_decay sets the constant schedule; ema_schedule power is "
+                                                       "set by ema_gamma and ema_power"),
+           (dict(ema_schedule="edm", ema_decay=0.9), "ema_schedule edm is set by ema_halflife and ema_rampup"),
+           (dict(ema_power=0), "ema_power must be > 0"), (dict(ema_gamma=-1), "ema_gamma must be > 0"),
+           (dict(ema_halflife=0), "ema_halflife must be > 0"), (dict(ema_rampup=-0.1), "ema_rampup must be >= 0"),
+           (dict(precision="fp8"), "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+           (dict(accumulate=0), "accumulate must be >= 1, got 0"), (dict(compile="yes"), "compile must be of type bool"),
+           (dict(ema_decay="high"), "ema_decay must be of type float, got 'high'")]
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            Config(**kw)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_shipped_configs_build(path):
     """Every config in configs/ resolves: its SDE, network (on its data's shape), and a loss and sampler its
