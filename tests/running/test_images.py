@@ -6,6 +6,7 @@ from PIL import Image
 
 from scoresde.evaluation.metrics import w2_report
 from scoresde.running.data import load_dataset, take_batch
+from scoresde.running import images
 from scoresde.running.images import ImageFolder, LazyImages
 from scoresde.running.train import Trainer
 
@@ -35,12 +36,16 @@ def classes(tmp_path):
     return tmp_path
 
 
+def read_all(folder: ImageFolder) -> torch.Tensor:
+    return torch.stack([folder[i] for i in range(len(folder))])
+
+
 def test_resize_crop_labels_and_channels(classes):
     f = ImageFolder(classes, image_size=4)
     assert [p.name for p in f.files] == ["c1.jpg", "g0.png", "c2.PNG", "g3.png"]  # notes.txt skipped
     assert f.classes == ("a_cat", "b_dog") and torch.equal(f.labels, torch.tensor([0, 0, 1, 1]))
     assert f.shape == (3, 4, 4) and len(f) == 4  # one RGB image makes every image RGB
-    x = f.load()
+    x = read_all(f)
     assert x.shape == (4, 3, 4, 4) and x.dtype == torch.float32
     # 8 x 4 images: the shorter side is already 4, so only the central 4 columns are kept
     assert torch.equal(x[1], scaled(GREY_WIDE[:, 2:6]).expand(3, 4, 4))
@@ -61,7 +66,7 @@ def test_a_grey_folder_without_classes_keeps_its_size(tmp_path):
         Image.fromarray(np.roll(GREY_WIDE, i)).save(tmp_path / f"{i}.png")
     f = ImageFolder(tmp_path)
     assert f.shape == (1, 4, 8) and f.labels is None and f.classes == ()
-    assert torch.equal(f.load(), torch.stack([scaled(np.roll(GREY_WIDE, i)) for i in range(3)]))
+    assert torch.equal(read_all(f), torch.stack([scaled(np.roll(GREY_WIDE, i)) for i in range(3)]))
     d = load_dataset(str(tmp_path), n_test=1)
     assert d.is_image and d.train.shape == (2, 1, 4, 8) and d.train_labels is None
 
@@ -108,6 +113,11 @@ def test_a_file_whose_pixels_do_not_read_is_named_in_memory_and_lazily(tmp_path)
     truncated_png(tmp_path / "9.png", RGB_SQUARE)
     with pytest.raises(ValueError, match=r"cannot read image '.*9.png': image file is truncated"):
         load_dataset(str(tmp_path), n_test=1)
+    # read lazily, the folder loads without decoding its training images; the bad one is named when read
+    lazy = load_dataset(str(tmp_path), n_test=1, seed=0, memory_mb=0, workers=0)
+    at = int((lazy.train.rows == 9).nonzero())  # the truncated file is a training image with this seed
+    with pytest.raises(ValueError, match=r"cannot read image '.*9.png': image file is truncated"):
+        lazy.train[at]
     f = ImageFolder(tmp_path)
     for workers in (0, 2):
         view = LazyImages(f, torch.arange(10), workers)
@@ -116,13 +126,13 @@ def test_a_file_whose_pixels_do_not_read_is_named_in_memory_and_lazily(tmp_path)
             view[torch.tensor([2, 9, 3])]
 
 
-def test_lazy_and_in_memory_reads_are_identical(classes):
+def test_lazy_and_in_memory_reads_are_identical(classes, monkeypatch):
     for i in range(12):  # more images, so that the held-out set and the training set are both several
         Image.fromarray(np.roll(RGB_SQUARE, i, axis=1)).save(classes / "b_dog" / f"r{i:02d}.jpg")
     mem = load_dataset(str(classes), n_test=3, seed=5, image_size=4)
     assert isinstance(mem.train, torch.Tensor) and mem.train.shape == (13, 3, 4, 4) and mem.test.shape == (3, 3, 4, 4)
     assert mem.classes == ("a_cat", "b_dog")
-    whole = ImageFolder(classes, image_size=4).load()  # the held-out rows are rows of the folder, none left out
+    whole = read_all(ImageFolder(classes, image_size=4))  # the held-out rows are rows of the folder, none left out
     rows = {tuple(r) for r in whole.flatten(1).tolist()}
     assert {tuple(r) for r in torch.cat([mem.train, mem.test]).flatten(1).tolist()} == rows
     idx = torch.tensor([12, 0, 5, 5, 7, 1])
@@ -137,6 +147,8 @@ def test_lazy_and_in_memory_reads_are_identical(classes):
         assert torch.equal(lazy.train[idx], mem.train[idx])
         a, b = (w2_report(mem.test, d, generator=torch.Generator().manual_seed(0)) for d in (mem, lazy))
         assert a == b
+    monkeypatch.setattr(images, "CHUNK", 2)  # 7 worker tasks for 13 images, more than the DataLoader keeps in flight
+    assert torch.equal(load_dataset(str(classes), n_test=3, seed=5, image_size=4, memory_mb=0).train[:], mem.train)
 
 
 def test_hflip_mirrors_about_half_the_images_reproducibly(tmp_path):

@@ -161,11 +161,9 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         if path.is_dir():
             folder = ImageFolder(path, image_size, channels)
             tr, te = _holdout(len(folder), n_test, g)
-            test = torch.stack([folder[i] for i in te.tolist()])
-            if folder.nbytes > memory_mb * 2 ** 20:
-                train = LazyImages(folder, tr, workers)
-            else:
-                train = folder.load()[tr]
+            every = LazyImages(folder, torch.arange(len(folder)), workers)  # decodes with the workers
+            test = every[te]
+            train = LazyImages(folder, tr, workers) if folder.nbytes > memory_mb * 2 ** 20 else every[tr]
             return Dataset(train, test, name, _labels(folder.labels, tr), _labels(folder.labels, te),
                            classes=folder.classes)
         if path.is_file():

@@ -29,6 +29,7 @@ __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LazyImages"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GREY_MODES = ("1", "L", "LA")
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+CHUNK = 256  # at most about this many images per worker task (each task's result passes through shared memory)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -128,10 +129,6 @@ class ImageFolder(TorchDataset):
         x = torch.from_numpy(np.array(im, dtype=np.float32)) / 127.5 - 1
         return x[None] if self.channels == 1 else x.permute(2, 0, 1).contiguous()
 
-    def load(self) -> Tensor:
-        """Every image, decoded in this process: (n, C, H, W)."""
-        return torch.stack([self[i] for i in range(len(self))])
-
 
 class _Reader(TorchDataset):
     """A folder's images for DataLoader workers: a decoding error comes back as its message, not a traceback."""
@@ -170,8 +167,8 @@ class _Batches(Sampler):
 class LazyImages:
     """Images `rows` of an ImageFolder, read when indexed: a stand-in for an (n, C, H, W) float32 tensor.
 
-    `view[idx]` (an int, slice or index tensor) decodes those images, split among `workers` persistent
-    DataLoader worker processes (0: in this process), and returns them on `device`. `prefetch(idx)` starts
+    `view[idx]` (an int, slice or index tensor) decodes those images, in chunks shared among `workers`
+    persistent DataLoader worker processes (0: in this process), and returns them on `device`. `prefetch(idx)` starts
     that read in the background; the next `view[idx]` with the same indices collects it."""
 
     def __init__(self, folder: ImageFolder, rows: Tensor, workers: int = 2, device: torch.device | str = "cpu"):
@@ -204,7 +201,8 @@ class LazyImages:
             if self._loader is None:
                 self._loader = DataLoader(_Reader(self.folder), batch_sampler=self._sampler, num_workers=self.workers,
                                           collate_fn=_stack, persistent_workers=True)
-            chunks = [c.tolist() for c in rows.tensor_split(min(self.workers, len(rows)))]
+            n_chunks = min(len(rows), max(self.workers, -(-len(rows) // CHUNK)))
+            chunks = [c.tolist() for c in rows.tensor_split(n_chunks)]
             self._sampler.batches = chunks
             self._pending = (rows, iter(self._loader), len(chunks))
 
