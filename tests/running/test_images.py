@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from scoresde.evaluation.metrics import w2_report
-from scoresde.running.data import load_dataset, take_batch
 from scoresde.running import images
+from scoresde.running.data import load_dataset, take_batch
 from scoresde.running.images import ImageFolder, LazyImages
 from scoresde.running.train import Trainer
 
@@ -178,8 +178,8 @@ def test_training_on_a_lazy_folder_is_bit_identical_to_in_memory_and_resumes_exa
         (folder / c).mkdir(parents=True)
         for i in range(8):
             Image.fromarray(np.roll(RGB_SQUARE, 3 * i + (c == "y"), axis=0)).save(folder / c / f"{i}.png")
-    cfg = dict(data=str(folder), image_size=8, hflip=True, n_test=4, net="unet", net_args={"base": 8, "mults": [1, 2]},
-               steps=6, batch_size=4, checkpoint_every=3)
+    cfg = {"data": str(folder), "image_size": 8, "hflip": True, "n_test": 4, "net": "unet",
+           "net_args": {"base": 8, "mults": [1, 2]}, "steps": 6, "batch_size": 4, "checkpoint_every": 3}
     mem = Trainer(tiny_config(name="mem", **cfg)).run()
     assert isinstance(mem.train_x, torch.Tensor)
     lazy = Trainer(tiny_config(name="lazy", data_memory_mb=0, **cfg)).run()

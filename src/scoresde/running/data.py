@@ -25,8 +25,8 @@ from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, 
 from .config import Config
 from .images import ImageFolder, LazyImages
 
-__all__ = ["Dataset", "validate", "load_dataset", "load_config_data", "load_digits", "load_array", "builtin_names",
-           "take_batch"]
+__all__ = ["Dataset", "builtin_names", "load_array", "load_config_data", "load_dataset", "load_digits", "take_batch",
+           "validate"]
 
 _MIXTURES = {"ring": ring, "grid": grid}
 _MIXTURE_DIM = re.compile(r"^mixture(\d+)$")

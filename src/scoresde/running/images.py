@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset as TorchDataset, Sampler
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
 
 from ..core.validate import integer, one_of
 
@@ -29,6 +30,8 @@ __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LazyImages"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GREY_MODES = ("1", "L", "LA")
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+# what Pillow raises on a file it cannot read (UnidentifiedImageError and truncation are OSErrors)
+PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 CHUNK = 256  # at most about this many images per worker task (each task's result passes through shared memory)
 
 
@@ -66,7 +69,7 @@ def _header(file: Path) -> tuple[str, tuple[int, int]]:
     try:
         with Image.open(file) as im:
             mode, size = im.mode, im.size
-    except Exception as err:  # Pillow raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+    except PIL_ERRORS as err:
         raise ValueError(f"cannot read image {str(file)!r}: {err}") from None
     if mode not in GREY_MODES + COLOUR_MODES:
         raise ValueError(f"image {str(file)!r} has mode {mode} (16-bit or float); only 8-bit grey or colour "
@@ -122,7 +125,7 @@ class ImageFolder(TorchDataset):
         try:
             with Image.open(file) as im:
                 im = im.convert("L" if self.channels == 1 else "RGB")
-        except Exception as err:
+        except PIL_ERRORS as err:
             raise ValueError(f"cannot read image {str(file)!r}: {err}") from None
         if self.image_size:
             im = _fit(im, self.image_size)
