@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,12 @@ bench-consistency: $(STAMP)
 
 bench-alignment: $(STAMP)
 	$(HEAVY) -m benchmarks alignment $(BENCH_ARGS)
+
+bench-stochastic: $(STAMP)
+	$(HEAVY) -m benchmarks stochastic --stage choose $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage exact $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage learned $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage overhead $(BENCH_ARGS)
 
 bench-estimation: $(STAMP)
 	$(HEAVY) -m benchmarks estimation a b $(BENCH_ARGS)

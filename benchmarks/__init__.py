@@ -19,4 +19,5 @@ BENCHMARKS = {
     "consistency": "consistency",
     "alignment": "alignment",
     "gpu": "gpu",
+    "stochastic": "stochastic",
 }

@@ -101,3 +101,18 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
     if not torch.cuda.is_available():
         res = harness("gpu", "--out", str(tmp_path))
         assert res.returncode != 0 and "needs a CUDA device" in res.stderr
+
+
+def test_stochastic_quick_runs_every_stage(tmp_path):
+    """`stochastic --quick`: choice set, held-out report, learned digits model, overhead, report and figures."""
+    res = harness("stochastic", "--quick", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = tmp_path / "stochastic"
+    for stage in ("choose", "exact", "learned", "overhead"):
+        check_environment(json.loads((folder / f"stochastic_{stage}.json").read_text())["environment"])
+    exact = common.read_json(folder / "stochastic_exact.json")
+    assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b"}
+    assert exact["picks"]["10"]["best"]["scoresde"].startswith("scoresde/")
+    assert any(r["kind"] == "stochastic" and "kid" in r for r in common.read_json(folder / "stochastic_learned.json")["rows"])
+    assert "## (a) exact scores" in (folder / "stochastic_report.md").read_text()
+    assert (folder / "stochastic_ring.png").exists() and (folder / "stochastic_learned.png").exists()

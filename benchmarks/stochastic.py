@@ -1,0 +1,595 @@
+"""Stochastic samplers against diffusers' stochastic schedulers (issue 21).
+
+(a) Exact scores (stage `choose`, then `exact`): the 2-D ring and the 16-D mixture of benchmarks/samplers.py
+(same exact score, same discrete eps model for diffusers, same MMD^2 broad / fine and log-density gap, from
+`benchmarks.samplers`) under VP, NFE 10, 20, 50, 100. Every scoresde method that `METHODS` marks stochastic at
+its defaults (`stochastic({})`, less "consistency"), plus ddim at eta = 1, runs at its defaults and with a few
+of its own knobs (KNOBS: grid, variance, snr, step ratio, churn, tau, noise, ...; an option a method refuses
+is recorded and skipped); diffusers' stochastic schedulers (sde-dpmsolver++ orders 2 and 3, SA-Solver, Euler
+ancestral, DPM-SDE, DDPM, DDIM eta = 1, KDPM2 ancestral) at their defaults and their tuning knobs.
+Held-out protocol: `choose` runs every configuration on the choice set (ring and mix16 =
+random_mixture(16, 8, seed=0), sample seed 0, n = --n-choose) and picks, per NFE, each method's knob and the
+best scoresde and best diffusers configuration; `exact` re-runs the defaults and the picks on fresh
+samples (seed 1, n = --n) of ring and mix16 and of mix16b = random_mixture(16, 8, seed=1), a target no choice
+saw. The goal compares the two picks made on the choice set.
+(b) Learned score (stage `learned`): the digits VP model of benchmarks/imaging.py (its bench budget, cached in
+runs/stochastic_digits/VP), FID-style distance and KID (+- se) on the digits features, NFE 10-200; the best
+stochastic and deterministic method per NFE chosen on sample seed 10, reported on seed 11; EDM churn sweep.
+(c) Per-evaluation overhead (stage `overhead`) with a free score model, each method against its diffusers twin.
+
+    python -m benchmarks stochastic --stage choose     # then --stage exact, --stage learned, --stage overhead
+Outputs in benchmarks/results/stochastic/: stochastic_{choose,exact,learned,overhead}.json,
+stochastic_report.md, stochastic_{ring,mix16,mix16b}.png, stochastic_learned.png.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from benchmarks import common
+from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, run_ours, setup, value
+from scoresde.core.sde import VP
+from scoresde.core.targets import random_mixture
+from scoresde.sampling import sample
+from scoresde.sampling.methods import METHODS
+
+warnings.filterwarnings("ignore")
+F64 = torch.float64
+NAME = "stochastic"
+NFES = (10, 20, 50, 100)
+CHOICE_TARGETS = ("ring", "mix16")
+REPORT_TARGETS = ("ring", "mix16", "mix16b")
+METRICS = ("mmd2", "mmd2_fine", "abs_gap")
+LEARNED_NFES = (10, 20, 50, 100, 200)
+DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
+CHURN = (0.0, 10.0, 40.0, 80.0)
+QUICK = dict(n_choose=200, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
+             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20)
+
+# ---- configurations -------------------------------------------------------------------------------------
+
+GRIDS = [("uniform", {"grid": "uniform"}), ("poly2", {"grid": "poly", "power": 2.0}), ("logsnr", {"grid": "logsnr"}),
+         ("edm7", {"grid": "edm", "rho": 7.0})]
+# each method's own knobs (beyond the time grids every fixed-grid method gets); a method not named here gets the
+# grids and noise="brownian"; an option set the method refuses is recorded as an error row and skipped
+KNOBS = {
+    "pc": [("snr=0.08", {"snr": 0.08}), ("snr=0.3", {"snr": 0.3}), ("predictor=ei", {"predictor": "ei"})],
+    "ald": [("ratio=0.5", {"step_ratio": 0.5}), ("ratio=2", {"step_ratio": 2.0})],
+    "ddpm": [("variance=beta", {"variance": "beta"})],
+    "edm_sde": [(f"S_churn={c:g}", {"S_churn": c}) for c in (10.0, 40.0, 80.0)]
+    + [("S_churn=40,S_noise=1.003", {"S_churn": 40.0, "S_noise": 1.003})],
+    "sa3": [(f"tau={t:g}", {"tau": t}) for t in (0.5, 1.0)],
+    "adaptive_sde": [("rtol=0.05", {"rtol": 0.05}), ("rtol=0.2", {"rtol": 0.2})],
+}
+NOISE_KNOB = ("noise=brownian", {"noise": "brownian"})
+
+
+def ours_methods() -> dict[str, tuple[str, dict]]:
+    """Every registered stochastic method at its defaults (ddim at eta = 1), as {label: (method, options)}."""
+    out = {m: (m, {}) for m in METHODS.names() if METHODS[m].stochastic({}) and m != "consistency"}
+    if "ddim" in METHODS:
+        out["ddim(eta=1)"] = ("ddim", {"eta": 1.0})
+    return out
+
+
+def ours_knobs(label: str, method: str, base: dict) -> list[tuple[str, dict]]:
+    spec = METHODS[method]
+    knobs = [("default", {})] + list(KNOBS.get(method, []))
+    if not spec.adaptive:
+        default_grid = spec.grid if spec.grid != "poly" else f"poly{spec.power:g}"
+        knobs += [(g, o) for g, o in GRIDS if g != default_grid and not spec.levels_are_points]
+    knobs.append(NOISE_KNOB)
+    return [(k, {**base, **o}) for k, o in knobs]
+
+
+def peer_table():
+    import diffusers as D
+
+    karras, trailing = ("karras", {"use_karras_sigmas": True}), ("trailing", {"timestep_spacing": "trailing"})
+    dpm = [karras, ("lof=0", {"lower_order_final": False}), ("final=sigma_min", {"final_sigmas_type": "sigma_min"}),
+           ("midpoint->heun", {"solver_type": "heun"}), trailing]
+    # (class, fixed config, step() keywords, knobs); clip_sample off: the samples are not images in [-1, 1]
+    return {
+        "SDE-DPM++2M": (D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}, dpm),
+        "SDE-DPM++3M": (D.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}, {}, dpm),
+        "SA-Solver": (D.SASolverScheduler, {}, {},
+                      [("p3c3", {"predictor_order": 3, "corrector_order": 3}), ("p1c1", {"predictor_order": 1,
+                       "corrector_order": 1}), ("tau=1", {"tau_func": lambda t: 1.0}), karras, trailing]),
+        "EulerAncestral": (D.EulerAncestralDiscreteScheduler, {}, {}, [trailing]),
+        "DPM-SDE": (D.DPMSolverSDEScheduler, {}, {}, [karras, trailing]),
+        "DDPM": (D.DDPMScheduler, {"clip_sample": False}, {}, [("fixed_large", {"variance_type": "fixed_large"}), trailing]),
+        "DDIM(eta=1)": (D.DDIMScheduler, {"clip_sample": False}, {"eta": 1.0}, [trailing]),
+        "KDPM2-Ancestral": (D.KDPM2AncestralDiscreteScheduler, {}, {}, [karras, trailing]),
+    }
+
+
+def peer_configs():
+    base = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                prediction_type="epsilon")
+    out = {}
+    for name, (cls, fixed, step_kw, knobs) in peer_table().items():
+        for knob, kw in [("default", {})] + knobs:
+            out[f"{name}/{knob}"] = (cls, {**base, **fixed, **kw}, step_kw)
+    return out
+
+
+def all_configs() -> list[tuple[str, str, str, tuple]]:
+    """(config name, member, kind, spec): member = the method or scheduler the knob belongs to."""
+    out = []
+    for label, (method, base) in ours_methods().items():
+        for knob, options in ours_knobs(label, method, base):
+            out.append((f"scoresde/{label}/{knob}", f"scoresde/{label}", "ours", (method, options)))
+    for name, spec in peer_configs().items():
+        out.append((f"diffusers/{name}", f"diffusers/{name.split('/')[0]}", "peer", spec))
+    return out
+
+
+def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
+    """Drive a stochastic diffusers scheduler at the largest step count whose model calls fit `nfe`, its noise
+    from `gen`; returns (x, model calls)."""
+    config = dict(config)
+    if "noise_sampler_seed" in inspect.signature(cls.__init__).parameters:
+        config["noise_sampler_seed"] = int(torch.randint(2**31, (1,), generator=gen))
+    sched = cls(**config)
+    steps = nfe if getattr(cls, "order", 1) == 1 else (nfe + 1) // 2
+    while True:
+        sched.set_timesteps(steps, device=x_T.device)
+        if len(sched.timesteps) <= nfe or steps == 1:
+            break
+        steps -= 1
+    kw = dict(step_kw)
+    if "generator" in inspect.signature(sched.step).parameters:
+        kw["generator"] = gen
+    x, used = x_T * sched.init_noise_sigma, 0
+    for t in sched.timesteps:
+        eps = eps_model(sched.scale_model_input(x, t), t)
+        used += 1
+        x = sched.step(eps, t, x, **kw).prev_sample
+    return x, used
+
+
+def counted(fn):
+    calls = [0]
+
+    def wrapped(x, t):
+        calls[0] += 1
+        return fn(x, t)
+    return wrapped, calls
+
+
+def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
+    """(x, evaluations used, error message or None)."""
+    try:
+        if kind == "ours":
+            method, options = spec
+            fn, calls = counted(score_fn)
+            x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
+            return x, calls[0], None
+        x, used = run_peer(*spec, eps, x_T, nfe, gen)
+        return x, used, None
+    except Exception as err:  # an option the method refuses, or a budget it cannot meet
+        return None, 0, f"{type(err).__name__}: {str(err)[:160]}"
+
+
+# ---- exact-score targets --------------------------------------------------------------------------------
+
+def target_of(name):
+    if name == "mix16b":
+        t = random_mixture(16, 8, seed=1)
+        return t, MixtureScore(t)
+    return setup(name)
+
+
+def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4):
+    sde = VP()
+    target, sc = target_of(tname)
+    gen = torch.Generator().manual_seed(seed)
+    scorer = Scorer(target, n, gen, null_repeats=null_repeats)
+    rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
+             **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}]
+    print(json.dumps(rows[0]), flush=True)
+    x_T = sde.prior_sample((n, target.dim), gen, F64)
+    score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
+    refused = set()
+    for name, member, kind, spec in all_configs():
+        for nfe in nfes:
+            if (wanted is not None and (name, nfe) not in wanted) or name in refused:
+                continue
+            t0 = time.perf_counter()
+            x, used, err = run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen)
+            if err and ("unexpected keyword" in err or "must be one of" in err):
+                refused.add(name)
+            row = {"target": tname, "config": name, "member": member, "nfe": nfe, "used": used, "n": n,
+                   **scorer(x), "error": err, "seconds": round(time.perf_counter() - t0, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def null_sd(rows, tname, metric="mmd2"):
+    null = [r for r in rows if r["target"] == tname and r["nfe"] == 0][0]
+    return null[f"{metric}_sd"] if metric != "abs_gap" else 0.0
+
+
+def choice_score(rows, config, nfe, metric="mmd2"):
+    """Geometric mean over the choice targets of max(|metric|, null sd): the choice criterion."""
+    vals = []
+    for t in CHOICE_TARGETS:
+        r = [r for r in rows if r["target"] == t and r["config"] == config and r["nfe"] == nfe]
+        if not r:
+            return float("inf")
+        vals.append(max(value(r[0], metric), null_sd(rows, t, metric), 1e-12))
+    return float(np.exp(np.mean(np.log(vals))))
+
+
+def choose(rows, nfes):
+    """Per NFE: each member's best knob, and the best scoresde and best diffusers configuration (choice set)."""
+    members = sorted({r["member"] for r in rows if r.get("member")})
+    picks = {}
+    for nfe in nfes:
+        cell = {}
+        for m in members:
+            cands = sorted({r["config"] for r in rows if r.get("member") == m and r["nfe"] == nfe})
+            scored = [(choice_score(rows, c, nfe), c) for c in cands]
+            scored = [s for s in scored if math.isfinite(s[0])]
+            if scored:
+                cell[m] = min(scored)[1]
+        best = {fam: min(((choice_score(rows, c, nfe), c) for m, c in cell.items() if m.startswith(fam)),
+                         default=(float("inf"), None))[1] for fam in ("scoresde", "diffusers")}
+        picks[str(nfe)] = {"member": cell, "best": best}
+    return picks
+
+
+def default_of(member):
+    return f"{member}/default"
+
+
+# ---- learned score: the digits VP model -----------------------------------------------------------------
+
+def kid(f_gen: torch.Tensor, f_ref: torch.Tensor, blocks: int = 10) -> tuple[float, float]:
+    """Kernel inception distance on the digits features: the unbiased MMD^2 with the cubic polynomial kernel
+    (x.y / d + 1)^3, averaged over `blocks` disjoint blocks of the generated set (each against the whole
+    reference set); returns (mean, standard error over the blocks)."""
+    x, y = f_gen.double(), f_ref.double()
+    d = x.shape[1]
+    k = lambda a, b: (a @ b.T / d + 1) ** 3
+    kyy = k(y, y)
+    m = y.shape[0]
+    yy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
+    vals = []
+    for xb in x.chunk(blocks):
+        n = xb.shape[0]
+        kxx = k(xb, xb)
+        xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
+        vals.append(float(xx + yy - 2 * k(xb, y).mean()))
+    return float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
+
+
+def digits_run(args):
+    """The digits VP model as benchmarks/imaging.py trains it (bench budget), cached under runs/stochastic_digits."""
+    from types import SimpleNamespace
+
+    from benchmarks import imaging
+    from scoresde.running.runs import load_run
+
+    root = common.scratch_dir(NAME, "runs/stochastic_digits")
+    folder = root / "VP"
+    try:
+        run = load_run(folder)
+        print(f"reusing {folder} (step {run.step})", flush=True)
+        return run.sde, run.model, run.data.sample_shape, 0.0
+    except ValueError:
+        pass
+    ns = SimpleNamespace(runs=root, steps=args.train_steps, threads=1)
+    tr, sec = imaging.train(ns, "VP", imaging.FAMILIES["VP"])
+    model = tr.ema.copy().eval().requires_grad_(False)
+    return tr.sde, model, tr.data.sample_shape, sec
+
+
+def learned(args):
+    from benchmarks.imaging import Evaluator
+    from scoresde.evaluation.features import image_features
+    from scoresde.evaluation.metrics import frechet_distance
+
+    sde, model, shape, train_s = digits_run(args)
+    ev = Evaluator(10**6, common.REPO / "runs" / "features")  # n = the whole other half for the floor
+    from scoresde.running.data import load_digits
+    x_real, _ = load_digits()
+    perm = torch.randperm(x_real.shape[0], generator=torch.Generator().manual_seed(123))
+    f_other = image_features(x_real[perm[x_real.shape[0] // 2:]], ev.net)
+    floor = {"fid": ev.floor, "kid": kid(f_other, ev.ref), "n": f_other.shape[0]}
+    print(f"feature net accuracy {ev.acc:.3f}; floor (real half B, n={floor['n']}): FID-style {ev.floor:.3f}, "
+          f"KID {floor['kid'][0]:.2e} +- {floor['kid'][1]:.1e}", flush=True)
+    stoch = {k: v for k, v in ours_methods().items() if k != "ald"}
+    det = {m: (m, {}) for m in DETERMINISTIC if m in METHODS}
+    rows = []
+
+    @torch.no_grad()
+    def one(label, kind, method, options, nfe, n, seed, stage):
+        g = torch.Generator().manual_seed(seed)
+        x_T = sde.prior_sample((n,) + tuple(shape), g, torch.float32)
+        t0 = time.perf_counter()
+        x, used, err = run_config("ours", (method, options), sde, model, None, x_T, nfe, g)
+        row = {"stage": stage, "label": label, "kind": kind, "nfe": nfe, "used": used, "n": n, "seed": seed,
+               "error": err, "seconds": round(time.perf_counter() - t0, 2)}
+        if x is not None and torch.isfinite(x).all():
+            f = image_features(x.float().clamp(-1, 1), ev.net)
+            kv, kse = kid(f, ev.ref)
+            row.update(fid=frechet_distance(ev.ref, f), kid=kv, kid_se=kse)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    # choice: every candidate at every NFE on seed 10
+    for nfe in args.learned_nfes:
+        for kind, table in (("stochastic", stoch), ("deterministic", det)):
+            for label, (method, options) in table.items():
+                one(label, kind, method, options, nfe, args.n_learned_choose, 10, "choose")
+    picks = {}
+    for nfe in args.learned_nfes:
+        for kind in ("stochastic", "deterministic"):
+            c = [r for r in rows if r["stage"] == "choose" and r["nfe"] == nfe and r["kind"] == kind and "kid" in r]
+            picks[f"{kind}/{nfe}"] = min(c, key=lambda r: r["kid"])["label"] if c else None
+    print("learned picks (seed 10):", json.dumps(picks), flush=True)
+    # report: the picks on seed 11
+    every = {**stoch, **det}
+    for nfe in args.learned_nfes:
+        for kind in ("stochastic", "deterministic"):
+            label = picks[f"{kind}/{nfe}"]
+            if label:
+                one(label, kind, *every[label], nfe, args.n_learned, 11, "report")
+    # EDM churn sweep on seed 11
+    if "edm_sde" in METHODS:
+        for nfe in args.churn_nfes:
+            for c in CHURN:
+                one(f"edm_sde(S_churn={c:g})", "churn", "edm_sde", {"S_churn": c}, nfe, args.n_learned, 11, "churn")
+    return {"floor": floor, "feature_accuracy": ev.acc, "train_s": train_s, "picks": picks, "rows": rows}
+
+
+# ---- overhead -------------------------------------------------------------------------------------------
+
+TWINS = {"ddpm": "DDPM", "ddim(eta=1)": "DDIM(eta=1)", "em": "EulerAncestral", "ei": "EulerAncestral",
+         "dpm2m_sde": "SDE-DPM++2M", "dpm3m_sde": "SDE-DPM++3M", "sa3": "SA-Solver", "edm_sde": "KDPM2-Ancestral"}
+
+
+def overhead(shape, steps, repeats):
+    """Seconds per score evaluation of each sampler at its defaults with a free model (a cached tensor)."""
+    sde, out = VP(), {}
+    cached = torch.zeros(shape)
+    free = lambda x, t: cached
+    x_T = torch.randn(shape)
+    gen = torch.Generator().manual_seed(0)
+    entries = [(f"scoresde/{k}", "ours", v) for k, v in ours_methods().items() if k not in ("pc", "ald")]
+    entries += [(f"diffusers/{k}", "peer", v) for k, v in peer_configs().items() if k.endswith("/default")]
+    for name, kind, spec in entries:
+        times = []
+        for _ in range(repeats):
+            if kind == "ours":
+                per = METHODS[spec[0]].evals_per_step(spec[1])
+                nfe = steps * per + 1
+            else:
+                nfe = steps * getattr(spec[0], "order", 1)
+            t0 = time.perf_counter()
+            x, used, err = run_config(kind, spec, sde, free, free, x_T, nfe, gen)
+            if err:
+                break
+            times.append((time.perf_counter() - t0) / used)
+        if times:
+            out[name] = min(times)
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def fmt_ratio(a, b, floor):
+    if a < floor and b < floor:
+        return f"floor ({a / b:.2f})"
+    return f"{a / b:.2f}"
+
+
+def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
+    plt = common.plt()
+    lines = ["## (a) exact scores\n"]
+    if exact_rows:
+        lines.append("Picks made on the choice set (ring, mix16; sample seed 0), reported on fresh samples (seed 1) "
+                     "and on mix16b (never seen by a choice). ratio = |MMD^2| of the scoresde pick / the diffusers "
+                     "pick; 'floor': both below 2 null sd.\n")
+        for t in REPORT_TARGETS:
+            trows = [r for r in exact_rows if r["target"] == t]
+            if not trows:
+                continue
+            null = [r for r in trows if r["nfe"] == 0][0]
+            fl = {m: 2 * null[f"{m}_sd"] for m in ("mmd2", "mmd2_fine")}
+            lines.append(f"\n{t} (n = {null['n']}; null MMD^2 {null['mmd2']:.1e} +- {null['mmd2_sd']:.1e}, "
+                         f"fine {null['mmd2_fine']:.1e} +- {null['mmd2_fine_sd']:.1e})\n")
+            lines.append("| NFE | scoresde pick | MMD^2 | fine | gap | diffusers pick | MMD^2 | fine | gap | "
+                         "ratio MMD^2 | ratio fine | best scoresde here (post hoc) | best diffusers here |")
+            lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            for nfe in nfes:
+                b = picks[str(nfe)]["best"]
+                o = [r for r in trows if r["config"] == b["scoresde"] and r["nfe"] == nfe]
+                p = [r for r in trows if r["config"] == b["diffusers"] and r["nfe"] == nfe]
+                if not o or not p:
+                    continue
+                o, p = o[0], p[0]
+                post = {fam: min((r for r in trows if r["nfe"] == nfe and r["config"].startswith(fam)),
+                                 key=lambda r: value(r, "mmd2")) for fam in ("scoresde", "diffusers")}
+                lines.append(
+                    f"| {nfe} | {o['config'][9:]} | {value(o, 'mmd2'):.2e} | {value(o, 'mmd2_fine'):.2e} | "
+                    f"{o['gap']:+.3f} | {p['config'][10:]} (NFE {p['used']}) | {value(p, 'mmd2'):.2e} | "
+                    f"{value(p, 'mmd2_fine'):.2e} | {p['gap']:+.3f} | "
+                    f"{fmt_ratio(value(o, 'mmd2'), value(p, 'mmd2'), fl['mmd2'])} | "
+                    f"{fmt_ratio(value(o, 'mmd2_fine'), value(p, 'mmd2_fine'), fl['mmd2_fine'])} | "
+                    f"{post['scoresde']['config'][9:]} {value(post['scoresde'], 'mmd2'):.2e} | "
+                    f"{post['diffusers']['config'][10:]} {value(post['diffusers'], 'mmd2'):.2e} |")
+            lines.append(f"\n{t}: every method / scheduler, |MMD^2| at its default -> at its pick (NFE "
+                         f"{', '.join(map(str, nfes))})\n")
+            lines.append("| member | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
+            lines.append("|---|" + "---|" * len(nfes))
+            members = sorted({r["member"] for r in trows if r.get("member")})
+            for m in members:
+                cells = []
+                for nfe in nfes:
+                    d = [r for r in trows if r["config"] == default_of(m) and r["nfe"] == nfe]
+                    pk = picks[str(nfe)]["member"].get(m)
+                    c = [r for r in trows if r["config"] == pk and r["nfe"] == nfe]
+                    dv = f"{value(d[0], 'mmd2'):.1e}" if d else "-"
+                    cv = f"{value(c[0], 'mmd2'):.1e} ({pk.split('/')[-1]})" if c else "-"
+                    cells.append(f"{dv} -> {cv}")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+            for ax, metric in zip(axes, METRICS):
+                for m in members:
+                    ys = []
+                    for nfe in nfes:
+                        pk = picks[str(nfe)]["member"].get(m)
+                        c = [r for r in trows if r["config"] == pk and r["nfe"] == nfe]
+                        ys.append(value(c[0], metric) if c else np.nan)
+                    ours = m.startswith("scoresde")
+                    ax.plot(nfes, np.maximum(ys, 1e-9), "-o" if ours else "--s", lw=1.6 if ours else 1.0,
+                            ms=3, label=m)
+                if metric != "abs_gap":
+                    ax.axhspan(1e-9, 2 * null[f"{metric}_sd"], color="grey", alpha=0.25,
+                               label="2 null sd (exact samples)")
+                ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{t}: |{metric}| (each at its pick)",
+                       ylim=(max(1e-6, 0.3 * null.get(f'{metric}_sd', 1e-6)), None))
+            axes[0].legend(fontsize=6, ncol=2)
+            fig.tight_layout()
+            common.save_figure(fig, NAME, f"stochastic_{t}.png")
+    if learned_res:
+        fl = learned_res["floor"]
+        lines.append("\n## (b) learned score: digits VP model\n")
+        lines.append(f"floor (real half B against half A, n = {fl['n']}): FID-style {fl['fid']:.2f}, KID "
+                     f"{fl['kid'][0]:.2e} +- {fl['kid'][1]:.1e}. Picks (lowest KID, seed 10, n = "
+                     f"{next((r['n'] for r in learned_res['rows'] if r['stage'] == 'choose'), 0)}): "
+                     f"{json.dumps(learned_res['picks'])}\n")
+        lines.append("| NFE | stochastic pick | FID-style | KID +- se | deterministic pick | FID-style | KID +- se | "
+                     "KID difference / combined se |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        rep = [r for r in learned_res["rows"] if r["stage"] == "report" and "kid" in r]
+        lnfes = sorted({r["nfe"] for r in rep})
+        for nfe in lnfes:
+            s = [r for r in rep if r["nfe"] == nfe and r["kind"] == "stochastic"]
+            d = [r for r in rep if r["nfe"] == nfe and r["kind"] == "deterministic"]
+            if s and d:
+                s, d = s[0], d[0]
+                z = (s["kid"] - d["kid"]) / math.hypot(s["kid_se"], d["kid_se"])
+                lines.append(f"| {nfe} | {s['label']} | {s['fid']:.2f} | {s['kid']:.2e} +- {s['kid_se']:.1e} | "
+                             f"{d['label']} | {d['fid']:.2f} | {d['kid']:.2e} +- {d['kid_se']:.1e} | {z:+.1f} |")
+        ch = [r for r in learned_res["rows"] if r["stage"] == "churn" and "kid" in r]
+        if ch:
+            lines.append("\nEDM churn sweep (edm_sde, seed 11)\n")
+            lines.append("| NFE | S_churn | FID-style | KID +- se |")
+            lines.append("|---|---|---|---|")
+            for r in ch:
+                lines.append(f"| {r['nfe']} | {r['label'].split('=')[1][:-1]} | {r['fid']:.2f} | "
+                             f"{r['kid']:.2e} +- {r['kid_se']:.1e} |")
+        lines.append("\nchoice runs (seed 10): KID per method and NFE\n")
+        cho = [r for r in learned_res["rows"] if r["stage"] == "choose"]
+        lab = list(dict.fromkeys(r["label"] for r in cho))
+        cn = sorted({r["nfe"] for r in cho})
+        lines.append("| method | kind | " + " | ".join(f"NFE {n}" for n in cn) + " |")
+        lines.append("|---|---|" + "---|" * len(cn))
+        for lb in lab:
+            rr = {r["nfe"]: r for r in cho if r["label"] == lb}
+            kind = next(iter(rr.values()))["kind"]
+            lines.append(f"| {lb} | {kind} | " + " | ".join(
+                f"{rr[n]['kid']:.1e}" if n in rr and "kid" in rr[n] else "-" for n in cn) + " |")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key in zip(axes, ("kid", "fid")):
+            for lb in lab:
+                rr = sorted((r for r in cho if r["label"] == lb and key in r), key=lambda r: r["nfe"])
+                st = rr[0]["kind"] == "stochastic" if rr else True
+                ax.plot([r["nfe"] for r in rr], [max(r[key], 1e-5) for r in rr], "-o" if st else "--s", ms=3,
+                        label=f"{lb} (seed 10)")
+            for kind, c in (("stochastic", "k"), ("deterministic", "r")):
+                rr = sorted((r for r in rep if r["kind"] == kind), key=lambda r: r["nfe"])
+                if key == "kid":
+                    ax.errorbar([r["nfe"] for r in rr], [r["kid"] for r in rr], [r["kid_se"] for r in rr], color=c,
+                                lw=2.5, label=f"{kind} pick (seed 11)")
+                else:
+                    ax.plot([r["nfe"] for r in rr], [r["fid"] for r in rr], color=c, lw=2.5, label=f"{kind} pick (seed 11)")
+            ax.axhline(fl["kid"][0] if key == "kid" else fl["fid"], color="grey", ls=":", label="real-data floor")
+            ax.set(xscale="log", yscale="log" if key == "kid" else "linear", xlabel="NFE", title=f"digits VP: {key}")
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        common.save_figure(fig, NAME, "stochastic_learned.png")
+    if over:
+        lines.append("\n## (c) overhead: seconds per score evaluation, free model\n")
+        cols = list(over)
+        lines.append("| scoresde | " + " | ".join(f"{c}" for c in cols) + " | diffusers twin | " +
+                     " | ".join(cols) + " | ratio " + " | ratio ".join(cols) + " |")
+        lines.append("|---|" + "---|" * (3 * len(cols) + 1))
+        for k in [k for k in over[cols[0]] if k.startswith("scoresde/")]:
+            twin = TWINS.get(k[9:])
+            tk = f"diffusers/{twin}/default" if twin else None
+            ours = [f"{over[c].get(k, float('nan')):.2e}" for c in cols]
+            if tk and tk in over[cols[0]]:
+                th = [f"{over[c][tk]:.2e}" for c in cols]
+                ra = [f"{over[c][k] / over[c][tk]:.2f}" for c in cols]
+            else:
+                th, ra = ["-"] * len(cols), ["-"] * len(cols)
+            lines.append(f"| {k[9:]} | " + " | ".join(ours) + f" | {twin or '-'} | " + " | ".join(th) + " | " +
+                         " | ".join(ra) + " |")
+        others = [k for k in over[cols[0]] if k.startswith("diffusers/")]
+        lines.append("\nall diffusers defaults: " + "; ".join(
+            f"{k[10:-8]} " + "/".join(f"{over[c][k]:.2e}" for c in cols) for k in others))
+    text = "\n".join(lines)
+    common.write_text(NAME, "stochastic_report.md", text)
+    print(text)
+
+
+# ---- harness --------------------------------------------------------------------------------------------
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--stage", choices=("choose", "exact", "learned", "overhead", "report", "all"), default="all")
+    ap.add_argument("--n-choose", type=int, default=4000, help="samples per configuration on the choice set")
+    ap.add_argument("--n", type=int, default=10000, help="samples per configuration on the report set")
+    ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
+    ap.add_argument("--learned-nfes", type=int, nargs="+", default=list(LEARNED_NFES))
+    ap.add_argument("--churn-nfes", type=int, nargs="+", default=[50, 100, 200])
+    ap.add_argument("--n-learned-choose", type=int, default=400)
+    ap.add_argument("--n-learned", type=int, default=1200)
+    ap.add_argument("--train-steps", type=int, default=1500, help="digits VP model (imaging's bench budget)")
+    ap.add_argument("--overhead-steps", type=int, default=50)
+    ap.add_argument("--overhead-repeats", type=int, default=3)
+
+
+def run_tag(args) -> str:
+    return "" if args.stage == "all" else args.stage
+
+
+def run(args):
+    out = common.out_dir(NAME)
+    files = {k: out / f"stochastic_{k}.json" for k in ("choose", "exact", "learned", "overhead")}
+    print("stochastic methods registered:", ", ".join(ours_methods()), flush=True)
+    if args.stage in ("choose", "all"):
+        rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_choose, args.nfes, seed=0, null_repeats=3)]
+        common.write_json(NAME, {"rows": rows, "picks": choose(rows, args.nfes)}, file=files["choose"].name, indent=None)
+    if args.stage in ("exact", "all"):
+        ch = common.read_json(files["choose"])
+        picks = ch["picks"]
+        wanted = set()
+        for nfe in args.nfes:
+            p = picks[str(nfe)]
+            wanted |= {(c, nfe) for c in p["member"].values()}
+            wanted |= {(default_of(m), nfe) for m in p["member"]}
+        rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
+        common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
+    if args.stage in ("learned", "all"):
+        common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
+    if args.stage in ("overhead", "all"):
+        steps, reps = args.overhead_steps, args.overhead_repeats
+        common.write_json(NAME, {"image (64,3,32,32)": overhead((64, 3, 32, 32), steps, reps),
+                                 "toy (1,2)": overhead((1, 2), steps, reps)}, file=files["overhead"].name, indent=None)
+    ch = common.read_json(files["choose"]) if files["choose"].exists() else None
+    ex = common.read_json(files["exact"]) if files["exact"].exists() else None
+    report(ch and ch["rows"], (ex or ch or {}).get("picks"), ex and ex["rows"],
+           common.read_json(files["learned"]) if files["learned"].exists() else None,
+           common.read_json(files["overhead"]) if files["overhead"].exists() else None, args.nfes)
