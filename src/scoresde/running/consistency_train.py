@@ -5,10 +5,11 @@ changes is the loss (`consistency.consistency_loss`), the target network and sam
 
 - the trained module is a `ScoreModel` with parametrization "x0"; the consistency function is
   `ConsistencyModel(it)` (F = its x0 prediction), so checkpoints have the usual layout;
-- the target network theta^- is the trainer's EMA (`ema_decay` = CM's mu; 0 gives iCT's
-  stop-gradient target), refreshed before every step: it is checkpointed and resumed with the
-  run, bit-identically, and sampling uses it; the loss gets it and the step (its curriculum)
-  as arguments and keeps no state;
+- the target network theta^- is the trainer's EMA, refreshed before every step: set `ema_decay`
+  (a constant schedule) to CM's mu (0.95 for CD; 0 gives iCT's stop-gradient target), as the
+  default warm-up schedule (`ema_schedule: power`) is no CM target; it is checkpointed and resumed
+  with the run, bit-identically, and sampling uses it; the loss gets it and the step (its
+  curriculum) as arguments and keeps no state;
 - samples are `nfe`-step consistency samples (`sampler: consistency`), here and in `runs`.
 
 Config: `loss: consistency`, `parametrization: x0`, `sampler: consistency`, `loss_args: {mode: cd | ct, teacher: RUN |
