@@ -154,9 +154,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v, (B, 1, HW, C)
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, 1, H * W, 3, C)  # a view if channels-last
+        h = F.scaled_dot_product_attention(*qkv.unbind(3))  # softmax(q k^T / sqrt(C)) v, (B, 1, HW, C)
+        return x + self.proj(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
 
 
 class UNet(nn.Module):
@@ -212,6 +212,7 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
         self.out = nn.Sequential(_norm(c, groups), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
+        self.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, cuDNN); the output is contiguous
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -220,7 +221,7 @@ class UNet(nn.Module):
             raise ValueError(f"H and W must be multiples of {self.factor} for {self.factor.bit_length()} levels, "
                              f"got {tuple(x.shape[2:])}")
         e = _embed(self, c, y)
-        h = self.inp(x)
+        h = self.inp(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
         for m in self.down:
             h = m(h, e) if isinstance(m, ResBlock) else m(h)
@@ -228,7 +229,7 @@ class UNet(nn.Module):
         h = self.mid2(self.attn(self.mid1(h, e)), e)
         for m in self.up:
             h = m(torch.cat([h, hs.pop()], 1), e) if isinstance(m, ResBlock) else m(h)
-        return self.out(h)
+        return self.out(h).contiguous()
 
 
 def power_decay(n: int, gamma: float = 1.0, power: float = 0.75) -> float:
