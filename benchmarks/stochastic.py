@@ -62,10 +62,15 @@ KNOBS = {
     "pc": [("snr=0.08", {"snr": 0.08}), ("snr=0.3", {"snr": 0.3}), ("predictor=ei", {"predictor": "ei"})],
     "ald": [("ratio=0.5", {"step_ratio": 0.5}), ("ratio=2", {"step_ratio": 2.0})],
     "ddpm": [("variance=beta", {"variance": "beta"})],
-    "edm_sde": [(f"S_churn={c:g}", {"S_churn": c}) for c in (10.0, 40.0, 80.0)]
-    + [("S_churn=40,S_noise=1.003", {"S_churn": 40.0, "S_noise": 1.003})],
-    "sa3": [(f"tau={t:g}", {"tau": t}) for t in (0.5, 1.0)],
-    "adaptive_sde": [("rtol=0.05", {"rtol": 0.05}), ("rtol=0.2", {"rtol": 0.2})],
+    # edm_sde's default S_churn is 40; S_churn = 0 is heun (deterministic), left to the learned stage's sweep;
+    # EDM's ImageNet setting: S_churn 40-80 inside the band 0.05 <= sigma/alpha <= 50, S_noise 1.003
+    "edm_sde": [("S_churn=10", {"S_churn": 10.0}), ("S_churn=80", {"S_churn": 80.0}),
+                ("S_noise=1.003", {"S_noise": 1.003}), ("band=0.05-50", {"S_tmin": 0.05, "S_tmax": 50.0})],
+    # tau_band (0.7, 25): sigma/alpha of diffusers' timesteps 200 and 800, SA-Solver's default tau interval
+    "sa3": [("tau=0.5", {"tau": 0.5}), ("tau=0.25", {"tau": 0.25}), ("band=0.7-25", {"tau_band": (0.7, 25.0)})],
+    "dpm2m_sde": [("lof=0", {"lower_order_final": False})],
+    "dpm3m_sde": [("lof=0", {"lower_order_final": False})],
+    "adaptive_sde": [("rtol=0.02", {"rtol": 0.02}), ("rtol=0.1", {"rtol": 0.1}), ("rtol=0.2", {"rtol": 0.2})],
 }
 NOISE_KNOB = ("noise=brownian", {"noise": "brownian"})
 
@@ -119,6 +124,9 @@ def peer_configs():
     return out
 
 
+MEMBERS: list[str] | None = None  # --members: only configurations of these members (merged into the JSON)
+
+
 def all_configs() -> list[tuple[str, str, str, tuple]]:
     """(config name, member, kind, spec): member = the method or scheduler the knob belongs to."""
     out = []
@@ -127,7 +135,15 @@ def all_configs() -> list[tuple[str, str, str, tuple]]:
             out.append((f"scoresde/{label}/{knob}", f"scoresde/{label}", "ours", (method, options)))
     for name, spec in peer_configs().items():
         out.append((f"diffusers/{name}", f"diffusers/{name.split('/')[0]}", "peer", spec))
-    return out
+    return out if MEMBERS is None else [c for c in out if c[1] in MEMBERS]
+
+
+def merge(path, rows):
+    """With --members: the rows of those members replace theirs in the saved file (the null rows are kept)."""
+    if MEMBERS is None or not path.exists():
+        return rows
+    old = [r for r in common.read_json(path)["rows"] if r.get("member") not in MEMBERS]
+    return old + [r for r in rows if r["nfe"] != 0]
 
 
 def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
@@ -229,19 +245,21 @@ def choice_score(rows, config, nfe, metric="mmd2"):
 
 
 def choose(rows, nfes):
-    """Per NFE: each member's best knob, and the best scoresde and best diffusers configuration (choice set)."""
+    """Per NFE: each member's best knob, and the best scoresde and best diffusers configuration (choice set):
+    the lowest `choice_score` of the broad MMD^2, ties (both at the null spread) broken by the fine one."""
     members = sorted({r["member"] for r in rows if r.get("member")})
     picks = {}
     for nfe in nfes:
         cell = {}
         for m in members:
             cands = sorted({r["config"] for r in rows if r.get("member") == m and r["nfe"] == nfe})
-            scored = [(choice_score(rows, c, nfe), c) for c in cands]
+            scored = [(choice_score(rows, c, nfe), choice_score(rows, c, nfe, "mmd2_fine"), c) for c in cands]
             scored = [s for s in scored if math.isfinite(s[0])]
             if scored:
-                cell[m] = min(scored)[1]
-        best = {fam: min(((choice_score(rows, c, nfe), c) for m, c in cell.items() if m.startswith(fam)),
-                         default=(float("inf"), None))[1] for fam in ("scoresde", "diffusers")}
+                cell[m] = min(scored)[2]
+        best = {fam: min(((choice_score(rows, c, nfe), choice_score(rows, c, nfe, "mmd2_fine"), c)
+                          for m, c in cell.items() if m.startswith(fam)),
+                         default=(0, 0, None))[2] for fam in ("scoresde", "diffusers")}
         picks[str(nfe)] = {"member": cell, "best": best}
     return picks
 
@@ -443,22 +461,30 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
                     cv = f"{value(c[0], 'mmd2'):.1e} ({pk.split('/')[-1]})" if c else "-"
                     cells.append(f"{dv} -> {cv}")
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
-            fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+            fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+            colours = plt.get_cmap("tab20")
             for ax, metric in zip(axes, METRICS):
-                for m in members:
+                for i, m in enumerate(members):
                     ys = []
                     for nfe in nfes:
                         pk = picks[str(nfe)]["member"].get(m)
                         c = [r for r in trows if r["config"] == pk and r["nfe"] == nfe]
                         ys.append(value(c[0], metric) if c else np.nan)
                     ours = m.startswith("scoresde")
-                    ax.plot(nfes, np.maximum(ys, 1e-9), "-o" if ours else "--s", lw=1.6 if ours else 1.0,
-                            ms=3, label=m)
+                    ax.plot(nfes, np.maximum(ys, 1e-9), "-o" if ours else "--s", lw=1.0, ms=3, alpha=0.7,
+                            color=colours(i % 20), label=m)
+                for fam, colour in (("scoresde", "k"), ("diffusers", "r")):  # the picks made on the choice set
+                    ys = []
+                    for nfe in nfes:
+                        c = [r for r in trows if r["config"] == picks[str(nfe)]["best"][fam] and r["nfe"] == nfe]
+                        ys.append(value(c[0], metric) if c else np.nan)
+                    ax.plot(nfes, np.maximum(ys, 1e-9), color=colour, lw=3, alpha=0.5,
+                            label=f"best {fam} (picked on the choice set)")
                 if metric != "abs_gap":
                     ax.axhspan(1e-9, 2 * null[f"{metric}_sd"], color="grey", alpha=0.25,
                                label="2 null sd (exact samples)")
-                ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{t}: |{metric}| (each at its pick)",
-                       ylim=(max(1e-6, 0.3 * null.get(f'{metric}_sd', 1e-6)), None))
+                    ax.set_ylim(bottom=0.3 * null[f"{metric}_sd"])
+                ax.set(xscale="log", yscale="log", xlabel="NFE", title=f"{t}: |{metric}| (each method at its pick)")
             axes[0].legend(fontsize=6, ncol=2)
             fig.tight_layout()
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
@@ -506,7 +532,7 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             for lb in lab:
                 rr = sorted((r for r in cho if r["label"] == lb and key in r), key=lambda r: r["nfe"])
                 st = rr[0]["kind"] == "stochastic" if rr else True
-                ax.plot([r["nfe"] for r in rr], [max(r[key], 1e-5) for r in rr], "-o" if st else "--s", ms=3,
+                ax.plot([r["nfe"] for r in rr], [r[key] for r in rr], "-o" if st else "--s", ms=3,
                         label=f"{lb} (seed 10)")
             for kind, c in (("stochastic", "k"), ("deterministic", "r")):
                 rr = sorted((r for r in rep if r["kind"] == kind), key=lambda r: r["nfe"])
@@ -516,7 +542,9 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
                 else:
                     ax.plot([r["nfe"] for r in rr], [r["fid"] for r in rr], color=c, lw=2.5, label=f"{kind} pick (seed 11)")
             ax.axhline(fl["kid"][0] if key == "kid" else fl["fid"], color="grey", ls=":", label="real-data floor")
-            ax.set(xscale="log", yscale="log" if key == "kid" else "linear", xlabel="NFE", title=f"digits VP: {key}")
+            ax.set(xscale="log", xlabel="NFE", title=f"digits VP: {key}" + (" (symlog)" if key == "kid" else ""))
+            if key == "kid":  # unbiased: scatters around 0 at the floor
+                ax.set_yscale("symlog", linthresh=max(fl["kid"][1], 1e-9))
         axes[0].legend(fontsize=6)
         fig.tight_layout()
         common.save_figure(fig, NAME, "stochastic_learned.png")
@@ -549,38 +577,45 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 
 def add_arguments(ap) -> None:
     ap.add_argument("--stage", choices=("choose", "exact", "learned", "overhead", "report", "all"), default="all")
-    ap.add_argument("--n-choose", type=int, default=4000, help="samples per configuration on the choice set")
-    ap.add_argument("--n", type=int, default=10000, help="samples per configuration on the report set")
+    ap.add_argument("--n-choose", type=int, default=3000, help="samples per configuration on the choice set")
+    ap.add_argument("--n", type=int, default=6000, help="samples per configuration on the report set")
     ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     ap.add_argument("--learned-nfes", type=int, nargs="+", default=list(LEARNED_NFES))
     ap.add_argument("--churn-nfes", type=int, nargs="+", default=[50, 100, 200])
-    ap.add_argument("--n-learned-choose", type=int, default=400)
-    ap.add_argument("--n-learned", type=int, default=1200)
+    ap.add_argument("--n-learned-choose", type=int, default=300)
+    ap.add_argument("--n-learned", type=int, default=1000)
     ap.add_argument("--train-steps", type=int, default=1500, help="digits VP model (imaging's bench budget)")
     ap.add_argument("--overhead-steps", type=int, default=50)
     ap.add_argument("--overhead-repeats", type=int, default=3)
+    ap.add_argument("--members", nargs="+", default=None,
+                    help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
 
 def run_tag(args) -> str:
-    return "" if args.stage == "all" else args.stage
+    tag = "" if args.stage == "all" else args.stage
+    return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 
 def run(args):
+    global MEMBERS
+    MEMBERS = args.members
     out = common.out_dir(NAME)
     files = {k: out / f"stochastic_{k}.json" for k in ("choose", "exact", "learned", "overhead")}
     print("stochastic methods registered:", ", ".join(ours_methods()), flush=True)
     if args.stage in ("choose", "all"):
         rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_choose, args.nfes, seed=0, null_repeats=3)]
+        rows = merge(files["choose"], rows)
         common.write_json(NAME, {"rows": rows, "picks": choose(rows, args.nfes)}, file=files["choose"].name, indent=None)
     if args.stage in ("exact", "all"):
         ch = common.read_json(files["choose"])
-        picks = ch["picks"]
+        picks = choose(ch["rows"], args.nfes)  # from the choice rows (the rule may have changed since)
         wanted = set()
         for nfe in args.nfes:
             p = picks[str(nfe)]
             wanted |= {(c, nfe) for c in p["member"].values()}
             wanted |= {(default_of(m), nfe) for m in p["member"]}
         rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
+        rows = merge(files["exact"], rows)
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
     if args.stage in ("learned", "all"):
         common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
