@@ -72,7 +72,8 @@ def _micro(v: Tensor | None, k: int) -> list[Tensor | None]:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or gradient became NaN/inf; the run stopped before touching the weights."""
+    """The loss or gradient became NaN/inf; the run stopped before touching the weights. (In fp16 an overflowed
+    gradient is the GradScaler's signal: that step is skipped, the run goes on.)"""
 
 
 class Trainer:
@@ -116,9 +117,9 @@ class Trainer:
                           f"random initialisation; train longer or lower ema_decay", stacklevel=2)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        B, W = cfg.batch_size, self.world  # this process's positions in the drawn batch, micro-batch after micro-batch
-        self.part = (torch.arange(cfg.accumulate)[:, None] * B + torch.arange(self.rank * B // W,
-                                                                              (self.rank + 1) * B // W)).flatten()
+        B, lo, hi = cfg.batch_size, self.rank * cfg.batch_size // self.world, (self.rank + 1) * cfg.batch_size // self.world
+        # this process's positions in the drawn batch, micro-batch after micro-batch
+        self.part = (torch.arange(cfg.accumulate)[:, None] * B + torch.arange(lo, hi)).flatten()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_x = self.data.train.to(self.device)
         self.n_classes = int(cfg.net_args.get("n_classes", 0))
