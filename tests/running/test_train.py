@@ -386,3 +386,28 @@ def test_a_run_saved_before_ema_schedules_resumes_with_its_constant_decay(tmp_pa
     assert Trainer(make_cfg(steps=10, ema_decay=0.999)).step == 5
     with pytest.raises(ValueError, match=r"different config \(ema_decay, ema_schedule differ\)"):
         Trainer(make_cfg(steps=10))
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_with_accumulation_matches_one_process(tmp_path):
+    """Two gloo processes, accumulate 2 (the first micro-batch under DDP's no_sync): the weights of one process
+    on the same global batches, up to float rounding."""
+    import os
+    import subprocess
+    import sys
+
+    from scoresde.running.checkpoint import checkpoint_weights
+    from scoresde.running.config import load_config
+
+    p = tmp_path / "ddp.yaml"
+    p.write_text("n_train: 400\nn_test: 50\nnet_args: {hidden: 16, depth: 2, emb_dim: 8}\nsteps: 12\nbatch_size: 32\n"
+                 "accumulate: 2\nlr: 0.01\nwarmup: 2\ncheckpoint_every: 6\neval_every: 0\nn_eval: 20\nnfe: 11\n"
+                 "progress: false\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "scoresde.cli",
+           "train", str(p), f"out={tmp_path / 'ddp'}"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ddp = checkpoint_weights(tmp_path / "ddp" / "ddp" / "checkpoint.safetensors", "model")
+    one = Trainer(load_config(p, [f"out={tmp_path / 'one'}"])).run()
+    for k, v in one.model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
