@@ -4,7 +4,9 @@
 diffusers twin (`train_throughput.diffusers_twin`: same widths, blocks, attention, parameter count).
 Training: scoresde's ScoreModel with its denoising loss (as the Trainer computes it) against diffusers'
 loop (DDPMScheduler.add_noise, MSE on the noise), AdamW for both, in fp32, bf16 (autocast) and
-bf16 + torch.compile; rounds alternate between the two after a warm-up; images/s from the median round.
+bf16 + torch.compile; diffusers' twin runs in both memory formats its documentation offers (contiguous,
+channels-last) and the faster is the comparison; rounds alternate between the three after a warm-up;
+images/s from the median round.
 Sampling: NFE 10 (scoresde dpm2m through `sampling.sample`; diffusers DPMSolverMultistepScheduler), fp32
 and bf16. Peak GPU memory of a step above what was resident; torch, CUDA and device recorded.
 
@@ -13,6 +15,7 @@ test of the code path whose numbers mean nothing. Run: python -m benchmarks gpu;
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -46,39 +49,51 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def trainers(device: torch.device, batch: int, net_args: dict, compiled: bool):
-    """(scoresde step, diffusers step, (scoresde model, diffusers model, scoresde's SDE)): each step() is one
-    AdamW training step on a fresh random batch; bf16 inside the step is the caller's autocast."""
-    from diffusers import DDPMScheduler
+FORMATS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
 
+
+def models(device: torch.device, net_args: dict):
+    """scoresde's score model (network of `net_args`), its SDE, and diffusers' twin in each memory format."""
     torch.manual_seed(0)
     cfg = Config(net="unet", net_args=dict(net_args), sde="vp", parametrization="eps", progress=False)
     sde = build_sde(cfg)
     ours = build_model(cfg, sde, (CHANNELS, PX, PX)).to(device)
-    theirs = diffusers_twin(CHANNELS, PX, **net_args).to(device)
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    alphas = scheduler.alphas_cumprod.to(device)
-    f_ours, f_theirs = (torch.compile(ours), torch.compile(theirs)) if compiled else (ours, theirs)
-    opt_ours, opt_theirs = (torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, theirs))
+    twins = {fmt: diffusers_twin(CHANNELS, PX, **net_args).to(device, memory_format=mf) for fmt, mf in FORMATS.items()}
+    return ours, sde, twins
 
-    def step_ours() -> None:
-        x0 = torch.randn(batch, CHANNELS, PX, PX, device=device)
-        loss = denoising_score_matching(f_ours, sde, x0).mean()
-        opt_ours.zero_grad(set_to_none=True)
+
+def trainers(device: torch.device, batch: int, net_args: dict, compiled: bool) -> tuple[dict[str, Callable], dict]:
+    """Training steps {"scoresde", "diffusers <format>"} (each one AdamW step on a fresh random batch; bf16 is the
+    caller's autocast) and the parameter counts."""
+    from diffusers import DDPMScheduler
+
+    ours, sde, twins = models(device, net_args)
+    alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod.to(device)
+    wrap = torch.compile if compiled else (lambda m: m)
+
+    def ours_step(model=wrap(ours), opt=torch.optim.AdamW(ours.parameters(), lr=1e-4)) -> None:
+        loss = denoising_score_matching(model, sde, torch.randn(batch, CHANNELS, PX, PX, device=device)).mean()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt_ours.step()
+        opt.step()
 
-    def step_theirs() -> None:
-        x0 = torch.randn(batch, CHANNELS, PX, PX, device=device)
-        noise = torch.randn_like(x0)
-        steps = torch.randint(0, 1000, (batch,), device=device)
-        a = alphas[steps].reshape(-1, 1, 1, 1)  # DDPMScheduler.add_noise, on the device
-        loss = F.mse_loss(f_theirs(a.sqrt() * x0 + (1 - a).sqrt() * noise, steps).sample.float(), noise)
-        opt_theirs.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_theirs.step()
+    def twin_step(net, fmt: torch.memory_format) -> Callable[[], None]:
+        model, opt = wrap(net), torch.optim.AdamW(net.parameters(), lr=1e-4)
 
-    return step_ours, step_theirs, (ours, theirs, sde)
+        def step() -> None:
+            x0 = torch.randn(batch, CHANNELS, PX, PX, device=device)
+            noise = torch.randn_like(x0)
+            steps = torch.randint(0, 1000, (batch,), device=device)
+            a = alphas[steps].reshape(-1, 1, 1, 1)  # DDPMScheduler.add_noise, on the device
+            xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=fmt)
+            loss = F.mse_loss(model(xt, steps).sample.float(), noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    steps = {"scoresde": ours_step, **{f"diffusers {k}": twin_step(net, FORMATS[k]) for k, net in twins.items()}}
+    return steps, {"scoresde": n_params(ours), "diffusers": n_params(twins["contiguous"])}
 
 
 def timed(fn: Callable[[], None], n: int, device: torch.device, bf16: bool) -> float:
@@ -103,63 +118,66 @@ def peak_memory(fn: Callable[[], None], device: torch.device, bf16: bool) -> flo
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
+def compare(fns: dict[str, Callable], n: int, args, device: torch.device, bf16: bool) -> dict:
+    """Images/s of each fn (n images per call, args.steps calls per round, rounds alternating after args.warmup
+    calls), the faster diffusers format, scoresde's ratio to it and each one's peak memory."""
+    for f in fns.values():
+        timed(f, args.warmup, device, bf16)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.rounds):
+        for k, f in fns.items():
+            times[k].append(timed(f, args.steps, device, bf16))
+    img_s = {k: n / statistics.median(v) for k, v in times.items()}
+    best = max((k for k in fns if k != "scoresde"), key=img_s.get)
+    return dict(img_s=img_s, diffusers_best=best, ratio=img_s["scoresde"] / img_s[best],
+                peak_gib={k: peak_memory(f, device, bf16) for k, f in fns.items()})
+
+
 def train_rows(args, device, net_args) -> list[dict]:
     rows = []
     for precision in PRECISIONS:
-        compiled, bf16 = precision.endswith("compile"), precision != "fp32"
-        if compiled and common.quick():
+        if precision.endswith("compile") and common.quick():
             print("bf16+compile: skipped in --quick (compilation on the CPU takes minutes)")
             continue
-        a, b, (ours, theirs, _) = trainers(device, args.batch, net_args, compiled)
-        pa, pb = n_params(ours), n_params(theirs)
-        timed(a, args.warmup, device, bf16), timed(b, args.warmup, device, bf16)
-        ta, tb = [], []
-        for _ in range(args.rounds):
-            ta.append(timed(a, args.steps, device, bf16))
-            tb.append(timed(b, args.steps, device, bf16))
-        ia, ib = args.batch / statistics.median(ta), args.batch / statistics.median(tb)
-        rows.append(dict(precision=precision, scoresde_params=pa, diffusers_params=pb, scoresde_img_s=ia,
-                         diffusers_img_s=ib, ratio=ia / ib, scoresde_peak_gib=peak_memory(a, device, bf16),
-                         diffusers_peak_gib=peak_memory(b, device, bf16)))
-        print(f"train {precision}: scoresde {ia:.0f} img/s ({pa / 1e6:.2f}M params), diffusers {ib:.0f} img/s "
-              f"({pb / 1e6:.2f}M), ratio {ia / ib:.2f}", flush=True)
+        fns, params = trainers(device, args.batch, net_args, precision.endswith("compile"))
+        rows.append(dict(precision=precision, params=params,
+                         **compare(fns, args.batch, args, device, precision != "fp32")))
+        _print("train " + precision, rows[-1])
     return rows
 
 
 def sample_rows(args, device, net_args) -> list[dict]:
     from diffusers import DPMSolverMultistepScheduler
 
-    _, _, (ours, theirs, sde) = trainers(device, 1, net_args, compiled=False)
-    ours.eval(), theirs.eval()
+    ours, sde, twins = models(device, net_args)
     solver = DPMSolverMultistepScheduler(num_train_timesteps=1000)
-    n, shape = args.sample_batch, (args.sample_batch, CHANNELS, PX, PX)
+    shape = (args.sample_batch, CHANNELS, PX, PX)
 
     @torch.no_grad()
-    def draw_ours() -> None:
-        draw_samples(sde, ours, shape, "dpm2m", 10, generator=torch.Generator().manual_seed(0), device=device)
+    def ours_draw() -> None:
+        draw_samples(sde, ours.eval(), shape, "dpm2m", 10, generator=torch.Generator().manual_seed(0), device=device)
 
-    @torch.no_grad()
-    def draw_theirs() -> None:
-        solver.set_timesteps(10, device=device)
-        x = torch.randn(shape, device=device)
-        for t in solver.timesteps:
-            x = solver.step(theirs(x, t).sample, t, x).prev_sample
+    def twin_draw(net, fmt: torch.memory_format) -> Callable[[], None]:
+        @torch.no_grad()
+        def draw() -> None:
+            solver.set_timesteps(10, device=device)
+            x = torch.randn(shape, device=device).contiguous(memory_format=fmt)
+            for t in solver.timesteps:
+                x = solver.step(net.eval()(x, t).sample, t, x).prev_sample
+        return draw
 
+    fns = {"scoresde": ours_draw, **{f"diffusers {k}": twin_draw(net, FORMATS[k]) for k, net in twins.items()}}
+    timing = argparse.Namespace(warmup=1, steps=1, rounds=args.rounds)
     rows = []
     for precision in ("fp32", "bf16"):
-        bf16 = precision == "bf16"
-        timed(draw_ours, 1, device, bf16), timed(draw_theirs, 1, device, bf16)
-        ta, tb = [], []
-        for _ in range(args.rounds):
-            ta.append(timed(draw_ours, 1, device, bf16))
-            tb.append(timed(draw_theirs, 1, device, bf16))
-        ia, ib = n / statistics.median(ta), n / statistics.median(tb)
-        rows.append(dict(precision=precision, nfe=10, scoresde_img_s=ia, diffusers_img_s=ib, ratio=ia / ib,
-                         scoresde_peak_gib=peak_memory(draw_ours, device, bf16),
-                         diffusers_peak_gib=peak_memory(draw_theirs, device, bf16)))
-        print(f"sample NFE 10 {precision}: scoresde {ia:.0f} img/s, diffusers {ib:.0f} img/s, ratio {ia / ib:.2f}",
-              flush=True)
+        rows.append(dict(precision=precision, nfe=10, **compare(fns, args.sample_batch, timing, device, precision == "bf16")))
+        _print("sample NFE 10 " + precision, rows[-1])
     return rows
+
+
+def _print(what: str, row: dict) -> None:
+    print(f"{what}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in row["img_s"].items()) +
+          f"; scoresde / {row['diffusers_best']} {row['ratio']:.2f}", flush=True)
 
 
 def _gib(v: float | None) -> str:
@@ -179,17 +197,18 @@ def run(args) -> None:
     print(f"torch {versions['torch']}, CUDA {versions['cuda']}, device {versions['device']}; {PX}x{PX}x{CHANNELS}, "
           f"training batch {args.batch}, sampling batch {args.sample_batch}")
     train, sample = train_rows(args, device, net_args), sample_rows(args, device, net_args)
-    print("\n| training | scoresde (img/s) | diffusers (img/s) | scoresde / diffusers | peak GiB (scoresde / diffusers) |")
+    print("\n| | scoresde (img/s) | diffusers (img/s, faster format) | scoresde / diffusers | peak GiB (scoresde / "
+          "diffusers) |")
     print("|---|---|---|---|---|")
-    for r in train:
-        print(f"| {r['precision']} | {r['scoresde_img_s']:.0f} | {r['diffusers_img_s']:.0f} | {r['ratio']:.2f} | "
-              f"{_gib(r['scoresde_peak_gib'])} / {_gib(r['diffusers_peak_gib'])} |")
-    for r in sample:
-        print(f"| sampling NFE 10, {r['precision']} | {r['scoresde_img_s']:.0f} | {r['diffusers_img_s']:.0f} | "
-              f"{r['ratio']:.2f} | {_gib(r['scoresde_peak_gib'])} / {_gib(r['diffusers_peak_gib'])} |")
+    for what, r in [("training " + r["precision"], r) for r in train] + [(f"sampling NFE 10, {r['precision']}", r)
+                                                                          for r in sample]:
+        best = r["diffusers_best"]
+        print(f"| {what} | {r['img_s']['scoresde']:.0f} | {r['img_s'][best]:.0f} ({best.split()[1]}) | {r['ratio']:.2f} "
+              f"| {_gib(r['peak_gib']['scoresde'])} / {_gib(r['peak_gib'][best])} |")
     fp32 = next(r for r in train if r["precision"] == "fp32")
     for r in train[1:]:
-        print(f"{r['precision']} / fp32 (scoresde): {r['scoresde_img_s'] / fp32['scoresde_img_s']:.2f}x (goal >= 1.5x)")
+        print(f"{r['precision']} / fp32 (scoresde): {r['img_s']['scoresde'] / fp32['img_s']['scoresde']:.2f}x "
+              "(goal >= 1.5x)")
     common.write_json(NAME, {"versions": versions, "px": PX, "channels": CHANNELS, "net_args": net_args,
                              "batch": args.batch, "sample_batch": args.sample_batch, "train": train,
                              "sample": sample})

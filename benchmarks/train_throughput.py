@@ -9,9 +9,10 @@ the table reports medians and overhead = loop / bare - 1.
 
 The U-Net part times one training step (forward, eps-loss, backward, AdamW step) of scoresde's UNet and
 of diffusers' UNet2DModel built as its twin (`diffusers_twin`: same widths, residual blocks per level,
-attention levels and middle attention, so the same parameter count; diffusers' defaults otherwise), on
-the same random batch, fp32 and bf16 (torch.autocast on the CPU), alternating the two networks round by
-round after a warm-up; the table reports medians and the ratio scoresde / diffusers (below 1: faster).
+attention levels and middle attention, so the same parameter count; diffusers' defaults otherwise) in
+both memory formats diffusers documents (contiguous, channels-last), on the same random batch, fp32 and
+bf16 (torch.autocast on the CPU), alternating the three round by round after a warm-up; the table reports
+medians and the ratio scoresde / the faster diffusers format (below 1: scoresde faster).
 
 Run: python -m benchmarks train [--part trainer unet] (make bench-train); outputs in benchmarks/results/train/.
 """
@@ -27,8 +28,8 @@ import torch
 from torch import nn
 
 from benchmarks import common
-from scoresde.running.build import build_model, build_sde
 from scoresde.learning.networks import UNet
+from scoresde.running.build import build_model, build_sde
 from scoresde.running.config import Config
 from scoresde.running.train import Trainer
 
@@ -102,45 +103,56 @@ def step_timer(net: nn.Module, call: Callable, batch: tuple, device: str = "cpu"
     return round_
 
 
-def unet_pair(channels: int, px: int, batch: int, args: dict, device: str = "cpu"):
-    """(scoresde UNet, diffusers twin, their step timers) on one seeded random batch."""
+def unet_timers(channels: int, px: int, batch: int, args: dict) -> tuple[int, int, dict[str, Callable]]:
+    """Parameter counts of scoresde's UNet and its diffusers twin, and step timers on one seeded random batch:
+    "scoresde", and diffusers' twin in both memory formats its documentation offers ("contiguous", "channels-last")."""
     torch.manual_seed(0)
-    ours = UNet(channels=channels, **args).to(device)
-    theirs = diffusers_twin(channels, px, **args).to(device)
+    ours = UNet(channels=channels, **args)
+    twins = {fmt: diffusers_twin(channels, px, **args).to(memory_format=mf)
+             for fmt, mf in (("contiguous", torch.contiguous_format), ("channels-last", torch.channels_last))}
     g = torch.Generator().manual_seed(1)
-    x, z = (torch.randn(batch, channels, px, px, generator=g).to(device) for _ in range(2))
-    t = (1e-3 + torch.rand(batch, generator=g)).to(device)
-    return ours, theirs, (step_timer(ours, ours, (x, t, z), device),
-                          step_timer(theirs, lambda x, t: theirs(x, t * 999).sample, (x, t, z), device))
+    x, z = (torch.randn(batch, channels, px, px, generator=g) for _ in range(2))
+    t = 1e-3 + torch.rand(batch, generator=g)
+    timers = {"scoresde": step_timer(ours, ours, (x, t, z))}
+    for fmt, net in twins.items():
+        xf = x.contiguous(memory_format=torch.channels_last) if fmt == "channels-last" else x
+        timers[fmt] = step_timer(net, lambda x, t, net=net: net(x, t * 999).sample, (xf, t, z))
+    return n_params(ours), n_params(twins["contiguous"]), timers
 
 
 def run_unet(args) -> list:
+    """Per size and precision: scoresde against the faster of diffusers' two memory formats (medians of rounds
+    alternating the three)."""
     rows = []
     for px, (channels, batch, net_args) in UNET_CASES.items():
         if common.quick():
             batch, net_args = 2, {**net_args, "base": 8}
-        ours, theirs, (a, b) = unet_pair(channels, px, batch, net_args)
-        pa, pb = n_params(ours), n_params(theirs)
+        pa, pb, timers = unet_timers(channels, px, batch, net_args)
         if abs(pa / pb - 1) > 0.1:
             raise RuntimeError(f"the twins differ by more than 10% in parameters: {pa} against {pb}")
         steps = args.steps or UNET_STEPS
         for precision in ("fp32", "bf16"):
-            a(1, precision), b(1, precision)  # warm-up
-            ta, tb = [], []
+            times: dict[str, list[float]] = {k: [] for k in timers}
+            for f in timers.values():
+                f(1, precision)  # warm-up
             for _ in range(args.rounds):
-                ta.append(a(steps, precision))
-                tb.append(b(steps, precision))
-            ma, mb = statistics.median(ta), statistics.median(tb)
-            ratios = [u / v for u, v in zip(ta, tb)]
-            rows.append((px, channels, batch, precision, pa, pb, ma * 1e3, mb * 1e3, ma / mb, min(ratios), max(ratios)))
+                for k, f in timers.items():
+                    times[k].append(f(steps, precision))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            fmt = min(("contiguous", "channels-last"), key=med.get)
+            ma, mb = med["scoresde"], med[fmt]
+            ratios = [u / v for u, v in zip(times["scoresde"], times[fmt])]
+            rows.append((px, channels, batch, precision, pa, pb, ma * 1e3, mb * 1e3, fmt, ma / mb, min(ratios),
+                         max(ratios), {k: v * 1e3 for k, v in med.items()}))
             print(f"{px} px, batch {batch}, {precision}: scoresde {ma * 1e3:.0f} ms/step ({pa / 1e6:.2f}M params), "
-                  f"diffusers {mb * 1e3:.0f} ms/step ({pb / 1e6:.2f}M), ratio {ma / mb:.3f}", flush=True)
-    print("\n| size | batch | precision | scoresde params | diffusers params | scoresde (ms/step) | diffusers (ms/step) "
-          "| scoresde / diffusers (median) | per-round range |")
+                  f"diffusers " + ", ".join(f"{k} {med[k] * 1e3:.0f}" for k in ("contiguous", "channels-last")) +
+                  f" ms/step ({pb / 1e6:.2f}M), ratio to the faster {ma / mb:.3f}", flush=True)
+    print("\n| size | batch | precision | scoresde params | diffusers params | scoresde (ms/step) | diffusers (ms/step, "
+          "faster format) | scoresde / diffusers (median) | per-round range |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for px, ch, batch, prec, pa, pb, ma, mb, r, rmin, rmax in rows:
-        print(f"| {px}x{px}x{ch} | {batch} | {prec} | {pa / 1e6:.2f}M | {pb / 1e6:.2f}M | {ma:.0f} | {mb:.0f} | {r:.3f} "
-              f"| {rmin:.3f} .. {rmax:.3f} |")
+    for px, ch, batch, prec, pa, pb, ma, mb, fmt, r, rmin, rmax, _ in rows:
+        print(f"| {px}x{px}x{ch} | {batch} | {prec} | {pa / 1e6:.2f}M | {pb / 1e6:.2f}M | {ma:.0f} | {mb:.0f} ({fmt}) "
+              f"| {r:.3f} | {rmin:.3f} .. {rmax:.3f} |")
     return rows
 
 
@@ -180,7 +192,8 @@ def run(args) -> None:
         out.update(run_trainer(args))
     if "unet" in args.part:
         out["unet_columns"] = ["px", "channels", "batch", "precision", "scoresde_params", "diffusers_params",
-                               "scoresde_ms", "diffusers_ms", "ratio", "round_min_ratio", "round_max_ratio"]
+                               "scoresde_ms", "diffusers_ms", "diffusers_format", "ratio", "round_min_ratio",
+                               "round_max_ratio", "median_ms"]
         out["unet_rows"] = run_unet(args)
     common.write_json(NAME, out, file=f"{NAME}_{'_'.join(args.part)}.json")
 

@@ -93,9 +93,13 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
     check_environment(out["environment"])
     assert [r["precision"] for r in out["train"]] == ["fp32", "bf16"]
     assert [r["precision"] for r in out["sample"]] == ["fp32", "bf16"]
+    for r in out["train"] + out["sample"]:
+        assert set(r["img_s"]) == {"scoresde", "diffusers contiguous", "diffusers channels-last"}
+        assert all(v > 0 for v in r["img_s"].values())
+        assert r["ratio"] == r["img_s"]["scoresde"] / max(r["img_s"]["diffusers contiguous"],
+                                                          r["img_s"]["diffusers channels-last"])
     for r in out["train"]:
-        assert abs(r["scoresde_params"] / r["diffusers_params"] - 1) < 0.1
-        assert r["scoresde_img_s"] > 0 and r["diffusers_img_s"] > 0
+        assert abs(r["params"]["scoresde"] / r["params"]["diffusers"] - 1) < 0.1
     import torch
 
     if not torch.cuda.is_available():
