@@ -161,6 +161,7 @@ def test_exponential_integrator_exact_for_the_linear_part(sde, gen):
 # ---- the NFE budget and the entry point ---------------------------------------------------
 
 BUDGETS = {"em": 7, "ei": 7, "pc": 9, "ald": 9, "euler": 7, "heun": 7, "dpm1": 7, "dpm2m": 7, "dpm3m": 7,
+           "dpm2m_sde": 7, "dpm3m_sde": 7, "edm_sde": 7,
            "ddim": 7, "ddpm": 7, "unipc2": 7, "unipc3": 7}
 
 

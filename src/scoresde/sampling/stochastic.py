@@ -6,12 +6,16 @@ evaluation per step, then optionally denoise with Tweedie's formula at t_end (on
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from ..core.gaussian import ei_coefficients
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from .common import Callback, check_grid, finish, noise_like, require_linear
+from .noise import Noise, step_noise
 
 __all__ = ["euler_maruyama", "exponential_integrator", "em_step", "em_update", "ei_step", "em_coefficients",
            "ei_grid_coefficients"]
@@ -40,27 +44,33 @@ def em_update(sde: SDE, x: Tensor, score: Tensor, t: Tensor, t_next: Tensor, z: 
 
 def em_step(sde: SDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
             generator: torch.Generator | None = None, noise: bool = True,
-            coefficients: tuple[float, float, float] | None = None) -> Tensor:
-    """`em_update` with the score evaluated at (x, t) and z drawn from `generator` (if noise); one NFE."""
+            coefficients: tuple[float, float, float] | None = None,
+            draw: Callable[[], Tensor] | None = None) -> Tensor:
+    """`em_update` with the score evaluated at (x, t), then z = draw() (default: from `generator`) if noise;
+    one NFE."""
     score = score_fn(x, batch_time(t, x))
-    return em_update(sde, x, score, t, t_next, noise_like(x, generator) if noise else None, coefficients)
+    z = (draw() if draw is not None else noise_like(x, generator)) if noise else None
+    return em_update(sde, x, score, t, t_next, z, coefficients)
 
 
 def euler_maruyama(sde: SDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
-                   generator: torch.Generator | None = None, denoise: bool = True,
+                   generator: torch.Generator | None = None, noise: Noise = "gaussian", denoise: bool = True,
                    callback: Callback | None = None) -> Tensor:
     """Euler-Maruyama on the reverse SDE (T 5.21): x <- x - h [f - g^2 s] + g sqrt(h) z, h = t_i - t_{i+1}.
 
     NFE = len(ts) - 1 + denoise. Without the final denoise the last step adds no noise
-    (it returns the predictor mean, as Song et al. 2011.13456 do).
+    (it returns the predictor mean, as Song et al. 2011.13456 do). `noise` picks the z
+    (`noise.step_noise`: "gaussian", "brownian" or a callable).
     """
     ts = check_grid(ts.to(x_T.dtype))
     x, n = x_T, len(ts) - 1
+    draw = step_noise(noise, x_T, ts, float(sde.T), generator)
     if callback is not None:
         callback(0, ts[0], x)
     coefs = em_coefficients(sde, ts) if isinstance(sde, LinearSDE) else [None] * n
     for i in range(n):
-        x = em_step(sde, score_fn, x, ts[i], ts[i + 1], generator, noise=denoise or i < n - 1, coefficients=coefs[i])
+        x = em_step(sde, score_fn, x, ts[i], ts[i + 1], noise=denoise or i < n - 1, coefficients=coefs[i],
+                    draw=partial(draw, i))
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
@@ -74,29 +84,34 @@ def ei_grid_coefficients(sde: LinearSDE, ts: Tensor) -> list[tuple[float, float,
 
 def ei_step(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, t_next: Tensor,
             generator: torch.Generator | None = None,
-            coefficients: tuple[float, float, float] | None = None) -> Tensor:
+            coefficients: tuple[float, float, float] | None = None,
+            draw: Callable[[], Tensor] | None = None) -> Tensor:
     """One exponential-integrator step (T 5.20) from t down to t_next; one NFE. `coefficients`:
-    (phi, c, sqrt(v)) of `ei_grid_coefficients` (default: computed from t, t_next)."""
+    (phi, c, sqrt(v)) of `ei_grid_coefficients` (default: computed from t, t_next); z = draw() after the
+    score (default: from `generator`)."""
     phi, c, sd = coefficients or ei_grid_coefficients(sde, torch.stack([t, t_next]))[0]
-    return phi * x + c * score_fn(x, batch_time(t, x)) + sd * noise_like(x, generator)
+    x = phi * x + c * score_fn(x, batch_time(t, x))
+    return x + sd * (draw() if draw is not None else noise_like(x, generator))
 
 
 def exponential_integrator(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *,
-                           generator: torch.Generator | None = None, denoise: bool = True,
-                           callback: Callback | None = None) -> Tensor:
+                           generator: torch.Generator | None = None, noise: Noise = "gaussian",
+                           denoise: bool = True, callback: Callback | None = None) -> Tensor:
     """Exponential integrator (T 5.20; Tang & Zhao 2401.13115): the linear drift -b x and the
     noise are integrated exactly over each step, the score frozen at its start.
 
     For VP this is x' = e^{dB/2} x + 2 (e^{dB/2} - 1) s + sqrt(e^{dB} - 1) z. NFE = len(ts) - 1 + denoise.
+    `noise` picks the z (`noise.step_noise`).
     """
     sde = require_linear(sde, "the exponential integrator")
     ts = check_grid(ts.to(x_T.dtype))
     x, n = x_T, len(ts) - 1
+    draw = step_noise(noise, x_T, ts, float(sde.T), generator)
     if callback is not None:
         callback(0, ts[0], x)
     coefs = ei_grid_coefficients(sde, ts)
     for i in range(n):
-        x = ei_step(sde, score_fn, x, ts[i], ts[i + 1], generator, coefficients=coefs[i])
+        x = ei_step(sde, score_fn, x, ts[i], ts[i + 1], coefficients=coefs[i], draw=partial(draw, i))
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1)
