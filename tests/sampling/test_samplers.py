@@ -162,7 +162,7 @@ def test_exponential_integrator_exact_for_the_linear_part(sde, gen):
 
 BUDGETS = {"em": 7, "ei": 7, "pc": 9, "ald": 9, "euler": 7, "heun": 7, "dpm1": 7, "dpm2m": 7, "dpm3m": 7,
            "dpm2m_sde": 7, "dpm3m_sde": 7, "edm_sde": 7,
-           "ddim": 7, "ddpm": 7, "unipc2": 7, "unipc3": 7}
+           "ddim": 7, "ddpm": 7, "unipc2": 7, "unipc3": 7, "sa3": 7}
 
 
 @pytest.mark.parametrize("method", sorted(BUDGETS))
@@ -179,8 +179,9 @@ def test_nfe_spent_equals_budget(method, sde, gen):
 
 
 def test_all_methods_are_tested():
-    """Every registered method is in BUDGETS, dopri5 (adaptive, tested above) or consistency (test_consistency.py)."""
-    assert set(METHODS) == set(BUDGETS) | {"dopri5", "consistency"}
+    """Every registered method is in BUDGETS, dopri5 (adaptive, tested above), adaptive_sde (adaptive,
+    test_sa_solver_adaptive_sde.py) or consistency (test_consistency.py)."""
+    assert set(METHODS) == set(BUDGETS) | {"dopri5", "adaptive_sde", "consistency"}
 
 
 def test_impossible_budgets_raise(gen):
@@ -259,7 +260,8 @@ def test_image_shapes_and_dtypes(method, gen):
 def test_generic_samplers_run_the_nonlinear_langevin_sde(method):
     """Langevin with V = |x|^2 / 2 is OU: the generic-drift path (no Tweedie step by default) must give
     OU's result from the same x_T and noise, for every method not declared `linear`."""
-    assert set(METHODS) - {m for m in METHODS if METHODS[m].linear} == {"em", "pc", "euler", "heun", "dopri5"}
+    assert set(METHODS) - {m for m in METHODS if METHODS[m].linear} == {"em", "pc", "euler", "heun", "dopri5",
+                                                                         "adaptive_sde"}
     lang = Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1), T=OU().T, t_min=OU().t_min)
     score = ring().score_fn(OU())
     x_T = OU().prior_sample((50, 2), torch.Generator().manual_seed(2), F64)

@@ -16,6 +16,8 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 | dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
 | dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
 | unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
+| sa3 | dpm_solver_multistep, order 3, corrector, tau (default 1): SA-Solver; tau = 0 is unipc3's solver | steps + d |
+| adaptive_sde | adaptive_sde: EM / improved-Euler pair, per-sample steps (2105.14080) | at most nfe, else RuntimeError |
 | ddim | ddim (eta option; deterministic at eta = 0) | steps + d |
 | ddpm | ddpm: ancestral, variance "posterior" beta-tilde (default, = ddim eta 1) or "beta" | steps + d |
 | dpm2m_sde, dpm3m_sde | sde_dpm_solver_multistep, order 2/3: SDE-DPM-Solver++ (2211.01095) | steps + d |
@@ -45,6 +47,7 @@ from torch import Tensor
 
 from ..core.registry import Registry
 from ..core.sde import SDE, LinearSDE, ScoreFn
+from .adaptive import adaptive_sde
 from .common import Callback, require_linear
 from .consistency import consistency_method
 from .ddim import ddim, ddpm
@@ -141,6 +144,11 @@ for _name, _method in {
                      power=3.0, end_follows_steps=True, linear=True),
     "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
                      power=3.0, end_follows_steps=True, linear=True),
+    # SA-Solver: unipc3's predictor-corrector on the reverse SDE with noise scale tau (1: the reverse SDE of
+    # T 2.7); the plain Tweedie denoise (the extrapolation assumes the flow); unipc3's grid and end time
+    "sa3": Method(partial(dpm_solver_multistep, order=3, corrector=True, tau=1.0), grid="poly", power=3.0,
+                  end_follows_steps=True, stochastic=lambda o: bool(o.get("tau", 1.0)), linear=True),
+    "adaptive_sde": Method(adaptive_sde, adaptive=True, stochastic=_always),
     # a consistency model's steps at the first k times of the grid (every step is a denoise, so none follows)
     "consistency": Method(consistency_method, grid="edm", stochastic=_always, denoise=lambda nfe: False,
                           linear=True, takes="consistency"),

@@ -1,5 +1,6 @@
 """Probability-flow ODE solvers (T 6.1, 6.7, 6.8): Euler, Heun, adaptive dopri5, and
-multistep exponential integrators in data-prediction form (DPM-Solver++, Lu et al. 2211.01095).
+multistep exponential integrators in data-prediction form (DPM-Solver++, Lu et al. 2211.01095),
+with SA-Solver's stochastic variant (Xue et al. 2309.05019) as the same steps plus noise.
 
 The multistep solvers use only lambda = log(alpha / sigma) and the Tweedie estimate
 x0_hat = (x + sigma^2 s) / alpha, so they hold for every linear SDE (VP, sub-VP, VE,
@@ -17,8 +18,9 @@ from torch import Tensor
 from torchdiffeq import odeint
 
 from ..core.sde import SDE, LinearSDE, ScoreFn, TimeLike, batch_time, expand_like, probability_flow_drift
-from ..core.validate import one_of
+from ..core.validate import check, number, one_of
 from .common import Callback, check_grid, finish, require_linear, schedule
+from .noise import Noise, step_noise
 
 __all__ = ["dopri5", "dpm_solver_multistep", "exp_adams_weights", "explicit_step", "heun", "ode_euler", "pf_step"]
 
@@ -119,7 +121,8 @@ def _exp_moments(h: float, count: int) -> list[float]:
     return out
 
 
-def exp_adams_weights(a_next: float, lam_from: float, lam_to: float, nodes: list[float]) -> list[float]:
+def exp_adams_weights(a_next: float, lam_from: float, lam_to: float, nodes: list[float],
+                      rate: float = 1.0) -> list[float]:
     """Weights w of x(lam_to) = (sigma'/sigma) x(lam_from) + sum_j w_j x0_j for the probability flow in
     data-prediction form, x0_j = x0_hat at the distinct log-SNR nodes[j].
 
@@ -129,24 +132,30 @@ def exp_adams_weights(a_next: float, lam_from: float, lam_to: float, nodes: list
     multistep DPM-Solver++ (Lu et al. 2211.01095; one node is DDIM); a node at lam_to as well gives the
     implicit (Adams-Moulton) step, one order higher, that the UniC corrector (Zhao et al. 2302.04867)
     applies with the evaluation made at the predicted point. Plain floats: a step costs microseconds.
+
+    rate = 1 + tau^2 gives the weights of SA-Solver's predictor and corrector (Xue et al. 2309.05019,
+    tau constant on the step), w_j = rate alpha' int e^{rate (u - lam_to)} L_j(u) du; rate = 1 is the flow's.
     """
     h = lam_to - lam_from
     u = [(v - lam_to) / h for v in nodes]  # in [-1, 0] for the step, below -1 for older nodes
-    moments = _exp_moments(h, len(u))
+    moments = _exp_moments(rate * h, len(u))
     weights = []
     for j, uj in enumerate(u):
         poly = [1.0]  # coefficients of L_j in powers of u, built one factor (u - u_m) / (u_j - u_m) at a time
         for m, um in enumerate(u):
             if m != j:
                 poly = [(a - um * b) / (uj - um) for a, b in zip([0.0] + poly, poly + [0.0])]
-        weights.append(a_next * h * sum(c * mk for c, mk in zip(poly, moments)))
+        weights.append(a_next * rate * h * sum(c * mk for c, mk in zip(poly, moments)))
     return weights
 
 
 def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 2,
                          lower_order_final: bool = True, corrector: bool = False, denoise: bool = True,
-                         extrapolate: bool = False, callback: Callback | None = None) -> Tensor:
-    """Multistep DPM-Solver++ (order 1, 2 or 3) in data-prediction form for any linear SDE.
+                         extrapolate: bool = False, tau: float = 0.0, tau_band: tuple[float, float] | None = None,
+                         noise: Noise = "gaussian", generator: torch.Generator | None = None,
+                         callback: Callback | None = None) -> Tensor:
+    """Multistep DPM-Solver++ (order 1, 2 or 3) in data-prediction form for any linear SDE; with tau > 0
+    SA-Solver's stochastic Adams method (Xue et al. 2309.05019).
 
     Warm start with lower orders (step i uses order min(order, i + 1)); with
     `lower_order_final` the last steps drop order too (min(order, steps left)), which
@@ -155,30 +164,58 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     higher) before the next step starts, at no extra NFE. With `extrapolate` the final denoise is
     extrapolated to sigma = 0 through the last two data predictions (`finish`). One NFE per step:
     NFE = len(ts) - 1 + denoise.
+
+    tau >= 0 picks the reverse SDE dx = [f x - (1 + tau^2) g^2 s / 2] dt + tau g dW-bar (the same marginals
+    for every tau; 0 is the probability flow, 1 the reverse SDE of T 2.7). Its exact solution in lambda,
+    h = lambda' - lambda, tau frozen at the step's start, is
+        x' = (sigma'/sigma) e^{-tau^2 h} x + (1 + tau^2) alpha' int e^{(1 + tau^2)(u - lambda')} x0_hat(u) du
+             + sigma' sqrt(1 - e^{-2 tau^2 h}) z,
+    and the interpolated x0_hat gives the SA-Predictor (`exp_adams_weights` with rate 1 + tau^2); the
+    corrector re-does the step with the same z (SA-Corrector); z from `noise` (`sampling.noise`: "gaussian",
+    "brownian" or a callable i -> z_i). `tau_band` = (low, high): tau acts only on
+    steps that start where sigma / alpha is in [low, high] (SA-Solver's interval rule), 0 elsewhere. At
+    tau = 0 no noise is drawn and every output is bit-identical to the deterministic solver.
     """
     sde = require_linear(sde, "the DPM-Solver++ multistep solver")
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    number("tau", tau, 0, strict=False)
+    if tau_band is not None:
+        low, high = tau_band
+        check("tau_band", tau_band, 0 <= number("tau_band low", low) <= number("tau_band high", high),
+              "(low, high) with 0 <= low <= high")
     ts = check_grid(ts.to(x_T.dtype))
     alpha, sigma, lam = schedule(sde, ts)
-    x, n, x0s, x_prev, k = x_T, len(ts) - 1, [], None, 0
+    n = len(ts) - 1
+    taus = [tau if tau_band is None or tau_band[0] <= math.exp(-lam[i]) <= tau_band[1] else 0.0 for i in range(n)]
+    draw = step_noise(noise, x_T, ts, sde.T, generator) if any(taus) else None
+    x, x0s, x_prev, z, k = x_T, [], None, None, 0
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
         score = score_fn(x, ts[i].expand(x.shape[0]))
         # Tweedie, newest first; the corrector needs one more
         x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order + bool(corrector)]
-        if corrector and i > 0:  # the step i-1 -> i again, its k nodes and the new one
-            x = _combine(x_prev, sigma[i] / sigma[i - 1], x0s,
-                         exp_adams_weights(alpha[i], lam[i - 1], lam[i], lam[i - k:i + 1][::-1]))
+        if corrector and i > 0:  # the step i-1 -> i again, its k nodes and the new one, its noise z
+            x = _adams_step(x_prev, i - 1, i, lam[i - k:i + 1][::-1], x0s, alpha, sigma, lam, taus[i - 1], z)
         k = min(order, i + 1, n - i) if lower_order_final else min(order, i + 1)
         x_prev = x
-        x = _combine(x, sigma[i + 1] / sigma[i], x0s,
-                     exp_adams_weights(alpha[i + 1], lam[i], lam[i + 1], lam[i - k + 1:i + 1][::-1]))
+        z = draw(i) if taus[i] else None
+        x = _adams_step(x, i, i + 1, lam[i - k + 1:i + 1][::-1], x0s, alpha, sigma, lam, taus[i], z)
         if callback is not None:
             callback(i + 1, ts[i + 1], x)
     previous = (x0s[0], math.exp(-2 * lam[n - 1])) if extrapolate else None
     return finish(sde, score_fn, x, ts[-1], denoise, callback, n + 1, previous)
+
+
+def _adams_step(x: Tensor, i: int, j: int, nodes: list[float], x0s: list[Tensor], alpha: list[float],
+                sigma: list[float], lam: list[float], tau: float, z: Tensor | None) -> Tensor:
+    """The (stochastic) exponential-Adams step from grid point i to j through the data predictions x0s at
+    the log-SNR nodes (`dpm_solver_multistep`); tau = 0 (z None) is the flow's step."""
+    damp = tau * tau * (lam[j] - lam[i])  # tau^2 h
+    x = _combine(x, sigma[j] / sigma[i] * math.exp(-damp), x0s,
+                 exp_adams_weights(alpha[j], lam[i], lam[j], nodes, 1 + tau * tau))
+    return x if z is None else x.add(z, alpha=sigma[j] * math.sqrt(-math.expm1(-2 * damp)))
 
 
 def _combine(x: Tensor, ratio: float, x0s: list[Tensor], weights: list[float]) -> Tensor:
