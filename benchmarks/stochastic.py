@@ -289,6 +289,28 @@ def kid(f_gen: torch.Tensor, f_ref: torch.Tensor, blocks: int = 10) -> tuple[flo
     return float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
 
 
+def real_split_spread(splits: int = 20) -> dict:
+    """FID-style distance and KID between the two halves of random splits of the real digits (n = 898 / 899):
+    how far apart two real sets of this size lie, i.e. the resolution of both metrics at n ~ 900-1000."""
+    from scoresde.evaluation.features import image_features
+    from scoresde.evaluation.metrics import frechet_distance
+    from scoresde.running.data import load_digits
+    from scoresde.running.feature_net import digits_feature_net
+
+    net, _ = digits_feature_net(common.REPO / "runs" / "features")
+    x, _ = load_digits()
+    f = image_features(x, net)
+    g = torch.Generator().manual_seed(321)
+    fids, kids = [], []
+    for _ in range(splits):
+        perm = torch.randperm(len(f), generator=g)
+        a, b = f[perm[:len(f) // 2]], f[perm[len(f) // 2:]]
+        fids.append(frechet_distance(a, b))
+        kids.append(kid(b, a)[0])
+    return {"splits": splits, "fid_mean": float(np.mean(fids)), "fid_sd": float(np.std(fids, ddof=1)),
+            "kid_mean": float(np.mean(kids)), "kid_sd": float(np.std(kids, ddof=1))}
+
+
 def digits_run(args):
     """The digits VP model as benchmarks/imaging.py trains it (bench budget), cached under runs/stochastic_digits."""
     from types import SimpleNamespace
@@ -367,7 +389,8 @@ def learned(args):
         for nfe in args.churn_nfes:
             for c in CHURN:
                 one(f"edm_sde(S_churn={c:g})", "churn", "edm_sde", {"S_churn": c}, nfe, args.n_learned, 11, "churn")
-    return {"floor": floor, "feature_accuracy": ev.acc, "train_s": train_s, "picks": picks, "rows": rows}
+    return {"floor": floor, "split_spread": real_split_spread(), "feature_accuracy": ev.acc, "train_s": train_s,
+            "picks": picks, "rows": rows}
 
 
 # ---- overhead -------------------------------------------------------------------------------------------
@@ -495,6 +518,10 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
                      f"{fl['kid'][0]:.2e} +- {fl['kid'][1]:.1e}. Picks (lowest KID, seed 10, n = "
                      f"{next((r['n'] for r in learned_res['rows'] if r['stage'] == 'choose'), 0)}): "
                      f"{json.dumps(learned_res['picks'])}\n")
+        if "split_spread" in learned_res:
+            sp = learned_res["split_spread"]
+            lines.append(f"Two halves of the real digits ({sp['splits']} random splits): FID-style {sp['fid_mean']:.2f} "
+                         f"+- {sp['fid_sd']:.2f}, KID {sp['kid_mean']:.2e} +- {sp['kid_sd']:.1e} (sd over splits).\n")
         lines.append("| NFE | stochastic pick | FID-style | KID +- se | deterministic pick | FID-style | KID +- se | "
                      "KID difference / combined se |")
         lines.append("|---|---|---|---|---|---|---|---|")
@@ -576,7 +603,8 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 # ---- harness --------------------------------------------------------------------------------------------
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--stage", choices=("choose", "exact", "learned", "overhead", "report", "all"), default="all")
+    ap.add_argument("--stage", choices=("choose", "exact", "learned", "split-spread", "overhead", "report", "all"),
+                    default="all", help="split-spread: add real_split_spread() to a saved stochastic_learned.json")
     ap.add_argument("--n-choose", type=int, default=3000, help="samples per configuration on the choice set")
     ap.add_argument("--n", type=int, default=6000, help="samples per configuration on the report set")
     ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
@@ -619,6 +647,10 @@ def run(args):
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
     if args.stage in ("learned", "all"):
         common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
+    if args.stage == "split-spread":
+        res = common.read_json(files["learned"])
+        res["split_spread"] = real_split_spread()
+        common.write_json(NAME, res, file=files["learned"].name, indent=None)
     if args.stage in ("overhead", "all"):
         steps, reps = args.overhead_steps, args.overhead_repeats
         common.write_json(NAME, {"image (64,3,32,32)": overhead((64, 3, 32, 32), steps, reps),
