@@ -24,7 +24,7 @@ from .checkpoint import CHECKPOINT, checkpoint_weights, read_checkpoint
 from .config import Config, atomic_write, load_config
 from .data import load_config_data
 
-__all__ = ["WEIGHTS", "SPEC", "FORMAT", "export_run", "load_model", "load_sde"]
+__all__ = ["WEIGHTS", "SPEC", "FORMAT", "export_run", "read_spec", "load_model", "load_sde"]
 
 WEIGHTS, SPEC, FORMAT = "model.safetensors", "model.json", "scoresde-model-1"
 # the Config fields that rebuild the model and its SDE
@@ -49,12 +49,9 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
     return {"weights": out / WEIGHTS, "spec": out / SPEC}
 
 
-def _build(cfg: Config, shape: tuple[int, ...]) -> nn.Module:
-    return build_model(cfg, build_sde(cfg), tuple(shape))
-
-
 def read_spec(path: str | Path) -> dict[str, Any]:
-    """The JSON of an exported model (`path`: its folder or the JSON file), checked for format and keys."""
+    """The JSON of an exported model (`path`: its folder or the JSON file), checked for format and keys; its
+    own location under "path"."""
     path = Path(path)
     spec_path = path / SPEC if path.is_dir() else path
     if not spec_path.is_file():
@@ -98,7 +95,8 @@ def load_model(path: str | Path) -> nn.Module:
         weights = st_load(blob)
     except SafetensorError as e:
         raise ValueError(f"{weights_path} is not a readable safetensors file ({e})") from None
-    model = _build(_config(spec), tuple(spec["sample_shape"]))
+    cfg = _config(spec)
+    model = build_model(cfg, build_sde(cfg), tuple(spec["sample_shape"]))
     own = model.state_dict()
     missing, extra = own.keys() - weights.keys(), weights.keys() - own.keys()
     bad = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
