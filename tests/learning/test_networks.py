@@ -91,6 +91,21 @@ def test_unet_attention_levels_at_28_px(gen):
             UNet(mults=(1, 2, 2), attention_levels=bad)
 
 
+@pytest.mark.parametrize("px, mults, levels, sizes", [(32, (1, 2, 2), (1, 2), {16, 8}),
+                                                       (64, (1, 2, 2, 4), (2, 3), {16, 8})])
+def test_unet_at_32_and_64_px(px, mults, levels, sizes, gen):
+    """The layouts of configs/unet32.yaml and unet64.yaml (narrower): attention where the config says."""
+    from scoresde.learning.networks import Attention
+
+    net = UNet(channels=3, base=8, mults=mults, attention_levels=levels)
+    seen = set()
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.register_forward_hook(lambda mod, inp, out: seen.add(inp[0].shape[2]))
+    x = torch.randn(2, 3, px, px, generator=gen)
+    assert net(x, torch.rand(2, generator=gen)).shape == x.shape and seen == sizes
+
+
 def test_ema_matches_closed_form_and_round_trips(gen):
     net = MLP(2, hidden=8, depth=1, emb_dim=4)
     w0 = {k: v.clone() for k, v in net.state_dict().items()}
