@@ -50,7 +50,7 @@ LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
 CHURN = (0.0, 10.0, 40.0, 80.0)
 QUICK = dict(n_choose=200, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
-             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20)
+             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, confirm_nfes=[10])
 
 # ---- configurations -------------------------------------------------------------------------------------
 
@@ -434,6 +434,11 @@ def fmt_ratio(a, b, floor):
     return f"{a / b:.2f}"
 
 
+def out_file(file):
+    path = common.out_dir(NAME) / file
+    return common.read_json(path) if path.exists() else None
+
+
 def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
     plt = common.plt()
     lines = ["## (a) exact scores\n"]
@@ -511,6 +516,28 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             axes[0].legend(fontsize=6, ncol=2)
             fig.tight_layout()
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
+    confirm = out_file("stochastic_confirm.json")
+    if confirm:
+        lines.append("\nconfirm: the two picks again on fresh samples (seed 2), ratio of |MMD^2| (fine in brackets)\n")
+        lines.append("| target | n | null sd MMD^2 / fine | NFE | scoresde pick | MMD^2 | fine | diffusers pick | MMD^2 | fine "
+                     "| ratio MMD^2 | ratio fine |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for t in REPORT_TARGETS:
+            trows = [r for r in confirm["rows"] if r["target"] == t]
+            null = [r for r in trows if r["nfe"] == 0]
+            if not null:
+                continue
+            null = null[0]
+            for nfe in sorted({r["nfe"] for r in trows if r["nfe"]}):
+                b = confirm["picks"][str(nfe)]["best"]
+                o = [r for r in trows if r["config"] == b["scoresde"] and r["nfe"] == nfe][0]
+                p = [r for r in trows if r["config"] == b["diffusers"] and r["nfe"] == nfe][0]
+                lines.append(
+                    f"| {t} | {null['n']} | {null['mmd2_sd']:.1e} / {null['mmd2_fine_sd']:.1e} | {nfe} | {o['config'][9:]} | "
+                    f"{value(o, 'mmd2'):.2e} | {value(o, 'mmd2_fine'):.2e} | {p['config'][10:]} | {value(p, 'mmd2'):.2e} | "
+                    f"{value(p, 'mmd2_fine'):.2e} | "
+                    f"{fmt_ratio(value(o, 'mmd2'), value(p, 'mmd2'), 2 * null['mmd2_sd'])} | "
+                    f"{fmt_ratio(value(o, 'mmd2_fine'), value(p, 'mmd2_fine'), 2 * null['mmd2_fine_sd'])} |")
     if learned_res:
         fl = learned_res["floor"]
         lines.append("\n## (b) learned score: digits VP model\n")
@@ -603,7 +630,8 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 # ---- harness --------------------------------------------------------------------------------------------
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--stage", choices=("choose", "exact", "learned", "split-spread", "overhead", "report", "all"),
+    ap.add_argument("--stage", choices=("choose", "exact", "confirm", "learned", "split-spread", "overhead", "report",
+                                        "all"),
                     default="all", help="split-spread: add real_split_spread() to a saved stochastic_learned.json")
     ap.add_argument("--n-choose", type=int, default=3000, help="samples per configuration on the choice set")
     ap.add_argument("--n", type=int, default=6000, help="samples per configuration on the report set")
@@ -615,6 +643,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--train-steps", type=int, default=1500, help="digits VP model (imaging's bench budget)")
     ap.add_argument("--overhead-steps", type=int, default=50)
     ap.add_argument("--overhead-repeats", type=int, default=3)
+    ap.add_argument("--n-confirm", type=int, default=20000, help="confirm: samples for the two picks (seed 2)")
+    ap.add_argument("--confirm-nfes", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -647,6 +677,11 @@ def run(args):
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
     if args.stage in ("learned", "all"):
         common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
+    if args.stage in ("confirm", "all"):  # the goal's two picks again, more samples, fresh seed
+        picks = choose(common.read_json(files["choose"])["rows"], args.confirm_nfes)
+        wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
+        rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed=2, wanted=wanted)]
+        common.write_json(NAME, {"rows": rows, "picks": picks}, file="stochastic_confirm.json", indent=None)
     if args.stage == "split-spread":
         res = common.read_json(files["learned"])
         res["split_spread"] = real_split_spread()
