@@ -9,7 +9,7 @@ import torch
 from scipy import integrate
 
 from scoresde.core.gaussian import forward_law, random_gaussian
-from scoresde.core.sde import OU, VE, VP, ContractiveVP, Langevin
+from scoresde.core.sde import VE, VP, ContractiveVP
 from scoresde.core.targets import GaussianMixture, ring
 from scoresde.sampling import METHODS, dpm_solver_multistep, sample, time_grid
 from scoresde.sampling.adaptive import adaptive_sde
@@ -166,41 +166,46 @@ def _moment_z(x, mean, cov):
     return max(z_mean.max(), (np.abs(xc - cov) / se_cov).max())
 
 
+def _exact_start(sde, m, C, n, seed):
+    """n draws from the exact p_T of data N(m, C) (the prior differs from it for contractive SDEs)."""
+    mT, CT = forward_law(sde, m, C, sde.T)
+    z = torch.randn(n, len(m), generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return torch.tensor(mT) + z @ torch.tensor(np.linalg.cholesky(CT)).T
+
+
 @pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
 def test_adaptive_sde_reaches_the_exact_law_within_its_budget(sde):
-    """Gaussian data N(m, C): the reverse SDE's marginal at t_end is exactly N(alpha m, alpha^2 C + sigma^2 I).
-    At rtol 0.01 the sample mean and covariance of 20000 draws are within 4.5 standard errors of it; the
-    score calls are 2 per iteration (the callback counts them) and never above nfe."""
+    """Gaussian data N(m, C), started from the exact p_T: the reverse SDE's marginal at t_end is exactly
+    N(alpha m, alpha^2 C + sigma^2 I). At rtol 0.01 the sample mean and covariance of 20000 draws are within 4.5
+    standard errors of it (measured: 1.7 VE, 2.7 VP); the score calls are 2 per iteration (the callback counts
+    them) and never above nfe."""
     m, C, target = _gaussian_data()
     score = counted(target.score_fn(sde))
     t_end = 1e-2 * sde.T
     iters = []
-    x = sample(sde, score, (20000, 2), method="adaptive_sde", nfe=3000, rtol=0.01, t_end=t_end, denoise=False,
-               generator=torch.Generator().manual_seed(0), dtype=F64, callback=lambda i, t, x: iters.append(i))
+    x = sample(sde, score, None, method="adaptive_sde", nfe=3000, x_T=_exact_start(sde, m, C, 20000, 3), rtol=0.01,
+               t_end=t_end, denoise=False, generator=torch.Generator().manual_seed(0),
+               callback=lambda i, t, x: iters.append(i))
     assert score.calls == 2 * iters[-1] <= 3000
     mean, cov = forward_law(sde, m, C, t_end)
     assert _moment_z(x, mean, cov) < 4.5
 
 
-def test_adaptive_sde_tighter_tolerance_costs_more_and_lands_closer():
-    """VE, data N(m, C): rtol 0.2, 0.05, 0.01 spend increasing NFE and the KL divergence of the fitted Gaussian of
-    20000 draws to the exact law falls (same x_T and seed)."""
+def test_adaptive_sde_tighter_tolerance_costs_more_and_follows_the_path_closer():
+    """VE, data N(m, C): on one Brownian path (same seed) and the same x_T, rtol 0.2, 0.05, 0.01 spend increasing
+    NFE and land increasingly close to the path's solution at rtol 1e-4 (the strong error; the tolerance
+    controls it, so it must fall)."""
     sde, (m, C, target) = VE(), _gaussian_data()
-    t_end = 1e-2
-    mean, cov = forward_law(sde, m, C, t_end)
-    x_T = sde.prior_sample((20000, 2), torch.Generator().manual_seed(1), F64)
-    nfes, kls = [], []
-    for rtol in (0.2, 0.05, 0.01):
+    x_T = _exact_start(sde, m, C, 2000, 1)
+    nfes, outs = [], []
+    for rtol in (0.2, 0.05, 0.01, 1e-4):
         score = counted(target.score_fn(sde))
-        x = sample(sde, score, None, method="adaptive_sde", nfe=5000, x_T=x_T, rtol=rtol, t_end=t_end, denoise=False,
-                   generator=torch.Generator().manual_seed(2))
+        outs.append(sample(sde, score, None, method="adaptive_sde", nfe=200000, x_T=x_T, rtol=rtol, atol=1e-6,
+                           t_end=1e-2, denoise=False, generator=torch.Generator().manual_seed(2)))
         nfes.append(score.calls)
-        xm, xc = x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)
-        P = np.linalg.inv(cov)  # KL(N(xm, xc) || N(mean, cov))
-        kls.append(0.5 * (np.trace(P @ xc) + (mean - xm) @ P @ (mean - xm) - 2 + math.log(np.linalg.det(cov)
-                                                                                            / np.linalg.det(xc))))
-    assert nfes[0] < nfes[1] < nfes[2], nfes
-    assert kls[0] > kls[1] > kls[2], (nfes, kls)
+    errs = [(x - outs[-1]).norm(dim=1).mean().item() for x in outs[:-1]]
+    assert nfes[0] < nfes[1] < nfes[2] < nfes[3], nfes
+    assert errs[0] > errs[1] > errs[2], (nfes, errs)
 
 
 def test_adaptive_sde_budget_is_a_cap_and_says_so():
@@ -213,21 +218,21 @@ def test_adaptive_sde_budget_is_a_cap_and_says_so():
     assert score.calls <= 1000 and score.calls % 2 == 1 and torch.isfinite(x).all()  # 2 per iteration + denoise
 
 
-def test_adaptive_sde_steps_per_sample_and_lands_on_t_end():
-    """Each sample has its own step sizes: the per-sample times differ during the run and all end exactly at t_end."""
+def test_adaptive_sde_steps_land_on_t_end():
+    """Batch-wise steps: the callback's times fall from T to exactly t_end, with steps of varying length."""
     sde = VE()
     seen = []
     sample(sde, ring().score_fn(sde), (16, 2), method="adaptive_sde", nfe=2000, t_end=0.01, denoise=False,
-           generator=torch.Generator().manual_seed(0), dtype=F64, callback=lambda i, t, x: seen.append(t.clone()))
-    assert any(len(set(t.tolist())) > 1 for t in seen)
-    assert (seen[0] == sde.T).all() and (seen[-1] == 0.01).all()
-    assert all((b <= a).all() for a, b in zip(seen, seen[1:]))
+           generator=torch.Generator().manual_seed(0), dtype=F64, callback=lambda i, t, x: seen.append(float(t)))
+    assert seen[0] == sde.T and seen[-1] == 0.01
+    steps = -np.diff(seen)
+    assert (steps >= 0).all() and len(set(steps[steps > 0].round(12))) > 3
 
 
 def test_adaptive_sde_rejects_bad_input():
     sde, score, x = VP(), ring().score_fn(VP()), torch.zeros(4, 2)
     for kw, match in [({"rtol": 0.0}, "rtol"), ({"atol": -1.0}, "atol"), ({"h_init": 2.0}, "h_init"),
-                      ({"safety": 0.0}, "safety"), ({"noise": "brownian"}, "noise"), ({"t_end": 1.5}, "t_end")]:
+                      ({"safety": 0.0}, "safety"), ({"noise": "pink"}, "noise"), ({"t_end": 1.5}, "t_end")]:
         with pytest.raises(ValueError, match=match):
             adaptive_sde(sde, score, x, **kw)
     with pytest.raises(RuntimeError, match="not finite"):

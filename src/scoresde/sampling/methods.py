@@ -17,7 +17,7 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 | dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
 | unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
 | sa3 | dpm_solver_multistep, order 3, corrector, tau (default 1): SA-Solver; tau = 0 is unipc3's solver | steps + d |
-| adaptive_sde | adaptive_sde: EM / improved-Euler pair, per-sample steps (2105.14080) | at most nfe, else RuntimeError |
+| adaptive_sde | adaptive_sde: EM / improved-Euler pair, batch-wise steps on one Brownian path (2105.14080) | at most nfe, else RuntimeError |
 | ddim | ddim (eta option; deterministic at eta = 0) | steps + d |
 | ddpm | ddpm: ancestral, variance "posterior" beta-tilde (default, = ddim eta 1) or "beta" | steps + d |
 | dpm2m_sde, dpm3m_sde | sde_dpm_solver_multistep, order 2/3: SDE-DPM-Solver++ (2211.01095) | steps + d |
