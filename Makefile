@@ -64,6 +64,7 @@ bench-alignment: $(STAMP)
 bench-stochastic: $(STAMP)
 	$(HEAVY) -m benchmarks stochastic --stage choose $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage exact $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage confirm $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage learned $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage overhead $(BENCH_ARGS)
 
