@@ -10,7 +10,7 @@ from scipy import integrate
 from scoresde.core.gaussian import backward_sde_law
 from scoresde.core.sde import VE, VEEDM, VP, ContractiveVP, SubVP
 from scoresde.core.targets import GaussianMixture, ring
-from scoresde.sampling import METHODS, euler_maruyama, exponential_integrator, heun, sample, time_grid
+from scoresde.sampling import METHODS, euler_maruyama, exponential_integrator, sample, time_grid
 from scoresde.sampling.edm import edm_sde
 from scoresde.sampling.noise import brownian_increments, step_noise
 from scoresde.sampling.sde_multistep import sde_adams_weights, sde_dpm_solver_multistep

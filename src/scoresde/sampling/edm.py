@@ -23,7 +23,7 @@ from .common import Callback, check_grid, finish, require_linear
 from .noise import Noise, step_noise
 from .ode import explicit_step
 
-__all__ = ["edm_sde", "DEFAULT_S_CHURN"]
+__all__ = ["DEFAULT_S_CHURN", "edm_sde"]
 
 # stochastic by default, as the method's name promises (S_churn = 0 is `heun`). Up to 25 steps any S_churn >= 10
 # saturates gamma at sqrt(2) - 1, so 10, 20, 40 and 80 tied on ring and mix16 under VP and VE at NFE 11-51;

@@ -10,7 +10,7 @@ z_i directly (common random numbers, or another library's draws).
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from collections.abc import Callable
 
 import torch
 import torchsde
@@ -22,7 +22,7 @@ from .common import noise_like
 __all__ = ["NOISES", "Noise", "brownian_increments", "step_noise"]
 
 NOISES = ("gaussian", "brownian")
-Noise = Union[str, Callable[[int], Tensor]]
+Noise = str | Callable[[int], Tensor]
 
 # the tree's times are rounded to this fraction of T, so increments resolve steps down to ~1e-9 T
 _TOL = 1e-9

@@ -6,8 +6,8 @@ evaluation per step, then optionally denoise with Tweedie's formula at t_end (on
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor
