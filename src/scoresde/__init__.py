@@ -3,12 +3,12 @@
 Layers (a module imports only from its own layer and the ones listed before it; enforced by the
 import-linter contract in pyproject.toml):
 
-    core        sde, targets, gaussian, precond, registry, validate
+    core        sde, targets, gaussian, precond, registry, validate, errors
     learning    losses, networks, estimation
     sampling    methods (sample, METHODS) and the solvers, likelihood, guidance, consistency
     evaluation  metrics, bounds, features
     models      one module per family: score, ddpm, ncsn, vae, consistency, alignment, rewards
-    running     config, build, data, checkpoint, train, runs, plots, ...
+    running     config, files, build, data, checkpoint, train, runs, plots, ...
     cli
 
 The names below are re-exported here on first use (`from scoresde import sample, VP, Trainer`).
@@ -24,6 +24,7 @@ _EXPORTS = {
                  "SDES", "reverse_drift", "probability_flow_drift", "simulate"],
     "core.targets": ["GaussianMixture", "ring", "grid", "random_mixture"],
     "core.precond": ["ScoreModel", "edm_scalings"],
+    "core.errors": ["ScoresdeError", "InvalidValueError", "MissingFileError", "DamagedFileError", "OutputError"],
     "learning.losses": ["LOSSES", "denoising_score_matching", "sliced_score_matching", "implicit_score_matching",
                         "explicit_score_matching"],
     "learning.networks": ["MLP", "UNet", "EMA"],

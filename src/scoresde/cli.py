@@ -5,6 +5,8 @@ from pathlib import Path
 
 import typer
 
+from .core.errors import InvalidValueError
+
 app = typer.Typer(help="scoresde: score-based diffusion models written as SDEs.", no_args_is_help=True)
 
 
@@ -71,11 +73,11 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
 
     try:
         if out.suffix not in (".npy", ".npz", ".png"):
-            raise ValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
+            raise InvalidValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
         if fit_grid < 0:
-            raise ValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
+            raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
         if fit_grid and label is not None:
-            raise ValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
+            raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
         r = load_run(run)
         options = {}
         if fit_grid:
@@ -116,7 +118,7 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
 
     try:
         if out.suffix not in (".npy", ".png"):
-            raise ValueError(f"--out must end in .npy or .png, got {str(out)!r}")
+            raise InvalidValueError(f"--out must end in .npy or .png, got {str(out)!r}")
         known, m, x = inpaint_run(load_run(run), mask, n, how=how, method=method, nfe=nfe, seed=seed)
     except ValueError as err:
         _fail(err)
@@ -140,7 +142,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     measured score error; writes RUN/eval.json."""
     import json
 
-    from .running.config import atomic_write
+    from .running.files import atomic_write
     from .running.runs import evaluate_run, load_run
 
     try:
@@ -167,7 +169,7 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
     import json
 
-    from .running.config import atomic_write
+    from .running.files import atomic_write
     from .running.runs import likelihood_run, load_run
 
     try:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from .errors import InvalidValueError
 from .sde import LinearSDE
 from .validate import check, integer, moments
 
@@ -36,7 +37,7 @@ GaussianLaw = tuple[np.ndarray, np.ndarray]
 def coefficients(sde: LinearSDE, t: np.ndarray | float) -> dict[str, np.ndarray]:
     """b, g^2, alpha, sigma of a linear SDE at forward times t, as float64 arrays."""
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a LinearSDE (Gaussian transition kernel), got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be a LinearSDE (Gaussian transition kernel), got {type(sde).__name__}")
     tt = torch.as_tensor(np.asarray(t, dtype=np.float64))
     return {"b": sde.b(tt).numpy(), "g2": (sde.diffusion(tt) ** 2).numpy(),
             "alpha": sde.alpha(tt).numpy(), "sigma": sde.sigma(tt).numpy()}
@@ -55,7 +56,7 @@ def random_gaussian(dim: int, seed: int = 0, eig_range: tuple[float, float] = (0
     integer("dim", dim, 1)
     lo, hi = eig_range
     if not 0 < lo <= hi:
-        raise ValueError(f"eig_range must satisfy 0 < low <= high, got {eig_range}")
+        raise InvalidValueError(f"eig_range must satisfy 0 < low <= high, got {eig_range}")
     rng = np.random.default_rng(seed)
     m = rng.normal(size=dim)
     Q = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
@@ -121,7 +122,7 @@ def _start(sde: LinearSDE, d: int, start: GaussianLaw | None) -> GaussianLaw:
 
 def _check_end(sde: LinearSDE, t_end: float) -> None:
     if not 0.0 <= t_end < sde.T:
-        raise ValueError(f"t_end must lie in [0, T = {sde.T}), got {t_end}")
+        raise InvalidValueError(f"t_end must lie in [0, T = {sde.T}), got {t_end}")
 
 
 def _moment_ode(sde: LinearSDE, mean: np.ndarray, cov: np.ndarray, error: ErrorField | None, t_end: float,
@@ -195,7 +196,7 @@ def step_coefficients(sde: LinearSDE, ts: np.ndarray, *, exponential: bool,
     `ei_coefficients` over each step [t', t]."""
     ts = np.asarray(ts, dtype=np.float64)
     if ts.ndim != 1 or ts.size < 2 or not np.all(np.diff(ts) < 0):
-        raise ValueError("ts must be a strictly decreasing 1-D array of at least two times")
+        raise InvalidValueError("ts must be a strictly decreasing 1-D array of at least two times")
     weight = 0.5 if probability_flow else 1.0
     if exponential:
         lin, score_w, noise = (v.numpy() for v in ei_coefficients(sde, torch.from_numpy(ts[:-1]), torch.from_numpy(ts[1:])))

@@ -13,10 +13,10 @@ network sees unit-variance inputs for VP, VE and contractive SDEs alike.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
+from .errors import InvalidValueError
 from .sde import SDE, LinearSDE, TimeLike, as_time, batch_time, expand_like
 from .validate import one_of, positive
 
@@ -107,7 +107,7 @@ class ScoreModel(nn.Module):
         super().__init__()
         one_of("parametrization", parametrization, PARAMETRIZATIONS)
         if parametrization != "score" and not isinstance(sde, LinearSDE):
-            raise ValueError(f"parametrization {parametrization!r} needs a linear SDE with (alpha, sigma); "
+            raise InvalidValueError(f"parametrization {parametrization!r} needs a linear SDE with (alpha, sigma); "
                              f"{type(sde).__name__} supports only 'score'")
         positive("sigma_data", sigma_data)
         self.net = net

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from .errors import InvalidValueError
+
 T = TypeVar("T")
 
 
@@ -16,7 +18,7 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
             if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                raise InvalidValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
             return obj
 

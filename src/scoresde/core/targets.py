@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .errors import InvalidValueError
 from .sde import LinearSDE, TimeLike, as_time
 
 __all__ = [
@@ -40,21 +41,21 @@ class GaussianMixture:
         dtype = torch.float64 if dtype in (torch.float16, torch.bfloat16, torch.float32) else dtype
         w, mu, cov = (torch.as_tensor(v, dtype=dtype) for v in (self.weights, self.means, self.covariances))
         if mu.dim() != 2:
-            raise ValueError(f"means must have shape (K, d), got {tuple(mu.shape)}")
+            raise InvalidValueError(f"means must have shape (K, d), got {tuple(mu.shape)}")
         K, d = mu.shape
         if w.shape != (K,):
-            raise ValueError(f"weights must have shape ({K},), got {tuple(w.shape)}")
+            raise InvalidValueError(f"weights must have shape ({K},), got {tuple(w.shape)}")
         if cov.shape != (K, d, d):
-            raise ValueError(f"covariances must have shape ({K}, {d}, {d}), got {tuple(cov.shape)}")
+            raise InvalidValueError(f"covariances must have shape ({K}, {d}, {d}), got {tuple(cov.shape)}")
         if not (torch.isfinite(w).all() and torch.isfinite(mu).all() and torch.isfinite(cov).all()):
-            raise ValueError("weights, means and covariances must be finite")
+            raise InvalidValueError("weights, means and covariances must be finite")
         if (w <= 0).any():
-            raise ValueError("weights must be > 0")
+            raise InvalidValueError("weights must be > 0")
         if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-10, rtol=1e-8):
-            raise ValueError("covariances must be symmetric")
+            raise InvalidValueError("covariances must be symmetric")
         evals, evecs = torch.linalg.eigh(cov)
         if (evals <= 0).any():
-            raise ValueError("covariances must be positive definite")
+            raise InvalidValueError("covariances must be positive definite")
         object.__setattr__(self, "weights", w / w.sum())
         object.__setattr__(self, "means", mu)
         object.__setattr__(self, "covariances", cov)
@@ -112,9 +113,9 @@ class DiffusedMixture:
         """Per-component log w_k N(x; alpha mu_k, alpha^2 Sigma_k + sigma^2 I), the projections U_k^T (x - alpha mu_k)
         and the eigenvalues of the covariances."""
         if x.dim() != 2 or x.shape[1] != self.base.dim:
-            raise ValueError(f"x must have shape (n, {self.base.dim}), got {tuple(x.shape)}")
+            raise InvalidValueError(f"x must have shape (n, {self.base.dim}), got {tuple(x.shape)}")
         if self.alpha.dim() == 1 and self.alpha.shape[0] != x.shape[0]:
-            raise ValueError(f"per-sample times: got {self.alpha.shape[0]} times for {x.shape[0]} points")
+            raise InvalidValueError(f"per-sample times: got {self.alpha.shape[0]} times for {x.shape[0]} points")
         evals, evecs = self.base._eig
         a = self.alpha.reshape(-1, 1, 1)
         var = a**2 * evals + self.sigma.reshape(-1, 1, 1) ** 2  # (n or 1, K, d)
@@ -136,7 +137,7 @@ class DiffusedMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         if self.alpha.dim() == 1 and self.alpha.shape[0] != n:
-            raise ValueError(f"per-sample times: got {self.alpha.shape[0]} times for n = {n}")
+            raise InvalidValueError(f"per-sample times: got {self.alpha.shape[0]} times for n = {n}")
         base = self.base
         k = torch.multinomial(base.weights, n, replacement=True, generator=generator)
         evals, evecs = base._eig

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 from torch import Tensor
 
+from .errors import InvalidValueError
+
 __all__ = ["batch_tensor", "check", "construct", "integer", "moments", "number", "one_of", "positive"]
 
 C = TypeVar("C")
@@ -21,7 +23,7 @@ C = TypeVar("C")
 def check(name: str, value: Any, ok: bool, allowed: str) -> None:
     """ValueError "<name> must be <allowed>, got <value>" unless ok."""
     if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        raise InvalidValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def integer(name: str, value: Any, low: int = 1) -> int:
@@ -58,10 +60,10 @@ def batch_tensor(name: str, x: Any, *, finite: bool = True) -> Tensor:
     spares a device synchronisation in training losses)."""
     if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2):
         got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating tensor of shape (batch, ...) with at least 2 dims, got {got}")
+        raise InvalidValueError(f"{name} must be a floating tensor of shape (batch, ...) with at least 2 dims, got {got}")
     check(name, f"shape {tuple(x.shape)}", x.numel() > 0, "non-empty")
     if finite and not bool(x.isfinite().all()):
-        raise ValueError(f"{name} must be finite, got non-finite values")
+        raise InvalidValueError(f"{name} must be finite, got non-finite values")
     return x
 
 
@@ -72,12 +74,12 @@ def moments(name: str, mean: Any, cov: Any, dim: int | None = None) -> tuple[np.
     m, C = np.atleast_1d(m), np.atleast_2d(C)
     d = m.shape[0]
     if m.ndim != 1 or C.shape != (d, d):
-        raise ValueError(f"{name}: mean must have shape (d,) and covariance (d, d), got {m.shape} and {C.shape}")
+        raise InvalidValueError(f"{name}: mean must have shape (d,) and covariance (d, d), got {m.shape} and {C.shape}")
     check(f"{name}: the dimension", d, dim is None or d == dim, f"{dim}")
     if not (np.isfinite(m).all() and np.isfinite(C).all()):
-        raise ValueError(f"{name}: mean and covariance must be finite")
+        raise InvalidValueError(f"{name}: mean and covariance must be finite")
     if not np.allclose(C, C.T, rtol=1e-8, atol=1e-12 * max(1.0, np.abs(C).max())):
-        raise ValueError(f"{name}: covariance must be symmetric")
+        raise InvalidValueError(f"{name}: covariance must be symmetric")
     return m, 0.5 * (C + C.T)
 
 
@@ -87,5 +89,5 @@ def construct(factory: Callable, kwargs: dict[str, Any], what: str, **fixed: Any
     valid = [p for p in params if p not in fixed and p != "self"]
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
-        raise ValueError(f"unknown {what}: {', '.join(unknown)}; valid: {', '.join(valid)}")
+        raise InvalidValueError(f"unknown {what}: {', '.join(unknown)}; valid: {', '.join(valid)}")
     return factory(**fixed, **kwargs)

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy.integrate import quad, solve_ivp
 
+from ..core.errors import InvalidValueError
 from ..core.gaussian import coefficients
 from ..core.sde import OU, VP, LinearSDE
 from ..core.validate import number, positive
@@ -56,12 +57,12 @@ def _nonneg(name: str, value: float) -> float:
 
 def _horizon(sde: LinearSDE, T: float | None, t_end: float) -> float:
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a LinearSDE, got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be a LinearSDE, got {type(sde).__name__}")
     T = sde.T if T is None else float(T)
     if not math.isfinite(T) or T <= sde.t_min:
-        raise ValueError(f"T must be finite and > t_min = {sde.t_min}, got {T}")
+        raise InvalidValueError(f"T must be finite and > t_min = {sde.t_min}, got {T}")
     if not 0.0 <= t_end < T:
-        raise ValueError(f"t_end must lie in [0, T = {T}), got {t_end}")
+        raise InvalidValueError(f"t_end must lie in [0, T = {T}), got {t_end}")
     return T
 
 
@@ -70,12 +71,12 @@ def _as_function(name: str, value: float | Callable[[float], float]) -> Callable
         def checked(x: float) -> float:
             v = float(value(x))
             if not math.isfinite(v):
-                raise ValueError(f"{name}({x}) must be finite, got {v}")
+                raise InvalidValueError(f"{name}({x}) must be finite, got {v}")
             return v
         return checked
     v = float(value)
     if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
+        raise InvalidValueError(f"{name} must be finite, got {v}")
     return lambda x: v
 
 
@@ -97,7 +98,7 @@ def tv_bound(sde: LinearSDE, *, score_error: float | Callable[[float], float], p
     def integrand(t: float) -> float:
         e = E(t)
         if e < 0:
-            raise ValueError(f"score_error({t}) must be >= 0, got {e}")
+            raise InvalidValueError(f"score_error({t}) must be >= 0, got {e}")
         return _g2(sde, t) * e**2
 
     points = [p for p in breakpoints if t_end < p < T] or None
@@ -110,7 +111,7 @@ def tv_bound_vp(sde: VP | OU, *, score_error: float | Callable[[float], float], 
     """T 5.3 (VP, and OU as VP with beta = 2): TV <= (KL(p_0 || N(0, I)) / 2)^{1/2} e^{-int_0^T b}
     + (1/2) (int_0^T g^2 E^2)^{1/2}; for VP int_0^T b = B(T)/2 and int g^2 = B(T)."""
     if not isinstance(sde, (VP, OU)):
-        raise ValueError(f"sde must be VP or OU (g^2 = 2b, prior N(0, I)), got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be VP or OU (g^2 = 2b, prior N(0, I)), got {type(sde).__name__}")
     data_kl = _nonneg("data_kl", data_kl)
     int_b = quad(lambda t: float(coefficients(sde, t)["b"]), 0.0, sde.T, epsabs=0.0, epsrel=RTOL)[0]
     prior = math.sqrt(data_kl / 2) * math.exp(-int_b)
@@ -133,7 +134,7 @@ def w2_bound(sde: LinearSDE, *, score_error_sup: float | Callable[[float], float
     def rhs(u: float, y: np.ndarray) -> list[float]:
         e = eps(T - u)
         if e < 0:
-            raise ValueError(f"score_error_sup({T - u}) must be >= 0, got {e}")
+            raise InvalidValueError(f"score_error_sup({T - u}) must be >= 0, got {e}")
         # y = (Lambda(u), int_0^u eps g^2 e^{-Lambda}); the score term is e^{Lambda(U)} y[1].
         return [L(u), e * _g2(sde, T - u) * math.exp(-y[0])]
 
@@ -156,16 +157,16 @@ def prior_w2_bound(sde: LinearSDE, data_mean: np.ndarray, data_second_moment: fl
     with s_pi Z. `data_second_moment` is E|X_0|^2 or E[X_0 X_0^T]; `data_mean` gives d (and E|X_0|^2 >= |m|^2)."""
     mean = np.atleast_1d(np.asarray(data_mean, dtype=np.float64))
     if mean.ndim != 1 or not np.isfinite(mean).all():
-        raise ValueError(f"data_mean must be a finite vector of shape (d,), got shape {mean.shape}")
+        raise InvalidValueError(f"data_mean must be a finite vector of shape (d,), got shape {mean.shape}")
     d = mean.size
     m2 = np.asarray(data_second_moment, dtype=np.float64)
     if m2.shape == (d, d):
         m2 = np.trace(m2)
     elif m2.ndim != 0:
-        raise ValueError(f"data_second_moment must be E|X_0|^2 or a ({d}, {d}) matrix, got shape {m2.shape}")
+        raise InvalidValueError(f"data_second_moment must be E|X_0|^2 or a ({d}, {d}) matrix, got shape {m2.shape}")
     m2 = _nonneg("data_second_moment", float(m2))
     if m2 < float(mean @ mean) * (1 - 1e-12):
-        raise ValueError(f"data_second_moment ({m2}) must be >= |data_mean|^2 ({float(mean @ mean)})")
+        raise InvalidValueError(f"data_second_moment ({m2}) must be >= |data_mean|^2 ({float(mean @ mean)})")
     k = coefficients(sde, sde.T)
     return math.sqrt(float(k["alpha"]) ** 2 * m2 + d * (float(k["sigma"]) - sde.prior_std) ** 2)
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.errors import InvalidValueError
 from ..learning.networks import SinusoidalEmbedding
 
 __all__ = ["Classifier", "train_classifier", "image_features", "knn_precision_recall"]
@@ -36,7 +37,7 @@ class Classifier(nn.Module):
         h = self.body(x)
         if self.time is not None:
             if c is None:
-                raise ValueError("a time-conditional classifier needs the conditioning c of shape (batch,)")
+                raise InvalidValueError("a time-conditional classifier needs the conditioning c of shape (batch,)")
             h = h + self.time(c)
         return F.silu(h)
 
@@ -50,7 +51,7 @@ def train_classifier(x: Tensor, y: Tensor, *, steps: int = 600, batch_size: int 
     """Cross-entropy training with AdamW. `noise_fn(x, generator) -> (x_noisy, c)` (optional) corrupts
     each batch and returns the conditioning, for a noise-conditional classifier."""
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"x and y must be non-empty with the same length, got {x.shape[0]} and {y.shape[0]}")
+        raise InvalidValueError(f"x and y must be non-empty with the same length, got {x.shape[0]} and {y.shape[0]}")
     model = Classifier(channels=x.shape[1], n_classes=int(y.max()) + 1, time_conditional=noise_fn is not None, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -74,7 +75,7 @@ def accuracy(model: Classifier, x: Tensor, y: Tensor) -> float:
 def image_features(x: Tensor, model: Classifier, batch_size: int = 512) -> Tensor:
     """Penultimate-layer features (n, feature_dim) of images (n, C, H, W)."""
     if x.dim() != 4:
-        raise ValueError(f"images must have shape (n, C, H, W), got {tuple(x.shape)}")
+        raise InvalidValueError(f"images must have shape (n, C, H, W), got {tuple(x.shape)}")
     return torch.cat([model.features(x[i:i + batch_size].float()) for i in range(0, x.shape[0], batch_size)])
 
 
@@ -94,7 +95,7 @@ def knn_precision_recall(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, k
     recall = share of real points in the fake manifold."""
     real, fake = (np.asarray(a, dtype=np.float64) for a in (real, fake))
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"real and fake must be (n, d) with the same d, got {real.shape} and {fake.shape}")
+        raise InvalidValueError(f"real and fake must be (n, d) with the same d, got {real.shape} and {fake.shape}")
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"k must be smaller than both set sizes, got k={k}, sizes {len(real)} and {len(fake)}")
+        raise InvalidValueError(f"k must be smaller than both set sizes, got k={k}, sizes {len(real)} and {len(fake)}")
     return (_coverage(fake, real, _kth_nn_radius(real, k)), _coverage(real, fake, _kth_nn_radius(fake, k)))

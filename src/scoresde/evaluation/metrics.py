@@ -16,9 +16,13 @@ import ot
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.targets import GaussianMixture
 from ..core.validate import integer, moments
-from .features import image_features, knn_precision_recall  # FID-style features without downloads (issue 12)
+from .features import (  # FID-style features without downloads (issue 12)
+    image_features,
+    knn_precision_recall,
+)
 
 __all__ = [
     "Estimate", "TVGrid", "w2_gaussian", "w2", "w2_floor", "sliced_w2", "mmd2", "tv", "tv_grid",
@@ -42,18 +46,18 @@ class Estimate:
 def _points(x: ArrayLike, name: str, dim: int | None = None, min_n: int = 1) -> np.ndarray:
     """`x` as a float64 array of shape (n, d), validated."""
     if not isinstance(x, (Tensor, np.ndarray)):
-        raise ValueError(f"{name} must be a torch tensor or numpy array of shape (n, d), got {type(x).__name__}")
+        raise InvalidValueError(f"{name} must be a torch tensor or numpy array of shape (n, d), got {type(x).__name__}")
     a = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
     if not np.issubdtype(a.dtype, np.floating):
-        raise ValueError(f"{name} must have a floating dtype, got {a.dtype}")
+        raise InvalidValueError(f"{name} must have a floating dtype, got {a.dtype}")
     if a.ndim != 2:
-        raise ValueError(f"{name} must have shape (n, d), got {a.shape}")
+        raise InvalidValueError(f"{name} must have shape (n, d), got {a.shape}")
     if a.shape[0] < min_n:
-        raise ValueError(f"{name} must hold at least {min_n} points, got {a.shape[0]}")
+        raise InvalidValueError(f"{name} must hold at least {min_n} points, got {a.shape[0]}")
     if dim is not None and a.shape[1] != dim:
-        raise ValueError(f"{name} must have dimension {dim}, got {a.shape[1]}")
+        raise InvalidValueError(f"{name} must have dimension {dim}, got {a.shape[1]}")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} must be finite")
+        raise InvalidValueError(f"{name} must be finite")
     return a.astype(np.float64, copy=False)
 
 
@@ -190,7 +194,7 @@ def mmd2(x: ArrayLike, target: GaussianMixture | ArrayLike, bandwidths: Sequence
     n, d = x.shape
     if isinstance(target, GaussianMixture):
         if target.dim != d:
-            raise ValueError(f"target has dimension {target.dim}, x has {d}")
+            raise InvalidValueError(f"target has dimension {target.dim}, x has {d}")
         scale = float(torch.trace(target.covariance()))
     else:
         target = _points(target, "target", d, min_n=2)
@@ -200,7 +204,7 @@ def mmd2(x: ArrayLike, target: GaussianMixture | ArrayLike, bandwidths: Sequence
     else:
         h = np.asarray(bandwidths, dtype=np.float64).ravel()
         if h.size == 0 or not np.isfinite(h).all() or (h <= 0).any():
-            raise ValueError(f"bandwidths must be finite and > 0, got {bandwidths}")
+            raise InvalidValueError(f"bandwidths must be finite and > 0, got {bandwidths}")
     Kxx = _gauss_kernel(x, x, h)
     if isinstance(target, GaussianMixture):
         mean_k, mean_kk = _mixture_kernel_means(x, target, h)
@@ -227,13 +231,13 @@ def tv(log_p: Callable[[Tensor], Tensor], log_q: Callable[[Tensor], Tensor], x: 
 
     `log_p(x)`, `log_q(x)` return per-sample log-densities (n,); valid in any dimension."""
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 2:
-        raise ValueError("x must be a tensor of shape (n, ...) with n >= 2 samples from p")
+        raise InvalidValueError("x must be a tensor of shape (n, ...) with n >= 2 samples from p")
     lp, lq = log_p(x), log_q(x)
     for name, v in (("log_p", lp), ("log_q", lq)):
         if not isinstance(v, Tensor) or v.shape != (x.shape[0],):
-            raise ValueError(f"{name}(x) must return a tensor of shape ({x.shape[0]},)")
+            raise InvalidValueError(f"{name}(x) must return a tensor of shape ({x.shape[0]},)")
     if not torch.isfinite(lp).all():
-        raise ValueError("log_p(x) must be finite on samples from p")
+        raise InvalidValueError("log_p(x) must be finite on samples from p")
     r = (-torch.expm1(lq.double() - lp.double())).clamp(min=0.0)
     return Estimate(float(r.mean()), float(r.std() / math.sqrt(r.numel())))
 
@@ -261,7 +265,7 @@ def tv_grid(x: ArrayLike, log_q: Callable[[Tensor], Tensor], bins: int = 64,
     x = _points(x, "x", min_n=2)
     n, d = x.shape
     if d not in (1, 2):
-        raise ValueError(f"tv_grid handles 1-D or 2-D samples, got dimension {d}")
+        raise InvalidValueError(f"tv_grid handles 1-D or 2-D samples, got dimension {d}")
     integer("bins", bins, 2)
     integer("subcells", subcells, 1)
     if bounds is None:
@@ -269,7 +273,7 @@ def tv_grid(x: ArrayLike, log_q: Callable[[Tensor], Tensor], bins: int = 64,
         pad = 0.1 * (hi - lo) + 1e-12
         bounds = list(zip(lo - pad, hi + pad))
     if len(bounds) != d or any(not b[0] < b[1] for b in bounds):
-        raise ValueError(f"bounds must be {d} pairs (low, high) with low < high, got {bounds}")
+        raise InvalidValueError(f"bounds must be {d} pairs (low, high) with low < high, got {bounds}")
     edges = [np.linspace(lo, hi, bins + 1) for lo, hi in bounds]
     counts = np.histogramdd(x, bins=edges)[0] / n
     widths = [e[1] - e[0] for e in edges]
@@ -303,7 +307,7 @@ def w2_report(samples: Tensor, data,  repeats: int = 3, generator: torch.Generat
     `data` holds `train` and `test` tensors (a `running.data.Dataset`)."""
     n = min(samples.shape[0], data.test.shape[0], data.train.shape[0])
     if n < 2:
-        raise ValueError(f"need at least 2 samples and held-out points, got {n}")
+        raise InvalidValueError(f"need at least 2 samples and held-out points, got {n}")
     test = data.test[:n].flatten(1)
     value = w2(samples[:n].flatten(1), test)
     picks = [torch.randperm(data.train.shape[0], generator=generator)[:n] for _ in range(repeats)]

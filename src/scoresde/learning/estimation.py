@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.validate import integer
 
 __all__ = [
@@ -47,22 +48,22 @@ def _jac_lap(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]
 def _check_sample(x: Tensor, n_params: int, dim: int | None = None) -> Tensor:
     x = torch.as_tensor(x, dtype=torch.float64)
     if x.dim() < 2:
-        raise ValueError(f"x must have shape (..., n, d), got {tuple(x.shape)}")
+        raise InvalidValueError(f"x must have shape (..., n, d), got {tuple(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
-        raise ValueError(f"x must have last dimension d={dim}, got {x.shape[-1]}")
+        raise InvalidValueError(f"x must have last dimension d={dim}, got {x.shape[-1]}")
     if x.shape[-2] < n_params:
-        raise ValueError(f"need at least as many samples as parameters: n={x.shape[-2]} < k={n_params}")
+        raise InvalidValueError(f"need at least as many samples as parameters: n={x.shape[-2]} < k={n_params}")
     if not torch.isfinite(x).all():
-        raise ValueError("x must be finite (found nan or inf)")
+        raise InvalidValueError("x must be finite (found nan or inf)")
     return x
 
 
 def _check_theta(theta: Tensor, n_params: int) -> Tensor:
     theta = torch.as_tensor(theta, dtype=torch.float64)
     if theta.shape != (n_params,):
-        raise ValueError(f"theta must have shape ({n_params},), got {tuple(theta.shape)}")
+        raise InvalidValueError(f"theta must have shape ({n_params},), got {tuple(theta.shape)}")
     if not torch.isfinite(theta).all():
-        raise ValueError("theta must be finite")
+        raise InvalidValueError("theta must be finite")
     return theta
 
 
@@ -72,13 +73,13 @@ def _scaled_inverse(h: Tensor) -> Tensor:
     h = 0.5 * (h + h.transpose(-1, -2))
     d = h.diagonal(dim1=-2, dim2=-1)
     if (d <= 1e-30 * d.max(-1, keepdim=True).values.clamp_min(1e-300)).any():
-        raise ValueError("H = E grad^2_theta l is singular (a parameter does not enter the score): "
+        raise InvalidValueError("H = E grad^2_theta l is singular (a parameter does not enter the score): "
                          "the family is not identifiable from these data")
     s = d.rsqrt()
     hn = h * s.unsqueeze(-1) * s.unsqueeze(-2)
     ev = torch.linalg.eigvalsh(hn)
     if (ev[..., 0] <= _RTOL_SINGULAR * ev[..., -1]).any():
-        raise ValueError(
+        raise InvalidValueError(
             "H = E grad^2_theta l is singular: the family is not identifiable from these data "
             f"(smallest/largest eigenvalue of the scaled H {(ev[..., 0] / ev[..., -1]).min().item():.3g})")
     return torch.linalg.inv(hn) * s.unsqueeze(-1) * s.unsqueeze(-2)
@@ -98,15 +99,15 @@ class ExponentialFamily:
         self.sufficient_stat, self.dim = sufficient_stat, dim
         probe = sufficient_stat(torch.zeros(2, dim, dtype=torch.float64))
         if probe.dim() != 2 or probe.shape[0] != 2:
-            raise ValueError(f"sufficient_stat must map (n, d) to (n, k), got shape {tuple(probe.shape)}")
+            raise InvalidValueError(f"sufficient_stat must map (n, d) to (n, k), got shape {tuple(probe.shape)}")
         self.n_params = probe.shape[1]
         self.interval = None
         if interval is not None:
             if dim != 1:
-                raise ValueError(f"interval (quadrature) is only for dim=1, got dim={dim}")
+                raise InvalidValueError(f"interval (quadrature) is only for dim=1, got dim={dim}")
             a, b = (float(v) for v in interval)
             if not (np.isfinite(a) and np.isfinite(b) and a < b):
-                raise ValueError(f"interval must be finite with a < b, got {interval}")
+                raise InvalidValueError(f"interval must be finite with a < b, got {interval}")
             integer("n_panels", n_panels, 1)
             integer("n_grid", n_grid, 10)
             self.interval = (a, b)
@@ -151,7 +152,7 @@ class ExponentialFamily:
     # ---- one-dimensional quadrature -------------------------------------------------------
     def _require_quadrature(self) -> None:
         if self.interval is None:
-            raise ValueError("this needs a 1-D family built with interval=(a, b) for quadrature")
+            raise InvalidValueError("this needs a 1-D family built with interval=(a, b) for quadrature")
 
     def _quad_weights(self, theta: Tensor, check_tails: bool = True) -> Tensor:
         """Normalised quadrature weights w_i p_theta(x_i) (sum to 1)."""
@@ -160,7 +161,7 @@ class ExponentialFamily:
         if check_tails:
             edge = (self._grid_stat[[0, -1]] @ theta).max()
             if not torch.isfinite(lp).all() or edge - lp.max() > np.log(_TAIL_TOL):
-                raise ValueError(f"p_theta is not negligible at the ends of interval={self.interval} "
+                raise InvalidValueError(f"p_theta is not negligible at the ends of interval={self.interval} "
                                  "(or theta is not normalisable): widen the interval or change theta")
         return torch.softmax(lp + self._q_logw, dim=0)
 
@@ -246,7 +247,7 @@ def score_matching_estimate(family: ExponentialFamily | LogDensity, x: Tensor, t
     if isinstance(family, ExponentialFamily):
         return _sm_exponential(family, _check_sample(x, family.n_params, family.dim))
     if theta0 is None and callable(family):
-        raise ValueError("theta0 (initial parameter, shape (k,)) is required for a general log_p")
+        raise InvalidValueError("theta0 (initial parameter, shape (k,)) is required for a general log_p")
     theta0, x = _general_args(family, theta0, x, "theta0")
     return _sm_numerical(family, x, theta0, gtol, max_rounds)
 
@@ -254,13 +255,13 @@ def score_matching_estimate(family: ExponentialFamily | LogDensity, x: Tensor, t
 def _general_args(family, theta, x, name: str) -> tuple[Tensor, Tensor]:
     """Validate (theta, x) for a general family given as a callable log_p(x, theta)."""
     if not callable(family):
-        raise ValueError("family must be an ExponentialFamily or a callable log_p(x, theta)")
+        raise InvalidValueError("family must be an ExponentialFamily or a callable log_p(x, theta)")
     theta = torch.as_tensor(theta, dtype=torch.float64)
     if theta.dim() != 1:
-        raise ValueError(f"{name} must have shape (k,), got {tuple(theta.shape)}")
+        raise InvalidValueError(f"{name} must have shape (k,), got {tuple(theta.shape)}")
     x = _check_sample(x, len(theta))
     if x.dim() != 2:
-        raise ValueError(f"x must have shape (n, d) for a general log_p, got {tuple(x.shape)}")
+        raise InvalidValueError(f"x must have shape (n, d) for a general log_p, got {tuple(x.shape)}")
     return _check_theta(theta, len(theta)), x
 
 
@@ -286,10 +287,10 @@ def sandwich_covariance(family: ExponentialFamily | LogDensity, theta: Tensor, x
             return _sandwich(h, gg - torch.outer(g_mean, g_mean))
         m, b = family.quadratic_terms(_check_sample(x, family.n_params, family.dim))
         if m.dim() != 3:
-            raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
+            raise InvalidValueError(f"x must have shape (n, d), got {tuple(x.shape)}")
         return _sandwich(m.mean(0), torch.cov((m @ theta + b).T).reshape(len(theta), len(theta)))
     if x is None and callable(family):
-        raise ValueError("x is required for a general log_p (quadrature needs an ExponentialFamily)")
+        raise InvalidValueError("x is required for a general log_p (quadrature needs an ExponentialFamily)")
     theta, x = _general_args(family, theta, x, "theta")
     grads = torch.func.jacrev(lambda th: implicit_objective(family, x, th))(theta)  # (n, k)
     h = torch.func.hessian(lambda th: implicit_objective(family, x, th).mean())(theta)
@@ -310,7 +311,7 @@ def mle_estimate(family: ExponentialFamily, x: Tensor, tol: float = 1e-11, max_i
     family._require_quadrature()
     x = _check_sample(x, family.n_params, family.dim)
     if x.dim() != 2:
-        raise ValueError(f"x must have shape (n, 1), got {tuple(x.shape)}")
+        raise InvalidValueError(f"x must have shape (n, 1), got {tuple(x.shape)}")
     t_bar = family.stat(x).mean(0)
 
     def objective(th: Tensor) -> Tensor:

@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.registry import Registry
 from ..core.sde import SDE, Langevin, LinearSDE, ScoreFn, as_time, expand_like, simulate
 from ..core.validate import batch_tensor, integer
@@ -69,7 +70,7 @@ def _dot(u: Tensor, v: Tensor) -> Tensor:
 
 def _sigma(sde: SDE, t: Tensor, what: str) -> Tensor:
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"{what} needs sigma(t), which {type(sde).__name__} lacks (no Gaussian marginal); "
+        raise InvalidValueError(f"{what} needs sigma(t), which {type(sde).__name__} lacks (no Gaussian marginal); "
                          f"use weighting 'g2', 'uniform' or a callable")
     return sde.sigma(t)
 
@@ -79,10 +80,10 @@ def loss_weight(sde: SDE, t: Tensor, weighting: Weighting = "sigma2") -> Tensor:
     if callable(weighting):
         lam = as_time(weighting(t), t)
         if lam.shape not in ((), t.shape):
-            raise ValueError(f"weighting(t) must return a scalar or shape {tuple(t.shape)}, got {tuple(lam.shape)}")
+            raise InvalidValueError(f"weighting(t) must return a scalar or shape {tuple(t.shape)}, got {tuple(lam.shape)}")
         lam = lam.expand(t.shape)
         if not torch.isfinite(lam).all() or (lam < 0).any():
-            raise ValueError("weighting(t) must return finite values >= 0")
+            raise InvalidValueError("weighting(t) must return finite values >= 0")
         return lam
     if weighting == "sigma2":
         return _sigma(sde, t, "weighting 'sigma2'") ** 2
@@ -90,7 +91,7 @@ def loss_weight(sde: SDE, t: Tensor, weighting: Weighting = "sigma2") -> Tensor:
         return sde.diffusion(t) ** 2
     if weighting == "uniform":
         return torch.ones_like(t)
-    raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} or a callable t -> lambda(t), "
+    raise InvalidValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} or a callable t -> lambda(t), "
                      f"got {weighting!r}")
 
 
@@ -115,7 +116,7 @@ def sample_time(sde: SDE, n: int, *, weighting: Weighting = "sigma2", importance
     density = loss_weight(sde, mids, weighting) / _sigma(sde, mids, "importance sampling") ** 2
     mass = density * widths
     if not (torch.isfinite(mass).all() and mass.sum() > 0):
-        raise ValueError("importance sampling needs lambda(t) / sigma(t)^2 finite and not all zero on [t_min, T]")
+        raise InvalidValueError("importance sampling needs lambda(t) / sigma(t)^2 finite and not all zero on [t_min, T]")
     cell = torch.multinomial(mass, n, replacement=True, generator=generator)
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=device)
     t = edges[cell] + u * widths[cell]
@@ -132,12 +133,12 @@ def _times(sde: SDE, x0: Tensor, t: Tensor | None, generator, weighting: Weighti
                            dtype=x0.dtype, device=x0.device)
     else:
         if importance:
-            raise ValueError("importance=True samples t itself; pass either t or importance=True, not both")
+            raise InvalidValueError("importance=True samples t itself; pass either t or importance=True, not both")
         t = as_time(t, x0)
         if t.shape != (n,):
-            raise ValueError(f"t must have shape ({n},) (one time per sample), got {tuple(t.shape)}")
-        if not (torch.isfinite(t).all() and (t > 0).all() and (t <= sde.T).all()):
-            raise ValueError(f"t must lie in (0, T = {sde.T}]")
+            raise InvalidValueError(f"t must have shape ({n},) (one time per sample), got {tuple(t.shape)}")
+        if not bool(((t > 0) & (t <= sde.T)).all()):  # NaN fails both comparisons
+            raise InvalidValueError(f"t must lie in (0, T = {sde.T}]")
         r = torch.ones_like(t)
     return t, loss_weight(sde, t, weighting) * r
 
@@ -147,21 +148,21 @@ def _perturb(sde: SDE, x0: Tensor, t: Tensor, noise: Tensor | None, generator,
     """x_t given x0: alpha x0 + sigma z for linear SDEs, Euler-Maruyama for Langevin."""
     if isinstance(sde, Langevin):
         if noise is not None:
-            raise ValueError("noise cannot be given for Langevin: x_t is simulated, pass generator instead")
+            raise InvalidValueError("noise cannot be given for Langevin: x_t is simulated, pass generator instead")
         return simulate(sde, x0, t, n_steps=n_steps, generator=generator), None
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a LinearSDE or Langevin, got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be a LinearSDE or Langevin, got {type(sde).__name__}")
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     elif noise.shape != x0.shape:
-        raise ValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
+        raise InvalidValueError(f"noise must have the shape of x0 {tuple(x0.shape)}, got {tuple(noise.shape)}")
     return sde.sample_marginal(x0, t, noise), noise
 
 
 def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, name: str = "score_fn") -> Tensor:
     s = score_fn(x, t)
     if not isinstance(s, Tensor) or s.shape != x.shape:
-        raise ValueError(f"{name}(x, t) must return a tensor of the shape of x {tuple(x.shape)}, got "
+        raise InvalidValueError(f"{name}(x, t) must return a tensor of the shape of x {tuple(x.shape)}, got "
                          + (f"{tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__))
     return s
 
@@ -242,7 +243,7 @@ def sliced_score_matching(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor 
     projection. Under Langevin x_t is simulated.
     """
     if projection not in PROJECTIONS:
-        raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
+        raise InvalidValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
     integer("n_projections", n_projections, 1)
     xt, t, lam, _ = _setup(sde, x0, t, noise, generator, weighting, importance, n_steps)
 
@@ -266,7 +267,7 @@ def denoising_score_matching(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tens
     -z / sigma = -(x_t - alpha x0) / sigma^2 is the conditional score (T 4.10). Linear SDEs only.
     """
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"denoising score matching needs a Gaussian transition kernel (a LinearSDE); "
+        raise InvalidValueError(f"denoising score matching needs a Gaussian transition kernel (a LinearSDE); "
                          f"{type(sde).__name__} has none: use implicit or sliced score matching")
     xt, t, lam, noise = _setup(sde, x0, t, noise, generator, weighting, importance, 0)
     target = -noise / expand_like(sde.sigma(t), xt)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.errors import InvalidValueError
 from ..core.validate import check, integer
 
 __all__ = ["SinusoidalEmbedding", "MLP", "UNet", "EMA", "power_decay", "edm_decay"]
@@ -36,16 +37,16 @@ class SinusoidalEmbedding(nn.Module):
         super().__init__()
         integer("dim", dim, 2)
         if dim % 2:
-            raise ValueError(f"dim must be even, got {dim}")
+            raise InvalidValueError(f"dim must be even, got {dim}")
         if not 0 < min_freq < max_freq:
-            raise ValueError(f"need 0 < min_freq < max_freq, got {min_freq}, {max_freq}")
+            raise InvalidValueError(f"need 0 < min_freq < max_freq, got {min_freq}, {max_freq}")
         freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2, dtype=torch.float64))
         freqs = freqs.to(torch.get_default_dtype())
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, c: Tensor) -> Tensor:
         if c.dim() != 1:
-            raise ValueError(f"the conditioning must have shape (batch,), got {tuple(c.shape)}")
+            raise InvalidValueError(f"the conditioning must have shape (batch,), got {tuple(c.shape)}")
         arg = c[:, None].to(self.freqs.dtype) * self.freqs
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
@@ -66,9 +67,9 @@ class LabelEmbedding(nn.Module):
         if y is None:
             y = torch.full((batch,), self.n_classes, dtype=torch.long, device=device)
         if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"labels y must be integers of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
+            raise InvalidValueError(f"labels y must be integers of shape ({batch},), got {y.dtype} {tuple(y.shape)}")
         if bool(((y < 0) | (y > self.n_classes)).any()):
-            raise ValueError(f"labels y must lie in 0..{self.n_classes} ({self.n_classes} = null label)")
+            raise InvalidValueError(f"labels y must lie in 0..{self.n_classes} ({self.n_classes} = null label)")
         return self.table(y)
 
 
@@ -78,7 +79,7 @@ def _embed(module: nn.Module, c: Tensor, y: Tensor | None) -> Tensor:
     if module.label is not None:
         e = e + module.label(y, c.shape[0], c.device)
     elif y is not None:
-        raise ValueError("this network is unconditional (n_classes=0) but labels y were given")
+        raise InvalidValueError("this network is unconditional (n_classes=0) but labels y were given")
     return F.silu(e)
 
 
@@ -112,7 +113,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+            raise InvalidValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         e = _embed(self, c, y)
         h = self.inp(x)
         for b in self.blocks:
@@ -179,12 +180,12 @@ class UNet(nn.Module):
             integer(name, value, low)
         mults = tuple(mults)
         if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
-            raise ValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
+            raise InvalidValueError(f"mults must be a non-empty sequence of integers >= 1, got {mults!r}")
         check("dropout", dropout, 0 <= dropout < 1, "in [0, 1)")
         levels = tuple(attention_levels)
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(mults) for i in levels) \
                 or len(set(levels)) < len(levels):
-            raise ValueError(f"attention_levels must be distinct level indices in 0..{len(mults) - 1} "
+            raise InvalidValueError(f"attention_levels must be distinct level indices in 0..{len(mults) - 1} "
                              f"(level i works at H / 2^i), got {attention_levels!r}")
         self.channels, self.factor, self.n_classes = channels, 2 ** (len(mults) - 1), n_classes
         emb = 4 * base
@@ -216,9 +217,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must have shape (batch, {self.channels}, H, W), got {tuple(x.shape)}")
+            raise InvalidValueError(f"x must have shape (batch, {self.channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
-            raise ValueError(f"H and W must be multiples of {self.factor} for {self.factor.bit_length()} levels, "
+            raise InvalidValueError(f"H and W must be multiples of {self.factor} for {self.factor.bit_length()} levels, "
                              f"got {tuple(x.shape[2:])}")
         e = _embed(self, c, y)
         h = self.inp(x.contiguous(memory_format=torch.channels_last))
@@ -264,6 +265,12 @@ class EMA:
             decay = float(decay)
         self.model, self.decay, self.updates = model, decay, 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # the live tensors behind the state dict (the Parameters and buffers themselves, so a later `.to()`
+        # or `load_state_dict` of the model is followed), split once into floats (averaged) and the rest (copied)
+        live = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+        self._floats = ([self.shadow[k] for k in self.shadow if live[k].is_floating_point()],
+                        [live[k] for k in self.shadow if live[k].is_floating_point()])
+        self._others = [(self.shadow[k], live[k]) for k in self.shadow if not live[k].is_floating_point()]
 
     def beta(self, n: int) -> float:
         """The decay of the n-th update."""
@@ -273,13 +280,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        weight = 1.0 - self.beta(self.updates)
-        state = self.model.state_dict()
-        floats = [k for k, v in state.items() if v.is_floating_point()]
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k] for k in floats], weight)
-        for k, v in state.items():
-            if not v.is_floating_point():
-                self.shadow[k].copy_(v)
+        torch._foreach_lerp_(*self._floats, 1.0 - self.beta(self.updates))
+        for shadow, live in self._others:
+            shadow.copy_(live)
         self.updates += 1
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -288,11 +291,11 @@ class EMA:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         missing, extra = self.shadow.keys() - state.keys(), state.keys() - self.shadow.keys()
         if missing or extra:
-            raise ValueError(f"EMA state does not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
+            raise InvalidValueError(f"EMA state does not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
         with torch.no_grad():
             for k, v in state.items():
                 if v.shape != self.shadow[k].shape:
-                    raise ValueError(f"EMA state {k!r} has shape {tuple(v.shape)}, model has {tuple(self.shadow[k].shape)}")
+                    raise InvalidValueError(f"EMA state {k!r} has shape {tuple(v.shape)}, model has {tuple(self.shadow[k].shape)}")
                 self.shadow[k].copy_(v)
 
     @contextmanager

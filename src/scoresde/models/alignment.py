@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from ..core.targets import GaussianMixture
 from ..core.validate import check, integer, number, one_of, positive
@@ -165,7 +166,7 @@ def reward_of(reward: Reward, x: Tensor) -> Tensor:
     with torch.no_grad():
         r = reward(x)
     if r.shape != x.shape[:1]:
-        raise ValueError(f"reward must return shape ({x.shape[0]},), got {tuple(r.shape)}")
+        raise InvalidValueError(f"reward must return shape ({x.shape[0]},), got {tuple(r.shape)}")
     return r.to(x.dtype)
 
 

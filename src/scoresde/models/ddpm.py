@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, VP, expand_like
 from ..core.validate import construct
 from ..learning.losses import LOSSES
@@ -35,23 +36,23 @@ class DDPMSchedule:
     def __post_init__(self):
         b = torch.as_tensor(self.betas, dtype=torch.float64)
         if b.dim() != 1 or b.numel() < 1:
-            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
+            raise InvalidValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(b.shape)}")
         if not ((b > 0) & (b < 1)).all():
-            raise ValueError("betas must lie in (0, 1)")
+            raise InvalidValueError("betas must lie in (0, 1)")
         object.__setattr__(self, "betas", b)
 
     @classmethod
     def linear(cls, n_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> DDPMSchedule:
         """Ho et al.'s linear schedule (sec. 4)."""
         if n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+            raise InvalidValueError(f"n_steps must be >= 1, got {n_steps}")
         return cls(torch.linspace(beta_start, beta_end, n_steps, dtype=torch.float64))
 
     @classmethod
     def cosine(cls, n_steps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DDPMSchedule:
         """Nichol & Dhariwal 2102.09672 eq. 17: abar(t) = cos^2((t/N + s) / (1 + s) pi / 2) / abar(0)."""
         if n_steps < 1:
-            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+            raise InvalidValueError(f"n_steps must be >= 1, got {n_steps}")
         u = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
         f = torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
         return cls((1 - f[1:] / f[:-1]).clamp(max=max_beta))
@@ -99,7 +100,7 @@ class DDPMSchedule:
         sec. 4). Returns the new schedule and the kept indices (an eps net trained on the full chain
         is evaluated at indices[k] for the new step k)."""
         if isinstance(n_steps, bool) or not isinstance(n_steps, int) or not 1 <= n_steps <= self.n_steps:
-            raise ValueError(f"n_steps must be an integer in [1, {self.n_steps}], got {n_steps!r}")
+            raise InvalidValueError(f"n_steps must be an integer in [1, {self.n_steps}], got {n_steps!r}")
         idx = torch.linspace(self.n_steps - 1, 0, n_steps, dtype=torch.float64).round().long().flip(0)
         abar = self.alphas_cumprod[idx]
         return DDPMSchedule(1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])), idx
@@ -110,7 +111,7 @@ class DDPMSchedule:
             return self.betas
         if kind == "posterior":
             return torch.cat([self.betas[:1], ((1 - self._abar_prev()) / (1 - self.alphas_cumprod) * self.betas)[1:]])
-        raise ValueError(f"variance must be 'beta' or 'posterior', got {kind!r}")
+        raise InvalidValueError(f"variance must be 'beta' or 'posterior', got {kind!r}")
 
 
 def gaussian_kl(m1: Tensor, v1: Tensor, m2: Tensor, v2: Tensor) -> Tensor:
@@ -196,7 +197,7 @@ def ddpm_sample(eps_fn: EpsFn, schedule: DDPMSchedule, shape: tuple[int, ...], *
 def make_schedule(n_steps: int = 1000, schedule: str = "linear") -> DDPMSchedule:
     """Ho et al.'s linear schedule (1e-4 .. 0.02) or the cosine one of Nichol & Dhariwal."""
     if schedule not in ("linear", "cosine"):
-        raise ValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
+        raise InvalidValueError(f"schedule must be 'linear' or 'cosine', got {schedule!r}")
     return DDPMSchedule.linear(n_steps) if schedule == "linear" else DDPMSchedule.cosine(n_steps)
 
 
@@ -216,7 +217,7 @@ class DDPMModel(nn.Module):
         """Ancestral sampling (Ho et al. Alg. 2, variance beta_t) on `nfe` respaced steps (default: all N);
         method 'ddpm'."""
         if method != "ddpm":
-            raise ValueError(f"a DDPM run samples with method 'ddpm' (ancestral), got {method!r}")
+            raise InvalidValueError(f"a DDPM run samples with method 'ddpm' (ancestral), got {method!r}")
         sched, idx = self.schedule.respace(int(nfe or self.schedule.n_steps))
         idx = idx.to(next(self.parameters()).device)
         return ddpm_sample(lambda x, i: self(x, idx[i]), sched, tuple(shape), generator=generator)

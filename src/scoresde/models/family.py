@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.registry import Registry
 
 __all__ = ["Family", "FAMILIES", "EVALUATIONS", "register", "unwrap"]
@@ -58,33 +59,33 @@ class Family:
 
     def __post_init__(self):
         if not self.losses or not self.methods:
-            raise ValueError(f"family {self.name!r} needs at least one loss and one sampling method")
+            raise InvalidValueError(f"family {self.name!r} needs at least one loss and one sampling method")
         unknown = sorted(set(self.evaluations) - set(EVALUATIONS))
         if unknown:
-            raise ValueError(f"evaluations must be among {', '.join(EVALUATIONS)}, got {', '.join(unknown)}")
+            raise InvalidValueError(f"evaluations must be among {', '.join(EVALUATIONS)}, got {', '.join(unknown)}")
         if self.evaluations and not self.has_score:
-            raise ValueError(f"family {self.name!r}: evaluations {sorted(self.evaluations)} need has_score=True")
+            raise InvalidValueError(f"family {self.name!r}: evaluations {sorted(self.evaluations)} need has_score=True")
         if not set(self.variants) <= set(self.losses):
-            raise ValueError(f"family {self.name!r}: variants must be keyed by its losses, got {sorted(self.variants)}")
+            raise InvalidValueError(f"family {self.name!r}: variants must be keyed by its losses, got {sorted(self.variants)}")
 
     def for_loss(self, loss: str) -> Family:
         """The family of a run of this model trained with `loss` (this one or a declared variant)."""
         if loss not in self.losses:
-            raise ValueError(f"model {self.name!r} trains with loss {', '.join(self.losses)}; got loss {loss!r}")
+            raise InvalidValueError(f"model {self.name!r} trains with loss {', '.join(self.losses)}; got loss {loss!r}")
         return self.variants.get(loss, self)
 
     def check_method(self, method: str) -> None:
         """ValueError unless `method` samples this family."""
         if method not in self.methods:
-            raise ValueError(f"sampling method {method!r} does not apply to a {self.name!r} model; "
+            raise InvalidValueError(f"sampling method {method!r} does not apply to a {self.name!r} model; "
                              f"valid: {', '.join(self.methods)}")
 
     def require(self, evaluation: str) -> None:
         """ValueError unless `evaluation` (a name in EVALUATIONS) applies to this family."""
         if evaluation not in EVALUATIONS:
-            raise ValueError(f"evaluation must be one of {', '.join(EVALUATIONS)}, got {evaluation!r}")
+            raise InvalidValueError(f"evaluation must be one of {', '.join(EVALUATIONS)}, got {evaluation!r}")
         if evaluation not in self.evaluations:
-            raise ValueError(f"{evaluation} needs a score model (model: score, a score-matching loss); "
+            raise InvalidValueError(f"{evaluation} needs a score model (model: score, a score-matching loss); "
                              f"this run's family is {self.name!r}")
 
 

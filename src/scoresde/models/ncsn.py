@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn, expand_like
 from ..learning.losses import LOSSES
 
@@ -28,7 +29,7 @@ def ncsn_train_loss(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor | None
     the level sigma fed as the time t with sigma(t) = sigma (`inverse_log_snr`)."""
     if not isinstance(sde, LinearSDE) or not torch.allclose(sde.alpha(torch.tensor([sde.T], dtype=torch.float64)),
                                                             torch.ones(1, dtype=torch.float64)):
-        raise ValueError(f"loss 'ncsn' needs a variance-exploding SDE (alpha = 1), got {type(sde).__name__}")
+        raise InvalidValueError(f"loss 'ncsn' needs a variance-exploding SDE (alpha = 1), got {type(sde).__name__}")
     sigmas = ncsn_sigmas(sde, n_levels)
     time = lambda s: sde.inverse_log_snr(-torch.log(s)).to(s.dtype)  # log_snr = log(alpha / sigma)
     return ncsn_loss(lambda x, s: score_fn(x, time(s)), sigmas, x0, noise=noise, generator=generator)
@@ -37,9 +38,9 @@ def ncsn_train_loss(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor | None
 def geometric_sigmas(sigma_max: float = 50.0, sigma_min: float = 0.01, n_levels: int = 232) -> Tensor:
     """NCSN noise levels sigma_1 > ... > sigma_L, a geometric sequence (Song & Ermon 1907.05600 sec. 4.2)."""
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        raise InvalidValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if n_levels < 2:
-        raise ValueError(f"n_levels must be >= 2, got {n_levels}")
+        raise InvalidValueError(f"n_levels must be >= 2, got {n_levels}")
     return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n_levels, dtype=torch.float64))
 
 

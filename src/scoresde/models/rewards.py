@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.registry import Registry
 from ..core.validate import check, positive
 
@@ -24,7 +25,7 @@ REWARDS: "Registry[Callable[..., Reward]]" = Registry("reward")
 def _vector(name: str, v, dim: int | None = None) -> Tensor:
     v = torch.as_tensor(v, dtype=torch.float64)
     if v.dim() != 1 or (dim is not None and v.numel() != dim) or not torch.isfinite(v).all():
-        raise ValueError(f"{name} must be a finite 1-D vector{'' if dim is None else f' of length {dim}'}, got shape {tuple(v.shape)}")
+        raise InvalidValueError(f"{name} must be a finite 1-D vector{'' if dim is None else f' of length {dim}'}, got shape {tuple(v.shape)}")
     return v
 
 
@@ -45,7 +46,7 @@ def neg_distance(points) -> Reward:
     p = torch.as_tensor(points, dtype=torch.float64)
     p = p[None] if p.dim() == 1 else p
     if p.dim() != 2 or not torch.isfinite(p).all():
-        raise ValueError(f"points must be a finite point (d,) or set (K, d), got shape {tuple(p.shape)}")
+        raise InvalidValueError(f"points must be a finite point (d,) or set (K, d), got shape {tuple(p.shape)}")
 
     def reward(x: Tensor) -> Tensor:
         return -torch.cdist(x.flatten(1), p.to(x)).min(dim=1).values
@@ -61,13 +62,13 @@ def region_mass(low, high, sharpness: float = 10.0) -> Reward:
     """
     low, high = _vector("low", low), _vector("high", high)
     if low.shape != high.shape or not (low < high).all():
-        raise ValueError(f"need low < high elementwise with equal lengths, got {low.tolist()} and {high.tolist()}")
+        raise InvalidValueError(f"need low < high elementwise with equal lengths, got {low.tolist()} and {high.tolist()}")
     positive("sharpness", sharpness)
 
     def reward(x: Tensor) -> Tensor:
         x = x.flatten(1)
         if x.shape[1] != low.numel():
-            raise ValueError(f"x must have {low.numel()} coordinates, got {x.shape[1]}")
+            raise InvalidValueError(f"x must have {low.numel()} coordinates, got {x.shape[1]}")
         lo, hi = low.to(x), high.to(x)
         return (torch.sigmoid(sharpness * (x - lo)) * torch.sigmoid(sharpness * (hi - x))).prod(1)
 
@@ -78,15 +79,15 @@ def region_mass(low, high, sharpness: float = 10.0) -> Reward:
 def class_log_prob(classifier: Callable[[Tensor], Tensor], label: int) -> Reward:
     """r(x) = log p(y = label | x) = log_softmax(classifier(x))[:, label]; classifier returns logits (batch, K)."""
     if not callable(classifier):
-        raise ValueError("classifier must be a callable x -> logits of shape (batch, n_classes)")
+        raise InvalidValueError("classifier must be a callable x -> logits of shape (batch, n_classes)")
     if int(label) != label or label < 0:
-        raise ValueError(f"label must be an integer >= 0, got {label}")
+        raise InvalidValueError(f"label must be an integer >= 0, got {label}")
 
     def reward(x: Tensor) -> Tensor:
         with torch.no_grad():
             logits = classifier(x)
         if logits.dim() != 2 or not label < logits.shape[1]:
-            raise ValueError(f"classifier must return logits (batch, K) with K > label = {label}, got {tuple(logits.shape)}")
+            raise InvalidValueError(f"classifier must return logits (batch, K) with K > label = {label}, got {tuple(logits.shape)}")
         return torch.log_softmax(logits, dim=1)[:, int(label)]
 
     return reward
@@ -107,12 +108,12 @@ def parse_reward(name: str, params: dict[str, str] | list[str]) -> Reward:
     try:
         factory = REWARDS[name]
     except KeyError as err:
-        raise ValueError(f"reward: {err.args[0]}") from None
+        raise InvalidValueError(f"reward: {err.args[0]}") from None
     try:
         parsed = {k: value(v) for k, v in params.items()}
     except ValueError:
-        raise ValueError(f"reward parameters must be numbers or comma/semicolon-separated numbers, got {params}") from None
+        raise InvalidValueError(f"reward parameters must be numbers or comma/semicolon-separated numbers, got {params}") from None
     try:
         return factory(**parsed)
     except TypeError as err:
-        raise ValueError(f"reward {name!r}: {err}") from None
+        raise InvalidValueError(f"reward {name!r}: {err}") from None

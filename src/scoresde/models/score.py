@@ -10,6 +10,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..core.errors import InvalidValueError
 from ..core.precond import ScoreModel
 from ..core.sde import SDE
 from ..sampling.methods import METHODS
@@ -18,13 +19,13 @@ from .family import EVALUATIONS, Family, register
 
 def _score(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:
     if cfg.model_args:
-        raise ValueError(f"model 'score' takes no model_args, got {sorted(cfg.model_args)}")
+        raise InvalidValueError(f"model 'score' takes no model_args, got {sorted(cfg.model_args)}")
     return ScoreModel(network(), sde, cfg.parametrization, cfg.sigma_data)
 
 
 def _consistency(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:
     if cfg.parametrization != "x0":
-        raise ValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
+        raise InvalidValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
                          f"got {cfg.parametrization!r}")
     return _score(cfg, sde, sample_shape, network)
 

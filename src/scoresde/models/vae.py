@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE
 from ..core.validate import construct
 from ..learning.losses import LOSSES
@@ -32,9 +33,9 @@ class VAE(nn.Module):
     def __init__(self, latent_dim: int, likelihood: str = "continuous", levels: int = 256):
         super().__init__()
         if likelihood not in ("continuous", "discretized"):
-            raise ValueError(f"likelihood must be 'continuous' or 'discretized', got {likelihood!r}")
+            raise InvalidValueError(f"likelihood must be 'continuous' or 'discretized', got {likelihood!r}")
         if latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {latent_dim}")
+            raise InvalidValueError(f"latent_dim must be >= 1, got {latent_dim}")
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.levels = levels
@@ -74,12 +75,12 @@ class VAE(nn.Module):
         """The family's sampler (`running.build.draw_samples`): decoder means of shape[0] prior draws, method
         "decoder", one network evaluation (nfe 1 or None)."""
         if method != "decoder":
-            raise ValueError(f"a VAE samples with method 'decoder' (decoder means of prior draws), got {method!r}")
+            raise InvalidValueError(f"a VAE samples with method 'decoder' (decoder means of prior draws), got {method!r}")
         if nfe not in (None, 1):
-            raise ValueError(f"a VAE sample costs one decoder evaluation: nfe must be 1, got {nfe!r}")
+            raise InvalidValueError(f"a VAE sample costs one decoder evaluation: nfe must be 1, got {nfe!r}")
         x = self.sample(shape[0], generator)
         if tuple(x.shape) != tuple(shape):
-            raise ValueError(f"this VAE draws samples of shape {tuple(x.shape[1:])}, asked for {tuple(shape[1:])}")
+            raise InvalidValueError(f"this VAE draws samples of shape {tuple(x.shape[1:])}, asked for {tuple(shape[1:])}")
         return x
 
     @torch.no_grad()
@@ -87,7 +88,7 @@ class VAE(nn.Module):
         """Per-sample importance-weighted lower bound on log p(x) with k samples (k = 1: the ELBO's
         Monte Carlo form, the KL not in closed form)."""
         if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InvalidValueError(f"k must be >= 1, got {k}")
         mu, logvar = self.encode(x)
         std = (0.5 * logvar).exp()
         log_w = []
@@ -102,7 +103,7 @@ class VAE(nn.Module):
     def bits_per_dim(self, x: Tensor, k: int = 1, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample upper bound on -log2 P(x) / D for images on `levels` grey levels in [-1, 1]."""
         if self.likelihood != "discretized":
-            raise ValueError("bits_per_dim needs likelihood='discretized' (a probability over the grey levels)")
+            raise InvalidValueError("bits_per_dim needs likelihood='discretized' (a probability over the grey levels)")
         return -self.log_likelihood_bound(x, k, generator) / (x[0].numel() * math.log(2))
 
     @torch.no_grad()
@@ -142,7 +143,7 @@ class ConvVAE(VAE):
                  likelihood: str = "discretized", levels: int = 256):
         super().__init__(latent_dim, likelihood, levels)
         if size % 4:
-            raise ValueError(f"size must be divisible by 4, got {size}")
+            raise InvalidValueError(f"size must be divisible by 4, got {size}")
         s, c2 = size // 4, 2 * base
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, base, 3, padding=1), nn.SiLU(),
@@ -160,7 +161,7 @@ def _vae(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.
     if len(sample_shape) == 1:
         return construct(MLPVAE, cfg.model_args, "model_args for 'vae'", dim=sample_shape[0])
     if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
-        raise ValueError(f"model 'vae' takes vectors or square images, got samples of shape {sample_shape}")
+        raise InvalidValueError(f"model 'vae' takes vectors or square images, got samples of shape {sample_shape}")
     return construct(ConvVAE, cfg.model_args, "model_args for 'vae'", channels=sample_shape[0], size=sample_shape[1])
 
 

@@ -6,10 +6,10 @@
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.registry import Registry
 from ..core.sde import SDE, SDES, ScoreFn
 from ..core.validate import construct
@@ -31,7 +31,7 @@ def lookup(registry: Registry, name: str):
     try:
         return registry[name]
     except KeyError as e:
-        raise ValueError(e.args[0]) from None
+        raise InvalidValueError(e.args[0]) from None
 
 
 def build_sde(cfg: Config) -> SDE:
@@ -62,11 +62,11 @@ def build_network(cfg: Config, sample_shape: tuple[int, ...]) -> nn.Module:
     cls = lookup(NETWORKS, cfg.net)
     if cls is MLP:
         if len(sample_shape) != 1:
-            raise ValueError(f"net 'mlp' takes vectors (n, d); this data has samples of shape {sample_shape}: use net=unet")
+            raise InvalidValueError(f"net 'mlp' takes vectors (n, d); this data has samples of shape {sample_shape}: use net=unet")
         net = construct(MLP, cfg.net_args, "net_args for 'mlp'", dim=sample_shape[0])
     else:
         if len(sample_shape) != 3:
-            raise ValueError(f"net 'unet' takes images (n, C, H, W); this data has samples of shape {sample_shape}")
+            raise InvalidValueError(f"net 'unet' takes images (n, C, H, W); this data has samples of shape {sample_shape}")
         net = construct(UNet, cfg.net_args, "net_args for 'unet'", channels=sample_shape[0])
     return net
 
@@ -75,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use device=cpu or auto")
+        raise InvalidValueError("device 'cuda' requested but CUDA is not available; use device=cpu or auto")
     return torch.device(name)
 
 
@@ -93,7 +93,7 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
         family.check_method(method)
         if family.generate is not None:
             if options:
-                raise ValueError(f"a {family.name!r} model draws its own samples: it takes no sampler options, "
+                raise InvalidValueError(f"a {family.name!r} model draws its own samples: it takes no sampler options, "
                                  f"got {', '.join(sorted(options))}")
             return family.generate(unwrap(score_fn), tuple(shape), method=method, nfe=nfe, generator=generator), None
     x_T = None

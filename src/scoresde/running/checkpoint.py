@@ -18,8 +18,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError, MissingFileError
 from ..learning.networks import EMA
-from .config import atomic_write
+from .files import atomic_write
 
 __all__ = ["CHECKPOINT", "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_weights"]
 
@@ -87,23 +88,23 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     """All tensors and the metadata of a checkpoint file (no objects are unpickled)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+        raise MissingFileError(f"no checkpoint at {str(path)!r}")
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a scoresde checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise InvalidValueError(f"{path} is not a scoresde checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
     return tensors, meta
 
 
 def checkpoint_weights(path: str | os.PathLike, which: str = "ema") -> dict[str, Tensor]:
     """The model's state dict from a checkpoint: its EMA weights ("ema") or raw weights ("model")."""
     if which not in ("ema", "model"):
-        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+        raise InvalidValueError(f"which must be 'ema' or 'model', got {which!r}")
     tensors, _ = read_checkpoint(path)
     weights = _strip(which, tensors)
     if not weights:
-        raise ValueError(f"{path} holds no {which!r} weights")
+        raise InvalidValueError(f"{path} holds no {which!r} weights")
     return weights
 
 
@@ -112,7 +113,7 @@ def _load_module(model: nn.Module, state: dict[str, Tensor], path) -> None:
     missing, extra = own.keys() - state.keys(), state.keys() - own.keys()
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or extra or bad:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)}, "
+        raise InvalidValueError(f"checkpoint {path} does not match the model: missing {sorted(missing)}, "
                          f"unexpected {sorted(extra)}, shape mismatch {sorted(bad)}")
     model.load_state_dict(state)
 
@@ -131,16 +132,16 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, ema: EMA | Non
         ema.updates = json.loads(meta["ema"])["updates"] if "ema" in meta else int(meta["step"])
     if scaler is not None and scaler.is_enabled():
         if "scaler" not in meta:
-            raise ValueError(f"{path} holds no GradScaler state (it was not trained with precision fp16)")
+            raise InvalidValueError(f"{path} holds no GradScaler state (it was not trained with precision fp16)")
         scaler.load_state_dict(json.loads(meta["scaler"]))
     if optimizer is not None:
         if "optim" not in meta:
-            raise ValueError(f"{path} holds no optimiser state")
+            raise InvalidValueError(f"{path} holds no optimiser state")
         optimizer.load_state_dict(_optim_join(_strip("optim", tensors), json.loads(meta["optim"])))
     rng = _strip("rng", tensors)
     for name, g in (generators or {}).items():
         if f"gen/{name}" not in rng:
-            raise ValueError(f"{path} holds no state for generator {name!r}")
+            raise InvalidValueError(f"{path} holds no state for generator {name!r}")
         g.set_state(rng[f"gen/{name}"])
     if restore_global_rng:
         torch.set_rng_state(rng["torch_cpu"])

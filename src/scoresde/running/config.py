@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..core.errors import InvalidValueError
+from .files import atomic_write
+
 DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMA_SCHEDULES = ("power", "edm", "constant")
 
-__all__ = ["Config", "load_config", "apply_overrides", "save_config", "atomic_write", "config_from_dict"]
+__all__ = ["Config", "load_config", "apply_overrides", "save_config", "config_from_dict"]
 
 
 @dataclass
@@ -100,30 +102,30 @@ class Config:
                 value = float(value)
                 setattr(self, f.name, value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise ValueError(f"config {f.name} must be of type {kind.__name__}, got {value!r}")
+                raise InvalidValueError(f"config {f.name} must be of type {kind.__name__}, got {value!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "n_eval", "nfe", "threads", "n_train", "n_test"):
             if getattr(self, name) < 1:
-                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+                raise InvalidValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "eval_every", "pad_to", "seed", "image_size", "data_memory_mb", "data_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
+                raise InvalidValueError(f"config {name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"config lr must be > 0, got {self.lr}")
+            raise InvalidValueError(f"config lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.sigma_data <= 0:
-            raise ValueError("config weight_decay and grad_clip must be >= 0 and sigma_data > 0")
+            raise InvalidValueError("config weight_decay and grad_clip must be >= 0 and sigma_data > 0")
         if not 0 <= self.label_dropout <= 1:
-            raise ValueError(f"config label_dropout must be in [0, 1], got {self.label_dropout}")
+            raise InvalidValueError(f"config label_dropout must be in [0, 1], got {self.label_dropout}")
         if self.accumulate < 1:
-            raise ValueError(f"config accumulate must be >= 1, got {self.accumulate}")
+            raise InvalidValueError(f"config accumulate must be >= 1, got {self.accumulate}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"config precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise InvalidValueError(f"config precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self._validate_ema()
         if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"config lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
+            raise InvalidValueError(f"config lr_schedule must be one of constant, cosine, got {self.lr_schedule!r}")
         if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"config device must be one of cpu, cuda, auto, got {self.device!r}")
+            raise InvalidValueError(f"config device must be one of cpu, cuda, auto, got {self.device!r}")
         if not self.name or "/" in self.name:
-            raise ValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
+            raise InvalidValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
 
     def _validate_ema(self) -> None:
         """Resolve an unset ema_schedule (constant when ema_decay is set, so configs written before the
@@ -131,19 +133,19 @@ class Config:
         if self.ema_schedule is None:
             self.ema_schedule = "power" if self.ema_decay is None else "constant"
         if self.ema_schedule not in EMA_SCHEDULES:
-            raise ValueError(f"config ema_schedule must be one of {', '.join(EMA_SCHEDULES)}, got {self.ema_schedule!r}")
+            raise InvalidValueError(f"config ema_schedule must be one of {', '.join(EMA_SCHEDULES)}, got {self.ema_schedule!r}")
         if self.ema_schedule == "constant":
             if self.ema_decay is None or not 0 <= self.ema_decay < 1:
-                raise ValueError(f"config ema_decay must be in [0, 1) for ema_schedule constant, got {self.ema_decay}")
+                raise InvalidValueError(f"config ema_decay must be in [0, 1) for ema_schedule constant, got {self.ema_decay}")
         elif self.ema_decay is not None:
-            raise ValueError(f"config ema_decay sets the constant schedule; ema_schedule {self.ema_schedule} is set by "
+            raise InvalidValueError(f"config ema_decay sets the constant schedule; ema_schedule {self.ema_schedule} is set by "
                              f"{'ema_gamma and ema_power' if self.ema_schedule == 'power' else 'ema_halflife and ema_rampup'}"
                              f": drop ema_decay or set ema_schedule constant")
         for name in ("ema_gamma", "ema_power", "ema_halflife"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"config {name} must be > 0, got {getattr(self, name)}")
+                raise InvalidValueError(f"config {name} must be > 0, got {getattr(self, name)}")
         if self.ema_rampup < 0:
-            raise ValueError(f"config ema_rampup must be >= 0, got {self.ema_rampup}")
+            raise InvalidValueError(f"config ema_rampup must be >= 0, got {self.ema_rampup}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,7 +159,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     """A Config from a dict; unknown keys raise an error listing the valid ones."""
     unknown = sorted(set(values) - set(_field_names()))
     if unknown:
-        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(_field_names())}")
+        raise InvalidValueError(f"unknown config key(s) {', '.join(unknown)}; valid: {', '.join(_field_names())}")
     return Config(**values)
 
 
@@ -167,14 +169,14 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise InvalidValueError(f"override {item!r} must look like key=value")
         value = yaml.safe_load(raw) if raw else ""
         head, dot, entry = key.partition(".")
         if head not in _field_names():
-            raise ValueError(f"unknown config key {head!r}; valid: {', '.join(_field_names())}")
+            raise InvalidValueError(f"unknown config key {head!r}; valid: {', '.join(_field_names())}")
         if dot:
             if head not in DICT_KEYS:
-                raise ValueError(f"{head} is not a dict-valued key; write {head}=value")
+                raise InvalidValueError(f"{head} is not a dict-valued key; write {head}=value")
             values.setdefault(head, {})[entry] = value
         else:
             values[key] = value
@@ -187,30 +189,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
+            raise InvalidValueError(f"config file {str(path)!r} does not exist")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value")
+            raise InvalidValueError(f"config file {str(path)!r} must hold a mapping of key: value")
         values.setdefault("name", path.stem)
     return config_from_dict(apply_overrides(values, list(overrides)))
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file in the same folder, fsync, then os.replace: readers see
-    the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from ..core.validate import construct
 from ..models.consistency import ConsistencyOptions, consistency_loss
@@ -41,15 +42,15 @@ def load_teacher(spec: str, sde: SDE, data: Dataset) -> ScoreFn:
     """The teacher score: "exact" (the analytic data set's true score) or a run folder's EMA model."""
     if spec == "exact":
         if data.mixture is None:
-            raise ValueError(f"teacher 'exact' needs an analytic data set (ring, grid, mixture<d>), got {data.name!r}")
+            raise InvalidValueError(f"teacher 'exact' needs an analytic data set (ring, grid, mixture<d>), got {data.name!r}")
         return data.mixture.score_fn(sde)
     from .runs import load_run
 
     run = load_run(spec)
     if run.sde != sde:
-        raise ValueError(f"the teacher run {spec!r} uses {run.sde}, the student {sde}: they must match")
+        raise InvalidValueError(f"the teacher run {spec!r} uses {run.sde}, the student {sde}: they must match")
     if run.data.sample_shape != data.sample_shape:
-        raise ValueError(f"the teacher run {spec!r} has samples of shape {run.data.sample_shape}, "
+        raise InvalidValueError(f"the teacher run {spec!r} has samples of shape {run.data.sample_shape}, "
                          f"the data {data.sample_shape}")
     return run.model.eval().requires_grad_(False)
 
@@ -59,15 +60,15 @@ class ConsistencyTrainer(Trainer):
 
     def __init__(self, cfg: Config, data: Dataset | None = None, resume: bool = True):
         if cfg.loss != "consistency":
-            raise ValueError(f"ConsistencyTrainer needs loss 'consistency', got {cfg.loss!r}")
+            raise InvalidValueError(f"ConsistencyTrainer needs loss 'consistency', got {cfg.loss!r}")
         if cfg.sampler != "consistency":
-            raise ValueError(f"a consistency run samples with sampler consistency (nfe = steps), got {cfg.sampler!r}")
+            raise InvalidValueError(f"a consistency run samples with sampler consistency (nfe = steps), got {cfg.sampler!r}")
         if cfg.parametrization != "x0":
-            raise ValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
+            raise InvalidValueError(f"a consistency model's F is an x0 prediction: set parametrization x0, "
                              f"got {cfg.parametrization!r}")
         super().__init__(cfg, data, resume)
         if not isinstance(self.sde, LinearSDE):
-            raise ValueError(f"consistency models need a linear SDE, got {type(self.sde).__name__}")
+            raise InvalidValueError(f"consistency models need a linear SDE, got {type(self.sde).__name__}")
         self._target = self.ema.copy()
         self._target_step = self.step
 
@@ -75,9 +76,9 @@ class ConsistencyTrainer(Trainer):
         args = dict(self.cfg.loss_args)
         mode, teacher = args.pop("mode", "cd"), args.pop("teacher", None)
         if mode == "cd" and teacher is None:
-            raise ValueError("loss_args.teacher (a run folder or 'exact') is required for mode 'cd'")
+            raise InvalidValueError("loss_args.teacher (a run folder or 'exact') is required for mode 'cd'")
         if mode == "ct" and teacher is not None:
-            raise ValueError("mode 'ct' trains without a teacher: drop loss_args.teacher")
+            raise InvalidValueError("mode 'ct' trains without a teacher: drop loss_args.teacher")
         args.setdefault("total_steps", self.cfg.steps)
         self.options = construct(ConsistencyOptions, args, "loss_args for 'consistency'", mode=mode)
         self.teacher = load_teacher(str(teacher), self.sde, self.data) if mode == "cd" else None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, ring
 from .config import Config
 from .images import ImageFolder, LazyImages
@@ -64,18 +65,18 @@ def validate(x: np.ndarray | Tensor, name: str = "data") -> Tensor:
     arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool) \
             or np.iscomplexobj(arr):
-        raise ValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        raise InvalidValueError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim not in (2, 4):
-        raise ValueError(f"{name} must have shape (n, d) for vectors or (n, H, W) / (n, C, H, W) for images, "
+        raise InvalidValueError(f"{name} must have shape (n, d) for vectors or (n, H, W) / (n, C, H, W) for images, "
                          f"got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.size == 0:
-        raise ValueError(f"{name} is empty (shape {arr.shape})")
+        raise InvalidValueError(f"{name} is empty (shape {arr.shape})")
     bad = ~np.isfinite(arr.astype(np.float64, copy=False))
     if bad.any():
         rows = np.flatnonzero(bad.reshape(arr.shape[0], -1).any(1))
-        raise ValueError(f"{name} contains {int(bad.sum())} NaN/inf value(s) in {rows.size} sample(s), "
+        raise InvalidValueError(f"{name} contains {int(bad.sum())} NaN/inf value(s) in {rows.size} sample(s), "
                          f"first at sample {int(rows[0])}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
@@ -90,7 +91,7 @@ def load_digits(pad_to: int = 0) -> tuple[Tensor, Tensor]:
     x = x[:, None]
     if pad_to:
         if pad_to < 8:
-            raise ValueError(f"pad_to must be 0 or >= 8 for the 8x8 digits, got {pad_to}")
+            raise InvalidValueError(f"pad_to must be 0 or >= 8 for the 8x8 digits, got {pad_to}")
         lo = (pad_to - 8) // 2
         x = torch.nn.functional.pad(x, (lo, pad_to - 8 - lo, lo, pad_to - 8 - lo), value=-1.0)
     return x, torch.from_numpy(d.target.astype(np.int64))
@@ -103,26 +104,26 @@ def load_array(path: str | Path) -> tuple[Tensor, Tensor | None]:
     if path.suffix == ".npy":
         return validate(np.load(path, allow_pickle=False), str(path)), None
     if path.suffix != ".npz":
-        raise ValueError(f"data file must end in .npy or .npz, got {str(path)!r}")
+        raise InvalidValueError(f"data file must end in .npy or .npz, got {str(path)!r}")
     with np.load(path, allow_pickle=False) as z:
         keys = list(z.keys())
         key = next((k for k in ("x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
         if key is None:
-            raise ValueError(f"{path}: cannot tell which array is the data among {keys}; name it 'x'")
+            raise InvalidValueError(f"{path}: cannot tell which array is the data among {keys}; name it 'x'")
         x = validate(z[key], f"{path}[{key}]")
         label_key = next((k for k in ("y", "labels") if k in keys), None)
         labels = None
         if label_key is not None:
             labels = torch.from_numpy(np.asarray(z[label_key]).astype(np.int64))
             if labels.shape != (x.shape[0],):
-                raise ValueError(f"{path}: labels {label_key!r} must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+                raise InvalidValueError(f"{path}: labels {label_key!r} must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
     return x, labels
 
 
 def _holdout(n: int, n_test: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Train and held-out row indices: min(n_test, n / 5) (at least 1) rows held out at random."""
     if n < 2:
-        raise ValueError(f"need at least 2 samples to hold some out, got {n}")
+        raise InvalidValueError(f"need at least 2 samples to hold some out, got {n}")
     perm = torch.randperm(n, generator=generator)
     k = max(1, min(n_test, n // 5))
     return perm[k:], perm[:k]
@@ -149,9 +150,9 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         x = mix.sample(n_train + n_test, generator=g).float()
         return Dataset(x[:n_train], x[n_train:], source, mixture=mix)
     if pad_to and source != "digits":
-        raise ValueError("pad_to applies to the built-in digits only")
+        raise InvalidValueError("pad_to applies to the built-in digits only")
     if (image_size or channels) and not Path(source).is_dir():
-        raise ValueError(f"image_size and channels apply to image folders only; {source!r} is not a folder")
+        raise InvalidValueError(f"image_size and channels apply to image folders only; {source!r} is not a folder")
     name = source
     if source == "digits":
         x, labels = load_digits(pad_to)
@@ -169,7 +170,7 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         if path.is_file():
             x, labels = load_array(path)
         else:
-            raise ValueError(f"unknown data {source!r}: not a file or folder, and not a built-in name; "
+            raise InvalidValueError(f"unknown data {source!r}: not a file or folder, and not a built-in name; "
                              f"valid names: {', '.join(builtin_names())}")
     tr, te = _holdout(x.shape[0], n_test, g)
     return Dataset(x[tr], x[te], name, _labels(labels, tr), _labels(labels, te))
@@ -194,7 +195,7 @@ def take_batch(x: Tensor | LazyImages, idx: Tensor, part: slice | Tensor, genera
     batch = x[idx[part].to(x.device)]
     if hflip:
         if batch.dim() != 4:
-            raise ValueError(f"hflip mirrors images; this data has samples of shape {tuple(x.shape[1:])}")
+            raise InvalidValueError(f"hflip mirrors images; this data has samples of shape {tuple(x.shape[1:])}")
         flip = (torch.rand(len(idx), generator=generator) < 0.5)[part].to(batch.device)
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     if isinstance(x, LazyImages):
@@ -216,11 +217,11 @@ def load_mask(path: str | Path, sample_shape: tuple[int, ...]) -> Tensor:
         img = np.asarray(mpimg.imread(path), dtype=np.float64)
         arr = (img[..., :3].mean(-1) if img.ndim == 3 else img) > 0.5
     else:
-        raise ValueError(f"mask must be a .npy or .png file, got {str(path)!r}")
+        raise InvalidValueError(f"mask must be a .npy or .png file, got {str(path)!r}")
     mask = torch.from_numpy(np.ascontiguousarray(arr)).float()
     if tuple(mask.shape) == tuple(sample_shape[-2:]) and len(sample_shape) == 3:
         mask = mask.expand(sample_shape).clone()
     if tuple(mask.shape) != tuple(sample_shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)}; the run's samples have shape {tuple(sample_shape)} "
+        raise InvalidValueError(f"mask has shape {tuple(mask.shape)}; the run's samples have shape {tuple(sample_shape)} "
                          f"(an (H, W) mask is also accepted)")
     return mask

@@ -18,10 +18,12 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .. import __version__
+from ..core.errors import InvalidValueError, MissingFileError
 from ..core.sde import SDE
 from .build import build_model, build_sde
 from .checkpoint import CHECKPOINT, checkpoint_weights, read_checkpoint
-from .config import Config, atomic_write, load_config
+from .config import Config, load_config
+from .files import atomic_write
 from .data import load_config_data
 
 __all__ = ["WEIGHTS", "SPEC", "FORMAT", "export_run", "read_spec", "load_model", "load_sde"]
@@ -35,7 +37,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
     """Write the EMA weights of the run in `run_dir` and the JSON that rebuilds its model into folder `out`."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
+        raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     weights = checkpoint_weights(run_dir / CHECKPOINT, "ema")
     shape = load_config_data(cfg).sample_shape  # built-in sets are generated, image folders read lazily
@@ -55,17 +57,17 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     spec_path = path / SPEC if path.is_dir() else path
     if not spec_path.is_file():
-        raise FileNotFoundError(f"no exported model at {str(path)!r} (needs {SPEC} and {WEIGHTS}; see `scoresde export`)")
+        raise MissingFileError(f"no exported model at {str(path)!r} (needs {SPEC} and {WEIGHTS}; see `scoresde export`)")
     try:
         spec = json.loads(spec_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
+        raise InvalidValueError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-        raise ValueError(f"{spec_path} is not a scoresde model description (format "
+        raise InvalidValueError(f"{spec_path} is not a scoresde model description (format "
                          f"{spec.get('format') if isinstance(spec, dict) else None!r}, expected {FORMAT!r})")
     missing = [k for k in (*FIELDS, "sample_shape", "sha256") if k not in spec]
     if missing:
-        raise ValueError(f"{spec_path} lacks {', '.join(missing)}; export the run again")
+        raise InvalidValueError(f"{spec_path} lacks {', '.join(missing)}; export the run again")
     spec["path"] = spec_path
     return spec
 
@@ -86,22 +88,22 @@ def load_model(path: str | Path) -> nn.Module:
     spec = read_spec(path)
     weights_path = spec["path"].parent / WEIGHTS
     if not weights_path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS} beside {spec['path']}")
+        raise MissingFileError(f"no {WEIGHTS} beside {spec['path']}")
     blob = weights_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != spec["sha256"]:
-        raise ValueError(f"{weights_path} does not match {spec['path']} (SHA-256 differs): the file is damaged or "
+        raise InvalidValueError(f"{weights_path} does not match {spec['path']} (SHA-256 differs): the file is damaged or "
                          f"from another export")
     try:
         weights = st_load(blob)
     except SafetensorError as e:
-        raise ValueError(f"{weights_path} is not a readable safetensors file ({e})") from None
+        raise InvalidValueError(f"{weights_path} is not a readable safetensors file ({e})") from None
     cfg = _config(spec)
     model = build_model(cfg, build_sde(cfg), tuple(spec["sample_shape"]))
     own = model.state_dict()
     missing, extra = own.keys() - weights.keys(), weights.keys() - own.keys()
     bad = sorted(k for k in own.keys() & weights.keys() if own[k].shape != weights[k].shape)
     if missing or extra or bad:
-        raise ValueError(f"{spec['path']} does not describe the weights in {weights_path}: missing {sorted(missing)[:5]}, "
+        raise InvalidValueError(f"{spec['path']} does not describe the weights in {weights_path}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(extra)[:5]}, shape mismatch {bad[:5]}")
     model.load_state_dict(weights)
     return model.eval().requires_grad_(False)

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.errors import InvalidValueError
 from ..learning.networks import EMA
 from ..models.alignment import FinetuneOptions, finetune, reward_of
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
-from .config import atomic_write, save_config
+from .config import save_config
+from .files import atomic_write
 from .plots import plot_samples, plt
 from .runs import Run, load_run, sample_run
 
@@ -29,7 +31,7 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
     """
     run, out_dir = load_run(run_dir), Path(out_dir)
     if out_dir.resolve() == Path(run_dir).resolve():
-        raise ValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
+        raise InvalidValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     model, history = finetune(run.sde, run.model, reward, options, shape=run.data.sample_shape, generator=gen)

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
+from ..core.errors import InvalidValueError
 from ..core.validate import integer, one_of
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LazyImages"]
@@ -43,22 +44,22 @@ def _images_in(folder: Path) -> list[Path]:
 def _listing(path: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...]]:
     """The image files, their class labels (None without class sub-folders) and the class names."""
     if not path.is_dir():
-        raise ValueError(f"image folder {str(path)!r} does not exist")
+        raise InvalidValueError(f"image folder {str(path)!r} does not exist")
     kinds = ", ".join(IMAGE_SUFFIXES)
     images = _images_in(path)
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if images and classes:
-        raise ValueError(f"folder {str(path)!r} holds both images ({images[0].name}) and sub-folders "
+        raise InvalidValueError(f"folder {str(path)!r} holds both images ({images[0].name}) and sub-folders "
                          f"({classes[0].name}): put every image in a class sub-folder, or use no sub-folders")
     if not classes:
         if not images:
-            raise ValueError(f"folder {str(path)!r} holds no images ({kinds})")
+            raise InvalidValueError(f"folder {str(path)!r} holds no images ({kinds})")
         return images, None, ()
     files, labels = [], []
     for k, folder in enumerate(classes):
         found = _images_in(folder)
         if not found:
-            raise ValueError(f"class folder {str(folder)!r} holds no images ({kinds})")
+            raise InvalidValueError(f"class folder {str(folder)!r} holds no images ({kinds})")
         files += found
         labels += [k] * len(found)
     return files, labels, tuple(p.name for p in classes)
@@ -70,9 +71,9 @@ def _header(file: Path) -> tuple[str, tuple[int, int]]:
         with Image.open(file) as im:
             mode, size = im.mode, im.size
     except PIL_ERRORS as err:
-        raise ValueError(f"cannot read image {str(file)!r}: {err}") from None
+        raise InvalidValueError(f"cannot read image {str(file)!r}: {err}") from None
     if mode not in GREY_MODES + COLOUR_MODES:
-        raise ValueError(f"image {str(file)!r} has mode {mode} (16-bit or float); only 8-bit grey or colour "
+        raise InvalidValueError(f"image {str(file)!r} has mode {mode} (16-bit or float); only 8-bit grey or colour "
                          f"images are read: convert it to 8 bits")
     return mode, size
 
@@ -106,7 +107,7 @@ class ImageFolder(TorchDataset):
                 sizes.setdefault(size, f)
             if len(sizes) > 1:
                 (s0, f0), (s1, f1) = list(sizes.items())[:2]
-                raise ValueError(f"images differ in size: {f0.name} is {s0[0]}x{s0[1]}, {f1.name} is "
+                raise InvalidValueError(f"images differ in size: {f0.name} is {s0[0]}x{s0[1]}, {f1.name} is "
                                  f"{s1[0]}x{s1[1]} (width x height); set image_size to resize and centre-crop them")
         self.channels = channels or (1 if all(mode in GREY_MODES for mode, _ in headers) else 3)
         w, h = (image_size, image_size) if image_size else headers[0][1]
@@ -126,7 +127,7 @@ class ImageFolder(TorchDataset):
             with Image.open(file) as im:
                 im = im.convert("L" if self.channels == 1 else "RGB")
         except PIL_ERRORS as err:
-            raise ValueError(f"cannot read image {str(file)!r}: {err}") from None
+            raise InvalidValueError(f"cannot read image {str(file)!r}: {err}") from None
         if self.image_size:
             im = _fit(im, self.image_size)
         x = torch.from_numpy(np.array(im, dtype=np.float32)) / 127.5 - 1
@@ -224,5 +225,5 @@ class LazyImages:
         parts = [next(it) for _ in range(n_chunks)]
         error = next((p for p in parts if isinstance(p, str)), None)
         if error is not None:
-            raise ValueError(error)
+            raise InvalidValueError(error)
         return torch.cat(parts).to(self.device)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import mmd2, tv, tv_grid, w2_report
@@ -19,7 +20,8 @@ from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, checkpoint_weights
-from .config import Config, atomic_write, load_config
+from .config import Config, load_config
+from .files import atomic_write
 from .data import Dataset, load_config_data, load_dataset, load_mask
 
 __all__ = ["analytic_report", "Run", "load_run", "sample_run", "fit_run_grid", "inpaint_run", "likelihood_run",
@@ -38,7 +40,7 @@ class Run:
     def require_linear(self, what: str) -> LinearSDE:
         """The run's SDE, which `what` needs to be linear."""
         if not isinstance(self.sde, LinearSDE):
-            raise ValueError(f"{what} needs a linear SDE; this run's sde is {self.cfg.sde!r}")
+            raise InvalidValueError(f"{what} needs a linear SDE; this run's sde is {self.cfg.sde!r}")
         return self.sde
 
 
@@ -48,7 +50,7 @@ def load_run(run_dir: str | Path, which: str = "ema") -> Run:
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
-        raise ValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
+        raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     torch.set_num_threads(cfg.threads)
     data = load_config_data(cfg)
@@ -80,7 +82,7 @@ def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0
     run.family.require("fit_grid")
     sde = run.require_linear("fit_grid")
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or n_probe < 1:
-        raise ValueError(f"n_probe must be an integer >= 1, got {n_probe!r}")
+        raise InvalidValueError(f"n_probe must be an integer >= 1, got {n_probe!r}")
     probe = sde.prior_sample((n_probe,) + run.data.sample_shape, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         return fit_grid(sde, run.model, probe, method=method, nfe=nfe, **options)
@@ -95,12 +97,12 @@ def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "twee
     run.family.require("inpaint")
     sde = run.require_linear("inpaint")
     if not run.data.is_image:
-        raise ValueError(f"inpaint needs a run trained on images; {run.cfg.data!r} has samples of shape "
+        raise InvalidValueError(f"inpaint needs a run trained on images; {run.cfg.data!r} has samples of shape "
                          f"{run.data.sample_shape}")
     if how not in INPAINT_METHODS:
-        raise ValueError(f"how must be one of {', '.join(INPAINT_METHODS)}, got {how!r}")
+        raise InvalidValueError(f"how must be one of {', '.join(INPAINT_METHODS)}, got {how!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        raise InvalidValueError(f"n must be an integer >= 1, got {n!r}")
     run.family.check_method(method)
     m = mask if isinstance(mask, Tensor) else load_mask(mask, run.data.sample_shape)
     known = run.data.test[:n]
@@ -115,7 +117,7 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
     atol) on n points of `data` (a data source as in configs; default: the run's held-out set)."""
     run.family.require("likelihood")
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+        raise InvalidValueError(f"n must be an integer >= 2, got {n!r}")
     if data:
         ds = load_dataset(data, n_train=n, n_test=n, seed=seed, pad_to=run.cfg.pad_to, image_size=run.cfg.image_size,
                           channels=run.cfg.channels)
@@ -123,7 +125,7 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
     else:
         x = run.data.test[:n]
     if x.shape[1:] != run.data.sample_shape:
-        raise ValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.data.sample_shape}")
+        raise InvalidValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.data.sample_shape}")
     out = evaluate_likelihood(run.sde, run.model, x, generator=torch.Generator().manual_seed(seed), **options)
     out.update(data=data or f"{run.cfg.data} (held out)", sde=run.cfg.sde, step=run.step)
     return out

@@ -30,12 +30,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError, ScoresdeError
 from ..core.sde import LinearSDE
 from ..learning.losses import LOSSES, sample_time
 from ..learning.networks import EMA, edm_decay, power_decay
-from .build import build_model, build_sde, check_config, draw_samples, lookup, resolve_device
+from .build import (
+    build_model,
+    build_sde,
+    check_config,
+    draw_samples,
+    lookup,
+    resolve_device,
+)
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import Config, atomic_write, config_from_dict, save_config
+from .config import Config, config_from_dict, save_config
+from .files import atomic_write
 from .data import Dataset, load_config_data, take_batch
 from .precision import compile_blocker, training_view
 
@@ -71,7 +80,7 @@ def _micro(v: Tensor | None, k: int) -> list[Tensor | None]:
     return [None] * k if v is None else list(v.chunk(k))
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(ScoresdeError, RuntimeError):
     """The loss or gradient became NaN/inf; the run stopped before touching the weights. (In fp16 an overflowed
     gradient is the GradScaler's signal: that step is skipped, the run goes on.)"""
 
@@ -99,9 +108,9 @@ class Trainer:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+            raise InvalidValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
         if cfg.compile and (reason := compile_blocker(self.device)):
-            raise ValueError(f"config compile: torch.compile cannot compile on this platform ({reason}); "
+            raise InvalidValueError(f"config compile: torch.compile cannot compile on this platform ({reason}); "
                              f"set compile: false")
         self.data = data if data is not None else load_config_data(cfg)
         self.family = check_config(cfg)
@@ -115,16 +124,19 @@ class Trainer:
             warnings.warn(f"ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps: after "
                           f"steps = {cfg.steps} the EMA weights used for sampling still hold {init_share:.0%} of the "
                           f"random initialisation; train longer or lower ema_decay", stacklevel=2)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         B, lo, hi = cfg.batch_size, self.rank * cfg.batch_size // self.world, (self.rank + 1) * cfg.batch_size // self.world
-        # this process's positions in the drawn batch, micro-batch after micro-batch
-        self.part = (torch.arange(cfg.accumulate)[:, None] * B + torch.arange(lo, hi)).flatten()
+        # this process's positions in the drawn batch, micro-batch after micro-batch (all of it for one process)
+        self.part = slice(None) if self.world == 1 else \
+            (torch.arange(cfg.accumulate)[:, None] * B + torch.arange(lo, hi)).flatten()
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.extra = torch.Generator(self.device)  # reseeded every step (`_batch`)
         self.train_x = self.data.train.to(self.device)
         self.n_classes = int(cfg.net_args.get("n_classes", 0))
         if self.n_classes and self.data.train_labels is None:
-            raise ValueError(f"net_args.n_classes = {self.n_classes} needs labelled data; {self.data.name!r} has no labels")
+            raise InvalidValueError(f"net_args.n_classes = {self.n_classes} needs labelled data; {self.data.name!r} has no labels")
         self.train_y = self.data.train_labels.to(self.device) if self.n_classes else None
         self.step = 0
         self.run_dir = cfg.run_dir
@@ -155,12 +167,12 @@ class Trainer:
         valid = [p for p in inspect.signature(fn).parameters if p not in own]
         unknown = sorted(set(cfg.loss_args) - set(valid))
         if unknown:
-            raise ValueError(f"unknown loss_args for {cfg.loss!r}: {', '.join(unknown)}; valid: {', '.join(valid)}")
+            raise InvalidValueError(f"unknown loss_args for {cfg.loss!r}: {', '.join(unknown)}; valid: {', '.join(valid)}")
         args = dict(cfg.loss_args)
         time_args = {"weighting": args.get("weighting", "sigma2"), "importance": args.pop("importance", False)}
         if "true_score" in inspect.signature(fn).parameters:
             if self.data.mixture is None:
-                raise ValueError(f"loss {cfg.loss!r} needs the exact score: use an analytic data set "
+                raise InvalidValueError(f"loss {cfg.loss!r} needs the exact score: use an analytic data set "
                                  "(ring, grid, mixture<d>) or another loss")
             args["true_score"] = self.data.mixture.score_fn(self.sde)
         return fn, args, time_args
@@ -175,7 +187,7 @@ class Trainer:
             saved = config_from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}).to_dict()
             changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved[k] != v)
             if changed:
-                raise ValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
+                raise InvalidValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
                                  f"choose another name=... or remove that folder")
         self.step, _ = load_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt,
                                        generators={"train": self.gen}, scaler=self.scaler)
@@ -186,20 +198,21 @@ class Trainer:
             atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines).encode())
 
     # one optimisation step -------------------------------------------------------------------
-    def _batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor, torch.Generator]:
+    def _batch(self, step: int) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None, torch.Generator]:
         """This process's slice of the global batch: x0, labels (class-conditional nets, else None), t, noise,
-        importance factors, extra generator."""
+        importance factors (None when times are uniform), extra generator."""
         B, n = self.cfg.batch_size * self.cfg.accumulate, self.train_x.shape[0]
         idx = torch.randint(n, (B,), generator=self.gen)
         t, r = sample_time(self.sde, B, generator=self.gen, dtype=self.train_x.dtype, **self.time_args)
         noise = torch.randn((B,) + self.data.sample_shape, generator=self.gen) \
             if isinstance(self.sde, LinearSDE) else None
         part = self.part
-        extra = torch.Generator(self.device).manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
+        extra = self.extra.manual_seed((self.cfg.seed * 1_000_003 + step) * 1024 + self.rank)
         dev = self.device
         y = None if self.train_y is None else self.train_y[idx[part].to(dev)]
         x0 = take_batch(self.train_x, idx, part, self.gen, self.cfg.hflip)
-        return (x0, y, t[part].to(dev), None if noise is None else noise[part].to(dev), r[part].to(dev), extra)
+        return (x0, y, t[part].to(dev), None if noise is None else noise[part].to(dev),
+                r[part].to(dev) if self.time_args["importance"] else None, extra)
 
     def _labelled(self, y: Tensor | None, generator: torch.Generator) -> Callable:
         """The network with labels bound, each replaced by the null label with probability label_dropout
@@ -218,27 +231,32 @@ class Trainer:
         value = 0.0
         for j, (x0_j, y_j, t_j, noise_j, r_j) in enumerate(zip(*(_micro(v, k) for v in (x0, y, t, noise, r)))):
             with self.net.no_sync() if self.world > 1 and j < k - 1 else nullcontext():
-                loss = (self.loss_fn(self._labelled(y_j, extra), self.sde, x0_j, t=t_j, noise=noise_j, generator=extra,
-                                     **self.loss_args) * r_j).mean()
+                loss = self.loss_fn(self._labelled(y_j, extra), self.sde, x0_j, t=t_j, noise=noise_j, generator=extra,
+                                    **self.loss_args)
+                loss = (loss if r_j is None else loss * r_j).mean()
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             value = value + loss.detach()
         value = value / k if k > 1 else value
         if self.world > 1:
             dist.all_reduce(value)
             value /= self.world
-        if not torch.isfinite(value):
-            raise NonFiniteLoss(f"loss is {value.item()} at step {self.step} (precision {cfg.precision}); training "
-                                f"stopped. {self._last_good()}")
         self.scaler.unscale_(self.opt)
-        norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm) and not self.scaler.is_enabled():
-            raise NonFiniteLoss(f"gradient norm is {norm.item()} at step {self.step} (precision {cfg.precision}); "
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params
+                                                                          if p.grad is not None])))
+        loss_f, norm_f = torch.stack((value.float(), norm.float())).tolist()  # the step's one host sync
+        if not math.isfinite(loss_f):
+            raise NonFiniteLoss(f"loss is {loss_f} at step {self.step} (precision {cfg.precision}); training "
+                                f"stopped. {self._last_good()}")
+        if not math.isfinite(norm_f) and not self.scaler.is_enabled():
+            raise NonFiniteLoss(f"gradient norm is {norm_f} at step {self.step} (precision {cfg.precision}); "
                                 f"training stopped. {self._last_good()}")
+        if 0 < cfg.grad_clip < norm_f:
+            nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm)
         self.scaler.step(self.opt)  # fp16: skipped when a gradient overflowed, the scale then halves
         self.scaler.update()
         self.ema.update()
         self.step += 1
-        return value.item(), norm.item()
+        return loss_f, norm_f
 
     def _last_good(self) -> str:
         if self.last_checkpoint is None:

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 
 Callback = Callable[[int, Tensor, Tensor], None]
@@ -16,16 +17,16 @@ __all__ = ["Callback", "alpha_sigma", "data_prediction", "finish", "noise_like",
 
 def require_linear(sde: SDE, what: str) -> LinearSDE:
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a linear SDE (Gaussian kernel) for {what}, got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be a linear SDE (Gaussian kernel) for {what}, got {type(sde).__name__}")
     return sde
 
 
 def check_grid(ts: Tensor) -> Tensor:
     """A 1-D strictly decreasing grid of at least two times."""
     if ts.dim() != 1 or ts.numel() < 2:
-        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+        raise InvalidValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
     if not (ts[1:] < ts[:-1]).all():
-        raise ValueError("ts must be strictly decreasing (from T down to t_end)")
+        raise InvalidValueError("ts must be strictly decreasing (from T down to t_end)")
     return ts
 
 

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.precond import ScoreModel, score_to_x0
 from ..core.sde import LinearSDE, TimeLike, as_time, batch_time, expand_like
 from ..core.validate import check, positive
@@ -63,7 +64,7 @@ class ConsistencyModel(nn.Module):
         t = batch_time(t, x)
         lo, hi = self.sde.t_min, self.sde.T
         if bool(((t < lo) | (t > hi * (1 + 1e-6))).any()):
-            raise ValueError(f"t must lie in [t_min, T] = [{lo}, {hi}], got range [{float(t.min())}, {float(t.max())}]")
+            raise InvalidValueError(f"t must lie in [t_min, T] = [{lo}, {hi}], got range [{float(t.min())}, {float(t.max())}]")
         c_skip, c_out = consistency_scalings(self.sde, t, self.sigma_data)
         x0_hat = score_to_x0(self.model(x, t), x, self.sde.alpha(t), self.sde.sigma(t))
         out = expand_like(c_skip, x) * x + expand_like(c_out, x) * x0_hat
@@ -95,9 +96,9 @@ def consistency_sample(model: Callable[[Tensor, Tensor], Tensor], sde: LinearSDE
     """
     times = multistep_times(sde, steps) if times is None else as_time(times)
     if times.dim() != 1 or len(times) < 1:
-        raise ValueError("times must be a non-empty 1-D sequence")
+        raise InvalidValueError("times must be a non-empty 1-D sequence")
     if not (bool((times[1:] < times[:-1]).all()) and float(times[-1]) > sde.t_min and float(times[0]) <= sde.T):
-        raise ValueError(f"times must decrease within (t_min, T] = ({sde.t_min}, {sde.T}]")
+        raise InvalidValueError(f"times must decrease within (t_min, T] = ({sde.t_min}, {sde.T}]")
     times = times.to(x_T)
     t_min = as_time(sde.t_min, x_T)
     a_min, s_min = sde.alpha(t_min), effective_sigma(sde, t_min)
@@ -119,10 +120,10 @@ def consistency_method(sde: LinearSDE, model: Callable[[Tensor, Tensor], Tensor]
     the first k times of the grid (default "edm"). `model` is a ConsistencyModel, any consistency
     function f(x, t), or an x0-parametrised ScoreModel (a consistency run's checkpoint), wrapped here."""
     if denoise:
-        raise ValueError("method 'consistency' has no final denoising step (every step is one): drop denoise=True")
+        raise InvalidValueError("method 'consistency' has no final denoising step (every step is one): drop denoise=True")
     if isinstance(model, ScoreModel):
         if model.parametrization != "x0":
-            raise ValueError(f"a ScoreModel is read as a consistency model only with parametrization 'x0', "
+            raise InvalidValueError(f"a ScoreModel is read as a consistency model only with parametrization 'x0', "
                              f"got {model.parametrization!r}")
         model = ConsistencyModel(model, sde, model.sigma_data)
     return consistency_sample(model, sde, x_T, times=ts[:-1], generator=generator, callback=callback)

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from .common import Callback, check_grid, finish, noise_like, require_linear, schedule
 
@@ -34,7 +35,7 @@ def ddim(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, eta: flo
          callback: Callback | None = None) -> Tensor:
     """DDIM with stochasticity eta in [0, 1] (2010.02502 eq. 12, 16). NFE = len(ts) - 1 + denoise."""
     if not 0 <= eta <= 1:
-        raise ValueError(f"eta must be in [0, 1], got {eta}")
+        raise InvalidValueError(f"eta must be in [0, 1], got {eta}")
     return _steps(sde, score_fn, x_T, ts, eta, False, generator, denoise, callback)
 
 
@@ -45,7 +46,7 @@ def ddpm(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, variance
     mu-tilde(x_t, x0_hat) + sigma_step z with sigma_step^2 = beta-tilde ("posterior", the default: DDIM with
     eta = 1) or beta ("beta", as `models.ddpm.ddpm_sample`'s default); module docstring. NFE = len(ts) - 1 + denoise."""
     if variance not in VARIANCES:
-        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+        raise InvalidValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     return _steps(sde, score_fn, x_T, ts, 1.0, variance == "beta", generator, denoise, callback)
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE
 
 __all__ = ["GRIDS", "time_grid", "end_time_for_steps"]
@@ -34,19 +35,19 @@ def time_grid(sde: SDE, n_steps: int, kind: str = "logsnr", t_end: float | None 
     (p = 2 is DPM-Solver's "time quadratic").
     """
     if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps}")
+        raise InvalidValueError(f"n_steps must be an integer >= 1, got {n_steps}")
     if kind not in GRIDS:
-        raise ValueError(f"kind must be one of {', '.join(GRIDS)}, got {kind!r}")
+        raise InvalidValueError(f"kind must be one of {', '.join(GRIDS)}, got {kind!r}")
     T = float(sde.T)
     t_end = float(sde.t_min) if t_end is None else float(t_end)
     if not 0 < t_end < T:
-        raise ValueError(f"t_end must lie in (0, T = {T}), got {t_end}")
+        raise InvalidValueError(f"t_end must lie in (0, T = {T}), got {t_end}")
     u = torch.linspace(0, 1, int(n_steps) + 1, dtype=torch.float64)
     if kind == "uniform":
         ts = T + u * (t_end - T)
     elif kind == "poly":
         if not power > 0:
-            raise ValueError(f"power must be > 0, got {power}")
+            raise InvalidValueError(f"power must be > 0, got {power}")
         ts = (T ** (1 / power) + u * (t_end ** (1 / power) - T ** (1 / power))) ** power
     else:
         lam_T, lam_end = _lam(sde, T), _lam(sde, t_end)
@@ -54,13 +55,13 @@ def time_grid(sde: SDE, n_steps: int, kind: str = "logsnr", t_end: float | None 
             lam = lam_T + u * (lam_end - lam_T)
         else:
             if not rho > 0:
-                raise ValueError(f"rho must be > 0, got {rho}")
+                raise InvalidValueError(f"rho must be > 0, got {rho}")
             s_max, s_min = torch.exp(-lam_T / rho), torch.exp(-lam_end / rho)
             lam = -rho * torch.log(s_max + u * (s_min - s_max))
         ts = sde.inverse_log_snr(lam)
     ts[0], ts[-1] = T, t_end
     if not (ts[1:] < ts[:-1]).all():
-        raise ValueError(f"grid {kind!r} is not strictly decreasing for {n_steps} steps; use fewer steps")
+        raise InvalidValueError(f"grid {kind!r} is not strictly decreasing for {n_steps} steps; use fewer steps")
     return ts.to(dtype=dtype, device=device)
 
 
@@ -75,9 +76,9 @@ def end_time_for_steps(sde: LinearSDE, n_steps: int, scale: float = 0.4, min_rat
     0.0033 lost at NFE 20 on the 16-D mixture, its log-density gap -0.2 against -0.02).
     """
     if int(n_steps) != n_steps or n_steps < 1:
-        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps}")
+        raise InvalidValueError(f"n_steps must be an integer >= 1, got {n_steps}")
     if not (scale > 0 and min_ratio > 0):
-        raise ValueError(f"scale and min_ratio must be > 0, got scale={scale}, min_ratio={min_ratio}")
+        raise InvalidValueError(f"scale and min_ratio must be > 0, got scale={scale}, min_ratio={min_ratio}")
     lam = torch.tensor(-math.log(max(scale / n_steps, min_ratio)), dtype=torch.float64)
     t_min, T = float(sde.t_min), float(sde.T)
     if lam >= _lam(sde, t_min) or lam <= _lam(sde, T):

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn, expand_like
 
 __all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS"]
@@ -75,9 +76,9 @@ def inpaint_score(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor
                   cg_iters: int = 50, cg_tol: float = 1e-6, generator: torch.Generator | None = None) -> ScoreFn:
     """The score of p_t(x | x_0[mask] = known[mask]) for the samplers; mask is 1 on known pixels."""
     if method not in INPAINT_METHODS:
-        raise ValueError(f"method must be one of {', '.join(INPAINT_METHODS)}, got {method!r}")
+        raise InvalidValueError(f"method must be one of {', '.join(INPAINT_METHODS)}, got {method!r}")
     if mask.shape != known.shape[-mask.dim():] and mask.shape != known.shape:
-        raise ValueError(f"mask must have the shape of known {tuple(known.shape)} or of one sample, got {tuple(mask.shape)}")
+        raise InvalidValueError(f"mask must have the shape of known {tuple(known.shape)} or of one sample, got {tuple(mask.shape)}")
     m = mask.to(known.dtype)
 
     def replace(x: Tensor, t: Tensor) -> Tensor:
@@ -119,16 +120,16 @@ def label_guided(model: nn.Module, label: int | Tensor, n: int, guidance: float 
     samples of class `label` (an int, or n labels); classes 0..net.n_classes - 1 (the null label is none)."""
     n_classes = int(getattr(getattr(model, "net", model), "n_classes", 0))
     if not n_classes:
-        raise ValueError("this run's network is unconditional: train it with net_args.n_classes to use --label")
+        raise InvalidValueError("this run's network is unconditional: train it with net_args.n_classes to use --label")
     device = next(model.parameters()).device
     if isinstance(label, Tensor):
         y = label.to(device=device, dtype=torch.long)
     elif isinstance(label, int) and not isinstance(label, bool):
         y = torch.full((n,), label, dtype=torch.long, device=device)
     else:
-        raise ValueError(f"label must be an integer or a tensor of n integers, got {label!r}")
+        raise InvalidValueError(f"label must be an integer or a tensor of n integers, got {label!r}")
     if y.shape != (n,) or bool(((y < 0) | (y >= n_classes)).any()):
-        raise ValueError(f"label must hold {n} integers in [0, {n_classes - 1}], got {label!r}")
+        raise InvalidValueError(f"label must hold {n} integers in [0, {n_classes - 1}], got {label!r}")
     if not guidance >= 0:
-        raise ValueError(f"guidance must be >= 0, got {guidance}")
+        raise InvalidValueError(f"guidance must be >= 0, got {guidance}")
     return classifier_free(model, y, guidance)

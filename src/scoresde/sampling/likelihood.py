@@ -27,7 +27,14 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.sde import LinearSDE, ScoreFn, batch_time, expand_like, probability_flow_drift
+from ..core.errors import InvalidValueError
+from ..core.sde import (
+    LinearSDE,
+    ScoreFn,
+    batch_time,
+    expand_like,
+    probability_flow_drift,
+)
 from ..core.validate import batch_tensor, check, integer, one_of, positive
 
 __all__ = ["log_likelihood", "bits_per_dim", "dequantize", "pixel_values", "is_8bit", "evaluate_likelihood",
@@ -73,7 +80,7 @@ def _clock(sde: LinearSDE, time_variable: str, t_min: float, x: Tensor
     try:
         sde.inverse_log_snr(sde.log_snr(t_span))
     except NotImplementedError as err:
-        raise ValueError(f"time_variable='log_snr' needs {type(sde).__name__}.inverse_log_snr; "
+        raise InvalidValueError(f"time_variable='log_snr' needs {type(sde).__name__}.inverse_log_snr; "
                          "use time_variable='t'") from err
 
     def t_of(s: Tensor) -> Tensor:
@@ -154,16 +161,16 @@ def pixel_values(images: Tensor, levels: int = 256) -> Tensor:
     k / ((L - 1) / 2) - 1 (L = `levels`; 8-bit: k / 127.5 - 1)."""
     half = _half_range(levels)
     if not isinstance(images, Tensor) or images.dim() < 2 or images.shape[0] == 0:
-        raise ValueError("images must be a non-empty tensor of shape (batch, ...)")
+        raise InvalidValueError("images must be a non-empty tensor of shape (batch, ...)")
     if images.dtype == torch.bool:
-        raise ValueError(f"images must be integer (0..{levels - 1}) or float in [-1, 1], got bool")
+        raise InvalidValueError(f"images must be integer (0..{levels - 1}) or float in [-1, 1], got bool")
     k = (images.double() + 1) * half if images.is_floating_point() else images.double()
     if not torch.isfinite(k).all() or (k - k.round()).abs().max() > 1e-3:
-        raise ValueError(f"float images must lie on the {levels} grey levels, scaled as k / {half:g} - 1, "
+        raise InvalidValueError(f"float images must lie on the {levels} grey levels, scaled as k / {half:g} - 1, "
                          f"k in {{0..{levels - 1}}}")
     k = k.round()
     if k.min() < 0 or k.max() > levels - 1:
-        raise ValueError(f"images must take values in {{0, ..., {levels - 1}}} (or that range scaled to [-1, 1])")
+        raise InvalidValueError(f"images must take values in {{0, ..., {levels - 1}}} (or that range scaled to [-1, 1])")
     return k
 
 
@@ -251,7 +258,7 @@ def evaluate_likelihood(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, *, diverge
     """
     integer("batch_size", batch_size, 1)
     if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
-        raise ValueError("x must be a tensor of shape (n, ...) with n >= 2")
+        raise InvalidValueError("x must be a tensor of shape (n, ...) with n >= 2")
     d = x[0].numel()
     if divergence == "auto":
         divergence = "exact" if d <= 32 else "hutchinson-rademacher"

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.registry import Registry
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from .adaptive import adaptive_sde
@@ -106,7 +107,7 @@ class Method:
 
     def __post_init__(self):
         if self.takes not in ("score", "consistency"):
-            raise ValueError(f"takes must be 'score' or 'consistency', got {self.takes!r}")
+            raise InvalidValueError(f"takes must be 'score' or 'consistency', got {self.takes!r}")
 
 
 METHODS: "Registry[Method]" = Registry("sampling method")
@@ -184,7 +185,7 @@ def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
     n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
     if per_step < 1 or budget % per_step or n_steps < 1:
         extra = " plus 1 for the final denoise" if denoise else ""
-        raise ValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
+        raise InvalidValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "
                          f"(at least {per_step * (1 + int(spec.levels_are_points))}){extra}")
     return n_steps
 
@@ -202,17 +203,17 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     try:
         spec = METHODS[method]
     except KeyError as err:
-        raise ValueError(f"method: {err.args[0]}") from None
+        raise InvalidValueError(f"method: {err.args[0]}") from None
     if int(nfe) != nfe or nfe < 1:
-        raise ValueError(f"nfe must be an integer >= 1, got {nfe}")
+        raise InvalidValueError(f"nfe must be an integer >= 1, got {nfe}")
     nfe = int(nfe)
     dtype = options.pop("dtype", None)
     if x_T is None:
         if shape is None:
-            raise ValueError("shape must be given when x_T is not")
+            raise InvalidValueError("shape must be given when x_T is not")
         x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
     elif shape is not None and tuple(x_T.shape) != tuple(shape):
-        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+        raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     if spec.linear:
@@ -236,5 +237,5 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     else:
         ts = torch.as_tensor(ts).to(device=x_T.device, dtype=x_T.dtype)
     if len(ts) != n_steps + 1:
-        raise ValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
+        raise InvalidValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
     return spec.fn(sde, score_fn, x_T, ts, **kwargs)

@@ -16,6 +16,7 @@ import torch
 import torchsde
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.validate import one_of
 from .common import noise_like
 
@@ -51,6 +52,6 @@ def step_noise(noise: Noise, x: Tensor, ts: Tensor, T: float,
         return lambda i: noise_like(x, generator)
     t = ts.detach().to("cpu", torch.float64).tolist()
     if t[0] > T or t[-1] < 0:
-        raise ValueError(f"ts must lie in [0, T = {T}] for noise='brownian', got [{t[-1]}, {t[0]}]")
+        raise InvalidValueError(f"ts must lie in [0, T = {T}] for noise='brownian', got [{t[-1]}, {t[0]}]")
     increment = brownian_increments(x, T, generator)
     return lambda i: increment(t[i], t[i + 1]) / math.sqrt(t[i] - t[i + 1])

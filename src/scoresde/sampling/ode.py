@@ -17,7 +17,16 @@ import torch
 from torch import Tensor
 from torchdiffeq import odeint
 
-from ..core.sde import SDE, LinearSDE, ScoreFn, TimeLike, batch_time, expand_like, probability_flow_drift
+from ..core.errors import InvalidValueError
+from ..core.sde import (
+    SDE,
+    LinearSDE,
+    ScoreFn,
+    TimeLike,
+    batch_time,
+    expand_like,
+    probability_flow_drift,
+)
 from ..core.validate import check, number, one_of
 from .common import Callback, check_grid, finish, require_linear, schedule
 from .noise import Noise, step_noise
@@ -87,7 +96,7 @@ def dopri5(sde: SDE, score_fn: ScoreFn, x_T: Tensor, *, t_end: float | None = No
     """Adaptive Dormand-Prince 5(4) (torchdiffeq) on the probability-flow ODE from T to t_end
     (default sde.t_min); the NFE depends on rtol and atol."""
     if not (rtol > 0 and atol > 0):
-        raise ValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
+        raise InvalidValueError(f"rtol and atol must be > 0, got rtol={rtol}, atol={atol}")
     t_end = sde.t_min if t_end is None else t_end
     ts = check_grid(torch.tensor([sde.T, t_end], dtype=x_T.dtype, device=x_T.device))
     if callback is not None:
@@ -178,7 +187,7 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     """
     sde = require_linear(sde, "the DPM-Solver++ multistep solver")
     if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        raise InvalidValueError(f"order must be 1, 2 or 3, got {order}")
     number("tau", tau, 0, strict=False)
     if tau_band is not None:
         low, high = tau_band

@@ -5,8 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn, batch_time
-from .common import Callback, alpha_sigma, check_grid, finish, noise_like, require_linear
+from .common import (
+    Callback,
+    alpha_sigma,
+    check_grid,
+    finish,
+    noise_like,
+    require_linear,
+)
 from .stochastic import ei_grid_coefficients, ei_step, em_coefficients, em_step
 
 __all__ = ["langevin_corrector_step", "predictor_corrector", "annealed_langevin", "PREDICTORS"]
@@ -31,11 +39,11 @@ def predictor_corrector(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tens
     """At each grid time t_i: `corrector_steps` Langevin steps targeting p_{t_i}, then one predictor
     step ("em": T 5.21, "ei": T 5.20) to t_{i+1}. NFE = (len(ts) - 1)(1 + corrector_steps) + denoise."""
     if predictor not in PREDICTORS:
-        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
+        raise InvalidValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
-        raise ValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps}")
+        raise InvalidValueError(f"corrector_steps must be an integer >= 0, got {corrector_steps}")
     if not snr > 0:
-        raise ValueError(f"snr must be > 0, got {snr}")
+        raise InvalidValueError(f"snr must be > 0, got {snr}")
     step, coefficients = PREDICTORS[predictor]
     ts = check_grid(ts.to(x_T.dtype))
     x, n = x_T, len(ts) - 1
@@ -65,9 +73,9 @@ def annealed_langevin(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor
     NFE = len(ts) steps_per_level + denoise."""
     sde = require_linear(sde, "annealed Langevin dynamics")
     if int(steps_per_level) != steps_per_level or steps_per_level < 1:
-        raise ValueError(f"steps_per_level must be an integer >= 1, got {steps_per_level}")
+        raise InvalidValueError(f"steps_per_level must be an integer >= 1, got {steps_per_level}")
     if not step_ratio > 0:
-        raise ValueError(f"step_ratio must be > 0, got {step_ratio}")
+        raise InvalidValueError(f"step_ratio must be > 0, got {step_ratio}")
     ts = check_grid(ts.to(x_T.dtype))
     x = x_T
     if callback is not None:

@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from .common import Callback, check_grid, finish, require_linear, schedule
 from .noise import Noise, step_noise
@@ -51,7 +52,7 @@ def sde_dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts:
     """
     sde = require_linear(sde, "SDE-DPM-Solver++")
     if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+        raise InvalidValueError(f"order must be 1, 2 or 3, got {order}")
     ts = check_grid(ts.to(x_T.dtype))
     draw = step_noise(noise, x_T, ts, float(sde.T), generator)
     alpha, sigma, lam = schedule(sde, ts)

@@ -17,6 +17,7 @@ import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
+from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from .grids import end_time_for_steps, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
@@ -53,25 +54,25 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
     fitted to noise-to-signal 0.1 at the end lost to the unfitted one; fitted to 0.34 it won 3x).
     """
     if not isinstance(sde, LinearSDE):
-        raise ValueError(f"sde must be a linear SDE for fit_grid, got {type(sde).__name__}")
+        raise InvalidValueError(f"sde must be a linear SDE for fit_grid, got {type(sde).__name__}")
     spec = METHODS[method] if method in METHODS else None
     if spec is None or spec.adaptive or spec.stochastic(options):
         fixed = [m for m in METHODS if not (METHODS[m].adaptive or METHODS[m].stochastic({}))]
         why = "unknown" if spec is None else "adaptive" if spec.adaptive else "it draws noise with these options"
-        raise ValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}; ddim at eta = 0), "
+        raise InvalidValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}; ddim at eta = 0), "
                          f"got {method!r} ({why})")
     if not (isinstance(x_probe, Tensor) and x_probe.dim() >= 2 and len(x_probe) >= 1):
-        raise ValueError(f"x_probe must be a batch of prior draws, shape (n, ...), got {getattr(x_probe, 'shape', x_probe)}")
+        raise InvalidValueError(f"x_probe must be a batch of prior draws, shape (n, ...), got {getattr(x_probe, 'shape', x_probe)}")
     if "ts" in options or "grid" in options:
-        raise ValueError("fit_grid chooses the grid itself: do not pass ts or grid")
+        raise InvalidValueError("fit_grid chooses the grid itself: do not pass ts or grid")
     denoise = bool(options.get("denoise", default_denoise(sde, method, nfe)))
     n_steps = steps_for(method, nfe, denoise, options)
     if int(reference_steps) != reference_steps or reference_steps <= n_steps:
-        raise ValueError(f"reference_steps must be an integer > the {n_steps} steps of nfe={nfe}, got {reference_steps}")
+        raise InvalidValueError(f"reference_steps must be an integer > the {n_steps} steps of nfe={nfe}, got {reference_steps}")
     if n_steps < 2:
-        raise ValueError(f"nfe={nfe} gives {n_steps} step(s) for {method!r}: nothing to fit")
+        raise InvalidValueError(f"nfe={nfe} gives {n_steps} step(s) for {method!r}: nothing to fit")
     if not 0 < min_fraction * n_steps < 1:
-        raise ValueError(f"min_fraction must lie in (0, 1 / n_steps = {1 / n_steps:g}), got {min_fraction}")
+        raise InvalidValueError(f"min_fraction must lie in (0, 1 / n_steps = {1 / n_steps:g}), got {min_fraction}")
     if t_end is None:
         t_end = end_time_for_steps(sde, n_steps) if spec.end_follows_steps else float(sde.t_min)
     start = time_grid(sde, n_steps, kind=spec.grid, t_end=t_end, power=spec.power)  # validates t_end
@@ -100,7 +101,7 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
 
     start_error = error(start)
     if not math.isfinite(start_error):
-        raise ValueError("the sampler's output on x_probe is not finite at the starting grid: check score_fn")
+        raise InvalidValueError("the sampler's output on x_probe is not finite at the starting grid: check score_fn")
     theta0 = np.log(np.maximum(np.diff(lam.numpy()) / span - min_fraction, 1e-6))  # the start grid, clipped
     simplex = np.vstack([theta0] + [theta0 + 0.3 * e for e in np.eye(n_steps)])
 
