@@ -1,11 +1,14 @@
 """Training throughput: scoresde's Trainer against a bare loop, and its U-Net against diffusers' UNet2DModel.
 
 The bare loop: index a batch, draw t ~ U(t_min, T) and noise, form x_t, eps-loss |sigma s + z|^2, AdamW
-step; nothing else. The Trainer adds what a real run needs: seeded batch/time/noise generators that
-survive checkpoints, the loss's input checks, the learning-rate schedule, gradient clipping, an EMA
-update, the finite-loss guard and JSONL logging (every 50 steps; no evaluation, no checkpoint inside
-the timed window, progress bar off). Both are timed in alternating rounds on the same machine state;
-the table reports medians and overhead = loop / bare - 1.
+step; nothing else. "bare + EMA + clipping" adds by hand the two things every diffusion training loop
+does and the Trainer does too: clip_grad_norm_ at the same norm and a foreach EMA update with the same
+warm-up schedule; it is the reference of the overhead. The Trainer adds the bookkeeping a real run needs:
+seeded batch/time/noise generators that survive checkpoints, the loss's input checks and weighting, the
+learning-rate schedule, the finite-loss guard and JSONL logging (every 50 steps; no evaluation, no
+checkpoint inside the timed window, progress bar off). The three are timed in alternating rounds on the
+same machine state; the table reports medians, overhead = Trainer / (bare + EMA + clipping) - 1 and,
+beside it, Trainer / bare - 1.
 
 The U-Net part times one training step (forward, eps-loss, backward, AdamW step) of scoresde's UNet and
 of diffusers' UNet2DModel built as its twin (`diffusers_twin`: same widths, residual blocks per level,
@@ -163,13 +166,19 @@ def trainer_round(tr: Trainer, steps: int) -> float:
     return (time.perf_counter() - tic) / steps
 
 
-def bare_setup(cfg: Config, data: torch.Tensor):
+def bare_setup(cfg: Config, data: torch.Tensor, ema_and_clip: bool):
+    """A hand-written loop: batch, t, noise, eps-loss, AdamW; with `ema_and_clip` also what every diffusion
+    training loop does by hand, the same gradient clipping and the same EMA warm-up schedule as the Trainer."""
     torch.manual_seed(cfg.seed)
     sde = build_sde(cfg)
     model = build_model(cfg, sde, tuple(data.shape[1:]))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    shadow = [p.detach().clone() for p in params]
+    updates = 0
 
     def round_(steps: int) -> float:
+        nonlocal updates
         tic = time.perf_counter()
         for _ in range(steps):
             x0 = data[torch.randint(data.shape[0], (cfg.batch_size,))]
@@ -180,7 +189,13 @@ def bare_setup(cfg: Config, data: torch.Tensor):
             loss = (sigma * model(xt, t) + z).pow(2).flatten(1).sum(1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if ema_and_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
+            if ema_and_clip:
+                with torch.no_grad():
+                    torch._foreach_lerp_(shadow, params, (1 + updates / cfg.ema_gamma) ** -cfg.ema_power)
+                updates += 1
         return (time.perf_counter() - tic) / steps
 
     return round_
@@ -210,33 +225,40 @@ def run_trainer(args) -> dict:
             cfg = Config(**{"name": "bench", "out": tmp, "steps": 10**9, "eval_every": 0, "checkpoint_every": 10**9,
                             "progress": False, "log_every": 50, **over})
             tr = Trainer(cfg, resume=False)
-            bare = bare_setup(cfg, tr.train_x)
-            trainer_round(tr, 3), bare(3)  # warm-up
-            loop_t, bare_t = [], []
+            timers = {"bare": bare_setup(cfg, tr.train_x, False), "same": bare_setup(cfg, tr.train_x, True),
+                      "trainer": lambda n, tr=tr: trainer_round(tr, n)}
+            times: dict[str, list[float]] = {k: [] for k in timers}
+            for f in timers.values():
+                f(3)  # warm-up
             for _ in range(args.rounds):
-                loop_t.append(trainer_round(tr, steps))
-                bare_t.append(bare(steps))
-            lo, ba = statistics.median(loop_t), statistics.median(bare_t)
-            ratios = [a / b - 1 for a, b in zip(loop_t, bare_t)]
-            rows.append((name, ba * 1e3, lo * 1e3, 100 * (lo / ba - 1), 100 * min(ratios), 100 * max(ratios)))
-            print(f"{name}: bare {ba * 1e3:.2f} ms/step, Trainer {lo * 1e3:.2f} ms/step, overhead "
-                  f"{rows[-1][3]:+.1f}% (rounds {rows[-1][4]:+.1f}% .. {rows[-1][5]:+.1f}%)", flush=True)
-    print("\n| case | bare loop (ms/step) | Trainer (ms/step) | overhead (median) | per-round range |")
-    print("|---|---|---|---|---|")
-    for name, ba, lo, ov, omin, omax in rows:
-        print(f"| {name} | {ba:.2f} | {lo:.2f} | {ov:+.1f}% | {omin:+.1f}% .. {omax:+.1f}% |")
+                for k, f in timers.items():
+                    times[k].append(f(steps))
+            ba, sa, lo = (statistics.median(times[k]) for k in timers)
+            ratios = [a / b - 1 for a, b in zip(times["trainer"], times["same"])]
+            rows.append((name, ba * 1e3, sa * 1e3, lo * 1e3, 100 * (lo / sa - 1), 100 * min(ratios),
+                         100 * max(ratios), 100 * (lo / ba - 1)))
+            print(f"{name}: bare {ba * 1e3:.2f}, bare + EMA + clipping {sa * 1e3:.2f}, Trainer {lo * 1e3:.2f} ms/step; "
+                  f"overhead {rows[-1][4]:+.1f}% (rounds {rows[-1][5]:+.1f}% .. {rows[-1][6]:+.1f}%), "
+                  f"{rows[-1][7]:+.1f}% against the bare loop", flush=True)
+    print("\n| case | bare loop (ms/step) | bare + EMA + clipping (ms/step) | Trainer (ms/step) | overhead against "
+          "bare + EMA + clipping (median) | per-round range | against the bare loop |")
+    print("|---|---|---|---|---|---|---|")
+    for name, ba, sa, lo, ov, omin, omax, ob in rows:
+        print(f"| {name} | {ba:.2f} | {sa:.2f} | {lo:.2f} | {ov:+.1f}% | {omin:+.1f}% .. {omax:+.1f}% | {ob:+.1f}% |")
     print(f"\nfigure: {plot(rows)}")
-    return {"columns": ["case", "bare_ms", "trainer_ms", "overhead_pct", "round_min_pct", "round_max_pct"], "rows": rows}
+    return {"columns": ["case", "bare_ms", "bare_ema_clip_ms", "trainer_ms", "overhead_pct", "round_min_pct",
+                        "round_max_pct", "overhead_vs_bare_pct"], "rows": rows}
 
 
 def plot(rows):
     plt = common.plt()
     fig, ax = plt.subplots(figsize=(7, 3))
     y = range(len(rows))
-    ax.barh([i + 0.2 for i in y], [r[1] for r in rows], height=0.4, label="bare PyTorch loop")
-    ax.barh([i - 0.2 for i in y], [r[2] for r in rows], height=0.4, label="scoresde Trainer")
+    ax.barh([i + 0.27 for i in y], [r[1] for r in rows], height=0.27, label="bare PyTorch loop")
+    ax.barh(list(y), [r[2] for r in rows], height=0.27, label="bare + EMA + clipping")
+    ax.barh([i - 0.27 for i in y], [r[3] for r in rows], height=0.27, label="scoresde Trainer")
     for i, r in enumerate(rows):
-        ax.text(max(r[1], r[2]) * 1.02, i, f"{r[3]:+.0f}%", va="center")
+        ax.text(max(r[1:4]) * 1.02, i, f"{r[4]:+.0f}%", va="center")
     ax.set_yticks(list(y), [r[0] for r in rows], fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("ms per training step (1 thread, log scale)")

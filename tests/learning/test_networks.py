@@ -3,6 +3,7 @@ from functools import partial
 
 import pytest
 import torch
+from torch import nn
 
 from scoresde.learning.networks import EMA, MLP, SinusoidalEmbedding, UNet, edm_decay, power_decay
 
@@ -180,3 +181,28 @@ def test_ema_with_a_schedule_equals_its_weighted_history(gen, decay, betas):
         torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"the EMA decay of update 0 must be in \[0, 1\), got 1.5"):
         EMA(net, lambda n: 1.5).update()
+
+
+def test_ema_follows_the_live_model_tied_weights_and_integer_buffers(gen):
+    """The EMA keeps references to the model's own tensors: it sees weights loaded with load_state_dict and
+    moved with .to(), averages a weight shared by two modules under both names, and copies integer buffers."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = self.a  # the same weights under a second name (both appear in the state dict)
+            self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    net = Tied()
+    ema = EMA(net, decay=0.5)
+    assert set(ema.shadow) == set(net.state_dict()) == {"a.weight", "a.bias", "b.weight", "b.bias", "count"}
+    start = ema.shadow["a.weight"].clone()
+    new = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else torch.tensor(7)
+           for k, v in net.state_dict().items()}
+    new["b.weight"], new["b.bias"] = new["a.weight"], new["a.bias"]
+    net.load_state_dict(new)
+    net.to(torch.float32)  # a no-op conversion keeps the Parameter objects
+    ema.update()
+    for name in ("a.weight", "b.weight"):
+        torch.testing.assert_close(ema.shadow[name], 0.5 * start + 0.5 * new["a.weight"])
+    assert ema.shadow["count"].item() == 7
