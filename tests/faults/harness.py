@@ -1,0 +1,290 @@
+"""Fault-injection machinery shared by the tests in tests/faults/ and `benchmarks/reliability.py`.
+
+A fault is a string: `write:N`, `kill-step:S`, `term-step:S` are injected from inside the training process
+(`driver.py`); `time:X` (SIGKILL) and `term-time:X` (SIGTERM) are sent from outside X seconds after the run
+printed its first line (its model is built; training starts). `run_chain` runs a training run in a child
+process under a list of faults, restarting it after each, until it finishes; `differences` compares its final
+checkpoint with an uninterrupted run's, tensor for tensor with torch.equal. `failing_writes` makes every write
+under one folder fail as on a full disk or an unwritable folder, inside this process.
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+DRIVER = HERE / "driver.py"
+REPO = HERE.parents[1]
+
+# a tiny run on two moons: 2.4 ms a step on one CPU thread, a checkpoint every 7 steps, every step logged
+RUN = dict(data="moons", n_train=500, n_test=100, net_args={"hidden": 16, "depth": 1, "emb_dim": 8}, steps=300,
+           batch_size=32, lr=3e-3, warmup=3, checkpoint_every=7, log_every=1, eval_every=0, n_eval=50, nfe=21,
+           progress=False, threads=1)
+# checkpoint tensors and metadata that make up the training state (the metadata's `extra` and a checksum
+# describe the file, not the state)
+STATE_META = ("step", "ema", "optim", "scaler")
+
+
+def write_config(folder: str | os.PathLike, name: str = "faults", **overrides) -> Path:
+    """RUN (+ overrides) as folder/name.yaml; the run is named after the file (its folder: out/name)."""
+    path = Path(folder) / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**RUN, **overrides}, sort_keys=False))
+    return path
+
+
+def child_env(fault: str = "", **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCORESDE_FAULT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), **extra)
+    if fault:
+        env["SCORESDE_FAULT"] = fault
+    return env
+
+
+@dataclass
+class Attempt:
+    """One launch of the training child: the fault it was given, its exit status and output."""
+
+    fault: str
+    returncode: int
+    output: str
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode == -signal.SIGKILL
+
+
+def run_attempt(config: Path, out: Path, fault: str = "", timeout: float = 300) -> Attempt:
+    """Run the driver once (resuming from out/<name>'s checkpoint) under `fault`."""
+    kind, _, value = fault.partition(":")
+    inside = kind in ("write", "kill-step", "term-step")
+    cmd = [sys.executable, str(DRIVER), str(config), f"out={out}"]
+    proc = subprocess.Popen(cmd, env=child_env(fault if inside else ""), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        if kind in ("time", "term-time"):
+            for line in proc.stdout:  # the first line: the model is built, training starts
+                lines.append(line)
+                if line.startswith("run "):
+                    time.sleep(float(value))
+                    proc.send_signal(signal.SIGKILL if kind == "time" else signal.SIGTERM)
+                    break
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return Attempt(fault, proc.returncode, "".join(lines) + (rest or ""))
+
+
+def run_chain(config: Path, out: Path, faults: list[str], max_clean: int = 2) -> list[Attempt]:
+    """Run under each fault in turn (a restarted run resumes), then without one until it exits with 0.
+    Stops early when a faulted attempt finishes the run (its remaining faults are not injected)."""
+    attempts = []
+    for fault in faults:
+        attempts.append(run_attempt(config, out, fault))
+        if attempts[-1].returncode == 0:
+            return attempts
+    for _ in range(max_clean):
+        attempts.append(run_attempt(config, out))
+        if attempts[-1].returncode == 0:
+            break
+    return attempts
+
+
+def campaign(config: Path, root: Path, faults: list[str], max_runs: int = 10) -> list[tuple[Path, list[Attempt]]]:
+    """Inject every fault into runs of `config` (folders root/run<i>): a chain per run; when a run finishes
+    before its faults are spent, the rest (from the one that did not land) go to a fresh run. Returns each
+    run's folder and attempts."""
+    runs, remaining = [], list(faults)
+    while remaining and len(runs) < max_runs:
+        out = root / f"run{len(runs)}"
+        attempts = run_chain(config, out, remaining)
+        faulted = [a for a in attempts if a.fault]
+        landed = len(faulted) - (faulted[-1].returncode == 0)
+        remaining = remaining[landed:]
+        runs.append((out / config.stem, attempts))
+    return runs
+
+
+def run_torchrun(config: Path, out: Path, fault: str = "", rank: int = 1, restarts: int = 1,
+                 timeout: float = 500) -> Attempt:
+    """The run as a 2-process torchrun job (gloo on CPU) with --max-restarts `restarts`; `fault` is injected
+    in process `rank` on the first attempt only (marker file out/fault-injected)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
+           str(restarts), str(DRIVER), str(config), f"out={out}"]
+    env = child_env(fault, SCORESDE_FAULT_RANK=str(rank), SCORESDE_FAULT_ONCE=str(out / "fault-injected"))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return Attempt(fault, res.returncode, res.stdout + res.stderr)
+
+
+def draw_faults(rng: random.Random, n: int, window: float = 0.4, writer_events: int = 16) -> list[str]:
+    """n faults: alternately a SIGKILL inside the checkpoint writer (event 1..writer_events) and one from
+    outside at a uniform time in [0, window] seconds of training."""
+    return [f"write:{rng.randint(1, writer_events)}" if i % 2 == 0 else f"time:{rng.uniform(0, window):.3f}"
+            for i in range(n)]
+
+
+def reference_run(config: Path, out: Path) -> Path:
+    """The run of `config` trained without interruption in this process; returns its folder."""
+    import torch
+
+    from scoresde.running.config import load_config
+    from scoresde.running.train import Trainer
+
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(load_config(config, [f"out={out}"]), resume=False).run()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer.run_dir
+
+
+def training_state(run_dir: Path) -> tuple[dict, dict]:
+    """Tensors (weights, EMA, optimiser, generator states) and the state metadata of the run's checkpoint."""
+    from scoresde.running.checkpoint import CHECKPOINT, read_checkpoint
+
+    tensors, meta = read_checkpoint(Path(run_dir) / CHECKPOINT)
+    return tensors, {k: meta.get(k) for k in STATE_META}
+
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of the run's metrics.jsonl (training records only)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def differences(run_dir: Path, reference_dir: Path) -> list[str]:
+    """What differs between two runs' final states: checkpoint tensors (torch.equal, bit for bit), state
+    metadata, and the loss logged at each step; empty when they are identical."""
+    import torch
+
+    (a, meta_a), (b, meta_b) = training_state(run_dir), training_state(reference_dir)
+    diff = sorted(set(a) ^ set(b))
+    diff += sorted(k for k in set(a) & set(b) if not (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])))
+    diff += [f"meta:{k}" for k in STATE_META if meta_a[k] != meta_b[k]]
+    if logged_losses(run_dir) != logged_losses(reference_dir):
+        diff.append("metrics.jsonl losses")
+    return diff
+
+
+# ---- disk faults ------------------------------------------------------------------------------------------
+
+def _inside(path, folder: Path) -> bool:
+    if isinstance(path, int):
+        try:
+            path = os.readlink(f"/proc/self/fd/{path}")
+        except OSError:
+            return False
+    try:
+        return Path(os.path.abspath(os.fsdecode(path))).is_relative_to(folder)
+    except (TypeError, ValueError):
+        return False
+
+
+class _FullDisk:
+    """A file on a full disk: each write stores half of its data, then raises ENOSPC."""
+
+    def __init__(self, f, name: str):
+        self._f, self._name = f, name
+
+    def write(self, data) -> int:
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self._name)
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+    def __enter__(self) -> "_FullDisk":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+@contextmanager
+def failing_writes(folder: str | os.PathLike, code: int = errno.ENOSPC) -> Iterator[None]:
+    """Inside the block, writes under `folder` fail in this process as they do on a full disk (code ENOSPC:
+    files open, each write stores half its bytes and raises) or in an unwritable folder (EACCES: opening a
+    file for writing, creating, renaming or removing one raises). Root ignores chmod, so this is simulated:
+    builtins.open / io.open, os.open, os.fdopen, os.write and the os calls that change folder entries are
+    replaced for the duration."""
+    folder = Path(os.path.abspath(folder))
+    real = {name: getattr(os, name) for name in ("open", "fdopen", "write", "replace", "rename", "unlink", "remove",
+                                                  "link", "mkdir", "rmdir")}
+    real_open = builtins.open
+
+    def deny(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path) if not isinstance(path, int)
+                              else f"fd {path}")
+
+    def writing(mode: str, file) -> bool:
+        return any(c in mode for c in "wax+") and _inside(file, folder)
+
+    def py_open(file, mode="r", *args, **kwargs):
+        if not writing(mode, file):
+            return real_open(file, mode, *args, **kwargs)
+        if code == errno.EACCES:
+            deny(file)
+        f = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(f, f.name if isinstance(file, int) else os.fsdecode(file))
+
+    def os_open(path, flags, *args, **kwargs):
+        if code == errno.EACCES and flags & _WRITE_FLAGS and _inside(path, folder):
+            deny(path)
+        return real["open"](path, flags, *args, **kwargs)
+
+    def os_fdopen(fd, mode="r", *args, **kwargs):
+        f = real["fdopen"](fd, mode, *args, **kwargs)
+        return _FullDisk(f, os.readlink(f"/proc/self/fd/{fd}")) if code == errno.ENOSPC and writing(mode, fd) else f
+
+    def os_write(fd, data):
+        if _inside(fd, folder):
+            raise OSError(code, os.strerror(code), os.readlink(f"/proc/self/fd/{fd}"))
+        return real["write"](fd, data)
+
+    def entries(name: str):
+        def change(*args, **kwargs):
+            if code == errno.EACCES and any(_inside(p, folder) for p in args[:2] if isinstance(p, (str, os.PathLike))):
+                deny(args[0])
+            return real[name](*args, **kwargs)
+        return change
+
+    patched = {"open": os_open, "fdopen": os_fdopen, "write": os_write,
+               **{name: entries(name) for name in ("replace", "rename", "unlink", "remove", "link", "mkdir", "rmdir")}}
+    try:
+        for name, fn in patched.items():
+            setattr(os, name, fn)
+        builtins.open = io.open = py_open
+        yield
+    finally:
+        for name, fn in real.items():
+            setattr(os, name, fn)
+        builtins.open = io.open = real_open
+
+
+def snapshot(folder: str | os.PathLike) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes), hidden temporary files included."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
