@@ -2,8 +2,19 @@ import numpy as np
 import pytest
 import torch
 
+from scoresde.core.errors import DamagedFileError, MissingFileError
 from scoresde.core.targets import two_moons
-from scoresde.running.data import load_array, load_dataset, load_digits, validate
+from scoresde.running.data import (
+    Dataset,
+    content_hash,
+    data_record,
+    load_array,
+    load_dataset,
+    load_digits,
+    load_mask,
+    validate,
+)
+from scoresde.running.images import LazyImages
 
 
 def test_toy_sets_are_seeded_draws_of_the_targets():
@@ -86,3 +97,70 @@ def test_a_single_sample_cannot_be_split(tmp_path):
     np.save(tmp_path / "one.npy", np.zeros((1, 2)))
     with pytest.raises(ValueError, match="at least 2 samples"):
         load_dataset(str(tmp_path / "one.npy"))
+
+
+def test_files_numpy_cannot_read_are_named_and_never_unpickled(tmp_path):
+    """A text file named .npy, a pickle, a truncated .npy and a damaged .npz: DamagedFileError naming the file,
+    with numpy's reason but not its advice to allow pickles; a pickled object is never run."""
+    import pickle
+    import zipfile
+
+    (tmp_path / "text.npy").write_text("1,2\n3,4\n")
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling it would create `marker`
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "pickle.npy").write_bytes(pickle.dumps(Payload()))
+    np.save(tmp_path / "objects.npy", np.array([Payload()], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "short.npy", np.zeros((100, 3)))
+    (tmp_path / "short.npy").write_bytes((tmp_path / "short.npy").read_bytes()[:300])
+    for name in ("text.npy", "pickle.npy", "objects.npy", "short.npy"):
+        with pytest.raises(DamagedFileError, match=rf"{name} is not a NumPy \.npy array file \(numpy: ") as err:
+            load_array(tmp_path / name)
+        assert "allow_pickle" not in str(err.value)
+    with pytest.raises(DamagedFileError, match=r"objects.npy is not a NumPy .npy array file"):
+        load_mask(tmp_path / "objects.npy", (1, 2, 2))
+    np.savez(tmp_path / "z.npz", x=np.zeros((100, 3)))
+    whole = (tmp_path / "z.npz").read_bytes()
+    (tmp_path / "half.npz").write_bytes(whole[:len(whole) // 2])
+    (tmp_path / "crc.npz").write_bytes(whole[:60] + bytes(60) + whole[120:])  # inside the stored array
+    np.savez(tmp_path / "objects.npz", x=np.array([Payload()], dtype=object))
+    for name in ("half.npz", "crc.npz", "objects.npz"):
+        with pytest.raises(DamagedFileError, match=rf"{name} is not a NumPy \.npz archive file \(numpy: "):
+            load_array(tmp_path / name)
+    assert not marker.exists()
+    assert zipfile.is_zipfile(tmp_path / "z.npz") and load_array(tmp_path / "z.npz")[0].shape == (100, 3)
+    with pytest.raises(MissingFileError, match="gone.npy"):
+        load_array(tmp_path / "gone.npy")
+
+
+def test_content_hash_follows_the_content(tmp_path):
+    """Equal points in other tensors hash equal; one changed value, another split or labels change the hash.
+    An image folder hashes by its files and split, the same read lazily or in memory; rewriting one image
+    changes it."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, generator=g)
+    d = Dataset(x[:40], x[40:], "a")
+    assert content_hash(Dataset(x[:40].clone(), x[40:].clone(), "b")) == content_hash(d)
+    bumped = x.clone()
+    bumped[7, 1] = torch.nextafter(bumped[7, 1], torch.tensor(10.0))
+    assert content_hash(Dataset(bumped[:40], bumped[40:], "a")) != content_hash(d)
+    assert content_hash(Dataset(x[:39], x[39:], "a")) != content_hash(d)
+    assert content_hash(Dataset(x[:40], x[40:], "a", torch.zeros(40, dtype=torch.long),
+                                torch.zeros(10, dtype=torch.long))) != content_hash(d)
+    record = data_record(d, "api")
+    assert record == {"name": "a", "source": "api", "shape": [3], "n_train": 40, "n_test": 10, "labels": False,
+                      "sha256": content_hash(d)}
+    for i in range(10):
+        Image.fromarray(np.full((4, 4), 20 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    memory = load_dataset(str(tmp_path), n_test=2, workers=0)
+    lazy = load_dataset(str(tmp_path), n_test=2, workers=0, memory_mb=0)
+    assert isinstance(lazy.train, LazyImages) and isinstance(memory.train, torch.Tensor)
+    assert content_hash(lazy) == content_hash(memory)
+    assert content_hash(load_dataset(str(tmp_path), n_test=2, seed=1, workers=0)) != content_hash(memory)  # split
+    Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp_path / "3.png")
+    assert content_hash(load_dataset(str(tmp_path), n_test=2, workers=0)) != content_hash(memory)

@@ -1,8 +1,23 @@
-"""The run-level functions the CLI calls, tested without Typer on the shared tiny run."""
+"""The run-level functions the CLI calls, tested without Typer on the shared tiny run; runs record their data."""
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
-from scoresde.running.runs import fit_run_grid, likelihood_run, load_run
+from scoresde.core.errors import InvalidValueError
+from scoresde.running.data import Dataset, content_hash, load_dataset, read_data_record
+from scoresde.running.runs import (
+    DataUnavailable,
+    evaluate_run,
+    fit_run_grid,
+    inpaint_run,
+    likelihood_run,
+    load_run,
+    sample_run,
+    write_report,
+)
+from scoresde.running.train import Trainer
 from scoresde.sampling import dopri5, sample
 from scoresde.sampling.likelihood import evaluate_likelihood
 
@@ -34,3 +49,86 @@ def test_likelihood_run_checks_the_family_and_the_data(tiny_run):
         likelihood_run(r, data="mixture16", n=8)
     with pytest.raises(ValueError, match="n must be an integer >= 2"):
         likelihood_run(r, n=1)
+
+
+def _api_run(tiny_config, name="api"):
+    """A run trained (5 steps) on 3-D points given through the API, and that data."""
+    g = torch.Generator().manual_seed(0)
+    data = Dataset(torch.randn(90, 3, generator=g), torch.randn(20, 3, generator=g), "mine")
+    cfg = tiny_config(name=name, steps=5, checkpoint_every=5)
+    Trainer(cfg, data=data).run()
+    return cfg.run_dir, data
+
+
+def test_a_run_on_api_data_records_it_and_needs_it_back(tiny_config):
+    """config.yaml still says `data: moons`; data.yaml names the data, its shape, sizes and content hash.
+    Without the data the run loads and samples in its shape; evaluation and likelihoods refuse, saying how to
+    pass the data; passed back it evaluates, and other data is refused with both hashes."""
+    run_dir, data = _api_run(tiny_config)
+    record = read_data_record(run_dir)
+    assert record == {"name": "mine", "source": "api", "shape": [3], "n_train": 90, "n_test": 20, "labels": False,
+                      "sha256": content_hash(data)}
+    r = load_run(run_dir)
+    assert r.sample_shape == (3,) and r.record == record
+    x, _ = sample_run(r, 7, nfe=5)
+    assert x.shape == (7, 3)
+    for call in (lambda: evaluate_run(r, 10), lambda: likelihood_run(r, n=4), lambda: write_report(r)):
+        with pytest.raises(DataUnavailable, match=rf"data 'mine' given to the Trainer.*load_run\({str(run_dir)!r}, "
+                                                  rf"data=Dataset\(...\)\), whose sha256 must be {record['sha256']}"):
+            call()
+    assert not (run_dir / "metrics.json").exists()
+    back = load_run(run_dir, data=Dataset(data.train.clone(), data.test.clone(), "again"))
+    assert evaluate_run(back, 10, nfe=5)["w2_n"] == 10
+    other = Dataset(data.train + 1, data.test, "other")
+    with pytest.raises(ValueError, match=rf"trained on data 'mine' .*sha256 {record['sha256']}\); this data 'other' "
+                                         rf".*sha256 {content_hash(other)}"):
+        load_run(run_dir, data=other)
+
+
+def test_a_run_on_config_data_reloads_and_checks_it(tiny_config, tmp_path):
+    """An image folder named in the config is reloaded and checked on load: changed after training, the run
+    still samples, while its data (evaluation, inpainting) and resuming refuse with both hashes."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(12):
+        Image.fromarray(np.full((8, 8), 20 * i, dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    cfg = tiny_config(name="folder", data=str(folder), n_test=3, net="unet", net_args={"base": 4, "mults": [1]},
+                      steps=2, batch_size=4, checkpoint_every=2, data_workers=0, nfe=3)
+    Trainer(cfg).run()
+    record = read_data_record(cfg.run_dir)
+    assert record["source"] == "config" and record["name"] == "images" and record["shape"] == [1, 8, 8]
+    assert torch.equal(load_run(cfg.run_dir).data.test, load_dataset(str(folder), n_test=3, workers=0).test)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(folder / "05.png")
+    r = load_run(cfg.run_dir)
+    assert sample_run(r, 2)[0].shape == (2, 1, 8, 8)
+    now = content_hash(load_dataset(str(folder), n_test=3, workers=0))
+    for call in (lambda: r.data, lambda: inpaint_run(r, torch.ones(1, 8, 8), 1)):
+        with pytest.raises(DataUnavailable, match=rf"trained on data 'images' .*sha256 {record['sha256']}\); this data "
+                                                  rf"'images' .*sha256 {now}: not the same data"):
+            call()
+    with pytest.raises(ValueError, match=rf"sha256 {now}: not the same data.*resume it on the data it was trained on"):
+        Trainer(tiny_config(**{**cfg.to_dict(), "steps": 4}))
+
+
+def test_a_run_folder_without_a_data_record_loads_its_config_data(tiny_run, tmp_path):
+    """A run written before runs recorded their data loads as before: its config's data, unchecked."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    (old / "data.yaml").unlink()
+    r = load_run(old)
+    assert r.record is None and r.data_name == "moons"
+    assert torch.equal(r.data.test, load_run(tiny_run).data.test)
+
+
+def test_none_means_the_runs_sampler_and_nfe_and_n_is_checked(tiny_run):
+    r = load_run(tiny_run)
+    want, _ = sample_run(r, 5, method=r.cfg.sampler, nfe=r.cfg.nfe, seed=4)
+    assert torch.equal(sample_run(r, 5, method=None, nfe=None, seed=4)[0], want)
+    out = evaluate_run(r, 20, method=None, nfe=None)
+    assert (out["sampler"], out["nfe"]) == (r.cfg.sampler, r.cfg.nfe) == ("em", 21)
+    for call in (lambda n: sample_run(r, n), lambda n: evaluate_run(r, n)):
+        for n in (0, -3, 2.0):
+            with pytest.raises(InvalidValueError, match=rf"n must be an integer >= 1, got {n!r}"):
+                call(n)

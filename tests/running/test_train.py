@@ -11,7 +11,7 @@ from scoresde.running.build import build_model, build_sde, draw_samples
 from scoresde.running.checkpoint import read_checkpoint
 from scoresde.running.config import Config
 from scoresde.running.data import Dataset, load_dataset
-from scoresde.running.train import NonFiniteLoss, Trainer, learning_rate
+from scoresde.running.train import NonFiniteLoss, Trainer, TrainingInterrupted, learning_rate
 
 
 @pytest.fixture
@@ -344,7 +344,7 @@ def test_start_up_line_counts_the_parameters_and_says_when_resuming(tmp_path, ma
     assert f"run {tmp_path / 'r'}: {n:,} parameters, precision bf16, batch 32 x accumulate 2, EMA power" in out
     assert "resuming" not in out
     Trainer(make_cfg(precision="bf16", accumulate=2))
-    assert "resuming from step 5" in capsys.readouterr().out
+    assert f"resuming from step 5 ({tmp_path / 'r' / 'checkpoint.safetensors'})" in capsys.readouterr().out
 
 
 def test_compile_wraps_the_networks_and_trains_like_eager(tmp_path, make_cfg, monkeypatch):
@@ -411,3 +411,97 @@ def test_torchrun_with_accumulation_matches_one_process(tmp_path):
     one = Trainer(load_config(p, [f"out={tmp_path / 'one'}"])).run()
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_sigterm_saves_the_current_step_and_resumes_bit_identically(tmp_path, make_cfg, monkeypatch):
+    """SIGTERM during step 8 (sent from inside its loss): the step finishes and is saved, a SIGINT during that
+    save is ignored, TrainingInterrupted names signal, step and file, the previous handlers are back; the
+    resumed run ends on the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    from scoresde.running import train
+
+    full = Trainer(make_cfg(name="full")).run()
+    cut = Trainer(make_cfg(name="cut"))
+    real_loss, real_save, saved = cut.loss_fn, train.save_checkpoint, []
+
+    def loss(*args, **kwargs):
+        if cut.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(*args, **kwargs)
+
+    def save(*args, **kwargs):
+        if kwargs["step"] == 8:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(*args, **kwargs)
+        saved.append(kwargs["step"])
+
+    cut.loss_fn = loss
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    ckpt = tmp_path / "cut" / "checkpoint.safetensors"
+    with pytest.raises(TrainingInterrupted, match=f"^stopped by SIGTERM at step 8; checkpoint saved to {ckpt}; run the "
+                                                  f"same command to resume$") as err:
+        cut.run()
+    assert (err.value.signum, err.value.step, saved) == (signal.SIGTERM, 8, [5, 8])
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    assert int(read_checkpoint(ckpt)[1]["step"]) == 8
+    monkeypatch.undo()
+    resumed = Trainer(make_cfg(name="cut"))
+    assert resumed.step == 8
+    resumed.run()
+    a, b = _state(full), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# a training process whose steps take 20 ms more (the weights are unchanged), so that a signal lands mid-run
+SIGNALLED = """
+import json, sys, time
+from scoresde.running.config import Config
+from scoresde.running.train import Trainer, TrainingInterrupted
+tr = Trainer(Config(**json.loads(sys.argv[1])))
+step = tr._train_step
+tr._train_step = lambda: (time.sleep(0.02), step())[1]
+try:
+    tr.run()
+except TrainingInterrupted as err:
+    print(err, flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", pytest.param("SIGINT", marks=pytest.mark.slow)])
+def test_a_signalled_training_process_saves_its_step_and_resumes_bit_identically(tmp_path, make_cfg, name):
+    """A real process training with checkpoints only at the end gets the signal once it has logged 3 steps: it
+    saves the step it stopped at, says so and exits; resumed to the end it matches an uninterrupted run."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(steps=400, checkpoint_every=1000, log_every=1)
+    cfg = make_cfg(name="signalled", **kw)
+    proc = subprocess.Popen([sys.executable, "-c", SIGNALLED, json.dumps(cfg.to_dict())], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, deadline = cfg.run_dir / "metrics.jsonl", time.monotonic() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, name))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, out + err
+    ckpt = cfg.run_dir / "checkpoint.safetensors"
+    found = re.search(rf"stopped by {name} at step (\d+); checkpoint saved to {re.escape(str(ckpt))}; run the same "
+                      rf"command to resume", out)
+    assert found, out + err
+    stopped = int(found.group(1))
+    assert 3 <= stopped < 400 and int(read_checkpoint(ckpt)[1]["step"]) == stopped
+    resumed = Trainer(cfg)
+    assert resumed.step == stopped
+    resumed.run()
+    full = Trainer(make_cfg(name="full", **kw)).run()
+    a, b = _state(full), _state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -18,11 +18,21 @@ from ..models import FAMILIES, Family, unwrap
 from ..sampling.methods import sample
 from .config import Config
 
-__all__ = ["NETWORKS", "build_sde", "build_network", "build_model", "construct", "draw_samples", "resolve_device",
-           "lookup", "family_of", "check_config"]
+__all__ = [
+    "NETWORKS",
+    "build_model",
+    "build_network",
+    "build_sde",
+    "check_config",
+    "construct",
+    "draw_samples",
+    "family_of",
+    "lookup",
+    "resolve_device",
+]
 
 
-NETWORKS: "Registry[type[nn.Module]]" = Registry("network")
+NETWORKS: Registry[type[nn.Module]] = Registry("network")
 NETWORKS.register("mlp")(MLP)
 NETWORKS.register("unet")(UNet)
 

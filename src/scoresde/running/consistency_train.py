@@ -49,8 +49,8 @@ def load_teacher(spec: str, sde: SDE, data: Dataset) -> ScoreFn:
     run = load_run(spec)
     if run.sde != sde:
         raise InvalidValueError(f"the teacher run {spec!r} uses {run.sde}, the student {sde}: they must match")
-    if run.data.sample_shape != data.sample_shape:
-        raise InvalidValueError(f"the teacher run {spec!r} has samples of shape {run.data.sample_shape}, "
+    if run.sample_shape != data.sample_shape:
+        raise InvalidValueError(f"the teacher run {spec!r} has samples of shape {run.sample_shape}, "
                          f"the data {data.sample_shape}")
     return run.model.eval().requires_grad_(False)
 

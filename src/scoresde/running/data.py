@@ -10,24 +10,56 @@ An image folder whose decoded size (float32) exceeds `memory_mb` is read lazily:
 a `LazyImages` view that `take_batch` indexes with the trainer's batch indices (decoded by DataLoader
 workers, the next batch read ahead), so training on it is bit-identical to training on the same folder
 in memory. The held-out set is always a tensor.
+
+A run records what it was trained on (`data_record`: name, sample shape, sizes and a content hash) in
+`data.yaml` beside its config; `data_mismatch` compares data with such a record. The hash covers the
+tensors' bytes, or for an image folder its file list, sizes and modification times and the split, so a
+big folder is not decoded to be checked.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
-from ..core.errors import InvalidValueError
+from ..core.errors import (
+    DamagedFileError,
+    InvalidValueError,
+    MissingFileError,
+    ScoresdeError,
+)
 from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, ring
 from .config import Config
+from .files import atomic_write
 from .images import ImageFolder, LazyImages
 
-__all__ = ["Dataset", "builtin_names", "load_array", "load_config_data", "load_dataset", "load_digits", "take_batch",
-           "validate"]
+__all__ = [
+    "DATA_RECORD",
+    "Dataset",
+    "builtin_names",
+    "content_hash",
+    "data_mismatch",
+    "data_record",
+    "load_array",
+    "load_config_data",
+    "load_dataset",
+    "load_digits",
+    "read_data_record",
+    "save_data_record",
+    "take_batch",
+    "validate",
+]
+
+DATA_RECORD = "data.yaml"  # a run folder's record of its training data (`data_record`)
 
 _MIXTURES = {"ring": ring, "grid": grid}
 _MIXTURE_DIM = re.compile(r"^mixture(\d+)$")
@@ -37,7 +69,9 @@ _MIXTURE_DIM = re.compile(r"^mixture(\d+)$")
 class Dataset:
     """Train and held-out test points, optional integer labels (`classes[k]` names label k for image
     folders), and the exact law when it is known. `train` is a tensor or, for big image folders, a
-    `LazyImages` view indexed like one."""
+    `LazyImages` view indexed like one. `fingerprint`: the content hash set by `load_dataset` for an image
+    folder (file list, sizes, mtimes, split), the same whether it is read lazily or not; empty for any
+    other data, whose hash `content_hash` computes from the tensors."""
 
     train: Tensor | LazyImages
     test: Tensor
@@ -46,6 +80,7 @@ class Dataset:
     test_labels: Tensor | None = None
     mixture: GaussianMixture | None = None
     classes: tuple[str, ...] = ()
+    fingerprint: str = ""
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -97,26 +132,56 @@ def load_digits(pad_to: int = 0) -> tuple[Tensor, Tensor]:
     return x, torch.from_numpy(d.target.astype(np.int64))
 
 
+# what numpy raises on a file that is not the array file it claims to be (never unpickled)
+NUMPY_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _not_numpy(path: Path, err: Exception) -> DamagedFileError:
+    """The error for a damaged .npy/.npz or a text or pickle file so named; numpy's reason without its advice
+    about allow_pickle (scoresde never unpickles)."""
+    kind = ".npy array" if path.suffix == ".npy" else ".npz archive"
+    reason = re.split(r"\. | when allow_pickle", str(err))[0]
+    return DamagedFileError(f"{path} is not a NumPy {kind} file (numpy: {reason}); save numeric "
+                            f"arrays with numpy.save / numpy.savez (pickled data are never loaded)")
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingFileError(f"file {str(path)!r} does not exist") from None
+    except NUMPY_ERRORS as err:
+        raise _not_numpy(path, err) from None
+
+
 def load_array(path: str | Path) -> tuple[Tensor, Tensor | None]:
     """Data (and labels) from .npy, or .npz with arrays `x` (or `data`, or the only array) and
-    optionally `y` / `labels`."""
+    optionally `y` / `labels`. A file that numpy cannot read as an array (text, pickle, damaged) is a
+    `DamagedFileError` naming it."""
     path = Path(path)
     if path.suffix == ".npy":
-        return validate(np.load(path, allow_pickle=False), str(path)), None
+        return validate(_load_npy(path), str(path)), None
     if path.suffix != ".npz":
         raise InvalidValueError(f"data file must end in .npy or .npz, got {str(path)!r}")
-    with np.load(path, allow_pickle=False) as z:
-        keys = list(z.keys())
-        key = next((k for k in ("x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
-        if key is None:
-            raise InvalidValueError(f"{path}: cannot tell which array is the data among {keys}; name it 'x'")
-        x = validate(z[key], f"{path}[{key}]")
-        label_key = next((k for k in ("y", "labels") if k in keys), None)
-        labels = None
-        if label_key is not None:
-            labels = torch.from_numpy(np.asarray(z[label_key]).astype(np.int64))
-            if labels.shape != (x.shape[0],):
-                raise InvalidValueError(f"{path}: labels {label_key!r} must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    if not path.is_file():
+        raise MissingFileError(f"data file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            key = next((k for k in ("x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise InvalidValueError(f"{path}: cannot tell which array is the data among {keys}; name it 'x'")
+            x = validate(z[key], f"{path}[{key}]")
+            label_key = next((k for k in ("y", "labels") if k in keys), None)
+            labels = None if label_key is None else np.asarray(z[label_key])
+    except ScoresdeError:
+        raise
+    except NUMPY_ERRORS as err:
+        raise _not_numpy(path, err) from None
+    if labels is not None:
+        labels = torch.from_numpy(labels.astype(np.int64))
+        if labels.shape != (x.shape[0],):
+            raise InvalidValueError(f"{path}: labels {label_key!r} must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
     return x, labels
 
 
@@ -166,7 +231,7 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
             test = every[te]
             train = LazyImages(folder, tr, workers) if folder.nbytes > memory_mb * 2 ** 20 else every[tr]
             return Dataset(train, test, name, _labels(folder.labels, tr), _labels(folder.labels, te),
-                           classes=folder.classes)
+                           classes=folder.classes, fingerprint=_folder_hash(folder, tr, te))
         if path.is_file():
             x, labels = load_array(path)
         else:
@@ -181,6 +246,72 @@ def load_config_data(cfg: Config) -> Dataset:
     return load_dataset(cfg.data, n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.seed, pad_to=cfg.pad_to,
                         image_size=cfg.image_size, channels=cfg.channels, memory_mb=cfg.data_memory_mb,
                         workers=cfg.data_workers)
+
+
+def _folder_hash(folder: ImageFolder, train_rows: Tensor, test_rows: Tensor) -> str:
+    """SHA-256 of an image folder's files (paths, sizes, modification times), labels, decoded shape and split."""
+    files = [(str(f.relative_to(folder.path)), f.stat().st_size, f.stat().st_mtime_ns) for f in folder.files]
+    labels = None if folder.labels is None else folder.labels.tolist()
+    h = hashlib.sha256(json.dumps([files, labels, folder.shape, folder.image_size]).encode())
+    for rows in (train_rows, test_rows):
+        h.update(rows.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def content_hash(data: Dataset) -> str:
+    """SHA-256 of a data set's train and test points and labels (dtype, shape and bytes of each), or its
+    `fingerprint` (image folders); a lazy train part without one counts by its folder and rows."""
+    if data.fingerprint:
+        return data.fingerprint
+    h = hashlib.sha256()
+    for part in (data.train, data.test, data.train_labels, data.test_labels):
+        if part is None:
+            h.update(b"none;")
+        elif isinstance(part, LazyImages):
+            h.update(_folder_hash(part.folder, part.rows, torch.empty(0)).encode())
+        else:
+            t = part.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)};".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_record(data: Dataset, source: str) -> dict:
+    """What a run was trained on: name, source ("config": reloadable from the run's config; "api": given to the
+    Trainer), sample shape, numbers of train and test points, whether it has labels, and `content_hash`."""
+    return {"name": data.name, "source": source, "shape": list(data.sample_shape), "n_train": len(data.train),
+            "n_test": len(data.test), "labels": data.train_labels is not None, "sha256": content_hash(data)}
+
+
+def save_data_record(record: dict, run_dir: str | Path) -> None:
+    """Write `record` (`data_record`) to run_dir/data.yaml, atomically."""
+    atomic_write(Path(run_dir) / DATA_RECORD, yaml.safe_dump(record, sort_keys=False).encode())
+
+
+def read_data_record(run_dir: str | Path) -> dict | None:
+    """The data record of a run folder; None for a run written before runs recorded their data."""
+    path = Path(run_dir) / DATA_RECORD
+    if not path.is_file():
+        return None
+    record = yaml.safe_load(path.read_text())
+    missing = [k for k in ("name", "source", "shape", "n_train", "n_test", "sha256")
+               if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise DamagedFileError(f"{path} is not a data record (lacks {', '.join(missing)}); it is written by the "
+                               f"Trainer: train the run again or remove the file")
+    return record
+
+
+def data_mismatch(data: Dataset, record: dict, where: str) -> str:
+    """"" when `data` has the content hash in `record` (the data run `where` was trained on), else a message
+    naming both data sets and both hashes."""
+    digest = content_hash(data)
+    if digest == record["sha256"]:
+        return ""
+    return (f"{where} was trained on data {record['name']!r} ({record['n_train']} train / {record['n_test']} test "
+            f"points of shape {tuple(record['shape'])}, sha256 {record['sha256']}); this data {data.name!r} "
+            f"({len(data.train)} / {len(data.test)} points of shape {data.sample_shape}) has sha256 {digest}: not "
+            f"the same data (for a folder: files added, removed or modified since training)")
 
 
 def take_batch(x: Tensor | LazyImages, idx: Tensor, part: slice | Tensor, generator: torch.Generator,
@@ -209,8 +340,7 @@ def load_mask(path: str | Path, sample_shape: tuple[int, ...]) -> Tensor:
     PNG (brightness > 1/2 = known, colour averaged); an (H, W) mask applies to every channel."""
     path = Path(path)
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False).astype(np.float64)
-        arr = arr != 0
+        arr = _load_npy(path).astype(np.float64) != 0
     elif path.suffix == ".png":
         import matplotlib.image as mpimg
 

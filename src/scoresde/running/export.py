@@ -2,7 +2,7 @@
 
 `export_run(run, out)` writes `out/model.safetensors` (the EMA weights of the run's model, no optimiser
 or generator state) and `out/model.json` (family, loss, network, SDE, parametrization, sample shape,
-library version, the weights' SHA-256), each atomically, the JSON last. `load_model(out)` rebuilds the
+library version, the weights' SHA-256, the run's data record), each atomically, the JSON last. `load_model(out)` rebuilds the
 model with the builders of `running.build` and loads the weights: one line to a score function.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ from ..core.sde import SDE
 from .build import build_model, build_sde
 from .checkpoint import CHECKPOINT, checkpoint_weights, read_checkpoint
 from .config import Config, load_config
+from .data import load_config_data, read_data_record
 from .files import atomic_write
-from .data import load_config_data
 
-__all__ = ["WEIGHTS", "SPEC", "FORMAT", "export_run", "read_spec", "load_model", "load_sde"]
+__all__ = ["FORMAT", "SPEC", "WEIGHTS", "export_run", "load_model", "load_sde", "read_spec"]
 
 WEIGHTS, SPEC, FORMAT = "model.safetensors", "model.json", "scoresde-model-1"
 # the Config fields that rebuild the model and its SDE
@@ -40,11 +40,13 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     weights = checkpoint_weights(run_dir / CHECKPOINT, "ema")
-    shape = load_config_data(cfg).sample_shape  # built-in sets are generated, image folders read lazily
+    record = read_data_record(run_dir)  # None: a run written before runs recorded their data, trained on its config's
+    shape = load_config_data(cfg).sample_shape if record is None else tuple(record["shape"])
     blob = st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"format": FORMAT})
     spec: dict[str, Any] = {"format": FORMAT, "version": __version__, **{k: getattr(cfg, k) for k in FIELDS},
                             "sample_shape": list(shape), "step": int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"]),
-                            "sampler": cfg.sampler, "nfe": cfg.nfe, "sha256": hashlib.sha256(blob).hexdigest()}
+                            "sampler": cfg.sampler, "nfe": cfg.nfe, "sha256": hashlib.sha256(blob).hexdigest(),
+                            "data": record}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS, blob)
     atomic_write(out / SPEC, (json.dumps(spec, indent=1) + "\n").encode())

@@ -14,6 +14,7 @@ from ..models.alignment import FinetuneOptions, finetune, reward_of
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import save_config
+from .data import Dataset, save_data_record
 from .files import atomic_write
 from .plots import plot_samples, plt
 from .runs import Run, load_run, sample_run
@@ -21,23 +22,27 @@ from .runs import Run, load_run, sample_run
 __all__ = ["finetune_run"]
 
 
-def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, n_samples: int = 2000,
-                 seed: int = 0) -> dict:
-    """Fine-tune a trained run (`runs.load_run`) and write a new run folder at `out_dir`: its config and a
-    checkpoint (loadable by `load_run`), history.json, reward and KL curves, samples before and after.
+def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, data: Dataset | None = None,
+                 n_samples: int = 2000, seed: int = 0) -> dict:
+    """Fine-tune a trained run (`runs.load_run(run_dir, data=data)`; its data is plotted beside the samples) and
+    write a new run folder at `out_dir`: its config, data record and a checkpoint (loadable by `load_run`),
+    history.json, reward and KL curves, samples before and after.
 
     `options` go to `finetune` (beta, steps, batch_size, n_time_steps, lr, baseline, ...). Returns the paths
     and the mean reward of n_samples draws (the run's sampler and NFE) before and after.
     """
-    run, out_dir = load_run(run_dir), Path(out_dir)
+    run, out_dir = load_run(run_dir, data=data), Path(out_dir)
     if out_dir.resolve() == Path(run_dir).resolve():
         raise InvalidValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
+    test = run.data.test  # DataUnavailable before fine-tuning
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    model, history = finetune(run.sde, run.model, reward, options, shape=run.data.sample_shape, generator=gen)
+    model, history = finetune(run.sde, run.model, reward, options, shape=run.sample_shape, generator=gen)
     cfg = dataclasses.replace(run.cfg, out=str(out_dir.parent), name=out_dir.name)
-    new = Run(cfg, run.data, model.requires_grad_(False), run.step + len(history))
+    new = Run(cfg, run.data, model.requires_grad_(False), run.step + len(history), record=run.record)
     save_config(cfg, out_dir / "config.yaml")
+    if run.record is not None:
+        save_data_record(run.record, out_dir)
     save_checkpoint(out_dir / CHECKPOINT, model=model, ema=EMA(model), step=new.step,
                     extra={"finetuned_from": str(run_dir), "beta": options.beta})
     atomic_write(out_dir / "history.json", (json.dumps(history, indent=1) + "\n").encode())
@@ -45,7 +50,7 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
     for key, r in (("before", run), ("after", new)):
         x, _ = sample_run(r, n_samples, seed=seed)
         rewards[key] = float(reward_of(reward, x).mean())
-        paths[f"samples_{key}"] = plot_samples(x, run.data.test[:n_samples], out_dir / f"samples_{key}.png",
+        paths[f"samples_{key}"] = plot_samples(x, test[:n_samples], out_dir / f"samples_{key}.png",
                                                title=f"{key} fine-tuning: mean reward {rewards[key]:.3f}")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     it = [h["iteration"] for h in history]

@@ -1,6 +1,12 @@
 """After training: load a run folder, sample it (label-guided, on a fitted grid), inpaint, measure W2 to
 held-out data and the likelihood, write plots and metrics. The CLI commands call these functions; what
-applies to a run is read from its `models.Family` record (`Run.family`)."""
+applies to a run is read from its `models.Family` record (`Run.family`).
+
+A run's data is the one its folder records (`data.data_record` in data.yaml): `load_run` reloads the config's
+data and checks its content hash, or takes the data given to it (checked too). Data that cannot be had (given
+to the Trainer through the API and not passed again, a data file or folder gone or changed since training)
+leaves the run loadable: it samples (the sample shape is recorded), and what needs the data (evaluation,
+plots beside data, inpainting, held-out likelihoods) raises `DataUnavailable` saying why and how to pass it."""
 from __future__ import annotations
 
 import json
@@ -11,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.errors import InvalidValueError
+from ..core.errors import InvalidValueError, ScoresdeError
 from ..core.sde import LinearSDE
+from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
@@ -21,21 +28,60 @@ from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, checkpoint_weights
 from .config import Config, load_config
+from .data import (
+    Dataset,
+    content_hash,
+    data_mismatch,
+    load_config_data,
+    load_dataset,
+    load_mask,
+    read_data_record,
+)
 from .files import atomic_write
-from .data import Dataset, load_config_data, load_dataset, load_mask
 
-__all__ = ["analytic_report", "Run", "load_run", "sample_run", "fit_run_grid", "inpaint_run", "likelihood_run",
-           "evaluate_run", "write_report"]
+__all__ = [
+    "DataUnavailable",
+    "Run",
+    "analytic_report",
+    "evaluate_run",
+    "fit_run_grid",
+    "inpaint_run",
+    "likelihood_run",
+    "load_run",
+    "sample_run",
+    "write_report",
+]
+
+
+class DataUnavailable(InvalidValueError):
+    """A run's training data is needed but was not reloaded; the message says why and how to pass it."""
 
 
 class Run:
-    """A trained run: its config, data, SDE and the model holding its EMA (or raw) weights."""
+    """A trained run: its config, SDE, the model holding its EMA (or raw) weights, its data record (None for a
+    run folder written before runs recorded their data) and its data; without data (None, with the reason
+    `unavailable`) the sample shape comes from the record and `data` raises `DataUnavailable`."""
 
-    def __init__(self, cfg: Config, data: Dataset, model: torch.nn.Module, step: int):
-        self.cfg, self.data, self.model, self.step = cfg, data, model, step
+    def __init__(self, cfg: Config, data: Dataset | None, model: torch.nn.Module, step: int, *,
+                 record: dict | None = None, unavailable: str = ""):
+        self.cfg, self.model, self.step, self.record = cfg, model, step, record
+        self._data, self._unavailable = data, unavailable
+        self.sample_shape = data.sample_shape if data is not None else tuple(record["shape"])
         self.family = family_of(cfg)
         self.sde = build_sde(cfg)  # also for models without one (families: VAE, DDPM)
         self.dir = cfg.run_dir
+
+    @property
+    def data(self) -> Dataset:
+        """The run's data (train and held-out points); `DataUnavailable` when it could not be had."""
+        if self._data is None:
+            raise DataUnavailable(self._unavailable)
+        return self._data
+
+    @property
+    def data_name(self) -> str:
+        """The name of the data the run was trained on."""
+        return self.record["name"] if self.record else self.cfg.data
 
     def require_linear(self, what: str) -> LinearSDE:
         """The run's SDE, which `what` needs to be linear."""
@@ -44,8 +90,31 @@ class Run:
         return self.sde
 
 
-def load_run(run_dir: str | Path, which: str = "ema") -> Run:
-    """Rebuild a run from `run_dir/config.yaml` and `run_dir/checkpoint.safetensors`."""
+def _reload(cfg: Config, record: dict, where: str) -> tuple[Dataset | None, str]:
+    """The config's data if its content hash is the recorded one, else None and why (module docstring)."""
+    how = (f"pass the data the run was trained on: load_run({str(cfg.run_dir)!r}, data=Dataset(...)), whose sha256 "
+           f"must be {record['sha256']}")
+    try:
+        data, error = load_config_data(cfg), ""
+    except ScoresdeError as err:
+        data, error = None, str(err)
+    if data is not None and content_hash(data) == record["sha256"]:
+        return data, ""
+    if record["source"] == "api":
+        return None, (f"{where} was trained on data {record['name']!r} given to the Trainer (Trainer(cfg, data=...)), "
+                      f"not on its config's data {cfg.data!r}; {how}")
+    if data is None:
+        return None, f"{where} was trained on data {record['name']!r}, which cannot be reloaded ({error}); {how}"
+    return None, f"{data_mismatch(data, record, where)}; {how}"
+
+
+def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = None) -> Run:
+    """Rebuild a run from `run_dir/config.yaml`, its data record and `run_dir/checkpoint.safetensors`.
+
+    `data`: the data the run was trained on, needed when it was given to the Trainer (its content hash must
+    be the recorded one). Without it the config's data is reloaded and checked; data that cannot be had
+    leaves a run that samples but has no `data` (module docstring). A run folder without a data record
+    (written before runs recorded their data) reloads its config's data unchecked."""
     from .checkpoint import read_checkpoint
 
     run_dir = Path(run_dir)
@@ -53,26 +122,31 @@ def load_run(run_dir: str | Path, which: str = "ema") -> Run:
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     torch.set_num_threads(cfg.threads)
-    data = load_config_data(cfg)
-    model = build_model(cfg, build_sde(cfg), data.sample_shape)
+    record, where, unavailable = read_data_record(run_dir), f"run {str(run_dir)!r}", ""
+    if data is not None and record is not None and (mismatch := data_mismatch(data, record, where)):
+        raise InvalidValueError(f"{mismatch}; pass the data the run was trained on")
+    if data is None:
+        data, unavailable = (load_config_data(cfg), "") if record is None else _reload(cfg, record, where)
+    model = build_model(cfg, build_sde(cfg), tuple(record["shape"]) if data is None else data.sample_shape)
     model.load_state_dict(checkpoint_weights(run_dir / CHECKPOINT, which))
     step = int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"])
-    return Run(cfg, data, model.eval().requires_grad_(False), step)
+    return Run(cfg, data, model.eval().requires_grad_(False), step, record=record, unavailable=unavailable)
 
 
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
                paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0,
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
-    default to the run's config; options go to `sampling.sample` (e.g. ts from `fit_run_grid`, t_end).
-    With `label` (an int or n ints) the samples are of that class, by classifier-free guidance with weight
-    `guidance` (`guidance.label_guided`; a class-conditional score run)."""
-    method, model, family = method or run.cfg.sampler, run.model, run.family
+    (None: the run's configured sampler and nfe) and options go to `sampling.sample` (e.g. ts from
+    `fit_run_grid`, t_end). With `label` (an int or n ints) the samples are of that class, by classifier-free
+    guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
+    integer("n", n)
+    method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
         family.check_method(method)
         model, family = label_guided(run.model, label, n, guidance), None
-    return draw_samples(run.sde, model, (n,) + run.data.sample_shape, method, nfe or run.cfg.nfe,
+    return draw_samples(run.sde, model, (n,) + run.sample_shape, method, run.cfg.nfe if nfe is None else nfe,
                         generator=torch.Generator().manual_seed(seed), paths=paths, family=family, **options)
 
 
@@ -83,30 +157,30 @@ def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0
     sde = run.require_linear("fit_grid")
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or n_probe < 1:
         raise InvalidValueError(f"n_probe must be an integer >= 1, got {n_probe!r}")
-    probe = sde.prior_sample((n_probe,) + run.data.sample_shape, torch.Generator().manual_seed(seed + 1))
+    probe = sde.prior_sample((n_probe,) + run.sample_shape, torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         return fit_grid(sde, run.model, probe, method=method, nfe=nfe, **options)
 
 
-def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "tweedie", method: str = "em",
-                nfe: int = 200, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "tweedie", method: str | None = None,
+                nfe: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Fill the pixels outside `mask` (a .npy / .png file for `data.load_mask`, or a 0/1 tensor of one
-    sample's shape, 1 = known) of the run's first n held-out images; `how`: "tweedie" (default: the
-    h-transform, exact for Gaussian data) or "replace" (Song et al., biased at any NFE); see
-    `sampling.guidance`. Returns (known images, mask, inpainted images)."""
+    sample's shape, 1 = known) of the run's first n held-out images with sampler `method` at `nfe` (None: the
+    run's); `how`: "tweedie" (default: the h-transform, exact for Gaussian data) or "replace" (Song et al.,
+    biased at any NFE); see `sampling.guidance`. Returns (known images, mask, inpainted images)."""
     run.family.require("inpaint")
     sde = run.require_linear("inpaint")
-    if not run.data.is_image:
-        raise InvalidValueError(f"inpaint needs a run trained on images; {run.cfg.data!r} has samples of shape "
-                         f"{run.data.sample_shape}")
+    if len(run.sample_shape) != 3:
+        raise InvalidValueError(f"inpaint needs a run trained on images; {run.data_name!r} has samples of shape "
+                                f"{run.sample_shape}")
     if how not in INPAINT_METHODS:
         raise InvalidValueError(f"how must be one of {', '.join(INPAINT_METHODS)}, got {how!r}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidValueError(f"n must be an integer >= 1, got {n!r}")
+    integer("n", n)
+    method = run.cfg.sampler if method is None else method
     run.family.check_method(method)
-    m = mask if isinstance(mask, Tensor) else load_mask(mask, run.data.sample_shape)
+    m = mask if isinstance(mask, Tensor) else load_mask(mask, run.sample_shape)
     known = run.data.test[:n]
-    x = inpaint(sde, run.model, known, m, method=how, sampler=method, nfe=nfe,
+    x = inpaint(sde, run.model, known, m, method=how, sampler=method, nfe=run.cfg.nfe if nfe is None else nfe,
                 generator=torch.Generator().manual_seed(seed))
     return known, m, x
 
@@ -124,23 +198,25 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
         x = torch.cat([ds.test, ds.train[:n]])[:n]
     else:
         x = run.data.test[:n]
-    if x.shape[1:] != run.data.sample_shape:
-        raise InvalidValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.data.sample_shape}")
+    if x.shape[1:] != run.sample_shape:
+        raise InvalidValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.sample_shape}")
     out = evaluate_likelihood(run.sde, run.model, x, generator=torch.Generator().manual_seed(seed), **options)
-    out.update(data=data or f"{run.cfg.data} (held out)", sde=run.cfg.sde, step=run.step)
+    out.update(data=data or f"{run.data_name} (held out)", sde=run.cfg.sde, step=run.step)
     return out
 
 
 def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int,
               paths: int = 0) -> tuple[dict[str, Any], Tensor, Tensor | None]:
-    n = n or min(run.cfg.n_eval * 2, run.data.test.shape[0])
+    data = run.data  # DataUnavailable before any sampling
+    n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
+    method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
     x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
-    metrics = {"step": run.step, "sampler": method or run.cfg.sampler, "nfe": nfe or run.cfg.nfe,
-               **w2_report(x, run.data, generator=torch.Generator().manual_seed(seed + 1))}
-    target = run.data.mixture if run.data.mixture is not None else run.data.test[:x.shape[0]].flatten(1)
+    metrics = {"step": run.step, "sampler": method, "nfe": nfe,
+               **w2_report(x, data, generator=torch.Generator().manual_seed(seed + 1))}
+    target = data.mixture if data.mixture is not None else data.test[:x.shape[0]].flatten(1)
     mmd = mmd2(x.flatten(1), target)
     metrics.update(mmd2=mmd.value, mmd2_stderr=mmd.stderr)
-    if run.data.mixture is not None:
+    if data.mixture is not None:
         metrics.update(analytic_report(run, x, generator=torch.Generator().manual_seed(seed + 2)))
     return metrics, x, traj
 
@@ -177,8 +253,8 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
 
 def evaluate_run(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
                  seed: int = 0) -> dict[str, Any]:
-    """W2 of n samples (default 2 n_eval, at most the held-out size) to held-out data with its floor,
-    MMD^2 (closed form against a known mixture, else against held-out data), and for data with a known
+    """W2 of n samples (None: 2 n_eval, at most the held-out size) drawn with sampler `method` at `nfe` (None: the
+    run's) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out data), and for data with a known
     law the histogram TV and the T 5.2 TV bound from the measured score error (`analytic_report`)."""
     return _evaluate(run, n, method, nfe, seed)[0]
 

@@ -13,6 +13,11 @@ gradients of its k consecutive slices (micro-batches; under DDP without an all-r
 k - 1), so it equals one step on the whole batch up to float rounding. `precision` and `compile` apply
 to the networks only (`running.precision`); a GradScaler scales fp16 losses, and an fp16 step whose
 gradient overflowed is skipped (the scale halves) instead of stopping the run.
+
+The run folder records the data the run was trained on (`data.data_record` in data.yaml); resuming on other
+data is refused. SIGINT or SIGTERM during `run()` lets the current step finish, saves a checkpoint of it
+and raises `TrainingInterrupted` (under DDP every process stops after the same step); running the same
+command resumes from there, as exactly as from any checkpoint.
 """
 from __future__ import annotations
 
@@ -20,11 +25,14 @@ import inspect
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,17 +52,27 @@ from .build import (
 )
 from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from .config import Config, config_from_dict, save_config
+from .data import (
+    Dataset,
+    data_mismatch,
+    data_record,
+    load_config_data,
+    read_data_record,
+    save_data_record,
+    take_batch,
+)
 from .files import atomic_write
-from .data import Dataset, load_config_data, take_batch
 from .precision import compile_blocker, training_view
 
-__all__ = ["NonFiniteLoss", "learning_rate", "ema_decay", "Trainer"]
+__all__ = ["NonFiniteLoss", "Trainer", "TrainingInterrupted", "ema_decay", "learning_rate"]
 
 # config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
 # and with lr_schedule=cosine it also reshapes the remaining learning rates), `device` and `compile` only
 # up to float rounding
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
                      "sampler", "threads", "device", "data_workers", "data_memory_mb", "compile"}
+# the signals that stop `Trainer.run` after a saved step, in the order their names are preferred under DDP
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def learning_rate(cfg: Config, step: int) -> float:
@@ -85,6 +103,16 @@ class NonFiniteLoss(ScoresdeError, RuntimeError):
     gradient is the GradScaler's signal: that step is skipped, the run goes on.)"""
 
 
+class TrainingInterrupted(ScoresdeError):
+    """SIGINT or SIGTERM stopped `Trainer.run` after a step whose checkpoint was then saved; `signum` is the signal,
+    `step` the step saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: os.PathLike):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}; "
+                         f"run the same command to resume")
+
+
 class Trainer:
     """Builds data, SDE, model, AdamW and EMA from a Config; `run()` trains, checkpoints and evaluates.
 
@@ -113,6 +141,7 @@ class Trainer:
             raise InvalidValueError(f"config compile: torch.compile cannot compile on this platform ({reason}); "
                              f"set compile: false")
         self.data = data if data is not None else load_config_data(cfg)
+        self.data_record = data_record(self.data, "config" if data is None else "api")
         self.family = check_config(cfg)
         self.sde = build_sde(cfg)
         self.loss_fn, self.loss_args, self.time_args = self._loss_setup()
@@ -143,6 +172,8 @@ class Trainer:
         self.ckpt_path = self.run_dir / CHECKPOINT
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.last_checkpoint: int | None = None
+        self._signal: int | None = None  # the first SIGINT / SIGTERM received during `run`
+        self.stop_signal: int | None = None  # the signal that stops training after this step (agreed under DDP)
         if resume and self.ckpt_path.exists():
             self._resume()
         elif self.rank == 0:  # a fresh start: an old checkpoint or log would mix with the new run
@@ -150,6 +181,7 @@ class Trainer:
                 path.unlink(missing_ok=True)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
+            save_data_record(self.data_record, self.run_dir)
             n = sum(p.numel() for p in self.model.parameters())
             print(f"run {self.run_dir}: {n:,} parameters, precision {cfg.precision}, batch {cfg.batch_size} x "
                   f"accumulate {cfg.accumulate}{', compiled' if cfg.compile else ''}, EMA {cfg.ema_schedule}", flush=True)
@@ -189,6 +221,10 @@ class Trainer:
             if changed:
                 raise InvalidValueError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} differ); "
                                  f"choose another name=... or remove that folder")
+        saved_data = read_data_record(self.run_dir)
+        if saved_data is not None and saved_data["sha256"] != self.data_record["sha256"]:
+            raise InvalidValueError(f"{data_mismatch(self.data, saved_data, f'the run in {self.run_dir}')}; resume it on "
+                                    f"the data it was trained on, or choose another name=... (or restart)")
         self.step, _ = load_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt,
                                        generators={"train": self.gen}, scaler=self.scaler)
         self.last_checkpoint = self.step
@@ -237,13 +273,19 @@ class Trainer:
                 self.scaler.scale(loss / k if k > 1 else loss).backward()
             value = value + loss.detach()
         value = value / k if k > 1 else value
-        if self.world > 1:
-            dist.all_reduce(value)
-            value /= self.world
+        seen = value.new_zeros(0)
+        if self.world > 1:  # one all-reduce sums the loss and, per stop signal, the processes that received it
+            seen = torch.tensor([self._signal == s for s in STOP_SIGNALS], dtype=value.dtype, device=value.device)
+            reduced = torch.cat((value.reshape(1), seen))
+            dist.all_reduce(reduced)
+            value, seen = reduced[0] / self.world, reduced[1:]
         self.scaler.unscale_(self.opt)
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in self.params
                                                                           if p.grad is not None])))
-        loss_f, norm_f = torch.stack((value.float(), norm.float())).tolist()  # the step's one host sync
+        # the step's one host sync
+        loss_f, norm_f, *counts = torch.cat((value.float().reshape(1), norm.float().reshape(1), seen.float())).tolist()
+        self.stop_signal = self._signal if self.world == 1 else \
+            next((sig for sig, c in zip(STOP_SIGNALS, counts) if c > 0), None)
         if not math.isfinite(loss_f):
             raise NonFiniteLoss(f"loss is {loss_f} at step {self.step} (precision {cfg.precision}); training "
                                 f"stopped. {self._last_good()}")
@@ -267,8 +309,9 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             save_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt, step=self.step,
-                            generators={"train": self.gen}, extra={"data": self.data.name, "world_size": self.world},
-                            scaler=self.scaler)
+                            generators={"train": self.gen}, scaler=self.scaler,
+                            extra={"data": self.data.name, "world_size": self.world, "net": self.cfg.net,
+                                   "net_args": self.cfg.net_args})
         self.last_checkpoint = self.step
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -277,9 +320,31 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def run(self, until: int | None = None) -> "Trainer":
+    @contextmanager
+    def _catch_signals(self) -> Iterator[None]:
+        """While training, SIGINT and SIGTERM only note the first signal (later ones, e.g. during the save it
+        causes, are ignored); the previous handlers come back afterwards. Handlers can only be installed in
+        the main thread: elsewhere the signals keep theirs."""
+        self._signal = self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum: int, frame: Any) -> None:
+            if self._signal is None:
+                self._signal = signum
+
+        previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:  # None: a handler not installed from Python, whose default is the best stand-in
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def run(self, until: int | None = None) -> Trainer:
         """Train up to step `until` (default cfg.steps). Checkpoints every checkpoint_every steps and at
-        cfg.steps; stopping earlier (until < steps) leaves the state as a killed run would."""
+        cfg.steps; stopping earlier (until < steps) leaves the state as a killed run would. SIGINT or SIGTERM
+        stops after the current step, whose checkpoint is saved: `TrainingInterrupted` (module docstring)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -288,23 +353,30 @@ class Trainer:
                    disable=not cfg.progress or self.rank != 0)
         losses, tic, start = [], time.perf_counter(), self.step
         self.net.train()
-        try:
-            while self.step < until:
-                loss, norm = self._train_step()
-                losses.append(loss)
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    rate = (self.step - start) / (time.perf_counter() - tic)
-                    self._log({"step": self.step, "loss": sum(losses) / len(losses), "grad_norm": norm,
-                               "lr": self.opt.param_groups[0]["lr"], "steps_per_s": rate})
-                    bar.set_postfix(loss=f"{sum(losses) / len(losses):.4g}")
-                    losses = []
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
-                if self.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    self._log({"step": self.step, **self.evaluate()})
-        finally:
-            bar.close()
+        with self._catch_signals():
+            try:
+                while self.step < until:
+                    loss, norm = self._train_step()
+                    losses.append(loss)
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        rate = (self.step - start) / (time.perf_counter() - tic)
+                        self._log({"step": self.step, "loss": sum(losses) / len(losses), "grad_norm": norm,
+                                   "lr": self.opt.param_groups[0]["lr"], "steps_per_s": rate})
+                        bar.set_postfix(loss=f"{sum(losses) / len(losses):.4g}")
+                        losses = []
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save()
+                    if self.rank == 0 and cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                        self._log({"step": self.step, **self.evaluate()})
+                    if self.stop_signal is not None:
+                        if self.last_checkpoint != self.step:
+                            self.save()
+                        if self.world > 1:  # no process exits (and gets the others stopped) before the save
+                            dist.barrier()
+                        raise TrainingInterrupted(self.stop_signal, self.step, self.ckpt_path)
+            finally:
+                bar.close()
         return self
 
     def sample(self, n: int, generator: torch.Generator) -> Tensor:
