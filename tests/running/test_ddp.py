@@ -56,7 +56,6 @@ except TrainingInterrupted as err:
 """
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_one_process_stops_every_process_after_the_same_step(tmp_path):
     """SIGTERM to rank 1 only: rank 0, which writes the checkpoints, stops after the same step and saves it."""

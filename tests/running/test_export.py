@@ -85,3 +85,18 @@ def test_cli_export(tiny_run, tmp_path):
     assert (tmp_path / "m" / WEIGHTS).is_file() and (tmp_path / "m" / SPEC).is_file()
     res = CliRunner().invoke(app, ["export", str(tmp_path), str(tmp_path / "m2")])
     assert res.exit_code != 0 and "is not a run folder" in res.output
+
+
+def test_export_of_a_run_on_api_data_takes_the_recorded_shape(tiny_config, tmp_path):
+    """A run trained on 3-D points given to the Trainer (its config still says moons, 2-D) exports a model of
+    3-D samples, with the data record in its JSON."""
+    from scoresde.running.data import Dataset, read_data_record
+    from scoresde.running.train import Trainer
+
+    g = torch.Generator().manual_seed(0)
+    cfg = tiny_config(name="api", steps=2, checkpoint_every=2)
+    Trainer(cfg, data=Dataset(torch.randn(50, 3, generator=g), torch.randn(10, 3, generator=g), "mine")).run()
+    export_run(cfg.run_dir, tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / SPEC).read_text())
+    assert spec["sample_shape"] == [3] and spec["data"] == read_data_record(cfg.run_dir)
+    assert load_model(tmp_path / "m")(torch.zeros(4, 3), torch.full((4,), 0.5)).shape == (4, 3)
