@@ -171,9 +171,9 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, step: int, ema
     _sync_folder(path.parent)
 
 
-def _header(path: Path) -> dict[str, str]:
-    """The metadata of `path` after checking its structure without reading the tensors: a safetensors
-    header that parses, a size equal to the one the header describes, the scoresde format."""
+def _header(path: Path) -> None:
+    """Check the structure of `path` without reading the tensors: a safetensors header that parses, a size
+    equal to the one the header describes, the scoresde format."""
     if path.is_dir():
         raise _Damaged("a folder, not a file")
     size = path.stat().st_size
@@ -186,17 +186,17 @@ def _header(path: Path) -> dict[str, str]:
                            f"exceeds the file's {size} bytes")
         try:
             header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            expected = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                                   default=0)
             meta = header.get("__metadata__") or {}
+            form = meta.get("format")
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise _Damaged(f"unparsable safetensors header ({type(e).__name__})") from None
-    if size != 8 + n + end:
-        raise _Damaged(f"truncated: {size} bytes, the header describes {8 + n + end}" if size < 8 + n + end
-                       else f"{size - 8 - n - end} bytes beyond the {8 + n + end} the header describes")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _Damaged(f"not a scoresde checkpoint: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                       f"expected {FORMAT!r}")
-    return meta
+    if size != expected:
+        raise _Damaged(f"truncated: {size} bytes, the header describes {expected}" if size < expected
+                       else f"{size - expected} bytes beyond the {expected} the header describes")
+    if form != FORMAT:
+        raise _Damaged(f"not a scoresde checkpoint: format {form!r}, expected {FORMAT!r}")
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -209,8 +209,8 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except SafetensorError as e:
         raise _Damaged(f"unreadable safetensors file ({str(e).splitlines()[0]})") from None
     stored = meta.get("checksum")
-    if stored is not None and stored != _checksum(tensors, meta):
-        raise _Damaged(f"checksum mismatch: stored {stored}, the contents give {_checksum(tensors, meta)}")
+    if stored is not None and stored != (actual := _checksum(tensors, meta)):
+        raise _Damaged(f"checksum mismatch: stored {stored}, the contents give {actual}")
     return tensors, meta
 
 
