@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     cfg = tmp / "tiny.yaml"
     cfg.write_text("data: moons\nn_train: 500\nn_test: 100\nnet_args: {hidden: 16, depth: 1, emb_dim: 8}\n"
-                   "steps: 30\nbatch_size: 32\ncheckpoint_every: 10\neval_every: 15\nlog_every: 5\nn_eval: 50\n"
+                   "steps: 30\nwarmup: 3\nbatch_size: 32\ncheckpoint_every: 10\neval_every: 15\nlog_every: 5\nn_eval: 50\n"
                    "nfe: 21\nprogress: false\n")
     res = runner.invoke(app, ["train", str(cfg), f"out={tmp}", "lr=0.003"])
     assert res.exit_code == 0, res.output
@@ -58,25 +59,25 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
     assert np.isfinite(np.load(tmp_path / "f.npy")).all()
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "em", "--nfe", "5", "--fit-grid", "64",
                               "--out", str(tmp_path / "g.npy")])
-    assert res.exit_code == 1 and "method must be a deterministic" in res.output
+    assert res.exit_code == 2 and "method must be a deterministic" in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--fit-grid", "-1", "--out", str(tmp_path / "g.npy")])
-    assert res.exit_code == 1 and "--fit-grid must be >= 0" in res.output
+    assert res.exit_code == 2 and "--fit-grid must be >= 0" in res.output
 
 
 def test_errors_are_one_line_messages(run_dir, tmp_path):
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "rk45", "--nfe", "10", "--out", str(tmp_path / "a.npy")])
-    assert res.exit_code == 1 and "sampling method 'rk45' does not apply to a 'score' model; valid: em," in res.output
+    assert res.exit_code == 2 and "sampling method 'rk45' does not apply to a 'score' model; valid: em," in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "consistency", "--nfe", "1",
                               "--out", str(tmp_path / "a.npy")])
-    assert res.exit_code == 1 and "does not apply to a 'score' model" in res.output
+    assert res.exit_code == 2 and "does not apply to a 'score' model" in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--out", str(tmp_path / "a.txt")])
-    assert res.exit_code == 1 and "must end in .npy, .npz or .png" in res.output
+    assert res.exit_code == 2 and "--out must end in .npy, .npz, .png" in res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path)])
-    assert res.exit_code == 1 and "is not a run folder" in res.output
+    assert res.exit_code == 2 and "is not a run folder" in res.output
     res = runner.invoke(app, ["train", str(run_dir / "config.yaml"), "sde=vpp"])
-    assert res.exit_code == 1 and "unknown SDE 'vpp'; valid:" in res.output
+    assert res.exit_code == 2 and "unknown SDE 'vpp'; valid:" in res.output
     res = runner.invoke(app, ["train", str(run_dir / "config.yaml"), "stepz=3"])
-    assert res.exit_code == 1 and "unknown config key 'stepz'; valid:" in res.output
+    assert res.exit_code == 2 and "unknown config key 'stepz'; valid:" in res.output
 
 
 def test_train_resumes_a_finished_run(run_dir):
@@ -118,3 +119,124 @@ def test_inpaint_run_needs_images(run_dir):
 
     with pytest.raises(ValueError, match="inpaint needs a run trained on images"):
         inpaint_run(load_run(run_dir), torch.ones(2), 2)
+
+
+# ---- issue 18: every bad input is a short, clear error (exit status 2), never a traceback or silence ----
+
+def fails(args, *names, status=2):
+    """Run the CLI; assert exit `status`, a message of at most 3 lines naming each of `names`, no traceback."""
+    res = runner.invoke(app, [str(a) for a in args])
+    assert res.exit_code == status, res.output
+    err = res.stderr.strip()
+    assert err and len(err.splitlines()) <= 3 and "Traceback" not in res.output, err
+    for name in names:
+        assert name in err, (name, err)
+    return err
+
+
+def test_sample_refuses_n_nfe_and_guidance_it_would_ignore(tiny_run, tmp_path):
+    out = tmp_path / "x.npy"
+    for n in (0, -3):
+        fails(["sample", tiny_run, "--n", n, "--out", out], "--n must be >= 1", str(n))
+    for nfe in (0, -1):
+        fails(["sample", tiny_run, "--nfe", nfe, "--out", out], f"--nfe must be >= 1, or omit it for the run's nfe 21, got {nfe}")
+    fails(["sample", tiny_run, "--guidance", "2", "--out", out], "--guidance", "--label")
+    fails(["sample", tiny_run, "--guidance", "-1", "--label", "0", "--out", out], "--guidance must be >= 0")
+    fails(["sample", tiny_run, "--out", tmp_path / "x.txt"], "--out must end in .npy, .npz, .png", "x.txt")
+    assert not out.exists()
+
+
+def test_sample_defaults_to_the_runs_sampler_and_nfe(tiny_run, tmp_path, monkeypatch):
+    """Without --method / --nfe the run's config (sampler em, nfe 21) is used, and the plot title says so."""
+    import torch
+
+    from scoresde.running import plots
+    from scoresde.running.runs import load_run, sample_run
+
+    res = runner.invoke(app, ["sample", str(tiny_run), "--n", "16", "--out", str(tmp_path / "x.npy")])
+    assert res.exit_code == 0, res.output
+    expected, _ = sample_run(load_run(tiny_run), 16, method="em", nfe=21, seed=0)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "x.npy")), expected)
+    titles = []
+    monkeypatch.setattr(plots, "plot_samples", lambda x, data, out, title="": titles.append(title))
+    assert runner.invoke(app, ["sample", str(tiny_run), "--n", "8", "--out", str(tmp_path / "x.png")]).exit_code == 0
+    assert runner.invoke(app, ["sample", str(tiny_run), "--n", "8", "--nfe", "11", "--out",
+                               str(tmp_path / "y.png")]).exit_code == 0
+    assert titles == ["tiny: em, nfe 21", "tiny: em, nfe 11"]
+
+
+def test_evaluate_and_inpaint_refuse_bad_n_and_nfe_before_computing(tiny_run, monkeypatch):
+    from scoresde.running import runs
+
+    monkeypatch.setattr(runs, "evaluate_run", lambda *a, **k: pytest.fail("evaluated a refused input"))
+    fails(["evaluate", tiny_run, "--nfe", "0"], "--nfe must be >= 1, or omit it for the run's nfe 21")
+    fails(["evaluate", tiny_run, "--n", "0"], "--n must be >= 1")
+    fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", "o.npy", "--nfe", "-2"], "--nfe must be >= 1")
+    # issue 18: --n 100000 allocated 74.5 GiB and died; an impossible n is refused before sampling
+    err = fails(["evaluate", tiny_run, "--n", "1000000000"], "n=1000000000", "GiB", "largest n that fits is")
+    assert "mmd2" in err
+
+
+def test_train_refuses_warmup_beyond_steps_and_still_resumes_with_more_steps(tiny_run, tmp_path):
+    import shutil
+
+    from scoresde.running.config import load_config, save_config
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run)
+    save_config(load_config(run / "config.yaml", [f"out={tmp_path}"]), run / "config.yaml")  # the copy's folder
+    fails(["train", run / "config.yaml", "warmup=50", "steps=40", f"out={tmp_path}", "name=other"],
+          "warmup (50)", "steps (40)")
+    res = runner.invoke(app, ["train", str(run / "config.yaml"), f"out={tmp_path}", "steps=32"])
+    assert res.exit_code == 0, res.output
+    from scoresde.running.checkpoint import read_checkpoint
+
+    assert int(read_checkpoint(run / "checkpoint.safetensors")[1]["step"]) == 32
+
+
+def test_config_files_read_yaml_1_2_floats_and_name_the_line_of_bad_yaml(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: 2e-3\nsteps: 3\nwarmup: 1\n")
+    from scoresde.running.config import load_config
+
+    assert load_config(cfg, ["weight_decay=1E-5", "sigma_data=.5"]).lr == float("2e-3")
+    cfg.write_text("lr: 0.001\nnet_args: {hidden: 16\nsteps: 3\n")
+    fails(["train", cfg], str(cfg), "line 3")
+    fails(["train", tmp_path / "missing.yaml"], "missing.yaml", "does not exist")
+
+
+def test_finetune_reward_names_and_beta(tiny_run):
+    from scoresde.models.rewards import REWARDS
+
+    names = REWARDS.names()
+    fails(["finetune", tiny_run, "--reward", "linear", "--param", "c=1,0", "--beta", "0"],
+          "beta must be > 0 (the KL weight), got 0.0")
+    err = fails(["finetune", tiny_run, "--reward", "bogus", "--beta", "1"], "unknown reward 'bogus'")
+    assert err.split("valid: ")[1].split(", ") == names
+    help_text = " ".join(runner.invoke(app, ["finetune", "--help"]).output.split())
+    assert f"one of {', '.join(names)}" in help_text
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if "finetune" in ln and "rewards:" in ln)
+    assert line.split("rewards: ")[1].split(" (")[0].split(", ") == names
+
+
+def test_outputs_are_checked_before_computing(tiny_run, tmp_path, monkeypatch):
+    """An unwritable --out / RUN/eval.json / export OUT fails at once, naming the path (os.access patched:
+    root ignores chmod); nothing is computed."""
+    import os
+    import shutil
+
+    from scoresde.running import files, runs
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    locked = {tmp_path / "locked", run}
+    (tmp_path / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(files.os, "access", lambda p, mode: not (mode & os.W_OK and Path(p) in locked) and real_access(p, mode))
+    for name in ("sample_run", "evaluate_run", "likelihood_run"):
+        monkeypatch.setattr(runs, name, lambda *a, **k: pytest.fail("computed into an unwritable output"))
+    fails(["sample", tiny_run, "--out", tmp_path / "locked" / "x.npy"], str(tmp_path / "locked" / "x.npy"), "not writable")
+    fails(["export", tiny_run, tmp_path / "locked" / "model"], str(tmp_path / "locked" / "model"), "not writable")
+    fails(["evaluate", run], str(run / "eval.json"), "not writable")
+    fails(["likelihood", run], str(run / "likelihood.json"), "not writable")

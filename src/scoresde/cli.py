@@ -1,18 +1,91 @@
-"""Command-line interface (Typer); parses arguments and calls library functions only."""
+"""Command-line interface (Typer); parses arguments and calls library functions only.
+
+One error boundary (`_Boundary`) serves every command: an expected failure (a `ScoresdeError`, an OSError
+from a file, running out of memory) prints one `error: ...` line naming the parameter or file and exits
+with status 2; Ctrl-C prints "interrupted" and exits with 130; anything else is a bug: one line
+"internal error: ..." and status 1. `scoresde --debug COMMAND ...` re-raises with the full traceback.
+Typer's own usage errors (unknown option, bad number) print as Typer prints them (status 2)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from .core.errors import InvalidValueError
+from .core.errors import InvalidValueError, ScoresdeError, describe_os_error
 
-app = typer.Typer(help="scoresde: score-based diffusion models written as SDEs.", no_args_is_help=True)
+EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(1)
+def _is_out_of_memory(err: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+
+
+def _message(err: BaseException, n: object) -> tuple[str, int]:
+    """The line printed for an exception that reached the boundary, and the exit status."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(err, ScoresdeError):
+        return f"error: {err}", EXIT_ERROR
+    if _is_out_of_memory(err):
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return (f"error: out of memory{'' if n is None else f' for n={n}'}; lower --n / the batch size "
+                f"({first})"), EXIT_ERROR
+    if isinstance(err, OSError):
+        return f"error: {describe_os_error(err)}", EXIT_ERROR
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", EXIT_INTERNAL
+
+
+class _Boundary(TyperGroup):
+    """The commands' group, whose `invoke` is the one error boundary of the CLI (module docstring)."""
+
+    def invoke(self, ctx: typer.Context) -> object:
+        args = [*ctx._protected_args, *ctx.args]  # the command and its arguments (consumed by invoke)
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exits: Typer prints them
+            raise
+        except (Exception, KeyboardInterrupt) as err:
+            if ctx.params.get("debug"):
+                raise
+            line, status = _message(err, self._param(ctx, args, "n") if _is_out_of_memory(err) else None)
+            typer.echo(line, err=True)
+            raise typer.Exit(status) from None
+
+    def _param(self, ctx: typer.Context, args: list[str], name: str) -> object:
+        """The value of the command's parameter `name` in `args` (parsed again, leniently), or None."""
+        try:
+            _, cmd, rest = self.resolve_command(ctx, list(args))
+            return cmd.make_context(cmd.name, rest, parent=ctx, resilient_parsing=True).params.get(name)
+        except Exception:
+            return None
+
+
+app = typer.Typer(cls=_Boundary, help="scoresde: score-based diffusion models written as SDEs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback (errors exit "
+                                                            "with 2, interruptions 130, internal errors 1)")) -> None:
+    """scoresde: score-based diffusion models written as SDEs."""
+
+
+def _at_least_one(name: str, value: int | None, run_default: str = "") -> None:
+    if value is not None and value < 1:
+        hint = f", or omit it for {run_default}" if run_default else ""
+        raise InvalidValueError(f"{name} must be >= 1{hint}, got {value}")
+
+
+def _check_guidance(label: int | None, guidance: float) -> None:
+    if guidance < 0:
+        raise InvalidValueError(f"--guidance must be >= 0 (classifier-free guidance weight w), got {guidance}")
+    if guidance and label is None:
+        raise InvalidValueError(f"--guidance {guidance:g} needs --label (it guides towards that class)")
 
 
 DEMO = dict(name="demo", data="moons", sde="vp", net="mlp", net_args={"hidden": 128, "depth": 3},
@@ -27,16 +100,13 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     """Train a score model (resumes from the run folder's checkpoint); under torchrun, data-parallel."""
     from .running.config import load_config
     from .running.runs import load_run, write_report
-    from .running.train import NonFiniteLoss
     from .running.trainers import trainer_for
 
-    try:
-        cfg = load_config(config, overrides or [])
-        trainer = trainer_for(cfg)(cfg, resume=not restart).run()
-        if trainer.rank == 0:
-            _report(write_report(load_run(trainer.run_dir)))
-    except (ValueError, NonFiniteLoss) as err:
-        _fail(err)
+    cfg = load_config(config, overrides or [])
+    cfg.check_training()
+    trainer = trainer_for(cfg)(cfg, resume=not restart).run()
+    if trainer.rank == 0:
+        _report(write_report(load_run(trainer.run_dir)))
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -58,45 +128,44 @@ def _report(paths: dict) -> None:
 
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
-           method: str = typer.Option("em", "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
-                                      "or the run's family's own: ddpm, decoder)"),
-           nfe: int = typer.Option(500, "--nfe", "--steps", help="score evaluations"),
+           method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
+                                      "or the run's family's own: ddpm, decoder; default: the run's sampler)"),
+           nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
            n: int = typer.Option(1000, "--n", help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),
            seed: int = typer.Option(0),
            label: int = typer.Option(None, "--label", help="class of a class-conditional run (net_args.n_classes)"),
-           guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w (with --label)"),
+           guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
+    from .running.files import check_writable, save_array
     from .running.runs import fit_run_grid, load_run, sample_run
 
-    try:
-        if out.suffix not in (".npy", ".npz", ".png"):
-            raise InvalidValueError(f"--out must end in .npy, .npz or .png, got {str(out)!r}")
-        if fit_grid < 0:
-            raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
-        if fit_grid and label is not None:
-            raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
-        r = load_run(run)
-        options = {}
-        if fit_grid:
-            fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed)
-            options["ts"] = fitted.ts
-            typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g} "
-                       f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-        x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
-    except ValueError as err:
-        _fail(err)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png":
+    check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
+    _at_least_one("--n", n)
+    _check_guidance(label, guidance)
+    if fit_grid < 0:
+        raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
+    if fit_grid and label is not None:
+        raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
+    r = load_run(run)
+    _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
+    method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
+    held_out = r.data.test[:n] if out.suffix == ".png" else None  # the plot's data, before sampling
+    options = {}
+    if fit_grid:
+        fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed)
+        options["ts"] = fitted.ts
+        typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g} "
+                   f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
+    x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
+    if held_out is not None:
         from .running.plots import plot_samples
 
-        plot_samples(x, r.data.test[:n], out, title=f"{r.cfg.name}: {method}, nfe {nfe}")
+        plot_samples(x, held_out, out, title=f"{r.cfg.name}: {method}, nfe {nfe}")
     else:
-        import numpy as np
-
-        (np.save if out.suffix == ".npy" else np.savez)(out, x.numpy())
+        save_array(out, x)
     typer.echo(f"{n} samples -> {out}")
 
 
@@ -106,52 +175,52 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
                                                             "or (C, H, W)"),
             out: Path = typer.Option(..., "--out", help=".png (masked, inpainted, original) or .npy (inpainted)"),
             n: int = typer.Option(16, "--n", help="held-out images to inpaint"),
-            method: str = typer.Option("em", "--method", "--sampler", help="sampling method"),
-            nfe: int = typer.Option(200, "--nfe", "--steps", help="score evaluations"),
+            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
+            nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
             how: str = typer.Option("tweedie", "--how", help="tweedie (default: the h-transform, exact for Gaussian "
                                                              "data, CG solves per step) or replace (Song et al.: one "
                                                              "score call per step, biased at any NFE)"),
             seed: int = typer.Option(0)) -> None:
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
+    from .running.files import check_writable, save_array
     from .running.plots import save_grid
     from .running.runs import inpaint_run, load_run
 
-    try:
-        if out.suffix not in (".npy", ".png"):
-            raise InvalidValueError(f"--out must end in .npy or .png, got {str(out)!r}")
-        known, m, x = inpaint_run(load_run(run), mask, n, how=how, method=method, nfe=nfe, seed=seed)
-    except ValueError as err:
-        _fail(err)
+    check_writable(out, suffixes=(".npy", ".png"), name="--out")
+    _at_least_one("--n", n)
+    r = load_run(run)
+    _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
+    known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed)
     if out.suffix == ".png":
         save_grid([m * known, x, known], out, ["known", "inpainted", "original"], cols=n)
     else:
-        import numpy as np
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out, x.numpy())
+        save_array(out, x)
     typer.echo(f"{known.shape[0]} inpainted images -> {out}")
 
 
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="run folder"),
-             n: int = typer.Option(0, help="samples (0: 2 n_eval, at most the held-out size)"),
-             method: str = typer.Option("", "--method", "--sampler", help="sampling method (default: the run's)"),
-             nfe: int = typer.Option(0, "--nfe", "--steps", help="score evaluations (0: the run's nfe)"),
+             n: int = typer.Option(None, "--n", help="samples (default: 2 n_eval, at most the held-out size)"),
+             method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
+             nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0)) -> None:
     """W2 to held-out data with its floor, MMD^2, and for analytic data TV and the T 5.2 bound from the
     measured score error; writes RUN/eval.json."""
     import json
 
-    from .running.files import atomic_write
+    from .evaluation.metrics import check_mmd2_memory
+    from .running.files import check_writable, save_json
     from .running.runs import evaluate_run, load_run
 
-    try:
-        metrics = evaluate_run(load_run(run), n or None, method=method or None, nfe=nfe or None, seed=seed)
-    except ValueError as err:
-        _fail(err)
-    text = json.dumps(metrics, indent=2)
-    atomic_write(run / "eval.json", (text + "\n").encode())
-    typer.echo(text)
+    check_writable(run / "eval.json")
+    _at_least_one("--n", n, "2 n_eval")
+    r = load_run(run)
+    _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
+    if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
+        check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
+    metrics = evaluate_run(r, n, method=method, nfe=nfe, seed=seed)
+    save_json(run / "eval.json", metrics)
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 @app.command()
@@ -167,17 +236,13 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
                seed: int = typer.Option(0)) -> None:
     """Mean NLL (and bits/dim for 8-bit images) with a 95% CI through the probability-flow ODE of the
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
-    import json
-
-    from .running.files import atomic_write
+    from .running.files import check_writable, save_json
     from .running.runs import likelihood_run, load_run
 
-    try:
-        out = likelihood_run(load_run(run), data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
-                             rtol=rtol, atol=atol)
-    except ValueError as err:
-        _fail(err)
-    atomic_write(run / "likelihood.json", (json.dumps(out, indent=2) + "\n").encode())
+    check_writable(run / "likelihood.json")
+    out = likelihood_run(load_run(run), data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
+                         rtol=rtol, atol=atol)
+    save_json(run / "likelihood.json", out)
     typer.echo(f"{out['n']} points of {out['data']}, {out['dim']} dims; {out['divergence']} divergence, "
                f"t_min {out['t_min']:g}, {out['nfe_per_batch']:.0f} NFE per batch")
     typer.echo(f"NLL = {out['nll']:.4f} +- {out['nll_ci']:.4f} nats (95% CI) = {out['nll_per_dim']:.4f} nats/dim")
@@ -195,7 +260,7 @@ def demo(out: str = typer.Option("runs", help="parent folder of runs/demo"),
     from .running.runs import load_run, write_report
     from .running.train import Trainer
 
-    cfg = Config(**{**DEMO, "out": out, "steps": steps})
+    cfg = Config(**{**DEMO, "out": out, "steps": steps, "warmup": min(DEMO["warmup"], steps)})
     typer.echo(f"training {cfg.steps} steps ({cfg.sde}, {cfg.net}, {cfg.data}) into {cfg.run_dir} ...")
     trainer = Trainer(cfg, resume=False).run()
     _report(write_report(load_run(trainer.run_dir)))
@@ -217,12 +282,18 @@ def tour() -> None:
                    f"prior std={sde.prior_std:9.3g}  E log p_T(x_T)={float(mix.at_time(sde, t).log_prob(mix.at_time(sde, t).sample(2000)).mean()):8.3f}")
 
 
+def _reward_help() -> str:
+    from .models.rewards import REWARDS
+
+    return f"one of {', '.join(REWARDS.names())} (scoresde.models.rewards.REWARDS; class takes a classifier: Python only)"
+
+
 @app.command()
 def finetune(run: Path = typer.Argument(..., help="run folder of a trained score model"),
-             reward: str = typer.Option(..., "--reward", help="scoresde.rewards.REWARDS: linear, distance, region"),
+             reward: str = typer.Option(..., "--reward", help=_reward_help()),
              param: list[str] = typer.Option([], "--param", help="reward parameter key=value, repeatable: c=0,1 "
                                              "points=0,1;1,0 low=0,0 high=1,1 sharpness=10"),
-             beta: float = typer.Option(..., "--beta", help="weight of the path KL to the pretrained model"),
+             beta: float = typer.Option(..., "--beta", help="weight > 0 of the path KL to the pretrained model"),
              out: Path = typer.Option(None, "--out", help="new run folder (default: RUN-finetuned)"),
              steps: int = typer.Option(200, help="policy-gradient iterations"),
              batch_size: int = typer.Option(256, "--batch-size"),
@@ -233,15 +304,15 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
     """Fine-tune a run against a reward (KL-regularised continuous-time RL, DESIGN 9) into a new run folder."""
     from .models.alignment import FinetuneOptions
     from .models.rewards import parse_reward
+    from .running.files import check_writable
     from .running.finetune import finetune_run
 
-    try:
-        out = out or run.parent / f"{run.name}-finetuned"
-        options = FinetuneOptions(beta=beta, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps, lr=lr,
-                                  baseline=baseline)
-        res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed)
-    except ValueError as err:
-        _fail(err)
+    out = out or run.parent / f"{run.name}-finetuned"
+    check_writable(out / "config.yaml", name="--out")
+    _at_least_one("--n", n)
+    options = FinetuneOptions(beta=beta, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps, lr=lr,
+                              baseline=baseline)
+    res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed)
     typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")
     for name, path in res["paths"].items():
         typer.echo(f"  {name:15s} {path}")
@@ -251,13 +322,11 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
 def export(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            out: Path = typer.Argument(..., help="folder for model.safetensors (EMA weights) and model.json")) -> None:
     """Write a run's EMA weights and what rebuilds its model (scoresde.load_model reads them back)."""
-    from .running.export import export_run
+    from .running.export import WEIGHTS, export_run
+    from .running.files import check_writable
 
-    try:
-        paths = export_run(run, out)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(err)
-    for name, path in paths.items():
+    check_writable(out / WEIGHTS, name="export OUT")
+    for name, path in export_run(run, out).items():
         typer.echo(f"  {name:8s} {path}")
 
 

@@ -313,8 +313,9 @@ def test_reward_and_input_validation():
     with pytest.raises(ValueError, match="label"):
         R.class_log_prob(lambda z: z, -1)
     pre, rew = MIX.score_fn(SDE), R.linear(C_TILT)
-    for kwargs, match in (({"beta": -1.0}, "beta must be a finite number >= 0"),
-                          ({"beta": float("inf")}, "beta must be a finite number"),
+    for kwargs, match in (({"beta": -1.0}, r"beta must be > 0 \(the KL weight\), got -1.0"),
+                          ({"beta": 0.0}, r"beta must be > 0 \(the KL weight\), got 0.0"),
+                          ({"beta": float("inf")}, r"beta must be > 0 \(the KL weight\), got inf"),
                           ({"beta": 1.0, "baseline": "critic"}, "baseline must be one of 'value', 'mean', 'none'"),
                           ({"beta": 1.0, "steps": 0}, "steps must be an integer >= 1"),
                           ({"beta": 1.0, "batch_size": 1}, "batch_size must be an integer >= 2"),
@@ -412,4 +413,4 @@ def test_cli_finetune(tmp_path):
     assert res.exit_code == 0, res.output
     assert "mean reward" in res.output and (tmp_path / "base-finetuned" / "finetune_curves.png").is_file()
     bad = CliRunner().invoke(app, args[:3] + ["speed", "--beta", "1"])
-    assert bad.exit_code == 1 and "unknown reward" in bad.output
+    assert bad.exit_code == 2 and "unknown reward" in bad.output

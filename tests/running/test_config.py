@@ -41,7 +41,7 @@ def test_errors_name_the_key_and_list_valid_ones(tmp_path):
         Config(ema_decay=1.0)
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         Config(lr_schedule="step")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="missing.yaml' does not exist"):
         load_config(tmp_path / "missing.yaml")
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must hold a mapping"):
@@ -94,3 +94,57 @@ def test_shipped_configs_build(path):
 
 def test_at_least_the_issue_configs_exist():
     assert {"moons", "checkerboard", "swiss_roll", "mixture16", "digits"} <= {p.stem for p in CONFIGS}
+
+
+SPELLINGS = ["2e-3", "1e-4", "1E5", ".5", "-3e-2", "+1.5e+2", "6.02E23", "1.", "-.25", "1_000.5", "3.0e-0"]
+
+
+@pytest.mark.parametrize("text", SPELLINGS)
+def test_yaml_1_2_floats_in_files_and_overrides(text, tmp_path):
+    """PyYAML (YAML 1.1) reads 2e-3 as a string; read_yaml, config files and overrides read every float
+    spelling as Python's float() does, and leave ints and strings alone."""
+    from scoresde.running.config import read_yaml
+
+    truth = float(text.replace("_", ""))
+    assert read_yaml(text) == truth and isinstance(read_yaml(text), float)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"sigma_data: {text.lstrip('-')}\nnet_args: {{x: {text}}}\n")
+    assert read_yaml(p)["net_args"]["x"] == truth
+    assert load_config(p).sigma_data == abs(truth)
+    assert load_config(None, [f"loss_args.w={text}"]).loss_args["w"] == truth
+
+
+def test_yaml_keeps_ints_and_strings_and_names_the_line_of_an_error(tmp_path):
+    from scoresde.core.errors import InvalidValueError
+    from scoresde.running.config import read_yaml
+
+    assert read_yaml("a: 12\nb: 0x10\nc: 1e\nd: e5\ne: .inf\nf: abc") == {"a": 12, "b": 16, "c": "1e", "d": "e5",
+                                                                       "e": float("inf"), "f": "abc"}
+    assert load_config(None, ["steps=1e3", "warmup=10"]).steps == 1000  # an integral float is an int
+    with pytest.raises(ValueError, match="steps must be of type int, got 1.5"):
+        load_config(None, ["steps=1.5"])
+    p = tmp_path / "bad.yaml"
+    p.write_text("lr: 1e-3\nnet_args: [1, 2\nsteps: 3\n")
+    with pytest.raises(InvalidValueError, match=r"config file '.*bad.yaml' is not valid YAML at line 3, column 6"):
+        load_config(p)
+    with pytest.raises(InvalidValueError, match=r"YAML file '.*bad.yaml' is not valid YAML at line 3"):
+        read_yaml(p)
+    with pytest.raises(InvalidValueError, match=r"override 'net_args=\{a: 1' is not valid YAML"):
+        load_config(None, ["net_args={a: 1"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        read_yaml(tmp_path / "nope.yaml")
+
+
+def test_warmup_beyond_steps_is_refused_for_training_only():
+    """A run about to train may not warm up past its last step; a saved config that predates the check still
+    loads, and resuming with a larger steps passes."""
+    cfg = Config(steps=40, warmup=50)  # loads
+    with pytest.raises(ValueError, match=r"config warmup \(50\) must be <= steps \(40\)"):
+        cfg.check_training()
+    Config(steps=60, warmup=50).check_training()
+    Config(steps=50, warmup=50).check_training()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_pass_the_training_checks(path):
+    load_config(path).check_training()

@@ -8,6 +8,7 @@ that carry Monte Carlo error return an `Estimate` with `.value` and `.stderr`.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -26,8 +27,11 @@ from .features import (  # FID-style features without downloads (issue 12)
 
 __all__ = [
     "Estimate", "TVGrid", "w2_gaussian", "w2", "w2_floor", "sliced_w2", "mmd2", "tv", "tv_grid",
-    "kl_gaussian", "frechet_distance", "image_features", "knn_precision_recall",
+    "kl_gaussian", "frechet_distance", "image_features", "knn_precision_recall", "available_memory",
+    "check_mmd2_memory",
 ]
+
+W2_BYTES_PER_PAIR = 48  # the cost matrix, the plan and the network simplex's arcs of POT's emd, float64
 
 ArrayLike = Tensor | np.ndarray
 
@@ -59,6 +63,61 @@ def _points(x: ArrayLike, name: str, dim: int | None = None, min_n: int = 1) -> 
     if not np.isfinite(a).all():
         raise InvalidValueError(f"{name} must be finite")
     return a.astype(np.float64, copy=False)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory() -> int | None:
+    """Bytes that can be allocated now: MemAvailable of /proc/meminfo (else os.sysconf's available pages),
+    capped by a cgroup v2 memory limit; None where none of these can be read."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next((int(ln.split()[1]) * 1024 for ln in f if ln.startswith("MemAvailable:")), None)
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    limit, used = _read_int("/sys/fs/cgroup/memory.max"), _read_int("/sys/fs/cgroup/memory.current")
+    return min(avail, limit - used) if limit is not None and used is not None else avail
+
+
+def _require_memory(what: str, needed: Callable[[int], int], n: int) -> None:
+    """InvalidValueError naming n, the memory `needed(n)` (increasing in n) and the memory available, with
+    the largest n that fits; nothing where the available memory is unknown."""
+    avail = available_memory()
+    if avail is None or needed(n) <= avail:
+        return
+    lo, hi = 0, n  # the largest k <= n with needed(k) <= avail
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if needed(mid) <= avail else (lo, mid - 1)
+    raise InvalidValueError(f"{what} of n={n} points needs about {needed(n) / 2**30:.1f} GiB of memory, "
+                            f"{avail / 2**30:.1f} GiB is available: the largest n that fits is {lo}")
+
+
+def check_mmd2_memory(n: int, m: int | None = None, n_bandwidths: int = 3) -> None:
+    """Refuse (InvalidValueError) an `mmd2` of n points against m target points (None: a GaussianMixture)
+    whose kernel matrices would not fit in the available memory; the message gives the largest n that fits.
+    Peak: (2 h + 1) float64 matrices of a kernel being built (h bandwidths) beside the kernels already built."""
+    k = 2 * n_bandwidths + 1
+
+    def needed(n: int) -> int:
+        if m is None:
+            return 8 * n * n * max(k, 4)  # Kxx, then H and H^2 beside it
+        return 8 * max(k * n * n, n * n + k * m * m, n * n + m * m + k * n * m)
+
+    _require_memory("mmd2", needed, n)
 
 
 def _sqrtm_psd(C: np.ndarray) -> np.ndarray:
@@ -95,6 +154,8 @@ def w2(x: ArrayLike, y: ArrayLike) -> float:
     with `w2_floor`."""
     x = _points(x, "x")
     y = _points(y, "y", x.shape[1])
+    m = y.shape[0]
+    _require_memory(f"w2 against m={m} points", lambda n: W2_BYTES_PER_PAIR * n * m, x.shape[0])
     a = np.full(x.shape[0], 1.0 / x.shape[0])
     b = np.full(y.shape[0], 1.0 / y.shape[0])
     cost = ot.dist(x, y, metric="sqeuclidean")
@@ -205,6 +266,7 @@ def mmd2(x: ArrayLike, target: GaussianMixture | ArrayLike, bandwidths: Sequence
         h = np.asarray(bandwidths, dtype=np.float64).ravel()
         if h.size == 0 or not np.isfinite(h).all() or (h <= 0).any():
             raise InvalidValueError(f"bandwidths must be finite and > 0, got {bandwidths}")
+    check_mmd2_memory(n, None if isinstance(target, GaussianMixture) else target.shape[0], h.size)
     Kxx = _gauss_kernel(x, x, h)
     if isinstance(target, GaussianMixture):
         mean_k, mean_kk = _mixture_kernel_means(x, target, h)

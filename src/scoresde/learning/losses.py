@@ -169,7 +169,7 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, name: str = "score_fn") -> T
 
 def _setup(sde: SDE, x0: Tensor, t: Tensor | None, noise: Tensor | None, generator, weighting: Weighting,
            importance: bool, n_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    batch_tensor("x0", x0, finite=False)
+    batch_tensor("x0", x0)  # one reduction: NaN/inf data name x0, not a NaN loss
     t, lam = _times(sde, x0, t, generator, weighting, importance)
     xt, noise = _perturb(sde, x0, t, noise, generator, n_steps)
     return xt, t, lam, noise

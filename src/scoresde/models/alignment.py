@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from ..core.targets import GaussianMixture
-from ..core.validate import check, integer, number, one_of, positive
+from ..core.validate import check, integer, one_of, positive
 from ..learning.networks import MLP
 from ..sampling.common import check_grid
 from ..sampling.grids import time_grid
@@ -255,7 +255,7 @@ class LoopOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions(LoopOptions):
-    """`finetune`: the KL weight `beta` (required), the `baseline` ("value": r at the Tweedie point plus a
+    """`finetune`: the KL weight `beta` (required, > 0), the `baseline` ("value": r at the Tweedie point plus a
     learned correction, fitted to the returns after they are used; "mean": leave-one-out batch mean,
     unbiased; "none"), `updates_per_batch` and the path-ratio trust region `clip` of `policy_loss`."""
 
@@ -266,7 +266,8 @@ class FinetuneOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        number("beta", self.beta, 0, strict=False)
+        check("beta", self.beta, isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
+              and math.isfinite(self.beta) and self.beta > 0, "> 0 (the KL weight)")
         one_of("baseline", self.baseline, BASELINES)
         if self.clip is not None:
             positive("clip", self.clip)

@@ -8,20 +8,60 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..core.errors import InvalidValueError
+from ..core.errors import InvalidValueError, MissingFileError
 from .files import atomic_write
 
 DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMA_SCHEDULES = ("power", "edm", "constant")
 
-__all__ = ["Config", "load_config", "apply_overrides", "save_config", "config_from_dict"]
+__all__ = ["Config", "load_config", "apply_overrides", "save_config", "config_from_dict", "read_yaml"]
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2 floats: a dot or an exponent (2e-3, 1E5, .5, -3e-2, 1.), and .inf / .nan; YAML 1.1 (PyYAML's
+# default) needs a dot, so it reads 2e-3 as a string
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                       |[0-9][0-9_]*[eE][-+]?[0-9]+)
+                    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader with YAML 1.2's float rule."""
+
+
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in rules if tag != _FLOAT_TAG]
+                                   for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InvalidValueError(f"{source} is not valid YAML{where}: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise InvalidValueError(f"{source} is not valid YAML: {err}") from None
+
+
+def read_yaml(text_or_path: str | os.PathLike) -> Any:
+    """Parse YAML text (a str) or a YAML file (a Path / os.PathLike) with the YAML 1.2 float rule, so
+    2e-3, 1E5, .5 and -3e-2 read as floats; malformed YAML raises InvalidValueError naming the file
+    and line, a missing file MissingFileError."""
+    if isinstance(text_or_path, str):
+        return _parse_yaml(text_or_path, "YAML text")
+    path = Path(text_or_path)
+    if not path.is_file():
+        raise MissingFileError(f"YAML file {str(path)!r} does not exist")
+    return _parse_yaml(path.read_text(), f"YAML file {str(path)!r}")
 
 
 @dataclass
@@ -101,6 +141,9 @@ class Config:
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
                 setattr(self, f.name, value)
+            elif kind is int and isinstance(value, float) and value.is_integer():  # steps: 1e5
+                value = int(value)
+                setattr(self, f.name, value)
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 raise InvalidValueError(f"config {f.name} must be of type {kind.__name__}, got {value!r}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "n_eval", "nfe", "threads", "n_train", "n_test"):
@@ -126,6 +169,14 @@ class Config:
             raise InvalidValueError(f"config device must be one of cpu, cuda, auto, got {self.device!r}")
         if not self.name or "/" in self.name:
             raise InvalidValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
+
+    def check_training(self) -> None:
+        """Cross-field checks for a run about to train (a finished run's saved config may predate them and
+        still loads): warmup <= steps, else the learning rate never reaches lr. Resuming with a larger
+        steps passes."""
+        if self.warmup > self.steps:
+            raise InvalidValueError(f"config warmup ({self.warmup}) must be <= steps ({self.steps}): the learning "
+                                    f"rate would never reach lr; set warmup=... (0 to {self.steps}) or raise steps")
 
     def _validate_ema(self) -> None:
         """Resolve an unset ema_schedule (constant when ema_decay is set, so configs written before the
@@ -170,7 +221,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise InvalidValueError(f"override {item!r} must look like key=value")
-        value = yaml.safe_load(raw) if raw else ""
+        value = _parse_yaml(raw, f"override {item!r}") if raw else ""
         head, dot, entry = key.partition(".")
         if head not in _field_names():
             raise InvalidValueError(f"unknown config key {head!r}; valid: {', '.join(_field_names())}")
@@ -189,8 +240,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise InvalidValueError(f"config file {str(path)!r} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+            raise MissingFileError(f"config file {str(path)!r} does not exist")
+        values = _parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}
         if not isinstance(values, dict):
             raise InvalidValueError(f"config file {str(path)!r} must hold a mapping of key: value")
         values.setdefault("name", path.stem)

@@ -1,6 +1,8 @@
-"""PNG plots of a run (matplotlib, Agg backend): loss curve, samples beside data, reverse trajectories."""
+"""PNG plots of a run (matplotlib, Agg backend): loss curve, samples beside data, reverse trajectories.
+Every figure is rendered to memory and written atomically (`files.atomic_write`)."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -14,14 +16,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
+
 __all__ = ["plot_loss", "plot_samples", "plot_trajectories", "image_grid"]
 
 
-def _save(fig, out: str | Path) -> Path:
+def _save(fig, out: str | Path, tight: bool = True) -> Path:
+    """Render `fig` (format from the suffix, default png) to memory, close it, write it atomically."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=out.suffix[1:] or "png", dpi=110, bbox_inches="tight" if tight else None)
+    finally:
+        plt.close(fig)
+    atomic_write(out, buf.getvalue())
     return out
 
 
@@ -102,13 +110,6 @@ def plot_trajectories(traj: Tensor, data: Tensor, out: str | Path, n_paths: int 
 def save_grid(rows: Sequence[Tensor], path: str | Path, labels: Sequence[str] = (), cols: int = 16,
               scale: float = 0.45) -> Path:
     """Images in [-1, 1] of shape (n, 1 or 3, H, W), one row of `cols` per entry of `rows`, with row labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(len(rows), 1, figsize=(cols * scale + 1.8, len(rows) * scale * 1.15 + 0.2), squeeze=False)
     for k, (ax, x) in enumerate(zip(axes[:, 0], rows)):
         x = x[:cols].detach().float().clamp(-1, 1).cpu()
@@ -123,6 +124,4 @@ def save_grid(rows: Sequence[Tensor], path: str | Path, labels: Sequence[str] = 
         if k < len(labels):
             ax.set_ylabel(labels[k], rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight=False)

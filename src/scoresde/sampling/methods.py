@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..core.errors import InvalidValueError
+from ..core.errors import InvalidValueError, NonFiniteError
 from ..core.registry import Registry
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from .adaptive import adaptive_sde
@@ -192,13 +192,15 @@ def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
 
 def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
            generator: torch.Generator | None = None, x_T: Tensor | None = None,
-           callback: Callback | None = None, **options) -> Tensor:
+           callback: Callback | None = None, check_finite: bool = True, **options) -> Tensor:
     """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations.
 
-    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape` in
+    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape`, at least one sample, in
     `options["dtype"]`, default torch's default dtype) fixes the dtype of the whole run.
     callback(step, t, x) sees every grid time (t = 0 for the denoised output).
-    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring).
+    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring), and
+    `NonFiniteError` when the samples hold NaN/inf (one check of the output, skipped with
+    check_finite=False, e.g. by a caller that scores unstable grids itself).
     """
     try:
         spec = METHODS[method]
@@ -211,9 +213,12 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     if x_T is None:
         if shape is None:
             raise InvalidValueError("shape must be given when x_T is not")
+        _check_shape("shape", tuple(shape))
         x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
     elif shape is not None and tuple(x_T.shape) != tuple(shape):
         raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
+    else:
+        _check_shape("x_T's shape", tuple(x_T.shape))
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     if spec.linear:
@@ -224,7 +229,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     if spec.adaptive:
         if "t_end" in grid_opts:
             kwargs["t_end"] = grid_opts["t_end"]
-        return spec.fn(sde, _budget_counter(score_fn, nfe, method), x_T, **kwargs)
+        x = spec.fn(sde, _budget_counter(score_fn, nfe, method), x_T, **kwargs)
+        return _finite(x, method, nfe) if check_finite else x
     n_steps = steps_for(method, nfe, denoise, options)
     ts = grid_opts.get("ts")
     if ts is None:
@@ -238,4 +244,20 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         ts = torch.as_tensor(ts).to(device=x_T.device, dtype=x_T.dtype)
     if len(ts) != n_steps + 1:
         raise InvalidValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
-    return spec.fn(sde, score_fn, x_T, ts, **kwargs)
+    x = spec.fn(sde, score_fn, x_T, ts, **kwargs)
+    return _finite(x, method, nfe) if check_finite else x
+
+
+def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+    if not shape or any(int(k) < 1 for k in shape):
+        raise InvalidValueError(f"{name} must be (n, ...) with n >= 1 samples and every size >= 1, got {shape}")
+
+
+def _finite(x: Tensor, method: str, nfe: int) -> Tensor:
+    """x, or NonFiniteError when it holds NaN/inf (one reduction, one host sync)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        raise NonFiniteError(f"the samples of method {method!r} at nfe={nfe} are not finite ({bad} of {x.shape[0]} "
+                             "hold NaN/inf): the score returned NaN/inf, or the step is unstable (raise nfe or "
+                             "use another method)")
+    return x
