@@ -4,14 +4,16 @@ Layout of the tensors: `model/<name>` (weights), `ema/<name>` (EMA weights), `op
 (per-parameter optimiser state), `rng/<name>` (generator states as uint8 tensors). The safetensors
 metadata (strings) holds the step, the EMA's update count (its warm-up schedule's position), the
 optimiser's param_groups, the fp16 GradScaler's state, any non-tensor state as JSON and a CRC-32 over
-the metadata, every tensor's name, dtype, shape and bytes (`checksum`, "crc32:<8 hex digits>").
+the metadata, every tensor's name, dtype, shape and bytes (`checksum`, "crc32:<8 hex digits>"; 0.14 s
+per 320 MB, a 20M-parameter model with EMA and AdamW state, on one CPU core: 8% of the save).
 
 Keeping two: `save_checkpoint(path)` writes the new file to a staging name beside `path` (temporary
 file, fsync, rename: `files.atomic_write`), then renames `path` to `previous_checkpoint(path)` and the
-staged file to `path`, then fsyncs the folder. A process killed at any instant leaves `path` holding
-the newest completed checkpoint, or `path` missing and its previous one holding it, or (between the
-two renames) both. `path` is kept as the previous one only if it is structurally sound (header, size,
-format); a damaged `path` is overwritten and the previous one kept.
+staged file to `path`, then fsyncs the folder. Killed (SIGKILL) at any instant, a save leaves the last
+completed checkpoint intact: before the renames as `path` (the new file only staged), between them as
+the previous one (`path` missing), after them the new file as `path` and that one as the previous one.
+`path` becomes the previous one only if it is structurally sound (header, size, format): a damaged
+`path` is overwritten and the previous one kept.
 
 Reading (`load_checkpoint`, `load_weights`, `read_checkpoint`, `checkpoint_weights`) checks the header,
 the file's size against the header's and the checksum (files written before checksums existed are not
