@@ -82,3 +82,47 @@ def test_config_errors(tmp_path, make_cfg):
         ConsistencyTrainer(make_cfg(data="moons"))
     with pytest.raises(ValueError, match="valid: .*n_steps"):
         ConsistencyTrainer(make_cfg(loss_args={"mode": "ct", "n_step": 4}))
+
+
+def test_sigterm_stops_a_consistency_run_that_resumes_bit_identically(tmp_path, make_cfg):
+    """ConsistencyTrainer inherits the stop on SIGTERM: step 8 saved, the resumed run (target = EMA) exact."""
+    import os
+    import signal
+
+    from scoresde.running.train import TrainingInterrupted
+
+    full = ConsistencyTrainer(make_cfg(name="full")).run()
+    cut = ConsistencyTrainer(make_cfg(name="cut"))
+    real = cut.loss_fn
+
+    def loss(*args, **kwargs):
+        if cut.step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    cut.loss_fn = loss
+    with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM at step 8"):
+        cut.run()
+    resumed = ConsistencyTrainer(make_cfg(name="cut"))
+    assert resumed.step == 8
+    resumed.run()
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_whose_data_is_gone_loads_with_its_recorded_shape(tmp_path, make_cfg):
+    """A teacher run trained on a .npy file that was removed since still teaches (its shape is recorded);
+    only its data is unavailable."""
+    import numpy as np
+
+    from scoresde.running.runs import DataUnavailable, load_run
+
+    np.save(tmp_path / "points.npy", torch.randn(120, 2, generator=torch.Generator().manual_seed(5)).numpy())
+    Trainer(Config(name="teacher", out=str(tmp_path), data=str(tmp_path / "points.npy"), steps=2, batch_size=16,
+                   eval_every=0, progress=False, net_args={"hidden": 16, "depth": 1, "emb_dim": 8})).run()
+    (tmp_path / "points.npy").unlink()
+    with pytest.raises(DataUnavailable, match=r"trained on data 'points.npy', which cannot be reloaded \(unknown data"):
+        load_run(tmp_path / "teacher").data
+    tr = ConsistencyTrainer(make_cfg(steps=2, loss_args={"mode": "cd", "teacher": str(tmp_path / "teacher"),
+                                                         "n_steps": 4})).run()
+    assert tr.step == 2
