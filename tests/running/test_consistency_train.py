@@ -122,7 +122,7 @@ def test_a_teacher_whose_data_is_gone_loads_with_its_recorded_shape(tmp_path, ma
                    eval_every=0, progress=False, net_args={"hidden": 16, "depth": 1, "emb_dim": 8})).run()
     (tmp_path / "points.npy").unlink()
     with pytest.raises(DataUnavailable, match=r"trained on data 'points.npy', which cannot be reloaded \(unknown data"):
-        load_run(tmp_path / "teacher").data
+        _ = load_run(tmp_path / "teacher").data
     tr = ConsistencyTrainer(make_cfg(steps=2, loss_args={"mode": "cd", "teacher": str(tmp_path / "teacher"),
                                                          "n_steps": 4})).run()
     assert tr.step == 2

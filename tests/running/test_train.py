@@ -11,7 +11,12 @@ from scoresde.running.build import build_model, build_sde, draw_samples
 from scoresde.running.checkpoint import read_checkpoint
 from scoresde.running.config import Config
 from scoresde.running.data import Dataset, load_dataset
-from scoresde.running.train import NonFiniteLoss, Trainer, TrainingInterrupted, learning_rate
+from scoresde.running.train import (
+    NonFiniteLoss,
+    Trainer,
+    TrainingInterrupted,
+    learning_rate,
+)
 
 
 @pytest.fixture
@@ -482,7 +487,7 @@ def test_a_signalled_training_process_saves_its_step_and_resumes_bit_identically
     import sys
     import time
 
-    kw = dict(steps=400, checkpoint_every=1000, log_every=1)
+    kw = {"steps": 400, "checkpoint_every": 1000, "log_every": 1}
     cfg = make_cfg(name="signalled", **kw)
     proc = subprocess.Popen([sys.executable, "-c", SIGNALLED, json.dumps(cfg.to_dict())], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -505,3 +510,14 @@ def test_a_signalled_training_process_saves_its_step_and_resumes_bit_identically
     full = Trainer(make_cfg(name="full", **kw)).run()
     a, b = _state(full), _state(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resuming_from_the_previous_checkpoint_says_so(tmp_path, make_cfg, capsys):
+    """The newest checkpoint damaged: the run resumes from the previous one (step 5) and the start-up says so."""
+    Trainer(make_cfg()).run(until=10)
+    ckpt = tmp_path / "r" / "checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="using the previous one"):
+        tr = Trainer(make_cfg())
+    assert tr.step == 5 and "resuming from step 5 (" in capsys.readouterr().out

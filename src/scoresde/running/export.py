@@ -21,7 +21,7 @@ from .. import __version__
 from ..core.errors import InvalidValueError, MissingFileError
 from ..core.sde import SDE
 from .build import build_model, build_sde
-from .checkpoint import CHECKPOINT, checkpoint_weights, read_checkpoint
+from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
 from .config import Config, load_config
 from .data import load_config_data, read_data_record
 from .files import atomic_write
@@ -36,17 +36,17 @@ FIELDS = ("model", "model_args", "loss", "net", "net_args", "sde", "sde_args", "
 def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
     """Write the EMA weights of the run in `run_dir` and the JSON that rebuilds its model into folder `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
+    if not (run_dir / "config.yaml").is_file() or not has_checkpoint(run_dir / CHECKPOINT):
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
-    weights = checkpoint_weights(run_dir / CHECKPOINT, "ema")
     record = read_data_record(run_dir)  # None: a run written before runs recorded their data, trained on its config's
     shape = load_config_data(cfg).sample_shape if record is None else tuple(record["shape"])
-    blob = st_save({k: v.contiguous() for k, v in weights.items()}, metadata={"format": FORMAT})
+    model = build_model(cfg, build_sde(cfg), shape)  # the weights are checked to fit the model `load_model` builds
+    step = load_weights(run_dir / CHECKPOINT, model, "ema", net=cfg.net, net_args=cfg.net_args)
+    blob = st_save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"format": FORMAT})
     spec: dict[str, Any] = {"format": FORMAT, "version": __version__, **{k: getattr(cfg, k) for k in FIELDS},
-                            "sample_shape": list(shape), "step": int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"]),
-                            "sampler": cfg.sampler, "nfe": cfg.nfe, "sha256": hashlib.sha256(blob).hexdigest(),
-                            "data": record}
+                            "sample_shape": list(shape), "step": step, "sampler": cfg.sampler, "nfe": cfg.nfe,
+                            "sha256": hashlib.sha256(blob).hexdigest(), "data": record}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / WEIGHTS, blob)
     atomic_write(out / SPEC, (json.dumps(spec, indent=1) + "\n").encode())

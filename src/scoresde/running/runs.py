@@ -26,7 +26,7 @@ from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
-from .checkpoint import CHECKPOINT, checkpoint_weights
+from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
 from .config import Config, load_config
 from .data import (
     Dataset,
@@ -115,10 +115,8 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
     be the recorded one). Without it the config's data is reloaded and checked; data that cannot be had
     leaves a run that samples but has no `data` (module docstring). A run folder without a data record
     (written before runs recorded their data) reloads its config's data unchecked."""
-    from .checkpoint import read_checkpoint
-
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / CHECKPOINT).is_file():
+    if not (run_dir / "config.yaml").is_file() or not has_checkpoint(run_dir / CHECKPOINT):
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     torch.set_num_threads(cfg.threads)
@@ -128,8 +126,7 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
     if data is None:
         data, unavailable = (load_config_data(cfg), "") if record is None else _reload(cfg, record, where)
     model = build_model(cfg, build_sde(cfg), tuple(record["shape"]) if data is None else data.sample_shape)
-    model.load_state_dict(checkpoint_weights(run_dir / CHECKPOINT, which))
-    step = int(read_checkpoint(run_dir / CHECKPOINT)[1]["step"])
+    step = load_weights(run_dir / CHECKPOINT, model, which, net=cfg.net, net_args=cfg.net_args)
     return Run(cfg, data, model.eval().requires_grad_(False), step, record=record, unavailable=unavailable)
 
 

@@ -50,8 +50,14 @@ from .build import (
     lookup,
     resolve_device,
 )
-from .checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from .config import Config, config_from_dict, save_config
+from .checkpoint import (
+    CHECKPOINT,
+    has_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+)
+from .config import Config, config_from_dict, read_yaml, save_config
 from .data import (
     Dataset,
     data_mismatch,
@@ -174,11 +180,11 @@ class Trainer:
         self.last_checkpoint: int | None = None
         self._signal: int | None = None  # the first SIGINT / SIGTERM received during `run`
         self.stop_signal: int | None = None  # the signal that stops training after this step (agreed under DDP)
-        if resume and self.ckpt_path.exists():
+        if resume and has_checkpoint(self.ckpt_path):
             self._resume()
         elif self.rank == 0:  # a fresh start: an old checkpoint or log would mix with the new run
-            for path in (self.ckpt_path, self.metrics_path):
-                path.unlink(missing_ok=True)
+            remove_checkpoints(self.ckpt_path)
+            self.metrics_path.unlink(missing_ok=True)
         if self.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             save_data_record(self.data_record, self.run_dir)
@@ -210,11 +216,9 @@ class Trainer:
         return fn, args, time_args
 
     def _resume(self) -> None:
-        import yaml
-
         saved_path = self.run_dir / "config.yaml"
         if saved_path.exists():
-            saved = yaml.safe_load(saved_path.read_text())
+            saved = read_yaml(saved_path)
             # keys added since the run was saved take their defaults, resolved as then (ema_decay: constant)
             saved = config_from_dict({k: v for k, v in saved.items() if k in Config.__dataclass_fields__}).to_dict()
             changed = sorted(k for k, v in self.cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved[k] != v)
@@ -226,7 +230,8 @@ class Trainer:
             raise InvalidValueError(f"{data_mismatch(self.data, saved_data, f'the run in {self.run_dir}')}; resume it on "
                                     f"the data it was trained on, or choose another name=... (or restart)")
         self.step, _ = load_checkpoint(self.ckpt_path, model=self.model, ema=self.ema, optimizer=self.opt,
-                                       generators={"train": self.gen}, scaler=self.scaler)
+                                       generators={"train": self.gen}, scaler=self.scaler, net=self.cfg.net,
+                                       net_args=self.cfg.net_args)
         self.last_checkpoint = self.step
         if self.rank == 0 and self.metrics_path.exists():  # drop records written after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
