@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.core.errors import InvalidValueError
+from scoresde.core.errors import DamagedFileError, InvalidValueError
 from scoresde.running.data import Dataset, content_hash, load_dataset, read_data_record
 from scoresde.running.runs import (
     DataUnavailable,
@@ -120,6 +120,9 @@ def test_a_run_folder_without_a_data_record_loads_its_config_data(tiny_run, tmp_
     r = load_run(old)
     assert r.record is None and r.data_name == "moons"
     assert torch.equal(r.data.test, load_run(tiny_run).data.test)
+    (old / "data.yaml").write_text("name: moons\n")  # a damaged record is named, not ignored
+    with pytest.raises(DamagedFileError, match=r"data.yaml is not a data record \(lacks source, shape"):
+        load_run(old)
 
 
 def test_none_means_the_runs_sampler_and_nfe_and_n_is_checked(tiny_run):

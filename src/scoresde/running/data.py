@@ -38,7 +38,7 @@ from ..core.errors import (
     ScoresdeError,
 )
 from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, ring
-from .config import Config
+from .config import Config, read_yaml
 from .files import atomic_write
 from .images import ImageFolder, LazyImages
 
@@ -293,7 +293,7 @@ def read_data_record(run_dir: str | Path) -> dict | None:
     path = Path(run_dir) / DATA_RECORD
     if not path.is_file():
         return None
-    record = yaml.safe_load(path.read_text())
+    record = read_yaml(path)
     missing = [k for k in ("name", "source", "shape", "n_train", "n_test", "sha256")
                if not isinstance(record, dict) or k not in record]
     if missing:
