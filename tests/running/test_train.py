@@ -521,3 +521,25 @@ def test_resuming_from_the_previous_checkpoint_says_so(tmp_path, make_cfg, capsy
     with pytest.warns(UserWarning, match="using the previous one"):
         tr = Trainer(make_cfg())
     assert tr.step == 5 and "resuming from step 5 (" in capsys.readouterr().out
+
+
+def test_a_signal_after_the_last_step_is_delivered_once_training_is_done(tmp_path, make_cfg, monkeypatch):
+    """SIGINT during the final save comes too late to stop training: the run completes and saves step 20, then
+    the signal reaches the previous handler (Python's: KeyboardInterrupt) instead of being lost."""
+    import os
+    import signal
+
+    from scoresde.running import train
+
+    real_save = train.save_checkpoint
+
+    def save(*args, **kwargs):
+        if kwargs["step"] == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    tr = Trainer(make_cfg())
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert tr.step == 20 and int(read_checkpoint(tmp_path / "r" / "checkpoint.safetensors")[1]["step"]) == 20

@@ -328,7 +328,8 @@ class Trainer:
     @contextmanager
     def _catch_signals(self) -> Iterator[None]:
         """While training, SIGINT and SIGTERM only note the first signal (later ones, e.g. during the save it
-        causes, are ignored); the previous handlers come back afterwards. Handlers can only be installed in
+        causes, are ignored); the previous handlers come back afterwards, and a signal noted too late to stop
+        training (after the last step's check) is then delivered to them. Handlers can only be installed in
         the main thread: elsewhere the signals keep theirs."""
         self._signal = self.stop_signal = None
         if threading.current_thread() is not threading.main_thread():
@@ -345,6 +346,8 @@ class Trainer:
         finally:  # None: a handler not installed from Python, whose default is the best stand-in
             for sig, handler in previous.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if self._signal is not None and self.stop_signal is None:
+            signal.raise_signal(self._signal)
 
     def run(self, until: int | None = None) -> Trainer:
         """Train up to step `until` (default cfg.steps). Checkpoints every checkpoint_every steps and at
