@@ -61,7 +61,7 @@ class _Boundary(TyperGroup):
         try:
             _, cmd, rest = self.resolve_command(ctx, list(args))
             return cmd.make_context(cmd.name, rest, parent=ctx, resilient_parsing=True).params.get(name)
-        except Exception:
+        except (TyperException, typer.Exit, typer.Abort):
             return None
 
 

@@ -7,8 +7,15 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["ScoresdeError", "InvalidValueError", "MissingFileError", "DamagedFileError", "OutputError",
-           "NonFiniteError", "describe_os_error"]
+__all__ = [
+    "DamagedFileError",
+    "InvalidValueError",
+    "MissingFileError",
+    "NonFiniteError",
+    "OutputError",
+    "ScoresdeError",
+    "describe_os_error",
+]
 
 
 class ScoresdeError(Exception):

@@ -102,8 +102,12 @@ def _require_memory(what: str, needed: Callable[[int], int], n: int) -> None:
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if needed(mid) <= avail else (lo, mid - 1)
-    raise InvalidValueError(f"{what} of n={n} points needs about {needed(n) / 2**30:.1f} GiB of memory, "
-                            f"{avail / 2**30:.1f} GiB is available: the largest n that fits is {lo}")
+    raise InvalidValueError(f"{what} of n={n} points needs about {_size(needed(n))} of memory, {_size(avail)} is "
+                            f"available: the largest n that fits is {lo}")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def check_mmd2_memory(n: int, m: int | None = None, n_bandwidths: int = 3) -> None:

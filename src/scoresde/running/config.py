@@ -22,14 +22,14 @@ DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMA_SCHEDULES = ("power", "edm", "constant")
 
-__all__ = ["Config", "load_config", "apply_overrides", "save_config", "config_from_dict", "read_yaml"]
+__all__ = ["Config", "apply_overrides", "config_from_dict", "load_config", "read_yaml", "save_config"]
 
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 # YAML 1.2 floats: a dot or an exponent (2e-3, 1E5, .5, -3e-2, 1.), and .inf / .nan; YAML 1.1 (PyYAML's
 # default) needs a dot, so it reads 2e-3 as a string
 _FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
                        |[0-9][0-9_]*[eE][-+]?[0-9]+)
-                    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+                    |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.VERBOSE)
 
 
 class _Loader(yaml.SafeLoader):
