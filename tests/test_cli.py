@@ -240,3 +240,22 @@ def test_outputs_are_checked_before_computing(tiny_run, tmp_path, monkeypatch):
     fails(["export", tiny_run, tmp_path / "locked" / "model"], str(tmp_path / "locked" / "model"), "not writable")
     fails(["evaluate", run], str(run / "eval.json"), "not writable")
     fails(["likelihood", run], str(run / "likelihood.json"), "not writable")
+
+
+def test_a_score_returning_nan_is_an_error_naming_method_and_nfe(tiny_run, tmp_path, monkeypatch):
+    """The run's network is swapped for one returning NaN: sample, a .png and evaluate fail with one line
+    (the samples are not finite; method, nfe and the hint), and write nothing."""
+    import torch
+
+    from scoresde.running import runs
+
+    run = runs.load_run(tiny_run)
+    run.model = torch.nn.Sequential()  # no parameters, no output checks: stands in for any network
+    run.model.forward = lambda x, t: torch.full_like(x, float("nan"))
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: run)
+    for out in ("x.npy", "x.png"):
+        fails(["sample", tiny_run, "--n", "8", "--nfe", "11", "--out", tmp_path / out],
+              "method 'em' at nfe=11 are not finite (8 of 8", "the score returned NaN/inf, or the step is unstable")
+    fails(["sample", tiny_run, "--n", "8", "--method", "heun", "--out", tmp_path / "x.npy"], "method 'heun' at nfe=21")
+    fails(["evaluate", tiny_run, "--n", "8"], "not finite")
+    assert list(tmp_path.iterdir()) == []

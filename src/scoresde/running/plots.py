@@ -18,10 +18,10 @@ from torch import Tensor  # noqa: E402
 
 from .files import atomic_write  # noqa: E402
 
-__all__ = ["plot_loss", "plot_samples", "plot_trajectories", "image_grid"]
+__all__ = ["image_grid", "plot_loss", "plot_samples", "plot_trajectories", "save_figure", "save_grid"]
 
 
-def _save(fig, out: str | Path, tight: bool = True) -> Path:
+def save_figure(fig, out: str | Path, tight: bool = True) -> Path:
     """Render `fig` (format from the suffix, default png) to memory, close it, write it atomically."""
     out = Path(out)
     buf = io.BytesIO()
@@ -52,7 +52,7 @@ def plot_loss(metrics_path: str | Path, out: str | Path) -> Path:
         ax.set_yscale("log")  # DSM-type losses are positive; implicit / sliced ones need not be
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def image_grid(x: Tensor | np.ndarray, ncols: int = 8) -> np.ndarray:
@@ -88,7 +88,7 @@ def plot_samples(samples: Tensor, data: Tensor, out: str | Path, title: str = ""
             ax.set_ylim(lo[1], hi[1])
     if title:
         fig.suptitle(title)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_trajectories(traj: Tensor, data: Tensor, out: str | Path, n_paths: int = 8, points: int = 80) -> Path:
@@ -104,7 +104,7 @@ def plot_trajectories(traj: Tensor, data: Tensor, out: str | Path, n_paths: int 
     ax.scatter(data[:, 0].cpu(), data[:, 1].cpu(), s=1, alpha=0.4, c="black", zorder=3)
     ax.set_aspect("equal")
     ax.set_title("reverse SDE paths (black dot: x_T, red: x_0)")
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def save_grid(rows: Sequence[Tensor], path: str | Path, labels: Sequence[str] = (), cols: int = 16,
@@ -124,4 +124,4 @@ def save_grid(rows: Sequence[Tensor], path: str | Path, labels: Sequence[str] = 
         if k < len(labels):
             ax.set_ylabel(labels[k], rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    return _save(fig, path, tight=False)
+    return save_figure(fig, path, tight=False)
