@@ -66,6 +66,15 @@ def test_a_stopped_run_is_an_expected_error(monkeypatch):
     assert res.exit_code == 2 and res.stderr.strip() == "error: loss is nan at step 7"
 
 
+@pytest.mark.parametrize("signum, status", [(2, 130), (15, 143)])
+def test_a_training_run_stopped_by_a_signal_exits_128_plus_the_signal(monkeypatch, signum, status):
+    from scoresde.running.train import TrainingInterrupted
+
+    res = _invoke(monkeypatch, TrainingInterrupted(signum, 7, "run/checkpoint.safetensors"))
+    assert res.exit_code == status
+    assert res.stderr.strip().startswith("interrupted: stopped by SIG") and "at step 7" in res.stderr
+
+
 def test_debug_reraises_with_the_traceback(monkeypatch):
     err = ZeroDivisionError("bug")
     res = _invoke(monkeypatch, err, "--debug")

@@ -2,7 +2,8 @@
 
 One error boundary (`_Boundary`) serves every command: an expected failure (a `ScoresdeError`, an OSError
 from a file, running out of memory) prints one `error: ...` line naming the parameter or file and exits
-with status 2; Ctrl-C prints "interrupted" and exits with 130; anything else is a bug: one line
+with status 2; Ctrl-C prints "interrupted" and exits with 130 (a training run stopped by SIGINT / SIGTERM
+after saving its checkpoint: 128 + the signal, 130 / 143); anything else is a bug: one line
 "internal error: ..." and status 1. `scoresde --debug COMMAND ...` re-raises with the full traceback.
 Typer's own usage errors (unknown option, bad number) print as Typer prints them (status 2)."""
 from __future__ import annotations
@@ -28,6 +29,8 @@ def _message(err: BaseException, n: object) -> tuple[str, int]:
     """The line printed for an exception that reached the boundary, and the exit status."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", EXIT_INTERRUPTED
+    if isinstance(err, ScoresdeError) and isinstance(getattr(err, "signum", None), int):  # TrainingInterrupted
+        return f"interrupted: {err}", 128 + err.signum
     if isinstance(err, ScoresdeError):
         return f"error: {err}", EXIT_ERROR
     if _is_out_of_memory(err):
