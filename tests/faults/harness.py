@@ -19,10 +19,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -31,9 +31,9 @@ DRIVER = HERE / "driver.py"
 REPO = HERE.parents[1]
 
 # a tiny run on two moons: 2.4 ms a step on one CPU thread, a checkpoint every 7 steps, every step logged
-RUN = dict(data="moons", n_train=500, n_test=100, net_args={"hidden": 16, "depth": 1, "emb_dim": 8}, steps=300,
-           batch_size=32, lr=3e-3, warmup=3, checkpoint_every=7, log_every=1, eval_every=0, n_eval=50, nfe=21,
-           progress=False, threads=1)
+RUN = {"data": "moons", "n_train": 500, "n_test": 100, "net_args": {"hidden": 16, "depth": 1, "emb_dim": 8},
+       "steps": 300, "batch_size": 32, "lr": 3e-3, "warmup": 3, "checkpoint_every": 7, "log_every": 1, "eval_every": 0,
+       "n_eval": 50, "nfe": 21, "progress": False, "threads": 1}
 # checkpoint tensors and metadata that make up the training state (the metadata's `extra` and a checksum
 # describe the file, not the state)
 STATE_META = ("step", "ema", "optim", "scaler")
@@ -129,8 +129,11 @@ def run_torchrun(config: Path, out: Path, fault: str = "", rank: int = 1, restar
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
            str(restarts), str(DRIVER), str(config), f"out={out}"]
-    env = child_env(fault, SCORESDE_FAULT_RANK=str(rank), SCORESDE_FAULT_ONCE=str(out / "fault-injected"))
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    # the workers' own TCP store: torchrun's shared one can hand a restarted rank its dead peer's address
+    # (pytorch/pytorch#135712)
+    env = child_env(fault, SCORESDE_FAULT_RANK=str(rank), SCORESDE_FAULT_ONCE=str(out / "fault-injected"),
+                    TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=timeout)
     return Attempt(fault, res.returncode, res.stdout + res.stderr)
 
 
@@ -141,8 +144,9 @@ def draw_faults(rng: random.Random, n: int, window: float = 0.4, writer_events: 
             for i in range(n)]
 
 
-def reference_run(config: Path, out: Path) -> Path:
-    """The run of `config` trained without interruption in this process; returns its folder."""
+def train_here(config: Path, out: Path, resume: bool = False) -> Path:
+    """Train the run of `config` in this process (resume=False: from scratch, uninterrupted; True: from
+    its checkpoint, as `scoresde train` does); returns its folder."""
     import torch
 
     from scoresde.running.config import load_config
@@ -150,7 +154,7 @@ def reference_run(config: Path, out: Path) -> Path:
 
     threads = torch.get_num_threads()
     try:
-        trainer = Trainer(load_config(config, [f"out={out}"]), resume=False).run()
+        trainer = Trainer(load_config(config, [f"out={out}"]), resume=resume).run()
     finally:
         torch.set_num_threads(threads)
     return trainer.run_dir
@@ -185,18 +189,52 @@ def differences(run_dir: Path, reference_dir: Path) -> list[str]:
     return diff
 
 
+# ---- outcomes -----------------------------------------------------------------------------------------------
+
+BOX = "╭╮╰╯│─"
+
+
+def message_lines(output: str) -> list[str]:
+    """The lines of an error message: Typer's usage hint ("Usage: ...", "Try '... --help'") and the
+    box it draws around a usage error left out."""
+    lines = [line.strip(BOX + " ") for line in output.splitlines()]
+    return [line for line in lines if line and not line.startswith(("Usage: ", "Try '"))]
+
+
+def cli_outcome(exit_code: int, output: str, exception: BaseException | None = None) -> str:
+    """How a CLI invocation ended: "success" (status 0), "clear error" (non-zero, a message of 1-3 lines, no
+    traceback, not an internal error), "unclear error" (non-zero otherwise) or "traceback" (a traceback was
+    printed or an exception escaped, as typer's CliRunner reports it)."""
+    if "Traceback" in output or (exception is not None and not isinstance(exception, SystemExit)):
+        return "traceback"
+    if exit_code == 0:
+        return "success"
+    lines = message_lines(output)
+    clear = 1 <= len(lines) <= 3 and not any(line.startswith("internal error") for line in lines)
+    return "clear error" if clear else "unclear error"
+
+
+def api_outcome(fn, *args, **kwargs) -> tuple[str, BaseException | None]:
+    """How a library call ended: ("success", None), ("clear error", e) for a ScoresdeError with a non-empty
+    message, ("unclear error", e) for one without, ("other exception", e) for any other exception."""
+    from scoresde.core.errors import ScoresdeError
+
+    try:
+        fn(*args, **kwargs)
+    except ScoresdeError as err:
+        return ("clear error" if str(err).strip() else "unclear error"), err
+    except Exception as err:  # noqa: BLE001 - the point: anything else is a finding
+        return "other exception", err
+    return "success", None
+
+
 # ---- disk faults ------------------------------------------------------------------------------------------
 
-def _inside(path, folder: Path) -> bool:
-    if isinstance(path, int):
-        try:
-            path = os.readlink(f"/proc/self/fd/{path}")
-        except OSError:
-            return False
+def _fd_name(fd: int) -> str:
     try:
-        return Path(os.path.abspath(os.fsdecode(path))).is_relative_to(folder)
-    except (TypeError, ValueError):
-        return False
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 class _FullDisk:
@@ -213,7 +251,7 @@ class _FullDisk:
     def __getattr__(self, name: str):
         return getattr(self._f, name)
 
-    def __enter__(self) -> "_FullDisk":
+    def __enter__(self) -> _FullDisk:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -221,26 +259,30 @@ class _FullDisk:
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_ENTRY_CALLS = ("replace", "rename", "unlink", "remove", "link", "mkdir", "rmdir")
 
 
 @contextmanager
-def failing_writes(folder: str | os.PathLike, code: int = errno.ENOSPC) -> Iterator[None]:
-    """Inside the block, writes under `folder` fail in this process as they do on a full disk (code ENOSPC:
-    files open, each write stores half its bytes and raises) or in an unwritable folder (EACCES: opening a
-    file for writing, creating, renaming or removing one raises). Root ignores chmod, so this is simulated:
-    builtins.open / io.open, os.open, os.fdopen, os.write and the os calls that change folder entries are
-    replaced for the duration."""
+def failing_writes(folder: str | os.PathLike, code: int = errno.ENOSPC, match: str = "") -> Iterator[None]:
+    """Inside the block, writes to files under `folder` (whose names contain `match`) fail in this process as
+    on a full disk (code ENOSPC: files open, each write stores half its bytes, then raises) or in an
+    unwritable folder (EACCES: opening a file for writing, creating, renaming or removing one raises). Root
+    ignores chmod, so this is simulated: builtins.open / io.open, os.open, os.fdopen, os.write and the os
+    calls that change folder entries are replaced for the duration."""
     folder = Path(os.path.abspath(folder))
-    real = {name: getattr(os, name) for name in ("open", "fdopen", "write", "replace", "rename", "unlink", "remove",
-                                                  "link", "mkdir", "rmdir")}
+    real = {name: getattr(os, name) for name in ("open", "fdopen", "write", *_ENTRY_CALLS)}
     real_open = builtins.open
 
-    def deny(path):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path) if not isinstance(path, int)
-                              else f"fd {path}")
+    def hit(path) -> bool:
+        name = _fd_name(path) if isinstance(path, int) else os.fsdecode(path)
+        return bool(name) and match in os.path.basename(name) and Path(os.path.abspath(name)).is_relative_to(folder)
+
+    def deny(path) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), _fd_name(path) if isinstance(path, int)
+                              else os.fsdecode(path))
 
     def writing(mode: str, file) -> bool:
-        return any(c in mode for c in "wax+") and _inside(file, folder)
+        return any(c in mode for c in "wax+") and hit(file)
 
     def py_open(file, mode="r", *args, **kwargs):
         if not writing(mode, file):
@@ -248,31 +290,30 @@ def failing_writes(folder: str | os.PathLike, code: int = errno.ENOSPC) -> Itera
         if code == errno.EACCES:
             deny(file)
         f = real_open(file, mode, *args, **kwargs)
-        return _FullDisk(f, f.name if isinstance(file, int) else os.fsdecode(file))
+        return _FullDisk(f, _fd_name(file) if isinstance(file, int) else os.fsdecode(file))
 
     def os_open(path, flags, *args, **kwargs):
-        if code == errno.EACCES and flags & _WRITE_FLAGS and _inside(path, folder):
+        if code == errno.EACCES and flags & _WRITE_FLAGS and hit(path):
             deny(path)
         return real["open"](path, flags, *args, **kwargs)
 
     def os_fdopen(fd, mode="r", *args, **kwargs):
         f = real["fdopen"](fd, mode, *args, **kwargs)
-        return _FullDisk(f, os.readlink(f"/proc/self/fd/{fd}")) if code == errno.ENOSPC and writing(mode, fd) else f
+        return _FullDisk(f, _fd_name(fd)) if code == errno.ENOSPC and writing(mode, fd) else f
 
     def os_write(fd, data):
-        if _inside(fd, folder):
-            raise OSError(code, os.strerror(code), os.readlink(f"/proc/self/fd/{fd}"))
+        if hit(fd):
+            raise OSError(code, os.strerror(code), _fd_name(fd))
         return real["write"](fd, data)
 
     def entries(name: str):
         def change(*args, **kwargs):
-            if code == errno.EACCES and any(_inside(p, folder) for p in args[:2] if isinstance(p, (str, os.PathLike))):
+            if code == errno.EACCES and any(hit(p) for p in args[:2] if isinstance(p, (str, bytes, os.PathLike))):
                 deny(args[0])
             return real[name](*args, **kwargs)
         return change
 
-    patched = {"open": os_open, "fdopen": os_fdopen, "write": os_write,
-               **{name: entries(name) for name in ("replace", "rename", "unlink", "remove", "link", "mkdir", "rmdir")}}
+    patched = {"open": os_open, "fdopen": os_fdopen, "write": os_write, **{n: entries(n) for n in _ENTRY_CALLS}}
     try:
         for name, fn in patched.items():
             setattr(os, name, fn)
