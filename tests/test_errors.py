@@ -45,6 +45,9 @@ def _invoke(monkeypatch, err, *debug):
     (MemoryError(), 2, ["out of memory for n=5", "lower --n"]),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 74.50 GiB\nmore"), 2,
      ["out of memory for n=5", "74.50 GiB"]),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 40000000000000 bytes."), 2,
+     ["out of memory for n=5; lower --n", "(can't allocate memory: you tried to allocate 40000000000000 bytes.)"]),
     (KeyboardInterrupt(), 130, ["interrupted"]),
     (ZeroDivisionError("float division by zero"), 1,
      ["internal error: ZeroDivisionError: float division by zero (rerun with --debug for the traceback)"]),

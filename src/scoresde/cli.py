@@ -21,8 +21,10 @@ EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _is_out_of_memory(err: BaseException) -> bool:
+    """MemoryError (numpy), torch.OutOfMemoryError (CUDA), or torch's CPU allocator failing (a RuntimeError)."""
     torch = sys.modules.get("torch")
-    return isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+    return (isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError))
+            or (type(err) is RuntimeError and "DefaultCPUAllocator: can't allocate memory" in str(err)))
 
 
 def _message(err: BaseException, n: object) -> tuple[str, int]:
@@ -34,7 +36,7 @@ def _message(err: BaseException, n: object) -> tuple[str, int]:
     if isinstance(err, ScoresdeError):
         return f"error: {err}", EXIT_ERROR
     if _is_out_of_memory(err):
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = str(err).splitlines()[0].split("DefaultCPUAllocator: ")[-1] if str(err) else type(err).__name__
         return (f"error: out of memory{'' if n is None else f' for n={n}'}; lower --n / the batch size "
                 f"({first})"), EXIT_ERROR
     if isinstance(err, OSError):
@@ -216,7 +218,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     from .running.runs import evaluate_run, load_run
 
     check_writable(run / "eval.json")
-    _at_least_one("--n", n, "2 n_eval")
+    _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     r = load_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
