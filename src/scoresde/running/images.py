@@ -14,6 +14,7 @@ shorter side to s (bicubic) and centre-crops s x s. Pixel values v in 0..255 bec
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,13 @@ class ImageFolder(TorchDataset):
         return x[None] if self.channels == 1 else x.permute(2, 0, 1).contiguous()
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """In a worker: leave SIGINT / SIGTERM to the main process, which saves the run and stops the workers
+    (a terminal's Ctrl-C reaches the whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class _Reader(TorchDataset):
     """A folder's images for DataLoader workers: a decoding error comes back as its message, not a traceback."""
 
@@ -204,7 +212,8 @@ class LazyImages:
         if self.workers and rows.dim() == 1 and len(rows):
             if self._loader is None:
                 self._loader = DataLoader(_Reader(self.folder), batch_sampler=self._sampler, num_workers=self.workers,
-                                          collate_fn=_stack, persistent_workers=True)
+                                          collate_fn=_stack, persistent_workers=True,
+                                          worker_init_fn=_ignore_stop_signals)
             n_chunks = min(len(rows), max(self.workers, -(-len(rows) // CHUNK)))
             chunks = [c.tolist() for c in rows.tensor_split(n_chunks)]
             self._sampler.batches = chunks
