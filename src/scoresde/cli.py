@@ -108,7 +108,6 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     from .running.trainers import trainer_for
 
     cfg = load_config(config, overrides or [])
-    cfg.check_training()
     trainer = trainer_for(cfg)(cfg, resume=not restart).run()
     if trainer.rank == 0:
         _report(write_report(load_run(trainer.run_dir)))

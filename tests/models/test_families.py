@@ -260,7 +260,7 @@ def test_cli_sample_with_label_and_guidance(cond_run, tmp_path):
     x = np.load(tmp_path / "x.npy")
     assert x.shape == (6, 1, 8, 8) and np.isfinite(x).all()
     res = runner.invoke(app, ["sample", str(cond_run), "--label", "10", "--n", "6", "--out", str(tmp_path / "y.npy")])
-    assert res.exit_code == 1 and "label must hold" in res.output
+    assert res.exit_code == 2 and "label must hold" in res.output
 
 
 def test_cli_inpaint_keeps_the_known_pixels(cond_run, tmp_path):
@@ -282,7 +282,7 @@ def test_cli_inpaint_keeps_the_known_pixels(cond_run, tmp_path):
     np.save(tmp_path / "bad.npy", np.ones((3, 3)))
     res = runner.invoke(app, ["inpaint", str(cond_run), "--mask", str(tmp_path / "bad.npy"), "--out",
                               str(tmp_path / "z.npy")])
-    assert res.exit_code == 1 and "mask has shape" in res.output
+    assert res.exit_code == 2 and "mask has shape" in res.output
 
 
 def test_sample_run_with_a_label_draws_from_the_conditional_model(cond_run):

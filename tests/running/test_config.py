@@ -135,16 +135,7 @@ def test_yaml_keeps_ints_and_strings_and_names_the_line_of_an_error(tmp_path):
         read_yaml(tmp_path / "nope.yaml")
 
 
-def test_warmup_beyond_steps_is_refused_for_training_only():
-    """A run about to train may not warm up past its last step; a saved config that predates the check still
-    loads, and resuming with a larger steps passes."""
-    cfg = Config(steps=40, warmup=50)  # loads
-    with pytest.raises(ValueError, match=r"config warmup \(50\) must be <= steps \(40\)"):
-        cfg.check_training()
-    Config(steps=60, warmup=50).check_training()
-    Config(steps=50, warmup=50).check_training()
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_shipped_configs_pass_the_training_checks(path):
-    load_config(path).check_training()
+def test_shipped_configs_warm_up_within_their_steps(path):
+    cfg = load_config(path)
+    assert cfg.warmup <= cfg.steps

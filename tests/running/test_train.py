@@ -543,3 +543,13 @@ def test_a_signal_after_the_last_step_is_delivered_once_training_is_done(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         tr.run()
     assert tr.step == 20 and int(read_checkpoint(tmp_path / "r" / "checkpoint.safetensors")[1]["step"]) == 20
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, make_cfg):
+    """warmup 50 over 40 steps: the last step's learning rate is 40/50 of lr (the linear warm-up, by hand)."""
+    with pytest.warns(UserWarning, match=r"warmup \(50\) is longer than steps \(40\): the learning rate only reaches "
+                                         r"0.008 of lr = 0.01"):
+        Trainer(make_cfg(steps=40, warmup=50))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(make_cfg(steps=50, warmup=50))

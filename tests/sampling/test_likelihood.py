@@ -230,7 +230,7 @@ def test_cli_likelihood_on_a_tiny_run(tmp_path):
     out = json.loads((tmp_path / "r" / "likelihood.json").read_text())
     assert out["n"] == 8 and out["divergence"] == "exact" and math.isfinite(out["nll"])
     bad = CliRunner().invoke(app, ["likelihood", str(tmp_path / "r"), "--data", "mixture16"])
-    assert bad.exit_code == 1 and "shape" in bad.output
+    assert bad.exit_code == 2 and "shape" in bad.output
 
 
 def test_default_tolerance_is_accurate_in_the_tails(gen):

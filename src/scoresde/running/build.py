@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..core.errors import InvalidValueError
+from ..core.errors import InvalidValueError, NonFiniteError
 from ..core.registry import Registry
 from ..core.sde import SDE, SDES, ScoreFn
 from ..core.validate import construct
@@ -105,7 +105,11 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
             if options:
                 raise InvalidValueError(f"a {family.name!r} model draws its own samples: it takes no sampler options, "
                                  f"got {', '.join(sorted(options))}")
-            return family.generate(unwrap(score_fn), tuple(shape), method=method, nfe=nfe, generator=generator), None
+            x = family.generate(unwrap(score_fn), tuple(shape), method=method, nfe=nfe, generator=generator)
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(f"the samples of {family.name!r} with method {method!r} at nfe={nfe} are not "
+                                     f"finite: the model returned NaN/inf")
+            return x, None
     x_T = None
     if device is not None and torch.device(device).type != "cpu":
         x_T = sde.prior_sample(tuple(shape), generator=generator).to(device)

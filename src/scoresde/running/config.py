@@ -170,14 +170,6 @@ class Config:
         if not self.name or "/" in self.name:
             raise InvalidValueError(f"config name must be a non-empty name without '/', got {self.name!r}")
 
-    def check_training(self) -> None:
-        """Cross-field checks for a run about to train (a finished run's saved config may predate them and
-        still loads): warmup <= steps, else the learning rate never reaches lr. Resuming with a larger
-        steps passes."""
-        if self.warmup > self.steps:
-            raise InvalidValueError(f"config warmup ({self.warmup}) must be <= steps ({self.steps}): the learning "
-                                    f"rate would never reach lr; set warmup=... (0 to {self.steps}) or raise steps")
-
     def _validate_ema(self) -> None:
         """Resolve an unset ema_schedule (constant when ema_decay is set, so configs written before the
         warm-up schedules train as they did; else power) and check the schedule's keys."""

@@ -16,7 +16,7 @@ from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import save_config
 from .data import Dataset, save_data_record
 from .files import atomic_write
-from .plots import plot_samples, plt
+from .plots import plot_samples, plt, save_figure
 from .runs import Run, load_run, sample_run
 
 __all__ = ["finetune_run"]
@@ -60,8 +60,7 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
         ax.plot(it, m), ax.fill_between(it, m - e, m + e, alpha=0.3)
         ax.set_xlabel("iteration"), ax.set_title(label)
     fig.tight_layout()
-    fig.savefig(out_dir / "finetune_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "finetune_curves.png", tight=False)
     paths.update(curves=out_dir / "finetune_curves.png", checkpoint=out_dir / CHECKPOINT, history=out_dir / "history.json")
     return {"paths": paths, "reward_before": rewards["before"], "reward_after": rewards["after"],
             "kl": history[-1]["kl"]}

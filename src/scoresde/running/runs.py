@@ -21,7 +21,7 @@ from ..core.errors import InvalidValueError, ScoresdeError
 from ..core.sde import LinearSDE
 from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
-from ..evaluation.metrics import mmd2, tv, tv_grid, w2_report
+from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.tuning import GridFit, fit_grid
@@ -207,6 +207,7 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
     data = run.data  # DataUnavailable before any sampling
     n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
     method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
+    check_mmd2_memory(n, None if data.mixture is not None else min(n, data.test.shape[0]))  # before sampling
     x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
     metrics = {"step": run.step, "sampler": method, "nfe": nfe,
                **w2_report(x, data, generator=torch.Generator().manual_seed(seed + 1))}

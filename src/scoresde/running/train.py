@@ -154,6 +154,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.sde, self.data.sample_shape).to(self.device)
         self.ema = EMA(self.model, ema_decay(cfg))
+        if cfg.warmup > cfg.steps and self.rank == 0:
+            warnings.warn(f"config warmup ({cfg.warmup}) is longer than steps ({cfg.steps}): the learning rate only "
+                          f"reaches {learning_rate(cfg, cfg.steps - 1):.3g} of lr = {cfg.lr:g}; set warmup=0..{cfg.steps}",
+                          stacklevel=2)
         init_share = cfg.ema_decay ** cfg.steps if cfg.ema_schedule == "constant" else 0.0
         if init_share > 0.05 and self.rank == 0:
             warnings.warn(f"ema_decay {cfg.ema_decay} averages over ~{1 / (1 - cfg.ema_decay):.0f} steps: after "
