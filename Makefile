@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +67,9 @@ bench-stochastic: $(STAMP)
 	$(HEAVY) -m benchmarks stochastic --stage confirm $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage learned $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage overhead $(BENCH_ARGS)
+
+bench-reliability: $(STAMP)
+	$(HEAVY) -m benchmarks reliability $(BENCH_ARGS)
 
 bench-estimation: $(STAMP)
 	$(HEAVY) -m benchmarks estimation a b $(BENCH_ARGS)

@@ -20,4 +20,5 @@ BENCHMARKS = {
     "alignment": "alignment",
     "gpu": "gpu",
     "stochastic": "stochastic",
+    "reliability": "reliability",
 }

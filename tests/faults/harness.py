@@ -189,6 +189,71 @@ def differences(run_dir: Path, reference_dir: Path) -> list[str]:
     return diff
 
 
+# ---- scenarios (a test asserts on what they return; benchmarks/reliability.py tabulates it) --------------------
+
+def sigterm_at_step(config: Path, out: Path, step: int, reference: Path) -> dict:
+    """SIGTERM while step `step` is computed, then resume in this process: the stop's exit status and output,
+    whether its message is clear, the step its checkpoint holds, and how the resumed run differs from
+    `reference` ([]: bit-identical)."""
+    stopped = run_attempt(config, out, f"term-step:{step}")
+    saved = int(training_state(out / config.stem)[1]["step"])
+    return {"returncode": stopped.returncode, "output": stopped.output, "saved_step": saved,
+            "clear": stopped.returncode > 0 and cli_outcome(stopped.returncode, stopped.output) == "clear error"
+            and f"step {step}" in stopped.output,
+            "differences": differences(train_here(config, out, resume=True), reference)}
+
+
+def disk_fault_training(config: Path, out: Path, reference: Path, code: int, match: str = "") -> dict:
+    """Train `config` to its second checkpoint, then let writes to its run folder (whose names contain `match`)
+    fail with `code` for the rest of the run, then resume with the disk fine. Returns the error and whether
+    it is clear (a ScoresdeError of 1-3 lines naming the run folder), whether the files before are kept
+    (metrics.jsonl may only grow), files left behind, and how the resumed run differs from `reference`."""
+    from scoresde.core.errors import ScoresdeError
+    from scoresde.running.config import load_config
+    from scoresde.running.train import Trainer
+
+    cfg = load_config(config, [f"out={out}"])
+    trainer = Trainer(cfg, resume=False).run(until=2 * cfg.checkpoint_every)
+    before, error = snapshot(cfg.run_dir), None
+    with failing_writes(cfg.run_dir, code, match):
+        try:
+            trainer.run()
+        except Exception as err:  # noqa: BLE001 - what it raises is the result
+            error = err
+    after = snapshot(cfg.run_dir)
+    try:
+        resumed = differences(train_here(config, out, resume=True), reference)
+    except Exception as err:  # noqa: BLE001
+        resumed = [f"resuming failed: {type(err).__name__}: {err}"]
+    message = str(error) if error is not None else ""
+    return {"error": type(error).__name__ if error is not None else None, "message": message,
+            "clear": isinstance(error, ScoresdeError) and 1 <= len(message.splitlines()) <= 3
+            and str(cfg.run_dir) in message,
+            "kept": all(after.get(k) == v for k, v in before.items() if k != "metrics.jsonl")
+            and after.get("metrics.jsonl", b"").startswith(before.get("metrics.jsonl", b"")),
+            "debris": sorted(set(after) - set(before)), "differences": resumed}
+
+
+def disk_fault_sample(run_dir: Path, folder: Path, code: int, suffix: str) -> dict:
+    """`scoresde sample RUN --out folder/samples<suffix>` once, then again while writes to `folder` fail with
+    `code`: the second one's outcome (`cli_outcome`) and output, whether it names the file, whether the
+    folder is as the first one left it."""
+    from typer.testing import CliRunner
+
+    from scoresde.cli import app
+
+    out = folder / f"samples{suffix}"
+    args = ["sample", str(run_dir), "--out", str(out), "--n", "8", "--nfe", "5"]
+    first = CliRunner().invoke(app, args)
+    if first.exit_code:
+        raise RuntimeError(f"scoresde {' '.join(args)} failed: {first.output}")
+    before = snapshot(folder)
+    with failing_writes(folder, code):
+        res = CliRunner().invoke(app, [*args, "--seed", "1"])
+    return {"outcome": cli_outcome(res.exit_code, res.output, res.exception), "output": res.output.strip(),
+            "names_file": str(out) in res.output, "kept": snapshot(folder) == before}
+
+
 # ---- outcomes -----------------------------------------------------------------------------------------------
 
 BOX = "╭╮╰╯│─"
