@@ -166,16 +166,13 @@ def workspace(folder: Path) -> dict[str, Path]:
             (d / "config.yaml").write_text("steps: [1, 2\n")
     arrays = {"empty.npy": np.zeros((0, 2)), "nan.npy": np.array([[0.0, np.nan]] * 50),
               "inf.npy": np.array([[0.0, np.inf]] * 50), "vector.npy": np.zeros(50), "five-d.npy": np.zeros((4,) * 5),
-              "object.npy": None, "good.npy": np.random.default_rng(0).normal(size=(200, 2))}
+              "mask.npy": np.ones(2)}
+    texts = {"text.npy": "1,2\n3,4\n", "blank.npy": "", "data.csv": "1,2\n3,4\n"}
     for name, a in arrays.items():
-        p[name] = folder / name
-        if a is not None:
-            np.save(p[name], a)
-    p["object.npy"].write_bytes(b"")  # an empty file named .npy
-    p["text.npy"] = folder / "text.npy"
-    p["text.npy"].write_text("1,2\n3,4\n")
-    p["data.csv"] = folder / "data.csv"
-    p["data.csv"].write_text("1,2\n3,4\n")
+        np.save(folder / name, a)
+    for name, text in texts.items():
+        (folder / name).write_text(text)
+    p.update({name: folder / name for name in [*arrays, *texts]})
     for name in ("broken-images", "mixed-images", "no-images"):
         (folder / name).mkdir()
         p[name] = folder / name
@@ -184,8 +181,6 @@ def workspace(folder: Path) -> dict[str, Path]:
         _png(p["mixed-images"] / f"{i}.png", 8 if i % 2 else 12)
     (p["broken-images"] / "bad.png").write_text("not a png")
     (p["no-images"] / "readme.txt").write_text("no images here")
-    p["mask.npy"] = folder / "mask.npy"
-    np.save(p["mask.npy"], np.ones(2))
     return p
 
 
@@ -295,7 +290,7 @@ def catalogue(folder: Path, p: dict[str, Path]) -> list[tuple]:
         ("data", "data=a folder that does not exist", train(f"data={folder / 'nowhere'}/")),
         ("data", "data=bogus (no such built-in set)", train("data=bogus")),
         ("data", "a text file named .npy", train(f"data={p['text.npy']}")),
-        ("data", "an empty file named .npy", train(f"data={p['object.npy']}")),
+        ("data", "an empty file named .npy", train(f"data={p['blank.npy']}")),
         ("data", "a .csv file", train(f"data={p['data.csv']}")),
         ("data", "an empty array (0, 2)", train(f"data={p['empty.npy']}")),
         ("data", "NaN in the data", train(f"data={p['nan.npy']}")),
@@ -453,11 +448,16 @@ def markdown(s: dict, rows: list[dict], disk: list[dict]) -> str:
     misses = [r for r in rows if r["outcome"] not in ("clear error", "warned", "accepted correctly")]
     if unclear or misses:
         lines += ["", "Not yet clear:", ""]
-        lines += [f"- {d['fault']} during {d['target']}: {'' if d['kept'] else 'files changed; '}"
-                  f"`{d['message'].splitlines()[-1][:160] if d['message'] else ''}`" for d in unclear]
-        lines += [f"- {r['category']}: {r['input']} ({r['outcome']}): `{r['message'].splitlines()[-1][:160] if r['message'] else ''}`"
-                  for r in misses]
+        lines += [f"- {d['fault']} during {d['target']}: {'' if d['kept'] else 'files changed; '}{_last(d['message'])}"
+                  for d in unclear]
+        lines += [f"- {r['category']}: {r['input']} ({r['outcome']}): {_last(r['message'])}" for r in misses]
     return "\n".join(lines) + "\n"
+
+
+def _last(message: str) -> str:
+    """The last line of a message, as inline code (or "no message")."""
+    line = message.strip().splitlines()[-1][:200] if message.strip() else ""
+    return f"`{line}`" if line else "no message"
 
 
 def figure(s: dict) -> None:
