@@ -164,3 +164,20 @@ def test_content_hash_follows_the_content(tmp_path):
     assert content_hash(load_dataset(str(tmp_path), n_test=2, seed=1, workers=0)) != content_hash(memory)  # split
     Image.fromarray(np.full((4, 4), 255, dtype=np.uint8)).save(tmp_path / "3.png")
     assert content_hash(load_dataset(str(tmp_path), n_test=2, workers=0)) != content_hash(memory)
+
+
+def test_a_dataset_from_python_is_checked_like_loaded_data():
+    from scoresde.running.data import Dataset, check_dataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    d = check_dataset(Dataset(x, x[:5], "mine", train_labels=torch.arange(20), test_labels=torch.arange(5)))
+    assert d.train.dtype == torch.float32 and torch.equal(d.train, x.float()) and d.name == "mine"
+    for bad, match in [(Dataset(x[:0], x, "e"), "train is empty"),
+                       (Dataset(x, torch.randn(5, 4, generator=g), "s"), r"train samples have shape \(3,\), test"),
+                       (Dataset(x, x.to(torch.complex64), "c"), "test must hold real numbers"),
+                       (Dataset(x, x, "l", train_labels=torch.arange(3)), "train_labels must be a 1-D tensor of 20"),
+                       (Dataset(x.clone().fill_(float("nan")), x, "n"), "NaN/inf"),
+                       ((x, x), "must be a scoresde Dataset")]:
+        with pytest.raises(ValueError, match=match):
+            check_dataset(bad)

@@ -23,7 +23,7 @@ import json
 import re
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ __all__ = [
     "DATA_RECORD",
     "Dataset",
     "builtin_names",
+    "check_dataset",
     "content_hash",
     "data_mismatch",
     "data_record",
@@ -114,6 +115,23 @@ def validate(x: np.ndarray | Tensor, name: str = "data") -> Tensor:
         raise InvalidValueError(f"{name} contains {int(bad.sum())} NaN/inf value(s) in {rows.size} sample(s), "
                          f"first at sample {int(rows[0])}")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def check_dataset(data: Dataset) -> Dataset:
+    """A Dataset given from Python, checked and converted as loaded data are (`validate`: real, finite, non-empty,
+    (n, d) or (n, C, H, W), float32), train and test of one sample shape, labels one per point."""
+    if not isinstance(data, Dataset):
+        raise InvalidValueError(f"data must be a scoresde Dataset(train, test, name), got {type(data).__name__}")
+    train = data.train if isinstance(data.train, LazyImages) else validate(data.train, f"data {data.name!r}: train")
+    test = validate(data.test, f"data {data.name!r}: test")
+    if tuple(train.shape[1:]) != tuple(test.shape[1:]):
+        raise InvalidValueError(f"data {data.name!r}: train samples have shape {tuple(train.shape[1:])}, test samples "
+                                f"{tuple(test.shape[1:])}; they must agree")
+    for part, x, y in (("train", train, data.train_labels), ("test", test, data.test_labels)):
+        if y is not None and not (isinstance(y, Tensor) and y.dim() == 1 and len(y) == len(x)):
+            got = f"shape {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
+            raise InvalidValueError(f"data {data.name!r}: {part}_labels must be a 1-D tensor of {len(x)} labels, got {got}")
+    return replace(data, train=train, test=test)
 
 
 def load_digits(pad_to: int = 0) -> tuple[Tensor, Tensor]:

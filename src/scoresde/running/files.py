@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError, OutputError, describe_os_error
 
-__all__ = ["atomic_write", "check_writable", "save_array", "save_json", "save_text"]
+__all__ = ["atomic_write", "append_line", "check_writable", "save_array", "save_json", "save_text"]
 
 ARRAY_SUFFIXES = (".npy", ".npz")
 
@@ -42,6 +42,18 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(err, OSError) and not isinstance(err, OutputError):
             raise _output_error(err, describe_os_error(err, path)) from err
         raise
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append `line` and a newline to a log file (created with its folder). An OSError becomes an OutputError
+    naming `path`; a line cut short by a full disk or a kill is for the reader to skip."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as err:
+        raise _output_error(err, describe_os_error(err, path)) from err
 
 
 def _output_error(err: OSError, message: str) -> OutputError:

@@ -30,6 +30,7 @@ from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
 from .config import Config, load_config
 from .data import (
     Dataset,
+    check_dataset,
     content_hash,
     data_mismatch,
     load_config_data,
@@ -121,6 +122,7 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
     torch.set_num_threads(cfg.threads)
     record, where, unavailable = read_data_record(run_dir), f"run {str(run_dir)!r}", ""
+    data = None if data is None else check_dataset(data)
     if data is not None and record is not None and (mismatch := data_mismatch(data, record, where)):
         raise InvalidValueError(f"{mismatch}; pass the data the run was trained on")
     if data is None:

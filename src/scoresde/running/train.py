@@ -60,6 +60,7 @@ from .checkpoint import (
 from .config import Config, config_from_dict, read_yaml, save_config
 from .data import (
     Dataset,
+    check_dataset,
     data_mismatch,
     data_record,
     load_config_data,
@@ -67,7 +68,7 @@ from .data import (
     save_data_record,
     take_batch,
 )
-from .files import atomic_write
+from .files import append_line, atomic_write
 from .precision import compile_blocker, training_view
 
 __all__ = ["NonFiniteLoss", "Trainer", "TrainingInterrupted", "ema_decay", "learning_rate"]
@@ -102,6 +103,14 @@ def ema_decay(cfg: Config) -> float | Callable[[int], float]:
 def _micro(v: Tensor | None, k: int) -> list[Tensor | None]:
     """k equal consecutive slices of a batch tensor (None: k times None)."""
     return [None] * k if v is None else list(v.chunk(k))
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a kill or a full disk (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class NonFiniteLoss(ScoresdeError, RuntimeError):
@@ -146,7 +155,7 @@ class Trainer:
         if cfg.compile and (reason := compile_blocker(self.device)):
             raise InvalidValueError(f"config compile: torch.compile cannot compile on this platform ({reason}); "
                              f"set compile: false")
-        self.data = data if data is not None else load_config_data(cfg)
+        self.data = check_dataset(data) if data is not None else load_config_data(cfg)
         self.data_record = data_record(self.data, "config" if data is None else "api")
         self.family = check_config(cfg)
         self.sde = build_sde(cfg)
@@ -238,8 +247,7 @@ class Trainer:
                                        net_args=self.cfg.net_args)
         self.last_checkpoint = self.step
         if self.rank == 0 and self.metrics_path.exists():  # drop records written after the checkpoint
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["step"] <= self.step]
+            lines = [ln for ln in self.metrics_path.read_text().splitlines() if _record_step(ln) <= self.step]
             atomic_write(self.metrics_path, "".join(ln + "\n" for ln in lines).encode())
 
     # one optimisation step -------------------------------------------------------------------
@@ -325,9 +333,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.metrics_path, json.dumps(record))
 
     @contextmanager
     def _catch_signals(self) -> Iterator[None]:

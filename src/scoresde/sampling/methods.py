@@ -215,9 +215,12 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
             raise InvalidValueError("shape must be given when x_T is not")
         _check_shape("shape", tuple(shape))
         x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
-    elif shape is not None and tuple(x_T.shape) != tuple(shape):
-        raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
     else:
+        if not (isinstance(x_T, Tensor) and x_T.is_floating_point()):
+            got = x_T.dtype if isinstance(x_T, Tensor) else type(x_T).__name__
+            raise InvalidValueError(f"x_T must be a real floating-point tensor, got {got}")
+        if shape is not None and tuple(x_T.shape) != tuple(shape):
+            raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
         _check_shape("x_T's shape", tuple(x_T.shape))
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
@@ -256,7 +259,7 @@ def _check_shape(name: str, shape: tuple[int, ...]) -> None:
 def _finite(x: Tensor, method: str, nfe: int) -> Tensor:
     """x, or NonFiniteError when it holds NaN/inf (one reduction, one host sync)."""
     if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+        bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).sum())
         raise NonFiniteError(f"the samples of method {method!r} at nfe={nfe} are not finite ({bad} of {x.shape[0]} "
                              "hold NaN/inf): the score returned NaN/inf, or the step is unstable (raise nfe or "
                              "use another method)")
