@@ -31,11 +31,7 @@ def test_the_simulation_fails_writes_in_the_folder_only(tmp_path, code):
 
 
 @pytest.mark.parametrize("code", CODES.values(), ids=CODES.keys())
-@pytest.mark.parametrize("failing", [
-    pytest.param("checkpoint", id="checkpoint save"),
-    pytest.param("", id="every write", marks=pytest.mark.xfail(strict=False, reason="waiting for C: Trainer._log appends "
-                 "to metrics.jsonl unguarded (a raw OSError), and resuming fails on the half-written record")),
-])
+@pytest.mark.parametrize("failing", ["checkpoint", ""], ids=["checkpoint save", "every write"])
 def test_training_on_a_failing_disk_stops_clearly_keeps_its_files_and_resumes(reference, tmp_path, code, failing):
     """Writes fail after the second checkpoint: either the next checkpoint save (the metrics appends still
     fit) or every write, the first being the next step's metrics record."""

@@ -87,14 +87,7 @@ def _through(entry: str, x: np.ndarray, folder: Path) -> None:
         sample(VP(), lambda y, s: -y, None, method="em", nfe=3, x_T=t)
 
 
-@pytest.mark.parametrize("entry", [
-    "file",
-    pytest.param("dataset", marks=pytest.mark.xfail(strict=False, reason="finding: Trainer(cfg, data=Dataset(...)) does not "
-                 "validate its arrays: 0-d or empty ones raise TypeError / RuntimeError")),
-    "loss",
-    pytest.param("sample", marks=pytest.mark.xfail(strict=False, reason="finding: sample(x_T=...) with a complex or 1-D "
-                 "x_T raises NotImplementedError / IndexError")),
-])
+@pytest.mark.parametrize("entry", ["file", "dataset", "loss", "sample"])
 def test_data_arrays_train_or_fail_clearly(entry):
     @settings(PROPERTY, max_examples=30)
     @given(x=ARRAYS)
