@@ -5,7 +5,9 @@ A fault is a string: `write:N`, `kill-step:S`, `term-step:S` are injected from i
 printed its first line (its model is built; training starts). `run_chain` runs a training run in a child
 process under a list of faults, restarting it after each, until it finishes; `differences` compares its final
 checkpoint with an uninterrupted run's, tensor for tensor with torch.equal. `failing_writes` makes every write
-under one folder fail as on a full disk or an unwritable folder, inside this process.
+under one folder fail as on a full disk or an unwritable folder, inside this process. `sigterm_at_step`,
+`disk_fault_training` and `disk_fault_sample` run one scenario each and return what a test asserts on (and the
+benchmark tabulates); `cli_outcome` and `api_outcome` classify how a command or a library call ended.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ def write_config(folder: str | os.PathLike, name: str = "faults", **overrides) -
 
 
 def child_env(fault: str = "", **extra: str) -> dict[str, str]:
+    """The environment of a training child: one thread, this checkout's sources, `fault` (and `extra`) set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCORESDE_FAULT")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"), **extra)
     if fault:
