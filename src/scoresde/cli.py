@@ -2,13 +2,14 @@
 
 One error boundary (`_Boundary`) serves every command: an expected failure (a `ScoresdeError`, an OSError
 from a file, running out of memory) prints one `error: ...` line naming the parameter or file and exits
-with status 2; Ctrl-C prints "interrupted" and exits with 130 (a training run stopped by SIGINT / SIGTERM
+with status 2 (a warning prints one `warning: ...` line); Ctrl-C prints "interrupted" and exits with 130 (a training run stopped by SIGINT / SIGTERM
 after saving its checkpoint: 128 + the signal, 130 / 143); anything else is a bug: one line
 "internal error: ..." and status 1. `scoresde --debug COMMAND ...` re-raises with the full traceback.
 Typer's own usage errors (unknown option, bad number) print as Typer prints them (status 2)."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -45,13 +46,20 @@ def _message(err: BaseException, n: object) -> tuple[str, int]:
     return f"internal error: {type(err).__name__}: {first} (rerun with --debug for the traceback)", EXIT_INTERNAL
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
 class _Boundary(TyperGroup):
     """The commands' group, whose `invoke` is the one error boundary of the CLI (module docstring)."""
 
     def invoke(self, ctx: typer.Context) -> object:
         args = [*ctx._protected_args, *ctx.args]  # the command and its arguments (consumed by invoke)
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                if not ctx.params.get("debug"):  # one line per warning, without Python's file:line and source line
+                    warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except (TyperException, typer.Exit, typer.Abort):  # usage errors, --help, exits: Typer prints them
             raise
         except (Exception, KeyboardInterrupt) as err:

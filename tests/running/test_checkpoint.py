@@ -407,3 +407,16 @@ def test_a_save_killed_at_any_rename_or_fsync_leaves_an_intact_checkpoint(tmp_pa
         assert torch.equal(tensors["model/weight"], torch.full((2, 3), float(step)))
         steps.add((last, step))
     assert steps == {(2, 1), (2, 2), (3, 2), (3, 3)}  # killed before the save counts, and after it
+
+
+def test_a_save_clears_what_saves_killed_mid_write_left(tmp_path, gen):
+    net, ema, opt = _trained(gen)
+    path = tmp_path / "checkpoint.safetensors"
+    debris = [tmp_path / "..checkpoint.safetensors.new.abc123.tmp", tmp_path / ".checkpoint.safetensors.xyz.tmp"]
+    for p in debris:
+        p.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".other.safetensors.q.tmp"
+    other.write_bytes(b"not ours")
+    C.save_checkpoint(path, model=net, step=1)
+    assert not any(p.exists() for p in debris) and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.safetensors.q.tmp", "checkpoint.safetensors"]

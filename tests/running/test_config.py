@@ -139,3 +139,8 @@ def test_yaml_keeps_ints_and_strings_and_names_the_line_of_an_error(tmp_path):
 def test_shipped_configs_warm_up_within_their_steps(path):
     cfg = load_config(path)
     assert cfg.warmup <= cfg.steps
+
+
+def test_a_folder_given_as_the_config_file_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"config file .* is a folder; give a YAML file"):
+        load_config(tmp_path)

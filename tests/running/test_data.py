@@ -181,3 +181,10 @@ def test_a_dataset_from_python_is_checked_like_loaded_data():
                        ((x, x), "must be a scoresde Dataset")]:
         with pytest.raises(ValueError, match=match):
             check_dataset(bad)
+
+
+def test_values_beyond_float32_are_refused_not_turned_into_inf():
+    from scoresde.running.data import validate
+
+    with pytest.raises(ValueError, match=r"1 NaN/inf value\(s\) in 1 sample\(s\), first at sample 1 \(values beyond"):
+        validate(np.array([[1.0, 2.0], [-1e39, 0.0]]))

@@ -554,3 +554,17 @@ def test_annealed_langevin_converges(gen):
                dtype=F64)
     gap, tol = log_density_gap(target, x, gen)
     assert abs(gap) < tol + 0.05, gap
+
+
+def test_sample_refuses_unknown_options_a_misshapen_score_and_names_an_exhausted_budget():
+    from scoresde.core.errors import BudgetExhaustedError, ScoresdeError
+    from scoresde.core.sde import VP
+
+    with pytest.raises(ValueError, match=r"method 'em' takes no option 'eta'; its options: .*noise"):
+        sample(VP(), lambda x, t: -x, (4, 2), method="em", nfe=3, eta=1.0)
+    with pytest.raises(ValueError, match=r"score_fn\(x, t\) must return a tensor of the shape of x \(4, 2\), got "
+                                         r"shape \(4, 1\)"):
+        sample(VP(), lambda x, t: -x[:, :1], (4, 2), method="em", nfe=3)
+    with pytest.raises(BudgetExhaustedError, match="nfe=5") as err:
+        sample(VP(), lambda x, t: -x, (4, 2), method="adaptive_sde", nfe=5)
+    assert isinstance(err.value, ScoresdeError)

@@ -8,6 +8,7 @@ import errno
 import os
 
 __all__ = [
+    "BudgetExhaustedError",
     "DamagedFileError",
     "InvalidValueError",
     "MissingFileError",
@@ -33,6 +34,10 @@ class MissingFileError(ScoresdeError, FileNotFoundError):
 
 class DamagedFileError(InvalidValueError):
     """A file exists but is not what it should be: truncated, corrupt, or written by something else."""
+
+
+class BudgetExhaustedError(ScoresdeError, RuntimeError):
+    """A method with adaptive steps needed more score evaluations than its budget `nfe` allows."""
 
 
 class OutputError(ScoresdeError, OSError):

@@ -73,9 +73,16 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
 def remove_checkpoints(path: str | os.PathLike) -> None:
     """Delete `path`, its previous checkpoint and what an interrupted save left beside them."""
     path = Path(path)
-    debris = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
-    for p in (path, previous_checkpoint(path), _staging(path), *debris):
+    for p in (path, previous_checkpoint(path), _staging(path), *_debris(path)):
         p.unlink(missing_ok=True)
+
+
+def _debris(path: Path) -> list[Path]:
+    """The temporary files that saves of `path` killed mid-write left (`files.atomic_write` names them
+    .<name>.<random>.tmp, for the checkpoint and for its staged copy)."""
+    if not path.parent.is_dir():
+        return []
+    return [p for name in (path.name, _staging(path).name) for p in path.parent.glob(f".{name}.*.tmp")]
 
 
 def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -162,6 +169,8 @@ def save_checkpoint(path: str | os.PathLike, *, model: nn.Module, step: int, ema
     tensors.update(_prefixed("rng", rng))
     meta["checksum"] = _checksum(tensors, meta)
     staged = _staging(path)
+    for stale in _debris(path):  # a save killed mid-write left it; this process is the only writer
+        stale.unlink(missing_ok=True)
     atomic_write(staged, st_save(tensors, metadata=meta))
     try:
         _header(path)

@@ -231,6 +231,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise InvalidValueError(f"config file {str(path)!r} is a folder; give a YAML file (see configs/)")
         if not path.is_file():
             raise MissingFileError(f"config file {str(path)!r} does not exist")
         values = _parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}

@@ -109,12 +109,14 @@ def validate(x: np.ndarray | Tensor, name: str = "data") -> Tensor:
                          f"got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.size == 0:
         raise InvalidValueError(f"{name} is empty (shape {arr.shape})")
-    bad = ~np.isfinite(arr.astype(np.float64, copy=False))
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = ~np.isfinite(out)
     if bad.any():
         rows = np.flatnonzero(bad.reshape(arr.shape[0], -1).any(1))
-        raise InvalidValueError(f"{name} contains {int(bad.sum())} NaN/inf value(s) in {rows.size} sample(s), "
-                         f"first at sample {int(rows[0])}")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        raise InvalidValueError(f"{name} contains {int(bad.sum())} NaN/inf value(s) in {rows.size} sample(s), first at "
+                                f"sample {int(rows[0])} (values beyond float32's range count as inf)")
+    return torch.from_numpy(out)
 
 
 def check_dataset(data: Dataset) -> Dataset:

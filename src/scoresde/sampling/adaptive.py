@@ -30,6 +30,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.errors import NonFiniteError
 from ..core.sde import SDE, ScoreFn
 from ..core.validate import check, number, one_of
 from .common import Callback, finish, noise_like
@@ -78,7 +79,7 @@ def adaptive_sde(sde: SDE, score_fn: ScoreFn, x_T: Tensor, *, t_end: float | Non
         delta = torch.maximum(x_em.abs(), x_prev.abs()).mul(rtol).clamp_min(atol)
         err = float(((x_em - x_heun) / delta).flatten(1).pow(2).mean(1).sqrt().max())
         if not math.isfinite(err):
-            raise RuntimeError(f"adaptive_sde: the error estimate is not finite at step {step} (is the score finite?)")
+            raise NonFiniteError(f"adaptive_sde: the error estimate is not finite at step {step} (is the score finite?)")
         if err <= 1:
             x, x_prev, t = x_heun, x_em, t_next
         h = min(t - t_end, safety * h * max(err, 1e-12) ** -exponent)

@@ -38,6 +38,7 @@ for em, ei, dpm2m_sde, dpm3m_sde and edm_sde.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -45,7 +46,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..core.errors import InvalidValueError, NonFiniteError
+from ..core.errors import BudgetExhaustedError, InvalidValueError, NonFiniteError
 from ..core.registry import Registry
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from .adaptive import adaptive_sde
@@ -164,8 +165,8 @@ def _budget_counter(score_fn: ScoreFn, nfe: int, method: str) -> ScoreFn:
         nonlocal calls
         calls += 1
         if calls > nfe:
-            raise RuntimeError(f"{method} needs more than nfe={nfe} score evaluations at these rtol/atol; "
-                               "raise nfe or loosen the tolerances")
+            raise BudgetExhaustedError(f"{method} needs more than nfe={nfe} score evaluations at these rtol/atol; "
+                                       "raise nfe or loosen the tolerances")
         return score_fn(x, t)
 
     return counted
@@ -226,6 +227,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     if spec.linear:
         require_linear(sde, f"method {method!r}")
+    _check_options(method, spec.fn, options)
+    score_fn = _shape_checked(score_fn)
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
     if spec.stochastic(options):
         kwargs["generator"] = generator
@@ -249,6 +252,31 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         raise InvalidValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
     x = spec.fn(sde, score_fn, x_T, ts, **kwargs)
     return _finite(x, method, nfe) if check_finite else x
+
+
+def _check_options(method: str, fn: Callable, options: dict) -> None:
+    """InvalidValueError naming the options `fn` (the method's solver) does not take, and the ones it does."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    own = {"sde", "score_fn", "x_T", "ts", "denoise", "callback", "generator"}
+    valid = sorted(k for k, p in params.items() if k not in own and p.kind is not p.VAR_POSITIONAL)
+    unknown = sorted(set(options) - set(params) - {"generator"})
+    if unknown:
+        raise InvalidValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; its options: "
+                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype)")
+
+
+def _shape_checked(score_fn: ScoreFn) -> ScoreFn:
+    """score_fn, refusing an output that is not a tensor of the input's shape (which would broadcast silently)."""
+    def checked(x: Tensor, t: Tensor) -> Tensor:
+        s = score_fn(x, t)
+        if not isinstance(s, Tensor) or s.shape != x.shape:
+            got = f"shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s).__name__
+            raise InvalidValueError(f"score_fn(x, t) must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
+        return s
+
+    return checked
 
 
 def _check_shape(name: str, shape: tuple[int, ...]) -> None:
