@@ -75,7 +75,7 @@ DATA = {
                   budgets={
                       "bench": dict(steps=8000, n=500, n_lik=100, candidates=("dpm2m", "dpm2m_sde", "sa3", "heun"),
                                     cond_sampler="dpm2m_sde"),
-                      "demo": dict(steps=1000, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20, 50),
+                      "demo": dict(steps=1250, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20, 50),
                                    candidates=("dpm2m", "dpm2m_sde"), guidance=(0.0, 1.0, 3.0), ancestral_steps=50,
                                    cond_sampler="dpm2m_sde"),
                       "quick": dict(steps=3, n=40, n_lik=4, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
@@ -377,7 +377,8 @@ def run(args) -> None:
             add("consistency (CD from VP)", f"{steps}-step", steps, x, sec, ts)
             show(x, f"consistency {steps}")
 
-    # diffusers side by side: its twin U-Net, DDPMScheduler ancestral (long_chain steps) and DPM-Solver at nfes
+    # diffusers side by side: its twin U-Net, DDPMScheduler ancestral (long_chain steps) and DPM-Solver++ at nfes; when
+    # a stochastic scoresde sampler is a candidate, diffusers' stochastic DPM-Solver++ (sde-dpmsolver++) too
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     unet, sched, sec = diffusers_baseline(args, data.train)
@@ -385,13 +386,19 @@ def run(args) -> None:
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
     bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels,
                           generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean()) if n_lik else None
-    for cls, steps_list in ((DDPMScheduler, (long_chain,) if long_chain else ()), (DPMSolverMultistepScheduler, nfes)):
+    schedulers = [("DDPMScheduler", DDPMScheduler, {}, (long_chain,) if long_chain else ()),
+                  ("DPMSolverMultistepScheduler", DPMSolverMultistepScheduler, {}, nfes)]
+    if any(m.endswith("_sde") for m in candidates):
+        schedulers.append(("DPMSolverMultistepScheduler sde-dpmsolver++", DPMSolverMultistepScheduler,
+                           {"algorithm_type": "sde-dpmsolver++"}, nfes))
+    for name, cls, options, steps_list in schedulers:
         for steps in steps_list:
-            x, ts = timed(lambda cls=cls, steps=steps: diffusers_sample(unet, cls, sched.config, steps, n, seed=1,
-                                                                        precision=precision))
-            add("diffusers UNet2DModel", cls.__name__, steps, x, sec, ts, bpd if cls is DDPMScheduler else None)
+            x, ts = timed(lambda cls=cls, options=options, steps=steps: diffusers_sample(
+                unet, cls, {**sched.config, **options}, steps, n, seed=1, precision=precision))
+            add("diffusers UNet2DModel", name, steps, x, sec, ts, bpd if cls is DDPMScheduler else None)
             if steps == (long_chain or nfes[-1]):
-                show(x, f"diffusers {'DDPM' if cls is DDPMScheduler else 'DPM'} {steps}")
+                short = {"DDPMScheduler": "DDPM", "DPMSolverMultistepScheduler": "DPM"}.get(name, "SDE-DPM")
+                show(x, f"diffusers {short} {steps}")
 
     cond, inp, cond_fig = [], None, None
     if "VP class-cond." in trained:  # accuracy of the feature classifier on guided samples, per guidance weight

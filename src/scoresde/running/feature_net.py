@@ -4,7 +4,8 @@ accuracy (issues 12 and 20).
 
 - "digits": scikit-learn's 8x8 digits; trained on the first 80% of a fixed permutation, tested on the rest.
 - "mnist": the 5,000 MNIST digits of `running.mnist`; trained on its 4,500 training digits (random shifts of
-  up to 2 pixels), tested on its 500 held-out digits (98.8% on CPU with seed 0; about 35 s on one thread).
+  up to 2 pixels), tested on its 500 held-out digits (seed 0: 98.8% trained on one CPU thread in about
+  35 s, 98.6% on two; thread counts change the float rounding).
 
 Features of a network trained on 4,500 digits are not Inception features: FID-style numbers made with them
 are comparable only with each other and with their floor, never with published FIDs.
