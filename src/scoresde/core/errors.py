@@ -12,6 +12,7 @@ __all__ = [
     "DamagedFileError",
     "InvalidValueError",
     "MissingFileError",
+    "MissingPackageError",
     "NonFiniteError",
     "OutputError",
     "ScoresdeError",
@@ -38,6 +39,10 @@ class DamagedFileError(InvalidValueError):
 
 class BudgetExhaustedError(ScoresdeError, RuntimeError):
     """A method with adaptive steps needed more score evaluations than its budget `nfe` allows."""
+
+
+class MissingPackageError(ScoresdeError, ImportError):
+    """A package that a feature needs is not installed."""
 
 
 class OutputError(ScoresdeError, OSError):

