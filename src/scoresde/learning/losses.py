@@ -129,6 +129,7 @@ def _times(sde: SDE, x0: Tensor, t: Tensor | None, generator, weighting: Weighti
     """Per-sample times and the per-sample factor lambda(t) * r (r from importance sampling)."""
     n = x0.shape[0]
     if t is None:
+        batch_tensor("x0", x0)  # NaN/inf data name x0, not a NaN loss
         t, r = sample_time(sde, n, weighting=weighting, importance=importance, generator=generator,
                            dtype=x0.dtype, device=x0.device)
     else:
@@ -137,8 +138,11 @@ def _times(sde: SDE, x0: Tensor, t: Tensor | None, generator, weighting: Weighti
         t = as_time(t, x0)
         if t.shape != (n,):
             raise InvalidValueError(f"t must have shape ({n},) (one time per sample), got {tuple(t.shape)}")
-        if not bool(((t > 0) & (t <= sde.T)).all()):  # NaN fails both comparisons
+        t_ok, x_ok = torch.stack((((t > 0) & (t <= sde.T)).all(), x0.isfinite().all())).tolist()  # one sync
+        if not t_ok:  # NaN fails both comparisons
             raise InvalidValueError(f"t must lie in (0, T = {sde.T}]")
+        if not x_ok:
+            raise InvalidValueError("x0 must be finite, got non-finite values")
         r = torch.ones_like(t)
     return t, loss_weight(sde, t, weighting) * r
 
@@ -169,7 +173,7 @@ def _score(score_fn: ScoreFn, x: Tensor, t: Tensor, name: str = "score_fn") -> T
 
 def _setup(sde: SDE, x0: Tensor, t: Tensor | None, noise: Tensor | None, generator, weighting: Weighting,
            importance: bool, n_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    batch_tensor("x0", x0)  # one reduction: NaN/inf data name x0, not a NaN loss
+    batch_tensor("x0", x0, finite=False)  # finiteness: in `_times`, with t's check in one sync
     t, lam = _times(sde, x0, t, generator, weighting, importance)
     xt, noise = _perturb(sde, x0, t, noise, generator, n_steps)
     return xt, t, lam, noise
