@@ -14,7 +14,7 @@ from torch import Tensor
 from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE
 
-__all__ = ["GRIDS", "time_grid", "end_time_for_steps"]
+__all__ = ["GRIDS", "time_grid", "end_time_for_steps", "logsnr_grid"]
 
 GRIDS = ("uniform", "logsnr", "edm", "poly")
 
@@ -84,3 +84,14 @@ def end_time_for_steps(sde: LinearSDE, n_steps: int, scale: float = 0.4, min_rat
     if lam >= _lam(sde, t_min) or lam <= _lam(sde, T):
         return t_min
     return float(sde.inverse_log_snr(lam))
+
+
+def logsnr_grid(sde: LinearSDE, t_start: float, t_end: float, fractions) -> Tensor:
+    """Decreasing times from t_start to t_end (exactly) whose log-SNR steps are the given positive `fractions`
+    (summing to 1) of lambda(t_end) - lambda(t_start): the knots `fit_grid` and `auto_schedule` move."""
+    fractions = torch.as_tensor(fractions, dtype=torch.float64)
+    lam_start, lam_end = _lam(sde, t_start), _lam(sde, t_end)
+    cum = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(fractions, 0)])
+    ts = sde.inverse_log_snr(lam_start + (lam_end - lam_start) * cum / cum[-1])
+    ts[0], ts[-1] = t_start, t_end
+    return ts

@@ -29,6 +29,11 @@ quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power
 whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
 benchmarks/samplers.py. Other methods end at sde.t_min.
 
+Automatic schedule: for unipc2 and unipc3 (`Method.auto`) at nfe <= AUTO_MAX_NFE (10) on a linear SDE, the grid,
+end time and final denoise come from `schedule.auto_schedule` (fitted to the score model once per model, method,
+nfe and sample shape, then cached in memory; benchmarks/samplers.py --part heldout), unless any of grid, t_end,
+rho, power, ts or denoise is given, or `schedule="default"` (the fixed default grid below).
+
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
 explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
 no Tweedie step); `dtype` (when x_T is not given); and each
@@ -48,6 +53,7 @@ from torch import Tensor
 
 from ..core.errors import BudgetExhaustedError, InvalidValueError, NonFiniteError
 from ..core.registry import Registry
+from ..core.validate import one_of
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from .adaptive import adaptive_sde
 from .common import Callback, require_linear
@@ -57,6 +63,7 @@ from .edm import DEFAULT_S_CHURN, edm_sde
 from .grids import end_time_for_steps, time_grid
 from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
 from .pc import annealed_langevin, predictor_corrector
+from .schedule import AUTO_MAX_NFE, cached_schedule
 from .sde_multistep import sde_dpm_solver_multistep
 from .stochastic import euler_maruyama, exponential_integrator
 
@@ -91,7 +98,8 @@ class Method:
     deterministic fixed-grid methods can be grid-fitted). adaptive: it picks its own steps (nfe is a cap
     enforced by a counter; only t_end applies). denoise(nfe): whether the final Tweedie step is on by
     default (on linear SDEs only). linear: it needs alpha and sigma (a LinearSDE). takes: what fn's second
-    argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model).
+    argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model). auto: at nfe <= AUTO_MAX_NFE
+    on a linear SDE, without grid options, `sample` uses the automatic schedule (`schedule.auto_schedule`).
     """
 
     fn: Callable[..., Tensor]
@@ -105,6 +113,7 @@ class Method:
     denoise: Callable[[int], bool] = _always_denoise
     linear: bool = False
     takes: str = "score"
+    auto: bool = False
 
     def __post_init__(self):
         if self.takes not in ("score", "consistency"):
@@ -142,10 +151,11 @@ for _name, _method in {
     "edm_sde": Method(edm_sde, lambda o: 2, grid="edm", stochastic=lambda o: o.get("S_churn", DEFAULT_S_CHURN) > 0,
                       denoise=lambda nfe: nfe % 2 == 1, linear=True),
     # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
+    # at nfe <= AUTO_MAX_NFE the automatic schedule: it won on held-out targets (benchmarks/samplers.py --part heldout)
     "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True, linear=True),
+                     power=3.0, end_follows_steps=True, linear=True, auto=True),
     "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True, linear=True),
+                     power=3.0, end_follows_steps=True, linear=True, auto=True),
     # SA-Solver: unipc3's predictor-corrector on the reverse SDE with noise scale tau (1: the reverse SDE of
     # T 2.7); the plain Tweedie denoise (the extrapolation assumes the flow); unipc3's grid and end time
     "sa3": Method(partial(dpm_solver_multistep, order=3, corrector=True, tau=1.0), grid="poly", power=3.0,
@@ -223,11 +233,18 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if shape is not None and tuple(x_T.shape) != tuple(shape):
             raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
         _check_shape("x_T's shape", tuple(x_T.shape))
+    schedule = one_of("schedule", options.pop("schedule", "auto"), ("auto", "default"))
+    explicit = {k for k in ("grid", "t_end", "rho", "power", "ts", "denoise") if k in options}
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     if spec.linear:
         require_linear(sde, f"method {method!r}")
     _check_options(method, spec.fn, options)
+    if (schedule == "auto" and spec.auto and not explicit and isinstance(sde, LinearSDE) and 2 <= nfe <= AUTO_MAX_NFE
+            and not spec.stochastic(options)):
+        auto = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
+                               device=x_T.device, **options)
+        grid_opts["ts"], denoise = auto.ts, auto.denoise
     if spec.takes == "score":  # a consistency model is passed on as it is (its sampler reads its type)
         score_fn = _shape_checked(score_fn)
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
@@ -265,7 +282,7 @@ def _check_options(method: str, fn: Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(params) - {"generator"})
     if unknown:
         raise InvalidValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype)")
+                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype, schedule)")
 
 
 def _shape_checked(score_fn: ScoreFn) -> ScoreFn:

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
-from .grids import end_time_for_steps, time_grid
+from .grids import end_time_for_steps, logsnr_grid, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
 
 __all__ = ["GridFit", "fit_grid"]
@@ -81,14 +81,11 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_probe, ts=ts, check_finite=False, **options)
 
     lam = sde.log_snr(start)
-    lam_T, span = float(lam[0]), float(lam[-1] - lam[0])
+    span = float(lam[-1] - lam[0])
 
     def grid(theta: np.ndarray) -> Tensor:
         w = np.exp(theta - theta.max())
-        steps = min_fraction + (1 - n_steps * min_fraction) * w / w.sum()
-        ts = sde.inverse_log_snr(torch.tensor(lam_T + span * np.concatenate([[0.0], np.cumsum(steps)])))
-        ts[0], ts[-1] = start[0], start[-1]
-        return ts
+        return logsnr_grid(sde, float(start[0]), float(start[-1]), min_fraction + (1 - n_steps * min_fraction) * w / w.sum())
 
     ref_nfe = int(reference_steps) * spec.evals_per_step(options) + int(denoise)
     reference = run(time_grid(sde, int(reference_steps), "logsnr", t_end=t_end), ref_nfe)

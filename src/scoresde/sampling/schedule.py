@@ -1,0 +1,214 @@
+"""The automatic few-step schedule: end time, knots and final denoise chosen from the model alone by the
+distance between the law of the few-step samples and the law of the model's converged sampler.
+
+A few-step sampler's error in law is set mostly by where it stops and whether it denoises, which the path
+error of `fit_grid` does not see (two runs can differ point by point and still draw the same law). Here the
+objective is a distance between laws: the squared MMD (Gretton et al. 2012, eq. 3, the unbiased estimate
+with all i != j pairs) between the outputs of the candidate schedule and of the same method at
+`reference_nfe` evaluations (its converged law, the target of every schedule) from the same prior draws,
+with Gaussian kernels at bandwidths {1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the prior draws
+cancels most of the estimate's noise in the comparison of schedules (common random numbers), while the
+i != j pairs keep it an estimate of the distance between laws, not of the path error.
+
+The search, as Align Your Steps (Sabour et al. 2404.14507, sec. 3.2) starts from a hand-made grid and then
+moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm") to end
+noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise on (nfe - 1 steps) or off (nfe
+steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
+end time; (3) a check on probe draws that no choice saw: the schedule returned is the best of the method's
+default, (1) and (2) on that second set, so it is never worse there than the default.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+from torch import Tensor
+
+from ..core.errors import InvalidValueError
+from ..core.sde import LinearSDE, ScoreFn
+from ..core.validate import integer
+from .grids import end_time_for_steps, logsnr_grid, time_grid
+
+__all__ = ["Schedule", "auto_schedule", "cached_schedule", "clear_schedule_cache", "mmd2_paired", "AUTO_MAX_NFE"]
+
+AUTO_MAX_NFE = 10  # `sample` uses the automatic schedule at nfe <= this (methods with Method.auto)
+_FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
+_END_RATIOS = tuple(np.geomspace(0.01, 0.5, 8))
+_BANDWIDTHS = (0.25, 0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """ts: the grid (float64, sde.T down to the end time), denoise: the final denoise, to pass as
+    `sample(..., ts=ts, denoise=denoise)`; choice: which candidate won on the check draws ("default", "family",
+    "fitted"); check / default_check: the objective (MMD^2 to the converged law) of the returned schedule and of
+    the method's default one on the check draws; evaluations: score evaluations spent, one per point (a call on
+    a batch of m points counts m; compare n * nfe for n samples); seconds: wall time of the search."""
+
+    ts: Tensor
+    denoise: bool
+    choice: str
+    check: float
+    default_check: float
+    evaluations: int
+    seconds: float
+
+
+def mmd2_paired(x: Tensor, y: Tensor, bandwidths: Tensor) -> float:
+    """Unbiased squared MMD between the laws of x and y (n, d), pairs (x_i, y_i) drawn jointly and pairs
+    i != j independently: the mean over i != j of k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(y_i, x_j), k the
+    sum of Gaussian kernels exp(-|a - b|^2 / (2 h^2)) over `bandwidths` (Gretton et al. 2012, eq. 3)."""
+    n = x.shape[0]
+    z = torch.cat([x, y]).to(torch.float64)
+    d2 = torch.cdist(z, z).square()
+    k = sum(torch.exp(-d2 / (2 * float(h) ** 2)) for h in bandwidths)
+    k.fill_diagonal_(0.0)
+    kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+    cross = kxy.sum() - kxy.diagonal().sum()
+    return float((kxx.sum() + kyy.sum() - 2 * cross) / (n * (n - 1)))
+
+
+def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
+                  n_probe: int = 1024, reference_nfe: int = 101, max_iter: int | None = None, seed: int = 0,
+                  dtype: torch.dtype | None = None, device=None, **options) -> Schedule:
+    """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
+    that minimises MMD^2 to the method's converged law (module docstring), from the model alone.
+
+    n_probe prior draws (seeded by `seed`, apart from any generator of the caller) split in halves: the
+    search sees the first, the choice is checked on the second. Costs about n_probe (reference_nfe + nfe (66
+    + max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1)).
+    """
+    from .methods import METHODS, default_denoise, sample, steps_for
+
+    started = time.perf_counter()
+    if not isinstance(sde, LinearSDE):
+        raise InvalidValueError(f"sde must be a linear SDE for auto_schedule, got {type(sde).__name__}")
+    spec = METHODS[method] if method in METHODS else None
+    if spec is None or spec.adaptive or spec.stochastic(options) or spec.takes != "score":
+        fixed = [m for m in METHODS if not (METHODS[m].adaptive or METHODS[m].stochastic({}))
+                 and METHODS[m].takes == "score"]
+        raise InvalidValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}), got {method!r}")
+    for name in ("ts", "grid", "t_end", "rho", "power", "denoise"):
+        if name in options:
+            raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
+    integer("nfe", nfe, 2)
+    integer("n_probe", n_probe, 4)
+    integer("reference_nfe", reference_nfe, nfe + 1)
+    sample_shape = tuple(int(k) for k in sample_shape)
+    dtype = dtype or torch.get_default_dtype()
+    probe = sde.prior_sample((n_probe,) + sample_shape, torch.Generator().manual_seed(seed), dtype).to(device)
+    half = n_probe // 2
+    spent = 0
+
+    def run(x_T: Tensor, budget: int, **kw) -> Tensor:
+        nonlocal spent
+        spent += budget * x_T.shape[0]
+        out = sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, schedule="default",
+                     **options, **kw)
+        return out.flatten(1)
+
+    with torch.no_grad():
+        reference = run(probe, reference_nfe)
+        if not bool(torch.isfinite(reference).all()):
+            raise InvalidValueError(f"the converged run of {method!r} ({reference_nfe} evaluations) is not finite: "
+                                    "check score_fn")
+        scale = math.sqrt(float(torch.var(reference.double(), 0).sum()))
+        h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
+        ref = {"fit": reference[:half], "check": reference[half:]}
+        x_fit, x_check = probe[:half], probe[half:]
+
+        def objective(ts: Tensor, denoise: bool, part: str = "fit") -> float:
+            x = run(x_fit if part == "fit" else x_check, nfe, ts=ts, denoise=denoise)
+            return mmd2_paired(x, ref[part], h) if bool(torch.isfinite(x).all()) else math.inf
+
+        default_denoise_on = default_denoise(sde, method, nfe)
+        default_steps = steps_for(method, nfe, default_denoise_on, options)
+        t_default = end_time_for_steps(sde, default_steps) if spec.end_follows_steps else float(sde.t_min)
+        default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
+        lam_min = float(sde.log_snr(torch.tensor(float(sde.t_min), dtype=torch.float64)))
+        lam_max = float(sde.log_snr(torch.tensor(float(sde.T), dtype=torch.float64)))
+        candidates = []
+        for denoise in (True, False):
+            try:
+                n_steps = steps_for(method, nfe, denoise, options)
+            except InvalidValueError:
+                continue
+            for ratio in _END_RATIOS:
+                lam_end = -math.log(ratio)
+                if not lam_max < lam_end < lam_min:
+                    continue
+                t_end = float(sde.inverse_log_snr(torch.tensor(lam_end, dtype=torch.float64)))
+                for kind, power in _FAMILIES:
+                    try:
+                        ts = time_grid(sde, n_steps, kind, t_end=t_end, power=power)
+                    except InvalidValueError:
+                        continue
+                    candidates.append((objective(ts, denoise), ts, denoise))
+        best_value, best_ts, best_denoise = min(candidates, key=lambda c: c[0])
+        fitted = _move_knots(sde, best_ts, best_denoise, objective, lam_min, max_iter)
+        choices = {"default": default, "family": (best_ts, best_denoise), "fitted": fitted}
+        checks = {k: objective(ts, d, "check") for k, (ts, d) in choices.items()}
+    choice = min(checks, key=lambda k: (checks[k], k != "default"))
+    ts, denoise = choices[choice]
+    return Schedule(ts, bool(denoise), choice, checks[choice], checks["default"], spent,
+                    time.perf_counter() - started)
+
+
+def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min: float,
+                max_iter: int | None) -> tuple[Tensor, bool]:
+    """Nelder-Mead from `start` over theta = (log step lengths in lambda, lambda at the end), the end kept
+    below lambda(t_min); returns the best grid it met."""
+    lam = sde.log_snr(start)
+    n_steps = len(start) - 1
+    T = float(start[0])
+
+    def grid(theta: np.ndarray) -> Tensor | None:
+        lam_end = min(float(theta[-1]), lam_min)
+        if lam_end <= float(lam[0]) + 1e-3:
+            return None
+        w = np.exp(theta[:-1] - theta[:-1].max())
+        return logsnr_grid(sde, T, float(sde.inverse_log_snr(torch.tensor(lam_end, dtype=torch.float64))),
+                           0.01 + (1 - 0.01 * n_steps) * w / w.sum())
+
+    def f(theta: np.ndarray) -> float:
+        ts = grid(theta)
+        return math.inf if ts is None or not bool((ts[1:] < ts[:-1]).all()) else objective(ts, denoise)
+
+    theta0 = np.concatenate([np.log(np.maximum(np.diff(lam.numpy()), 1e-6)), [float(lam[-1])]])
+    simplex = np.vstack([theta0] + [theta0 + 0.3 * e for e in np.eye(n_steps + 1)])
+    fit = minimize(f, theta0, method="Nelder-Mead",
+                   options=dict(initial_simplex=simplex, maxiter=max_iter or 30 * (n_steps + 1), xatol=1e-2,
+                                fatol=0.0))
+    ts = grid(fit.x)
+    return (start if ts is None else ts), denoise
+
+
+_CACHE: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
+                    dtype: torch.dtype, device=None, **options) -> Schedule:
+    """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
+    function), sde, method, nfe, sample shape, dtype, device and solver options, and kept while the score
+    function lives. A model whose weights change in place keeps its entry: call `clear_schedule_cache`."""
+    owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
+    key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device), repr(sorted(options.items())))
+    try:
+        entries = _CACHE.setdefault(owner, {})
+    except TypeError:  # not weakly referable: no cache
+        entries = {}
+    if key not in entries:
+        entries[key] = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device,
+                                     **options)
+    return entries[key]
+
+
+def clear_schedule_cache() -> None:
+    """Forget every cached automatic schedule (`cached_schedule`)."""
+    _CACHE.clear()
