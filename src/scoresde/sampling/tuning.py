@@ -27,27 +27,34 @@ __all__ = ["GridFit", "fit_grid"]
 
 @dataclass(frozen=True)
 class GridFit:
-    """ts: the fitted grid (float64, from sde.T to t_end), to pass as `sample(..., ts=ts)`;
-    error / start_error: mean squared output error against the reference on the probe draws, for the
-    fitted grid and for the starting one; evaluations: score calls spent on the probe batch."""
+    """ts: the grid returned (float64, from sde.T to t_end), to pass as `sample(..., ts=ts)`: the fitted one, or
+    the starting one where the fitted one was not better on the check draws (fitted False);
+    error / start_error: mean squared output error against the reference on the fit draws, for the fitted grid
+    and for the starting one; check_error / check_start_error: the same on the check draws (no choice saw them);
+    evaluations: score calls spent on probe batches."""
 
     ts: Tensor
     error: float
     start_error: float
+    check_error: float
+    check_start_error: float
+    fitted: bool
     evaluations: int
 
 
 def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str, nfe: int,
              t_end: float | None = None, reference_steps: int = 200, min_fraction: float = 0.01,
-             max_iter: int | None = None, **options) -> GridFit:
+             max_iter: int | None = None, x_check: Tensor | None = None, **options) -> GridFit:
     """Fit the grid of `sample(sde, score_fn, method=method, nfe=nfe, **options)` to this model.
 
-    x_probe: prior draws (a few hundred suffice; keep them apart from the draws you sample from).
+    x_probe: prior draws (a few hundred suffice; keep them apart from the draws you sample from). The fit sees
+    x_probe and is checked on x_check (default: x_probe is split in halves, the second half is x_check): the
+    fitted grid is returned only where its error there is below the starting grid's, else the starting grid.
     The reference is the same method with `reference_steps` on a log-SNR grid to the same t_end (default:
     the method's own default end time). The objective is log mean ||x(ts) - x_ref||^2 over the probe
     draws, minimised by Nelder-Mead over the log step lengths in lambda, starting from the method's
     default grid; each step keeps at least `min_fraction` of the lambda range. Costs about
-    reference_steps + (max_iter + 2) * nfe score evaluations of the probe batch (max_iter: 150 n_steps).
+    reference_steps + (max_iter + 4) * nfe score evaluations of a probe batch (max_iter: 150 n_steps).
 
     The fit minimises path error, not a distribution distance: choose t_end by measurement as for any
     grid (on the 16-D mixture of benchmarks/samplers.py, unipc3 with lower_order_final=False at NFE 5, a grid
@@ -61,8 +68,14 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         why = "unknown" if spec is None else "adaptive" if spec.adaptive else "it draws noise with these options"
         raise InvalidValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}; ddim at eta = 0), "
                          f"got {method!r} ({why})")
-    if not (isinstance(x_probe, Tensor) and x_probe.dim() >= 2 and len(x_probe) >= 1):
-        raise InvalidValueError(f"x_probe must be a batch of prior draws, shape (n, ...), got {getattr(x_probe, 'shape', x_probe)}")
+    if not (isinstance(x_probe, Tensor) and x_probe.dim() >= 2 and len(x_probe) >= (1 if x_check is not None else 2)):
+        raise InvalidValueError("x_probe must be a batch of prior draws, shape (n, ...), n >= 2 without x_check, got "
+                                f"{getattr(x_probe, 'shape', x_probe)}")
+    if x_check is None:
+        x_probe, x_check = x_probe[:len(x_probe) // 2], x_probe[len(x_probe) // 2:]
+    if not (isinstance(x_check, Tensor) and x_check.shape[1:] == x_probe.shape[1:] and len(x_check) >= 1):
+        raise InvalidValueError(f"x_check must be a batch of prior draws shaped as x_probe {tuple(x_probe.shape[1:])}, "
+                                f"got {getattr(x_check, 'shape', x_check)}")
     if "ts" in options or "grid" in options:
         raise InvalidValueError("fit_grid chooses the grid itself: do not pass ts or grid")
     denoise = bool(options.get("denoise", default_denoise(sde, method, nfe)))
@@ -77,8 +90,8 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         t_end = end_time_for_steps(sde, n_steps) if spec.end_follows_steps else float(sde.t_min)
     start = time_grid(sde, n_steps, kind=spec.grid, t_end=t_end, power=spec.power)  # validates t_end
 
-    def run(ts: Tensor, budget: int) -> Tensor:
-        return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_probe, ts=ts, check_finite=False, **options)
+    def run(ts: Tensor, budget: int, x: Tensor) -> Tensor:
+        return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x, ts=ts, check_finite=False, **options)
 
     lam = sde.log_snr(start)
     span = float(lam[-1] - lam[0])
@@ -88,13 +101,14 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
         return logsnr_grid(sde, float(start[0]), float(start[-1]), min_fraction + (1 - n_steps * min_fraction) * w / w.sum())
 
     ref_nfe = int(reference_steps) * spec.evals_per_step(options) + int(denoise)
-    reference = run(time_grid(sde, int(reference_steps), "logsnr", t_end=t_end), ref_nfe)
+    ref_grid = time_grid(sde, int(reference_steps), "logsnr", t_end=t_end)
+    reference = {id(x): run(ref_grid, ref_nfe, x) for x in (x_probe, x_check)}
     calls = 0
 
-    def error(ts: Tensor) -> float:
+    def error(ts: Tensor, x: Tensor = x_probe) -> float:
         nonlocal calls
         calls += 1
-        return float(((run(ts, nfe) - reference) ** 2).flatten(1).sum(1).mean())
+        return float(((run(ts, nfe, x) - reference[id(x)]) ** 2).flatten(1).sum(1).mean())
 
     start_error = error(start)
     if not math.isfinite(start_error):
@@ -108,6 +122,8 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
 
     fit = minimize(objective, theta0, method="Nelder-Mead",
                    options=dict(initial_simplex=simplex, maxiter=max_iter or 150 * n_steps, xatol=1e-3, fatol=1e-4))
-    fitted = math.exp(fit.fun)
-    best, err = (grid(fit.x), fitted) if fitted < start_error else (start, start_error)
-    return GridFit(best, err, start_error, ref_nfe + calls * int(nfe))
+    fitted_ts = grid(fit.x)
+    check, check_start = error(fitted_ts, x_check), error(start, x_check)
+    won = check < check_start
+    return GridFit(fitted_ts if won else start, math.exp(fit.fun), start_error, check, check_start, won,
+                   2 * ref_nfe + calls * int(nfe))
