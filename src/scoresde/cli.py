@@ -305,25 +305,29 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              reward: str = typer.Option(..., "--reward", help=_reward_help()),
              param: list[str] = typer.Option([], "--param", help="reward parameter key=value, repeatable: c=0,1 "
                                              "points=0,1;1,0 low=0,0 high=1,1 sharpness=10"),
-             beta: float = typer.Option(..., "--beta", help="weight > 0 of the path KL to the pretrained model"),
+             beta: float = typer.Option(None, "--beta", help="weight > 0 of the path KL to the pretrained model "
+                                        "(required by pg, adjoint, dpok; optional for draft; not for ddpo)"),
+             method: str = typer.Option("pg", "--method", help="pg (KL-regularised policy gradient) | adjoint "
+                                        "(adjoint matching) | dpok | draft (DRaFT-K) | ddpo"),
+             k: int = typer.Option(None, "--k", help="draft: backpropagate through the last K steps (default all)"),
              out: Path = typer.Option(None, "--out", help="new run folder (default: RUN-finetuned)"),
-             steps: int = typer.Option(200, help="policy-gradient iterations"),
+             steps: int = typer.Option(200, help="training iterations (one rollout each)"),
              batch_size: int = typer.Option(256, "--batch-size"),
              n_time_steps: int = typer.Option(50, "--n-time-steps", help="Euler-Maruyama steps of the rollouts"),
-             lr: float = typer.Option(1e-3), baseline: str = typer.Option("value", help="value | mean | none"),
+             lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default) | mean | none"),
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
              seed: int = typer.Option(0)) -> None:
-    """Fine-tune a run against a reward (KL-regularised continuous-time RL, DESIGN 9) into a new run folder."""
-    from .models.alignment import FinetuneOptions
+    """Fine-tune a run against a reward into a new run folder: KL-regularised continuous-time RL (pg, DESIGN 9),
+    adjoint matching, DPOK, DRaFT-K or DDPO."""
     from .models.rewards import parse_reward
     from .running.files import check_writable
-    from .running.finetune import finetune_run
+    from .running.finetune import finetune_run, method_options
 
     out = out or run.parent / f"{run.name}-finetuned"
     check_writable(out / "config.yaml", name="--out")
     _at_least_one("--n", n)
-    options = FinetuneOptions(beta=beta, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps, lr=lr,
-                              baseline=baseline)
+    options = method_options(method, beta=beta, k=k, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
+                             lr=lr, baseline=baseline)
     res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed)
     typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")
     for name, path in res["paths"].items():

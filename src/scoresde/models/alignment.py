@@ -22,8 +22,11 @@ penalty c_k depends on the actions j < k through x_k, so it enters their returns
 that does not see dB_j leaves the estimator unbiased. `policy_loss` returns a scalar
 whose autograd gradient is this estimator; the same formula serves every time grid.
 
-DDPO (Black et al. 2305.13301) is the baseline: per-step Gaussian likelihood ratios of
-the same chain with PPO clipping, normalised rewards and no KL term.
+Baselines on the same rollout, loop and history: DDPO (Black et al. 2305.13301): per-step
+Gaussian likelihood ratios of the same chain with PPO clipping, normalised rewards and no KL
+term; DPOK (Fan et al. 2305.16381): the same clipped ratios on the raw reward plus beta times the
+closed-form per-step KL of the two Gaussian transitions (which is c_k), without the cost to go.
+Adjoint matching is in `models.adjoint`, DRaFT in `models.reward_gradient`.
 """
 from __future__ import annotations
 
@@ -44,16 +47,29 @@ from ..learning.networks import MLP
 from ..sampling.common import check_grid
 from ..sampling.grids import time_grid
 from ..sampling.stochastic import em_coefficients, em_update
-from .rewards import Reward
+from .rewards import Reward, value_and_grad
 
 __all__ = [
     "ResidualScore", "Rollout", "rollout", "returns_to_go", "leave_one_out_mean", "policy_loss", "path_kl",
-    "LoopOptions", "FinetuneOptions", "DDPOOptions", "finetune", "ddpo",
+    "LoopOptions", "FinetuneOptions", "DDPOOptions", "DPOKOptions", "finetune", "ddpo", "dpok", "CountedReward", "Step",
     "tilted_mixture", "mean_pairwise_distance", "BASELINES",
 ]
 
 BASELINES = ("value", "mean", "none")
 Callback = Callable[[int, nn.Module, dict], None]
+
+
+class CountedReward:
+    """A reward that counts the points it is evaluated at: `evals` in all, `grad_evals` of them with a graph
+    (x requires grad: the reward's gradient is taken there)."""
+
+    def __init__(self, reward: Reward):
+        self.reward, self.evals, self.grad_evals = reward, 0, 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.evals += x.shape[0]
+        self.grad_evals += x.shape[0] if x.requires_grad and torch.is_grad_enabled() else 0
+        return self.reward(x)
 
 
 class ResidualScore(nn.Module):
@@ -229,7 +245,7 @@ class _ValueNet(nn.Module):
 
 @dataclass(frozen=True, kw_only=True)
 class LoopOptions:
-    """The loop shared by `finetune` and `ddpo`: `steps` iterations, each a rollout of `batch_size`
+    """The loop shared by every method: `steps` iterations, each a rollout of `batch_size`
     chains of `n_time_steps` EM steps on `grid` (a kind for `grids.time_grid` or a decreasing tensor
     of n_time_steps + 1 times) and an Adam update at `lr`, cosine-decayed to `lr_final` if given."""
 
@@ -253,6 +269,11 @@ class LoopOptions:
                   f"a grid kind or a tensor of n_time_steps + 1 = {n} times")
 
 
+def _check_beta(beta) -> None:
+    check("beta", beta, isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta)
+          and beta > 0, "> 0 (the KL weight)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions(LoopOptions):
     """`finetune`: the KL weight `beta` (required, > 0), the `baseline` ("value": r at the Tweedie point plus a
@@ -266,8 +287,7 @@ class FinetuneOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check("beta", self.beta, isinstance(self.beta, (int, float)) and not isinstance(self.beta, bool)
-              and math.isfinite(self.beta) and self.beta > 0, "> 0 (the KL weight)")
+        _check_beta(self.beta)
         one_of("baseline", self.baseline, BASELINES)
         if self.clip is not None:
             positive("clip", self.clip)
@@ -325,24 +345,43 @@ def _record(it: int, ro: Rollout, r: Tensor, nfe: int, start: float) -> dict:
             "diversity": mean_pairwise_distance(ro.terminal), "wall_time": time.perf_counter() - start, "nfe": nfe}
 
 
-def _train(sde, pretrained, reward, update, options: LoopOptions, shape, network, generator,
-           callback) -> tuple[nn.Module, list[dict]]:
-    """The loop shared by `finetune` and `ddpo`: roll out, score, record, update."""
+@dataclass(frozen=True)
+class Step:
+    """What a method's update sees besides the rollout: the SDE, the trained model, the frozen pretrained
+    score, the optimiser and the (counting) reward."""
+
+    sde: SDE
+    model: nn.Module
+    frozen: ScoreFn
+    opt: torch.optim.Optimizer
+    reward: CountedReward
+
+
+def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Tensor | None], int],
+           options: LoopOptions, shape, network, generator, callback,
+           gradient: str | None = None) -> tuple[nn.Module, list[dict]]:
+    """The loop shared by every method: roll out, score, record, update. update(step, ro, r, grad) returns
+    the score evaluations it spent; grad = grad r at the terminal points when `gradient` names the method
+    that needs it (else None). The reward counts its own evaluations (reward_evals, all of them, and
+    reward_grad_evals, those with a gradient, in the history, cumulative)."""
     ts = _resolve_grid(sde, options)
+    reward = CountedReward(reward)
     model, frozen, shape = _prepare(pretrained, shape, network, generator)
     dtype = next(model.parameters()).dtype
     lr, lr_final = options.lr, options.lr_final
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    step = Step(sde, model, frozen, opt, reward)
     history, nfe, start = [], 0, time.perf_counter()
     for it in range(options.steps):
         if lr_final is not None:  # cosine schedule from lr to lr_final
             opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * it / options.steps))
         ro = rollout(sde, model, frozen, (options.batch_size, *shape), ts, generator, dtype)
-        r = reward_of(reward, ro.terminal)
+        r, grad = value_and_grad(reward, ro.terminal, gradient) if gradient else (reward_of(reward, ro.terminal), None)
         nfe += ro.nfe
         record = _record(it, ro, r, nfe, start)
-        nfe += update(model, opt, ro, r)
-        record.update(nfe=nfe, wall_time=time.perf_counter() - start)
+        nfe += update(step, ro, r, grad)
+        record.update(nfe=nfe, wall_time=time.perf_counter() - start, reward_evals=reward.evals,
+                      reward_grad_evals=reward.grad_evals)
         history.append(record)
         if callback is not None:
             callback(it, model, record)
@@ -367,7 +406,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOpt
     value = value_opt = None
     value_seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
 
-    def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
+    def update(step: Step, ro: Rollout, r: Tensor, grad: None) -> int:
         nonlocal value, value_opt
         G = returns_to_go(ro, r, beta)
         if baseline == "mean":
@@ -379,15 +418,15 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOpt
                         torch.manual_seed(value_seed)
                     value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G.dtype)
                 value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
-            r_tw = _tweedie_reward(sde, reward, ro)
+            r_tw = _tweedie_reward(sde, step.reward, ro)
             with torch.no_grad():
                 V = r_tw + value(ro.states[:-1], ro.times[:-1])
         else:
             V = torch.zeros_like(G)
         for _ in range(options.updates_per_batch):
-            opt.zero_grad()
-            policy_loss(model, ro, G - V, beta, options.clip).backward()
-            opt.step()
+            step.opt.zero_grad()
+            policy_loss(step.model, ro, G - V, beta, options.clip).backward()
+            step.opt.step()
         if baseline == "value":  # fit the correction after use, so V never saw this batch's noise
             for _ in range(4):
                 value_opt.zero_grad()
@@ -411,17 +450,69 @@ def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DDPOOptions | N
     check("options", options, isinstance(options, DDPOOptions), "a DDPOOptions")
     clip, adv_clip = options.clip, options.adv_clip
 
-    def update(model: nn.Module, opt, ro: Rollout, r: Tensor) -> int:
+    def update(step: Step, ro: Rollout, r: Tensor, grad: None) -> int:
         A = ((r - r.mean()) / (r.std() + 1e-8)).clamp(-adv_clip, adv_clip)
-        for idx in torch.arange(r.numel()).chunk(options.minibatches):
-            sub = Rollout(ro.times, ro.states[:, idx], ro.noise[:, idx], ro.scores[:, idx], ro.pre[:, idx],
-                          ro.diffusion, 0)
-            rho = sub.log_ratio(sub.rescore(model)).exp()
-            loss = torch.maximum(-A[idx] * rho, -A[idx] * rho.clamp(1 - clip, 1 + clip)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _clipped_updates(step, ro, A, clip, options.minibatches, None)
         return ro.noise.shape[0] * ro.noise.shape[1]
+
+    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPOKOptions(LoopOptions):
+    """`dpok`: the KL weight `beta` (required, > 0), the PPO ratio `clip`, `minibatches` per batch and
+    `updates_per_batch` passes over each batch."""
+
+    beta: float
+    clip: float = 1e-4
+    minibatches: int = 1
+    updates_per_batch: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_beta(self.beta)
+        positive("clip", self.clip)
+        integer("minibatches", self.minibatches, 1)
+        check("minibatches", self.minibatches, self.minibatches <= self.batch_size, f"<= batch_size = {self.batch_size}")
+        integer("updates_per_batch", self.updates_per_batch, 1)
+
+
+def _clipped_updates(step: Step, ro: Rollout, A: Tensor, clip: float, minibatches: int, beta: float | None) -> None:
+    """One Adam step per minibatch on the clipped surrogate l_ik = max(-A_i rho_ik, -A_i clip(rho_ik, 1 -+ clip)):
+    DDPO's loss mean_{i,k} l_ik (beta None) or DPOK's mean_i [sum_k l_ik + beta sum_k c_k(theta)], the per-step
+    KL c_k taken at the stored states (the sum over steps keeps the reward and the KL on one scale)."""
+    for idx in torch.arange(A.numel()).chunk(minibatches):
+        sub = Rollout(ro.times, ro.states[:, idx], ro.noise[:, idx], ro.scores[:, idx], ro.pre[:, idx],
+                      ro.diffusion, 0)
+        s = sub.rescore(step.model)
+        rho = sub.log_ratio(s).exp()
+        surrogate = torch.maximum(-A[idx] * rho, -A[idx] * rho.clamp(1 - clip, 1 + clip))
+        if beta is None:
+            loss = surrogate.mean()
+        else:
+            loss = (surrogate.sum(0) + beta * sub.cost(s).sum(0)).mean()
+        step.opt.zero_grad()
+        loss.backward()
+        step.opt.step()
+
+
+def dpok(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DPOKOptions, *,
+         shape: tuple[int, ...] | None = None, network: nn.Module | None = None,
+         generator: torch.Generator | None = None, callback: Callback | None = None) -> tuple[nn.Module, list[dict]]:
+    """DPOK (Fan et al. 2305.16381, eqs. 6-7 and Alg. 1): the gradient E[-(r - b) grad log p_theta(x_{k+1} | x_k)]
+    with DDPO's clipped per-step ratios on the raw reward (b the leave-one-out batch mean, no normalisation, so
+    beta keeps its meaning) plus beta times the gradient of the closed-form per-step KL of the two Gaussian
+    transitions, KL(N(m_theta, g^2 h I) || N(m_pre, g^2 h I)) = g^2 h |s_theta - s_pre|^2 / 2 = c_k, at the
+    sampled states. Unlike `finetune` the reward term carries no cost to go: the KL's effect on the later
+    states is ignored. `options`: `DPOKOptions`; the rest as for `finetune`.
+    """
+    check("options", options, isinstance(options, DPOKOptions), "a DPOKOptions")
+
+    def update(step: Step, ro: Rollout, r: Tensor, grad: None) -> int:
+        A = r - leave_one_out_mean(r[None])[0]
+        for _ in range(options.updates_per_batch):
+            _clipped_updates(step, ro, A, options.clip, options.minibatches, options.beta)
+        return options.updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
     return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
 

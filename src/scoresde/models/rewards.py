@@ -1,7 +1,9 @@
 """Terminal rewards r(x) -> (batch,) for alignment (DESIGN section 9).
 
-Every reward is a plain callable on a batch x of shape (batch, ...); none needs to be
-differentiable for `alignment.finetune`, which uses the likelihood-ratio gradient.
+Every reward is a plain callable on a batch x of shape (batch, ...). The likelihood-ratio methods
+(`alignment.finetune`, `ddpo`, `dpok`) never differentiate it; adjoint matching and DRaFT need its
+gradient in x: every reward here is built from differentiable torch operations (autograd gives it),
+and `value_and_grad` / `differentiable` raise a clear error for a reward that has none.
 `REWARDS` maps CLI names to factories.
 """
 from __future__ import annotations
@@ -17,7 +19,8 @@ from ..core.validate import check, positive
 
 Reward = Callable[[Tensor], Tensor]
 
-__all__ = ["Reward", "linear", "neg_distance", "region_mass", "class_log_prob", "REWARDS"]
+__all__ = ["Reward", "linear", "neg_distance", "region_mass", "class_log_prob", "ink", "REWARDS", "differentiable",
+           "value_and_grad"]
 
 REWARDS: "Registry[Callable[..., Reward]]" = Registry("reward")
 
@@ -84,13 +87,48 @@ def class_log_prob(classifier: Callable[[Tensor], Tensor], label: int) -> Reward
         raise InvalidValueError(f"label must be an integer >= 0, got {label}")
 
     def reward(x: Tensor) -> Tensor:
-        with torch.no_grad():
-            logits = classifier(x)
+        logits = classifier(x)
         if logits.dim() != 2 or not label < logits.shape[1]:
             raise InvalidValueError(f"classifier must return logits (batch, K) with K > label = {label}, got {tuple(logits.shape)}")
         return torch.log_softmax(logits, dim=1)[:, int(label)]
 
     return reward
+
+
+@REWARDS.register("ink")
+def ink(threshold: float = 0.0, sharpness: float = 5.0) -> Reward:
+    """Mean stroke intensity: the smooth share of pixels above `threshold`, mean_i sigmoid(k (x_i - threshold)),
+    k = sharpness; a non-class image reward with a gradient everywhere."""
+    check("threshold", threshold, isinstance(threshold, (int, float)) and torch.isfinite(torch.tensor(float(threshold))),
+          "a finite number")
+    positive("sharpness", sharpness)
+
+    def reward(x: Tensor) -> Tensor:
+        return torch.sigmoid(sharpness * (x.flatten(1) - threshold)).mean(1)
+
+    return reward
+
+
+def differentiable(reward: Reward, x: Tensor, method: str) -> Tensor:
+    """r(x) (batch,) with its autograd graph (x must require grad); a clear error naming `method` when the
+    reward returns no gradient or the wrong shape."""
+    with torch.enable_grad():
+        r = reward(x)
+    if r.shape != x.shape[:1]:
+        raise InvalidValueError(f"reward must return shape ({x.shape[0]},), got {tuple(r.shape)}")
+    if not r.requires_grad:
+        raise InvalidValueError(f"method {method!r} needs the reward's gradient in x, but this reward returns no "
+                                "gradient: build it from differentiable torch operations (rewards.linear, neg_distance, "
+                                "region_mass, class_log_prob, ink are) or use a likelihood-ratio method (pg, dpok, ddpo)")
+    return r
+
+
+def value_and_grad(reward: Reward, x: Tensor, method: str) -> tuple[Tensor, Tensor]:
+    """(r(x), grad_x r(x)) by autograd, both detached; errors as `differentiable`."""
+    x = x.detach().requires_grad_(True)
+    r = differentiable(reward, x, method)
+    (grad,) = torch.autograd.grad(r.sum(), x)
+    return r.detach().to(x.dtype), grad
 
 
 def parse_reward(name: str, params: dict[str, str] | list[str]) -> Reward:

@@ -10,7 +10,9 @@ import torch
 
 from ..core.errors import InvalidValueError
 from ..learning.networks import EMA
-from ..models.alignment import FinetuneOptions, finetune, reward_of
+from ..models.adjoint import AdjointOptions, adjoint_matching
+from ..models.alignment import DDPOOptions, DPOKOptions, FinetuneOptions, LoopOptions, ddpo, dpok, finetune, reward_of
+from ..models.reward_gradient import DRaFTOptions, draft
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
 from .config import save_config
@@ -19,7 +21,33 @@ from .files import atomic_write
 from .plots import plot_samples, plt, save_figure
 from .runs import Run, load_run, sample_run
 
-__all__ = ["finetune_run"]
+__all__ = ["METHODS", "method_options", "finetune_run"]
+
+# CLI name -> (options class, function): every method shares the signature f(sde, pretrained, reward, options, ...)
+METHODS = {"pg": (FinetuneOptions, finetune), "adjoint": (AdjointOptions, adjoint_matching),
+           "dpok": (DPOKOptions, dpok), "draft": (DRaFTOptions, draft), "ddpo": (DDPOOptions, ddpo)}
+
+
+def method_options(method: str, beta: float | None = None, k: int | None = None, **loop) -> LoopOptions:
+    """The options of a method named as in `METHODS` from the CLI's inputs: `beta` is required by pg, adjoint
+    and dpok, optional for draft (its KL weight) and refused by ddpo (no KL term); `k` is DRaFT's only;
+    `loop` the shared LoopOptions fields (and pg's `baseline`)."""
+    if method not in METHODS:
+        raise InvalidValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if beta is None and method in ("pg", "adjoint", "dpok"):
+        raise InvalidValueError(f"method {method!r} needs --beta (the weight > 0 of the path KL)")
+    if beta is not None and method == "ddpo":
+        raise InvalidValueError("method 'ddpo' has no KL term: omit --beta (or use dpok)")
+    if k is not None and method != "draft":
+        raise InvalidValueError(f"--k (the steps DRaFT backpropagates through) is for method 'draft', not {method!r}")
+    if loop.get("baseline") is None:
+        loop.pop("baseline", None)
+    elif method != "pg":
+        raise InvalidValueError(f"--baseline is for method 'pg', not {method!r}")
+    extra = {"k": k} if method == "draft" else {}
+    if method != "ddpo":
+        extra["beta"] = beta
+    return METHODS[method][0](**loop, **extra)
 
 
 def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, data: Dataset | None = None,
@@ -28,23 +56,28 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
     write a new run folder at `out_dir`: its config, data record and a checkpoint (loadable by `load_run`),
     history.json, reward and KL curves, samples before and after.
 
-    `options` go to `finetune` (beta, steps, batch_size, n_time_steps, lr, baseline, ...). Returns the paths
-    and the mean reward of n_samples draws (the run's sampler and NFE) before and after.
+    `options` choose the method (`METHODS`: FinetuneOptions -> `finetune`, AdjointOptions -> `adjoint_matching`,
+    ...) and its settings. Returns the paths and the mean reward of n_samples draws (the run's sampler and
+    NFE) before and after.
     """
+    method = next((name for name, (cls, _) in METHODS.items() if type(options) is cls), None)
+    if method is None:
+        raise InvalidValueError(f"options must be one of {', '.join(c.__name__ for c, _ in METHODS.values())}, "
+                                f"got {type(options).__name__}")
     run, out_dir = load_run(run_dir, data=data), Path(out_dir)
     if out_dir.resolve() == Path(run_dir).resolve():
         raise InvalidValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
     test = run.data.test  # DataUnavailable before fine-tuning
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
-    model, history = finetune(run.sde, run.model, reward, options, shape=run.sample_shape, generator=gen)
+    model, history = METHODS[method][1](run.sde, run.model, reward, options, shape=run.sample_shape, generator=gen)
     cfg = dataclasses.replace(run.cfg, out=str(out_dir.parent), name=out_dir.name)
     new = Run(cfg, run.data, model.requires_grad_(False), run.step + len(history), record=run.record)
     save_config(cfg, out_dir / "config.yaml")
     if run.record is not None:
         save_data_record(run.record, out_dir)
     save_checkpoint(out_dir / CHECKPOINT, model=model, ema=EMA(model), step=new.step,
-                    extra={"finetuned_from": str(run_dir), "beta": options.beta})
+                    extra={"finetuned_from": str(run_dir), "method": method, "beta": getattr(options, "beta", None)})
     atomic_write(out_dir / "history.json", (json.dumps(history, indent=1) + "\n").encode())
     paths, rewards = {}, {}
     for key, r in (("before", run), ("after", new)):
@@ -63,4 +96,4 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
     save_figure(fig, out_dir / "finetune_curves.png", tight=False)
     paths.update(curves=out_dir / "finetune_curves.png", checkpoint=out_dir / CHECKPOINT, history=out_dir / "history.json")
     return {"paths": paths, "reward_before": rewards["before"], "reward_after": rewards["after"],
-            "kl": history[-1]["kl"]}
+            "kl": history[-1]["kl"], "method": method}
