@@ -34,6 +34,7 @@ from scoresde.core.sde import VP
 from scoresde.core.targets import GaussianMixture, random_mixture, ring
 from scoresde.evaluation.metrics import _mixture_kernel_means, mmd2
 from scoresde.sampling import fit_grid, sample
+from scoresde.sampling.schedule import AUTO_MAX_NFE, auto_schedule
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -42,7 +43,7 @@ NAME = "samplers"
 CONFIGS: list[str] | None = None  # --configs: run only these configuration names (None: all)
 QUICK = dict(n_sweep=200, n=300, nfes=[5], overhead_steps=5, overhead_repeats=1,
              configs=["scoresde/unipc2", "scoresde/dpm3m", "scoresde/heun", "diffusers/DPM++3M/default",
-                      "diffusers/UniPC/default"])
+                      "diffusers/UniPC/default"], n_heldout=300, targets=["d2s100", "unequal"])
 
 
 # ---- exact models ---------------------------------------------------------------------
@@ -348,6 +349,136 @@ def grid_transfer(n=10000, cells=((5, 0.1, False), (5, None, True), (10, 0.03, F
     return rows
 
 
+# ---- held-out targets (issue 22) -----------------------------------------------------------
+
+HELDOUT_NFES = (5, 10, 20, 50)
+# the constants of sampling.schedule (bandwidths, families, end ratios, probe size) were set on SELECTION alone
+SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)]
+REPORTING = [f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
+# per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
+# and these unipc variants
+ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
+          for m in ("unipc2", "unipc3") for g, o in (("poly3", {"grid": "poly", "power": 3.0}),
+                                                     ("logsnr", {"grid": "logsnr"}), ("edm7", {"grid": "edm"}))
+          for te in (None, 0.03, 0.1)}
+
+
+def heldout_target(name: str) -> GaussianMixture:
+    """ring, mix16 (`setup`); dDsK: random_mixture(D, 8, seed=K); unequal: 8-D, 8 components with weights
+    falling geometrically (0.5^k: the largest 128 times the smallest); singular: 16-D, 5 components whose
+    covariances have rank 3 plus 1e-4 I (condition number about 1e4)."""
+    if name in ("ring", "mix16"):
+        return setup(name)[0]
+    if name == "unequal":
+        base = random_mixture(8, 8, seed=200)
+        w = 0.5 ** torch.arange(8, dtype=F64)
+        return GaussianMixture(w / w.sum(), base.means, base.covariances)
+    if name == "singular":
+        g = torch.Generator().manual_seed(201)
+        means = 1.5 * torch.randn(5, 16, generator=g, dtype=F64)
+        A = torch.randn(5, 16, 3, generator=g, dtype=F64) / math.sqrt(3)
+        return GaussianMixture(torch.rand(5, generator=g, dtype=F64) + 0.2, means,
+                               0.3 * A @ A.transpose(1, 2) + 1e-4 * torch.eye(16, dtype=F64))
+    dim, seed = (int(v) for v in name[1:].split("s"))
+    return random_mixture(dim, 8, seed=seed)
+
+
+def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
+    """On each target: the untuned default (unipc2, schedule="default"), the automatic schedule (unipc2's
+    default: auto_schedule at nfe <= AUTO_MAX_NFE, its cost recorded), the ORACLE variants and every diffusers
+    configuration, from the same x_T; n samples, null spread from 4 exact samples of size n."""
+    sde, rows = VP(), []
+    for tname in names:
+        target = heldout_target(tname)
+        sc = MixtureScore(target)
+        score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
+        gen = torch.Generator().manual_seed(seed)
+        scorer = Scorer(target, n, gen)
+        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
+                     **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
+        x_T = sde.prior_sample((n, target.dim), gen, F64)
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            auto = (auto_schedule(sde, score_fn, (target.dim,), method="unipc2", nfe=nfe, dtype=F64)
+                    if nfe <= AUTO_MAX_NFE else None)
+            cost = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
+                    "auto_choice": auto.choice, "auto_denoise": auto.denoise,
+                    "auto_ts": [round(float(t), 5) for t in auto.ts]} if auto else {}
+            cells = [("scoresde/default", "unipc2", {"schedule": "default"}),
+                     ("scoresde/auto", "unipc2", {"ts": auto.ts, "denoise": auto.denoise} if auto else {})]
+            cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
+            cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
+            for name, method, spec in cells:
+                t0 = time.perf_counter()
+                if method == "peer":
+                    x, used = run_peer(*spec, eps, x_T, nfe)
+                else:
+                    x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
+                                     **spec), nfe
+                row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, **scorer(x),
+                       "seconds": round(time.perf_counter() - t0, 2), **(cost if name == "scoresde/auto" else {})}
+                rows.append(row)
+                if name in ("scoresde/default", "scoresde/auto"):
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def heldout_report(rows: list[dict], part: str) -> str:
+    """Per target and NFE: the untuned default, the automatic schedule, the per-target best of scoresde (oracle)
+    and of diffusers, MMD^2 (and |gap|) with the null's 2 sd; the goals of issue 22 checked cell by cell; a figure."""
+    names = list(dict.fromkeys(r["target"] for r in rows))
+    nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
+    lines = [f"held-out part {part!r}: n = {rows[0]['n']} samples per cell, exact scores, VP; ratios of MMD^2 "
+             "(sum over the bandwidths {0.5, 1, 2} sqrt(tr Cov)); 'floor': both below 2 null sd\n",
+             "| target | NFE | 2 null sd | default | auto | auto cost (evals, s) | best scoresde (oracle) | best diffusers "
+             "| auto / best diffusers | auto / default | |gap| default / auto / peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts, ratios = [], {}
+    for t in names:
+        null = [r for r in rows if r["target"] == t and r["nfe"] == 0][0]
+        floor = {"mmd2": 2 * null["mmd2_sd"], "mmd2_fine": 2 * null["mmd2_fine_sd"], "abs_gap": float("inf")}
+        for nfe in nfes:
+            cell = [r for r in rows if r["target"] == t and r["nfe"] == nfe]
+            get = {r["config"]: r for r in cell}
+            d, a = get["scoresde/default"], get["scoresde/auto"]
+            o, p = best(cell, t, nfe, "mmd2", "scoresde"), best(cell, t, nfe, "mmd2", "diffusers")
+            vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, d, "mmd2", floor)
+            ratios[(t, nfe)] = (value(a, "mmd2") / value(p, "mmd2"), value(d, "mmd2") / value(p, "mmd2"))
+            at_floor = value(a, "mmd2") < floor["mmd2"]
+            ok_peer = vs_peer.startswith("floor") or float(vs_peer) <= 0.5
+            ok_default = vs_default.startswith("floor") or float(vs_default) <= 1.0
+            verdicts.append((t, nfe, ok_peer, ok_default, at_floor))
+            cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
+            lines.append(f"| {t} | {nfe} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {value(a, 'mmd2'):.2e} | "
+                         f"{cost} | {o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
+                         f"| {vs_peer} | {vs_default} | {abs(d['gap']):.2f} / {abs(a['gap']):.2f} / {abs(p['gap']):.2f} |")
+    lines.append("\nGoals (issue 22), cells meeting each:")
+    for nfe in nfes:
+        cells = [v for v in verdicts if v[1] == nfe]
+        if nfe <= AUTO_MAX_NFE:
+            lines.append(f"- NFE {nfe}: auto <= 0.5x best diffusers (or both at the floor) in "
+                         f"{sum(v[2] for v in cells)}/{len(cells)}; auto never worse than the default in "
+                         f"{sum(v[3] for v in cells)}/{len(cells)}; missed: "
+                         f"{', '.join(v[0] for v in cells if not (v[2] and v[3])) or 'none'}")
+        else:
+            lines.append(f"- NFE {nfe}: auto (= the default grid) at the floor in {sum(v[4] for v in cells)}/"
+                         f"{len(cells)}; not at the floor: {', '.join(v[0] for v in cells if not v[4]) or 'none'}")
+    plt = common.plt()
+    fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
+    for ax, nfe in zip(axes[0], nfes):
+        xs = np.arange(len(names))
+        for j, (label, style) in enumerate((("auto / best diffusers", "o"), ("default / best diffusers", "x"))):
+            ax.scatter(xs, [max(ratios[(t, nfe)][j], 1e-3) for t in names], marker=style, label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio", xticks=xs)
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    common.save_figure(fig, NAME, f"samplers_{part}.png", dpi=110)
+    return "\n".join(lines)
+
+
 def add_arguments(ap) -> None:
     ap.add_argument("--n-sweep", type=int, default=3000)
     ap.add_argument("--n", type=int, default=20000)
@@ -357,9 +488,16 @@ def add_arguments(ap) -> None:
     ap.add_argument("--overhead-steps", type=int, default=50, help="steps per timed overhead run")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
     ap.add_argument("--configs", nargs="+", default=None, help="only these configuration names (default all)")
+    ap.add_argument("--part", choices=("main", "heldout", "select"), default="main",
+                    help="heldout / select: the default, the automatic schedule and the per-target best against "
+                         "diffusers on the reporting / selection targets (issue 22)")
+    ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
+    ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
 
 
 def run_tag(args) -> str:
+    if args.part != "main":
+        return args.part + ("-" + "-".join(args.targets) if args.targets else "")
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
 
 
@@ -368,6 +506,16 @@ def run(args):
     CONFIGS = args.configs
     timing = dict(steps=args.overhead_steps, repeats=args.overhead_repeats)
     out = common.out_dir(NAME)
+    if args.part != "main":
+        names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
+        nfes = [v for v in args.nfes if v in HELDOUT_NFES] or list(HELDOUT_NFES)
+        tag = run_tag(args)
+        rows = heldout(names, args.n_heldout, nfes)
+        common.write_json(NAME, rows, file=f"samplers_{tag}.json", indent=None)
+        text = heldout_report(rows, tag)
+        common.write_text(NAME, f"samplers_{tag}.md", text)
+        print(text)
+        return
     if args.device != "cpu":
         assert args.stage == "overhead", "--device applies to the overhead stage"
         common.write_json(NAME, {

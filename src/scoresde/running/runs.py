@@ -9,6 +9,7 @@ leaves the run loadable: it samples (the sample shape is recorded), and what nee
 plots beside data, inpainting, held-out likelihoods) raises `DataUnavailable` saying why and how to pass it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
+from ..sampling.methods import METHODS
+from ..sampling.schedule import AUTO_MAX_NFE, Schedule, auto_schedule
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -49,6 +52,7 @@ __all__ = [
     "inpaint_run",
     "likelihood_run",
     "load_run",
+    "run_schedule",
     "sample_run",
     "write_report",
 ]
@@ -132,20 +136,72 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
     return Run(cfg, data, model.eval().requires_grad_(False), step, record=record, unavailable=unavailable)
 
 
+SCHEDULES = "schedules.json"  # the run's automatic schedules (`run_schedule`)
+_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise", "schedule")
+
+
+def weights_id(model: torch.nn.Module) -> str:
+    """sha256 of the model's weights (names, dtypes, shapes and bytes in name order): the identity of the
+    checkpoint a loaded run holds."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool] | None:
+    """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
+    whether it came from the run folder: `sample_run`'s default where `sampling.sample` would use one (a method
+    with `Method.auto`, nfe <= AUTO_MAX_NFE, a linear SDE, a score model, no grid options), else None.
+
+    Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options, the sample
+    shape and the weights (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of
+    the old one."""
+    spec = METHODS[method] if method in METHODS else None
+    if (spec is None or not spec.auto or not 2 <= int(nfe) <= AUTO_MAX_NFE or not isinstance(run.sde, LinearSDE)
+            or "fit_grid" not in run.family.evaluations or any(k in options for k in _GRID_OPTIONS)
+            or spec.stochastic(options)):
+        return None
+    path, weights = run.dir / SCHEDULES, weights_id(run.model)
+    key = json.dumps([method, int(nfe), list(run.sample_shape), sorted((k, repr(v)) for k, v in options.items())])
+    try:
+        stored = json.loads(path.read_text())
+        entries = stored["entries"] if stored.get("weights") == weights else {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: recompute
+        entries = {}
+    if key in entries:
+        e = entries[key]
+        return Schedule(torch.tensor(e["ts"], dtype=torch.float64), e["denoise"], e["choice"], e["check"],
+                        e["default_check"], e["evaluations"], e["seconds"]), True
+    with torch.no_grad():
+        s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), **options)
+    entries[key] = {"ts": s.ts.tolist(), "denoise": s.denoise, "choice": s.choice, "check": s.check,
+                    "default_check": s.default_check, "evaluations": s.evaluations, "seconds": s.seconds}
+    atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
+    return s, False
+
+
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
                paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0,
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
     (None: the run's configured sampler and nfe) and options go to `sampling.sample` (e.g. ts from
-    `fit_run_grid`, t_end). With `label` (an int or n ints) the samples are of that class, by classifier-free
+    `fit_run_grid`, t_end). Where `sampling.sample` would use the automatic schedule, it is the run's own
+    (`run_schedule`: computed once per weights, method and nfe, kept in the run folder), also under guidance.
+    With `label` (an int or n ints) the samples are of that class, by classifier-free
     guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
     integer("n", n)
     method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
+    nfe = run.cfg.nfe if nfe is None else nfe
+    if family.generate is None and (auto := run_schedule(run, method=method, nfe=nfe, **options)) is not None:
+        options.update(ts=auto[0].ts, denoise=auto[0].denoise)
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
         family.check_method(method)
         model, family = label_guided(run.model, label, n, guidance), None
-    return draw_samples(run.sde, model, (n,) + run.sample_shape, method, run.cfg.nfe if nfe is None else nfe,
+    return draw_samples(run.sde, model, (n,) + run.sample_shape, method, nfe,
                         generator=torch.Generator().manual_seed(seed), paths=paths, family=family, **options)
 
 

@@ -81,7 +81,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     that minimises MMD^2 to the method's converged law (module docstring), from the model alone.
 
     n_probe prior draws (seeded by `seed`, apart from any generator of the caller) split in halves: the
-    search sees the first, the choice is checked on the second. Costs about n_probe (reference_nfe + nfe (66
+    search sees the first, the choice is checked on the second. Where the converged run is not finite (a score
+    returning NaN/inf) it returns the default schedule (check inf). Costs about n_probe (reference_nfe + nfe (66
     + max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1)).
     """
     from .methods import METHODS, default_denoise, sample, steps_for
@@ -113,11 +114,14 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                      **options, **kw)
         return out.flatten(1)
 
+    default_denoise_on = default_denoise(sde, method, nfe)
+    default_steps = steps_for(method, nfe, default_denoise_on, options)
+    t_default = end_time_for_steps(sde, default_steps) if spec.end_follows_steps else float(sde.t_min)
+    default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
     with torch.no_grad():
         reference = run(probe, reference_nfe)
-        if not bool(torch.isfinite(reference).all()):
-            raise InvalidValueError(f"the converged run of {method!r} ({reference_nfe} evaluations) is not finite: "
-                                    "check score_fn")
+        if not bool(torch.isfinite(reference).all()):  # nothing to fit to: the default (sample names the NaN)
+            return Schedule(*default, "default", math.inf, math.inf, spent, time.perf_counter() - started)
         scale = math.sqrt(float(torch.var(reference.double(), 0).sum()))
         h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
         ref = {"fit": reference[:half], "check": reference[half:]}
@@ -127,10 +131,6 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             x = run(x_fit if part == "fit" else x_check, nfe, ts=ts, denoise=denoise)
             return mmd2_paired(x, ref[part], h) if bool(torch.isfinite(x).all()) else math.inf
 
-        default_denoise_on = default_denoise(sde, method, nfe)
-        default_steps = steps_for(method, nfe, default_denoise_on, options)
-        t_default = end_time_for_steps(sde, default_steps) if spec.end_follows_steps else float(sde.t_min)
-        default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
         lam_min = float(sde.log_snr(torch.tensor(float(sde.t_min), dtype=torch.float64)))
         lam_max = float(sde.log_snr(torch.tensor(float(sde.T), dtype=torch.float64)))
         candidates = []
