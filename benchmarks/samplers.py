@@ -18,6 +18,13 @@ samples at n = 20000 (--n);
 Run: `python -m benchmarks samplers` (make bench-samplers). Outputs in benchmarks/results/samplers/:
 samplers_{sweep,headline,overhead}.json, samplers_report.md, samplers_{ring,mix16}.png; side runs
 samplers_transfer.json (--stage transfer) and samplers_overhead_cuda.json (--stage overhead --device cuda).
+
+Held-out discipline (issue 22): `--part heldout --targets ...` runs, on targets that played no part in any choice
+(REPORTING: random_mixture seeds 100-102 in 2, 8, 16 and 32 dimensions, a mixture with very unequal weights, one
+with near-singular covariances), the untuned default grid, the automatic schedule (unipc2's default at NFE <= 10,
+whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-target best of a small unipc family
+(an oracle) and every diffusers configuration, at NFE 5, 10, 20, 50 and n = --n-heldout (4000) samples per cell;
+`--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png.
 """
 from __future__ import annotations
 
@@ -488,9 +495,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--overhead-steps", type=int, default=50, help="steps per timed overhead run")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
     ap.add_argument("--configs", nargs="+", default=None, help="only these configuration names (default all)")
-    ap.add_argument("--part", choices=("main", "heldout", "select"), default="main",
+    ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report"), default="main",
                     help="heldout / select: the default, the automatic schedule and the per-target best against "
-                         "diffusers on the reporting / selection targets (issue 22)")
+                         "diffusers on the reporting / selection targets (issue 22); heldout-report: one report "
+                         "of every samplers_heldout*.json written by --part heldout runs (--targets splits them)")
     ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
 
@@ -506,6 +514,12 @@ def run(args):
     CONFIGS = args.configs
     timing = dict(steps=args.overhead_steps, repeats=args.overhead_repeats)
     out = common.out_dir(NAME)
+    if args.part == "heldout-report":
+        rows = [r for f in sorted(out.glob("samplers_heldout-*.json")) for r in common.read_json(f)]
+        text = heldout_report(rows, "heldout")
+        common.write_text(NAME, "samplers_heldout.md", text)
+        print(text)
+        return
     if args.part != "main":
         names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
         nfes = [v for v in args.nfes if v in HELDOUT_NFES] or list(HELDOUT_NFES)

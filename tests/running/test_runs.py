@@ -38,6 +38,39 @@ def test_fitted_grid_of_a_run_beats_the_default_on_fresh_draws(tiny_run):
         fit_run_grid(r, method="unipc2", nfe=5, n_probe=0)
 
 
+def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """sample_run at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in the
+    run folder: a second call (also from a freshly loaded run) reads it (no new search, the same samples); new
+    weights drop it and search again; grid options, another method or nfe > 10 use none."""
+    from scoresde.running import runs
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    searches = []
+    real = runs.auto_schedule
+    monkeypatch.setattr(runs, "auto_schedule",  # a small search (128 probe draws), for speed
+                        lambda *a, **k: searches.append(k) or real(*a, n_probe=128, reference_nfe=31, max_iter=10, **k))
+    r = load_run(run_dir)
+    x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3)
+    assert len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
+    s, cached = runs.run_schedule(load_run(run_dir), method="unipc2", nfe=5)
+    assert cached and s.evaluations > 0 and len(searches) == 1
+    x2, _ = sample_run(load_run(run_dir), 50, method="unipc2", nfe=5, seed=3)
+    assert len(searches) == 1 and torch.equal(x1, x2)
+    want = sample(r.sde, r.model, None, method="unipc2", nfe=5, ts=s.ts, denoise=s.denoise,
+                  x_T=r.sde.prior_sample((50,) + r.sample_shape, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(x1, want)
+    with torch.no_grad():
+        next(r.model.parameters()).add_(1e-3)  # a new checkpoint
+    sample_run(r, 50, method="unipc2", nfe=5, seed=3)
+    assert len(searches) == 2
+    for kw in ({"method": "unipc2", "nfe": 5, "t_end": 0.05}, {"method": "dpm2m", "nfe": 5},
+               {"method": "unipc2", "nfe": 11}):
+        assert runs.run_schedule(r, **kw) is None
+        sample_run(r, 8, **kw)
+    assert len(searches) == 2
+
+
 def test_likelihood_run_checks_the_family_and_the_data(tiny_run):
     """likelihood_run is evaluate_likelihood on the run's held-out points (or another source) with the run's
     model; it refuses data of another shape."""

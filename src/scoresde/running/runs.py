@@ -54,6 +54,7 @@ __all__ = [
     "load_run",
     "run_schedule",
     "sample_run",
+    "weights_id",
     "write_report",
 ]
 

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
 from torch import Tensor
 
