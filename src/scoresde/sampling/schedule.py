@@ -3,14 +3,14 @@ distance between the law of the few-step samples and the law of the model's conv
 
 A few-step sampler's error in law is set mostly by where it stops and whether it denoises, which the path
 error of `fit_grid` does not see (two runs can differ point by point and still draw the same law). Here the
-objective is a distance between laws: the squared MMD (Gretton et al. 2012, eq. 3, the unbiased estimate
-with all i != j pairs) between the outputs of the candidate schedule and of the same method at
+objective is a distance between laws: the squared MMD (Gretton et al. 2012, JMLR, Lemma 6: the unbiased
+estimate of equal-size samples, over the pairs i != j) between the outputs of the candidate schedule and of the same method at
 `reference_nfe` evaluations (its converged law, the target of every schedule) from the same prior draws,
-with Gaussian kernels at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the prior draws
-cancels most of the estimate's noise in the comparison of schedules (common random numbers), while the
+with Gaussian kernels at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the
+prior draws cancels most of the estimate's noise in the comparison of schedules (common random numbers), while the
 i != j pairs keep it an estimate of the distance between laws, not of the path error.
 
-The search, as Align Your Steps (Sabour et al. 2404.14507, sec. 3.2) starts from a hand-made grid and then
+The search, as Align Your Steps (Sabour et al. 2404.14507) does, starts from a hand-made grid and then
 moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm") to end
 noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise on (nfe - 1 steps) or off (nfe
 steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
@@ -63,7 +63,7 @@ class Schedule:
 def mmd2_paired(x: Tensor, y: Tensor, bandwidths: Tensor) -> float:
     """Unbiased squared MMD between the laws of x and y (n, d), pairs (x_i, y_i) drawn jointly and pairs
     i != j independently: the mean over i != j of k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(y_i, x_j), k the
-    sum of Gaussian kernels exp(-|a - b|^2 / (2 h^2)) over `bandwidths` (Gretton et al. 2012, eq. 3)."""
+    sum of Gaussian kernels exp(-|a - b|^2 / (2 h^2)) over `bandwidths` (Gretton et al. 2012, Lemma 6)."""
     n = x.shape[0]
     z = torch.cat([x, y]).to(torch.float64)
     d2 = torch.cdist(z, z).square()
