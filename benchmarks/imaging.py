@@ -62,10 +62,10 @@ DATA = {
                    config=dict(data="digits", n_test=200, net_args={"base": 16, "mults": [1, 2]}, batch_size=128,
                                lr=2e-3, warmup=100, ema_decay=0.995),
                    budgets={
-                       "bench": dict(steps=1500, n=500, n_lik=100),
+                       "bench": dict(steps=1500, n=500, n_lik=100, n_inpaint=200),
                        "demo": dict(steps=1000, n=300, n_lik=50),
                        "quick": dict(steps=20, n=40, n_lik=8, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
-                                     ancestral_steps=20)}),
+                                     ancestral_steps=20, n_inpaint=8)}),
     # MNIST: 1.05M-parameter U-Net (32, 64, 64 channels at 28, 14, 7 px), bf16 autocast (AMX), EMA power warm-up.
     # Deterministic samplers leave about a quarter of the samples as noise at these short budgets; the stochastic
     # ones (dpm2m_sde, sa3) do not (measured on 1000-1500-step runs), hence the candidates.
@@ -74,15 +74,18 @@ DATA = {
                               warmup=50, precision="bf16"),
                   budgets={
                       "bench": dict(steps=8000, n=500, n_lik=100, candidates=("dpm2m", "dpm2m_sde", "sa3", "heun"),
-                                    cond_sampler="dpm2m_sde"),
-                      "demo": dict(steps=1250, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20, 50),
-                                   candidates=("dpm2m", "dpm2m_sde"), guidance=(0.0, 1.0, 3.0), ancestral_steps=50,
-                                   cond_sampler="dpm2m_sde"),
+                                    cond_sampler="dpm2m_sde", guidance=(0.0, 1.0, 3.0, 5.0), n_inpaint=200),
+                      "demo": dict(steps=1250, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20,),
+                                   candidates=("dpm2m", "dpm2m_sde"), guidance=(0.0, 1.0, 3.0, 5.0), ancestral_steps=50,
+                                   cond_sampler="dpm2m_sde", n_inpaint=64),
                       "quick": dict(steps=3, n=40, n_lik=4, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
-                                    ancestral_steps=20)}),
+                                    ancestral_steps=20, n_inpaint=4)}),
 }
 DEFAULTS = dict(families=ALL, nfes=(10, 20, 50), candidates=("dpm2m", "dpm3m", "heun"),
-                guidance=(0.0, 0.5, 1.0, 2.0, 4.0), ancestral_steps=1000, cond_sampler="dpm2m")
+                guidance=(0.0, 0.5, 1.0, 2.0, 4.0), ancestral_steps=1000, cond_sampler="dpm2m", n_inpaint=0)
+# inpainting of the lower half: the Tweedie h-transform (CG truncated at INPAINT_CG vector-Jacobian products per step)
+# and, beside it, replacement; both with Euler-Maruyama at INPAINT_NFE
+INPAINT_NFE, INPAINT_CG = {"tweedie": 100, "replace": 200}, 5
 ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; NCSN's step_ratio 0.2 under-mixed here
 QUICK = dict(budget="quick")
 
@@ -197,7 +200,7 @@ def diffusers_baseline(args, train_x: torch.Tensor):
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
     torch.manual_seed(0)
     unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"], net_args["num_res"],
-                          net_args["attention"], net_args.get("attention_levels", ()))
+                          net_args["attention"], net_args.get("attention_levels", ()), net_args.get("groups", 8))
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
@@ -405,13 +408,18 @@ def run(args) -> None:
         tr, sec = trained["VP class-cond."]
         model = tr.ema.copy()
         labels = torch.arange(10).repeat_interleave(math.ceil(n / 10))[:n]
-        for w in opt["guidance"]:
-            x, ts = samples(tr, opt["cond_sampler"], 20, score=label_guided(model, labels, n, w))
-            acc = float((ev.classify(x) == labels).float().mean())
-            cond.append({"w": w, "sampler": opt["cond_sampler"], "accuracy": acc, **ev(x), "sample_s": ts,
-                         "train_s": sec})
+
+        def guided(w, seed):
+            x, ts = samples(tr, opt["cond_sampler"], 20, score=label_guided(model, labels, n, w), seed=seed)
+            return {"w": w, "sampler": opt["cond_sampler"], "accuracy": float((ev.classify(x) == labels).float().mean()),
+                    **ev(x), "sample_s": ts, "train_s": sec}
+
+        for w in opt["guidance"]:  # chosen on seed 1 ...
+            cond.append(guided(w, seed=1))
             print(json.dumps(cond[-1]), flush=True)
-        pick = next((c for c in cond if c["accuracy"] > 0.95), max(cond, key=lambda c: c["accuracy"]))
+        pick = next((c for c in cond if c["accuracy"] >= 0.95), max(cond, key=lambda c: c["accuracy"]))
+        cond.append({**guided(pick["w"], seed=4), "held_out": True})  # ... reported on seed 4, which no choice saw
+        print(json.dumps(cond[-1]), flush=True)
         per_row = 16
         rows_y = torch.arange(10).repeat_interleave(per_row)
         x, _ = samples(tr, opt["cond_sampler"], 20, score=label_guided(model, rows_y, len(rows_y), pick["w"]), seed=2,
@@ -421,21 +429,23 @@ def run(args) -> None:
         cond_fig = common.record_png(save_grid(list(x.split(per_row)), common.out_dir(NAME) / f"imaging_{tag(args)}_cond.png",
                                                [f"{k} (w={pick['w']:g})" for k in range(10)], cols=per_row))
 
-    if "VP" in trained and args.budget != "demo":  # inpainting: right half of held-out images unknown
+    if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown
         tr = trained["VP"][0]
-        known, truth = data.test[:n], data.test_labels[:n]
+        known, truth = data.test[:opt["n_inpaint"]], data.test_labels[:opt["n_inpaint"]]
         mask = torch.ones(1, size, size)
-        mask[..., size // 2:] = 0
-        x, ts = timed(lambda: inpaint(tr.sde, tr.ema.copy(), known, mask, method="replace", sampler="em", nfe=200,
-                                      generator=torch.Generator().manual_seed(3)))
-        blank = mask * known - (1 - mask)
-        inp = {"n": known.shape[0], "nfe": 200, "sample_s": ts,
-               "accuracy_inpainted": float((ev.classify(x) == truth).float().mean()),
-               "accuracy_left_half_only": float((ev.classify(blank) == truth).float().mean()),
-               "accuracy_original": float((ev.classify(known) == truth).float().mean())}
+        mask[..., size // 2:, :] = 0
+        accuracy = lambda x: float((ev.classify(x) == truth).float().mean())
+        inp = {"n": known.shape[0], "sampler": "em", "cg_iters": INPAINT_CG, "accuracy_original": accuracy(known),
+               "accuracy_upper_half_only": accuracy(mask * known - (1 - mask))}
+        grid.append((mask * known - (1 - mask))[:16]), grid_labels.append("known half")
+        for how, nfe in INPAINT_NFE.items():
+            with counting(tr.ema.copy(), f"inpaint {how}", nfe) as counted:
+                x, ts = timed(lambda: inpaint(tr.sde, counted, known, mask, method=how, sampler="em", nfe=nfe,
+                                              cg_iters=INPAINT_CG, generator=torch.Generator().manual_seed(3)))
+            inp[how] = {"nfe": nfe, "accuracy": accuracy(x), "sample_s": ts}
+            grid.append(x[:16]), grid_labels.append(f"inpainted ({how})")
         print(json.dumps(inp), flush=True)
-        grid += [mask * known, x, known]
-        grid_labels += ["known half", "inpainted (VP, em)", "original"]
+        grid.append(known[:16]), grid_labels.append("original")
 
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{tag(args)}_samples.png", grid_labels))
     rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)
@@ -468,9 +478,9 @@ def print_table(res: dict) -> None:
         print("\n| guidance w | label accuracy | FID-style | KID +- se | precision | recall |")
         print("|---:|---:|---:|---:|---:|---:|")
         for c in res["conditional"]:
-            print(f"| {c['w']:g} | {c['accuracy']:.3f} | {c['fid']:.3f} | {kid_of(c)} | {c['precision']:.3f} | "
+            print(f"| {c['w']:g}{' (held-out seed)' if c.get('held_out') else ''} | {c['accuracy']:.3f} | {c['fid']:.3f} | {kid_of(c)} | {c['precision']:.3f} | "
                   f"{c['recall']:.3f} |")
     if "inpainting" in res:
-        print(f"\ninpainting (right half unknown): {json.dumps(res['inpainting'])}")
+        print(f"\ninpainting (lower half unknown): {json.dumps(res['inpainting'])}")
     print(f"\ntotal {res['total_s']:.0f} s; grid {res['figure']}" +
           (f"; conditional grid {res['conditional_figure']}" if "conditional_figure" in res else ""))

@@ -134,3 +134,21 @@ def test_inpaint_validation():
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), method="gibbs")
     with pytest.raises(ValueError, match="mask must have the shape"):
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(4))
+
+
+def test_cg_solves_spd_systems_and_stops_at_negative_curvature(gen):
+    """Against torch.linalg.solve on random SPD matrices; on an indefinite one (a learned score's Jacobian need not be
+    negative definite) each sample stops where p^T A p <= 0 and stays finite instead of dividing by ~0."""
+    from scoresde.sampling.guidance import _cg
+
+    d = 6
+    m = torch.randn(3, d, d, generator=gen, dtype=torch.float64)
+    spd = m @ m.transpose(1, 2) + 0.5 * torch.eye(d, dtype=torch.float64)
+    b = torch.randn(3, d, generator=gen, dtype=torch.float64)
+    q = _cg(lambda v: (spd @ v[..., None])[..., 0], b, iters=50, tol=1e-12)
+    assert torch.allclose(q, torch.linalg.solve(spd, b), atol=1e-9)
+    flip = torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))  # b = (1, 1): p^T A p = 0 at the first step
+    mats = torch.stack([flip, torch.eye(2, dtype=torch.float64)])
+    q = _cg(lambda v: (mats @ v[..., None])[..., 0], torch.ones(2, 2, dtype=torch.float64), iters=10, tol=1e-12)
+    assert torch.equal(q[0], torch.zeros(2, dtype=torch.float64))  # stopped before any step
+    assert torch.allclose(q[1], torch.ones(2, dtype=torch.float64))  # the other sample is solved

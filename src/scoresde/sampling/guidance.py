@@ -54,20 +54,27 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _cg(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float) -> Tensor:
-    """Batched conjugate gradients for A q = b with A symmetric positive definite per sample."""
+    """Batched conjugate gradients for A q = b, A symmetric positive definite per sample; truncated (Steihaug) for
+    a learned score, whose Jacobian need not be: a sample stops at the first direction of non-positive curvature
+    p^T A p <= 0 and keeps the iterate reached so far (0 if it is the first), as it does once its residual is
+    below tol times the first."""
     q = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rs = _dot(r, r)
-    stop = tol**2 * rs.clamp_min(torch.finfo(b.dtype).tiny)
+    stop = tol**2 * rs
+    active = rs > stop
     for _ in range(iters):
         Ap = matvec(p)
-        a = rs / _dot(p, Ap).clamp_min(torch.finfo(b.dtype).tiny)
+        pAp = _dot(p, Ap)
+        active = active & (pAp > 0)
+        if not active.any():
+            break
+        a = torch.where(active, rs / torch.where(active, pAp, 1.0), 0.0)
         q = q + expand_like(a, b) * p
         r = r - expand_like(a, b) * Ap
         rs_new = _dot(r, r)
-        if (rs_new <= stop).all():
-            break
-        p = r + expand_like(rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), b) * p
+        active = active & (rs_new > stop)
+        p = r + expand_like(torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0), b) * p
         rs = rs_new
     return q
 
@@ -103,13 +110,14 @@ def inpaint_score(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor
 
 
 def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, method: str = "tweedie",
-            sampler: str = "em", nfe: int = 200, generator: torch.Generator | None = None, **options) -> Tensor:
+            sampler: str = "em", nfe: int = 200, cg_iters: int = 50, generator: torch.Generator | None = None,
+            **options) -> Tensor:
     """Fill the pixels outside `mask` with any sampler of `sampling.METHODS`; known pixels are kept. method:
-    "tweedie" (default; exact for Gaussian data, its error shrinks with nfe) or "replace" (one score call per
-    step, but biased at any nfe); module docstring."""
+    "tweedie" (default; exact for Gaussian data, its error shrinks with nfe; each step costs up to cg_iters
+    vector-Jacobian products) or "replace" (one score call per step, but biased at any nfe); module docstring."""
     from .methods import sample
 
-    cond = inpaint_score(sde, score_fn, known, mask, method=method, generator=generator)
+    cond = inpaint_score(sde, score_fn, known, mask, method=method, cg_iters=cg_iters, generator=generator)
     x = sample(sde, cond, tuple(known.shape), method=sampler, nfe=nfe, generator=generator, dtype=known.dtype, **options)
     m = mask.to(known.dtype)
     return m * known + (1 - m) * x
