@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +46,7 @@ from scoresde.running.data import load_dataset, load_digits
 from scoresde.running.feature_net import feature_net
 from scoresde.running.mnist import load_mnist, mnist_split
 from scoresde.running.plots import save_grid
+from scoresde.running.progress import counting_calls
 from scoresde.running.train import Trainer, ema_decay, learning_rate
 from scoresde.sampling import sample
 from scoresde.sampling.guidance import inpaint, label_guided
@@ -179,17 +179,6 @@ def timed(fn):
     return out, time.perf_counter() - tic
 
 
-@contextmanager
-def counting(fn, desc: str, total: int | None = None):
-    """`fn` wrapped to advance a tqdm bar at each call: progress for samplers and likelihoods, which have none."""
-    with tqdm(total=total, desc=desc, mininterval=5, leave=False) as bar:
-        def counted(*a, **kw):
-            bar.update()
-            return fn(*a, **kw)
-
-        yield counted
-
-
 def diffusers_baseline(args, train_x: torch.Tensor):
     """diffusers' UNet2DModel built as the twin of the runs' U-Net (`train_throughput.diffusers_twin`: same widths,
     blocks per level and attention, so the same parameter count) + DDPMScheduler (linear, 1000 steps), trained with
@@ -312,17 +301,17 @@ def run(args) -> None:
 
     def samples(tr, method, nfe, score=None, seed=1, count=n):
         model = score or tr.ema.copy()
-        with counting(model, f"{tr.cfg.name} {method} {nfe}", nfe) as counted:
-            fn = model if tr.family.generate is not None else counted  # DDPM, VAE draw with the model itself
-            return timed(lambda: draw_samples(tr.sde, fn, (count,) + data.sample_shape, method, nfe,
+        with counting_calls(model, f"{tr.cfg.name} {method} {nfe}", nfe):
+            return timed(lambda: draw_samples(tr.sde, model, (count,) + data.sample_shape, method, nfe,
                                               generator=torch.Generator().manual_seed(seed), family=tr.family)[0])
 
     def pf_bits(tr) -> float | None:
         """Probability-flow bits/dim of the n_lik test images (None when n_lik is 0)."""
         if not n_lik:
             return None
-        with counting(tr.ema.copy(), f"{tr.cfg.name} bits/dim") as counted:
-            return float(bits_per_dim(tr.sde, counted, test, levels=levels, generator=torch.Generator().manual_seed(0),
+        model = tr.ema.copy()
+        with counting_calls(model, f"{tr.cfg.name} bits/dim"):
+            return float(bits_per_dim(tr.sde, model, test, levels=levels, generator=torch.Generator().manual_seed(0),
                                       divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3,
                                       dtype=torch.float32)[0].mean())
 
@@ -347,8 +336,9 @@ def run(args) -> None:
 
     if "SMLD" in trained:  # SMLD / NCSN with annealed Langevin (100 levels x 2 steps + denoise)
         tr, sec = trained["SMLD"]
-        with counting(tr.ema.copy(), "SMLD ald", 201) as counted:
-            x, ts = timed(lambda: sample(tr.sde, counted, (n,) + data.sample_shape, method="ald", nfe=201,
+        model = tr.ema.copy()
+        with counting_calls(model, "SMLD ald", 201):
+            x, ts = timed(lambda: sample(tr.sde, model, (n,) + data.sample_shape, method="ald", nfe=201,
                                          generator=torch.Generator().manual_seed(1), **ALD))
         add("SMLD/NCSN (VE, 50 levels)", f"ald (ratio {ALD['step_ratio']:g})", 201, x, sec, ts, pf_bits(tr))
         show(x, "SMLD ald")
@@ -439,8 +429,9 @@ def run(args) -> None:
                "accuracy_upper_half_only": accuracy(mask * known - (1 - mask))}
         grid.append((mask * known - (1 - mask))[:16]), grid_labels.append("known half")
         for how, nfe in INPAINT_NFE.items():
-            with counting(tr.ema.copy(), f"inpaint {how}", nfe) as counted:
-                x, ts = timed(lambda: inpaint(tr.sde, counted, known, mask, method=how, sampler="em", nfe=nfe,
+            model = tr.ema.copy()
+            with counting_calls(model, f"inpaint {how}", nfe):
+                x, ts = timed(lambda: inpaint(tr.sde, model, known, mask, method=how, sampler="em", nfe=nfe,
                                               cg_iters=INPAINT_CG, generator=torch.Generator().manual_seed(3)))
             inp[how] = {"nfe": nfe, "accuracy": accuracy(x), "sample_s": ts}
             grid.append(x[:16]), grid_labels.append(f"inpainted ({how})")
