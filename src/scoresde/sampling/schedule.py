@@ -40,6 +40,7 @@ __all__ = ["Schedule", "auto_schedule", "cached_schedule", "clear_schedule_cache
 AUTO_MAX_NFE = 10  # `sample` uses the automatic schedule at nfe <= this (methods with Method.auto)
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
 _END_RATIOS = tuple(np.geomspace(0.01, 0.5, 8))
+_DENOISE = (True, False)  # candidates with and without the final denoise
 _BANDWIDTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)  # set on the selection targets (benchmarks/samplers.py)
 
 
@@ -134,7 +135,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         lam_min = float(sde.log_snr(torch.tensor(float(sde.t_min), dtype=torch.float64)))
         lam_max = float(sde.log_snr(torch.tensor(float(sde.T), dtype=torch.float64)))
         candidates = []
-        for denoise in (True, False):
+        for denoise in _DENOISE:
             try:
                 n_steps = steps_for(method, nfe, denoise, options)
             except InvalidValueError:
