@@ -15,6 +15,15 @@
     1.5x the iterations so the budgets are equal.
 (c) Time grid: the same budget in iterations at N = 10, 20, 40 steps for both methods; each
     result is also evaluated on a common fine grid (N = 100).
+(d) Issue 23, five methods on exact tilts (`--parts exact-tune`, then `--parts exact`): pg (`finetune`),
+    adjoint matching, DPOK, DRaFT-K (with the KL term) and DDPO on the 2-D mixture and a 16-D 4-component
+    mixture, linear reward, exact pretrained score, residual MLP. Every method's knobs (lr, baseline /
+    updates / clip / K) are chosen on hold-out betas {0.75, 3} and training seed 100 (part exact-tune), then
+    reported at beta in {0.5, 1, 2, 4}, seed 1: MMD to the closed-form tilt, reward, path KL against reward
+    evaluations and wall time. Null spread: MMD of exact tilt samples of the same size (10 seeds); grid
+    floor: the exact tilted score run on the same EM grid. DDPO (no KL) is scored at its closest approach.
+(e) Issue 23, MNIST (`--parts mnist`): the trained VP U-Net of runs/mnist_vp_pretrained fine-tuned towards
+    one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
 Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
@@ -34,6 +43,7 @@ from scoresde.evaluation.metrics import mmd2
 from scoresde.learning.networks import MLP
 from scoresde.models import alignment as A
 from scoresde.models.rewards import linear
+from scoresde.running.finetune import METHODS, method_options
 from scoresde.sampling.grids import time_grid
 
 NAME = "alignment"
@@ -46,7 +56,7 @@ C = torch.tensor([1.0, 0.5])
 def evaluate(model, pre, n_steps: int, n: int, seed: int, c: torch.Tensor = C) -> tuple[torch.Tensor, float, float, float]:
     """Terminal samples of the model's EM chain on a uniform grid, their mean reward c^T x, path KL and its stderr."""
     gen = torch.Generator().manual_seed(seed)
-    ro = A.rollout(SDE, model, pre, (n, 2), time_grid(SDE, n_steps, kind="uniform"), gen)
+    ro = A.rollout(SDE, model, pre, (n, c.numel()), time_grid(SDE, n_steps, kind="uniform"), gen)
     kl = ro.cost().sum(0)
     x = ro.terminal.double()
     return x, float((x @ c.double()).mean()), float(kl.mean()), float(kl.std() / math.sqrt(n))
@@ -244,8 +254,256 @@ def plot_grid(grid: dict) -> None:
     common.save_figure(fig, NAME, "alignment_grid.png", dpi=120)
 
 
+# ---------------------------------------------------------------- issue 23: five methods on exact tilts
+
+FIVE = ("pg", "adjoint", "dpok", "draft", "ddpo")
+SWEEPS = {  # each method's own knobs; chosen on the hold-out betas / seed (part exact-tune)
+    "pg": [dict(lr=1e-2, baseline="mean"), dict(lr=3e-3, baseline="mean"), dict(lr=1e-2, baseline="value")],
+    "adjoint": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, updates_per_batch=2)],
+    "dpok": [dict(lr=1e-2, clip=0.2), dict(lr=3e-3, clip=0.2), dict(lr=1e-2, clip=0.2, updates_per_batch=3)],
+    "draft": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, k=1)],
+    "ddpo": [dict(lr=1e-2, clip=1e-4), dict(lr=3e-3, clip=1e-4), dict(lr=1e-2, clip=1e-3)],
+}
+TUNE_BETAS, TUNE_SEED, REPORT_SEED, EVAL_SEED = (0.75, 3.0), 100, 1, 2
+
+
+def mixture16() -> tuple[GaussianMixture, torch.Tensor]:
+    """A fixed 4-component 16-D mixture (means N(0, 1.5^2 I), diagonal variances in [0.1, 0.4]) and a unit c."""
+    g = torch.Generator().manual_seed(16)
+    means = 1.5 * torch.randn(4, 16, generator=g)
+    covs = torch.diag_embed(0.1 + 0.3 * torch.rand(4, 16, generator=g))
+    c = torch.randn(16, generator=g)
+    return GaussianMixture(torch.tensor([0.4, 0.3, 0.2, 0.1]), means, covs), c / c.norm()
+
+
+def targets() -> dict:
+    return {"mix2": (MIX, C), "mix16": mixture16()}
+
+
+def method_run(method: str, target: str, beta: float, knobs: dict, args, seed: int) -> list[dict]:
+    """Train one method (DRaFT with the KL weight beta, DDPO without any) and snapshot MMD to the tilt, reward
+    and path KL (fresh samples, EVAL_SEED) against reward evaluations and training wall time."""
+    mix, c = targets()[target]
+    d, pre = mix.dim, mix.score_fn(SDE)
+    tilt = A.tilted_mixture(mix, c, beta)
+    knobs = dict(knobs)
+    opts = method_options(method, beta=None if method == "ddpo" else beta, k=knobs.pop("k", None) if method == "draft"
+                          else None, steps=args.iters, batch_size=args.batch, n_time_steps=args.n_steps,
+                          lr_final=knobs["lr"] / 10, **knobs)
+    snaps, eval_time = [], [0.0]
+
+    def snapshot(it, model, record):
+        if (it + 1) % max(1, args.iters // args.snapshots) == 0:
+            tic = time.perf_counter()
+            x, r, kl, kl_se = evaluate(model, pre, args.n_steps, args.n_eval, EVAL_SEED, c)
+            eval_time[0] += time.perf_counter() - tic
+            snaps.append({"iteration": it + 1, "reward_evals": record["reward_evals"],
+                          "reward_grad_evals": record["reward_grad_evals"], "nfe": record["nfe"],
+                          "seconds": record["wall_time"] - eval_time[0] + (time.perf_counter() - tic),
+                          "reward": r, "kl": kl, "kl_se": kl_se, "mmd": mmd(x, tilt)})
+
+    torch.manual_seed(seed)
+    METHODS[method][1](SDE, pre, linear(c), opts, shape=(d,), network=MLP(d, hidden=64, depth=2),
+                       generator=torch.Generator().manual_seed(seed), callback=snapshot)
+    return snaps
+
+
+def final(method: str, snaps: list[dict]) -> dict:
+    """The reported point: the last snapshot, or for DDPO (no KL term, it never settles) its closest approach."""
+    return min(snaps, key=lambda d: d["mmd"]) if method == "ddpo" else snaps[-1]
+
+
+def exact_tune(args) -> dict:
+    """Each method's knob settings scored on the hold-out betas and seed; the one with the smallest summed MMD wins."""
+    out = {}
+    for target in targets():
+        out[target] = {}
+        for method in FIVE:
+            scores = []
+            for i, knobs in enumerate(SWEEPS[method][:args.sweep]):
+                tic = time.perf_counter()
+                mmds = [final(method, method_run(method, target, b, knobs, args, TUNE_SEED))["mmd"] for b in TUNE_BETAS]
+                scores.append({"knobs": knobs, "mmd": mmds, "score": sum(mmds)})
+                print(f"tune {target} {method} {knobs}: MMD {['%.4f' % m for m in mmds]} ({time.perf_counter() - tic:.0f} s)",
+                      flush=True)
+            out[target][method] = {"sweep": scores, "best": min(scores, key=lambda d: d["score"])["knobs"]}
+    common.write_json(NAME, out, file="alignment_tuned.json")
+    return out
+
+
+def null_spread(tilt: GaussianMixture, n: int, reps: int = 10) -> tuple[float, float]:
+    """Mean and sd of the MMD of n exact samples of the tilt to the tilt (the metric's noise floor)."""
+    vals = [mmd(tilt.sample(n, torch.Generator().manual_seed(1000 + i)).double(), tilt) for i in range(reps)]
+    return float(np.mean(vals)), float(np.std(vals, ddof=1))
+
+
+def exact_report(args) -> dict:
+    """All five methods at their tuned knobs on the reported betas and seed, with the null spread and grid floor."""
+    path = common.out_dir(NAME) / "alignment_tuned.json"
+    tuned = json.loads(path.read_text()) if path.exists() else None
+    if tuned is None and not common.quick():
+        raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune` first ({path} is missing)")
+    out = {}
+    for target, (mix, c) in targets().items():
+        out[target] = {}
+        for beta in args.betas:
+            tilt = A.tilted_mixture(mix, c, beta)
+            tilted_score = tilt.score_fn(SDE)
+            x_floor, r_floor, _, _ = evaluate(tilted_score, tilted_score, args.n_steps, args.n_eval, EVAL_SEED, c)
+            null = null_spread(tilt, args.n_eval)
+            row = {"null": null, "grid_floor": mmd(x_floor, tilt), "tilt_reward": float(tilt.weights.double() @ (tilt.means.double() @ c.double())),
+                   "methods": {}}
+            for method in FIVE:
+                knobs = tuned[target][method]["best"] if tuned else SWEEPS[method][0]
+                tic = time.perf_counter()
+                snaps = method_run(method, target, beta, knobs, args, REPORT_SEED)
+                row["methods"][method] = {"knobs": knobs, "curve": snaps, "final": final(method, snaps)}
+                f = row["methods"][method]["final"]
+                print(f"{target} beta={beta} {method}: MMD {f['mmd']:.4f} (null {null[0]:.4f}+-{null[1]:.4f}, floor "
+                      f"{row['grid_floor']:.4f}) reward {f['reward']:.3f} (tilt {row['tilt_reward']:.3f}) KL {f['kl']:.3f} "
+                      f"({time.perf_counter() - tic:.0f} s)", flush=True)
+            out[target][beta] = row
+    return out
+
+
+def exact_table(res: dict) -> list[str]:
+    lines = []
+    for target, rows in res.items():
+        lines += [f"### {target}: MMD to the exact tilt (reward, path KL), each method at its tuned knobs", "",
+                  "| beta | null MMD (mean +- sd) | grid floor | " + " | ".join(FIVE) + " | best scoresde / best baseline |",
+                  "|---|---|---|" + "---|" * len(FIVE) + "---|"]
+        for beta, row in rows.items():
+            f = {m: row["methods"][m]["final"] for m in FIVE}
+            cells = [f"{f[m]['mmd']:.4f} ({f[m]['reward']:.2f}, {f[m]['kl']:.2f})" for m in FIVE]
+            ours = min(f[m]["mmd"] for m in ("pg", "adjoint"))
+            base = min(f[m]["mmd"] for m in ("dpok", "draft", "ddpo"))
+            lines.append(f"| {beta} | {row['null'][0]:.4f} +- {row['null'][1]:.4f} | {row['grid_floor']:.4f} | "
+                         + " | ".join(cells) + f" | {ours / base:.2f} |")
+        lines.append("")
+    return lines
+
+
+def plot_exact(res: dict) -> None:
+    """MMD to the tilt against reward evaluations and against wall time at beta = 1 (or the first beta)."""
+    plt = common.plt()
+    fig, axes = plt.subplots(len(res), 2, figsize=(11, 4 * len(res)), squeeze=False)
+    for row_axes, (target, rows) in zip(axes, res.items()):
+        beta = 1.0 if 1.0 in rows else next(iter(rows))
+        row = rows[beta]
+        for method in FIVE:
+            curve = row["methods"][method]["curve"]
+            for ax, key in zip(row_axes, ("reward_evals", "seconds")):
+                ax.plot([d[key] for d in curve], [d["mmd"] for d in curve], "o-", ms=3, label=method)
+        for ax, lab in zip(row_axes, ("reward evaluations", "training wall time (s)")):
+            ax.axhline(row["null"][0] + 2 * row["null"][1], color="k", ls="--", lw=1, label="null + 2 sd")
+            ax.set_yscale("log"), ax.set_xlabel(lab), ax.set_ylabel("MMD to the exact tilt")
+            ax.set_title(f"{target}, beta={beta}"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    common.save_figure(fig, NAME, "alignment_exact_curves.png", dpi=110)
+
+
+# ---------------------------------------------------------------- issue 23: the MNIST VP model
+
+MNIST_RUN, MNIST_LR = "runs/mnist_vp_pretrained", 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 per step)
+
+
+def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, label: int, real_feats) -> dict:
+    """Class share (classifier argmax), path KL and FID-style distance (classifier features) of n fresh samples."""
+    from scoresde.evaluation.features import image_features
+    from scoresde.evaluation.metrics import frechet_distance
+
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    xs, kls = [], []
+    for i in range(0, n, 32):
+        ro = A.rollout(sde, model, frozen, (min(32, n - i), *shape), time_grid(sde, n_steps, kind="uniform"), gen)
+        xs.append(ro.terminal), kls.append(ro.cost().sum(0))
+    x, kl = torch.cat(xs).clamp(-1, 1), torch.cat(kls)
+    with torch.no_grad():
+        share = float((classifier(x).argmax(1) == label).float().mean())
+        feats = image_features(x, classifier)
+    return {"share": share, "share_se": math.sqrt(max(share * (1 - share), 1e-12) / n), "kl": float(kl.mean()),
+            "kl_se": float(kl.std() / math.sqrt(n)), "fid": float(frechet_distance(feats.numpy(), real_feats.numpy()))}
+
+
+def mnist_part(args) -> None:
+    """Fine-tune the MNIST VP U-Net towards digit `--mnist-label` with r = log p(label | x) (download-free
+    classifier); each method at each beta (DDPO once, no KL), snapshots of share / KL / FID-style."""
+    from pathlib import Path
+
+    from scoresde.models.rewards import class_log_prob
+    from scoresde.running.feature_net import feature_net
+    from scoresde.running.mnist import load_mnist
+    from scoresde.running.runs import load_run
+
+    run = load_run(common.REPO / MNIST_RUN)
+    torch.set_num_threads(1)
+    classifier, acc = feature_net("mnist", common.REPO / Path("runs/features"))
+    classifier.requires_grad_(False)
+    images, labels = load_mnist()
+    label = args.mnist_label
+    with torch.no_grad():
+        from scoresde.evaluation.features import image_features
+        real_feats = image_features(images[labels == label], classifier)
+    reward = class_log_prob(classifier, label)
+    shape = tuple(run.sample_shape)
+    frozen = run.model.eval().requires_grad_(False)
+    ev = lambda m: mnist_eval(m, frozen, run.sde, shape, args.mnist_eval, args.mnist_steps, classifier, label,  # noqa: E731
+                              real_feats)
+    tic = time.perf_counter()
+    pre_eval = ev(frozen)
+    print(f"mnist pretrained: {pre_eval} (classifier held-out accuracy {acc:.3f}; {time.perf_counter() - tic:.0f} s)",
+          flush=True)
+    for method in args.mnist_methods:
+        out = {"label": label, "classifier_accuracy": acc, "pretrained": pre_eval, "runs": {}}
+        for beta in ([None] if method == "ddpo" else args.mnist_betas):
+            opts = method_options(method, beta=beta, k=1 if method == "draft" else None, steps=args.mnist_iters,
+                                  batch_size=args.mnist_batch, n_time_steps=args.mnist_steps, lr=MNIST_LR,
+                                  **({"baseline": "mean"} if method == "pg" else {}))
+            snaps, tic = [], time.perf_counter()
+
+            def snapshot(it, model, record):
+                if (it + 1) % max(1, args.mnist_iters // 3) == 0:
+                    snaps.append({"iteration": it + 1, "reward_evals": record["reward_evals"], "nfe": record["nfe"],
+                                  "train_seconds": record["wall_time"], **ev(model.eval())})
+                    model.train()
+                    print(f"  mnist {method} beta={beta} it {it + 1}: {snaps[-1]}", flush=True)
+
+            METHODS[method][1](run.sde, run.model, reward, opts, shape=shape,
+                               generator=torch.Generator().manual_seed(REPORT_SEED), callback=snapshot)
+            out["runs"][str(beta)] = {"snapshots": snaps, "seconds": time.perf_counter() - tic}
+        common.write_json(NAME, out, file=f"alignment_mnist_{method}.json")
+    plot_mnist()
+
+
+def plot_mnist() -> None:
+    """Class share and FID-style distance against path KL for every method file present."""
+    plt = common.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    lines = ["| method | beta | iteration | class share | path KL | FID-style |", "|---|---|---|---|---|---|"]
+    for method in FIVE:
+        path = common.out_dir(NAME) / f"alignment_mnist_{method}.json"
+        if not path.exists():
+            continue
+        res = json.loads(path.read_text())
+        for beta, r in res["runs"].items():
+            snaps = [{"kl": 0.0, "share": res["pretrained"]["share"], "fid": res["pretrained"]["fid"]}] + r["snapshots"]
+            lab = method if beta == "None" else f"{method} beta={beta}"
+            axes[0].plot([d["kl"] for d in snaps], [d["share"] for d in snaps], "o-", ms=3, label=lab)
+            axes[1].plot([d["kl"] for d in snaps], [d["fid"] for d in snaps], "o-", ms=3, label=lab)
+            lines += [f"| {method} | {beta} | {d['iteration']} | {d['share']:.3f} +- {d['share_se']:.3f} | "
+                      f"{d['kl']:.2f} +- {d['kl_se']:.2f} | {d['fid']:.1f} |" for d in r["snapshots"]]
+    for ax, lab in zip(axes, ("share classified as the target digit", "FID-style to that digit's real images")):
+        ax.set_xscale("symlog", linthresh=1.0), ax.set_xlabel("path KL to the pretrained model"), ax.set_ylabel(lab)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    common.save_figure(fig, NAME, "alignment_mnist.png", dpi=110)
+    common.write_text(NAME, "alignment_mnist.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 QUICK = dict(iters=4, batch=32, n_eval=200, betas=[1.0], grid_steps=[10], toy_train_steps=200, toy_iters=4,
-             toy_betas=[1.0], toy_ref=2000)
+             toy_betas=[1.0], toy_ref=2000, snapshots=2, sweep=1, mnist_iters=2, mnist_batch=4, mnist_steps=4,
+             mnist_eval=16, mnist_betas=[1.0])
 
 
 def add_arguments(p) -> None:
@@ -259,11 +517,36 @@ def add_arguments(p) -> None:
     p.add_argument("--toy-iters", type=int, default=150)
     p.add_argument("--toy-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--toy-ref", type=int, default=200000)
-    p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"])
+    p.add_argument("--snapshots", type=int, default=8, help="exact parts: evaluations along each training run")
+    p.add_argument("--sweep", type=int, default=3, help="exact-tune: the first SWEEP knob settings of each method")
+    p.add_argument("--mnist-iters", type=int, default=30)
+    p.add_argument("--mnist-batch", type=int, default=16)
+    p.add_argument("--mnist-steps", type=int, default=10, help="EM steps of the MNIST rollouts")
+    p.add_argument("--mnist-eval", type=int, default=256, help="MNIST samples per evaluation")
+    p.add_argument("--mnist-betas", type=float, nargs="+", default=[0.5, 2.0])
+    p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
+    p.add_argument("--mnist-label", type=int, default=3)
+    p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
+                   help="tilt grid toy (issue 11); exact-tune, exact, mnist (issue 23), each its own run")
 
 
 def run(args) -> None:
-    res, tic = {}, time.perf_counter()
+    tic = time.perf_counter()
+    if "exact-tune" in args.parts:
+        exact_tune(args)
+    if "exact" in args.parts:
+        res = exact_report(args)
+        plot_exact(res)
+        lines = exact_table(res)
+        print("\n".join(lines))
+        common.write_text(NAME, "alignment_exact.md", "\n".join(lines) + "\n")
+        common.write_json(NAME, res, file="alignment_exact.json")
+    if "mnist" in args.parts:
+        mnist_part(args)
+    if not {"tilt", "grid", "toy"} & set(args.parts):
+        print(f"total {time.perf_counter() - tic:.0f} s")
+        return
+    res = {}
     if "tilt" in args.parts:
         res["tilt"] = tilted_case(args)
     if "grid" in args.parts:

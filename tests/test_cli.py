@@ -217,11 +217,33 @@ def test_finetune_reward_names_and_beta(tiny_run):
           "beta must be > 0 (the KL weight), got 0.0")
     err = fails(["finetune", tiny_run, "--reward", "bogus", "--beta", "1"], "unknown reward 'bogus'")
     assert err.split("valid: ")[1].split(", ") == names
-    help_text = " ".join(runner.invoke(app, ["finetune", "--help"]).output.split())
+    help_text = " ".join(runner.invoke(app, ["finetune", "--help"]).output.replace("│", " ").split())
     assert f"one of {', '.join(names)}" in help_text
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     line = next(ln for ln in readme.splitlines() if "finetune" in ln and "rewards:" in ln)
     assert line.split("rewards: ")[1].split(" (")[0].split(", ") == names
+
+
+def test_finetune_methods(tiny_run, tmp_path):
+    """`--method` runs each of the five methods into a loadable run folder (the checkpoint names the method);
+    bad combinations fail with one line naming the option."""
+    from scoresde.running.checkpoint import read_checkpoint
+
+    base = ["finetune", tiny_run, "--reward", "linear", "--param", "c=0,1", "--steps", "2", "--batch-size", "8",
+            "--n-time-steps", "4", "--n", "20"]
+    for method, extra in (("adjoint", ["--beta", "1"]), ("dpok", ["--beta", "1"]), ("draft", ["--k", "2"]),
+                          ("ddpo", []), ("pg", ["--beta", "1", "--baseline", "mean"])):
+        out = tmp_path / method
+        res = runner.invoke(app, [str(a) for a in base + ["--method", method, "--out", out] + extra])
+        assert res.exit_code == 0, res.output
+        assert "mean reward" in res.output and (out / "finetune_curves.png").is_file()
+        assert json.loads(read_checkpoint(out / "checkpoint.safetensors")[1]["extra"])["method"] == method
+    fails(base + ["--method", "adjoint"], "method 'adjoint' needs --beta")
+    fails(base + ["--method", "ddpo", "--beta", "1"], "method 'ddpo' has no KL term")
+    fails(base + ["--method", "dpok", "--beta", "1", "--k", "2"], "--k", "'draft'")
+    fails(base + ["--method", "adjoint", "--beta", "1", "--baseline", "mean"], "--baseline is for method 'pg'")
+    fails(base + ["--method", "draft", "--k", "9"], "k must be <= n_time_steps = 4")
+    fails(base + ["--method", "sgd", "--beta", "1"], "method must be one of pg, adjoint, dpok, draft, ddpo")
 
 
 def test_outputs_are_checked_before_computing(tiny_run, tmp_path, monkeypatch):
