@@ -18,6 +18,7 @@ with published (Inception) FIDs.
         # VP + diffusers' twin + the class-conditional VP model only
     python -m benchmarks imaging --data mnist --budget bench --threads 2  # make bench-mnist (every family; longer)
     python -m benchmarks imaging --table benchmarks/results/imaging/imaging_bench.json   # reprint the tables
+    ... --runs runs/imaging_mnist_demo --resume   # reuse the demo's finished VP runs (same config and steps)
 
 Outputs: benchmarks/results/imaging/imaging_<budget>.json (imaging_mnist_<budget>.json for MNIST), its
 _samples.png, and for MNIST _cond.png (the conditional grid, one row per digit); run folders under
@@ -128,7 +129,7 @@ def dataset(args):
 def train(args, label: str, spec: dict, trainer_cls=Trainer) -> tuple[Trainer, float]:
     tic = time.perf_counter()
     cfg = base_config(args, label.replace(" ", "_").replace(".", ""), **spec)
-    trainer = trainer_cls(cfg, data=dataset(args), resume=False).run()
+    trainer = trainer_cls(cfg, data=dataset(args), resume=getattr(args, "resume", False)).run()
     sec = time.perf_counter() - tic
     print(f"trained {label}: {sec:.0f} s", flush=True)
     return trainer, sec
@@ -243,6 +244,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=None, help="guidance weights")
     ap.add_argument("--ancestral-steps", type=int, default=None,
                     help="steps of the long DDPM ancestral chains (0: none for diffusers' DDPMScheduler)")
+    ap.add_argument("--resume", action="store_true", help="continue (or reuse, when finished) the runs already in --runs "
+                    "instead of training them afresh; their configs must agree but for steps")
     ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
 
 
