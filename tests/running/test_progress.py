@@ -13,11 +13,16 @@ class Score(nn.Module):
         return -x
 
 
-def test_bar_counts_every_forward_call_of_a_sampler_through_a_wrapper():
+def test_bar_counts_every_forward_call_of_a_sampler_through_a_wrapper_and_changes_no_output():
     model = Score()
+    draw = lambda: sample(VP(), lambda x, t: 2.0 * model(x, t), (4, 2), method="euler", nfe=12,
+                          generator=torch.Generator().manual_seed(0))
+    plain = draw()
     with counting_calls(model, "sampling", total=12) as bar:
-        sample(VP(), lambda x, t: 2.0 * model(x, t), (4, 2), method="euler", nfe=12, generator=torch.Generator().manual_seed(0))
+        bar.mininterval = bar.miniters = 0  # refresh on every call: tqdm.update then returns True
+        counted = draw()
         assert bar.n == 12 and bar.total == 12
+    assert torch.equal(counted, plain)
     assert not model._forward_hooks
 
 

@@ -25,7 +25,10 @@ def counting_calls(model: object, desc: str, total: int | None = None, enable: b
         yield None
         return
     with tqdm(total=total, desc=desc, unit="call", mininterval=2, dynamic_ncols=True, leave=False) as bar:
-        handle = model.register_forward_hook(lambda *_: bar.update())
+        def hook(*_) -> None:  # returns None: a forward hook's return value would replace the output
+            bar.update()
+
+        handle = model.register_forward_hook(hook)
         try:
             yield bar
         finally:
