@@ -45,6 +45,7 @@ from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
 from scoresde.running.data import load_dataset, load_digits
 from scoresde.running.feature_net import feature_net
+from scoresde.running.files import save_json
 from scoresde.running.mnist import load_mnist, mnist_split
 from scoresde.running.plots import save_grid
 from scoresde.running.progress import counting_calls
@@ -127,11 +128,17 @@ def dataset(args):
 
 
 def train(args, label: str, spec: dict, trainer_cls=Trainer) -> tuple[Trainer, float]:
+    """The trained run and its training seconds; a run continued or reused under --resume adds the seconds its
+    earlier training recorded in the run folder (train_seconds.json)."""
     tic = time.perf_counter()
     cfg = base_config(args, label.replace(" ", "_").replace(".", ""), **spec)
-    trainer = trainer_cls(cfg, data=dataset(args), resume=getattr(args, "resume", False)).run()
-    sec = time.perf_counter() - tic
-    print(f"trained {label}: {sec:.0f} s", flush=True)
+    trainer = trainer_cls(cfg, data=dataset(args), resume=getattr(args, "resume", False))
+    record = trainer.run_dir / "train_seconds.json"
+    before = json.loads(record.read_text())["seconds"] if trainer.step and record.exists() else 0.0
+    trainer.run()
+    sec = before + time.perf_counter() - tic
+    save_json(record, {"seconds": sec, "step": trainer.step})
+    print(f"trained {label}: {sec:.0f} s" + (f" ({before:.0f} s of them recorded earlier)" if before else ""), flush=True)
     return trainer, sec
 
 
