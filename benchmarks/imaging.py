@@ -251,6 +251,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--guidance", type=float, nargs="+", default=None, help="guidance weights")
     ap.add_argument("--ancestral-steps", type=int, default=None,
                     help="steps of the long DDPM ancestral chains (0: none for diffusers' DDPMScheduler)")
+    ap.add_argument("--n-lik", type=int, default=None, help="test images of the bits/dim rows (0: none)")
+    ap.add_argument("--n-inpaint", type=int, default=None, help="held-out images inpainted (0: none)")
     ap.add_argument("--resume", action="store_true", help="continue (or reuse, when finished) the runs already in --runs "
                     "instead of training them afresh; their configs must agree but for steps")
     ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
@@ -268,7 +270,8 @@ def settings(args) -> dict:
     """The run's settings: the command line's where given, else the budget's, else DEFAULTS."""
     budget = {**DEFAULTS, **DATA[args.data]["budgets"][args.budget]}
     given = {"families": args.families, "nfes": args.nfes, "candidates": args.candidates, "guidance": args.guidance,
-             "ancestral_steps": args.ancestral_steps, "steps": args.steps or None, "n": args.n or None}
+             "ancestral_steps": args.ancestral_steps, "steps": args.steps or None, "n": args.n or None,
+             "n_lik": args.n_lik, "n_inpaint": args.n_inpaint}
     return {**budget, **{k: v for k, v in given.items() if v is not None}}
 
 
