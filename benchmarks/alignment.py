@@ -345,6 +345,8 @@ def exact_report(args) -> dict:
         raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune` first ({path} is missing)")
     out = {}
     for target, (mix, c) in targets().items():
+        if target not in args.targets:
+            continue
         out[target] = {}
         for beta in args.betas:
             tilt = A.tilted_mixture(mix, c, beta)
@@ -383,7 +385,7 @@ def exact_table(res: dict) -> list[str]:
     return lines
 
 
-def plot_exact(res: dict) -> None:
+def plot_exact(res: dict, tag: str = "") -> None:
     """MMD to the tilt against reward evaluations and against wall time at beta = 1 (or the first beta)."""
     plt = common.plt()
     fig, axes = plt.subplots(len(res), 2, figsize=(11, 4 * len(res)), squeeze=False)
@@ -399,7 +401,7 @@ def plot_exact(res: dict) -> None:
             ax.set_yscale("log"), ax.set_xlabel(lab), ax.set_ylabel("MMD to the exact tilt")
             ax.set_title(f"{target}, beta={beta}"), ax.legend(fontsize=7)
     fig.tight_layout()
-    common.save_figure(fig, NAME, "alignment_exact_curves.png", dpi=110)
+    common.save_figure(fig, NAME, f"alignment_exact_curves{tag}.png", dpi=110)
 
 
 # ---------------------------------------------------------------- issue 23: the MNIST VP model
@@ -519,6 +521,8 @@ def add_arguments(p) -> None:
     p.add_argument("--toy-ref", type=int, default=200000)
     p.add_argument("--snapshots", type=int, default=8, help="exact parts: evaluations along each training run")
     p.add_argument("--sweep", type=int, default=3, help="exact-tune: the first SWEEP knob settings of each method")
+    p.add_argument("--targets", nargs="+", default=["mix2", "mix16"], help="exact: the targets reported")
+    p.add_argument("--tag", default="", help="exact: suffix of the output files (e.g. _long for a longer run)")
     p.add_argument("--mnist-iters", type=int, default=30)
     p.add_argument("--mnist-batch", type=int, default=16)
     p.add_argument("--mnist-steps", type=int, default=10, help="EM steps of the MNIST rollouts")
@@ -536,11 +540,11 @@ def run(args) -> None:
         exact_tune(args)
     if "exact" in args.parts:
         res = exact_report(args)
-        plot_exact(res)
+        plot_exact(res, args.tag)
         lines = exact_table(res)
         print("\n".join(lines))
-        common.write_text(NAME, "alignment_exact.md", "\n".join(lines) + "\n")
-        common.write_json(NAME, res, file="alignment_exact.json")
+        common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
+        common.write_json(NAME, res, file=f"alignment_exact{args.tag}.json")
     if "mnist" in args.parts:
         mnist_part(args)
     if not {"tilt", "grid", "toy"} & set(args.parts):
