@@ -351,7 +351,7 @@ def exact_report(args) -> dict:
         for beta in args.betas:
             tilt = A.tilted_mixture(mix, c, beta)
             tilted_score = tilt.score_fn(SDE)
-            x_floor, r_floor, _, _ = evaluate(tilted_score, tilted_score, args.n_steps, args.n_eval, EVAL_SEED, c)
+            x_floor = evaluate(tilted_score, tilted_score, args.n_steps, args.n_eval, EVAL_SEED, c)[0]
             null = null_spread(tilt, args.n_eval)
             row = {"null": null, "grid_floor": mmd(x_floor, tilt), "tilt_reward": float(tilt.weights.double() @ (tilt.means.double() @ c.double())),
                    "methods": {}}

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time
 from ..core.validate import check, integer
 from ..sampling.stochastic import em_coefficients, em_update
-from .alignment import Callback, LoopOptions, ResidualScore, Rollout, Step, _check_beta, _train
+from .alignment import (
+    Callback,
+    LoopOptions,
+    ResidualScore,
+    Rollout,
+    Step,
+    _check_beta,
+    _train,
+)
 from .rewards import Reward, differentiable
 
 __all__ = ["DRaFTOptions", "draft_loss", "draft"]

@@ -8,6 +8,7 @@ and `value_and_grad` / `differentiable` raise a clear error for a reward that ha
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -99,8 +100,7 @@ def class_log_prob(classifier: Callable[[Tensor], Tensor], label: int) -> Reward
 def ink(threshold: float = 0.0, sharpness: float = 5.0) -> Reward:
     """Mean stroke intensity: the smooth share of pixels above `threshold`, mean_i sigmoid(k (x_i - threshold)),
     k = sharpness; a non-class image reward with a gradient everywhere."""
-    check("threshold", threshold, isinstance(threshold, (int, float)) and torch.isfinite(torch.tensor(float(threshold))),
-          "a finite number")
+    check("threshold", threshold, isinstance(threshold, (int, float)) and math.isfinite(threshold), "a finite number")
     positive("sharpness", sharpness)
 
     def reward(x: Tensor) -> Tensor:

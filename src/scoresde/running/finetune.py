@@ -11,7 +11,16 @@ import torch
 from ..core.errors import InvalidValueError
 from ..learning.networks import EMA
 from ..models.adjoint import AdjointOptions, adjoint_matching
-from ..models.alignment import DDPOOptions, DPOKOptions, FinetuneOptions, LoopOptions, ddpo, dpok, finetune, reward_of
+from ..models.alignment import (
+    DDPOOptions,
+    DPOKOptions,
+    FinetuneOptions,
+    LoopOptions,
+    ddpo,
+    dpok,
+    finetune,
+    reward_of,
+)
 from ..models.reward_gradient import DRaFTOptions, draft
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
