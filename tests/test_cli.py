@@ -64,6 +64,20 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
     assert res.exit_code == 2 and "--fit-grid must be >= 0" in res.output
 
 
+def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):
+    """--schedule auto outside its range (nfe <= 10, unipc2 / unipc3) is an error naming why, never ignored;
+    an unknown --schedule names the choices."""
+    out = str(tmp_path / "s.npy")
+    res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "20", "--schedule", "auto",
+                              "--out", out])
+    assert res.exit_code == 2 and "schedule='auto' applies at 2 <= nfe <= 10, got 20" in res.output
+    res = runner.invoke(app, ["sample", str(run_dir), "--method", "dpm2m", "--nfe", "5", "--schedule", "auto",
+                              "--out", out])
+    assert res.exit_code == 2 and "schedule='auto' applies to methods unipc2, unipc3" in res.output
+    res = runner.invoke(app, ["sample", str(run_dir), "--nfe", "5", "--schedule", "fast", "--out", out])
+    assert res.exit_code == 2 and "schedule must be one of" in res.output
+
+
 def test_errors_are_one_line_messages(run_dir, tmp_path):
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "rk45", "--nfe", "10", "--out", str(tmp_path / "a.npy")])
     assert res.exit_code == 2 and "sampling method 'rk45' does not apply to a 'score' model; valid: em," in res.output

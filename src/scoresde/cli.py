@@ -149,10 +149,14 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            label: int = typer.Option(None, "--label", help="class of a class-conditional run (net_args.n_classes)"),
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
-                                        "prior draws first (sampling.fit_grid; deterministic methods, 0: off)")) -> None:
+                                        "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
+           schedule: str = typer.Option("default", "--schedule", help="default | auto: unipc2 / unipc3 at nfe <= 10 "
+                                        "on an automatic schedule searched once per model and nfe (costly: about "
+                                        "1e6 score evaluations) and cached in the run folder")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
-    from .running.runs import fit_run_grid, load_run, sample_run
+    from .running.progress import counting_calls
+    from .running.runs import SCHEDULES, fit_run_grid, load_run, run_schedule, sample_run
 
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
@@ -169,9 +173,20 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     if fit_grid:
         fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed)
         options["ts"] = fitted.ts
-        typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g} "
+        typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g}, on check draws "
+                   f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
+                   f"{'fitted grid' if fitted.fitted else 'the default grid (the fit lost on the check draws)'} "
                    f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-    x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
+    if schedule != "default":
+        options["schedule"] = schedule  # checked by sampling.sample, which names why it does not apply
+        if r.family.generate is None and (auto := run_schedule(r, method=method, nfe=nfe, **options)) is not None:
+            s, cached = auto
+            typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
+                       f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
+                       f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})")
+    calls = nfe * (2 if label is not None and guidance else 1)
+    with counting_calls(r.model, f"sampling {method}", calls, enable=r.cfg.progress):
+        x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
     if held_out is not None:
         from .running.plots import plot_samples
 
@@ -196,13 +211,15 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
     from .running.files import check_writable, save_array
     from .running.plots import save_grid
+    from .running.progress import counting_calls
     from .running.runs import inpaint_run, load_run
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
     r = load_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
-    known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed)
+    with counting_calls(r.model, f"inpainting ({how})", nfe or r.cfg.nfe, enable=r.cfg.progress):
+        known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed)
     if out.suffix == ".png":
         save_grid([m * known, x, known], out, ["known", "inpainted", "original"], cols=n)
     else:
@@ -249,11 +266,14 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
     """Mean NLL (and bits/dim for 8-bit images) with a 95% CI through the probability-flow ODE of the
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
     from .running.files import check_writable, save_json
+    from .running.progress import counting_calls
     from .running.runs import likelihood_run, load_run
 
     check_writable(run / "likelihood.json")
-    out = likelihood_run(load_run(run), data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
-                         rtol=rtol, atol=atol)
+    r = load_run(run)
+    with counting_calls(r.model, "likelihood (adaptive ODE)", enable=r.cfg.progress):
+        out = likelihood_run(r, data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
+                             rtol=rtol, atol=atol)
     save_json(run / "likelihood.json", out)
     typer.echo(f"{out['n']} points of {out['data']}, {out['dim']} dims; {out['divergence']} divergence, "
                f"t_min {out['t_min']:g}, {out['nfe_per_batch']:.0f} NFE per batch")

@@ -57,10 +57,11 @@ def test_automatic_schedule_lowers_the_exact_law_error_on_gaussian_data():
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
 
 
-def test_schedule_is_cached_per_model_and_nfe_and_switched_off_by_grid_options(monkeypatch):
-    """The first sample() at nfe 5 pays for the schedule (reported in Schedule.evaluations), the second spends
-    exactly nfe evaluations; another nfe pays again; ts, t_end, grid, denoise or schedule="default" use no
-    schedule (nfe evaluations on the first call). (A small search, 128 probe draws, for speed.)"""
+def test_schedule_is_cached_per_model_and_nfe_and_asked_for_only(monkeypatch):
+    """The first sample(schedule="auto") at nfe 5 pays for the schedule (reported in Schedule.evaluations), the
+    second spends exactly nfe evaluations; another nfe pays again; without schedule="auto" (the default) no
+    schedule is searched; where it does not apply, schedule="auto" is refused, naming why. (A small search, 128
+    probe draws, for speed.)"""
     import functools
 
     from scoresde.sampling import schedule
@@ -79,23 +80,24 @@ def test_schedule_is_cached_per_model_and_nfe_and_switched_off_by_grid_options(m
         return score
 
     score = counted()
-    x1 = sample(sde, score, (16, 2), method="unipc2", nfe=5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    auto = dict(schedule="auto", dtype=F64)
+    x1 = sample(sde, score, (16, 2), method="unipc2", nfe=5, generator=torch.Generator().manual_seed(0), **auto)
     first = score.points
     s = cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64, device=x1.device)
     assert first == s.evaluations + 5 * 16 and s.seconds > 0 and score.points == first  # the cached entry
-    x2 = sample(sde, score, (16, 2), method="unipc2", nfe=5, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x2 = sample(sde, score, (16, 2), method="unipc2", nfe=5, generator=torch.Generator().manual_seed(0), **auto)
     assert score.points - first == 5 * 16 and torch.equal(x1, x2)
     before = score.points
-    sample(sde, score, (16, 2), method="unipc2", nfe=6, dtype=F64)
+    sample(sde, score, (16, 2), method="unipc2", nfe=6, **auto)
     assert score.points - before > 6 * 16
-    for kw in ({"t_end": 0.05}, {"grid": "logsnr"}, {"denoise": True}, {"schedule": "default"},
-               {"ts": s.ts, "denoise": s.denoise}):
+    for kw in ({}, {"schedule": "default"}, {"t_end": 0.05}, {"ts": s.ts, "denoise": s.denoise}):
         fresh = counted()
         sample(sde, fresh, (16, 2), method="unipc2", nfe=5, dtype=F64, **kw)
         assert fresh.points == 5 * 16, kw
-    fresh = counted()
-    sample(sde, fresh, (16, 2), method="unipc2", nfe=11, dtype=F64)  # above AUTO_MAX_NFE
-    assert fresh.points == 11 * 16
+    for kw, why in (({"t_end": 0.05}, "does not combine with t_end"), ({"nfe": 11}, "applies at 2 <= nfe <= 10"),
+                    ({"method": "dpm2m"}, "applies to methods unipc2, unipc3")):
+        with pytest.raises(InvalidValueError, match=why):
+            sample(sde, counted(), (16, 2), **{"method": "unipc2", "nfe": 5, **auto, **kw})
 
 
 def test_mmd2_paired_is_unbiased_between_laws():

@@ -138,7 +138,7 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
 
 
 SCHEDULES = "schedules.json"  # the run's automatic schedules (`run_schedule`)
-_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise", "schedule")
+_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")
 
 
 def weights_id(model: torch.nn.Module) -> str:
@@ -154,12 +154,15 @@ def weights_id(model: torch.nn.Module) -> str:
 
 def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool] | None:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
-    whether it came from the run folder: `sample_run`'s default where `sampling.sample` would use one (a method
-    with `Method.auto`, nfe <= AUTO_MAX_NFE, a linear SDE, a score model, no grid options), else None.
+    whether it came from the run folder, where options ask for it (schedule="auto") and it applies (a method
+    with `Method.auto`, nfe <= AUTO_MAX_NFE, a linear SDE, a score model, no grid options); else None
+    (`sampling.sample` then names why an asked-for schedule does not apply).
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options, the sample
     shape and the weights (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of
     the old one."""
+    if options.pop("schedule", "default") != "auto":
+        return None
     spec = METHODS[method] if method in METHODS else None
     if (spec is None or not spec.auto or not 2 <= int(nfe) <= AUTO_MAX_NFE or not isinstance(run.sde, LinearSDE)
             or "fit_grid" not in run.family.evaluations or any(k in options for k in _GRID_OPTIONS)
@@ -189,7 +192,7 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
     (None: the run's configured sampler and nfe) and options go to `sampling.sample` (e.g. ts from
-    `fit_run_grid`, t_end). Where `sampling.sample` would use the automatic schedule, it is the run's own
+    `fit_run_grid`, t_end). With schedule="auto", the automatic schedule is the run's own
     (`run_schedule`: computed once per weights, method and nfe, kept in the run folder), also under guidance.
     With `label` (an int or n ints) the samples are of that class, by classifier-free
     guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
@@ -197,6 +200,7 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
     method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
     if family.generate is None and (auto := run_schedule(run, method=method, nfe=nfe, **options)) is not None:
+        options.pop("schedule")
         options.update(ts=auto[0].ts, denoise=auto[0].denoise)
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
