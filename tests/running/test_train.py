@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import warnings
 
 import pytest
@@ -100,6 +101,9 @@ def test_resume_refuses_a_different_config(tmp_path, make_cfg):
         Trainer(make_cfg(steps=10, lr=0.5))
     tr = Trainer(make_cfg(steps=10))  # more steps is fine
     assert tr.step == 5
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tr.run_dir.parent, moved)  # a moved run folder (its config names the old parent) resumes
+    assert Trainer(make_cfg(steps=10, out=str(moved))).step == 5
 
 
 def test_short_run_warns_that_the_ema_is_mostly_initialisation(tmp_path, make_cfg):

@@ -75,9 +75,10 @@ __all__ = ["NonFiniteLoss", "Trainer", "TrainingInterrupted", "ema_decay", "lear
 
 # config keys that may change when a run is resumed; only `steps` affects the weights (it extends the run,
 # and with lr_schedule=cosine it also reshapes the remaining learning rates), `device` and `compile` only
-# up to float rounding
+# up to float rounding; `out` names where the run folder is found, so a moved folder (or the same one given by
+# another path) resumes
 RESUMABLE_CHANGES = {"steps", "progress", "log_every", "eval_every", "checkpoint_every", "n_eval", "nfe",
-                     "sampler", "threads", "device", "data_workers", "data_memory_mb", "compile"}
+                     "sampler", "threads", "device", "data_workers", "data_memory_mb", "compile", "out"}
 # the signals that stop `Trainer.run` after a saved step, in the order their names are preferred under DDP
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
