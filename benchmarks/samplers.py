@@ -21,7 +21,7 @@ samplers_transfer.json (--stage transfer) and samplers_overhead_cuda.json (--sta
 
 Held-out discipline (issue 22): `--part heldout --targets ...` runs, on targets that played no part in any choice
 (REPORTING: random_mixture seeds 100-102 in 2, 8, 16 and 32 dimensions, a mixture with very unequal weights, one
-with near-singular covariances), the untuned default grid, the automatic schedule (unipc2 with schedule="auto" at NFE <= 10,
+with near-singular covariances), the untuned default grid, the automatic schedule (unipc2 with cached_schedule's ts / denoise at NFE <= 10,
 whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-target best of a small unipc family
 (an oracle) and every diffusers configuration, at NFE 5, 10, 20, 50 and n = --n-heldout (4000) samples per cell;
 `--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png.
@@ -391,8 +391,8 @@ def heldout_target(name: str) -> GaussianMixture:
 
 
 def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
-    """On each target: the untuned default (unipc2, schedule="default"), the automatic schedule (unipc2 with
-    schedule="auto": auto_schedule at nfe <= AUTO_MAX_NFE, its cost recorded), the ORACLE variants and every diffusers
+    """On each target: the untuned default (unipc2, no options), the automatic schedule (unipc2 with
+    auto_schedule's ts / denoise: at nfe <= AUTO_MAX_NFE, its cost recorded), the ORACLE variants and every diffusers
     configuration, from the same x_T; n samples, null spread from 4 exact samples of size n."""
     sde, rows = VP(), []
     for tname in names:
@@ -411,7 +411,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
             cost = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
                     "auto_choice": auto.choice, "auto_denoise": auto.denoise,
                     "auto_ts": [round(float(t), 5) for t in auto.ts]} if auto else {}
-            cells = [("scoresde/default", "unipc2", {"schedule": "default"}),
+            cells = [("scoresde/default", "unipc2", {}),
                      ("scoresde/auto", "unipc2", {"ts": auto.ts, "denoise": auto.denoise} if auto else {})]
             cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
             cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]

@@ -161,6 +161,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
+    if schedule not in ("default", "auto"):
+        raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -177,13 +179,12 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
                    f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
                    f"{'fitted grid' if fitted.fitted else 'the default grid (the fit lost on the check draws)'} "
                    f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-    if schedule != "default":
-        options["schedule"] = schedule  # checked by sampling.sample, which names why it does not apply
-        if r.family.generate is None and (auto := run_schedule(r, method=method, nfe=nfe, **options)) is not None:
-            s, cached = auto
-            typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
-                       f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
-                       f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})")
+    if schedule == "auto":
+        s, cached = run_schedule(r, method=method, nfe=nfe, **options)
+        options.update(ts=s.ts, denoise=s.denoise)
+        typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
+                   f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
+                   f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})")
     calls = nfe * (2 if label is not None and guidance else 1)
     with counting_calls(r.model, f"sampling {method}", calls, enable=r.cfg.progress):
         x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)

@@ -39,10 +39,10 @@ def test_fitted_grid_of_a_run_beats_the_default_on_fresh_draws(tiny_run):
 
 
 def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatch):
-    """sample_run at nfe 5 with unipc2 and schedule="auto" computes the automatic schedule of the run's model once
-    and keeps it in the run folder: a second call (also from a freshly loaded run) reads it (no new search, the
-    same samples); new weights drop it and search again; without schedule="auto", with grid options, another
-    method or nfe > 10 none is searched."""
+    """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
+    the run folder: a second call (also from a freshly loaded run) reads it (no new search, the same samples
+    through sample_run(ts=, denoise=)); new weights drop it and search again; where it does not apply it is
+    refused, naming why."""
     from scoresde.running import runs
 
     run_dir = tmp_path / "copy"
@@ -52,25 +52,23 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     monkeypatch.setattr(runs, "auto_schedule",  # a small search (128 probe draws), for speed
                         lambda *a, **k: searches.append(k) or real(*a, n_probe=128, reference_nfe=31, max_iter=10, **k))
     r = load_run(run_dir)
-    x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, schedule="auto")
-    assert len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
-    s, cached = runs.run_schedule(load_run(run_dir), method="unipc2", nfe=5, schedule="auto")
-    assert cached and s.evaluations > 0 and len(searches) == 1
-    x2, _ = sample_run(load_run(run_dir), 50, method="unipc2", nfe=5, seed=3, schedule="auto")
-    assert len(searches) == 1 and torch.equal(x1, x2)
+    s, cached = runs.run_schedule(r, method="unipc2", nfe=5)
+    assert not cached and len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
+    s2, cached = runs.run_schedule(load_run(run_dir), method="unipc2", nfe=5)
+    assert cached and s2.evaluations == s.evaluations > 0 and len(searches) == 1 and torch.equal(s2.ts, s.ts)
+    x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, ts=s2.ts, denoise=s2.denoise)
     want = sample(r.sde, r.model, None, method="unipc2", nfe=5, ts=s.ts, denoise=s.denoise,
                   x_T=r.sde.prior_sample((50,) + r.sample_shape, torch.Generator().manual_seed(3)))
     torch.testing.assert_close(x1, want)
     with torch.no_grad():
         next(r.model.parameters()).add_(1e-3)  # a new checkpoint
-    sample_run(r, 50, method="unipc2", nfe=5, seed=3, schedule="auto")
+    runs.run_schedule(r, method="unipc2", nfe=5)
     assert len(searches) == 2
-    sample_run(r, 8, method="unipc2", nfe=5)
-    for kw in ({"method": "unipc2", "nfe": 5, "t_end": 0.05}, {"method": "dpm2m", "nfe": 5},
-               {"method": "unipc2", "nfe": 11}):
-        assert runs.run_schedule(r, **kw, schedule="auto") is None
-        with pytest.raises(InvalidValueError, match="schedule='auto'"):
-            sample_run(r, 8, **kw, schedule="auto")
+    for kw, why in (({"method": "unipc2", "nfe": 5, "t_end": 0.05}, "does not combine with t_end"),
+                    ({"method": "dpm2m", "nfe": 5}, "applies to methods unipc2, unipc3"),
+                    ({"method": "unipc2", "nfe": 11}, "applies at 2 <= nfe <= 10")):
+        with pytest.raises(InvalidValueError, match=why):
+            runs.run_schedule(r, **kw)
     assert len(searches) == 2
 
 

@@ -172,7 +172,7 @@ def test_nfe_spent_equals_budget(method, sde, gen):
     score = counted(ring().score_fn(sde))
     for nfe in (BUDGETS[method], BUDGETS[method] + 2):
         score.calls = 0
-        x = sample(sde, score, (64, 2), method=method, nfe=nfe, generator=gen, dtype=F64, schedule="default")
+        x = sample(sde, score, (64, 2), method=method, nfe=nfe, generator=gen, dtype=F64)
         assert score.calls == nfe and x.shape == (64, 2) and torch.isfinite(x).all()
     score.calls = 0
     sample(sde, score, (64, 2), method=method, nfe=BUDGETS[method] - 1, denoise=False, generator=gen)
@@ -236,7 +236,7 @@ def test_unipc_default_grid_is_cubic_to_the_step_dependent_end(sde, gen):
     end_time_for_steps(sde, 9), then the extrapolated denoise; an explicit t_end or grid overrides the defaults."""
     seen = []
     sample(sde, ring().score_fn(sde), (8, 2), method="unipc2", nfe=10, generator=gen, dtype=F64,
-           callback=lambda i, t, x: seen.append(float(t)), schedule="default")
+           callback=lambda i, t, x: seen.append(float(t)))
     expected = time_grid(sde, 9, "poly", t_end=end_time_for_steps(sde, 9), power=3.0).tolist() + [0.0]
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
     seen.clear()
@@ -253,8 +253,7 @@ def test_image_shapes_and_dtypes(method, gen):
     score = lambda x, t: mix.score_fn(sde)(x.flatten(1), t).view_as(x)
     for dtype in (torch.float32, F64):
         x_T = sde.prior_sample((6, 1, 2, 2), gen, dtype)
-        x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen,
-                   schedule="default")
+        x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen)
         assert x.shape == (6, 1, 2, 2) and x.dtype == dtype and torch.isfinite(x).all()
 
 
@@ -518,8 +517,7 @@ def test_converges_to_the_target(method, options, gen):
     sde, target = VP(), ring()
     gaps = []
     for nfe in (7, 151):
-        x = sample(sde, target.score_fn(sde), (3000, 2), method=method, nfe=nfe, generator=gen, dtype=F64,
-                   schedule="default", **options)
+        x = sample(sde, target.score_fn(sde), (3000, 2), method=method, nfe=nfe, generator=gen, dtype=F64, **options)
         gaps.append(log_density_gap(target, x, gen))
     (small, _), (large, tol) = gaps
     assert abs(large) < tol + 0.02, gaps

@@ -25,8 +25,7 @@ from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.methods import METHODS
-from ..sampling.schedule import AUTO_MAX_NFE, Schedule, auto_schedule
+from ..sampling.schedule import Schedule, auto_schedule, check_auto
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -138,7 +137,6 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
 
 
 SCHEDULES = "schedules.json"  # the run's automatic schedules (`run_schedule`)
-_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")
 
 
 def weights_id(model: torch.nn.Module) -> str:
@@ -152,22 +150,16 @@ def weights_id(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool] | None:
+def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool]:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
-    whether it came from the run folder, where options ask for it (schedule="auto") and it applies (a method
-    with `Method.auto`, nfe <= AUTO_MAX_NFE, a linear SDE, a score model, no grid options); else None
-    (`sampling.sample` then names why an asked-for schedule does not apply).
+    whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
+    family whose model is not a score model). Pass it on as `sample_run(..., ts=s.ts, denoise=s.denoise)`.
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options, the sample
     shape and the weights (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of
     the old one."""
-    if options.pop("schedule", "default") != "auto":
-        return None
-    spec = METHODS[method] if method in METHODS else None
-    if (spec is None or not spec.auto or not 2 <= int(nfe) <= AUTO_MAX_NFE or not isinstance(run.sde, LinearSDE)
-            or "fit_grid" not in run.family.evaluations or any(k in options for k in _GRID_OPTIONS)
-            or spec.stochastic(options)):
-        return None
+    check_auto(run.sde, method=method, nfe=nfe, **options)
+    run.family.require("fit_grid")
     path, weights = run.dir / SCHEDULES, weights_id(run.model)
     key = json.dumps([method, int(nfe), list(run.sample_shape), sorted((k, repr(v)) for k, v in options.items())])
     try:
@@ -192,16 +184,12 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
     (None: the run's configured sampler and nfe) and options go to `sampling.sample` (e.g. ts from
-    `fit_run_grid`, t_end). With schedule="auto", the automatic schedule is the run's own
-    (`run_schedule`: computed once per weights, method and nfe, kept in the run folder), also under guidance.
+    `fit_run_grid`, or ts and denoise from `run_schedule`, the run's automatic schedule), t_end.
     With `label` (an int or n ints) the samples are of that class, by classifier-free
     guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
     integer("n", n)
     method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
-    if family.generate is None and (auto := run_schedule(run, method=method, nfe=nfe, **options)) is not None:
-        options.pop("schedule")
-        options.update(ts=auto[0].ts, denoise=auto[0].denoise)
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
         family.check_method(method)

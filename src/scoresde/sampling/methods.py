@@ -29,13 +29,8 @@ quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power
 whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
 benchmarks/samplers.py. Other methods end at sde.t_min.
 
-Automatic schedule, on request: `schedule="auto"` (default "default", the fixed grids below) for unipc2 and unipc3
-(`Method.auto`) at 2 <= nfe <= AUTO_MAX_NFE (10) on a linear SDE takes the grid, end time and final denoise from
-`schedule.auto_schedule`, fitted to the score model once per model, method, nfe and sample shape and cached in
-memory; it does not combine with grid, t_end, rho, power, ts or denoise. It wins on held-out targets' MMD^2
-(benchmarks/samplers.py --part heldout) but is not the default: its search costs about 1e6 score evaluations (an
-hour of a 28 px U-Net on a CPU), and it mostly drops the final denoise, which worsens the log-density gap on
-near-singular data (-404 against +6.4 on the held-out `singular` target).
+Automatic schedule: `schedule.auto_schedule` / `cached_schedule` (above `sample`, as `tuning.fit_grid` is)
+choose `ts` and `denoise` for unipc2 / unipc3 (`Method.auto`) from the model; pass them on as options.
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
 explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
@@ -56,7 +51,6 @@ from torch import Tensor
 
 from ..core.errors import BudgetExhaustedError, InvalidValueError, NonFiniteError
 from ..core.registry import Registry
-from ..core.validate import one_of
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from .adaptive import adaptive_sde
 from .common import Callback, require_linear
@@ -66,7 +60,6 @@ from .edm import DEFAULT_S_CHURN, edm_sde
 from .grids import end_time_for_steps, time_grid
 from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
 from .pc import annealed_langevin, predictor_corrector
-from .schedule import AUTO_MAX_NFE, cached_schedule
 from .sde_multistep import sde_dpm_solver_multistep
 from .stochastic import euler_maruyama, exponential_integrator
 
@@ -101,8 +94,8 @@ class Method:
     deterministic fixed-grid methods can be grid-fitted). adaptive: it picks its own steps (nfe is a cap
     enforced by a counter; only t_end applies). denoise(nfe): whether the final Tweedie step is on by
     default (on linear SDEs only). linear: it needs alpha and sigma (a LinearSDE). takes: what fn's second
-    argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model). auto: `sample(..., schedule="auto")`
-    may use the automatic schedule (`schedule.auto_schedule`) at nfe <= AUTO_MAX_NFE on a linear SDE.
+    argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model). auto: the automatic schedule
+    (`schedule.cached_schedule`, `scoresde sample --schedule auto`) applies.
     """
 
     fn: Callable[..., Tensor]
@@ -154,7 +147,7 @@ for _name, _method in {
     "edm_sde": Method(edm_sde, lambda o: 2, grid="edm", stochastic=lambda o: o.get("S_churn", DEFAULT_S_CHURN) > 0,
                       denoise=lambda nfe: nfe % 2 == 1, linear=True),
     # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
-    # schedule="auto" at nfe <= AUTO_MAX_NFE: the automatic schedule (won on held-out targets' MMD^2, --part heldout)
+    # schedule.cached_schedule applies (Method.auto): it won on held-out targets' MMD^2 (samplers --part heldout)
     "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
                      power=3.0, end_follows_steps=True, linear=True, auto=True),
     "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
@@ -236,18 +229,11 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if shape is not None and tuple(x_T.shape) != tuple(shape):
             raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
         _check_shape("x_T's shape", tuple(x_T.shape))
-    schedule = one_of("schedule", options.pop("schedule", "default"), ("auto", "default"))
-    explicit = {k for k in ("grid", "t_end", "rho", "power", "ts", "denoise") if k in options}
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
     grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
     if spec.linear:
         require_linear(sde, f"method {method!r}")
     _check_options(method, spec.fn, options)
-    if schedule == "auto":
-        _check_auto(method, spec, sde, nfe, explicit, options)
-        auto = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
-                               device=x_T.device, **options)
-        grid_opts["ts"], denoise = auto.ts, auto.denoise
     if spec.takes == "score":  # a consistency model is passed on as it is (its sampler reads its type)
         score_fn = _shape_checked(score_fn)
     kwargs = dict(options, denoise=bool(denoise), callback=callback)
@@ -285,19 +271,7 @@ def _check_options(method: str, fn: Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(params) - {"generator"})
     if unknown:
         raise InvalidValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype, schedule)")
-
-
-def _check_auto(method: str, spec: Method, sde: SDE, nfe: int, explicit: set[str], options: dict) -> None:
-    """Refuse schedule="auto" where it does not apply, naming why."""
-    auto_methods = ", ".join(m for m in METHODS if METHODS[m].auto)
-    why = (f"applies to methods {auto_methods}, got {method!r}" if not spec.auto else
-           f"does not combine with {', '.join(sorted(explicit))}" if explicit else
-           f"needs a linear SDE, got {type(sde).__name__}" if not isinstance(sde, LinearSDE) else
-           f"applies at 2 <= nfe <= {AUTO_MAX_NFE}, got {nfe}" if not 2 <= nfe <= AUTO_MAX_NFE else
-           "applies to deterministic solvers" if spec.stochastic(options) else "")
-    if why:
-        raise InvalidValueError(f"schedule='auto' {why}")
+                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype)")
 
 
 def _shape_checked(score_fn: ScoreFn) -> ScoreFn:

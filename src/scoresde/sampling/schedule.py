@@ -34,10 +34,12 @@ from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from ..core.validate import integer
 from .grids import end_time_for_steps, logsnr_grid, time_grid
+from .methods import METHODS, default_denoise, sample, steps_for
 
-__all__ = ["Schedule", "auto_schedule", "cached_schedule", "clear_schedule_cache", "mmd2_paired", "AUTO_MAX_NFE"]
+__all__ = ["Schedule", "auto_schedule", "cached_schedule", "check_auto", "clear_schedule_cache", "mmd2_paired",
+           "AUTO_MAX_NFE"]
 
-AUTO_MAX_NFE = 10  # `sample` uses the automatic schedule at nfe <= this (methods with Method.auto)
+AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
 _END_RATIOS = tuple(np.geomspace(0.01, 0.5, 8))
 _DENOISE = (True, False)  # candidates with and without the final denoise
@@ -86,7 +88,6 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     returning NaN/inf) it returns the default schedule (check inf). Costs about n_probe (reference_nfe + nfe (66
     + max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1)).
     """
-    from .methods import METHODS, default_denoise, sample, steps_for
 
     started = time.perf_counter()
     if not isinstance(sde, LinearSDE):
@@ -111,8 +112,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     def run(x_T: Tensor, budget: int, **kw) -> Tensor:
         nonlocal spent
         spent += budget * x_T.shape[0]
-        out = sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, schedule="default",
-                     **options, **kw)
+        out = sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, **options, **kw)
         return out.flatten(1)
 
     default_denoise_on = default_denoise(sde, method, nfe)
@@ -191,13 +191,31 @@ def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min
 
 
 _CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")
+
+
+def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
+    """Refuse, naming why, an automatic schedule where it does not apply: methods with `Method.auto` at
+    2 <= nfe <= AUTO_MAX_NFE on a linear SDE, deterministic, without grid options (it chooses them)."""
+    spec = METHODS[method] if method in METHODS else None
+    given = sorted(k for k in _GRID_OPTIONS if k in options)
+    why = (f"applies to methods {', '.join(m for m in METHODS if METHODS[m].auto)}, got {method!r}"
+           if spec is None or not spec.auto else
+           f"does not combine with {', '.join(given)}" if given else
+           f"needs a linear SDE, got {type(sde).__name__}" if not isinstance(sde, LinearSDE) else
+           f"applies at 2 <= nfe <= {AUTO_MAX_NFE}, got {nfe}" if not 2 <= int(nfe) <= AUTO_MAX_NFE else
+           "applies to deterministic solvers" if spec.stochastic(options) else "")
+    if why:
+        raise InvalidValueError(f"schedule='auto' {why}")
 
 
 def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
                     dtype: torch.dtype, device=None, **options) -> Schedule:
     """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
     function), sde, method, nfe, sample shape, dtype, device and solver options, and kept while the score
-    function lives. A model whose weights change in place keeps its entry: call `clear_schedule_cache`."""
+    function lives. A model whose weights change in place keeps its entry: call `clear_schedule_cache`.
+    Only where the automatic schedule applies (`check_auto`)."""
+    check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
     key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device), repr(sorted(options.items())))
     try:
