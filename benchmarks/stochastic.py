@@ -28,6 +28,7 @@ import json
 import math
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -337,12 +338,17 @@ def learned(args):
     from scoresde.evaluation.features import image_features
     from scoresde.evaluation.metrics import frechet_distance
 
-    sde, model, shape, train_s = digits_run(args)
-    ev = Evaluator(10**6, common.REPO / "runs" / "features")  # n = the whole other half for the floor
-    from scoresde.running.data import load_digits
-    x_real, _ = load_digits()
-    perm = torch.randperm(x_real.shape[0], generator=torch.Generator().manual_seed(123))
-    f_other = image_features(x_real[perm[x_real.shape[0] // 2:]], ev.net)
+    from benchmarks.imaging import real_sets
+
+    if args.learned_run:  # a trained image run (digits or mnist data), e.g. the MNIST demo's VP model
+        from scoresde.running.runs import load_run
+
+        r = load_run(args.learned_run)
+        sde, model, shape, train_s, data = r.sde, r.model, r.sample_shape, None, r.cfg.data
+    else:
+        (sde, model, shape, train_s), data = digits_run(args), "digits"
+    ev = Evaluator(10**6, common.REPO / "runs" / "features", data)  # n = all the other real images for the floor
+    f_other = image_features(real_sets(data)[1], ev.net)
     floor = {"fid": ev.floor, "kid": kid(f_other, ev.ref), "n": f_other.shape[0]}
     print(f"feature net accuracy {ev.acc:.3f}; floor (real half B, n={floor['n']}): FID-style {ev.floor:.3f}, "
           f"KID {floor['kid'][0]:.2e} +- {floor['kid'][1]:.1e}", flush=True)
@@ -389,8 +395,8 @@ def learned(args):
         for nfe in args.churn_nfes:
             for c in CHURN:
                 one(f"edm_sde(S_churn={c:g})", "churn", "edm_sde", {"S_churn": c}, nfe, args.n_learned, 11, "churn")
-    return {"floor": floor, "split_spread": real_split_spread(), "feature_accuracy": ev.acc, "train_s": train_s,
-            "picks": picks, "rows": rows}
+    return {"data": data, "floor": floor, "split_spread": real_split_spread() if data == "digits" else None,
+            "feature_accuracy": ev.acc, "train_s": train_s, "picks": picks, "rows": rows}
 
 
 # ---- overhead -------------------------------------------------------------------------------------------
@@ -641,6 +647,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--n-learned-choose", type=int, default=300)
     ap.add_argument("--n-learned", type=int, default=1000)
     ap.add_argument("--train-steps", type=int, default=1500, help="digits VP model (imaging's bench budget)")
+    ap.add_argument("--learned-run", type=Path, default=None,
+                    help="learned stage on this run folder (an image score model on digits or mnist) instead of the "
+                         "digits VP model; results in stochastic_learned_<data>_<folder>.json")
     ap.add_argument("--overhead-steps", type=int, default=50)
     ap.add_argument("--overhead-repeats", type=int, default=3)
     ap.add_argument("--n-confirm", type=int, default=20000, help="confirm: samples for the two picks (seed 2)")
@@ -675,6 +684,11 @@ def run(args):
         rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
         rows = merge(files["exact"], rows)
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
+    if args.stage == "learned" and args.learned_run:  # another model: its own file, outside the digits report
+        res = learned(args)
+        name = f"stochastic_learned_{res['data']}_{Path(args.learned_run).name.lower()}.json"
+        common.write_json(NAME, res, file=name, indent=None)
+        return
     if args.stage in ("learned", "all"):
         common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
     if args.stage in ("confirm", "all"):  # the goal's two picks again, more samples, fresh seed
