@@ -39,6 +39,7 @@ from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
 from scoresde.sampling import sample
 from scoresde.sampling.methods import METHODS
+from scoresde.sampling.schedule import cached_schedule
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -51,7 +52,8 @@ LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
 CHURN = (0.0, 10.0, 40.0, 80.0)
 QUICK = dict(n_choose=200, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
-             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, confirm_nfes=[10])
+             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, confirm_nfes=[10],
+             confirm_seeds=[2])
 
 # ---- configurations -------------------------------------------------------------------------------------
 
@@ -68,7 +70,11 @@ KNOBS = {
     "edm_sde": [("S_churn=10", {"S_churn": 10.0}), ("S_churn=80", {"S_churn": 80.0}),
                 ("S_noise=1.003", {"S_noise": 1.003}), ("band=0.05-50", {"S_tmin": 0.05, "S_tmax": 50.0})],
     # tau_band (0.7, 25): sigma/alpha of diffusers' timesteps 200 and 800, SA-Solver's default tau interval
-    "sa3": [("tau=0.5", {"tau": 0.5}), ("tau=0.25", {"tau": 0.25}), ("band=0.7-25", {"tau_band": (0.7, 25.0)})],
+    # auto: the automatic schedule (sampling.schedule.cached_schedule: that of tau = 0, searched from the score alone;
+    # nfe <= AUTO_MAX_NFE), its search's score evaluations recorded beside the row
+    "sa3": [("tau=0.5", {"tau": 0.5}), ("tau=0.25", {"tau": 0.25}), ("band=0.7-25", {"tau_band": (0.7, 25.0)}),
+            ("auto", {"auto": True}), ("auto tau=0.5", {"auto": True, "tau": 0.5}),
+            ("auto tau=0.25", {"auto": True, "tau": 0.25})],
     "dpm2m_sde": [("lof=0", {"lower_order_final": False})],
     "dpm3m_sde": [("lof=0", {"lower_order_final": False})],
     "adaptive_sde": [("rtol=0.02", {"rtol": 0.02}), ("rtol=0.1", {"rtol": 0.1}), ("rtol=0.2", {"rtol": 0.2})],
@@ -181,17 +187,22 @@ def counted(fn):
 
 
 def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
-    """(x, evaluations used, error message or None)."""
+    """(x, evaluations used, error message or None, score evaluations of the automatic schedule's search)."""
     try:
         if kind == "ours":
             method, options = spec
+            options, search = dict(options), 0
+            if options.pop("auto", False):  # once per score function, method and nfe (cached_schedule)
+                auto = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
+                                       **options)
+                options, search = {**options, "ts": auto.ts, "denoise": auto.denoise}, auto.evaluations
             fn, calls = counted(score_fn)
             x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
-            return x, calls[0], None
+            return x, calls[0], None, search
         x, used = run_peer(*spec, eps, x_T, nfe, gen)
-        return x, used, None
+        return x, used, None, 0
     except Exception as err:  # an option the method refuses, or a budget it cannot meet
-        return None, 0, f"{type(err).__name__}: {str(err)[:160]}"
+        return None, 0, f"{type(err).__name__}: {str(err)[:160]}", 0
 
 
 # ---- exact-score targets --------------------------------------------------------------------------------
@@ -219,11 +230,12 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4):
             if (wanted is not None and (name, nfe) not in wanted) or name in refused:
                 continue
             t0 = time.perf_counter()
-            x, used, err = run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen)
+            x, used, err, search = run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen)
             if err and ("unexpected keyword" in err or "must be one of" in err):
                 refused.add(name)
             row = {"target": tname, "config": name, "member": member, "nfe": nfe, "used": used, "n": n,
-                   **scorer(x), "error": err, "seconds": round(time.perf_counter() - t0, 2)}
+                   **scorer(x), "error": err, "seconds": round(time.perf_counter() - t0, 2),
+                   **({"search_evals": search} if search else {})}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -361,7 +373,7 @@ def learned(args):
         g = torch.Generator().manual_seed(seed)
         x_T = sde.prior_sample((n,) + tuple(shape), g, torch.float32)
         t0 = time.perf_counter()
-        x, used, err = run_config("ours", (method, options), sde, model, None, x_T, nfe, g)
+        x, used, err, _ = run_config("ours", (method, options), sde, model, None, x_T, nfe, g)
         row = {"stage": stage, "label": label, "kind": kind, "nfe": nfe, "used": used, "n": n, "seed": seed,
                "error": err, "seconds": round(time.perf_counter() - t0, 2)}
         if x is not None and torch.isfinite(x).all():
@@ -423,7 +435,7 @@ def overhead(shape, steps, repeats):
             else:
                 nfe = steps * getattr(spec[0], "order", 1)
             t0 = time.perf_counter()
-            x, used, err = run_config(kind, spec, sde, free, free, x_T, nfe, gen)
+            x, used, err, _ = run_config(kind, spec, sde, free, free, x_T, nfe, gen)
             if err:
                 break
             times.append((time.perf_counter() - t0) / used)
@@ -524,10 +536,18 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
     confirm = out_file("stochastic_confirm.json")
     if confirm:
-        lines.append("\nconfirm: the two picks again on fresh samples (seed 2), ratio of |MMD^2| (fine in brackets)\n")
+        seeds = sorted({r.get("seed", 2) for r in confirm["rows"]})
+        lines.append(f"\nconfirm: the two picks again on fresh samples (seeds {', '.join(map(str, seeds))}): MMD^2 "
+                     "mean +- standard error over the seeds, ratio of the means; 'floor': both means below 2 null sd "
+                     "(of one seed's estimate)\n")
         lines.append("| target | n | null sd MMD^2 / fine | NFE | scoresde pick | MMD^2 | fine | diffusers pick | MMD^2 | fine "
                      "| ratio MMD^2 | ratio fine |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+        def stats(rows, metric):
+            v = np.array([value(r, metric) for r in rows])
+            return v.mean(), (v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+
         for t in REPORT_TARGETS:
             trows = [r for r in confirm["rows"] if r["target"] == t]
             null = [r for r in trows if r["nfe"] == 0]
@@ -536,14 +556,16 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             null = null[0]
             for nfe in sorted({r["nfe"] for r in trows if r["nfe"]}):
                 b = confirm["picks"][str(nfe)]["best"]
-                o = [r for r in trows if r["config"] == b["scoresde"] and r["nfe"] == nfe][0]
-                p = [r for r in trows if r["config"] == b["diffusers"] and r["nfe"] == nfe][0]
+                cells = []
+                for fam in ("scoresde", "diffusers"):
+                    rs = [r for r in trows if r["config"] == b[fam] and r["nfe"] == nfe]
+                    cells.append((rs[0]["config"].split("/", 1)[1], stats(rs, "mmd2"), stats(rs, "mmd2_fine")))
+                (on, om, of), (pn, pm, pf) = cells
                 lines.append(
-                    f"| {t} | {null['n']} | {null['mmd2_sd']:.1e} / {null['mmd2_fine_sd']:.1e} | {nfe} | {o['config'][9:]} | "
-                    f"{value(o, 'mmd2'):.2e} | {value(o, 'mmd2_fine'):.2e} | {p['config'][10:]} | {value(p, 'mmd2'):.2e} | "
-                    f"{value(p, 'mmd2_fine'):.2e} | "
-                    f"{fmt_ratio(value(o, 'mmd2'), value(p, 'mmd2'), 2 * null['mmd2_sd'])} | "
-                    f"{fmt_ratio(value(o, 'mmd2_fine'), value(p, 'mmd2_fine'), 2 * null['mmd2_fine_sd'])} |")
+                    f"| {t} | {null['n']} | {null['mmd2_sd']:.1e} / {null['mmd2_fine_sd']:.1e} | {nfe} | {on} | "
+                    f"{om[0]:.2e} +- {om[1]:.1e} | {of[0]:.2e} +- {of[1]:.1e} | {pn} | {pm[0]:.2e} +- {pm[1]:.1e} | "
+                    f"{pf[0]:.2e} +- {pf[1]:.1e} | {fmt_ratio(om[0], pm[0], 2 * null['mmd2_sd'])} | "
+                    f"{fmt_ratio(of[0], pf[0], 2 * null['mmd2_fine_sd'])} |")
     if learned_res:
         fl = learned_res["floor"]
         lines.append("\n## (b) learned score: digits VP model\n")
@@ -654,6 +676,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--overhead-repeats", type=int, default=3)
     ap.add_argument("--n-confirm", type=int, default=20000, help="confirm: samples for the two picks (seed 2)")
     ap.add_argument("--confirm-nfes", type=int, nargs="+", default=[10, 20, 50])
+    ap.add_argument("--confirm-seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6],
+                    help="confirm: sample seeds (the report gives the mean over them +- its standard error)")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -694,7 +718,8 @@ def run(args):
     if args.stage in ("confirm", "all"):  # the goal's two picks again, more samples, fresh seed
         picks = choose(common.read_json(files["choose"])["rows"], args.confirm_nfes)
         wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
-        rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed=2, wanted=wanted)]
+        rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
+                for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1)]
         common.write_json(NAME, {"rows": rows, "picks": picks}, file="stochastic_confirm.json", indent=None)
     if args.stage == "split-spread":
         res = common.read_json(files["learned"])

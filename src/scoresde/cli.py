@@ -150,7 +150,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
-           schedule: str = typer.Option("default", "--schedule", help="default | auto: unipc2 / unipc3 at nfe <= 10 "
+           schedule: str = typer.Option("default", "--schedule", help="default | auto: unipc2 / unipc3 / sa3 at nfe <= 10 "
                                         "on an automatic schedule searched once per model and nfe (costly: about "
                                         "1e6 score evaluations) and cached in the run folder")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""

@@ -57,6 +57,51 @@ def test_automatic_schedule_lowers_the_exact_law_error_on_gaussian_data():
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
 
 
+def stochastic_output_law(sde, score, dim, ts, **kw):
+    """The exact law N(b, sum_r c_r c_r^T) of a stochastic sampler that is affine in x_T and in its step noises
+    z_0 .. z_{K-1} (exact Gaussian score, noise given as a callable i -> z_i): one batch whose rows set x_T or
+    one z_i to a unit vector, c_r = that row's output less the output b at x_T = z = 0."""
+    steps = len(ts) - 1
+    probes = torch.eye(dim * (steps + 1) + 1, dtype=F64)[:, 1:]  # row 0: all zero; then one unit per row
+    x_T, z = probes[:, :dim], probes[:, dim:].reshape(-1, steps, dim)
+    out = sample(sde, score, None, x_T=x_T, ts=ts, noise=lambda i: z[:, i], **kw)
+    c = out[1:] - out[0]
+    return out[0].numpy(), (c.T @ c).numpy()
+
+
+def test_stochastic_method_gets_the_schedule_of_its_deterministic_limit():
+    """sa3 at tau = 0.5 on Gaussian data (eigenvalues 0.01 .. 1), VP, nfe 5: the automatic schedule is the one
+    searched at tau = 0 (Method.quiet), and the exact output law of the stochastic sampler on it is closer in W2
+    and KL to the data law than on sa3's default grid."""
+    sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
+    score = gaussian_score(sde, m, C)
+    kw = dict(n_probe=256, max_iter=40, dtype=F64)
+    s = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.5, **kw)
+    limit = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.0, **kw)
+    assert torch.equal(s.ts, limit.ts) and s.denoise == limit.denoise
+    default = time_grid(sde, 4, "poly", t_end=end_time_for_steps(sde, 4), power=3.0)  # sa3's, denoise on
+    err = {}
+    for name, ts, denoise in (("auto", s.ts, s.denoise), ("default", default, True)):
+        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=5, tau=0.5, denoise=denoise)
+        err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
+    assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
+
+
+def test_stochastic_output_law_matches_monte_carlo():
+    """The affine-probe law of sa3 (tau 1) against 20000 draws of the same sampler: mean and covariance agree
+    within 5 Monte Carlo standard errors."""
+    sde, (m, C) = VP(), random_gaussian(2, seed=1)
+    score = gaussian_score(sde, m, C)
+    ts = time_grid(sde, 6, "poly", t_end=end_time_for_steps(sde, 6), power=3.0)
+    b, S = stochastic_output_law(sde, score, 2, ts, method="sa3", nfe=7)
+    x = sample(sde, score, (20000, 2), method="sa3", nfe=7, dtype=F64,
+               generator=torch.Generator().manual_seed(0)).numpy()
+    se_mean = np.sqrt(np.diag(S) / len(x))
+    assert np.all(np.abs(x.mean(0) - b) < 5 * se_mean), (x.mean(0), b)
+    se_cov = np.sqrt((np.outer(np.diag(S), np.diag(S)) + S**2) / len(x))
+    assert np.all(np.abs(np.cov(x.T) - S) < 5 * se_cov), (np.cov(x.T), S)
+
+
 def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_apply(monkeypatch):
     """The first cached_schedule at nfe 5 pays for the search (Schedule.evaluations score evaluations, all counted
     by the score function), the second call none; another nfe pays again; `sample` searches nothing on its own;
@@ -84,12 +129,15 @@ def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_appl
     assert cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64) is s and score.points == s.evaluations
     cached_schedule(sde, score, (2,), method="unipc2", nfe=6, dtype=F64)
     assert score.points > s.evaluations
+    noisy = cached_schedule(sde, score, (2,), method="sa3", nfe=5, tau=0.5, dtype=F64)  # sa3 at any tau: one search
+    spent = score.points
+    assert cached_schedule(sde, score, (2,), method="sa3", nfe=5, dtype=F64) is noisy and score.points == spent
     for kw in ({}, {"t_end": 0.05}, {"ts": s.ts, "denoise": s.denoise}):
         fresh = counted()
         sample(sde, fresh, (16, 2), method="unipc2", nfe=5, dtype=F64, **kw)
         assert fresh.points == 5 * 16, kw
     for kw, why in (({"t_end": 0.05}, "does not combine with t_end"), ({"nfe": 11}, "applies at 2 <= nfe <= 10"),
-                    ({"method": "dpm2m"}, "applies to methods unipc2, unipc3")):
+                    ({"method": "dpm2m"}, "applies to methods sa3, unipc2, unipc3")):
         with pytest.raises(InvalidValueError, match=why):
             cached_schedule(sde, counted(), (2,), **{"method": "unipc2", "nfe": 5, "dtype": F64, **kw})
 

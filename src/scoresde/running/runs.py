@@ -25,7 +25,7 @@ from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.schedule import Schedule, auto_schedule, check_auto
+from ..sampling.schedule import Schedule, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -155,13 +155,14 @@ def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedul
     whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
     family whose model is not a score model). Pass it on as `sample_run(..., ts=s.ts, denoise=s.denoise)`.
 
-    Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options, the sample
-    shape and the weights (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of
-    the old one."""
+    Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options (those of the
+    search, `search_options`), the sample shape and the weights (`weights_id`): paid once per model and nfe; a
+    new checkpoint drops the entries of the old one."""
     check_auto(run.sde, method=method, nfe=nfe, **options)
     run.family.require("fit_grid")
     path, weights = run.dir / SCHEDULES, weights_id(run.model)
-    key = json.dumps([method, int(nfe), list(run.sample_shape), sorted((k, repr(v)) for k, v in options.items())])
+    key = json.dumps([method, int(nfe), list(run.sample_shape),
+                      sorted((k, repr(v)) for k, v in search_options(method, options).items())])
     try:
         stored = json.loads(path.read_text())
         entries = stored["entries"] if stored.get("weights") == weights else {}

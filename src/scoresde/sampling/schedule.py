@@ -16,6 +16,11 @@ noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise on (
 steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
 end time; (3) a check on probe draws that no choice saw: the schedule returned is the best of the method's
 default, (1) and (2) on that second set, so it is never worse there than the default.
+
+A stochastic method with a deterministic limit on the same grid (`Method.quiet`: sa3 at tau = 0) gets the
+schedule of that limit. The paired estimate loses its common random numbers when the outputs carry fresh noise
+(searched on sa3 at tau = 0.25 itself, the objective on 512 draws went to -7e-4 and the default grid was kept),
+while the limit's schedule served sa3 at tau <= 0.5 at the null spread at NFE 10 (docs/math/samplers.md).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from .grids import end_time_for_steps, logsnr_grid, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
 
 __all__ = ["Schedule", "auto_schedule", "cached_schedule", "check_auto", "clear_schedule_cache", "mmd2_paired",
-           "AUTO_MAX_NFE"]
+           "search_options", "AUTO_MAX_NFE"]
 
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
@@ -51,8 +56,9 @@ class Schedule:
     """ts: the grid (float64, sde.T down to the end time), denoise: the final denoise, to pass as
     `sample(..., ts=ts, denoise=denoise)`; choice: which candidate won on the check draws ("default", "family",
     "fitted"); check / default_check: the objective (MMD^2 to the converged law) of the returned schedule and of
-    the method's default one on the check draws; evaluations: score evaluations spent, one per point (a call on
-    a batch of m points counts m; compare n * nfe for n samples); seconds: wall time of the search."""
+    the method's default one on the check draws (for a stochastic method: of its deterministic limit);
+    evaluations: score evaluations spent, one per point (a call on a batch of m points counts m; compare
+    n * nfe for n samples); seconds: wall time of the search."""
 
     ts: Tensor
     denoise: bool
@@ -93,13 +99,15 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     if not isinstance(sde, LinearSDE):
         raise InvalidValueError(f"sde must be a linear SDE for auto_schedule, got {type(sde).__name__}")
     spec = METHODS[method] if method in METHODS else None
-    if spec is None or spec.adaptive or spec.stochastic(options) or spec.takes != "score":
-        fixed = [m for m in METHODS if not (METHODS[m].adaptive or METHODS[m].stochastic({}))
-                 and METHODS[m].takes == "score"]
-        raise InvalidValueError(f"method must be a deterministic fixed-grid sampler ({', '.join(fixed)}), got {method!r}")
+    if spec is None or spec.adaptive or spec.takes != "score" or (spec.stochastic(options) and spec.quiet is None):
+        fixed = [m for m in METHODS if not METHODS[m].adaptive and METHODS[m].takes == "score"
+                 and (not METHODS[m].stochastic({}) or METHODS[m].quiet is not None)]
+        raise InvalidValueError(f"method must be a deterministic fixed-grid sampler or one with a deterministic limit "
+                                f"(Method.quiet): {', '.join(fixed)}; got {method!r}")
     for name in ("ts", "grid", "t_end", "rho", "power", "denoise"):
         if name in options:
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
+    options = search_options(method, options)
     integer("nfe", nfe, 2)
     integer("n_probe", n_probe, 4)
     integer("reference_nfe", reference_nfe, nfe + 1)
@@ -194,6 +202,13 @@ _CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 _GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")
 
 
+def search_options(method: str, options: dict) -> dict:
+    """The solver options the schedule of `method` with `options` is searched with: a stochastic method's
+    deterministic limit (`Method.quiet`), so every noise level of one method shares one schedule."""
+    spec = METHODS[method]
+    return {**options, **spec.quiet} if spec.stochastic(options) and spec.quiet is not None else dict(options)
+
+
 def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
     """Refuse, naming why, an automatic schedule where it does not apply: methods with `Method.auto` at
     2 <= nfe <= AUTO_MAX_NFE on a linear SDE, deterministic, without grid options (it chooses them)."""
@@ -204,7 +219,8 @@ def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
            f"does not combine with {', '.join(given)}" if given else
            f"needs a linear SDE, got {type(sde).__name__}" if not isinstance(sde, LinearSDE) else
            f"applies at 2 <= nfe <= {AUTO_MAX_NFE}, got {nfe}" if not 2 <= int(nfe) <= AUTO_MAX_NFE else
-           "applies to deterministic solvers" if spec.stochastic(options) else "")
+           "applies to deterministic solvers and to stochastic ones with a deterministic limit (Method.quiet)"
+           if spec.stochastic(options) and spec.quiet is None else "")
     if why:
         raise InvalidValueError(f"schedule='auto' {why}")
 
@@ -212,12 +228,13 @@ def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
 def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
                     dtype: torch.dtype, device=None, **options) -> Schedule:
     """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
-    function), sde, method, nfe, sample shape, dtype, device and solver options, and kept while the score
-    function lives. A model whose weights change in place keeps its entry: call `clear_schedule_cache`.
-    Only where the automatic schedule applies (`check_auto`)."""
+    function), sde, method, nfe, sample shape, dtype, device and solver options (`search_options`: sa3 at any
+    tau shares one), and kept while the score function lives. A model whose weights change in place keeps its
+    entry: call `clear_schedule_cache`. Only where the automatic schedule applies (`check_auto`)."""
     check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
-    key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device), repr(sorted(options.items())))
+    key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device),
+           repr(sorted(search_options(method, options).items())))
     try:
         entries = _CACHE.setdefault(owner, {})
     except TypeError:  # not weakly referable: no cache
