@@ -37,16 +37,13 @@ from tqdm.auto import tqdm
 
 from benchmarks import common
 from benchmarks.train_throughput import diffusers_twin
-from scoresde.evaluation.features import image_features, kid, knn_precision_recall
-from scoresde.evaluation.metrics import frechet_distance
 from scoresde.learning.networks import EMA
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
-from scoresde.running.data import load_dataset, load_digits
-from scoresde.running.feature_net import feature_net
+from scoresde.running.data import load_dataset
+from scoresde.running.feature_net import FeatureEvaluator
 from scoresde.running.files import save_json
-from scoresde.running.mnist import load_mnist, mnist_split
 from scoresde.running.plots import save_grid
 from scoresde.running.progress import counting_calls
 from scoresde.running.train import Trainer, ema_decay, learning_rate
@@ -140,45 +137,6 @@ def train(args, label: str, spec: dict, trainer_cls=Trainer) -> tuple[Trainer, f
     save_json(record, {"seconds": sec, "step": trainer.step})
     print(f"trained {label}: {sec:.0f} s" + (f" ({before:.0f} s of them recorded earlier)" if before else ""), flush=True)
     return trainer, sec
-
-
-def real_sets(data: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reference, other) real images: digits: two halves of a fixed permutation; MNIST: the 4,500 training
-    digits and the 500 held-out ones (`running.mnist.mnist_split`)."""
-    if data == "mnist":
-        x, _ = load_mnist()
-        tr, te = mnist_split()
-        return x[tr], x[te]
-    x, _ = load_digits()
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(123))
-    half = x.shape[0] // 2
-    return x[perm[:half]], x[perm[half:]]
-
-
-class Evaluator:
-    """FID-style distance, KID, precision and recall against the reference real images (`real_sets`) on the
-    data's feature network; floor: n other real images, which the reference does not hold."""
-
-    def __init__(self, n: int, cache: Path, data: str = "digits"):
-        self.net, self.acc = feature_net(data, cache)
-        ref, other = real_sets(data)
-        self.n = min(n, other.shape[0])
-        self.ref = image_features(ref, self.net)
-        self.floor_metrics = self.metrics(image_features(other[:self.n], self.net))
-        self.floor, self.floor_pr = self.floor_metrics["fid"], (self.floor_metrics["precision"],
-                                                                self.floor_metrics["recall"])
-
-    def metrics(self, f: torch.Tensor) -> dict:
-        p, r = knn_precision_recall(self.ref[:self.n], f)
-        k, k_se = kid(self.ref, f)
-        return {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
-
-    def __call__(self, samples: torch.Tensor) -> dict:
-        return self.metrics(image_features(samples.float().clamp(-1, 1), self.net))
-
-    def classify(self, samples: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.net(samples.float().clamp(-1, 1)).argmax(1)
 
 
 def timed(fn):
@@ -288,7 +246,7 @@ def run(args) -> None:
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{tag(args)}")
     torch.set_num_threads(args.threads)
     total = time.perf_counter()
-    ev, sec_features = timed(lambda: Evaluator(n, common.REPO / "runs" / "features", args.data))
+    ev, sec_features = timed(lambda: FeatureEvaluator(args.data, n, common.REPO / "runs" / "features"))
     print(f"feature classifier held-out accuracy {ev.acc:.3f} ({sec_features:.0f} s); floor (n={ev.n}): "
           f"{json.dumps(ev.floor_metrics)}", flush=True)
 

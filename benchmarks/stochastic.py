@@ -37,7 +37,6 @@ from benchmarks import common
 from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, run_ours, setup, value
 from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
-from scoresde.sampling import sample
 from scoresde.sampling.methods import METHODS
 from scoresde.sampling.schedule import cached_schedule
 
@@ -346,11 +345,9 @@ def digits_run(args):
 
 
 def learned(args):
-    from benchmarks.imaging import Evaluator
     from scoresde.evaluation.features import image_features
     from scoresde.evaluation.metrics import frechet_distance
-
-    from benchmarks.imaging import real_sets
+    from scoresde.running.feature_net import FeatureEvaluator, real_sets
 
     if args.learned_run:  # a trained image run (digits or mnist data), e.g. the MNIST demo's VP model
         from scoresde.running.runs import load_run
@@ -359,7 +356,7 @@ def learned(args):
         sde, model, shape, train_s, data = r.sde, r.model, r.sample_shape, None, r.cfg.data
     else:
         (sde, model, shape, train_s), data = digits_run(args), "digits"
-    ev = Evaluator(10**6, common.REPO / "runs" / "features", data)  # n = all the other real images for the floor
+    ev = FeatureEvaluator(data, 10**6, common.REPO / "runs" / "features")  # n = all the other real images for the floor
     f_other = image_features(real_sets(data)[1], ev.net)
     floor = {"fid": ev.floor, "kid": kid(f_other, ev.ref), "n": f_other.shape[0]}
     print(f"feature net accuracy {ev.acc:.3f}; floor (real half B, n={floor['n']}): FID-style {ev.floor:.3f}, "

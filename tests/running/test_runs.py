@@ -169,3 +169,21 @@ def test_none_means_the_runs_sampler_and_nfe_and_n_is_checked(tiny_run):
         for n in (0, -3, 2.0):
             with pytest.raises(InvalidValueError, match=rf"n must be an integer >= 1, got {n!r}"):
                 call(n)
+
+
+def test_evaluate_reports_feature_metrics_for_builtin_image_sets(tmp_path, tiny_run):
+    """evaluate_run on a digits run (3 training steps: its samples are not digits) adds FID-style with its floor,
+    KID +- se and precision / recall on the digits feature network (trained into feature_cache): the samples
+    lie far above the floor (other real digits) and KID many standard errors above 0; pixel-space data sets
+    without a feature network report none."""
+    from scoresde.running.config import Config
+
+    cfg = Config(name="tiny_digits", out=str(tmp_path), data="digits", sde="vp", net="unet",
+                 net_args={"base": 8, "mults": [1, 2], "emb_dim": 8}, steps=3, batch_size=16, warmup=1, eval_every=0,
+                 checkpoint_every=3, n_eval=100, sampler="dpm2m", nfe=5, progress=False, ema_decay=0.9)
+    Trainer(cfg).run()
+    m = evaluate_run(load_run(tmp_path / "tiny_digits"), 200, feature_cache=tmp_path / "features")
+    assert (tmp_path / "features" / "digits8_classifier.safetensors").is_file() and m["feature_n"] == 200
+    assert m["fid_style"] > 10 * m["fid_style_floor"] > 0 and m["kid"] > 5 * m["kid_stderr"], m
+    assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["feature_net_accuracy"] > 0.9
+    assert "fid_style" not in evaluate_run(load_run(tiny_run), 50, feature_cache=tmp_path / "none")  # moons

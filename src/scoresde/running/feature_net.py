@@ -23,12 +23,13 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from ..core.errors import DamagedFileError, InvalidValueError
-from ..evaluation.features import Classifier, accuracy, train_classifier
+from ..evaluation.features import Classifier, accuracy, image_features, kid, knn_precision_recall, train_classifier
+from ..evaluation.metrics import frechet_distance
 from .data import load_digits
 from .files import atomic_write
 from .mnist import load_mnist, mnist_split
 
-__all__ = ["FEATURE_NETS", "digits_feature_net", "feature_net"]
+__all__ = ["FEATURE_NETS", "FeatureEvaluator", "digits_feature_net", "feature_net", "real_sets"]
 
 Split = tuple[Tensor, Tensor, Tensor, Tensor]  # x, labels, training rows, held-out rows
 
@@ -84,3 +85,46 @@ def feature_net(data: str = "digits", cache: str | Path = "runs/features", pad_t
 def digits_feature_net(cache: str | Path = "runs/features", pad_to: int = 0, seed: int = 0) -> tuple[Classifier, float]:
     """`feature_net("digits", ...)`, the name its earlier callers use."""
     return feature_net("digits", cache, pad_to, seed)
+
+
+def real_sets(data: str, pad_to: int = 0) -> tuple[Tensor, Tensor]:
+    """(reference, other) real images of built-in image set `data`: digits: the two halves of a fixed
+    permutation; mnist: the 4,500 training digits and the 500 held-out ones (`running.mnist.mnist_split`)."""
+    if data == "mnist":
+        x, _ = load_mnist(pad_to)
+        tr, te = mnist_split()
+        return x[tr], x[te]
+    x, _ = load_digits(pad_to)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(123))
+    half = x.shape[0] // 2
+    return x[perm[:half]], x[perm[half:]]
+
+
+class FeatureEvaluator:
+    """FID-style distance (Frechet distance of the feature network's features), KID (+- its standard error),
+    k-NN precision and recall of samples against the reference real images of `data` (`real_sets`); `floor`
+    / `floor_metrics`: the same for n other real images, which the reference does not hold (what a perfect
+    model scores at this n). Samples are clamped to [-1, 1]."""
+
+    def __init__(self, data: str, n: int, cache: str | Path = "runs/features", pad_to: int = 0):
+        self.net, self.acc = feature_net(data, cache, pad_to)
+        ref, other = real_sets(data, pad_to)
+        self.n = min(int(n), other.shape[0])
+        self.ref = image_features(ref, self.net)
+        self.floor_metrics = self.metrics(image_features(other[:self.n], self.net))
+        self.floor = self.floor_metrics["fid"]
+        self.floor_pr = (self.floor_metrics["precision"], self.floor_metrics["recall"])
+
+    def metrics(self, f: Tensor) -> dict[str, float]:
+        """The metrics of features f (n, d): fid, kid, kid_se, precision, recall."""
+        p, r = knn_precision_recall(self.ref[:self.n], f)
+        k, k_se = kid(self.ref, f)
+        return {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
+
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        return self.metrics(image_features(samples.float().clamp(-1, 1), self.net))
+
+    def classify(self, samples: Tensor) -> Tensor:
+        """The feature network's class of each sample."""
+        with torch.no_grad():
+            return self.net(samples.float().clamp(-1, 1)).argmax(1)

@@ -40,6 +40,7 @@ from .data import (
     load_mask,
     read_data_record,
 )
+from .feature_net import FEATURE_NETS, FeatureEvaluator
 from .files import atomic_write
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "Run",
     "analytic_report",
     "evaluate_run",
+    "feature_report",
     "fit_run_grid",
     "inpaint_run",
     "likelihood_run",
@@ -254,8 +256,8 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
     return out
 
 
-def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int,
-              paths: int = 0) -> tuple[dict[str, Any], Tensor, Tensor | None]:
+def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int, paths: int = 0,
+              feature_cache: str | Path = "runs/features") -> tuple[dict[str, Any], Tensor, Tensor | None]:
     data = run.data  # DataUnavailable before any sampling
     n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
     method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
@@ -268,7 +270,20 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
     metrics.update(mmd2=mmd.value, mmd2_stderr=mmd.stderr)
     if data.mixture is not None:
         metrics.update(analytic_report(run, x, generator=torch.Generator().manual_seed(seed + 2)))
+    if run.cfg.data in FEATURE_NETS and not run.cfg.image_size:
+        metrics.update(feature_report(run, x, feature_cache))
     return metrics, x, traj
+
+
+def feature_report(run: Run, x: Tensor, cache: str | Path = "runs/features") -> dict[str, float]:
+    """For a built-in image set (`FEATURE_NETS`: digits, mnist): FID-style distance with its floor, KID +- its
+    standard error, k-NN precision / recall (with their floor) of the samples x on the data's download-free
+    feature network (`FeatureEvaluator`, trained once into `cache`); not comparable with Inception FIDs."""
+    ev = FeatureEvaluator(run.cfg.data, x.shape[0], cache, run.cfg.pad_to)
+    m = ev(x)
+    return {"fid_style": m["fid"], "fid_style_floor": ev.floor, "kid": m["kid"], "kid_stderr": m["kid_se"],
+            "precision": m["precision"], "recall": m["recall"], "precision_floor": ev.floor_pr[0],
+            "recall_floor": ev.floor_pr[1], "feature_net_accuracy": ev.acc, "feature_n": ev.n}
 
 
 @torch.no_grad()
@@ -302,11 +317,13 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
 
 
 def evaluate_run(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, feature_cache: str | Path = "runs/features") -> dict[str, Any]:
     """W2 of n samples (None: 2 n_eval, at most the held-out size) drawn with sampler `method` at `nfe` (None: the
-    run's) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out data), and for data with a known
-    law the histogram TV and the T 5.2 TV bound from the measured score error (`analytic_report`)."""
-    return _evaluate(run, n, method, nfe, seed)[0]
+    run's) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out
+    data), for data with a known law the histogram TV and the T 5.2 TV bound from the measured score error
+    (`analytic_report`), and for the built-in image sets FID-style, KID, precision and recall (`feature_report`,
+    its network cached in `feature_cache`)."""
+    return _evaluate(run, n, method, nfe, seed, feature_cache=feature_cache)[0]
 
 
 def write_report(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
