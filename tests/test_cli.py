@@ -65,8 +65,8 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
 
 
 def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):
-    """--schedule auto outside its range (nfe <= 10, unipc2 / unipc3) is an error naming why, never ignored;
-    an unknown --schedule names the choices."""
+    """--schedule auto outside its range (nfe <= 10, sa3 / unipc2 / unipc3) is an error naming why, never ignored;
+    an unknown --schedule names the choices; with --fit-grid (another grid) it is refused naming both."""
     out = str(tmp_path / "s.npy")
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "20", "--schedule", "auto",
                               "--out", out])
@@ -76,6 +76,9 @@ def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(r
     assert res.exit_code == 2 and "schedule='auto' applies to methods sa3, unipc2, unipc3" in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--nfe", "5", "--schedule", "fast", "--out", out])
     assert res.exit_code == 2 and "--schedule must be one of default, auto; got 'fast'" in res.output
+    res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "5", "--schedule", "auto",
+                              "--fit-grid", "64", "--out", out])
+    assert res.exit_code == 2 and "--fit-grid and --schedule auto both choose the time grid" in res.output
 
 
 def test_errors_are_one_line_messages(run_dir, tmp_path):

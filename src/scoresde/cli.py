@@ -167,6 +167,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
         raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
+    if fit_grid and schedule == "auto":
+        raise InvalidValueError("--fit-grid and --schedule auto both choose the time grid; pass one of them")
     r = load_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
