@@ -398,6 +398,10 @@ def run(args) -> None:
         accuracy = lambda x: float((ev.classify(x) == truth).float().mean())
         inp = {"n": known.shape[0], "sampler": "em", "cg_iters": INPAINT_CG, "accuracy_original": accuracy(known),
                "accuracy_upper_half_only": accuracy(mask * known - (1 - mask))}
+        # a model-free reference for how much of the class the upper half fixes: the lower half of the training
+        # digit nearest on the upper half
+        near = torch.cdist((mask * known).flatten(1), (mask * data.train).flatten(1)).argmin(1)
+        inp["accuracy_nearest_neighbour"] = accuracy(mask * known + (1 - mask) * data.train[near])
         grid.append((mask * known - (1 - mask))[:16]), grid_labels.append("known half")
         for how, nfe in INPAINT_NFE.items():
             model = tr.ema.copy()

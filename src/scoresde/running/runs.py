@@ -262,6 +262,9 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
     n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
     method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
     check_mmd2_memory(n, None if data.mixture is not None else min(n, data.test.shape[0]))  # before sampling
+    features = run.cfg.data in FEATURE_NETS and not run.cfg.image_size
+    if features and n < 20:
+        raise InvalidValueError(f"n must be at least 20 on {run.cfg.data} (KID over 10 blocks of 2+ samples), got {n}")
     x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
     metrics = {"step": run.step, "sampler": method, "nfe": nfe,
                **w2_report(x, data, generator=torch.Generator().manual_seed(seed + 1))}
@@ -270,7 +273,7 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
     metrics.update(mmd2=mmd.value, mmd2_stderr=mmd.stderr)
     if data.mixture is not None:
         metrics.update(analytic_report(run, x, generator=torch.Generator().manual_seed(seed + 2)))
-    if run.cfg.data in FEATURE_NETS and not run.cfg.image_size:
+    if features:
         metrics.update(feature_report(run, x, feature_cache))
     return metrics, x, traj
 
