@@ -221,7 +221,10 @@ def run_tag(args) -> str:
 
 
 def tag(args) -> str:
-    return args.budget if args.data == "digits" else f"{args.data}_{args.budget}"
+    """Output name: the budget (and data), with the steps where --steps overrides the budget's."""
+    base = args.budget if args.data == "digits" else f"{args.data}_{args.budget}"
+    steps = args.steps if args.steps not in (0, DATA[args.data]["budgets"][args.budget]["steps"]) else 0
+    return f"{base}_{steps}steps" if steps else base
 
 
 def settings(args) -> dict:
