@@ -138,6 +138,17 @@ def _report(paths: dict) -> None:
         typer.echo(f"  {name:13s} {path}")
 
 
+def _open_run(run: Path):
+    """`runs.load_run`, and torch's thread count set to the run's `threads`."""
+    import torch
+
+    from .running.runs import load_run
+
+    r = load_run(run)
+    torch.set_num_threads(r.cfg.threads)
+    return r
+
+
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
@@ -156,7 +167,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
     from .running.progress import counting_calls
-    from .running.runs import SCHEDULES, fit_run_grid, load_run, run_schedule, sample_run
+    from .running.runs import SCHEDULES, fit_run_grid, run_schedule, sample_run
 
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
@@ -169,7 +180,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
     if fit_grid and schedule == "auto":
         raise InvalidValueError("--fit-grid and --schedule auto both choose the time grid; pass one of them")
-    r = load_run(run)
+    r = _open_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
     held_out = r.data.test[:n] if out.suffix == ".png" else None  # the plot's data, before sampling
@@ -215,11 +226,11 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
     from .running.files import check_writable, save_array
     from .running.plots import save_grid
     from .running.progress import counting_calls
-    from .running.runs import inpaint_run, load_run
+    from .running.runs import inpaint_run
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
-    r = load_run(run)
+    r = _open_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     with counting_calls(r.model, f"inpainting ({how})", nfe or r.cfg.nfe, enable=r.cfg.progress):
         known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed)
@@ -244,11 +255,11 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
 
     from .evaluation.metrics import check_mmd2_memory
     from .running.files import check_writable, save_json
-    from .running.runs import evaluate_run, load_run
+    from .running.runs import evaluate_run
 
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
-    r = load_run(run)
+    r = _open_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
@@ -272,10 +283,10 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
     from .running.files import check_writable, save_json
     from .running.progress import counting_calls
-    from .running.runs import likelihood_run, load_run
+    from .running.runs import likelihood_run
 
     check_writable(run / "likelihood.json")
-    r = load_run(run)
+    r = _open_run(run)
     with counting_calls(r.model, "likelihood (adaptive ODE)", enable=r.cfg.progress):
         out = likelihood_run(r, data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
                              rtol=rtol, atol=atol)

@@ -74,6 +74,7 @@ def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, 
         raise InvalidValueError(f"options must be one of {', '.join(c.__name__ for c, _ in METHODS.values())}, "
                                 f"got {type(options).__name__}")
     run, out_dir = load_run(run_dir, data=data), Path(out_dir)
+    torch.set_num_threads(run.cfg.threads)  # a training entry point, as the Trainer: the run's thread count
     if out_dir.resolve() == Path(run_dir).resolve():
         raise InvalidValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")
     test = run.data.test  # DataUnavailable before fine-tuning

@@ -121,12 +121,12 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
     `data`: the data the run was trained on, needed when it was given to the Trainer (its content hash must
     be the recorded one). Without it the config's data is reloaded and checked; data that cannot be had
     leaves a run that samples but has no `data` (module docstring). A run folder without a data record
-    (written before runs recorded their data) reloads its config's data unchecked."""
+    (written before runs recorded their data) reloads its config's data unchecked. Torch's thread count is left
+    as it is (the CLI sets the run's `threads`; a Trainer loading a teacher keeps its own)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not has_checkpoint(run_dir / CHECKPOINT):
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
     cfg = load_config(run_dir / "config.yaml", [f"out={run_dir.parent}", f"name={run_dir.name}"])
-    torch.set_num_threads(cfg.threads)
     record, where, unavailable = read_data_record(run_dir), f"run {str(run_dir)!r}", ""
     data = None if data is None else check_dataset(data)
     if data is not None and record is not None and (mismatch := data_mismatch(data, record, where)):
