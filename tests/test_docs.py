@@ -89,7 +89,7 @@ assert x.shape == (256, 2)
 
 
 # file names the pages mention that are not repository paths: a run folder's file, the design's old modules
-NOT_PATHS = {"config.yaml", "data.yaml", "discrete.py", "families.py", "schedules.json"}
+NOT_PATHS = {"config.yaml", "data.yaml", "discrete.py", "families.py", "schedules.json", "eval.json"}
 
 
 def test_the_files_the_pages_name_exist():
