@@ -38,7 +38,7 @@ from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, run_ours, set
 from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
 from scoresde.sampling.methods import METHODS
-from scoresde.sampling.schedule import cached_schedule
+from scoresde.sampling.schedule import auto_schedule, search_options
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -69,8 +69,8 @@ KNOBS = {
     "edm_sde": [("S_churn=10", {"S_churn": 10.0}), ("S_churn=80", {"S_churn": 80.0}),
                 ("S_noise=1.003", {"S_noise": 1.003}), ("band=0.05-50", {"S_tmin": 0.05, "S_tmax": 50.0})],
     # tau_band (0.7, 25): sigma/alpha of diffusers' timesteps 200 and 800, SA-Solver's default tau interval
-    # auto: the automatic schedule (sampling.schedule.cached_schedule: that of tau = 0, searched from the score alone;
-    # nfe <= AUTO_MAX_NFE), its search's score evaluations recorded beside the row
+    # auto: the automatic schedule (sampling.schedule.auto_schedule: that of tau = 0, searched from the score alone;
+    # nfe <= AUTO_NFE), its search's score evaluations recorded beside the row
     "sa3": [("tau=0.5", {"tau": 0.5}), ("tau=0.25", {"tau": 0.25}), ("band=0.7-25", {"tau_band": (0.7, 25.0)}),
             ("auto", {"auto": True}), ("auto tau=0.5", {"auto": True, "tau": 0.5}),
             ("auto tau=0.25", {"auto": True, "tau": 0.25})],
@@ -185,15 +185,29 @@ def counted(fn):
     return wrapped, calls
 
 
+AUTO_NFE = 20  # the auto knobs run at nfe <= this (the search's cost grows with nfe)
+_AUTO: dict = {}  # automatic schedules of the current target (evaluate clears it)
+
+
+def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
+    """sampling.schedule.auto_schedule (as cached_schedule, but also above its AUTO_MAX_NFE = 10, up to AUTO_NFE),
+    once per method, nfe and search options (sa3 at any tau shares one) on the current target."""
+    if nfe > AUTO_NFE:
+        raise ValueError(f"auto: not run above NFE {AUTO_NFE} here (the search's cost)")
+    key = (method, nfe, repr(sorted(search_options(method, options).items())))
+    if key not in _AUTO:
+        _AUTO[key] = auto_schedule(sde, score_fn, shape, method=method, nfe=nfe, dtype=dtype, **options)
+    return _AUTO[key]
+
+
 def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
     """(x, evaluations used, error message or None, score evaluations of the automatic schedule's search)."""
     try:
         if kind == "ours":
             method, options = spec
             options, search = dict(options), 0
-            if options.pop("auto", False):  # once per score function, method and nfe (cached_schedule)
-                auto = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
-                                       **options)
+            if options.pop("auto", False):
+                auto = auto_for(sde, score_fn, tuple(x_T.shape[1:]), method, nfe, x_T.dtype, options)
                 options, search = {**options, "ts": auto.ts, "denoise": auto.denoise}, auto.evaluations
             fn, calls = counted(score_fn)
             x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
@@ -223,6 +237,7 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4):
     print(json.dumps(rows[0]), flush=True)
     x_T = sde.prior_sample((n, target.dim), gen, F64)
     score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
+    _AUTO.clear()  # the schedules of the previous target
     refused = set()
     for name, member, kind, spec in all_configs():
         for nfe in nfes:
