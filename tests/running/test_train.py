@@ -543,9 +543,13 @@ def test_a_signal_after_the_last_step_is_delivered_once_training_is_done(tmp_pat
         real_save(*args, **kwargs)
 
     monkeypatch.setattr(train, "save_checkpoint", save)
-    tr = Trainer(make_cfg())
-    with pytest.raises(KeyboardInterrupt):
-        tr.run()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's, whatever an earlier test left
+    try:
+        tr = Trainer(make_cfg())
+        with pytest.raises(KeyboardInterrupt):
+            tr.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert tr.step == 20 and int(read_checkpoint(tmp_path / "r" / "checkpoint.safetensors")[1]["step"]) == 20
 
 
