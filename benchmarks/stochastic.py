@@ -37,6 +37,7 @@ from benchmarks import common
 from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, run_ours, setup, value
 from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
+from scoresde.evaluation.features import kid
 from scoresde.sampling.methods import METHODS
 from scoresde.sampling.schedule import auto_schedule, search_options
 
@@ -297,25 +298,6 @@ def default_of(member):
 
 # ---- learned score: the digits VP model -----------------------------------------------------------------
 
-def kid(f_gen: torch.Tensor, f_ref: torch.Tensor, blocks: int = 10) -> tuple[float, float]:
-    """Kernel inception distance on the digits features: the unbiased MMD^2 with the cubic polynomial kernel
-    (x.y / d + 1)^3, averaged over `blocks` disjoint blocks of the generated set (each against the whole
-    reference set); returns (mean, standard error over the blocks)."""
-    x, y = f_gen.double(), f_ref.double()
-    d = x.shape[1]
-    k = lambda a, b: (a @ b.T / d + 1) ** 3
-    kyy = k(y, y)
-    m = y.shape[0]
-    yy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
-    vals = []
-    for xb in x.chunk(blocks):
-        n = xb.shape[0]
-        kxx = k(xb, xb)
-        xx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
-        vals.append(float(xx + yy - 2 * k(xb, y).mean()))
-    return float(np.mean(vals)), float(np.std(vals, ddof=1) / math.sqrt(len(vals)))
-
-
 def real_split_spread(splits: int = 20) -> dict:
     """FID-style distance and KID between the two halves of random splits of the real digits (n = 898 / 899):
     how far apart two real sets of this size lie, i.e. the resolution of both metrics at n ~ 900-1000."""
@@ -333,7 +315,7 @@ def real_split_spread(splits: int = 20) -> dict:
         perm = torch.randperm(len(f), generator=g)
         a, b = f[perm[:len(f) // 2]], f[perm[len(f) // 2:]]
         fids.append(frechet_distance(a, b))
-        kids.append(kid(b, a)[0])
+        kids.append(kid(a, b)[0])
     return {"splits": splits, "fid_mean": float(np.mean(fids)), "fid_sd": float(np.std(fids, ddof=1)),
             "kid_mean": float(np.mean(kids)), "kid_sd": float(np.std(kids, ddof=1))}
 
@@ -373,7 +355,7 @@ def learned(args):
         (sde, model, shape, train_s), data = digits_run(args), "digits"
     ev = FeatureEvaluator(data, 10**6, common.REPO / "runs" / "features")  # n = all the other real images for the floor
     f_other = image_features(real_sets(data)[1], ev.net)
-    floor = {"fid": ev.floor, "kid": kid(f_other, ev.ref), "n": f_other.shape[0]}
+    floor = {"fid": ev.floor, "kid": kid(ev.ref, f_other), "n": f_other.shape[0]}
     print(f"feature net accuracy {ev.acc:.3f}; floor (real half B, n={floor['n']}): FID-style {ev.floor:.3f}, "
           f"KID {floor['kid'][0]:.2e} +- {floor['kid'][1]:.1e}", flush=True)
     stoch = {k: v for k, v in ours_methods().items() if k != "ald"}
@@ -390,7 +372,7 @@ def learned(args):
                "error": err, "seconds": round(time.perf_counter() - t0, 2)}
         if x is not None and torch.isfinite(x).all():
             f = image_features(x.float().clamp(-1, 1), ev.net)
-            kv, kse = kid(f, ev.ref)
+            kv, kse = kid(ev.ref, f)
             row.update(fid=frechet_distance(ev.ref, f), kid=kv, kid_se=kse)
         rows.append(row)
         print(json.dumps(row), flush=True)
