@@ -189,6 +189,9 @@ def test_evaluate_reports_feature_metrics_for_builtin_image_sets(tmp_path, tiny_
     assert "fid_style" not in evaluate_run(load_run(tiny_run), 50, feature_cache=tmp_path / "none")  # moons
     with pytest.raises(InvalidValueError, match="n must be at least 20 on digits"):
         evaluate_run(load_run(tmp_path / "tiny_digits"), 10, feature_cache=tmp_path / "features")
+    small = load_run(tmp_path / "tiny_digits")  # a default n (2 n_eval = 8) too small for KID: reported without
+    small.cfg.n_eval = 4
+    assert "fid_style" not in evaluate_run(small, feature_cache=tmp_path / "features")
 
 
 def test_load_run_leaves_the_thread_count(tiny_run):

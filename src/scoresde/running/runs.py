@@ -259,12 +259,13 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
 def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int, paths: int = 0,
               feature_cache: str | Path = "runs/features") -> tuple[dict[str, Any], Tensor, Tensor | None]:
     data = run.data  # DataUnavailable before any sampling
+    features = run.cfg.data in FEATURE_NETS and not run.cfg.image_size
+    if features and n is not None and integer("n", n) < 20:
+        raise InvalidValueError(f"n must be at least 20 on {run.cfg.data} (KID over 10 blocks of 2+ samples), got {n}")
     n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
+    features = features and n >= 20  # a default n (2 n_eval) too small for KID: the report goes without them
     method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
     check_mmd2_memory(n, None if data.mixture is not None else min(n, data.test.shape[0]))  # before sampling
-    features = run.cfg.data in FEATURE_NETS and not run.cfg.image_size
-    if features and n < 20:
-        raise InvalidValueError(f"n must be at least 20 on {run.cfg.data} (KID over 10 blocks of 2+ samples), got {n}")
     x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
     metrics = {"step": run.step, "sampler": method, "nfe": nfe,
                **w2_report(x, data, generator=torch.Generator().manual_seed(seed + 1))}
