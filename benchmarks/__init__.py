@@ -14,6 +14,7 @@ BENCHMARKS = {
     "estimation": "estimation_studies",
     "train": "train_throughput",
     "imaging": "imaging",
+    "inpainting": "inpainting",
     "samplers": "samplers",
     "bounds": "bounds_studies",
     "consistency": "consistency",

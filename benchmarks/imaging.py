@@ -35,20 +35,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks import common
+from benchmarks import common, inpainting
 from benchmarks.train_throughput import diffusers_twin
 from scoresde.learning.networks import EMA
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
 from scoresde.running.data import load_dataset
-from scoresde.running.feature_net import FeatureEvaluator
+from scoresde.running.feature_net import FEATURE_NETS, FeatureEvaluator
 from scoresde.running.files import save_json
 from scoresde.running.plots import save_grid
 from scoresde.running.progress import counting_calls
 from scoresde.running.train import Trainer, ema_decay, learning_rate
 from scoresde.sampling import sample
-from scoresde.sampling.guidance import inpaint, label_guided
+from scoresde.sampling.guidance import label_guided
 from scoresde.sampling.likelihood import bits_per_dim
 
 NAME = "imaging"
@@ -76,15 +76,13 @@ DATA = {
                                     cond_sampler="dpm2m_sde", guidance=(0.0, 1.0, 3.0, 5.0), n_inpaint=200),
                       "demo": dict(steps=1250, n=200, n_lik=0, families=("VP", "VP class-cond."), nfes=(20,),
                                    candidates=("dpm2m", "dpm2m_sde"), guidance=(0.0, 1.0, 3.0, 5.0), ancestral_steps=50,
-                                   cond_sampler="dpm2m_sde", n_inpaint=64),
+                                   cond_sampler="dpm2m_sde", n_inpaint=64, inpaint_weights=(1.0, 8.0)),
                       "quick": dict(steps=3, n=40, n_lik=4, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
                                     ancestral_steps=20, n_inpaint=4)}),
 }
 DEFAULTS = dict(families=ALL, nfes=(10, 20, 50), candidates=("dpm2m", "dpm3m", "heun"),
-                guidance=(0.0, 0.5, 1.0, 2.0, 4.0), ancestral_steps=1000, cond_sampler="dpm2m", n_inpaint=0)
-# inpainting of the lower half: the Tweedie h-transform (CG truncated at INPAINT_CG vector-Jacobian products per step)
-# and, beside it, replacement; both with Euler-Maruyama at INPAINT_NFE
-INPAINT_NFE, INPAINT_CG = {"tweedie": 100, "replace": 200}, 5
+                guidance=(0.0, 0.5, 1.0, 2.0, 4.0), ancestral_steps=1000, cond_sampler="dpm2m", n_inpaint=0,
+                inpaint_weights=inpainting.WEIGHTS)
 ALD = dict(steps_per_level=2, step_ratio=1.0)  # 100 levels x 2 steps + denoise; NCSN's step_ratio 0.2 under-mixed here
 QUICK = dict(budget="quick")
 
@@ -394,27 +392,10 @@ def run(args) -> None:
                                                [f"{k} (w={pick['w']:g})" for k in range(10)], cols=per_row))
 
     if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown
-        tr = trained["VP"][0]
-        known, truth = data.test[:opt["n_inpaint"]], data.test_labels[:opt["n_inpaint"]]
-        mask = torch.ones(1, size, size)
-        mask[..., size // 2:, :] = 0
-        accuracy = lambda x: float((ev.classify(x) == truth).float().mean())
-        inp = {"n": known.shape[0], "sampler": "em", "cg_iters": INPAINT_CG, "accuracy_original": accuracy(known),
-               "accuracy_upper_half_only": accuracy(mask * known - (1 - mask))}
-        # a model-free reference for how much of the class the upper half fixes: the lower half of the training
-        # digit nearest on the upper half
-        near = torch.cdist((mask * known).flatten(1), (mask * data.train).flatten(1)).argmin(1)
-        inp["accuracy_nearest_neighbour"] = accuracy(mask * known + (1 - mask) * data.train[near])
-        grid.append((mask * known - (1 - mask))[:16]), grid_labels.append("known half")
-        for how, nfe in INPAINT_NFE.items():
-            model = tr.ema.copy()
-            with counting_calls(model, f"inpaint {how}", nfe):
-                x, ts = timed(lambda: inpaint(tr.sde, model, known, mask, method=how, sampler="em", nfe=nfe,
-                                              cg_iters=INPAINT_CG, generator=torch.Generator().manual_seed(3)))
-            inp[how] = {"nfe": nfe, "accuracy": accuracy(x), "sample_s": ts}
-            grid.append(x[:16]), grid_labels.append(f"inpainted ({how})")
-        print(json.dumps(inp), flush=True)
-        grid.append(known[:16]), grid_labels.append("original")
+        inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy(), data,
+                                                  ev.classify, opt["n_inpaint"], weights=opt["inpaint_weights"],
+                                                  classifier_args=FEATURE_NETS[args.data][2])
+        grid, grid_labels = grid + rows_, grid_labels + labels_
 
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{tag(args)}_samples.png", grid_labels))
     rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)

@@ -46,6 +46,7 @@ F64 = torch.float64
 NAME = "stochastic"
 NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
+REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
 REPORT_TARGETS = ("ring", "mix16", "mix16b")
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
@@ -272,24 +273,49 @@ def choice_score(rows, config, nfe, metric="mmd2"):
     return float(np.exp(np.mean(np.log(vals))))
 
 
-def choose(rows, nfes):
+def tied(rows, nfe, factor=REFINE_FACTOR):
+    """Per family (scoresde, diffusers), the configurations whose choice score at `nfe` is within `factor` of
+    that family's best: at this n they cannot be told apart (at the floor, within `factor` null sd)."""
+    out = set()
+    for fam in ("scoresde", "diffusers"):
+        scores = {c: choice_score(rows, c, nfe) for c in {r["config"] for r in rows if r["nfe"] == nfe
+                                                          and r.get("member", "").startswith(fam)}}
+        best = min((v for v in scores.values() if math.isfinite(v)), default=math.inf)
+        out |= {c for c, v in scores.items() if v <= factor * best}
+    return out
+
+
+def choose(rows, nfes, refined=()):
     """Per NFE: each member's best knob, and the best scoresde and best diffusers configuration (choice set):
-    the lowest `choice_score` of the broad MMD^2, ties (both at the null spread) broken by the fine one."""
+    the lowest `choice_score` of the broad MMD^2, ties broken by the fine one. Where `refined` (stage
+    `refine`: the `tied` configurations re-run on the choice targets with more samples) holds rows at an NFE,
+    the members it holds and both families' best are chosen on those rows."""
     members = sorted({r["member"] for r in rows if r.get("member")})
     picks = {}
     for nfe in nfes:
-        cell = {}
+        more = [r for r in refined if r["nfe"] in (0, nfe)]
+        more = more if any(r["nfe"] == nfe for r in more) else []
+        key = lambda rs, c: (choice_score(rs, c, nfe), choice_score(rs, c, nfe, "mmd2_fine"), c)
+        cell, scored_on = {}, {}
         for m in members:
-            cands = sorted({r["config"] for r in rows if r.get("member") == m and r["nfe"] == nfe})
-            scored = [(choice_score(rows, c, nfe), choice_score(rows, c, nfe, "mmd2_fine"), c) for c in cands]
-            scored = [s for s in scored if math.isfinite(s[0])]
+            rs = more if any(r.get("member") == m for r in more) else rows
+            cands = sorted({r["config"] for r in rs if r.get("member") == m and r["nfe"] == nfe})
+            scored = [s for s in (key(rs, c) for c in cands) if math.isfinite(s[0])]
             if scored:
-                cell[m] = min(scored)[2]
-        best = {fam: min(((choice_score(rows, c, nfe), choice_score(rows, c, nfe, "mmd2_fine"), c)
-                          for m, c in cell.items() if m.startswith(fam)),
-                         default=(0, 0, None))[2] for fam in ("scoresde", "diffusers")}
-        picks[str(nfe)] = {"member": cell, "best": best}
+                cell[m], scored_on[m] = min(scored)[2], rs
+        best = {}
+        for fam in ("scoresde", "diffusers"):
+            mine = [m for m in cell if m.startswith(fam)]
+            pool = [m for m in mine if scored_on[m] is more] or mine
+            best[fam] = min((key(scored_on[m], cell[m]) for m in pool), default=(0, 0, None))[2]
+        picks[str(nfe)] = {"member": cell, "best": best, **({"refined_n": more[0]["n"]} if more else {})}
     return picks
+
+
+def saved_picks(files, nfes):
+    """`choose` on the saved choice rows and, where stage `refine` ran, its rows."""
+    refined = common.read_json(files["refine"])["rows"] if files["refine"].exists() else ()
+    return choose(common.read_json(files["choose"])["rows"], nfes, refined)
 
 
 def default_of(member):
@@ -652,10 +678,11 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 # ---- harness --------------------------------------------------------------------------------------------
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--stage", choices=("choose", "exact", "confirm", "learned", "split-spread", "overhead", "report",
+    ap.add_argument("--stage", choices=("choose", "refine", "exact", "confirm", "learned", "split-spread", "overhead", "report",
                                         "all"),
                     default="all", help="split-spread: add real_split_spread() to a saved stochastic_learned.json")
     ap.add_argument("--n-choose", type=int, default=3000, help="samples per configuration on the choice set")
+    ap.add_argument("--n-refine", type=int, default=20000, help="refine: samples per tied configuration")
     ap.add_argument("--n", type=int, default=6000, help="samples per configuration on the report set")
     ap.add_argument("--nfes", type=int, nargs="+", default=list(NFES))
     ap.add_argument("--learned-nfes", type=int, nargs="+", default=list(LEARNED_NFES))
@@ -685,15 +712,22 @@ def run(args):
     global MEMBERS
     MEMBERS = args.members
     out = common.out_dir(NAME)
-    files = {k: out / f"stochastic_{k}.json" for k in ("choose", "exact", "learned", "overhead")}
+    files = {k: out / f"stochastic_{k}.json" for k in ("choose", "refine", "exact", "learned", "overhead")}
     print("stochastic methods registered:", ", ".join(ours_methods()), flush=True)
     if args.stage in ("choose", "all"):
         rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_choose, args.nfes, seed=0, null_repeats=3)]
         rows = merge(files["choose"], rows)
         common.write_json(NAME, {"rows": rows, "picks": choose(rows, args.nfes)}, file=files["choose"].name, indent=None)
+    if args.stage in ("refine", "all"):  # the ties of the choice set again, more samples, same choice targets and seed 0
+        ch = common.read_json(files["choose"])["rows"]
+        wanted = {(c, nfe) for nfe in args.nfes for c in tied(ch, nfe)}
+        print(f"refining {len(wanted)} tied configurations at n = {args.n_refine}", flush=True)
+        rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_refine, args.nfes, seed=0, wanted=wanted)]
+        if files["refine"].exists():  # the other NFEs' rows stay
+            rows = [r for r in common.read_json(files["refine"])["rows"] if r["nfe"] not in (0, *args.nfes)] + rows
+        common.write_json(NAME, {"rows": rows}, file=files["refine"].name, indent=None)
     if args.stage in ("exact", "all"):
-        ch = common.read_json(files["choose"])
-        picks = choose(ch["rows"], args.nfes)  # from the choice rows (the rule may have changed since)
+        picks = saved_picks(files, args.nfes)  # from the choice rows (the rule may have changed since)
         wanted = set()
         for nfe in args.nfes:
             p = picks[str(nfe)]
@@ -710,11 +744,15 @@ def run(args):
     if args.stage in ("learned", "all"):
         common.write_json(NAME, learned(args), file=files["learned"].name, indent=None)
     if args.stage in ("confirm", "all"):  # the goal's two picks again, more samples, fresh seed
-        picks = choose(common.read_json(files["choose"])["rows"], args.confirm_nfes)
+        picks = saved_picks(files, args.confirm_nfes)
         wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
         rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
                 for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1)]
-        common.write_json(NAME, {"rows": rows, "picks": picks}, file="stochastic_confirm.json", indent=None)
+        path = out / "stochastic_confirm.json"
+        if path.exists():  # the other NFEs' rows stay (their picks are re-derived with the same rule)
+            rows = [r for r in common.read_json(path)["rows"] if r["nfe"] not in (0, *args.confirm_nfes)] + rows
+        nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
+        common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)
     if args.stage == "split-spread":
         res = common.read_json(files["learned"])
         res["split_spread"] = real_split_spread()

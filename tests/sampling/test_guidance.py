@@ -45,15 +45,18 @@ def test_tweedie_inpainting_draws_the_exact_conditional(sampler, nfe, gen):
     assert ((torch.cov(u.T) - cov).abs() / torch.outer(sd, sd)).max() < 0.08
 
 
-def test_tweedie_conditional_score_matches_closed_form(gen):
-    """For Gaussian data the wrapped score equals grad log p_t(x | x0[known] = y), computed in closed form."""
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_tweedie_conditional_score_matches_closed_form(weight, gen):
+    """For Gaussian data the wrapped score equals grad log p_t(x | x0[known] = y), computed in closed form; with a
+    weight w it is grad log p_t(x) + w (grad log p_t(x | y) - grad log p_t(x)), the score of p_t(x) p(y | x_t)^w."""
     sde = S.VP()
     mix = image_gaussian(gen)
     y = torch.tensor([0.8, -0.5, 0.0, 0.0], dtype=torch.float64)
     mask = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 2, 2)
     x = torch.randn(5, 1, 2, 2, generator=gen, dtype=torch.float64)
     t = torch.full((5,), 0.3, dtype=torch.float64)
-    got = inpaint_score(sde, image_score(mix, sde), y.reshape(1, 1, 2, 2).expand(5, 1, 2, 2), mask)(x, t)
+    got = inpaint_score(sde, image_score(mix, sde), y.reshape(1, 1, 2, 2).expand(5, 1, 2, 2), mask,
+                        weight=weight)(x, t)
     # x_t | x0[known] = y is Gaussian: mean alpha m_c, covariance alpha^2 C_c + sigma^2 I, with (m_c, C_c)
     # the conditional law of x0 (C_c zero on the known block)
     mean_u, cov_u = exact_conditional(mix, y[:2], [0, 1], [2, 3])
@@ -63,7 +66,10 @@ def test_tweedie_conditional_score_matches_closed_form(gen):
     a, s = sde.alpha(t[0]), sde.sigma(t[0])
     P = torch.linalg.inv(a**2 * C_c + s**2 * torch.eye(4, dtype=torch.float64))
     want = -(x.flatten(1) - a * m_c) @ P
-    torch.testing.assert_close(got.flatten(1), want, rtol=1e-6, atol=1e-8)
+    # the unconditional score of the same Gaussian, x_t ~ N(alpha m, alpha^2 C + sigma^2 I)
+    m, C = mix.means[0], mix.covariances[0]
+    free = -(x.flatten(1) - a * m) @ torch.linalg.inv(a**2 * C + s**2 * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(got.flatten(1), free + weight * (want - free), rtol=1e-6, atol=1e-8)
 
 
 def test_replacement_bias_does_not_shrink_with_nfe(gen):
@@ -134,6 +140,12 @@ def test_inpaint_validation():
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), method="gibbs")
     with pytest.raises(ValueError, match="mask must have the shape"):
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(4))
+    with pytest.raises(ValueError, match="weight applies to method 'tweedie' only"):
+        inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), method="replace", weight=2.0)
+    with pytest.raises(ValueError, match="weight must be a finite number > 0"):
+        inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), weight=float("nan"))
+    with pytest.raises(ValueError, match="cg_iters must be an integer >= 1"):
+        inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), cg_iters=0)
 
 
 def test_cg_solves_spd_systems_and_stops_at_negative_curvature(gen):
