@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,7 @@ bench-alignment: $(STAMP)
 
 bench-stochastic: $(STAMP)
 	$(HEAVY) -m benchmarks stochastic --stage choose $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage refine --nfes 10 20 50 $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage exact $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage confirm $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage learned $(BENCH_ARGS)
@@ -88,3 +89,7 @@ demo-mnist: $(STAMP)
 
 bench-mnist: $(STAMP)
 	$(HEAVY) -m benchmarks imaging --data mnist --budget bench --threads 2 $(BENCH_ARGS)
+
+# inpainting of the lower half with a finished MNIST VP run (default runs/imaging_mnist_4k/VP; BENCH_ARGS="--run DIR")
+bench-inpainting: $(STAMP)
+	$(HEAVY) -m benchmarks inpainting $(BENCH_ARGS)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks import common
+from scoresde.core.errors import ScoresdeError
 from scoresde.core.sde import LinearSDE, ScoreFn
 from scoresde.evaluation.features import train_classifier
 from scoresde.running.data import Dataset
@@ -119,7 +120,11 @@ def add_arguments(ap) -> None:
 def run(args):
     from scoresde.running.runs import load_run
 
-    run_ = load_run(args.run)
+    try:
+        run_ = load_run(args.run)
+    except ScoresdeError as err:
+        raise SystemExit(f"--run: {err} (train one: make bench-mnist, or python -m benchmarks imaging --data mnist "
+                         f"--runs DIR, then pass DIR/VP)") from None
     if run_.data_name != "mnist":
         raise SystemExit(f"--run must be a run on mnist, {str(args.run)!r} was trained on {run_.data_name!r}")
     ev = FeatureEvaluator("mnist", 20)

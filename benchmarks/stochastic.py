@@ -154,6 +154,14 @@ def merge(path, rows):
     return old + [r for r in rows if r["nfe"] != 0]
 
 
+def keep_other_nfes(path, rows, nfes):
+    """The rows a stage saved at NFEs other than `nfes` stay beside the new ones (whose null rows replace
+    the old: same seeds and sizes)."""
+    if not path.exists():
+        return rows
+    return [r for r in common.read_json(path)["rows"] if r["nfe"] not in (0, *nfes)] + rows
+
+
 def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
     """Drive a stochastic diffusers scheduler at the largest step count whose model calls fit `nfe`, its noise
     from `gen`; returns (x, model calls)."""
@@ -723,8 +731,7 @@ def run(args):
         wanted = {(c, nfe) for nfe in args.nfes for c in tied(ch, nfe)}
         print(f"refining {len(wanted)} tied configurations at n = {args.n_refine}", flush=True)
         rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_refine, args.nfes, seed=0, wanted=wanted)]
-        if files["refine"].exists():  # the other NFEs' rows stay
-            rows = [r for r in common.read_json(files["refine"])["rows"] if r["nfe"] not in (0, *args.nfes)] + rows
+        rows = keep_other_nfes(files["refine"], rows, args.nfes)
         common.write_json(NAME, {"rows": rows}, file=files["refine"].name, indent=None)
     if args.stage in ("exact", "all"):
         picks = saved_picks(files, args.nfes)  # from the choice rows (the rule may have changed since)
@@ -734,7 +741,8 @@ def run(args):
             wanted |= {(c, nfe) for c in p["member"].values()}
             wanted |= {(default_of(m), nfe) for m in p["member"]}
         rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
-        rows = merge(files["exact"], rows)
+        rows = merge(files["exact"], rows) if MEMBERS else keep_other_nfes(files["exact"], rows, args.nfes)
+        picks = saved_picks(files, sorted({r["nfe"] for r in rows if r["nfe"]}))
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
     if args.stage == "learned" and args.learned_run:  # another model: its own file, outside the digits report
         res = learned(args)
@@ -749,8 +757,7 @@ def run(args):
         rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
                 for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1)]
         path = out / "stochastic_confirm.json"
-        if path.exists():  # the other NFEs' rows stay (their picks are re-derived with the same rule)
-            rows = [r for r in common.read_json(path)["rows"] if r["nfe"] not in (0, *args.confirm_nfes)] + rows
+        rows = keep_other_nfes(path, rows, args.confirm_nfes)  # their picks are re-derived with the same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
         common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)
     if args.stage == "split-spread":

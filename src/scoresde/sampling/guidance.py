@@ -8,9 +8,13 @@
   first two moments, E[x_0 | x_t] = (x + sigma^2 s) / alpha and Cov[x_0 | x_t] = (sigma^2 / alpha)
   d E[x_0 | x_t] / dx (Boys et al. 2310.06721). That is Doob's h-transform of the reverse process,
   exact when the data are Gaussian; the covariance solve uses conjugate gradients with
-  vector-Jacobian products of the score (its Jacobian is a Hessian, so symmetric). "replace" (Song et al. 2011.13456 app. I.2) evaluates the
-  joint score with the known pixels replaced by a forward-noised copy alpha y + sigma z: one score
-  call per step, but biased even for Gaussian data.
+  vector-Jacobian products of the score (its Jacobian is a Hessian, so symmetric), truncated at
+  cg_iters. A weight w multiplies the added term: the score of p_t(x) p(y | x_t)^w, the Gaussian's
+  covariance divided by w, which steers harder where that Gaussian is too broad (multimodal data at
+  high noise) and is exact only at w = 1.
+  "replace" (Song et al. 2011.13456 app. I.2) evaluates the joint score with the known pixels
+  replaced by a forward-noised copy alpha y + sigma z: one score call per step, but biased even for
+  Gaussian data.
 """
 from __future__ import annotations
 
