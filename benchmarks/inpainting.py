@@ -44,6 +44,7 @@ from scoresde.sampling.guidance import inpaint
 
 NAME = "inpainting"
 NFE = {"tweedie": 100, "replace": 200}  # Euler-Maruyama steps of each method
+DEFAULT_RUN = Path("runs/imaging_mnist_4k/VP")  # the 4000-step run of RESULTS.md (imaging --steps 4000)
 OFFSET = 100  # held-out digits 0-99 chose the settings
 CG = (1,)  # CG truncations of the Tweedie solve (vector-Jacobian products per step), each at weight 1
 WEIGHTS = (1.0, 4.0, 8.0, 16.0)  # likelihood weights of the Tweedie method, at the first CG truncation
@@ -108,7 +109,8 @@ def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, of
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--run", type=Path, default=Path("runs/imaging_mnist_4k/VP"), help="a finished VP run on mnist")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a finished VP run on mnist (default runs/imaging_mnist_4k/VP; --quick: a 3-step one)")
     ap.add_argument("--n", type=int, default=200, help="held-out digits inpainted")
     ap.add_argument("--offset", type=int, default=OFFSET, help="first held-out digit (0-99 chose the settings)")
     ap.add_argument("--cg", type=int, nargs="+", default=list(CG), help="CG truncations of the Tweedie method")
@@ -117,9 +119,26 @@ def add_arguments(ap) -> None:
     ap.add_argument("--nfe-scale", type=float, default=1.0, help="scale the NFE of every method (quick runs)")
 
 
+def tiny_run(folder: Path) -> Path:
+    """A 3-step MNIST VP run (the U-Net of configs/mnist_vp.yaml, narrower) for --quick: a smoke test of the
+    code path, not a result."""
+    from scoresde.running.config import Config
+    from scoresde.running.data import load_dataset
+    from scoresde.running.train import Trainer
+
+    if (folder / "VP" / "checkpoint.safetensors").exists():
+        return folder / "VP"
+    cfg = Config(data="mnist", sde="vp", net="unet", net_args={"base": 8, "mults": [1, 2]}, parametrization="eps",
+                 steps=3, batch_size=8, eval_every=0, checkpoint_every=3, progress=False, out=str(folder), name="VP")
+    Trainer(cfg, data=load_dataset("mnist")).run()
+    return folder / "VP"
+
+
 def run(args):
     from scoresde.running.runs import load_run
 
+    if args.run is None:
+        args.run = tiny_run(common.scratch_dir(NAME, "runs")) if common.quick() else DEFAULT_RUN
     try:
         run_ = load_run(args.run)
     except ScoresdeError as err:

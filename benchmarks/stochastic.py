@@ -52,7 +52,7 @@ METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
 CHURN = (0.0, 10.0, 40.0, 80.0)
-QUICK = dict(n_choose=200, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
+QUICK = dict(n_choose=200, n_refine=400, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
              churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, confirm_nfes=[10],
              confirm_seeds=[2])
 

@@ -108,11 +108,12 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
 
 
 def test_stochastic_quick_runs_every_stage(tmp_path):
-    """`stochastic --quick`: choice set, held-out report, learned digits model, overhead, report and figures."""
+    """`stochastic --quick`: choice set and its refinement, held-out report, learned digits model, overhead, report
+    and figures."""
     res = harness("stochastic", "--quick", "--out", str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     folder = tmp_path / "stochastic"
-    for stage in ("choose", "exact", "confirm", "learned", "overhead"):
+    for stage in ("choose", "refine", "exact", "confirm", "learned", "overhead"):
         check_environment(json.loads((folder / f"stochastic_{stage}.json").read_text())["environment"])
     exact = common.read_json(folder / "stochastic_exact.json")
     assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b"}
