@@ -53,11 +53,11 @@ from scoresde.sampling.likelihood import bits_per_dim
 
 NAME = "imaging"
 ALL = ("VAE", "DDPM", "SMLD", "VP", "VE", "sub-VP", "contractive VP", "VP class-cond.", "consistency")
-# per data set: grey levels, image size, the shared config keys, SMLD's sigma_max (about the largest distance
+# per data set: grey levels, the shared config keys, SMLD's sigma_max (about the largest distance
 # between two images), the VAE's latent size, and per budget: steps, samples per row n, likelihood images n_lik,
 # families, score-model NFEs and samplers, guidance weights, diffusers' DDPM ancestral steps and DPM-Solver NFEs
 DATA = {
-    "digits": dict(levels=17, size=8, sigma_max=20.0, latent=16,
+    "digits": dict(levels=17, sigma_max=20.0, latent=16,
                    config=dict(data="digits", n_test=200, net_args={"base": 16, "mults": [1, 2]}, batch_size=128,
                                lr=2e-3, warmup=100, ema_decay=0.995),
                    budgets={
@@ -68,7 +68,7 @@ DATA = {
     # MNIST: 1.05M-parameter U-Net (32, 64, 64 channels at 28, 14, 7 px), bf16 autocast (AMX), EMA power warm-up.
     # Deterministic samplers leave about a quarter of the samples as noise at these short budgets; the stochastic
     # ones (dpm2m_sde, sa3) do not (measured on 1000-1500-step runs), hence the candidates.
-    "mnist": dict(levels=256, size=28, sigma_max=50.0, latent=32, grid_rows=2,
+    "mnist": dict(levels=256, sigma_max=50.0, latent=32, grid_rows=2,
                   config=dict(data="mnist", net_args={"base": 32, "mults": [1, 2, 2]}, batch_size=32, lr=2e-3,
                               warmup=50, precision="bf16"),
                   budgets={
@@ -240,7 +240,7 @@ def run(args) -> None:
         return
     opt = settings(args)
     spec = DATA[args.data]
-    levels, size = spec["levels"], spec["size"]
+    levels = spec["levels"]
     nfes, candidates, long_chain, n = tuple(opt["nfes"]), tuple(opt["candidates"]), opt["ancestral_steps"], opt["n"]
     n_lik = min(opt["n_lik"], n)
     args.steps = opt["steps"]
