@@ -45,6 +45,7 @@ from scoresde.running.data import load_dataset
 from scoresde.running.feature_net import FEATURE_NETS, FeatureEvaluator
 from scoresde.running.files import save_json
 from scoresde.running.plots import save_grid
+from scoresde.running.precision import resolve_precision
 from scoresde.running.progress import counting_calls
 from scoresde.running.train import Trainer, ema_decay, learning_rate
 from scoresde.sampling import sample
@@ -65,12 +66,12 @@ DATA = {
                        "demo": dict(steps=1000, n=300, n_lik=50),
                        "quick": dict(steps=20, n=40, n_lik=8, nfes=(10,), candidates=("dpm2m",), guidance=(0.0, 1.0),
                                      ancestral_steps=20, n_inpaint=8)}),
-    # MNIST: 1.05M-parameter U-Net (32, 64, 64 channels at 28, 14, 7 px), bf16 autocast (AMX), EMA power warm-up.
+    # MNIST: 1.05M-parameter U-Net (32, 64, 64 channels at 28, 14, 7 px), precision auto (bf16 where native), EMA power warm-up.
     # Deterministic samplers leave about a quarter of the samples as noise at these short budgets; the stochastic
     # ones (dpm2m_sde, sa3) do not (measured on 1000-1500-step runs), hence the candidates.
     "mnist": dict(levels=256, sigma_max=50.0, latent=32, grid_rows=2,
                   config=dict(data="mnist", net_args={"base": 32, "mults": [1, 2, 2]}, batch_size=32, lr=2e-3,
-                              warmup=50, precision="bf16"),
+                              warmup=50, precision="auto"),
                   budgets={
                       "bench": dict(steps=8000, n=500, n_lik=100, candidates=("dpm2m", "dpm2m_sde", "sa3", "heun"),
                                     cond_sampler="dpm2m_sde", guidance=(0.0, 1.0, 3.0, 5.0), n_inpaint=200),
@@ -158,7 +159,8 @@ def diffusers_baseline(args, train_x: torch.Tensor):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
     g = torch.Generator().manual_seed(0)
-    print(f"diffusers UNet2DModel: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {cfg.precision}",
+    precision = resolve_precision(cfg.precision, torch.device("cpu"))  # the scoresde runs' (Trainer)
+    print(f"diffusers UNet2DModel: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
           flush=True)
     tic = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="diffusers", mininterval=5, disable=not cfg.progress):
@@ -167,7 +169,7 @@ def diffusers_baseline(args, train_x: torch.Tensor):
         x0 = train_x[torch.randint(train_x.shape[0], (cfg.batch_size,), generator=g)]
         t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        with torch.autocast("cpu", torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
             out = unet(sched.add_noise(x0, noise, t), t).sample
         loss = (out.float() - noise).pow(2).flatten(1).sum(1).mean()
         opt.zero_grad(set_to_none=True)
@@ -347,7 +349,7 @@ def run(args) -> None:
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     unet, sched, sec = diffusers_baseline(args, data.train)
-    precision = base_config(args, "diffusers").precision
+    precision = resolve_precision(base_config(args, "diffusers").precision, torch.device("cpu"))
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
     bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels,
                           generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean()) if n_lik else None
@@ -401,7 +403,8 @@ def run(args) -> None:
     rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)
     cfg = base_config(args, "table")
     result = {"data": args.data, "budget": args.budget, "steps": args.steps, "batch": cfg.batch_size,
-              "precision": cfg.precision, "net_args": cfg.net_args, "n": ev.n, "threads": args.threads,
+              "precision": resolve_precision(cfg.precision, torch.device("cpu")), "net_args": cfg.net_args, "n": ev.n,
+              "threads": args.threads,
               "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "floor": ev.floor_metrics,
               "rows": rows, "conditional": cond, "total_s": time.perf_counter() - total, "figure": rel(fig),
               **({"inpainting": inp} if inp else {}), **({"conditional_figure": rel(cond_fig)} if cond_fig else {})}

@@ -65,7 +65,7 @@ def test_training_keys_and_the_ema_schedule_resolution(tmp_path):
            (dict(ema_schedule="edm", ema_decay=0.9), "ema_schedule edm is set by ema_halflife and ema_rampup"),
            (dict(ema_power=0), "ema_power must be > 0"), (dict(ema_gamma=-1), "ema_gamma must be > 0"),
            (dict(ema_halflife=0), "ema_halflife must be > 0"), (dict(ema_rampup=-0.1), "ema_rampup must be >= 0"),
-           (dict(precision="fp8"), "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+           (dict(precision="fp8"), "precision must be one of fp32, bf16, fp16, auto, got 'fp8'"),
            (dict(accumulate=0), "accumulate must be >= 1, got 0"), (dict(compile="yes"), "compile must be of type bool"),
            (dict(ema_decay="high"), "ema_decay must be of type float, got 'high'")]
     for kw, match in bad:

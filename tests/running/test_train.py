@@ -316,6 +316,27 @@ def test_low_precision_training_reaches_the_fp32_loss(tmp_path, make_cfg, kind):
         assert abs(loss[precision] - loss["fp32"]) < 0.03 * loss["fp32"], loss
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(tmp_path, make_cfg, monkeypatch, recwarn, native):
+    """precision auto: bf16 autocast on a CPU with AVX512-BF16 or AMX, plain fp32 (no autocast, no warning)
+    without them; an explicit bf16 on such a CPU trains but warns, naming the option and the remedy."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    tr = Trainer(make_cfg(name="auto", precision="auto"))
+    assert tr.precision == ("bf16" if native else "fp32")
+    assert (tr.net is tr.model) != native  # fp32: the model itself; bf16: the autocast view
+    assert not [w for w in recwarn if "natively" in str(w.message)]
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)  # AMX alone suffices too
+    assert Trainer(make_cfg(name="amx", precision="auto")).precision == ("bf16" if native else "fp32")
+    if native:
+        return
+    with pytest.warns(UserWarning, match=r"config precision bf16: this cpu \(.*no AVX512-BF16 / AMX\) does not "
+                                         r"compute in it natively.* set precision: auto or fp32"):
+        explicit = Trainer(make_cfg(name="bf16", precision="bf16"))
+    assert explicit.precision == "bf16" and explicit.net is not explicit.model  # the option is kept, not dropped
+    explicit.run(until=2)
+
+
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path, make_cfg):
     tr = Trainer(make_cfg(precision="fp16")).run(until=2)
     before = {k: v.clone() for k, v in tr.model.state_dict().items()}

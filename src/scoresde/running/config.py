@@ -19,7 +19,7 @@ from ..core.errors import InvalidValueError, MissingFileError
 from .files import atomic_write
 
 DICT_KEYS = ("sde_args", "net_args", "loss_args", "model_args")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 EMA_SCHEDULES = ("power", "edm", "constant")
 
 __all__ = ["Config", "apply_overrides", "config_from_dict", "load_config", "read_yaml", "save_config"]
@@ -104,8 +104,9 @@ class Config:
     lr_schedule: str = "constant"  # constant | cosine (decay to 0 at `steps` after warm-up)
     grad_clip: float = 1.0         # max gradient norm; 0 disables clipping
     accumulate: int = 1            # micro-batches per optimiser step (slices of one drawn batch): effective batch = accumulate x batch_size
-    precision: str = "fp32"        # fp32 | bf16 | fp16: the network's forward and backward under torch.autocast (fp16 with
-                                   # a GradScaler); weights, optimiser, EMA, SDE coefficients, losses and samplers stay fp32/fp64
+    precision: str = "fp32"        # fp32 | bf16 | fp16 | auto: the network's forward and backward under torch.autocast (fp16
+                                   # with a GradScaler); weights, optimiser, EMA, SDE coefficients, losses and samplers stay
+                                   # fp32/fp64; auto: bf16 where the device computes it natively, else fp32 (running.precision)
     compile: bool = False          # torch.compile the network for training (inductor: a C++ compiler on CPU, Triton on CUDA)
     # EMA of the weights, used for sampling: beta_n is the decay of the n-th update (learning.networks.EMA)
     ema_schedule: str | None = None  # power | edm | constant; unset: constant when ema_decay is set, else power

@@ -73,9 +73,9 @@ class ConsistencyTrainer(Trainer):
         self._target = self.ema.copy()
         self._target_step = self.step
         # teacher and target at the run's precision (bf16 on MNIST: 1.2x the steps per second of fp32, 1 thread)
-        self._target_view = training_view(self._target, self.device, cfg.precision)
+        self._target_view = training_view(self._target, self.device, self.precision)
         if isinstance(self.teacher, nn.Module):
-            self.teacher = training_view(self.teacher, self.device, cfg.precision)
+            self.teacher = training_view(self.teacher, self.device, self.precision)
 
     def _loss_setup(self) -> tuple[Callable[..., Tensor], dict[str, Any], dict[str, Any]]:
         args = dict(self.cfg.loss_args)

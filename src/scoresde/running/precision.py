@@ -7,6 +7,10 @@ to their input's dtype, and are compiled with `compile`. The parameters are the 
 optimiser, the EMA and the checkpoint hold one set of fp32 weights; the family's arithmetic around the
 networks (preconditioning, SDE coefficients, loss weights, the ELBO) runs in the input's precision, and
 so does every sampler (sampling uses the model or its EMA copy, never the view).
+
+Low precision pays only where the hardware computes in it: on a CPU without AVX512-BF16 or AMX, bf16 and fp16
+autocast are emulated (the MNIST U-Net's training step: 7.8 s in bf16 against 1.1 s in fp32 on an AVX2 Xeon, 1
+thread). `resolve_precision` turns "auto" into bf16 where it is native (`native_precision`) and fp32 elsewhere.
 """
 from __future__ import annotations
 
@@ -16,9 +20,31 @@ import sys
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AUTOCAST_DTYPES", "Autocast", "training_view", "compile_blocker"]
+__all__ = ["AUTOCAST_DTYPES", "Autocast", "training_view", "compile_blocker", "native_precision", "resolve_precision"]
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # config.PRECISIONS
+
+
+def native_precision(device: torch.device, precision: str) -> bool:
+    """Whether `device` computes in `precision` natively: fp32 anywhere; bf16 on a CUDA device that supports it
+    or a CPU with AVX512-BF16 or AMX; fp16 on CUDA or a CPU with AMX-FP16."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return cpu._is_amx_fp16_supported() if precision == "fp16" else \
+            cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision a run trains in: "auto" is bf16 where `device` computes it natively, else fp32; any other
+    value as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_precision(device, "bf16") else "fp32"
 
 
 class Autocast(nn.Module):

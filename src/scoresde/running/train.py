@@ -69,7 +69,7 @@ from .data import (
     take_batch,
 )
 from .files import append_line, atomic_write
-from .precision import compile_blocker, training_view
+from .precision import compile_blocker, native_precision, resolve_precision, training_view
 
 __all__ = ["NonFiniteLoss", "Trainer", "TrainingInterrupted", "ema_decay", "learning_rate"]
 
@@ -175,7 +175,13 @@ class Trainer:
                           f"random initialisation; train longer or lower ema_decay", stacklevel=2)
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.precision = resolve_precision(cfg.precision, self.device)  # "auto" resolved on this device
+        if not native_precision(self.device, self.precision) and self.rank == 0:
+            cpu = f" ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 / AMX)" if self.device.type == "cpu" else ""
+            warnings.warn(f"config precision {self.precision}: this {self.device.type}{cpu} does not compute in it "
+                          f"natively, so autocast is emulated and several times slower than fp32; set precision: auto "
+                          f"or fp32", stacklevel=2)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         B, lo, hi = cfg.batch_size, self.rank * cfg.batch_size // self.world, (self.rank + 1) * cfg.batch_size // self.world
         # this process's positions in the drawn batch, micro-batch after micro-batch (all of it for one process)
         self.part = slice(None) if self.world == 1 else \
@@ -203,11 +209,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             save_data_record(self.data_record, self.run_dir)
             n = sum(p.numel() for p in self.model.parameters())
-            print(f"run {self.run_dir}: {n:,} parameters, precision {cfg.precision}, batch {cfg.batch_size} x "
+            print(f"run {self.run_dir}: {n:,} parameters, precision {self.precision}, batch {cfg.batch_size} x "
                   f"accumulate {cfg.accumulate}{', compiled' if cfg.compile else ''}, EMA {cfg.ema_schedule}", flush=True)
             if self.step:
                 print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
-        self.net = training_view(self.model, self.device, cfg.precision, cfg.compile)
+        self.net = training_view(self.model, self.device, self.precision, cfg.compile)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
@@ -305,10 +311,10 @@ class Trainer:
         self.stop_signal = self._signal if self.world == 1 else \
             next((sig for sig, c in zip(STOP_SIGNALS, counts) if c > 0), None)
         if not math.isfinite(loss_f):
-            raise NonFiniteLoss(f"loss is {loss_f} at step {self.step} (precision {cfg.precision}); training "
+            raise NonFiniteLoss(f"loss is {loss_f} at step {self.step} (precision {self.precision}); training "
                                 f"stopped. {self._last_good()}")
         if not math.isfinite(norm_f) and not self.scaler.is_enabled():
-            raise NonFiniteLoss(f"gradient norm is {norm_f} at step {self.step} (precision {cfg.precision}); "
+            raise NonFiniteLoss(f"gradient norm is {norm_f} at step {self.step} (precision {self.precision}); "
                                 f"training stopped. {self._last_good()}")
         if 0 < cfg.grad_clip < norm_f:
             nn.utils.clip_grads_with_norm_(self.params, cfg.grad_clip, norm)
