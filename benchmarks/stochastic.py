@@ -10,8 +10,10 @@ ancestral, DPM-SDE, DDPM, DDIM eta = 1, KDPM2 ancestral) at their defaults and t
 Held-out protocol: `choose` runs every configuration on the choice set (ring and mix16 =
 random_mixture(16, 8, seed=0), sample seed 0, n = --n-choose) and picks, per NFE, each method's knob and the
 best scoresde and best diffusers configuration; `exact` re-runs the defaults and the picks on fresh
-samples (seed 1, n = --n) of ring and mix16 and of mix16b = random_mixture(16, 8, seed=1), a target no choice
-saw. The goal compares the two picks made on the choice set.
+samples (seed 1, n = --n) of ring and mix16 and of the held-out HELD_OUT targets (mix16b = random_mixture(16, 8,
+seed=1), mix16c = random_mixture(16, 8, seed=7), added after mix16b had been analysed), targets no choice saw. The
+goal compares the two picks made on the choice set. The automatic-schedule knobs run only where the library offers
+`schedule="auto"` (nfe <= AUTO_MAX_NFE).
 (b) Learned score (stage `learned`): the digits VP model of benchmarks/imaging.py (its bench budget, cached in
 runs/stochastic_digits/VP), FID-style distance and KID (+- se) on the digits features, NFE 10-200; the best
 stochastic and deterministic method per NFE chosen on sample seed 10, reported on seed 11; EDM churn sweep.
@@ -19,7 +21,7 @@ stochastic and deterministic method per NFE chosen on sample seed 10, reported o
 
     python -m benchmarks stochastic --stage choose     # then --stage exact, --stage learned, --stage overhead
 Outputs in benchmarks/results/stochastic/: stochastic_{choose,exact,learned,overhead}.json,
-stochastic_report.md, stochastic_{ring,mix16,mix16b}.png, stochastic_learned.png.
+stochastic_report.md, stochastic_{ring,mix16,mix16b,mix16c}.png, stochastic_learned.png.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
 from scoresde.evaluation.features import kid
 from scoresde.sampling.methods import METHODS
-from scoresde.sampling.schedule import auto_schedule, search_options
+from scoresde.sampling.schedule import AUTO_MAX_NFE, auto_schedule, search_options
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -47,7 +49,8 @@ NAME = "stochastic"
 NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
 REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
-REPORT_TARGETS = ("ring", "mix16", "mix16b")
+HELD_OUT = {"mix16b": 1, "mix16c": 7}  # random_mixture(16, 8, seed) that no choice saw
+REPORT_TARGETS = ("ring", "mix16", *HELD_OUT)
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
@@ -72,7 +75,7 @@ KNOBS = {
                 ("S_noise=1.003", {"S_noise": 1.003}), ("band=0.05-50", {"S_tmin": 0.05, "S_tmax": 50.0})],
     # tau_band (0.7, 25): sigma/alpha of diffusers' timesteps 200 and 800, SA-Solver's default tau interval
     # auto: the automatic schedule (sampling.schedule.auto_schedule: that of tau = 0, searched from the score alone;
-    # nfe <= AUTO_NFE), its search's score evaluations recorded beside the row
+    # nfe <= AUTO_MAX_NFE, as the library's schedule="auto"), its search's score evaluations recorded beside the row
     "sa3": [("tau=0.5", {"tau": 0.5}), ("tau=0.25", {"tau": 0.25}), ("band=0.7-25", {"tau_band": (0.7, 25.0)}),
             ("auto", {"auto": True}), ("auto tau=0.5", {"auto": True, "tau": 0.5}),
             ("auto tau=0.25", {"auto": True, "tau": 0.25})],
@@ -195,15 +198,20 @@ def counted(fn):
     return wrapped, calls
 
 
-AUTO_NFE = 20  # the auto knobs run at nfe <= this (the search's cost grows with nfe)
 _AUTO: dict = {}  # automatic schedules of the current target (evaluate clears it)
 
 
+def offered(config: str, nfe: int) -> bool:
+    """Whether the library offers `config` at `nfe`: an automatic-schedule knob only at nfe <= AUTO_MAX_NFE, where
+    `schedule="auto"` applies (rows saved before this rule are not candidates)."""
+    return nfe <= AUTO_MAX_NFE or not config.split("/")[-1].startswith("auto")
+
+
 def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
-    """sampling.schedule.auto_schedule (as cached_schedule, but also above its AUTO_MAX_NFE = 10, up to AUTO_NFE),
-    once per method, nfe and search options (sa3 at any tau shares one) on the current target."""
-    if nfe > AUTO_NFE:
-        raise ValueError(f"auto: not run above NFE {AUTO_NFE} here (the search's cost)")
+    """sampling.schedule.auto_schedule (as cached_schedule, which keys on the score object), once per method, nfe
+    and search options (sa3 at any tau shares one) on the current target."""
+    if nfe > AUTO_MAX_NFE:
+        raise ValueError(f"auto: the library offers schedule='auto' at nfe <= {AUTO_MAX_NFE}")
     key = (method, nfe, repr(sorted(search_options(method, options).items())))
     if key not in _AUTO:
         _AUTO[key] = auto_schedule(sde, score_fn, shape, method=method, nfe=nfe, dtype=dtype, **options)
@@ -231,8 +239,8 @@ def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
 # ---- exact-score targets --------------------------------------------------------------------------------
 
 def target_of(name):
-    if name == "mix16b":
-        t = random_mixture(16, 8, seed=1)
+    if name in HELD_OUT:
+        t = random_mixture(16, 8, seed=HELD_OUT[name])
         return t, MixtureScore(t)
     return setup(name)
 
@@ -287,7 +295,8 @@ def tied(rows, nfe, factor=REFINE_FACTOR):
     out = set()
     for fam in ("scoresde", "diffusers"):
         scores = {c: choice_score(rows, c, nfe) for c in {r["config"] for r in rows if r["nfe"] == nfe
-                                                          and r.get("member", "").startswith(fam)}}
+                                                          and r.get("member", "").startswith(fam)
+                                                          and offered(r["config"], nfe)}}
         best = min((v for v in scores.values() if math.isfinite(v)), default=math.inf)
         out |= {c for c, v in scores.items() if v <= factor * best}
     return out
@@ -307,7 +316,8 @@ def choose(rows, nfes, refined=()):
         cell, scored_on = {}, {}
         for m in members:
             rs = more if any(r.get("member") == m for r in more) else rows
-            cands = sorted({r["config"] for r in rs if r.get("member") == m and r["nfe"] == nfe})
+            cands = sorted({r["config"] for r in rs if r.get("member") == m and r["nfe"] == nfe
+                            and offered(r["config"], nfe)})
             scored = [s for s in (key(rs, c) for c in cands) if math.isfinite(s[0])]
             if scored:
                 cell[m], scored_on[m] = min(scored)[2], rs
@@ -490,7 +500,7 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
     lines = ["## (a) exact scores\n"]
     if exact_rows:
         lines.append("Picks made on the choice set (ring, mix16; sample seed 0), reported on fresh samples (seed 1) "
-                     "and on mix16b (never seen by a choice). ratio = |MMD^2| of the scoresde pick / the diffusers "
+                     "and on mix16b, mix16c (never seen by a choice). ratio = |MMD^2| of the scoresde pick / the diffusers "
                      "pick; 'floor': both below 2 null sd.\n")
         for t in REPORT_TARGETS:
             trows = [r for r in exact_rows if r["target"] == t]

@@ -116,7 +116,7 @@ def test_stochastic_quick_runs_every_stage(tmp_path):
     for stage in ("choose", "refine", "exact", "confirm", "learned", "overhead"):
         check_environment(json.loads((folder / f"stochastic_{stage}.json").read_text())["environment"])
     exact = common.read_json(folder / "stochastic_exact.json")
-    assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b"}
+    assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b", "mix16c"}
     assert exact["picks"]["10"]["best"]["scoresde"].startswith("scoresde/")
     assert any(r["kind"] == "stochastic" and "kid" in r for r in common.read_json(folder / "stochastic_learned.json")["rows"])
     assert "## (a) exact scores" in (folder / "stochastic_report.md").read_text()
