@@ -9,7 +9,7 @@ networks (preconditioning, SDE coefficients, loss weights, the ELBO) runs in the
 so does every sampler (sampling uses the model or its EMA copy, never the view).
 
 Low precision pays only where the hardware computes in it: on a CPU without AVX512-BF16 or AMX, bf16 and fp16
-autocast are emulated (the MNIST U-Net's training step: 7.8 s in bf16 against 1.1 s in fp32 on an AVX2 Xeon, 1
+autocast are emulated (the MNIST U-Net's training step: 7.8 s in bf16 against 1.1 s in fp32 on an AVX2 AMD EPYC, 1
 thread). `resolve_precision` turns "auto" into bf16 where it is native (`native_precision`) and fp32 elsewhere.
 """
 from __future__ import annotations
