@@ -214,7 +214,8 @@ def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
         raise ValueError(f"auto: the library offers schedule='auto' at nfe <= {AUTO_MAX_NFE}")
     key = (method, nfe, repr(sorted(search_options(method, options).items())))
     if key not in _AUTO:
-        _AUTO[key] = auto_schedule(sde, score_fn, shape, method=method, nfe=nfe, dtype=dtype, **options)
+        small = dict(n_probe=64, max_iter=4) if common.quick() else {}  # --quick: a smoke-sized search
+        _AUTO[key] = auto_schedule(sde, score_fn, shape, method=method, nfe=nfe, dtype=dtype, **small, **options)
     return _AUTO[key]
 
 
