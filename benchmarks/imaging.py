@@ -118,6 +118,11 @@ def base_config(args, name: str, **kw) -> Config:
     return Config(**cfg)
 
 
+def run_precision(args) -> str:
+    """The precision the runs train in here: the config's, "auto" resolved on the CPU as the Trainer does."""
+    return resolve_precision(base_config(args, "precision").precision, torch.device("cpu"))
+
+
 def dataset(args):
     """The data of the runs: None lets the Trainer load the config's (digits); MNIST is passed in."""
     return load_dataset("mnist") if getattr(args, "data", "digits") == "mnist" else None
@@ -159,7 +164,7 @@ def diffusers_baseline(args, train_x: torch.Tensor):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
     g = torch.Generator().manual_seed(0)
-    precision = resolve_precision(cfg.precision, torch.device("cpu"))  # the scoresde runs' (Trainer)
+    precision = run_precision(args)
     print(f"diffusers UNet2DModel: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
           flush=True)
     tic = time.perf_counter()
@@ -349,7 +354,7 @@ def run(args) -> None:
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 
     unet, sched, sec = diffusers_baseline(args, data.train)
-    precision = resolve_precision(base_config(args, "diffusers").precision, torch.device("cpu"))
+    precision = run_precision(args)
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
     bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels,
                           generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean()) if n_lik else None
@@ -403,8 +408,7 @@ def run(args) -> None:
     rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)
     cfg = base_config(args, "table")
     result = {"data": args.data, "budget": args.budget, "steps": args.steps, "batch": cfg.batch_size,
-              "precision": resolve_precision(cfg.precision, torch.device("cpu")), "net_args": cfg.net_args, "n": ev.n,
-              "threads": args.threads,
+              "precision": precision, "net_args": cfg.net_args, "n": ev.n, "threads": args.threads,
               "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "floor": ev.floor_metrics,
               "rows": rows, "conditional": cond, "total_s": time.perf_counter() - total, "figure": rel(fig),
               **({"inpainting": inp} if inp else {}), **({"conditional_figure": rel(cond_fig)} if cond_fig else {})}
