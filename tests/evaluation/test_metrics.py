@@ -14,6 +14,7 @@ from scoresde.evaluation.metrics import (
     frechet_distance,
     kl_gaussian,
     mmd2,
+    mmd2_fourier,
     sliced_w2,
     tv,
     tv_grid,
@@ -110,6 +111,46 @@ def test_mmd2_closed_form_matches_sample_target(gen):
     sampled = mmd2(x, target.sample(3000, gen), bandwidths=[0.7, 2.0])
     assert exact.value == pytest.approx(sampled.value, abs=4 * sampled.stderr)
     assert exact.value > 4 * exact.stderr
+
+
+def _mixture_pair_kernel_mean(p: GaussianMixture, q: GaussianMixture, h: float) -> float:
+    """E exp(-|y - z|^2 / 2h^2) for independent y ~ p, z ~ q: the Gaussian integral
+    sum_kj w_k v_j (2 pi h^2)^{d/2} N(mu_k - nu_j; 0, S_k + T_j + h^2 I), by scipy."""
+    from scipy.stats import multivariate_normal
+    d, total = p.dim, 0.0
+    for wk, mk, Sk in zip(p.weights, p.means, p.covariances):
+        for vj, nj, Tj in zip(q.weights, q.means, q.covariances):
+            cov = (Sk + Tj).numpy() + h**2 * np.eye(d)
+            total += float(wk * vj) * (2 * math.pi * h**2) ** (d / 2) * multivariate_normal(np.zeros(d), cov).pdf(
+                (mk - nj).numpy())
+    return total
+
+
+def test_mmd2_fourier_matches_the_closed_form_between_two_mixtures(gen):
+    p = GaussianMixture(torch.tensor([0.3, 0.7], dtype=torch.float64),
+                        torch.tensor([[0.0, 1.0, 0.5], [1.0, -1.0, 0.0]], dtype=torch.float64),
+                        torch.stack([torch.eye(3) * 0.5, torch.diag(torch.tensor([1.0, 0.4, 0.2]))]).double())
+    q = GaussianMixture(p.weights.flip(0), p.means * 1.1 + 0.05, p.covariances * 0.9)
+    h = [0.8, 2.0]
+    truth = sum(_mixture_pair_kernel_mean(p, p, b) + _mixture_pair_kernel_mean(q, q, b)
+                - 2 * _mixture_pair_kernel_mean(p, q, b) for b in h)
+    e = mmd2_fourier(q.sample(20000, gen), p, bandwidths=h, generator=gen)
+    assert e.value == pytest.approx(truth, abs=4 * e.stderr)
+    assert truth > 20 * e.stderr
+    x = q.sample(1500, gen)  # the same statistic as the pairwise U-statistic, up to the frequency noise
+    assert mmd2_fourier(x, p, h, generator=gen).value == pytest.approx(mmd2(x, p, h).value, rel=0.1)
+
+
+def test_mmd2_fourier_scores_zero_for_an_exact_sampler_with_a_calibrated_stderr():
+    target, gen, reps = ring(), torch.Generator().manual_seed(1), 40
+    est = [mmd2_fourier(target.sample(2000, gen), target, n_frequencies=256, generator=gen) for _ in range(reps)]
+    values, se = np.array([e.value for e in est]), np.array([e.stderr for e in est])
+    assert abs(values.mean()) < 4 * values.std(ddof=1) / math.sqrt(reps)
+    assert 0.7 < np.median(se) / values.std(ddof=1) < 1.5
+    with pytest.raises(ValueError, match="target must be a GaussianMixture"):
+        mmd2_fourier(values[:, None], np.zeros((10, 1)))
+    with pytest.raises(ValueError, match="n_frequencies"):
+        mmd2_fourier(target.sample(10, gen), target, n_frequencies=1)
 
 
 def _tv_1d_gauss(m1, s1, m2, s2):
