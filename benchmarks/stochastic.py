@@ -36,10 +36,11 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, run_ours, setup, value
+from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, bandwidths, run_ours, setup, value
 from scoresde.core.sde import VP
 from scoresde.core.targets import random_mixture
 from scoresde.evaluation.features import kid
+from scoresde.evaluation.metrics import mmd2_fourier
 from scoresde.sampling.methods import METHODS
 from scoresde.sampling.schedule import AUTO_MAX_NFE, auto_schedule, search_options
 
@@ -49,7 +50,8 @@ NAME = "stochastic"
 NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
 REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
-HELD_OUT = {"mix16b": 1, "mix16c": 7}  # random_mixture(16, 8, seed) that no choice saw
+HELD_OUT = {"mix16b": 1, "mix16c": 7}
+CONFIRM_FILES = {False: "stochastic_confirm.json", True: "stochastic_confirm_precise.json"}  # random_mixture(16, 8, seed) that no choice saw
 REPORT_TARGETS = ("ring", "mix16", *HELD_OUT)
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
@@ -246,11 +248,46 @@ def target_of(name):
     return setup(name)
 
 
-def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4):
+class FourierScorer:
+    """Scorer's columns for n in the 10^5s: both MMD^2 columns by metrics.mmd2_fourier, each with its standard error
+    (`<metric>_se`), on one draw of frequencies per target (seed `freqs`) that every configuration shares. The null row
+    is one exact sample; its standard error stands for the null sd."""
+
+    def __init__(self, target, n, gen, freqs=0):
+        self.target, self.h, self.freqs = target, bandwidths(target), freqs
+        self.ref_logp = float(target.log_prob(target.sample(200000, gen)).mean())
+        null = self.mmd(target.sample(n, gen))
+        self.null = {k: (null[k], null[f"{k}_se"]) for k in ("mmd2", "mmd2_fine")}
+
+    def mmd(self, x):
+        out = {}
+        for k, h in (("mmd2", self.h[:3]), ("mmd2_fine", self.h[3:])):
+            e = mmd2_fourier(x, self.target, h, generator=torch.Generator().manual_seed(self.freqs))
+            out[k], out[f"{k}_se"] = e.value, e.stderr
+        return out
+
+    def __call__(self, x):
+        if x is None or not torch.isfinite(x).all():
+            return {"gap": float("nan"), "mmd2": float("nan"), "mmd2_fine": float("nan")}
+        return {"gap": float(self.target.log_prob(x).mean()) - self.ref_logp, **self.mmd(x)}
+
+
+def same_law(kind, spec):
+    """`spec` with noise="brownian" replaced by the default i.i.d. noise: the increments of one Brownian path over
+    disjoint steps are independent N(0, 1) draws, so the sampler's law is the same, at a fraction of the cost
+    (the Brownian tree draws ~30 bridge values of the state's size per step)."""
+    if kind != "ours" or spec[1].get("noise") != "brownian":
+        return spec
+    return spec[0], {k: v for k, v in spec[1].items() if k != "noise"}
+
+
+def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4, precise=False):
+    """Every configuration (or the `wanted` (config, nfe) pairs) on target `tname`: n samples of sample seed `seed`.
+    precise: FourierScorer instead of the pairwise Scorer, and Brownian noise by its i.i.d. twin (`same_law`)."""
     sde = VP()
     target, sc = target_of(tname)
     gen = torch.Generator().manual_seed(seed)
-    scorer = Scorer(target, n, gen, null_repeats=null_repeats)
+    scorer = FourierScorer(target, n, gen) if precise else Scorer(target, n, gen, null_repeats=null_repeats)
     rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
              **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}]
     print(json.dumps(rows[0]), flush=True)
@@ -263,7 +300,8 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4):
             if (wanted is not None and (name, nfe) not in wanted) or name in refused:
                 continue
             t0 = time.perf_counter()
-            x, used, err, search = run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen)
+            x, used, err, search = run_config(kind, same_law(kind, spec) if precise else spec, sde, score_fn, eps,
+                                              x_T, nfe, gen)
             if err and ("unexpected keyword" in err or "must be one of" in err):
                 refused.add(name)
             row = {"target": tname, "config": name, "member": member, "nfe": nfe, "used": used, "n": n,
@@ -573,19 +611,26 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             axes[0].legend(fontsize=6, ncol=2)
             fig.tight_layout()
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
-    confirm = out_file("stochastic_confirm.json")
-    if confirm:
+    def stats(rows, metric):  # mean over the seeds +- its standard error (pooled from each estimate's own where given)
+        v = np.array([value(r, metric) for r in rows])
+        if f"{metric}_se" in rows[0]:
+            return v.mean(), math.sqrt(sum(r[f"{metric}_se"] ** 2 for r in rows)) / len(v)
+        return v.mean(), (v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
+
+    for precise, file in CONFIRM_FILES.items():
+        confirm = out_file(file)
+        if not confirm:
+            continue
         seeds = sorted({r.get("seed", 2) for r in confirm["rows"]})
-        lines.append(f"\nconfirm: the two picks again on fresh samples (seeds {', '.join(map(str, seeds))}): MMD^2 "
-                     "mean +- standard error over the seeds, ratio of the means; 'floor': both means below 2 null sd "
-                     "(of one seed's estimate)\n")
+        lines.append(f"\nconfirm{' (precise)' if precise else ''}: the two picks again on fresh samples (seeds "
+                     f"{', '.join(map(str, seeds))}): MMD^2 mean +- standard error over the seeds, ratio of the means; "
+                     "'floor': both means below 2 null sd (of one seed's estimate)"
+                     + ("; metrics.mmd2_fourier, standard errors pooled from each estimate's own, null sd = the "
+                        "standard error of one exact sample" if precise else "") + "\n")
         lines.append("| target | n | null sd MMD^2 / fine | NFE | scoresde pick | MMD^2 | fine | diffusers pick | MMD^2 | fine "
                      "| ratio MMD^2 | ratio fine |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
-        def stats(rows, metric):
-            v = np.array([value(r, metric) for r in rows])
-            return v.mean(), (v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
 
         for t in REPORT_TARGETS:
             trows = [r for r in confirm["rows"] if r["target"] == t]
@@ -718,6 +763,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--confirm-nfes", type=int, nargs="+", default=[10, 20, 50])
     ap.add_argument("--confirm-seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6],
                     help="confirm: sample seeds (the report gives the mean over them +- its standard error)")
+    ap.add_argument("--precise", action="store_true",
+                    help="confirm: score by metrics.mmd2_fourier (use n in the 10^5s, e.g. --n-confirm 200000), "
+                         "Brownian noise by its i.i.d. twin; results in stochastic_confirm_precise.json")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -766,8 +814,9 @@ def run(args):
         picks = saved_picks(files, args.confirm_nfes)
         wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
         rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
-                for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1)]
-        path = out / "stochastic_confirm.json"
+                for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1,
+                                  precise=args.precise)]
+        path = out / CONFIRM_FILES[args.precise]
         rows = keep_other_nfes(path, rows, args.confirm_nfes)  # their picks are re-derived with the same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
         common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)

@@ -121,3 +121,8 @@ def test_stochastic_quick_runs_every_stage(tmp_path):
     assert any(r["kind"] == "stochastic" and "kid" in r for r in common.read_json(folder / "stochastic_learned.json")["rows"])
     assert "## (a) exact scores" in (folder / "stochastic_report.md").read_text()
     assert (folder / "stochastic_ring.png").exists() and (folder / "stochastic_learned.png").exists()
+    res = harness("stochastic", "--quick", "--stage", "confirm", "--precise", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    precise = common.read_json(folder / "stochastic_confirm_precise.json")["rows"]
+    assert all("mmd2_se" in r for r in precise if r["nfe"]) and {r["target"] for r in precise} == {"ring", "mix16", "mix16b", "mix16c"}
+    assert "confirm (precise)" in (folder / "stochastic_report.md").read_text()
