@@ -121,8 +121,15 @@ def test_stochastic_quick_runs_every_stage(tmp_path):
     assert any(r["kind"] == "stochastic" and "kid" in r for r in common.read_json(folder / "stochastic_learned.json")["rows"])
     assert "## (a) exact scores" in (folder / "stochastic_report.md").read_text()
     assert (folder / "stochastic_ring.png").exists() and (folder / "stochastic_learned.png").exists()
-    res = harness("stochastic", "--quick", "--stage", "confirm", "--precise", "--out", str(tmp_path))
-    assert res.returncode == 0, res.stderr[-3000:]
-    precise = common.read_json(folder / "stochastic_confirm_precise.json")["rows"]
-    assert all("mmd2_se" in r for r in precise if r["nfe"]) and {r["target"] for r in precise} == {"ring", "mix16", "mix16b", "mix16c"}
-    assert "confirm (precise)" in (folder / "stochastic_report.md").read_text()
+
+
+def test_stochastic_precise_scoring_runs_brownian_noise_as_its_iid_twin():
+    """confirm --precise: each MMD^2 with its standard error (metrics.mmd2_fourier), Brownian noise run i.i.d."""
+    from benchmarks import stochastic
+
+    assert stochastic.same_law("ours", ("sa3", {"noise": "brownian", "tau": 0.5})) == ("sa3", {"tau": 0.5})
+    wanted = {("scoresde/sa3/noise=brownian", 10), ("diffusers/SA-Solver/trailing", 10)}
+    rows = stochastic.evaluate("ring", 400, [10], seed=2, wanted=wanted, precise=True)
+    assert {r["config"] for r in rows if r["nfe"]} == {c for c, _ in wanted}
+    assert all(r["error"] is None and r["mmd2_se"] > 0 and r["mmd2_fine_se"] > 0 for r in rows if r["nfe"])
+    assert rows[0]["mmd2_sd"] > 0  # the null row: one exact sample's standard error
