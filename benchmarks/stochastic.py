@@ -771,7 +771,7 @@ def add_arguments(ap) -> None:
 
 
 def run_tag(args) -> str:
-    tag = "" if args.stage == "all" else args.stage
+    tag = ("" if args.stage == "all" else args.stage) + ("-precise" if args.precise else "")
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 

@@ -75,10 +75,11 @@ def feature_net(data: str = "digits", cache: str | Path = "runs/features", pad_t
     x, y, tr, te = split(pad_to, g)
     model = train_classifier(x[tr], y[tr], generator=g, **net_args, **train_args)
     acc = accuracy(model, x[te], y[te])
-    atomic_write(path, save(model.state_dict()))
+    # the .json first: a reader that finds the weights (another process training the same net) finds both
     atomic_write(meta_path, json.dumps({"data": data, "held_out_accuracy": acc, "n_train": len(tr),
                                         "n_held_out": len(te), "seed": seed, "classifier": net_args,
                                         "training": train_args}).encode())
+    atomic_write(path, save(model.state_dict()))
     return model, acc
 
 
