@@ -66,6 +66,7 @@ bench-stochastic: $(STAMP)
 	$(HEAVY) -m benchmarks stochastic --stage refine --nfes 10 20 50 $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage exact $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage confirm $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks stochastic --stage confirm --precise --confirm-seeds 2 3 $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage learned $(BENCH_ARGS)
 	$(HEAVY) -m benchmarks stochastic --stage overhead $(BENCH_ARGS)
 

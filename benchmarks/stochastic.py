@@ -20,6 +20,8 @@ stochastic and deterministic method per NFE chosen on sample seed 10, reported o
 (c) Per-evaluation overhead (stage `overhead`) with a free score model, each method against its diffusers twin.
 
     python -m benchmarks stochastic --stage choose     # then --stage exact, --stage learned, --stage overhead
+`confirm --precise` re-scores the two picks at n in the 10^5s with metrics.mmd2_fourier (O(n) in place of the
+pairwise O(n^2)), where n = 20000 leaves both picks within the null spread.
 Outputs in benchmarks/results/stochastic/: stochastic_{choose,exact,learned,overhead}.json,
 stochastic_report.md, stochastic_{ring,mix16,mix16b,mix16c}.png, stochastic_learned.png.
 """
@@ -58,8 +60,8 @@ LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
 CHURN = (0.0, 10.0, 40.0, 80.0)
 QUICK = dict(n_choose=200, n_refine=400, n=300, nfes=[10], learned_nfes=[10], n_learned_choose=40, n_learned=60,
-             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, confirm_nfes=[10],
-             confirm_seeds=[2])
+             churn_nfes=[20], overhead_steps=4, overhead_repeats=1, train_steps=20, n_confirm=300, n_precise=300,
+             confirm_nfes=[10], confirm_seeds=[2])
 
 # ---- configurations -------------------------------------------------------------------------------------
 
@@ -371,6 +373,8 @@ def choose(rows, nfes, refined=()):
 
 def saved_picks(files, nfes):
     """`choose` on the saved choice rows and, where stage `refine` ran, its rows."""
+    if not files["choose"].exists():
+        raise SystemExit(f"stochastic: {files['choose']} is missing: run --stage choose (same --out) first")
     refined = common.read_json(files["refine"])["rows"] if files["refine"].exists() else ()
     return choose(common.read_json(files["choose"])["rows"], nfes, refined)
 
@@ -764,8 +768,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--confirm-seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6],
                     help="confirm: sample seeds (the report gives the mean over them +- its standard error)")
     ap.add_argument("--precise", action="store_true",
-                    help="confirm: score by metrics.mmd2_fourier (use n in the 10^5s, e.g. --n-confirm 200000), "
-                         "Brownian noise by its i.i.d. twin; results in stochastic_confirm_precise.json")
+                    help="confirm: score by metrics.mmd2_fourier at --n-precise samples, Brownian noise by its i.i.d. "
+                         "twin; results in stochastic_confirm_precise.json")
+    ap.add_argument("--n-precise", type=int, default=200000, help="confirm --precise: samples per pick and seed")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -814,8 +819,8 @@ def run(args):
         picks = saved_picks(files, args.confirm_nfes)
         wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
         rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
-                for r in evaluate(t, args.n_confirm, args.confirm_nfes, seed, wanted, null_repeats=4 if k == 0 else 1,
-                                  precise=args.precise)]
+                for r in evaluate(t, args.n_precise if args.precise else args.n_confirm, args.confirm_nfes, seed, wanted,
+                                  null_repeats=4 if k == 0 else 1, precise=args.precise)]
         path = out / CONFIRM_FILES[args.precise]
         rows = keep_other_nfes(path, rows, args.confirm_nfes)  # their picks are re-derived with the same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
