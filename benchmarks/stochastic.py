@@ -52,8 +52,8 @@ NAME = "stochastic"
 NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
 REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
-HELD_OUT = {"mix16b": 1, "mix16c": 7}
-CONFIRM_FILES = {False: "stochastic_confirm.json", True: "stochastic_confirm_precise.json"}  # random_mixture(16, 8, seed) that no choice saw
+HELD_OUT = {"mix16b": 1, "mix16c": 7}  # random_mixture(16, 8, seed) that no choice saw
+CONFIRM_FILES = {False: "stochastic_confirm.json", True: "stochastic_confirm_precise.json"}  # by the `precise` flag
 REPORT_TARGETS = ("ring", "mix16", *HELD_OUT)
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
@@ -277,7 +277,7 @@ class FourierScorer:
 def same_law(kind, spec):
     """`spec` with noise="brownian" replaced by the default i.i.d. noise: the increments of one Brownian path over
     disjoint steps are independent N(0, 1) draws, so the sampler's law is the same, at a fraction of the cost
-    (the Brownian tree draws ~30 bridge values of the state's size per step)."""
+    (torchsde's Brownian tree draws about 85 bridge values of the state's size per step)."""
     if kind != "ours" or spec[1].get("noise") != "brownian":
         return spec
     return spec[0], {k: v for k, v in spec[1].items() if k != "noise"}
@@ -615,6 +615,7 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             axes[0].legend(fontsize=6, ncol=2)
             fig.tight_layout()
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
+
     def stats(rows, metric):  # mean over the seeds +- its standard error (pooled from each estimate's own where given)
         v = np.array([value(r, metric) for r in rows])
         if f"{metric}_se" in rows[0]:
@@ -634,8 +635,6 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
         lines.append("| target | n | null sd MMD^2 / fine | NFE | scoresde pick | MMD^2 | fine | diffusers pick | MMD^2 | fine "
                      "| ratio MMD^2 | ratio fine |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-
-
         for t in REPORT_TARGETS:
             trows = [r for r in confirm["rows"] if r["target"] == t]
             null = [r for r in trows if r["nfe"] == 0]
