@@ -20,8 +20,10 @@ stochastic and deterministic method per NFE chosen on sample seed 10, reported o
 (c) Per-evaluation overhead (stage `overhead`) with a free score model, each method against its diffusers twin.
 
     python -m benchmarks stochastic --stage choose     # then --stage exact, --stage learned, --stage overhead
-`confirm --precise` re-scores the two picks at n in the 10^5s with metrics.mmd2_fourier (O(n) in place of the
-pairwise O(n^2)), where n = 20000 leaves both picks within the null spread.
+`refine` re-runs the configurations tied on the choice set with more samples (same targets and seed);
+`refine --precise` re-runs those still tied at n in the 10^5s, scored by metrics.mmd2_fourier (O(n) in place of
+the pairwise O(n^2)); `confirm --precise` re-scores the two picks that way on fresh seeds, where n = 20000 leaves
+both within the null spread.
 Outputs in benchmarks/results/stochastic/: stochastic_{choose,exact,learned,overhead}.json,
 stochastic_report.md, stochastic_{ring,mix16,mix16b,mix16c}.png, stochastic_learned.png.
 """
@@ -169,6 +171,22 @@ def keep_other_nfes(path, rows, nfes):
     return [r for r in common.read_json(path)["rows"] if r["nfe"] not in (0, *nfes)] + rows
 
 
+def seed_n(row) -> tuple[int, int]:
+    """A confirm row's sample seed and size: its null row is the one with the same pair."""
+    return row.get("seed", 2), row["n"]
+
+
+def keep_other_seeds(path, rows, nfes, seeds):
+    """confirm: the saved rows of other (NFE, seed) pairs stay beside the new ones, each null row while a row of
+    its (seed, n) does, so seeds run at different sample sizes pool in one file."""
+    if not path.exists():
+        return rows
+    old = [r for r in common.read_json(path)["rows"] if r["nfe"] == 0 or not (r["nfe"] in nfes
+                                                                                and r.get("seed", 2) in seeds)]
+    live = {seed_n(r) for r in old if r["nfe"]} - {seed_n(r) for r in rows if r["nfe"] == 0}
+    return [r for r in old if r["nfe"] or seed_n(r) in live] + rows
+
+
 def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
     """Drive a stochastic diffusers scheduler at the largest step count whose model calls fit `nfe`, its noise
     from `gen`; returns (x, model calls)."""
@@ -314,8 +332,9 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4, precise=False):
     return rows
 
 
-def null_sd(rows, tname, metric="mmd2"):
-    null = [r for r in rows if r["target"] == tname and r["nfe"] == 0][0]
+def null_sd(rows, tname, metric="mmd2", n=None):
+    """The null sd on target `tname` (of the null row of sample size `n` where given: rows of two sizes may mix)."""
+    null = [r for r in rows if r["target"] == tname and r["nfe"] == 0 and n in (None, r["n"])][0]
     return null[f"{metric}_sd"] if metric != "abs_gap" else 0.0
 
 
@@ -326,7 +345,7 @@ def choice_score(rows, config, nfe, metric="mmd2"):
         r = [r for r in rows if r["target"] == t and r["config"] == config and r["nfe"] == nfe]
         if not r:
             return float("inf")
-        vals.append(max(value(r[0], metric), null_sd(rows, t, metric), 1e-12))
+        vals.append(max(value(r[0], metric), null_sd(rows, t, metric, r[0]["n"]), 1e-12))
     return float(np.exp(np.mean(np.log(vals))))
 
 
@@ -367,16 +386,25 @@ def choose(rows, nfes, refined=()):
             mine = [m for m in cell if m.startswith(fam)]
             pool = [m for m in mine if scored_on[m] is more] or mine
             best[fam] = min((key(scored_on[m], cell[m]) for m in pool), default=(0, 0, None))[2]
-        picks[str(nfe)] = {"member": cell, "best": best, **({"refined_n": more[0]["n"]} if more else {})}
+        picks[str(nfe)] = {"member": cell, "best": best, **({"refined_n": next(r["n"] for r in more if r["nfe"])} if more else {})}
     return picks
 
 
+def refined_rows(files) -> list[dict]:
+    """The rows of stage `refine` and, at the NFEs where `refine --precise` ran, its rows in their place."""
+    rows = common.read_json(files["refine"])["rows"] if files["refine"].exists() else []
+    if files["refine_precise"].exists():
+        precise = common.read_json(files["refine_precise"])["rows"]
+        done = {r["nfe"] for r in precise if r["nfe"]}
+        rows = [r for r in rows if r["nfe"] not in done] + precise
+    return rows
+
+
 def saved_picks(files, nfes):
-    """`choose` on the saved choice rows and, where stage `refine` ran, its rows."""
+    """`choose` on the saved choice rows and, where stage `refine` ran, its rows (`refined_rows`)."""
     if not files["choose"].exists():
         raise SystemExit(f"stochastic: {files['choose']} is missing: run --stage choose (same --out) first")
-    refined = common.read_json(files["refine"])["rows"] if files["refine"].exists() else ()
-    return choose(common.read_json(files["choose"])["rows"], nfes, refined)
+    return choose(common.read_json(files["choose"])["rows"], nfes, refined_rows(files))
 
 
 def default_of(member):
@@ -616,10 +644,13 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
             fig.tight_layout()
             common.save_figure(fig, NAME, f"stochastic_{t}.png")
 
-    def stats(rows, metric):  # mean over the seeds +- its standard error (pooled from each estimate's own where given)
+    def stats(rows, metric):
+        """Mean over the seeds +- its standard error; where each estimate carries its own, the inverse-variance
+        weighted mean (seeds of different sample sizes pool) and its standard error."""
         v = np.array([value(r, metric) for r in rows])
         if f"{metric}_se" in rows[0]:
-            return v.mean(), math.sqrt(sum(r[f"{metric}_se"] ** 2 for r in rows)) / len(v)
+            w = np.array([r[f"{metric}_se"] ** -2 for r in rows])
+            return float((w * v).sum() / w.sum()), float(w.sum() ** -0.5)
         return v.mean(), (v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else float("nan"))
 
     for precise, file in CONFIRM_FILES.items():
@@ -629,30 +660,39 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
         seeds = sorted({r.get("seed", 2) for r in confirm["rows"]})
         lines.append(f"\nconfirm{' (precise)' if precise else ''}: the two picks again on fresh samples (seeds "
                      f"{', '.join(map(str, seeds))}): MMD^2 mean +- standard error over the seeds, ratio of the means; "
-                     "'floor': both means below 2 null sd (of one seed's estimate)"
-                     + ("; metrics.mmd2_fourier, standard errors pooled from each estimate's own, null sd = the "
-                        "standard error of one exact sample" if precise else "") + "\n")
+                     + ("metrics.mmd2_fourier; the mean weighted by each estimate's inverse variance (seeds of several "
+                        "sample sizes pool), null sd = the standard error of one exact sample per seed, pooled the same "
+                        "way; 'floor': both means below 2 pooled null sd" if precise else
+                        "'floor': both means below 2 null sd (of one seed's estimate)") + "\n")
         lines.append("| target | n | null sd MMD^2 / fine | NFE | scoresde pick | MMD^2 | fine | diffusers pick | MMD^2 | fine "
                      "| ratio MMD^2 | ratio fine |")
         lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for t in REPORT_TARGETS:
             trows = [r for r in confirm["rows"] if r["target"] == t]
-            null = [r for r in trows if r["nfe"] == 0]
-            if not null:
+            nulls = [r for r in trows if r["nfe"] == 0]
+            if not nulls:
                 continue
-            null = null[0]
             for nfe in sorted({r["nfe"] for r in trows if r["nfe"]}):
                 b = confirm["picks"][str(nfe)]["best"]
-                cells = []
+                cells, here = [], set()
                 for fam in ("scoresde", "diffusers"):
                     rs = [r for r in trows if r["config"] == b[fam] and r["nfe"] == nfe]
+                    if not rs:  # rows of an earlier pick only
+                        break
                     cells.append((rs[0]["config"].split("/", 1)[1], stats(rs, "mmd2"), stats(rs, "mmd2_fine")))
+                    here |= {seed_n(r) for r in rs}
+                if len(cells) < 2:
+                    continue
                 (on, om, of), (pn, pm, pf) = cells
+                ns = sorted((r for r in nulls if seed_n(r) in here), key=seed_n)
+                # precise: the null sd of the pooled mean (inverse-variance over the seeds, as `stats`)
+                sd = {m: (sum(r[f"{m}_sd"] ** -2 for r in ns) ** -0.5 if precise else ns[0][f"{m}_sd"])
+                      for m in ("mmd2", "mmd2_fine")}
                 lines.append(
-                    f"| {t} | {null['n']} | {null['mmd2_sd']:.1e} / {null['mmd2_fine_sd']:.1e} | {nfe} | {on} | "
-                    f"{om[0]:.2e} +- {om[1]:.1e} | {of[0]:.2e} +- {of[1]:.1e} | {pn} | {pm[0]:.2e} +- {pm[1]:.1e} | "
-                    f"{pf[0]:.2e} +- {pf[1]:.1e} | {fmt_ratio(om[0], pm[0], 2 * null['mmd2_sd'])} | "
-                    f"{fmt_ratio(of[0], pf[0], 2 * null['mmd2_fine_sd'])} |")
+                    f"| {t} | {'/'.join(str(r['n']) for r in ns)} | {sd['mmd2']:.1e} / {sd['mmd2_fine']:.1e} | {nfe} | "
+                    f"{on} | {om[0]:.2e} +- {om[1]:.1e} | {of[0]:.2e} +- {of[1]:.1e} | {pn} | {pm[0]:.2e} +- {pm[1]:.1e} "
+                    f"| {pf[0]:.2e} +- {pf[1]:.1e} | {fmt_ratio(om[0], pm[0], 2 * sd['mmd2'])} | "
+                    f"{fmt_ratio(of[0], pf[0], 2 * sd['mmd2_fine'])} |")
     if learned_res:
         fl = learned_res["floor"]
         lines.append("\n## (b) learned score: digits VP model\n")
@@ -767,15 +807,20 @@ def add_arguments(ap) -> None:
     ap.add_argument("--confirm-seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6],
                     help="confirm: sample seeds (the report gives the mean over them +- its standard error)")
     ap.add_argument("--precise", action="store_true",
-                    help="confirm: score by metrics.mmd2_fourier at --n-precise samples, Brownian noise by its i.i.d. "
-                         "twin; results in stochastic_confirm_precise.json")
-    ap.add_argument("--n-precise", type=int, default=200000, help="confirm --precise: samples per pick and seed")
+                    help="refine, confirm: score by metrics.mmd2_fourier at --n-precise samples, Brownian noise by its "
+                         "i.i.d. twin; refine: the configurations still tied after the refinement (a pick made on these "
+                         "rows where present), results in stochastic_refine_precise.json; confirm: results in "
+                         "stochastic_confirm_precise.json, beside the saved rows of other NFEs and seeds")
+    ap.add_argument("--n-precise", type=int, default=200000, help="--precise: samples per configuration and seed")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
 
 def run_tag(args) -> str:
     tag = ("" if args.stage == "all" else args.stage) + ("-precise" if args.precise else "")
+    if args.precise:  # one record per precise run
+        nfes, seeds = (args.nfes, []) if args.stage == "refine" else (args.confirm_nfes, args.confirm_seeds)
+        tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}" + (f"-seed{'+'.join(map(str, seeds))}" if seeds else "")
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 
@@ -783,19 +828,22 @@ def run(args):
     global MEMBERS
     MEMBERS = args.members
     out = common.out_dir(NAME)
-    files = {k: out / f"stochastic_{k}.json" for k in ("choose", "refine", "exact", "learned", "overhead")}
+    files = {k: out / f"stochastic_{k}.json" for k in ("choose", "refine", "refine_precise", "exact", "learned",
+                                                         "overhead")}
     print("stochastic methods registered:", ", ".join(ours_methods()), flush=True)
     if args.stage in ("choose", "all"):
         rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_choose, args.nfes, seed=0, null_repeats=3)]
         rows = merge(files["choose"], rows)
         common.write_json(NAME, {"rows": rows, "picks": choose(rows, args.nfes)}, file=files["choose"].name, indent=None)
     if args.stage in ("refine", "all"):  # the ties of the choice set again, more samples, same choice targets and seed 0
-        ch = common.read_json(files["choose"])["rows"]
-        wanted = {(c, nfe) for nfe in args.nfes for c in tied(ch, nfe)}
-        print(f"refining {len(wanted)} tied configurations at n = {args.n_refine}", flush=True)
-        rows = [r for t in CHOICE_TARGETS for r in evaluate(t, args.n_refine, args.nfes, seed=0, wanted=wanted)]
-        rows = keep_other_nfes(files["refine"], rows, args.nfes)
-        common.write_json(NAME, {"rows": rows}, file=files["refine"].name, indent=None)
+        # --precise: the configurations still tied after the refinement, at n_precise by metrics.mmd2_fourier
+        source = refined_rows(files) if args.precise else common.read_json(files["choose"])["rows"]
+        wanted = {(c, nfe) for nfe in args.nfes for c in tied(source, nfe)}
+        n, path = (args.n_precise, files["refine_precise"]) if args.precise else (args.n_refine, files["refine"])
+        print(f"refining {len(wanted)} tied configurations at n = {n}", flush=True)
+        rows = [r for t in CHOICE_TARGETS for r in evaluate(t, n, args.nfes, seed=0, wanted=wanted, precise=args.precise)]
+        rows = merge(path, rows) if MEMBERS else keep_other_nfes(path, rows, args.nfes)
+        common.write_json(NAME, {"rows": rows}, file=path.name, indent=None)
     if args.stage in ("exact", "all"):
         picks = saved_picks(files, args.nfes)  # from the choice rows (the rule may have changed since)
         wanted = set()
@@ -821,7 +869,7 @@ def run(args):
                 for r in evaluate(t, args.n_precise if args.precise else args.n_confirm, args.confirm_nfes, seed, wanted,
                                   null_repeats=4 if k == 0 else 1, precise=args.precise)]
         path = out / CONFIRM_FILES[args.precise]
-        rows = keep_other_nfes(path, rows, args.confirm_nfes)  # their picks are re-derived with the same rule
+        rows = keep_other_seeds(path, rows, args.confirm_nfes, args.confirm_seeds)  # picks re-derived, same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
         common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)
     if args.stage == "split-spread":

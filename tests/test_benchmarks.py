@@ -133,3 +133,49 @@ def test_stochastic_precise_scoring_runs_brownian_noise_as_its_iid_twin():
     assert {r["config"] for r in rows if r["nfe"]} == {c for c, _ in wanted}
     assert all(r["error"] is None and r["mmd2_se"] > 0 and r["mmd2_fine_se"] > 0 for r in rows if r["nfe"])
     assert rows[0]["mmd2_sd"] > 0  # the null row: one exact sample's standard error
+
+
+def test_stochastic_choice_scores_each_row_against_the_null_row_of_its_sample_size():
+    """refine --precise: null rows of two sample sizes in one set; each config is floored by the null sd of its own n
+    (with the n = 100 null, sd 1, both configurations would tie at the floor and the name would decide)."""
+    from benchmarks import stochastic
+
+    rows = [{"target": t, "config": "null (exact samples)", "nfe": 0, "n": n, "mmd2_sd": sd, "mmd2_fine_sd": sd}
+            for t in stochastic.CHOICE_TARGETS for n, sd in ((100, 1.0), (1000, 0.01))]
+    rows += [{"target": t, "config": c, "member": c.rsplit("/", 1)[0], "nfe": 50, "n": 1000, "mmd2": v,
+              "mmd2_fine": v} for t in stochastic.CHOICE_TARGETS for c, v in (("scoresde/a/x", 0.05),
+                                                                              ("scoresde/b/x", 0.02))]
+    picks = stochastic.choose(rows, [50], refined=rows)["50"]
+    assert picks["best"]["scoresde"] == "scoresde/b/x" and picks["refined_n"] == 1000
+
+
+def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance(tmp_path):
+    """Seeds run at different n pool in one file (a re-run replaces only its own (NFE, seed) rows) and the report's
+    mean is the inverse-variance weighted one, its null sd pooled the same way."""
+    from benchmarks import stochastic
+
+    common.configure(tmp_path)
+    path = common.out_dir(stochastic.NAME) / stochastic.CONFIRM_FILES[True]
+    picks = {"50": {"best": {"scoresde": "scoresde/a/x", "diffusers": "diffusers/B/y"}}}
+
+    def rows(seed, n, ours, ours_se, sd):
+        null = {"target": "mix16", "config": "null (exact samples)", "nfe": 0, "n": n, "seed": seed,
+                "mmd2": 0.0, "mmd2_fine": 0.0, "mmd2_sd": sd, "mmd2_fine_sd": sd}
+        made = [{"target": "mix16", "config": c, "nfe": 50, "n": n, "seed": seed, "mmd2": v, "mmd2_se": se,
+                 "mmd2_fine": v, "mmd2_fine_se": se} for c, v, se in (("scoresde/a/x", ours, ours_se),
+                                                                      ("diffusers/B/y", 40.0, 1.0))]
+        return [null, *made]
+
+    common.write_json(stochastic.NAME, {"rows": rows(2, 100, 9.0, 9.0, 0.3), "picks": picks}, file=path.name)
+    for ours in (7.0, 4.0):  # seed 4 twice: the second replaces the first
+        kept = stochastic.keep_other_seeds(path, rows(4, 400, ours, 2.0, 0.1) + rows(3, 200, 1.0, 1.0, 0.2), [50], [3, 4])
+        common.write_json(stochastic.NAME, {"rows": kept, "picks": picks}, file=path.name)
+    saved = common.read_json(path)["rows"]
+    assert sorted((r["seed"], r["nfe"]) for r in saved) == [(2, 0), (2, 50), (2, 50), (3, 0), (3, 50), (3, 50),
+                                                             (4, 0), (4, 50), (4, 50)]
+    stochastic.report(None, None, None, None, None, [50])
+    line = next(x for x in (path.parent / "stochastic_report.md").read_text().splitlines() if x.startswith("| mix16 |"))
+    w = [1 / 81, 1, 1 / 4]  # inverse variances of seeds 2, 3, 4
+    mean, se = (9 * w[0] + 1 * w[1] + 4 * w[2]) / sum(w), sum(w) ** -0.5
+    null_sd = (0.3 ** -2 + 0.2 ** -2 + 0.1 ** -2) ** -0.5
+    assert f"| {mean:.2e} +- {se:.1e} |" in line and line.startswith(f"| mix16 | 100/200/400 | {null_sd:.1e} / ")
