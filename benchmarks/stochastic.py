@@ -41,8 +41,8 @@ import torch
 
 from benchmarks import common
 from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, bandwidths, run_ours, setup, value
-from scoresde.core.sde import VP
-from scoresde.core.targets import random_mixture
+from scoresde.core.sde import VE, VP
+from scoresde.core.targets import GaussianMixture, random_mixture
 from scoresde.evaluation.features import kid
 from scoresde.evaluation.metrics import mmd2_fourier
 from scoresde.sampling.methods import METHODS
@@ -55,8 +55,9 @@ NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
 REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
 HELD_OUT = {"mix16b": 1, "mix16c": 7}  # random_mixture(16, 8, seed) that no choice saw
+VE_TARGETS = {"swiss": VE(sigma_min=0.01, sigma_max=10.0)}  # under configs/swiss_roll.yaml's VE; the rest under VP
 CONFIRM_FILES = {False: "stochastic_confirm.json", True: "stochastic_confirm_precise.json"}  # by the `precise` flag
-REPORT_TARGETS = ("ring", "mix16", *HELD_OUT)
+REPORT_TARGETS = ("ring", "mix16", *HELD_OUT, *VE_TARGETS)
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
 LEARNED_NFES = (10, 20, 50, 100, 200)
 DETERMINISTIC = ("dpm2m", "dpm3m", "unipc2", "heun")
@@ -163,28 +164,23 @@ def merge(path, rows):
     return old + [r for r in rows if r["nfe"] != 0]
 
 
-def keep_other_nfes(path, rows, nfes):
-    """The rows a stage saved at NFEs other than `nfes` stay beside the new ones (whose null rows replace
-    the old: same seeds and sizes)."""
-    if not path.exists():
-        return rows
-    return [r for r in common.read_json(path)["rows"] if r["nfe"] not in (0, *nfes)] + rows
-
-
 def seed_n(row) -> tuple[int, int]:
-    """A confirm row's sample seed and size: its null row is the one with the same pair."""
+    """A row's sample seed and size (rows without a seed: stage exact's seed 1 or the refine's 0, one per file)."""
     return row.get("seed", 2), row["n"]
 
 
-def keep_other_seeds(path, rows, nfes, seeds):
-    """confirm: the saved rows of other (NFE, seed) pairs stay beside the new ones, each null row while a row of
-    its (seed, n) does, so seeds run at different sample sizes pool in one file."""
+def keep_other_cells(path, rows):
+    """The saved rows of the (target, NFE, seed) cells that `rows` does not hold stay beside them, each saved null
+    row while a kept row of its (target, seed, n) does: a stage re-run on some NFEs, targets or seeds replaces only
+    those, and seeds run at different sample sizes pool in one file."""
     if not path.exists():
         return rows
-    old = [r for r in common.read_json(path)["rows"] if r["nfe"] == 0 or not (r["nfe"] in nfes
-                                                                                and r.get("seed", 2) in seeds)]
-    live = {seed_n(r) for r in old if r["nfe"]} - {seed_n(r) for r in rows if r["nfe"] == 0}
-    return [r for r in old if r["nfe"] or seed_n(r) in live] + rows
+    cell = lambda r: (r["target"], r["nfe"], r.get("seed", 2))
+    null_of = lambda r: (r["target"], *seed_n(r))
+    new = {cell(r) for r in rows if r["nfe"]}
+    old = [r for r in common.read_json(path)["rows"] if r["nfe"] and cell(r) not in new]
+    live = {null_of(r) for r in old} - {null_of(r) for r in rows if r["nfe"] == 0}
+    return [r for r in common.read_json(path)["rows"] if r["nfe"] == 0 and null_of(r) in live] + old + rows
 
 
 def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
@@ -261,11 +257,21 @@ def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
 
 # ---- exact-score targets --------------------------------------------------------------------------------
 
+def swiss_mixture(n_components: int = 128, std: float = 0.05) -> GaussianMixture:
+    """`targets.swiss_roll` with an exact score: equal isotropic Gaussians of the roll's noise sd at evenly spaced
+    angles of its spiral (the roll draws its angle uniformly)."""
+    u = 1.5 * math.pi * (1 + 2 * (torch.arange(n_components, dtype=F64) + 0.5) / n_components)
+    means = torch.stack([u * u.cos(), u * u.sin()], 1) / 9.0
+    return GaussianMixture(torch.full((n_components,), 1 / n_components, dtype=F64), means,
+                           std**2 * torch.eye(2, dtype=F64).expand(n_components, 2, 2))
+
+
 def target_of(name):
-    if name in HELD_OUT:
-        t = random_mixture(16, 8, seed=HELD_OUT[name])
-        return t, MixtureScore(t)
-    return setup(name)
+    """(mixture, its exact score, the SDE scoresde samples it under: VE for VE_TARGETS, else VP)."""
+    if name in HELD_OUT or name in VE_TARGETS:
+        t = random_mixture(16, 8, seed=HELD_OUT[name]) if name in HELD_OUT else swiss_mixture()
+        return t, MixtureScore(t), VE_TARGETS.get(name, VP())
+    return (*setup(name), VP())
 
 
 class FourierScorer:
@@ -304,8 +310,7 @@ def same_law(kind, spec):
 def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4, precise=False):
     """Every configuration (or the `wanted` (config, nfe) pairs) on target `tname`: n samples of sample seed `seed`.
     precise: FourierScorer instead of the pairwise Scorer, and Brownian noise by its i.i.d. twin (`same_law`)."""
-    sde = VP()
-    target, sc = target_of(tname)
+    target, sc, sde = target_of(tname)
     gen = torch.Generator().manual_seed(seed)
     scorer = FourierScorer(target, n, gen) if precise else Scorer(target, n, gen, null_repeats=null_repeats)
     rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
@@ -812,6 +817,8 @@ def add_arguments(ap) -> None:
                          "rows where present), results in stochastic_refine_precise.json; confirm: results in "
                          "stochastic_confirm_precise.json, beside the saved rows of other NFEs and seeds")
     ap.add_argument("--n-precise", type=int, default=200000, help="--precise: samples per configuration and seed")
+    ap.add_argument("--targets", nargs="+", choices=REPORT_TARGETS, default=list(REPORT_TARGETS),
+                    help="exact, confirm: only these report targets (the saved rows of the others are kept)")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -837,12 +844,12 @@ def run(args):
         common.write_json(NAME, {"rows": rows, "picks": choose(rows, args.nfes)}, file=files["choose"].name, indent=None)
     if args.stage in ("refine", "all"):  # the ties of the choice set again, more samples, same choice targets and seed 0
         # --precise: the configurations still tied after the refinement, at n_precise by metrics.mmd2_fourier
-        source = refined_rows(files) if args.precise else common.read_json(files["choose"])["rows"]
+        source = common.read_json(files["refine" if args.precise and files["refine"].exists() else "choose"])["rows"]
         wanted = {(c, nfe) for nfe in args.nfes for c in tied(source, nfe)}
         n, path = (args.n_precise, files["refine_precise"]) if args.precise else (args.n_refine, files["refine"])
         print(f"refining {len(wanted)} tied configurations at n = {n}", flush=True)
         rows = [r for t in CHOICE_TARGETS for r in evaluate(t, n, args.nfes, seed=0, wanted=wanted, precise=args.precise)]
-        rows = merge(path, rows) if MEMBERS else keep_other_nfes(path, rows, args.nfes)
+        rows = merge(path, rows) if MEMBERS else keep_other_cells(path, rows)
         common.write_json(NAME, {"rows": rows}, file=path.name, indent=None)
     if args.stage in ("exact", "all"):
         picks = saved_picks(files, args.nfes)  # from the choice rows (the rule may have changed since)
@@ -851,8 +858,8 @@ def run(args):
             p = picks[str(nfe)]
             wanted |= {(c, nfe) for c in p["member"].values()}
             wanted |= {(default_of(m), nfe) for m in p["member"]}
-        rows = [r for t in REPORT_TARGETS for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
-        rows = merge(files["exact"], rows) if MEMBERS else keep_other_nfes(files["exact"], rows, args.nfes)
+        rows = [r for t in args.targets for r in evaluate(t, args.n, args.nfes, seed=1, wanted=wanted)]
+        rows = merge(files["exact"], rows) if MEMBERS else keep_other_cells(files["exact"], rows)
         picks = saved_picks(files, sorted({r["nfe"] for r in rows if r["nfe"]}))
         common.write_json(NAME, {"rows": rows, "picks": picks}, file=files["exact"].name, indent=None)
     if args.stage == "learned" and args.learned_run:  # another model: its own file, outside the digits report
@@ -865,11 +872,11 @@ def run(args):
     if args.stage in ("confirm", "all"):  # the goal's two picks again, more samples, fresh seed
         picks = saved_picks(files, args.confirm_nfes)
         wanted = {(picks[str(nfe)]["best"][fam], nfe) for nfe in args.confirm_nfes for fam in ("scoresde", "diffusers")}
-        rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in REPORT_TARGETS
+        rows = [{**r, "seed": seed} for k, seed in enumerate(args.confirm_seeds) for t in args.targets
                 for r in evaluate(t, args.n_precise if args.precise else args.n_confirm, args.confirm_nfes, seed, wanted,
                                   null_repeats=4 if k == 0 else 1, precise=args.precise)]
         path = out / CONFIRM_FILES[args.precise]
-        rows = keep_other_seeds(path, rows, args.confirm_nfes, args.confirm_seeds)  # picks re-derived, same rule
+        rows = keep_other_cells(path, rows)  # the picks of kept rows are re-derived with the same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
         common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)
     if args.stage == "split-spread":

@@ -116,7 +116,7 @@ def test_stochastic_quick_runs_every_stage(tmp_path):
     for stage in ("choose", "refine", "exact", "confirm", "learned", "overhead"):
         check_environment(json.loads((folder / f"stochastic_{stage}.json").read_text())["environment"])
     exact = common.read_json(folder / "stochastic_exact.json")
-    assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b", "mix16c"}
+    assert {r["target"] for r in exact["rows"]} == {"ring", "mix16", "mix16b", "mix16c", "swiss"}
     assert exact["picks"]["10"]["best"]["scoresde"].startswith("scoresde/")
     assert any(r["kind"] == "stochastic" and "kid" in r for r in common.read_json(folder / "stochastic_learned.json")["rows"])
     assert "## (a) exact scores" in (folder / "stochastic_report.md").read_text()
@@ -168,7 +168,7 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
 
     common.write_json(stochastic.NAME, {"rows": rows(2, 100, 9.0, 9.0, 0.3), "picks": picks}, file=path.name)
     for ours in (7.0, 4.0):  # seed 4 twice: the second replaces the first
-        kept = stochastic.keep_other_seeds(path, rows(4, 400, ours, 2.0, 0.1) + rows(3, 200, 1.0, 1.0, 0.2), [50], [3, 4])
+        kept = stochastic.keep_other_cells(path, rows(4, 400, ours, 2.0, 0.1) + rows(3, 200, 1.0, 1.0, 0.2))
         common.write_json(stochastic.NAME, {"rows": kept, "picks": picks}, file=path.name)
     saved = common.read_json(path)["rows"]
     assert sorted((r["seed"], r["nfe"]) for r in saved) == [(2, 0), (2, 50), (2, 50), (3, 0), (3, 50), (3, 50),

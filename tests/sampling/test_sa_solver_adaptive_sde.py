@@ -69,7 +69,8 @@ def test_sa_weights_match_diffusers(order, tau):
 @pytest.mark.parametrize("sde", SDES, ids=lambda s: type(s).__name__)
 def test_sa3_at_tau_zero_is_unipc_bit_for_bit(sde):
     """At tau = 0 (or with a tau band no step reaches) sa3 draws no noise and is unipc3's predictor-corrector:
-    the same bits, whatever the generator."""
+    the same bits, whatever the generator (at nfe 9, 8 steps of noise-to-signal 0.4 / 8 above unipc's end floor,
+    the two default grids coincide)."""
     score = ring().score_fn(sde)
     x_T = sde.prior_sample((64, 2), torch.Generator().manual_seed(0), F64)
     unipc = sample(sde, score, None, method="unipc3", nfe=9, x_T=x_T)

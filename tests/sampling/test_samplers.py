@@ -77,11 +77,14 @@ def test_end_time_for_steps_hits_its_noise_level(sde):
         t = torch.tensor(end_time_for_steps(sde, n), dtype=F64)
         ratio = float(sde.sigma(t) / sde.alpha(t))
         assert t.item() == sde.t_min or ratio == pytest.approx(max(0.4 / n, 0.045), rel=1e-9), (n, t, ratio)
-    assert end_time_for_steps(sde, 10**6, min_ratio=1e-9) == sde.t_min  # never below t_min
+        t = torch.tensor(end_time_for_steps(sde, n, min_ratio=0.0), dtype=F64)  # no floor (sa3's plain denoise)
+        ratio = float(sde.sigma(t) / sde.alpha(t))
+        assert t.item() == sde.t_min or ratio == pytest.approx(0.4 / n, rel=1e-9), (n, t, ratio)
+    assert end_time_for_steps(sde, 10**6, min_ratio=0.0) == sde.t_min  # never below t_min
     with pytest.raises(ValueError, match="n_steps"):
         end_time_for_steps(sde, 0)
     with pytest.raises(ValueError, match="min_ratio"):
-        end_time_for_steps(sde, 5, min_ratio=0.0)
+        end_time_for_steps(sde, 5, min_ratio=-0.1)
 
 
 def test_grid_rejects_bad_input():

@@ -11,7 +11,7 @@ from scoresde.core.gaussian import random_gaussian
 from scoresde.core.sde import VP, Langevin
 from scoresde.core.targets import GaussianMixture
 from scoresde.evaluation.metrics import kl_gaussian, mmd2, w2_gaussian
-from scoresde.sampling import end_time_for_steps, fit_grid, sample, time_grid
+from scoresde.sampling import METHODS, end_time_for_steps, fit_grid, sample, time_grid
 from scoresde.sampling.schedule import (
     auto_schedule,
     cached_schedule,
@@ -79,7 +79,7 @@ def test_stochastic_method_gets_the_schedule_of_its_deterministic_limit():
     s = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.5, **kw)
     limit = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.0, **kw)
     assert torch.equal(s.ts, limit.ts) and s.denoise == limit.denoise
-    default = time_grid(sde, 4, "poly", t_end=end_time_for_steps(sde, 4), power=3.0)  # sa3's, denoise on
+    default = time_grid(sde, 4, "poly", t_end=METHODS["sa3"].default_t_end(sde, 4), power=3.0)  # denoise on
     err = {}
     for name, ts, denoise in (("auto", s.ts, s.denoise), ("default", default, True)):
         b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=5, tau=0.5, denoise=denoise)

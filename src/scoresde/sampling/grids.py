@@ -65,7 +65,11 @@ def time_grid(sde: SDE, n_steps: int, kind: str = "logsnr", t_end: float | None 
     return ts.to(dtype=dtype, device=device)
 
 
-def end_time_for_steps(sde: LinearSDE, n_steps: int, scale: float = 0.4, min_ratio: float = 0.045) -> float:
+EXTRAPOLATED_END_RATIO = 0.045  # end_time_for_steps' floor, for the extrapolated denoise (see there)
+
+
+def end_time_for_steps(sde: LinearSDE, n_steps: int, scale: float = 0.4,
+                       min_ratio: float = EXTRAPOLATED_END_RATIO) -> float:
     """The end time whose noise-to-signal ratio sigma / alpha is max(scale / n_steps, min_ratio), never
     below sde.t_min.
 
@@ -73,12 +77,13 @@ def end_time_for_steps(sde: LinearSDE, n_steps: int, scale: float = 0.4, min_rat
     costs less than crossing it coarsely; the extrapolated denoise of the unipc methods leaves an O(ratio^4)
     error, so there is no need to go below ratio ~ 0.045 (t = 0.01 for VP) at any step count. Both constants
     were chosen by benchmarks/samplers.py (best VP end times about 0.03 at NFE 5 and 0.01 from NFE 10 to 100;
-    0.0033 lost at NFE 20 on the 16-D mixture, its log-density gap -0.2 against -0.02).
+    0.0033 lost at NFE 20 on the 16-D mixture, its log-density gap -0.2 against -0.02). A plain Tweedie
+    denoise leaves O(ratio^2) and wants min_ratio = 0 (sa3).
     """
     if int(n_steps) != n_steps or n_steps < 1:
         raise InvalidValueError(f"n_steps must be an integer >= 1, got {n_steps}")
-    if not (scale > 0 and min_ratio > 0):
-        raise InvalidValueError(f"scale and min_ratio must be > 0, got scale={scale}, min_ratio={min_ratio}")
+    if not (scale > 0 and min_ratio >= 0):
+        raise InvalidValueError(f"scale must be > 0 and min_ratio >= 0, got scale={scale}, min_ratio={min_ratio}")
     lam = torch.tensor(-math.log(max(scale / n_steps, min_ratio)), dtype=torch.float64)
     t_min, T = float(sde.t_min), float(sde.T)
     if lam >= _lam(sde, t_min) or lam <= _lam(sde, T):

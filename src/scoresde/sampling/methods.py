@@ -26,8 +26,8 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 
 Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun, edm_sde;
 quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
-whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045)); all chosen by
-benchmarks/samplers.py. Other methods end at sde.t_min.
+whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045); sa3's 0.4 / steps, down
+to sde.t_min); all chosen by benchmarks/samplers.py. Other methods end at sde.t_min.
 
 Automatic schedule: `schedule.auto_schedule` / `cached_schedule` (above `sample`, as `tuning.fit_grid` is)
 choose `ts` and `denoise` for unipc2 / unipc3 / sa3 (`Method.auto`) from the model; pass them on as options.
@@ -57,7 +57,7 @@ from .common import Callback, require_linear
 from .consistency import consistency_method
 from .ddim import ddim, ddpm
 from .edm import DEFAULT_S_CHURN, edm_sde
-from .grids import end_time_for_steps, time_grid
+from .grids import EXTRAPOLATED_END_RATIO, end_time_for_steps, time_grid
 from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
 from .pc import annealed_langevin, predictor_corrector
 from .sde_multistep import sde_dpm_solver_multistep
@@ -89,15 +89,15 @@ class Method:
 
     fn: fn(sde, model, x_T, ts, **kw) (adaptive: without ts). evals_per_step(options): model calls per grid
     step. levels_are_points: the grid has one point per level (ald). grid, power: the default grid
-    (`time_grid` kind and poly power). end_follows_steps: the default end time is `end_time_for_steps`, not
-    sde.t_min. stochastic(options): it draws noise with these options (it then gets the generator; only
-    deterministic fixed-grid methods can be grid-fitted). adaptive: it picks its own steps (nfe is a cap
-    enforced by a counter; only t_end applies). denoise(nfe): whether the final Tweedie step is on by
-    default (on linear SDEs only). linear: it needs alpha and sigma (a LinearSDE). takes: what fn's second
+    (`time_grid` kind and poly power). end_ratio: None, the default end time is sde.t_min; a number r, it is
+    `end_time_for_steps` with min_ratio r (`default_t_end`). stochastic(options): it draws noise with these options
+    (it then gets the generator; only deterministic fixed-grid methods can be grid-fitted). adaptive: it picks its
+    own steps (nfe is a cap enforced by a counter; only t_end applies). denoise(nfe): whether the final Tweedie step
+    is on by default (on linear SDEs only). linear: it needs alpha and sigma (a LinearSDE). takes: what fn's second
     argument is: "score" s(x, t) or "consistency" f(x, t) (a consistency model). auto: the automatic schedule
     (`schedule.cached_schedule`, `scoresde sample --schedule auto`) applies. quiet: the options that make a
-    stochastic method deterministic on the same grid (sa3: tau = 0); the automatic schedule of the stochastic
-    method is the one searched for them.
+    stochastic method deterministic on the same grid (sa3: tau = 0); the automatic schedule of the stochastic method
+    is the one searched for them.
     """
 
     fn: Callable[..., Tensor]
@@ -105,7 +105,7 @@ class Method:
     levels_are_points: bool = False
     grid: str = "logsnr"
     power: float = 2.0
-    end_follows_steps: bool = False
+    end_ratio: float | None = None
     stochastic: Callable[[dict], bool] = _never
     adaptive: bool = False
     denoise: Callable[[int], bool] = _always_denoise
@@ -117,6 +117,12 @@ class Method:
     def __post_init__(self):
         if self.takes not in ("score", "consistency"):
             raise InvalidValueError(f"takes must be 'score' or 'consistency', got {self.takes!r}")
+
+    def default_t_end(self, sde: SDE, n_steps: int) -> float:
+        """The end time of the default grid of n_steps steps."""
+        if self.end_ratio is None or not isinstance(sde, LinearSDE):
+            return float(sde.t_min)
+        return end_time_for_steps(sde, n_steps, min_ratio=self.end_ratio)
 
 
 METHODS: "Registry[Method]" = Registry("sampling method")
@@ -152,15 +158,18 @@ for _name, _method in {
     # predictor + corrector at one NFE per step; the grid, end time and extrapolated denoise won at NFE 5-20
     # schedule.cached_schedule applies (Method.auto): it won on held-out targets' MMD^2 (samplers --part heldout)
     "unipc2": Method(partial(dpm_solver_multistep, order=2, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True, linear=True, auto=True),
+                     power=3.0, end_ratio=EXTRAPOLATED_END_RATIO, linear=True, auto=True),
     "unipc3": Method(partial(dpm_solver_multistep, order=3, corrector=True, extrapolate=True), grid="poly",
-                     power=3.0, end_follows_steps=True, linear=True, auto=True),
+                     power=3.0, end_ratio=EXTRAPOLATED_END_RATIO, linear=True, auto=True),
     # SA-Solver: unipc3's predictor-corrector on the reverse SDE with noise scale tau (1: the reverse SDE of
-    # T 2.7); the plain Tweedie denoise (the extrapolation assumes the flow); unipc3's grid and end time. Its
-    # automatic schedule is that of tau = 0: at tau <= 0.5 it kept MMD^2 at the null spread at NFE 10 on the
-    # 16-D mixtures (benchmarks/stochastic.py), where the default grid is 5-20x above it
+    # T 2.7); the plain Tweedie denoise (the extrapolation assumes the flow); unipc3's grid. Its end time
+    # follows the steps without unipc's floor: the plain denoise shrinks a data component of sd s by
+    # ratio^2 / (s^2 + ratio^2) in variance, not O(ratio^4) (at the floor 0.045 its samples came out too
+    # concentrated: log-density gap +0.3 to +0.4 at NFE 20-50 on mix16). Its automatic schedule is that of
+    # tau = 0: at tau <= 0.5 it kept MMD^2 at the null spread at NFE 10 on the 16-D mixtures
+    # (benchmarks/stochastic.py), where the default grid is 5-20x above it
     "sa3": Method(partial(dpm_solver_multistep, order=3, corrector=True, tau=1.0), grid="poly", power=3.0,
-                  end_follows_steps=True, stochastic=lambda o: bool(o.get("tau", 1.0)), linear=True, auto=True,
+                  end_ratio=0.0, stochastic=lambda o: bool(o.get("tau", 1.0)), linear=True, auto=True,
                   quiet={"tau": 0.0}),
     "adaptive_sde": Method(adaptive_sde, adaptive=True, stochastic=_always),
     # a consistency model's steps at the first k times of the grid (every step is a denoise, so none follows)
@@ -254,8 +263,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     ts = grid_opts.get("ts")
     if ts is None:
         t_end = grid_opts.get("t_end")
-        if t_end is None and spec.end_follows_steps and isinstance(sde, LinearSDE):
-            t_end = end_time_for_steps(sde, n_steps)
+        if t_end is None:
+            t_end = spec.default_t_end(sde, n_steps)
         ts = time_grid(sde, n_steps, kind=grid_opts.get("grid", spec.grid), t_end=t_end,
                        rho=grid_opts.get("rho", 7.0), power=grid_opts.get("power", spec.power),
                        dtype=x_T.dtype, device=x_T.device)

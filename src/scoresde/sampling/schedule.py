@@ -38,7 +38,7 @@ from torch import Tensor
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from ..core.validate import integer
-from .grids import end_time_for_steps, logsnr_grid, time_grid
+from .grids import logsnr_grid, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
 
 __all__ = ["Schedule", "auto_schedule", "cached_schedule", "check_auto", "clear_schedule_cache", "mmd2_paired",
@@ -125,7 +125,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
 
     default_denoise_on = default_denoise(sde, method, nfe)
     default_steps = steps_for(method, nfe, default_denoise_on, options)
-    t_default = end_time_for_steps(sde, default_steps) if spec.end_follows_steps else float(sde.t_min)
+    t_default = spec.default_t_end(sde, default_steps)
     default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
     with torch.no_grad():
         reference = run(probe, reference_nfe)

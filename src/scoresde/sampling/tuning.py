@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
-from .grids import end_time_for_steps, logsnr_grid, time_grid
+from .grids import logsnr_grid, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
 
 __all__ = ["GridFit", "fit_grid"]
@@ -86,7 +86,7 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
     if not 0 < min_fraction * n_steps < 1:
         raise InvalidValueError(f"min_fraction must lie in (0, 1 / n_steps = {1 / n_steps:g}), got {min_fraction}")
     if t_end is None:
-        t_end = end_time_for_steps(sde, n_steps) if spec.end_follows_steps else float(sde.t_min)
+        t_end = spec.default_t_end(sde, n_steps)
     start = time_grid(sde, n_steps, kind=spec.grid, t_end=t_end, power=spec.power)  # validates t_end
 
     def run(ts: Tensor, budget: int, x: Tensor) -> Tensor:
