@@ -11,8 +11,9 @@ Held-out protocol: `choose` runs every configuration on the choice set (ring and
 random_mixture(16, 8, seed=0), sample seed 0, n = --n-choose) and picks, per NFE, each method's knob and the
 best scoresde and best diffusers configuration; `exact` re-runs the defaults and the picks on fresh
 samples (seed 1, n = --n) of ring and mix16 and of the held-out HELD_OUT targets (mix16b = random_mixture(16, 8,
-seed=1), mix16c = random_mixture(16, 8, seed=7), added after mix16b had been analysed), targets no choice saw. The
-goal compares the two picks made on the choice set. The automatic-schedule knobs run only where the library offers
+seed=1), mix16c = random_mixture(16, 8, seed=7), added after mix16b had been analysed, and `swiss`, the swiss roll
+as a 128-component mixture with an exact score, sampled by scoresde under configs/swiss_roll.yaml's VE SDE, by
+diffusers under its own discrete VP), targets no choice saw. The goal compares the two picks made on the choice set. The automatic-schedule knobs run only where the library offers
 `schedule="auto"` (nfe <= AUTO_MAX_NFE).
 (b) Learned score (stage `learned`): the digits VP model of benchmarks/imaging.py (its bench budget, cached in
 runs/stochastic_digits/VP), FID-style distance and KID (+- se) on the digits features, NFE 10-200; the best
