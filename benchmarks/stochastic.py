@@ -162,7 +162,8 @@ def merge(path, rows):
     if MEMBERS is None or not path.exists():
         return rows
     old = [r for r in common.read_json(path)["rows"] if r.get("member") not in MEMBERS]
-    return old + [r for r in rows if r["nfe"] != 0]
+    known = {r["target"] for r in old if r["nfe"] == 0}
+    return old + [r for r in rows if r["nfe"] != 0 or r["target"] not in known]
 
 
 def seed_n(row) -> tuple[int, int]:
