@@ -830,6 +830,7 @@ def run_tag(args) -> str:
     if args.precise:  # one record per precise run
         nfes, seeds = (args.nfes, []) if args.stage == "refine" else (args.confirm_nfes, args.confirm_seeds)
         tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}" + (f"-seed{'+'.join(map(str, seeds))}" if seeds else "")
+    tag += "-" + "+".join(args.targets) if list(args.targets) != list(REPORT_TARGETS) else ""
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 
