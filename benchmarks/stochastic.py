@@ -13,7 +13,8 @@ best scoresde and best diffusers configuration; `exact` re-runs the defaults and
 samples (seed 1, n = --n) of ring and mix16 and of the held-out HELD_OUT targets (mix16b = random_mixture(16, 8,
 seed=1), mix16c = random_mixture(16, 8, seed=7), added after mix16b had been analysed, and `swiss`, the swiss roll
 as a 128-component mixture with an exact score, sampled by scoresde under configs/swiss_roll.yaml's VE SDE, by
-diffusers under its own discrete VP), targets no choice saw. The goal compares the two picks made on the choice set. The automatic-schedule knobs run only where the library offers
+diffusers under its own discrete VP), targets no choice saw. The goal compares the two picks made on the choice
+set. The automatic-schedule knobs run only where the library offers
 `schedule="auto"` (nfe <= AUTO_MAX_NFE).
 (b) Learned score (stage `learned`): the digits VP model of benchmarks/imaging.py (its bench budget, cached in
 runs/stochastic_digits/VP), FID-style distance and KID (+- se) on the digits features, NFE 10-200; the best
@@ -393,7 +394,8 @@ def choose(rows, nfes, refined=()):
             mine = [m for m in cell if m.startswith(fam)]
             pool = [m for m in mine if scored_on[m] is more] or mine
             best[fam] = min((key(scored_on[m], cell[m]) for m in pool), default=(0, 0, None))[2]
-        picks[str(nfe)] = {"member": cell, "best": best, **({"refined_n": next(r["n"] for r in more if r["nfe"])} if more else {})}
+        refined_n = {"refined_n": next(r["n"] for r in more if r["nfe"])} if more else {}
+        picks[str(nfe)] = {"member": cell, "best": best, **refined_n}
     return picks
 
 
@@ -829,7 +831,8 @@ def run_tag(args) -> str:
     tag = ("" if args.stage == "all" else args.stage) + ("-precise" if args.precise else "")
     if args.precise:  # one record per precise run
         nfes, seeds = (args.nfes, []) if args.stage == "refine" else (args.confirm_nfes, args.confirm_seeds)
-        tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}" + (f"-seed{'+'.join(map(str, seeds))}" if seeds else "")
+        tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}"
+        tag += f"-seed{'+'.join(map(str, seeds))}" if seeds else ""
     tag += "-" + "+".join(args.targets) if list(args.targets) != list(REPORT_TARGETS) else ""
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
