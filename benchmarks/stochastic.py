@@ -180,10 +180,10 @@ def keep_other_cells(path, rows):
         return rows
     cell = lambda r: (r["target"], r["nfe"], r.get("seed", 2))
     null_of = lambda r: (r["target"], *seed_n(r))
-    new = {cell(r) for r in rows if r["nfe"]}
-    old = [r for r in common.read_json(path)["rows"] if r["nfe"] and cell(r) not in new]
+    saved, new = common.read_json(path)["rows"], {cell(r) for r in rows if r["nfe"]}
+    old = [r for r in saved if r["nfe"] and cell(r) not in new]
     live = {null_of(r) for r in old} - {null_of(r) for r in rows if r["nfe"] == 0}
-    return [r for r in common.read_json(path)["rows"] if r["nfe"] == 0 and null_of(r) in live] + old + rows
+    return [r for r in saved if r["nfe"] == 0 and null_of(r) in live] + old + rows
 
 
 def run_peer(cls, config, step_kw, eps_model, x_T, nfe, gen):
