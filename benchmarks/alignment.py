@@ -316,7 +316,7 @@ def final(method: str, snaps: list[dict]) -> dict:
 def exact_tune(args) -> dict:
     """Each method's knob settings scored on the hold-out betas and seed; the one with the smallest summed MMD wins."""
     out = {}
-    for target in targets():
+    for target in args.targets:
         out[target] = {}
         for method in FIVE:
             scores = []
@@ -327,8 +327,25 @@ def exact_tune(args) -> dict:
                 print(f"tune {target} {method} {knobs}: MMD {['%.4f' % m for m in mmds]} ({time.perf_counter() - tic:.0f} s)",
                       flush=True)
             out[target][method] = {"sweep": scores, "best": min(scores, key=lambda d: d["score"])["knobs"]}
-    common.write_json(NAME, out, file="alignment_tuned.json")
-    return out
+    return merge_saved(tuned_file(args), out)
+
+
+def tuned_tag(args) -> str:
+    return args.tag if args.tuned_tag is None else args.tuned_tag
+
+
+def tuned_file(args) -> str:
+    """The knobs part exact-tune chose: alignment_tuned<tag>.json (`--tuned-tag`, default `--tag`)."""
+    return f"alignment_tuned{tuned_tag(args)}.json"
+
+
+def merge_saved(file: str, out: dict) -> dict:
+    """Write `out` to results/alignment/`file`, keeping the saved entries of targets this run did not touch
+    (so runs on disjoint `--targets` may share a file); returns the merged dict."""
+    path = common.out_dir(NAME) / file
+    merged = {k: v for k, v in (common.read_json(path) if path.exists() else {}).items() if k not in out} | out
+    common.write_json(NAME, merged, file=file)
+    return merged
 
 
 def null_spread(tilt: GaussianMixture, n: int, reps: int = 10) -> tuple[float, float]:
@@ -339,14 +356,15 @@ def null_spread(tilt: GaussianMixture, n: int, reps: int = 10) -> tuple[float, f
 
 def exact_report(args) -> dict:
     """All five methods at their tuned knobs on the reported betas and seed, with the null spread and grid floor."""
-    path = common.out_dir(NAME) / "alignment_tuned.json"
-    tuned = json.loads(path.read_text()) if path.exists() else None
-    if tuned is None and not common.quick():
-        raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune` first ({path} is missing)")
+    path = common.out_dir(NAME) / tuned_file(args)
+    tuned = common.read_json(path) if path.exists() else None
+    missing = [t for t in args.targets if tuned is None or t not in tuned]
+    if missing and not common.quick():
+        raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune --targets {' '.join(missing)}"
+                         f"{' --tag ' + tuned_tag(args) if tuned_tag(args) else ''}` first ({path} lacks them)")
     out = {}
-    for target, (mix, c) in targets().items():
-        if target not in args.targets:
-            continue
+    for target in args.targets:
+        mix, c = targets()[target]
         out[target] = {}
         for beta in args.betas:
             tilt = A.tilted_mixture(mix, c, beta)
@@ -356,7 +374,7 @@ def exact_report(args) -> dict:
             row = {"null": null, "grid_floor": mmd(x_floor, tilt), "tilt_reward": float(tilt.weights.double() @ (tilt.means.double() @ c.double())),
                    "methods": {}}
             for method in FIVE:
-                knobs = tuned[target][method]["best"] if tuned else SWEEPS[method][0]
+                knobs = SWEEPS[method][0] if missing else tuned[target][method]["best"]
                 tic = time.perf_counter()
                 snaps = method_run(method, target, beta, knobs, args, REPORT_SEED)
                 row["methods"][method] = {"knobs": knobs, "curve": snaps, "final": final(method, snaps)}
@@ -521,8 +539,10 @@ def add_arguments(p) -> None:
     p.add_argument("--toy-ref", type=int, default=200000)
     p.add_argument("--snapshots", type=int, default=8, help="exact parts: evaluations along each training run")
     p.add_argument("--sweep", type=int, default=3, help="exact-tune: the first SWEEP knob settings of each method")
-    p.add_argument("--targets", nargs="+", default=["mix2", "mix16"], help="exact: the targets reported")
-    p.add_argument("--tag", default="", help="exact: suffix of the output files (e.g. _long for a longer run)")
+    p.add_argument("--targets", nargs="+", choices=["mix2", "mix16"], default=["mix2", "mix16"],
+                   help="exact-tune, exact: the targets run (others already saved under the same tag are kept)")
+    p.add_argument("--tag", default="", help="exact-tune, exact: suffix of the output files (e.g. _long for a longer run)")
+    p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
     p.add_argument("--mnist-iters", type=int, default=30)
     p.add_argument("--mnist-batch", type=int, default=16)
     p.add_argument("--mnist-steps", type=int, default=10, help="EM steps of the MNIST rollouts")
@@ -539,12 +559,12 @@ def run(args) -> None:
     if "exact-tune" in args.parts:
         exact_tune(args)
     if "exact" in args.parts:
-        res = exact_report(args)
+        res = merge_saved(f"alignment_exact{args.tag}.json", exact_report(args))
+        res = {t: {float(b): row for b, row in rows.items()} for t, rows in res.items()}
         plot_exact(res, args.tag)
         lines = exact_table(res)
         print("\n".join(lines))
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
-        common.write_json(NAME, res, file=f"alignment_exact{args.tag}.json")
     if "mnist" in args.parts:
         mnist_part(args)
     if not {"tilt", "grid", "toy"} & set(args.parts):
