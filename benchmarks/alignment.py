@@ -554,6 +554,15 @@ def add_arguments(p) -> None:
                    help="tilt grid toy (issue 11); exact-tune, exact, mnist (issue 23), each its own run")
 
 
+def run_tag(args) -> str:
+    """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
+    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist")]
+    if not exact:
+        return ""
+    targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
+    return "+".join(exact) + args.tag + targets
+
+
 def run(args) -> None:
     tic = time.perf_counter()
     if "exact-tune" in args.parts:
