@@ -265,6 +265,23 @@ SWEEPS = {  # each method's own knobs; chosen on the hold-out betas / seed (part
     "ddpo": [dict(lr=1e-2, clip=1e-4), dict(lr=3e-3, clip=1e-4), dict(lr=1e-2, clip=1e-3)],
 }
 TUNE_BETAS, TUNE_SEED, REPORT_SEED, EVAL_SEED = (0.75, 3.0), 100, 1, 2
+# pg's "value" baseline also evaluates r at the Tweedie point of every state (N x the terminal evaluations): where
+# it is tuned in, "pg-equal" (pg at its best other knobs) is reported too, for the goal at equal reward evaluations
+EQUAL = "pg-equal"
+OURS, BASELINES = ("pg", EQUAL, "adjoint"), ("dpok", "draft", "ddpo")
+
+
+def spends_more(knobs: dict) -> bool:
+    """Knobs that evaluate the reward beyond the rollouts' terminal points."""
+    return knobs.get("baseline") == "value"
+
+
+def reported_knobs(tuned: dict) -> dict:
+    """Method -> knobs reported for one target: each method's tuned pick, plus pg-equal where pg's spends more."""
+    out = {m: tuned[m]["best"] for m in FIVE}
+    if spends_more(out["pg"]):
+        out[EQUAL] = min((d for d in tuned["pg"]["sweep"] if not spends_more(d["knobs"])), key=lambda d: d["score"])["knobs"]
+    return out
 
 
 def mixture16() -> tuple[GaussianMixture, torch.Tensor]:
@@ -286,7 +303,7 @@ def method_run(method: str, target: str, beta: float, knobs: dict, args, seed: i
     mix, c = targets()[target]
     d, pre = mix.dim, mix.score_fn(SDE)
     tilt = A.tilted_mixture(mix, c, beta)
-    knobs = dict(knobs)
+    knobs, method = dict(knobs), "pg" if method == EQUAL else method
     opts = method_options(method, beta=None if method == "ddpo" else beta, k=knobs.pop("k", None) if method == "draft"
                           else None, steps=args.iters, batch_size=args.batch, n_time_steps=args.n_steps,
                           lr_final=knobs["lr"] / 10, **knobs)
@@ -340,12 +357,18 @@ def tuned_file(args) -> str:
 
 
 def merge_saved(file: str, out: dict) -> dict:
-    """Write `out` to results/alignment/`file`, keeping the saved entries of targets this run did not touch
-    (so runs on disjoint `--targets` may share a file); returns the merged dict."""
+    """Write `out` to results/alignment/`file` over what is saved there (`deep_merge`: runs on other `--targets`
+    or `--methods` may share a file); returns the merged dict."""
     path = common.out_dir(NAME) / file
-    merged = {k: v for k, v in (common.read_json(path) if path.exists() else {}).items() if k not in out} | out
+    merged = deep_merge(common.read_json(path) if path.exists() else {}, json.loads(json.dumps(out, default=float)))
     common.write_json(NAME, merged, file=file)
     return merged
+
+
+def deep_merge(saved: dict, new: dict) -> dict:
+    """`saved` with `new` laid over it, dict by dict (so a run of some methods keeps the others' rows)."""
+    return {**saved, **{k: deep_merge(saved[k], v) if isinstance(v, dict) and isinstance(saved.get(k), dict) else v
+                        for k, v in new.items()}}
 
 
 def null_spread(tilt: GaussianMixture, n: int, reps: int = 10) -> tuple[float, float]:
@@ -373,8 +396,10 @@ def exact_report(args) -> dict:
             null = null_spread(tilt, args.n_eval)
             row = {"null": null, "grid_floor": mmd(x_floor, tilt), "tilt_reward": float(tilt.weights.double() @ (tilt.means.double() @ c.double())),
                    "methods": {}}
-            for method in FIVE:
-                knobs = SWEEPS[method][0] if missing else tuned[target][method]["best"]
+            chosen = {m: SWEEPS[m][0] for m in FIVE} if missing else reported_knobs(tuned[target])
+            for method, knobs in chosen.items():
+                if args.methods and method not in args.methods:
+                    continue
                 tic = time.perf_counter()
                 snaps = method_run(method, target, beta, knobs, args, REPORT_SEED)
                 row["methods"][method] = {"knobs": knobs, "curve": snaps, "final": final(method, snaps)}
@@ -386,19 +411,31 @@ def exact_report(args) -> dict:
     return out
 
 
+def ratio_cell(ours: float, base: float, line: float) -> str:
+    """ours / base, or 'floor (ratio)' when both are within `line` (null mean + 2 sd) of the exact tilt."""
+    r = "-" if base == 0 else f"{ours / base:.2f}"
+    return (f"floor ({r})" if base > 0 else "floor") if max(ours, base) <= line else r
+
+
 def exact_table(res: dict) -> list[str]:
+    """Per target: MMD (reward, path KL) of every method, and the best scoresde method's MMD over the best
+    baseline's, with all knobs and at equal reward evaluations (pg-equal in place of a pg that spends more)."""
     lines = []
     for target, rows in res.items():
+        methods = [m for m in (*FIVE, EQUAL) if any(m in row["methods"] for row in rows.values())]
         lines += [f"### {target}: MMD to the exact tilt (reward, path KL), each method at its tuned knobs", "",
-                  "| beta | null MMD (mean +- sd) | grid floor | " + " | ".join(FIVE) + " | best scoresde / best baseline |",
-                  "|---|---|---|" + "---|" * len(FIVE) + "---|"]
+                  "| beta | null MMD (mean +- sd) | grid floor | " + " | ".join(methods)
+                  + " | best scoresde / best baseline | the same at equal reward evaluations |",
+                  "|---|---|---|" + "---|" * len(methods) + "---|---|"]
         for beta, row in rows.items():
-            f = {m: row["methods"][m]["final"] for m in FIVE}
-            cells = [f"{f[m]['mmd']:.4f} ({f[m]['reward']:.2f}, {f[m]['kl']:.2f})" for m in FIVE]
-            ours = min(f[m]["mmd"] for m in ("pg", "adjoint"))
-            base = min(f[m]["mmd"] for m in ("dpok", "draft", "ddpo"))
+            f = {m: row["methods"][m]["final"] for m in methods if m in row["methods"]}
+            cells = [f"{f[m]['mmd']:.4f} ({f[m]['reward']:.2f}, {f[m]['kl']:.2f})" if m in f else "-" for m in methods]
+            line = row["null"][0] + 2 * row["null"][1]
+            base = min(f[m]["mmd"] for m in BASELINES if m in f)
+            equal = [m for m in OURS if m in f and not spends_more(row["methods"][m]["knobs"])]
             lines.append(f"| {beta} | {row['null'][0]:.4f} +- {row['null'][1]:.4f} | {row['grid_floor']:.4f} | "
-                         + " | ".join(cells) + f" | {ours / base:.2f} |")
+                         + " | ".join(cells) + f" | {ratio_cell(min(f[m]['mmd'] for m in OURS if m in f), base, line)}"
+                         f" | {ratio_cell(min(f[m]['mmd'] for m in equal), base, line)} |")
         lines.append("")
     return lines
 
@@ -410,8 +447,8 @@ def plot_exact(res: dict, tag: str = "") -> None:
     for row_axes, (target, rows) in zip(axes, res.items()):
         beta = 1.0 if 1.0 in rows else next(iter(rows))
         row = rows[beta]
-        for method in FIVE:
-            curve = row["methods"][method]["curve"]
+        for method, run in row["methods"].items():
+            curve = run["curve"]
             for ax, key in zip(row_axes, ("reward_evals", "seconds")):
                 ax.plot([d[key] for d in curve], [d["mmd"] for d in curve], "o-", ms=3, label=method)
         for ax, lab in zip(row_axes, ("reward evaluations", "training wall time (s)")):
@@ -542,6 +579,8 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", nargs="+", choices=["mix2", "mix16"], default=["mix2", "mix16"],
                    help="exact-tune, exact: the targets run (others already saved under the same tag are kept)")
     p.add_argument("--tag", default="", help="exact-tune, exact: suffix of the output files (e.g. _long for a longer run)")
+    p.add_argument("--methods", nargs="+", choices=[*FIVE, EQUAL], default=None,
+                   help="exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
     p.add_argument("--mnist-iters", type=int, default=30)
     p.add_argument("--mnist-batch", type=int, default=16)
@@ -560,7 +599,7 @@ def run_tag(args) -> str:
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
-    return "+".join(exact) + args.tag + targets
+    return "+".join(exact) + args.tag + targets + ("-" + "+".join(args.methods) if args.methods else "")
 
 
 def run(args) -> None:
