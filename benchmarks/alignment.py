@@ -453,7 +453,8 @@ def plot_exact(res: dict, tag: str = "") -> None:
                 ax.plot([d[key] for d in curve], [d["mmd"] for d in curve], "o-", ms=3, label=method)
         for ax, lab in zip(row_axes, ("reward evaluations", "training wall time (s)")):
             ax.axhline(row["null"][0] + 2 * row["null"][1], color="k", ls="--", lw=1, label="null + 2 sd")
-            ax.set_yscale("log"), ax.set_xlabel(lab), ax.set_ylabel("MMD to the exact tilt")
+            ax.set_yscale("log"), ax.set_xscale("log"), ax.set_xlabel(lab), ax.set_ylabel("MMD to the exact tilt")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_title(f"{target}, beta={beta}"), ax.legend(fontsize=7)
     fig.tight_layout()
     common.save_figure(fig, NAME, f"alignment_exact_curves{tag}.png", dpi=110)
