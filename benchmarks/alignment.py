@@ -262,7 +262,7 @@ SWEEPS = {  # each method's own knobs; chosen on the hold-out betas / seed (part
     "adjoint": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, updates_per_batch=2)],
     "dpok": [dict(lr=1e-2, clip=0.2), dict(lr=3e-3, clip=0.2), dict(lr=1e-2, clip=0.2, updates_per_batch=3)],
     "draft": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, k=1)],
-    "ddpo": [dict(lr=1e-2, clip=1e-4), dict(lr=3e-3, clip=1e-4), dict(lr=1e-2, clip=1e-3)],
+    "ddpo": [dict(lr=1e-2, clip=1e-4), dict(lr=3e-3, clip=1e-4), dict(lr=1e-2, clip=1e-3), dict(lr=1e-2, clip=1e-2)],
 }
 TUNE_BETAS, TUNE_SEED, REPORT_SEED, EVAL_SEED = (0.75, 3.0), 100, 1, 2
 # pg's "value" baseline also evaluates r at the Tweedie point of every state (N x the terminal evaluations): where
@@ -278,8 +278,8 @@ def spends_more(knobs: dict) -> bool:
 
 def reported_knobs(tuned: dict) -> dict:
     """Method -> knobs reported for one target: each method's tuned pick, plus pg-equal where pg's spends more."""
-    out = {m: tuned[m]["best"] for m in FIVE}
-    if spends_more(out["pg"]):
+    out = {m: tuned[m]["best"] for m in FIVE if m in tuned}
+    if "pg" in out and spends_more(out["pg"]):
         out[EQUAL] = min((d for d in tuned["pg"]["sweep"] if not spends_more(d["knobs"])), key=lambda d: d["score"])["knobs"]
     return out
 
@@ -335,7 +335,7 @@ def exact_tune(args) -> dict:
     out = {}
     for target in args.targets:
         out[target] = {}
-        for method in FIVE:
+        for method in (m for m in FIVE if not args.methods or m in args.methods):
             scores = []
             for i, knobs in enumerate(SWEEPS[method][:args.sweep]):
                 tic = time.perf_counter()
@@ -381,9 +381,11 @@ def exact_report(args) -> dict:
     """All five methods at their tuned knobs on the reported betas and seed, with the null spread and grid floor."""
     path = common.out_dir(NAME) / tuned_file(args)
     tuned = common.read_json(path) if path.exists() else None
-    missing = [t for t in args.targets if tuned is None or t not in tuned]
+    needed = {"pg" if m == EQUAL else m for m in args.methods or FIVE}
+    missing = [t for t in args.targets if tuned is None or not needed <= set(tuned.get(t, {}))]
     if missing and not common.quick():
-        raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune --targets {' '.join(missing)}"
+        raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune --targets {' '.join(missing)} --methods "
+                         f"{' '.join(sorted(needed))}"
                          f"{' --tag ' + tuned_tag(args) if tuned_tag(args) else ''}` first ({path} lacks them)")
     out = {}
     for target in args.targets:
@@ -411,8 +413,16 @@ def exact_report(args) -> dict:
     return out
 
 
-def ratio_cell(ours: float, base: float, line: float) -> str:
-    """ours / base, or 'floor (ratio)' when both are within `line` (null mean + 2 sd) of the exact tilt."""
+def best_mmd(finals: dict, names) -> float | None:
+    """The smallest final MMD among the methods `names` that were run (None if none was)."""
+    return min((finals[m]["mmd"] for m in names if m in finals), default=None)
+
+
+def ratio_cell(ours: float | None, base: float | None, line: float) -> str:
+    """ours / base, or 'floor (ratio)' when both are within `line` (null mean + 2 sd) of the exact tilt; '-'
+    when a side was not run."""
+    if ours is None or base is None:
+        return "-"
     r = "-" if base == 0 else f"{ours / base:.2f}"
     return (f"floor ({r})" if base > 0 else "floor") if max(ours, base) <= line else r
 
@@ -431,11 +441,11 @@ def exact_table(res: dict) -> list[str]:
             f = {m: row["methods"][m]["final"] for m in methods if m in row["methods"]}
             cells = [f"{f[m]['mmd']:.4f} ({f[m]['reward']:.2f}, {f[m]['kl']:.2f})" if m in f else "-" for m in methods]
             line = row["null"][0] + 2 * row["null"][1]
-            base = min(f[m]["mmd"] for m in BASELINES if m in f)
+            base = best_mmd(f, BASELINES)
             equal = [m for m in OURS if m in f and not spends_more(row["methods"][m]["knobs"])]
             lines.append(f"| {beta} | {row['null'][0]:.4f} +- {row['null'][1]:.4f} | {row['grid_floor']:.4f} | "
-                         + " | ".join(cells) + f" | {ratio_cell(min(f[m]['mmd'] for m in OURS if m in f), base, line)}"
-                         f" | {ratio_cell(min(f[m]['mmd'] for m in equal), base, line)} |")
+                         + " | ".join(cells) + f" | {ratio_cell(best_mmd(f, OURS), base, line)} | "
+                         f"{ratio_cell(best_mmd(f, equal), base, line)} |")
         lines.append("")
     return lines
 
@@ -576,12 +586,12 @@ def add_arguments(p) -> None:
     p.add_argument("--toy-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--toy-ref", type=int, default=200000)
     p.add_argument("--snapshots", type=int, default=8, help="exact parts: evaluations along each training run")
-    p.add_argument("--sweep", type=int, default=3, help="exact-tune: the first SWEEP knob settings of each method")
+    p.add_argument("--sweep", type=int, default=None, help="exact-tune: the first SWEEP knob settings of each method (all)")
     p.add_argument("--targets", nargs="+", choices=["mix2", "mix16"], default=["mix2", "mix16"],
                    help="exact-tune, exact: the targets run (others already saved under the same tag are kept)")
     p.add_argument("--tag", default="", help="exact-tune, exact: suffix of the output files (e.g. _long for a longer run)")
     p.add_argument("--methods", nargs="+", choices=[*FIVE, EQUAL], default=None,
-                   help="exact: only these methods (the others' saved rows are kept)")
+                   help="exact-tune, exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
     p.add_argument("--mnist-iters", type=int, default=30)
     p.add_argument("--mnist-batch", type=int, default=16)

@@ -179,3 +179,39 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
     mean, se = (9 * w[0] + 1 * w[1] + 4 * w[2]) / sum(w), sum(w) ** -0.5
     null_sd = (0.3 ** -2 + 0.2 ** -2 + 0.1 ** -2) ** -0.5
     assert f"| {mean:.2e} +- {se:.1e} |" in line and line.startswith(f"| mix16 | 100/200/400 | {null_sd:.1e} / ")
+
+
+def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
+    """`alignment --parts exact-tune exact` on some targets / methods lays its rows over the saved file of its tag;
+    pg tuned to the value baseline (more reward evaluations) brings a pg-equal row, and the equal-evaluation
+    ratio leaves pg out."""
+    from benchmarks import alignment
+
+    tiny = ("alignment", "--quick", "--out", str(tmp_path), "--parts", "exact-tune", "exact", "--betas", "1", "--iters",
+            "2", "--batch", "8", "--n-steps", "3", "--n-eval", "64", "--snapshots", "1", "--tag", "_t")
+    for extra in (("--targets", "mix2", "--methods", "pg", "dpok"), ("--targets", "mix2", "--methods", "ddpo"),
+                  ("--targets", "mix16", "--methods", "dpok")):
+        res = harness(*tiny, *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+    common.configure(tmp_path, quick=True)
+    folder = common.out_dir(alignment.NAME)
+    tuned = common.read_json(folder / "alignment_tuned_t.json")
+    assert {t: sorted(v) for t, v in tuned.items()} == {"mix2": ["ddpo", "dpok", "pg"], "mix16": ["dpok"]}
+    saved = common.read_json(folder / "alignment_exact_t.json")
+    assert sorted(saved["mix2"]["1.0"]["methods"]) == ["ddpo", "dpok", "pg"]
+    assert sorted(saved["mix16"]["1.0"]["methods"]) == ["dpok"]
+    assert (folder / "run-exact-tune+exact_t-mix2-ddpo.json").exists()
+
+    tuned = {m: {"best": {"lr": 1.0}, "sweep": []} for m in alignment.FIVE}
+    tuned["pg"] = {"best": {"lr": 1.0, "baseline": "value"},
+                   "sweep": [{"knobs": {"lr": 1.0, "baseline": "value"}, "score": 0.1},
+                             {"knobs": {"lr": 2.0, "baseline": "mean"}, "score": 0.3},
+                             {"knobs": {"lr": 3.0, "baseline": "mean"}, "score": 0.2}]}
+    assert alignment.reported_knobs(tuned)[alignment.EQUAL] == {"lr": 3.0, "baseline": "mean"}
+    final = {"pg": 0.01, "pg-equal": 0.03, "adjoint": 0.05, "dpok": 0.1, "draft": 0.2, "ddpo": 0.3}
+    row = {"null": [0.001, 0.002], "grid_floor": 0.0,
+           "methods": {m: {"knobs": {"baseline": "value"} if m == "pg" else {},
+                           "final": {"mmd": v, "reward": 0.0, "kl": 0.0}} for m, v in final.items()}}
+    line = alignment.exact_table({"mix2": {1.0: row}})[-2]
+    assert line.endswith("| 0.10 | 0.30 |")  # all knobs: pg 0.01 / dpok 0.1; equal evaluations: pg-equal 0.03 / 0.1
+    assert alignment.ratio_cell(0.004, 0.003, 0.005) == "floor (1.33)" and alignment.ratio_cell(0.0, 0.0, 0.005) == "floor"

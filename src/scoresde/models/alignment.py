@@ -277,8 +277,9 @@ def _check_beta(beta) -> None:
 @dataclass(frozen=True, kw_only=True)
 class FinetuneOptions(LoopOptions):
     """`finetune`: the KL weight `beta` (required, > 0), the `baseline` ("value": r at the Tweedie point plus a
-    learned correction, fitted to the returns after they are used; "mean": leave-one-out batch mean,
-    unbiased; "none"), `updates_per_batch` and the path-ratio trust region `clip` of `policy_loss`."""
+    learned correction, fitted to the returns after they are used, which evaluates the reward at every state
+    of the chain, n_time_steps times the terminal evaluations; "mean": leave-one-out batch mean, unbiased, no
+    extra reward evaluations; "none"), `updates_per_batch` and the path-ratio trust region `clip` of `policy_loss`."""
 
     beta: float
     baseline: str = "value"
