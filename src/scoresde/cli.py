@@ -361,7 +361,8 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              steps: int = typer.Option(200, help="training iterations (one rollout each)"),
              batch_size: int = typer.Option(256, "--batch-size"),
              n_time_steps: int = typer.Option(50, "--n-time-steps", help="Euler-Maruyama steps of the rollouts"),
-             lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default) | mean | none"),
+             lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
+                                                                        "at every rollout state) | mean | none"),
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
              seed: int = typer.Option(0)) -> None:
     """Fine-tune a run against a reward into a new run folder: KL-regularised continuous-time RL (pg, DESIGN 9),
