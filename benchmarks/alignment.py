@@ -22,8 +22,11 @@
     reported at beta in {0.5, 1, 2, 4}, seed 1: MMD to the closed-form tilt, reward, path KL against reward
     evaluations and wall time. Null spread: MMD of exact tilt samples of the same size (10 seeds); grid
     floor: the exact tilted score run on the same EM grid. DDPO (no KL) is scored at its closest approach.
+    Where pg's tuned knobs spend extra reward evaluations (the value baseline), pg-equal (its best other knobs)
+    is reported too, for the ratio at equal reward evaluations.
 (e) Issue 23, MNIST (`--parts mnist`): the trained VP U-Net of runs/mnist_vp_pretrained fine-tuned towards
     one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
+(f) `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
 Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ from scoresde.core.targets import GaussianMixture
 from scoresde.evaluation.metrics import mmd2
 from scoresde.learning.networks import MLP
 from scoresde.models import alignment as A
+from scoresde.models.adjoint import lean_adjoint
 from scoresde.models.rewards import linear
 from scoresde.running.finetune import METHODS, method_options
 from scoresde.sampling.grids import time_grid
@@ -470,6 +474,23 @@ def plot_exact(res: dict, tag: str = "") -> None:
     common.save_figure(fig, NAME, f"alignment_exact_curves{tag}.png", dpi=110)
 
 
+def adjoint_tails(n_chains: int = 512, steps=(20, 100)) -> list[str]:
+    """How heavy-tailed adjoint matching's regression target is: per pretrained chain (exact score, r = c^T x),
+    e = sum_k g_k^2 h_k |a_{k+1}|^2 / 2 of the lean adjoint from a_N = -c (beta 1), its median, its largest
+    value and the share of sum e held by the top 1% of chains (docs/math/alignment.md)."""
+    lines = ["| target | EM steps | median e | largest e | share of the top 1% |", "|---|---|---|---|---|"]
+    for target, (mix, c) in targets().items():
+        pre = mix.score_fn(SDE)
+        for n in steps:
+            ro = A.rollout(SDE, pre, pre, (n_chains, mix.dim), time_grid(SDE, n, kind="uniform"),
+                           torch.Generator().manual_seed(0))
+            a = lean_adjoint(SDE, pre, ro, -c.expand(n_chains, -1).to(ro.states.dtype))
+            e = ro.cost(ro.pre + a[1:]).sum(0).sort().values
+            top = e[-max(1, n_chains // 100):].sum() / e.sum()
+            lines.append(f"| {target} | {n} | {float(e.median()):.3g} | {float(e[-1]):.3g} | {float(top):.2f} |")
+    return lines
+
+
 # ---------------------------------------------------------------- issue 23: the MNIST VP model
 
 MNIST_RUN, MNIST_LR = "runs/mnist_vp_pretrained", 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 per step)
@@ -601,12 +622,12 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
     p.add_argument("--mnist-label", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
-                   help="tilt grid toy (issue 11); exact-tune, exact, mnist (issue 23), each its own run")
+                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, adjoint-tails (issue 23), each its own run")
 
 
 def run_tag(args) -> str:
     """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
-    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist")]
+    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "adjoint-tails")]
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
@@ -626,6 +647,10 @@ def run(args) -> None:
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
     if "mnist" in args.parts:
         mnist_part(args)
+    if "adjoint-tails" in args.parts:
+        lines = adjoint_tails()
+        print("\n".join(lines))
+        common.write_text(NAME, "alignment_adjoint_tails.md", "\n".join(lines) + "\n")
     if not {"tilt", "grid", "toy"} & set(args.parts):
         print(f"total {time.perf_counter() - tic:.0f} s")
         return
