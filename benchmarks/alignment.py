@@ -26,7 +26,8 @@
     is reported too, for the ratio at equal reward evaluations.
 (e) Issue 23, MNIST (`--parts mnist`): the trained VP U-Net of runs/mnist_vp_pretrained fine-tuned towards
     one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
-(f) `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
+(f) `--parts grid-floors`: the floor of 20- to 100-step EM grids (the exact tilted score run on them);
+    `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
 Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
@@ -474,6 +475,23 @@ def plot_exact(res: dict, tag: str = "") -> None:
     common.save_figure(fig, NAME, f"alignment_exact_curves{tag}.png", dpi=110)
 
 
+def grid_floors(n: int = 4000, betas=(1.0, 2.0), steps=(20, 50, 100), kinds=("uniform", "logsnr", "poly")) -> list[str]:
+    """The floor of each EM grid: MMD of n samples of the exact tilted score run on it (seed EVAL_SEED), per
+    target and beta, next to the null of n exact samples (what part exact's `grid floor` column is at its n_eval)."""
+    lines = ["| target | beta | null MMD (mean +- sd) | " + " | ".join(f"{k} {m}" for m in steps for k in kinds) + " |",
+             "|---|---|---|" + "---|" * (len(steps) * len(kinds))]
+    for target, (mix, c) in targets().items():
+        for beta in betas:
+            tilt = A.tilted_mixture(mix, c, beta)
+            score = tilt.score_fn(SDE)
+            cells = [mmd(A.rollout(SDE, score, score, (n, mix.dim), time_grid(SDE, m, kind=k),
+                                   torch.Generator().manual_seed(EVAL_SEED)).terminal.double(), tilt)
+                     for m in steps for k in kinds]
+            null = null_spread(tilt, n, reps=5)
+            lines.append(f"| {target} | {beta} | {null[0]:.4f} +- {null[1]:.4f} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
+    return lines
+
+
 def adjoint_tails(n_chains: int = 512, steps=(20, 100)) -> list[str]:
     """How heavy-tailed adjoint matching's regression target is: per pretrained chain (exact score, r = c^T x),
     e = sum_k g_k^2 h_k |a_{k+1}|^2 / 2 of the lean adjoint from a_N = -c (beta 1), its median, its largest
@@ -622,12 +640,12 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
     p.add_argument("--mnist-label", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
-                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, adjoint-tails (issue 23), each its own run")
+                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails (issue 23), each its own run")
 
 
 def run_tag(args) -> str:
     """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
-    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "adjoint-tails")]
+    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "grid-floors", "adjoint-tails")]
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
@@ -647,6 +665,10 @@ def run(args) -> None:
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
     if "mnist" in args.parts:
         mnist_part(args)
+    if "grid-floors" in args.parts:
+        lines = grid_floors(n=200 if common.quick() else 4000)
+        print("\n".join(lines))
+        common.write_text(NAME, "alignment_grid_floors.md", "\n".join(lines) + "\n")
     if "adjoint-tails" in args.parts:
         lines = adjoint_tails()
         print("\n".join(lines))

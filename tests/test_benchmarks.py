@@ -201,10 +201,11 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     assert sorted(saved["mix2"]["1.0"]["methods"]) == ["ddpo", "dpok", "pg"]
     assert sorted(saved["mix16"]["1.0"]["methods"]) == ["dpok"]
     assert (folder / "run-exact-tune+exact_t-mix2-ddpo.json").exists()
-    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "adjoint-tails")
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "adjoint-tails", "grid-floors")
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = (folder / "alignment_adjoint_tails.md").read_text().splitlines()[-4:]
-    assert [r.split(" | ")[:2] for r in rows] == [["| mix2", "20"], ["| mix2", "100"], ["| mix16", "20"], ["| mix16", "100"]]
+    for file, second in (("alignment_adjoint_tails.md", ("20", "100")), ("alignment_grid_floors.md", ("1.0", "2.0"))):
+        rows = (folder / file).read_text().splitlines()[-4:]
+        assert [r.split(" | ")[:2] for r in rows] == [[f"| {t}", v] for t in ("mix2", "mix16") for v in second]
 
     tuned = {m: {"best": {"lr": 1.0}, "sweep": []} for m in alignment.FIVE}
     tuned["pg"] = {"best": {"lr": 1.0, "baseline": "value"},
