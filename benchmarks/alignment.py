@@ -58,10 +58,12 @@ MIX = GaussianMixture(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([[-1.0, 0.0], 
 C = torch.tensor([1.0, 0.5])
 
 
-def evaluate(model, pre, n_steps: int, n: int, seed: int, c: torch.Tensor = C) -> tuple[torch.Tensor, float, float, float]:
-    """Terminal samples of the model's EM chain on a uniform grid, their mean reward c^T x, path KL and its stderr."""
+def evaluate(model, pre, n_steps: int, n: int, seed: int, c: torch.Tensor = C,
+             kind: str = "uniform") -> tuple[torch.Tensor, float, float, float]:
+    """Terminal samples of the model's EM chain on a `kind` grid (`grids.time_grid`), their mean reward c^T x,
+    path KL and its stderr."""
     gen = torch.Generator().manual_seed(seed)
-    ro = A.rollout(SDE, model, pre, (n, c.numel()), time_grid(SDE, n_steps, kind="uniform"), gen)
+    ro = A.rollout(SDE, model, pre, (n, c.numel()), time_grid(SDE, n_steps, kind=kind), gen)
     kl = ro.cost().sum(0)
     x = ro.terminal.double()
     return x, float((x @ c.double()).mean()), float(kl.mean()), float(kl.std() / math.sqrt(n))
@@ -484,9 +486,7 @@ def grid_floors(n: int = 4000, betas=(1.0, 2.0), steps=(20, 50, 100), kinds=("un
         for beta in betas:
             tilt = A.tilted_mixture(mix, c, beta)
             score = tilt.score_fn(SDE)
-            cells = [mmd(A.rollout(SDE, score, score, (n, mix.dim), time_grid(SDE, m, kind=k),
-                                   torch.Generator().manual_seed(EVAL_SEED)).terminal.double(), tilt)
-                     for m in steps for k in kinds]
+            cells = [mmd(evaluate(score, score, m, n, EVAL_SEED, c, kind=k)[0], tilt) for m in steps for k in kinds]
             null = null_spread(tilt, n, reps=5)
             lines.append(f"| {target} | {beta} | {null[0]:.4f} +- {null[1]:.4f} | " + " | ".join(f"{v:.4f}" for v in cells) + " |")
     return lines
@@ -665,14 +665,12 @@ def run(args) -> None:
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
     if "mnist" in args.parts:
         mnist_part(args)
-    if "grid-floors" in args.parts:
-        lines = grid_floors(n=200 if common.quick() else 4000)
-        print("\n".join(lines))
-        common.write_text(NAME, "alignment_grid_floors.md", "\n".join(lines) + "\n")
-    if "adjoint-tails" in args.parts:
-        lines = adjoint_tails()
-        print("\n".join(lines))
-        common.write_text(NAME, "alignment_adjoint_tails.md", "\n".join(lines) + "\n")
+    for part, table in (("grid-floors", lambda: grid_floors(n=200 if common.quick() else 4000)),
+                        ("adjoint-tails", adjoint_tails)):
+        if part in args.parts:
+            lines = table()
+            print("\n".join(lines))
+            common.write_text(NAME, f"alignment_{part.replace('-', '_')}.md", "\n".join(lines) + "\n")
     if not {"tilt", "grid", "toy"} & set(args.parts):
         print(f"total {time.perf_counter() - tic:.0f} s")
         return
