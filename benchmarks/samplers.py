@@ -360,8 +360,9 @@ def grid_transfer(n=10000, cells=((5, 0.1, False), (5, None, True), (10, 0.03, F
 
 HELDOUT_NFES = (5, 10, 20, 50)
 # the constants of sampling.schedule (bandwidths, families, end ratios, probe size) were set on SELECTION alone
-SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)]
-REPORTING = [f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
+SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)] + ["sing16s301", "sing8s302"]
+REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
+             + ["sing16s401", "sing32s402", "sing8s403"])  # the last three: added with the near-singular selection
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -372,8 +373,8 @@ ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": 
 
 def heldout_target(name: str) -> GaussianMixture:
     """ring, mix16 (`setup`); dDsK: random_mixture(D, 8, seed=K); unequal: 8-D, 8 components with weights
-    falling geometrically (0.5^k: the largest 128 times the smallest); singular: 16-D, 5 components whose
-    covariances have rank 3 plus 1e-4 I (condition number about 1e4)."""
+    falling geometrically (0.5^k: the largest 128 times the smallest); singDsK: D-dimensional, 5 components whose
+    covariances have rank 3 plus 1e-4 I (condition number about 1e4), seed K; singular: sing16s201."""
     if name in ("ring", "mix16"):
         return setup(name)[0]
     if name == "unequal":
@@ -381,11 +382,14 @@ def heldout_target(name: str) -> GaussianMixture:
         w = 0.5 ** torch.arange(8, dtype=F64)
         return GaussianMixture(w / w.sum(), base.means, base.covariances)
     if name == "singular":
-        g = torch.Generator().manual_seed(201)
-        means = 1.5 * torch.randn(5, 16, generator=g, dtype=F64)
-        A = torch.randn(5, 16, 3, generator=g, dtype=F64) / math.sqrt(3)
+        name = "sing16s201"
+    if name.startswith("sing"):
+        dim, seed = (int(v) for v in name[4:].split("s"))
+        g = torch.Generator().manual_seed(seed)
+        means = 1.5 * torch.randn(5, dim, generator=g, dtype=F64)
+        A = torch.randn(5, dim, 3, generator=g, dtype=F64) / math.sqrt(3)
         return GaussianMixture(torch.rand(5, generator=g, dtype=F64) + 0.2, means,
-                               0.3 * A @ A.transpose(1, 2) + 1e-4 * torch.eye(16, dtype=F64))
+                               0.3 * A @ A.transpose(1, 2) + 1e-4 * torch.eye(dim, dtype=F64))
     dim, seed = (int(v) for v in name[1:].split("s"))
     return random_mixture(dim, 8, seed=seed)
 

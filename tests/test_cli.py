@@ -64,6 +64,33 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
     assert res.exit_code == 2 and "--fit-grid must be >= 0" in res.output
 
 
+def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(run_dir, tmp_path, monkeypatch):
+    """Without --schedule, unipc2 at nfe 5 samples on the run's automatic schedule (searched once, kept in
+    schedules.json, then read back); --schedule default and a method or nfe outside its range take the fixed grid
+    without a search or an error. (A small search, for speed.)"""
+    import shutil
+
+    from scoresde.running import runs
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    real, searches = runs.auto_schedule, []
+    monkeypatch.setattr(runs, "auto_schedule",
+                        lambda *a, **k: searches.append(k) or real(*a, n_probe=128, reference_nfe=31, max_iter=10, **k))
+    out = str(tmp_path / "s.npy")
+    for args, searched, cached in ((["--method", "unipc2", "--nfe", "5"], 1, False),
+                                   (["--method", "unipc2", "--nfe", "5"], 1, True),
+                                   (["--method", "unipc2", "--nfe", "6", "--schedule", "default"], 1, None),
+                                   (["--method", "unipc2", "--nfe", "20"], 1, None),
+                                   (["--method", "dpm2m", "--nfe", "5"], 1, None)):
+        res = runner.invoke(app, ["sample", str(run), *args, "--n", "16", "--out", out])
+        assert res.exit_code == 0 and len(searches) == searched, (args, res.output)
+        said = [ln for ln in res.output.splitlines() if ln.startswith("automatic schedule")]
+        assert (said[0].startswith(f"automatic schedule ({'cached in' if cached else 'searched'}")
+                if cached is not None else not said), (args, res.output)
+    assert (run / runs.SCHEDULES).is_file()
+
+
 def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):
     """--schedule auto outside its range (nfe <= 10, sa3 / unipc2 / unipc3) is an error naming why, never ignored;
     an unknown --schedule names the choices; with --fit-grid (another grid) it is refused naming both."""

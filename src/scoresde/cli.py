@@ -161,18 +161,19 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
-           schedule: str = typer.Option("default", "--schedule", help="default | auto: unipc2 / unipc3 / sa3 at nfe <= 10 "
-                                        "on an automatic schedule searched once per model and nfe (costly: about "
-                                        "1e6 score evaluations) and cached in the run folder")) -> None:
+           schedule: str = typer.Option(None, "--schedule", help="auto | default. auto: unipc2 / unipc3 / sa3 at nfe "
+                                        "<= 10 on a schedule searched once per model and nfe (about 1e6 score "
+                                        "evaluations) and kept in the run folder; default: the fixed grid. Unset: "
+                                        "auto where it applies, else the fixed grid")) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
     from .running.progress import counting_calls
-    from .running.runs import SCHEDULES, fit_run_grid, run_schedule, sample_run
+    from .running.runs import SCHEDULES, auto_applies, fit_run_grid, run_schedule, sample_run
 
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
-    if schedule not in ("default", "auto"):
+    if schedule not in (None, "default", "auto"):
         raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
@@ -192,8 +193,12 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
                    f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
                    f"{'fitted grid' if fitted.fitted else 'the default grid (the fit lost on the check draws)'} "
                    f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
+    if schedule is None:
+        schedule = "auto" if not fit_grid and label is None and auto_applies(r, method=method, nfe=nfe) else "default"
     if schedule == "auto":
-        s, cached = run_schedule(r, method=method, nfe=nfe, **options)
+        with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
+                            "default skips it)", None, enable=r.cfg.progress):
+            s, cached = run_schedule(r, method=method, nfe=nfe, **options)
         options.update(ts=s.ts, denoise=s.denoise)
         typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
                    f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "

@@ -152,6 +152,16 @@ def weights_id(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
+    """Whether `run_schedule` applies to the run's model with `method` at `nfe` (`check_auto`, a score model)."""
+    try:
+        check_auto(run.sde, method=method, nfe=nfe, **options)
+        run.family.require("fit_grid")
+    except InvalidValueError:
+        return False
+    return True
+
+
 def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool]:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
     whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
