@@ -66,8 +66,8 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
 
 def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(run_dir, tmp_path, monkeypatch):
     """Without --schedule, unipc2 at nfe 5 samples on the run's automatic schedule (searched once, kept in
-    schedules.json, then read back); --schedule default and a method or nfe outside its range take the fixed grid
-    without a search or an error. (A small search, for speed.)"""
+    schedules.json, then read back, also by evaluate); --schedule default and a method or nfe outside its range
+    take the fixed grid without a search or an error. (A small search, for speed.)"""
     import shutil
 
     from scoresde.running import runs
@@ -89,6 +89,12 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
         assert (said[0].startswith(f"automatic schedule ({'cached in' if cached else 'searched'}")
                 if cached is not None else not said), (args, res.output)
     assert (run / runs.SCHEDULES).is_file()
+    res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--n", "50"])
+    assert res.exit_code == 0 and len(searches) == 1 and "automatic schedule (cached in" in res.output, res.output
+    assert json.loads((run / "eval.json").read_text())["schedule"] == "auto"
+    res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--n", "50", "--schedule",
+                              "default"])
+    assert res.exit_code == 0 and json.loads((run / "eval.json").read_text())["schedule"] == "default"
 
 
 def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):

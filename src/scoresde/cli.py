@@ -149,6 +149,35 @@ def _open_run(run: Path):
     return r
 
 
+SCHEDULE_HELP = ("auto | default. auto: unipc2 / unipc3 / sa3 at nfe <= 10 on a schedule searched once per model and "
+                 "nfe (about 1e6 score evaluations) and kept in the run folder; default: the fixed grid. Unset: auto "
+                 "where it applies, else the fixed grid")
+
+
+def _check_schedule(schedule: str | None) -> None:
+    if schedule not in (None, "default", "auto"):
+        raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
+
+
+def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True, **options) -> dict:
+    """The sampler options (ts, denoise) of --schedule: the run's automatic schedule where asked for (refused,
+    naming why, where it does not apply) or, unset, where it applies (`auto_applies`) and `eligible`; else none."""
+    from .running.progress import counting_calls
+    from .running.runs import SCHEDULES, auto_applies, run_schedule
+
+    if schedule is None:
+        schedule = "auto" if eligible and auto_applies(r, method=method, nfe=nfe, **options) else "default"
+    if schedule == "default":
+        return {}
+    with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
+                        "default skips it)", None, enable=r.cfg.progress):
+        s, cached = run_schedule(r, method=method, nfe=nfe, **options)
+    typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
+               f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
+               f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})", err=True)
+    return {"ts": s.ts, "denoise": s.denoise}
+
+
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
@@ -161,20 +190,16 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
-           schedule: str = typer.Option(None, "--schedule", help="auto | default. auto: unipc2 / unipc3 / sa3 at nfe "
-                                        "<= 10 on a schedule searched once per model and nfe (about 1e6 score "
-                                        "evaluations) and kept in the run folder; default: the fixed grid. Unset: "
-                                        "auto where it applies, else the fixed grid")) -> None:
+           schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP)) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
     from .running.progress import counting_calls
-    from .running.runs import SCHEDULES, auto_applies, fit_run_grid, run_schedule, sample_run
+    from .running.runs import fit_run_grid, sample_run
 
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
-    if schedule not in (None, "default", "auto"):
-        raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
+    _check_schedule(schedule)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -193,16 +218,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
                    f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
                    f"{'fitted grid' if fitted.fitted else 'the default grid (the fit lost on the check draws)'} "
                    f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-    if schedule is None:
-        schedule = "auto" if not fit_grid and label is None and auto_applies(r, method=method, nfe=nfe) else "default"
-    if schedule == "auto":
-        with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
-                            "default skips it)", None, enable=r.cfg.progress):
-            s, cached = run_schedule(r, method=method, nfe=nfe, **options)
-        options.update(ts=s.ts, denoise=s.denoise)
-        typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
-                   f"denoise {s.denoise}, times {[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
-                   f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})")
+    options.update(_schedule(r, schedule, method, nfe, n, eligible=not fit_grid and label is None, **options))
     calls = nfe * (2 if label is not None and guidance else 1)
     with counting_calls(r.model, f"sampling {method}", calls, enable=r.cfg.progress):
         x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
@@ -262,7 +278,8 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
              n: int = typer.Option(None, "--n", help="samples (default: 2 n_eval, at most the held-out size)"),
              method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
-             seed: int = typer.Option(0)) -> None:
+             seed: int = typer.Option(0),
+             schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP)) -> None:
     """W2 to held-out data with its floor, MMD^2, for analytic data TV and the T 5.2 bound from the measured
     score error, and for the built-in image sets (digits, mnist) FID-style with its floor, KID and k-NN
     precision / recall on a download-free feature network (trained once into runs/features; not comparable
@@ -275,11 +292,15 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
 
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
+    _check_schedule(schedule)
     r = _open_run(run)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
-    metrics = evaluate_run(r, n, method=method, nfe=nfe, seed=seed)
+    method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
+    options = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2)
+    metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options),
+               "schedule": "auto" if options else "default"}
     save_json(run / "eval.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
 

@@ -269,7 +269,7 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
 
 
 def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed: int, paths: int = 0,
-              feature_cache: str | Path = "runs/features") -> tuple[dict[str, Any], Tensor, Tensor | None]:
+              feature_cache: str | Path = "runs/features", **options) -> tuple[dict[str, Any], Tensor, Tensor | None]:
     data = run.data  # DataUnavailable before any sampling
     features = run.cfg.data in FEATURE_NETS and not run.cfg.image_size
     if features and n is not None and integer("n", n) < 20:
@@ -278,7 +278,7 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
     features = features and n >= 20  # a default n (2 n_eval) too small for KID: the report goes without them
     method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
     check_mmd2_memory(n, None if data.mixture is not None else min(n, data.test.shape[0]))  # before sampling
-    x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths)
+    x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths, **options)
     metrics = {"step": run.step, "sampler": method, "nfe": nfe,
                **w2_report(x, data, generator=torch.Generator().manual_seed(seed + 1))}
     target = data.mixture if data.mixture is not None else data.test[:x.shape[0]].flatten(1)
@@ -333,13 +333,13 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
 
 
 def evaluate_run(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
-                 seed: int = 0, feature_cache: str | Path = "runs/features") -> dict[str, Any]:
+                 seed: int = 0, feature_cache: str | Path = "runs/features", **options) -> dict[str, Any]:
     """W2 of n samples (None: 2 n_eval, at most the held-out size) drawn with sampler `method` at `nfe` (None: the
-    run's) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out
+    run's; options to `sample_run`, e.g. ts and denoise of `run_schedule`) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out
     data), for data with a known law the histogram TV and the T 5.2 TV bound from the measured score error
     (`analytic_report`), and for the built-in image sets FID-style, KID, precision and recall (`feature_report`,
     its network cached in `feature_cache`)."""
-    return _evaluate(run, n, method, nfe, seed, feature_cache=feature_cache)[0]
+    return _evaluate(run, n, method, nfe, seed, feature_cache=feature_cache, **options)[0]
 
 
 def write_report(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
