@@ -151,13 +151,16 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             """log of the mean squared score at t_min over the points x (module docstring)."""
             nonlocal spent
             spent += x.shape[0]
-            return math.log(float(score_fn(x.reshape((-1,) + sample_shape), t_min).double().square().sum()))
+            return float(score_fn(x.reshape((-1,) + sample_shape), t_min).double().square().sum().log())  # 0: -inf
 
         ref_fine = {part: fine(x) for part, x in ref.items()}
 
         def outputs(ts: Tensor, denoise: bool, part: str) -> tuple[Tensor, float] | None:
             x = run(probes[part], nfe, ts=ts, denoise=denoise)
-            return (x, fine(x) - ref_fine[part]) if bool(torch.isfinite(x).all()) else None
+            if not bool(torch.isfinite(x).all()):
+                return None
+            excess = fine(x) - ref_fine[part]
+            return x, excess if excess == excess else 0.0  # nan: a score that is 0 everywhere (-inf - -inf)
 
         allowed = {}
         for part in ref:
