@@ -335,10 +335,10 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
 def evaluate_run(run: Run, n: int | None = None, *, method: str | None = None, nfe: int | None = None,
                  seed: int = 0, feature_cache: str | Path = "runs/features", **options) -> dict[str, Any]:
     """W2 of n samples (None: 2 n_eval, at most the held-out size) drawn with sampler `method` at `nfe` (None: the
-    run's; options to `sample_run`, e.g. ts and denoise of `run_schedule`) to held-out data with its floor, MMD^2 (closed form against a known mixture, else against held-out
-    data), for data with a known law the histogram TV and the T 5.2 TV bound from the measured score error
-    (`analytic_report`), and for the built-in image sets FID-style, KID, precision and recall (`feature_report`,
-    its network cached in `feature_cache`)."""
+    run's; options to `sample_run`, e.g. ts and denoise of `run_schedule`) to held-out data with its floor, MMD^2
+    (closed form against a known mixture, else against held-out data), for data with a known law the histogram
+    TV and the T 5.2 TV bound from the measured score error (`analytic_report`), and for the built-in image sets
+    FID-style, KID, precision and recall (`feature_report`, its network cached in `feature_cache`)."""
     return _evaluate(run, n, method, nfe, seed, feature_cache=feature_cache, **options)[0]
 
 

@@ -145,13 +145,14 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
         ref = {"fit": reference[:half], "check": reference[half:]}
         probes = {"fit": probe[:half], "check": probe[half:]}
-        t_min = torch.full((half,), float(sde.t_min), dtype=probe.dtype, device=probe.device)
 
         def fine(x: Tensor) -> float:
             """log of the mean squared score at t_min over the points x (module docstring)."""
             nonlocal spent
             spent += x.shape[0]
-            return float(score_fn(x.reshape((-1,) + sample_shape), t_min).double().square().sum().log())  # 0: -inf
+            t_min = torch.full((len(x),), float(sde.t_min), dtype=x.dtype, device=x.device)
+            squares = score_fn(x.reshape((-1,) + sample_shape), t_min).double().square()
+            return float((squares.sum() / len(x)).log())  # a score 0 everywhere: -inf
 
         ref_fine = {part: fine(x) for part, x in ref.items()}
 
