@@ -163,10 +163,10 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             excess = fine(x) - ref_fine[part]
             return x, excess if excess == excess else 0.0  # nan: a score that is 0 everywhere (-inf - -inf)
 
-        allowed = {}
-        for part in ref:
-            out = outputs(*default, part)
-            allowed[part] = max(_FINE_SLACK, out[1] if out else -math.inf)
+        default_out = {part: outputs(*default, part) for part in ref}  # sets the allowance, and the default's check
+        allowed = {part: max(_FINE_SLACK, out[1] if out else -math.inf) for part, out in default_out.items()}
+        out = default_out["check"]
+        default_check = mmd2_paired(out[0], ref["check"], h) if out else math.inf
 
         def objective(ts: Tensor, denoise: bool, part: str = "fit") -> float:
             out = outputs(ts, denoise, part)
@@ -194,7 +194,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         _, best_ts, best_denoise = min(candidates, key=lambda c: c[0])
         fitted = _move_knots(sde, best_ts, best_denoise, objective, lam_min, max_iter)
         choices = {"default": default, "family": (best_ts, best_denoise), "fitted": fitted}
-        checks = {k: objective(ts, d, "check") for k, (ts, d) in choices.items()}
+        checks = {k: default_check if k == "default" else objective(ts, d, "check") for k, (ts, d) in choices.items()}
     choice = min(checks, key=lambda k: (checks[k], k != "default"))
     ts, denoise = choices[choice]
     return Schedule(ts, bool(denoise), choice, checks[choice], checks["default"], spent,
