@@ -150,8 +150,8 @@ def _open_run(run: Path):
 
 
 SCHEDULE_HELP = ("auto | default. auto: unipc2 / unipc3 / sa3 at nfe <= 10 on a schedule searched once per model and "
-                 "nfe (about 1e6 score evaluations) and kept in the run folder; default: the fixed grid. Unset: auto "
-                 "where it applies, else the fixed grid")
+                 "nfe (1.2e6-3.2e6 score evaluations) and kept in the run folder; default: the fixed grid. Unset: "
+                 "auto where it applies, else the fixed grid")
 
 
 def _check_schedule(schedule: str | None) -> None:
