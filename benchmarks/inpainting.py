@@ -4,8 +4,9 @@ digit is classified as its true class at least 90% of the time).
 Class recovery (the feature network's class of the completion against the true label) of the Tweedie
 h-transform (`sampling.guidance`, "tweedie", at each CG truncation of --cg), of its weighted form (the score
 of p_t(x) p(y | x_t)^w at each --weights w: the Gaussian approximation of x_0 | x_t is too broad for digits,
-whose class the known half nearly fixes) and of replacement ("replace"), all with Euler-Maruyama, beside
-three references that need no score model:
+whose class the known half nearly fixes), of replacement ("replace") and of twisted SMC ("smc",
+`sampling.twisted`: --particles particles per digit at each twisting weight of --smc-weights, exact for the
+model as the particles grow), all with Euler-Maruyama, beside three references that need no score model:
 - the upper half alone (lower half black);
 - the nearest training digit's lower half (nearest on the upper half);
 - a classifier of the upper half alone (trained on the training digits' upper halves, temperature fitted on
@@ -43,11 +44,14 @@ from scoresde.running.progress import counting_calls
 from scoresde.sampling.guidance import inpaint
 
 NAME = "inpainting"
-NFE = {"tweedie": 100, "replace": 200}  # Euler-Maruyama steps of each method
+NFE = {"tweedie": 100, "replace": 200, "smc": 100}  # Euler-Maruyama steps of each method
 DEFAULT_RUN = Path("runs/imaging_mnist_4k/VP")  # the 4000-step run of RESULTS.md (imaging --steps 4000)
 OFFSET = 100  # held-out digits 0-99 chose the settings
 CG = (1,)  # CG truncations of the Tweedie solve (vector-Jacobian products per step), each at weight 1
 WEIGHTS = (1.0, 4.0, 8.0, 16.0)  # likelihood weights of the Tweedie method, at the first CG truncation
+PARTICLES, SMC_WEIGHTS = (8,), (1.0,)  # twisted SMC: particles per digit, twisting weights
+METHODS = ("tweedie", "replace", "smc")
+CHUNK = 400  # images (digits x particles) per sampler call, to bound the memory of the gradients
 MNIST_CLASSIFIER = FEATURE_NETS["mnist"][2]
 QUICK = dict(n=4, nfe_scale=0.05, weights=[1.0, 4.0])
 
@@ -76,8 +80,10 @@ def upper_half_reference(train: Tensor, labels: Tensor, known: Tensor, truth: Te
 
 
 def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, offset: int = OFFSET,
-             cg: tuple[int, ...] = CG, weights: tuple[float, ...] = WEIGHTS,
-             nfe_scale: float = 1.0, classifier_args: dict = MNIST_CLASSIFIER) -> tuple[dict, list[Tensor], list[str]]:
+             cg: tuple[int, ...] = CG, weights: tuple[float, ...] = WEIGHTS, nfe_scale: float = 1.0,
+             classifier_args: dict = MNIST_CLASSIFIER, methods: tuple[str, ...] = METHODS,
+             particles: tuple[int, ...] = PARTICLES, smc_weights: tuple[float, ...] = SMC_WEIGHTS
+             ) -> tuple[dict, list[Tensor], list[str]]:
     """Class recovery of the lower half of held-out digits offset .. offset + n: the references and every
     method; returns (results, grid rows of 16, their labels)."""
     known, truth = data.test[offset:offset + n], data.test_labels[offset:offset + n]
@@ -91,16 +97,19 @@ def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, of
            **upper_half_reference(mask * data.train - (1 - mask), data.train_labels, upper, truth, classifier_args)}
     print(json.dumps(res), flush=True)
     grid, labels = [upper[:16]], ["known half"]
-    variants = ([("tweedie", c, 1.0) for c in cg] + [("tweedie", cg[0], w) for w in weights if w != 1]
-                + [("replace", 0, 1.0)])
-    for how, cg_iters, weight in variants:
+    variants = ([("tweedie", {"cg_iters": c}, 1.0) for c in cg] + [("tweedie", {"cg_iters": cg[0]}, w)
+                                                                    for w in weights if w != 1]
+                + [("replace", {}, 1.0)] + [("smc", {"particles": k}, w) for k in particles for w in smc_weights])
+    for how, opts, weight in (v for v in variants if v[0] in methods):
         nfe = max(2, round(NFE[how] * nfe_scale))
-        label = f"{how} cg={cg_iters} w={weight:g}" if cg_iters else how
+        label = " ".join([how, *(f"{k.split('_')[0]}={v}" for k, v in opts.items())] + [f"w={weight:g}"] * (how != "replace"))
+        chunk = max(1, CHUNK // opts.get("particles", 1))
         tic = time.perf_counter()
-        with counting_calls(model, f"inpaint {label}", nfe):
-            x = inpaint(sde, model, known, mask, method=how, sampler="em", nfe=nfe, cg_iters=max(cg_iters, 1),
-                        weight=weight, generator=torch.Generator().manual_seed(3))
-        res[label] = {"nfe": nfe, "cg_iters": cg_iters or None, "weight": weight, "accuracy": accuracy(x),
+        with counting_calls(model, f"inpaint {label}", nfe * -(-len(known) // chunk)):
+            g = torch.Generator().manual_seed(3)
+            x = torch.cat([inpaint(sde, model, part, mask, method=how, sampler="em", nfe=nfe, weight=weight,
+                                   generator=g, **opts) for part in known.split(chunk)])
+        res[label] = {"nfe": nfe, **opts, "weight": weight, "accuracy": accuracy(x),
                       "sample_s": time.perf_counter() - tic}
         print(json.dumps({label: res[label]}), flush=True)
         grid.append(x[:16]), labels.append(f"inpainted ({label})")
@@ -117,6 +126,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS),
                     help="likelihood weights of the Tweedie method (at the first --cg)")
     ap.add_argument("--nfe-scale", type=float, default=1.0, help="scale the NFE of every method (quick runs)")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="inpainting methods run")
+    ap.add_argument("--particles", type=int, nargs="+", default=list(PARTICLES), help="smc: particles per digit")
+    ap.add_argument("--smc-weights", type=float, nargs="+", default=list(SMC_WEIGHTS), help="smc: twisting weights")
 
 
 def tiny_run(folder: Path) -> Path:
@@ -148,7 +160,8 @@ def run(args):
         raise SystemExit(f"--run must be a run on mnist, {str(args.run)!r} was trained on {run_.data_name!r}")
     ev = FeatureEvaluator("mnist", 20)
     res, grid, labels = evaluate(run_.sde, run_.model, run_.data, ev.classify, args.n, args.offset,
-                                 tuple(args.cg), tuple(args.weights), args.nfe_scale)
+                                 tuple(args.cg), tuple(args.weights), args.nfe_scale, methods=tuple(args.methods),
+                                 particles=tuple(args.particles), smc_weights=tuple(args.smc_weights))
     tag = f"{args.run.parent.name}_{args.run.name}".lower()
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"inpainting_{tag}.png", labels))
     common.write_json(NAME, {"run": str(args.run), "step": run_.step, **res, "figure": fig.name},

@@ -226,7 +226,11 @@ def test_evaluate_and_inpaint_refuse_bad_n_and_nfe_before_computing(tiny_run, mo
           "--cg-iters must be >= 1, or omit it for the default 5")
     fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", "o.npy", "--weight", "0"], "--weight must be a finite number > 0")
     fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", "o.npy", "--how", "replace", "--weight", "4"],
-          "--weight applies to --how tweedie only")
+          "--weight applies to --how tweedie and smc only")
+    fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", "o.npy", "--particles", "4"],
+          "--particles applies to --how smc only")
+    fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", "o.npy", "--how", "smc", "--particles", "0"],
+          "--particles must be >= 1, or omit it for the default 8")
     # issue 18: --n 100000 allocated 74.5 GiB and died; an impossible n is refused before sampling
     err = fails(["evaluate", tiny_run, "--n", "1000000000"], "n=1000000000", "GiB", "largest n that fits is")
     assert "mmd2" in err
@@ -343,7 +347,8 @@ def test_a_score_returning_nan_is_an_error_naming_method_and_nfe(tiny_run, tmp_p
 
 
 def test_inpaint_passes_its_tweedie_options_on(tiny_run, tmp_path, monkeypatch):
-    """--weight and --cg-iters reach the inpainting (none is silently dropped); omitted, the library defaults hold."""
+    """--weight, --cg-iters and --particles reach the inpainting (none is silently dropped); omitted, the library
+    defaults hold."""
     import torch
 
     from scoresde.running import runs
@@ -355,8 +360,9 @@ def test_inpaint_passes_its_tweedie_options_on(tiny_run, tmp_path, monkeypatch):
         return torch.zeros(n, 2), torch.ones(2), torch.zeros(n, 2)
 
     monkeypatch.setattr(runs, "inpaint_run", fake)
-    for extra in (["--weight", "4", "--cg-iters", "2"], []):
+    for extra in (["--weight", "4", "--cg-iters", "2"], [], ["--how", "smc", "--particles", "3", "--weight", "2"]):
         res = runner.invoke(app, ["inpaint", str(tiny_run), "--mask", "m.npy", "--out", str(tmp_path / "o.npy"), *extra])
         assert res.exit_code == 0, res.output
-    assert seen[0]["weight"] == 4.0 and seen[0]["cg_iters"] == 2
-    assert seen[1]["weight"] == 1.0 and "cg_iters" not in seen[1]
+    assert seen[0]["weight"] == 4.0 and seen[0]["cg_iters"] == 2 and "particles" not in seen[0]
+    assert seen[1]["weight"] == 1.0 and "cg_iters" not in seen[1] and seen[1]["how"] == "tweedie"
+    assert seen[2] == {**seen[1], "how": "smc", "particles": 3, "weight": 2.0}

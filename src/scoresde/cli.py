@@ -240,13 +240,17 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
             method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
             nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
             how: str = typer.Option("tweedie", "--how", help="tweedie (default: the h-transform, exact for Gaussian "
-                                                             "data, CG solves per step) or replace (Song et al.: one "
-                                                             "score call per step, biased at any NFE)"),
+                                                             "data, CG solves per step), replace (Song et al.: one "
+                                                             "score call per step, biased at any NFE) or smc (twisted "
+                                                             "SMC: exact for any data as --particles grow; em or ei)"),
+            particles: int = typer.Option(None, "--particles", help="smc: particles per image (default 8; each "
+                                                                     "costs nfe score evaluations with gradients)"),
             cg_iters: int = typer.Option(None, "--cg-iters", help="tweedie: CG iterations per step (default 5; more "
                                                                    "trust the learned covariance further, see docs)"),
             weight: float = typer.Option(1.0, "--weight", help="tweedie: likelihood weight w, the score of p_t(x) "
                                                                 "p(known | x_t)^w (1: the exact h-transform; 4-8 "
-                                                                "recovered MNIST digit classes far more often)"),
+                                                                "recovered MNIST digit classes far more often); smc: "
+                                                                "the twisting weight (any w stays exact)"),
             seed: int = typer.Option(0)) -> None:
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
     from .running.files import check_writable, save_array
@@ -262,10 +266,15 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
     if not weight > 0 or weight == float("inf"):
         raise InvalidValueError(f"--weight must be a finite number > 0, got {weight}")
     if how == "replace" and weight != 1:
-        raise InvalidValueError(f"--weight applies to --how tweedie only (replace has no likelihood term), got {weight}")
+        raise InvalidValueError(f"--weight applies to --how tweedie and smc only (replace has no likelihood term), "
+                                f"got {weight}")
+    _at_least_one("--particles", particles, "the default 8")
+    if particles is not None and how != "smc":
+        raise InvalidValueError(f"--particles applies to --how smc only, got --how {how}")
     with counting_calls(r.model, f"inpainting ({how})", nfe or r.cfg.nfe, enable=r.cfg.progress):
         known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed, weight=weight,
-                                  **({} if cg_iters is None else {"cg_iters": cg_iters}))
+                                  **({} if cg_iters is None else {"cg_iters": cg_iters}),
+                                  **({} if particles is None else {"particles": particles}))
     if out.suffix == ".png":
         save_grid([m * known, x, known], out, ["known", "inpainted", "original"], cols=n)
     else:

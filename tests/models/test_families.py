@@ -314,7 +314,12 @@ def test_inpaint_run_defaults_to_tweedie(cond_run):
                    generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(x, want)
     torch.testing.assert_close(known, r.data.test[:2])
-    for kw, match in (({"how": "gibbs"}, "how must be one of tweedie, replace"), ({"method": "ddpm_x"}, "does not apply")):
+    known, m, x = inpaint_run(r, mask, 2, how="smc", nfe=4, seed=1, particles=3)  # smc: Euler-Maruyama by default
+    want = inpaint(r.sde, r.model, r.data.test[:2], mask, method="smc", sampler="em", nfe=4, particles=3,
+                   generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(x, want)
+    for kw, match in (({"how": "gibbs"}, "how must be one of tweedie, replace, smc"),
+                      ({"method": "ddpm_x"}, "does not apply"), ({"how": "smc", "method": "heun"}, "em, ei")):
         with pytest.raises(ValueError, match=match):
             inpaint_run(r, mask, 2, **kw)
 

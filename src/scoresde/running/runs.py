@@ -23,7 +23,7 @@ from ..core.sde import LinearSDE
 from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
-from ..sampling.guidance import CG_ITERS, INPAINT_METHODS, inpaint, label_guided
+from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.schedule import Schedule, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
@@ -224,13 +224,14 @@ def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0
 
 
 def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "tweedie", method: str | None = None,
-                nfe: int | None = None, seed: int = 0, cg_iters: int = CG_ITERS,
-                weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+                nfe: int | None = None, seed: int = 0, cg_iters: int | None = None, weight: float = 1.0,
+                **options) -> tuple[Tensor, Tensor, Tensor]:
     """Fill the pixels outside `mask` (a .npy / .png file for `data.load_mask`, or a 0/1 tensor of one
     sample's shape, 1 = known) of the run's first n held-out images with sampler `method` at `nfe` (None: the
-    run's); `how`: "tweedie" (default: the h-transform, exact for Gaussian data) or "replace" (Song et al.,
-    biased at any NFE) with `cg_iters` CG iterations per step and likelihood weight `weight`; see
-    `sampling.guidance`. Returns (known images, mask, inpainted images)."""
+    run's; for "smc", em); `how`: "tweedie" (default: the h-transform, exact for Gaussian data; `cg_iters` CG
+    iterations per step), "replace" (Song et al., biased at any NFE) or "smc" (twisted SMC, exact as its
+    `particles` grow), `weight` the likelihood (twisting) weight, `options` those of `sampling.guidance.inpaint`.
+    Returns (known images, mask, inpainted images)."""
     run.family.require("inpaint")
     sde = run.require_linear("inpaint")
     if len(run.sample_shape) != 3:
@@ -239,12 +240,12 @@ def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "twee
     if how not in INPAINT_METHODS:
         raise InvalidValueError(f"how must be one of {', '.join(INPAINT_METHODS)}, got {how!r}")
     integer("n", n)
-    method = run.cfg.sampler if method is None else method
+    method = ("em" if how == "smc" else run.cfg.sampler) if method is None else method
     run.family.check_method(method)
     m = mask if isinstance(mask, Tensor) else load_mask(mask, run.sample_shape)
     known = run.data.test[:n]
     x = inpaint(sde, run.model, known, m, method=how, sampler=method, nfe=run.cfg.nfe if nfe is None else nfe,
-                cg_iters=cg_iters, weight=weight, generator=torch.Generator().manual_seed(seed))
+                cg_iters=cg_iters, weight=weight, generator=torch.Generator().manual_seed(seed), **options)
     return known, m, x
 
 

@@ -15,6 +15,8 @@
   "replace" (Song et al. 2011.13456 app. I.2) evaluates the joint score with the known pixels
   replaced by a forward-noised copy alpha y + sigma z: one score call per step, but biased even for
   Gaussian data.
+  "smc" is not a score wrapper but its own sampler (`twisted.twisted_inpaint`): particles steered by a
+  Tweedie twisting function and importance-weighted, exact for any data as the particles grow.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ..core.validate import integer, number
 __all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS", "CG_ITERS"]
 
 CondScoreFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
-INPAINT_METHODS = ("tweedie", "replace")
+INPAINT_METHODS = ("tweedie", "replace", "smc")
 # CG iterations of the Tweedie solve per score call. A truncation on purpose: on the MNIST VP model (EM, NFE 100,
 # held-out digits 0-49) the lower half's class was recovered 0.70 of the time at 1 and at 5 iterations but 0.42 at
 # 15, where the solve trusts the learned covariance's smallest eigenvalues and the guidance blows up.
@@ -127,15 +129,23 @@ def inpaint_score(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor
 
 
 def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, method: str = "tweedie",
-            sampler: str = "em", nfe: int = 200, cg_iters: int = CG_ITERS, weight: float = 1.0,
+            sampler: str = "em", nfe: int = 200, cg_iters: int | None = None, weight: float = 1.0,
             generator: torch.Generator | None = None, **options) -> Tensor:
     """Fill the pixels outside `mask` with any sampler of `sampling.METHODS`; known pixels are kept. method:
     "tweedie" (default; exact for Gaussian data once the CG converges, its error shrinks with nfe; each step
-    costs up to cg_iters vector-Jacobian products, CG_ITERS by default; `weight`: `inpaint_score`) or "replace" (one score call per step, but biased at any nfe); module docstring."""
+    costs up to cg_iters vector-Jacobian products, CG_ITERS by default; `weight`: `inpaint_score`), "replace"
+    (one score call per step, but biased at any nfe) or "smc" (`twisted.twisted_inpaint`, sampler "em" or
+    "ei", options particles, sigma_y, ess_min; `weight` is its twisting weight); module docstring."""
     from .methods import sample
+    from .twisted import twisted_inpaint
 
-    cond = inpaint_score(sde, score_fn, known, mask, method=method, cg_iters=cg_iters, weight=weight,
-                         generator=generator)
+    if cg_iters is not None and method != "tweedie":
+        raise InvalidValueError(f"cg_iters applies to method 'tweedie' only, got method {method!r}")
+    if method == "smc":
+        return twisted_inpaint(sde, score_fn, known, mask, sampler=sampler, nfe=nfe, weight=weight,
+                               generator=generator, **options)
+    cond = inpaint_score(sde, score_fn, known, mask, method=method, cg_iters=CG_ITERS if cg_iters is None else cg_iters,
+                         weight=weight, generator=generator)
     x = sample(sde, cond, tuple(known.shape), method=sampler, nfe=nfe, generator=generator, dtype=known.dtype, **options)
     m = mask.to(known.dtype)
     return m * known + (1 - m) * x
