@@ -27,7 +27,7 @@ TimeLike = float | Tensor
 __all__ = [
     "SDE", "LinearSDE", "OU", "Langevin", "VE", "VEEDM", "VP", "SubVP",
     "ContractiveOU", "ContractiveVP", "reverse_drift", "probability_flow_drift",
-    "simulate", "expand_like", "as_time", "batch_time", "SDES",
+    "simulate", "expand_like", "batch_dot", "as_time", "batch_time", "SDES",
 ]
 
 
@@ -42,6 +42,11 @@ def as_time(t: TimeLike, like: Tensor | None = None) -> Tensor:
 def expand_like(v: Tensor, x: Tensor) -> Tensor:
     """Reshape a per-sample coefficient of shape () or (batch,) to broadcast over `x`."""
     return v.reshape(v.shape + (1,) * (x.dim() - v.dim()))
+
+
+def batch_dot(u: Tensor, v: Tensor) -> Tensor:
+    """Per-sample inner product of two batches of the same shape: shape (batch,)."""
+    return (u * v).flatten(1).sum(1)
 
 
 def _check_horizon(T: float, t_min: float) -> None:

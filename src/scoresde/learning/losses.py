@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError
 from ..core.registry import Registry
-from ..core.sde import SDE, Langevin, LinearSDE, ScoreFn, as_time, expand_like, simulate
+from ..core.sde import SDE, Langevin, LinearSDE, ScoreFn, as_time, batch_dot, expand_like, simulate
 from ..core.validate import batch_tensor, integer
 
 Weighting = str | Callable[[Tensor], Tensor]
@@ -64,7 +64,7 @@ def _sqnorm(v: Tensor) -> Tensor:
     return v.flatten(1).pow(2).sum(1)
 
 
-def _dot(u: Tensor, v: Tensor) -> Tensor:
+def batch_dot(u: Tensor, v: Tensor) -> Tensor:
     return (u * v).flatten(1).sum(1)
 
 
@@ -256,8 +256,8 @@ def sliced_score_matching(score_fn: ScoreFn, sde: SDE, x0: Tensor, *, t: Tensor 
         total = torch.zeros(x.shape[0], dtype=s.dtype, device=x.device)
         for _ in range(n_projections):
             v = _projection(projection, x, generator)
-            quad = _sqnorm(s) if variance_reduced else _dot(v, s) ** 2
-            total = total + quad + 2 * _dot(_vjp(s, x, v), v)
+            quad = _sqnorm(s) if variance_reduced else batch_dot(v, s) ** 2
+            total = total + quad + 2 * batch_dot(_vjp(s, x, v), v)
         return lam * total / n_projections
 
     return _with_input_grad(loss, xt)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.errors import InvalidValueError
-from ..core.sde import LinearSDE, ScoreFn, expand_like
+from ..core.sde import LinearSDE, ScoreFn, batch_dot, expand_like
 from ..core.validate import integer, number
 
 __all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS", "CG_ITERS"]
@@ -60,9 +60,6 @@ def classifier_guidance(score_fn: ScoreFn, log_probs_fn: Callable[[Tensor, Tenso
     return guided
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).flatten(1).sum(1)
-
 
 def _cg(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float) -> Tensor:
     """Batched conjugate gradients for A q = b, A symmetric positive definite per sample; truncated (Steihaug) for
@@ -71,19 +68,19 @@ def _cg(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float) -
     below tol times the first."""
     q = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
-    rs = _dot(r, r)
+    rs = batch_dot(r, r)
     stop = tol**2 * rs
     active = rs > stop
     for _ in range(iters):
         Ap = matvec(p)
-        pAp = _dot(p, Ap)
+        pAp = batch_dot(p, Ap)
         active = active & (pAp > 0)
         if not active.any():
             break
         a = torch.where(active, rs / torch.where(active, pAp, 1.0), 0.0)
         q = q + expand_like(a, b) * p
         r = r - expand_like(a, b) * Ap
-        rs_new = _dot(r, r)
+        rs_new = batch_dot(r, r)
         active = active & (rs_new > stop)
         p = r + expand_like(torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0), b) * p
         rs = rs_new

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError
 from ..core.gaussian import step_coefficients
-from ..core.sde import LinearSDE, ScoreFn, batch_time
+from ..core.sde import LinearSDE, ScoreFn, batch_dot, batch_time
 from ..core.validate import integer, number
 from .grids import time_grid
 from .methods import METHODS
@@ -41,9 +41,6 @@ __all__ = ["twisted_inpaint", "TWISTED_SAMPLERS"]
 
 TWISTED_SAMPLERS = {"em": False, "ei": True}  # the reverse-SDE steps of the particles: exponential integrator?
 
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).flatten(1).sum(1)
 
 
 def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, particles: int = 8,
@@ -84,7 +81,7 @@ def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tens
             xg = x.detach().requires_grad_(True)
             score = score_fn(xg, batch_time(ts[i].to(x.dtype), x))
             x0 = (xg + s**2 * score) / a
-            log_twist = -weight * _dot(m * (y - x0), m * (y - x0)) / (2 * var)
+            log_twist = -weight * batch_dot(m * (y - x0), m * (y - x0)) / (2 * var)
             (grad,) = torch.autograd.grad(log_twist.sum(), xg)
         return score.detach(), x0.detach(), log_twist.detach(), grad
 
@@ -97,11 +94,11 @@ def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tens
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         x = lin[i] * x + c[i] * score + u + math.sqrt(v[i]) * z
         state = twist(x, i + 1)
-        log_w = log_w - (2 * math.sqrt(v[i]) * _dot(z, u) + _dot(u, u)) / (2 * v[i]) + state[2] - log_twist
+        log_w = log_w - (2 * math.sqrt(v[i]) * batch_dot(z, u) + batch_dot(u, u)) / (2 * v[i]) + state[2] - log_twist
         if i < len(ts) - 2:
             x, state, log_w = _resample(x, state, log_w, n, k, ess_min, generator)
     x0, log_twist = state[1], state[2]
-    log_w = log_w - _dot(m * (y - x0), m * (y - x0)) / (2 * sigma_y**2) - log_twist  # L(y | x0_hat) / p~
+    log_w = log_w - batch_dot(m * (y - x0), m * (y - x0)) / (2 * sigma_y**2) - log_twist  # L(y | x0_hat) / p~
     pick = torch.multinomial(torch.softmax(log_w.view(n, k).double(), 1), 1, generator=generator)[:, 0]
     x0 = x0.view(n, k, *x0.shape[1:])[torch.arange(n), pick]
     return m0 * known + (1 - m0) * x0
