@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from scoresde.core import sde as S
-from scoresde.core.errors import InvalidValueError
+from scoresde.core.errors import InvalidValueError, NonFiniteError
 from scoresde.core.targets import GaussianMixture
 from scoresde.sampling.guidance import inpaint
 
@@ -37,7 +37,7 @@ def image_score(mix, sde):
 
 def test_twisted_smc_draws_the_exact_conditional_mode_weights_as_particles_grow():
     """The exact P(mode 0 | y) is 0.353. One particle (the twisted proposal alone, no weights) and the Tweedie
-    h-transform (its Gaussian x_0 | x_t) land near 0.65 and 0.51; 64 weighted particles per image recover it."""
+    h-transform (its Gaussian x_0 | x_t) land near 0.67 and 0.51; 64 weighted particles per image recover it."""
     sde, mix = S.VP(), two_modes()
     y = torch.tensor([0.4, 0.4], dtype=F64)
     want = exact_upper_mode_weight(mix, y)
@@ -69,3 +69,5 @@ def test_twisted_smc_refuses_what_it_cannot_do():
             inpaint(sde, score, known, mask, method="smc", nfe=4, **kw)
     with pytest.raises(InvalidValueError, match="mask must have the shape"):
         inpaint(sde, score, known, torch.ones(3, 3, dtype=F64), method="smc", nfe=4)
+    with pytest.raises(NonFiniteError, match="twisted inpainting at nfe=4: the particles' weights are not finite"):
+        inpaint(sde, lambda x, t: x * float("nan"), known, mask, method="smc", nfe=4)
