@@ -60,7 +60,6 @@ def classifier_guidance(score_fn: ScoreFn, log_probs_fn: Callable[[Tensor, Tenso
     return guided
 
 
-
 def _cg(matvec: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float) -> Tensor:
     """Batched conjugate gradients for A q = b, A symmetric positive definite per sample; truncated (Steihaug) for
     a learned score, whose Jacobian need not be: a sample stops at the first direction of non-positive curvature

@@ -46,7 +46,6 @@ __all__ = ["twisted_inpaint", "TWISTED_SAMPLERS"]
 TWISTED_SAMPLERS = {"em": False, "ei": True}  # the reverse-SDE steps of the particles: exponential integrator?
 
 
-
 def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, particles: int = 8,
                     sampler: str = "em", nfe: int = 100, weight: float = 1.0, sigma_y: float = 0.05,
                     ess_min: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
