@@ -102,7 +102,8 @@ def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, of
                 + [("replace", {}, 1.0)] + [("smc", {"particles": k}, w) for k in particles for w in smc_weights])
     for how, opts, weight in (v for v in variants if v[0] in methods):
         nfe = max(2, round(NFE[how] * nfe_scale))
-        label = " ".join([how, *(f"{k.split('_')[0]}={v}" for k, v in opts.items())] + [f"w={weight:g}"] * (how != "replace"))
+        label = " ".join([how, *(f"{k.split('_')[0]}={v}" for k, v in opts.items())]
+                         + [f"w={weight:g}"] * (how != "replace"))
         chunk = max(1, CHUNK // opts.get("particles", 1))
         tic = time.perf_counter()
         with counting_calls(model, f"inpaint {label}", nfe * -(-len(known) // chunk)):
