@@ -12,7 +12,7 @@ from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 Callback = Callable[[int, Tensor, Tensor], None]
 
 __all__ = ["Callback", "alpha_sigma", "data_prediction", "finish", "noise_like", "require_linear", "check_grid",
-           "schedule"]
+           "schedule", "mask_like"]
 
 
 def require_linear(sde: SDE, what: str) -> LinearSDE:
@@ -71,3 +71,11 @@ def finish(sde: SDE, score_fn: ScoreFn, x: Tensor, t_end: Tensor, denoise: bool,
 
 def noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def mask_like(known: Tensor, mask: Tensor) -> Tensor:
+    """mask in known's dtype, refused unless it has the shape of known or of its trailing dimensions (one sample)."""
+    if mask.shape != known.shape[-mask.dim():] and mask.shape != known.shape:
+        raise InvalidValueError(f"mask must have the shape of known {tuple(known.shape)} or of one sample, got "
+                                f"{tuple(mask.shape)}")
+    return mask.to(known.dtype)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn, batch_dot, expand_like
 from ..core.validate import integer, number
+from .common import mask_like
 
 __all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS", "CG_ITERS"]
 
@@ -99,9 +100,7 @@ def inpaint_score(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor
     number("weight", weight, 0.0)
     if method == "replace" and weight != 1:
         raise InvalidValueError(f"weight applies to method 'tweedie' only (replace has no likelihood term), got {weight}")
-    if mask.shape != known.shape[-mask.dim():] and mask.shape != known.shape:
-        raise InvalidValueError(f"mask must have the shape of known {tuple(known.shape)} or of one sample, got {tuple(mask.shape)}")
-    m = mask.to(known.dtype)
+    m = mask_like(known, mask)
 
     def replace(x: Tensor, t: Tensor) -> Tensor:
         a, s = expand_like(sde.alpha(t), x), expand_like(sde.sigma(t), x)

@@ -38,6 +38,7 @@ from ..core.errors import InvalidValueError, NonFiniteError
 from ..core.gaussian import step_coefficients
 from ..core.sde import LinearSDE, ScoreFn, batch_dot, batch_time
 from ..core.validate import integer, number
+from .common import mask_like
 from .grids import time_grid
 from .methods import METHODS
 
@@ -64,11 +65,8 @@ def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tens
     number("sigma_y", sigma_y, 0.0)
     if not 0 <= ess_min <= 1:
         raise InvalidValueError(f"ess_min must be in [0, 1], got {ess_min}")
-    if mask.shape != known.shape[-mask.dim():] and mask.shape != known.shape:
-        raise InvalidValueError(f"mask must have the shape of known {tuple(known.shape)} or of one sample, got "
-                                f"{tuple(mask.shape)}")
+    m0 = mask_like(known, mask)
     n, k = known.shape[0], int(particles)
-    m0 = mask.to(known.dtype)
     m = m0.repeat_interleave(k, 0) if m0.shape == known.shape else m0
     y = known.repeat_interleave(k, 0)
     spec = METHODS[sampler]
