@@ -292,11 +292,54 @@ def test_weightings():
     torch.testing.assert_close(loss_weight(vp, t, lambda t: 2.0), torch.full((3,), 2.0, dtype=F64))
 
 
+def test_min_snr_is_hang_et_al_x0_form():
+    """Min-SNR-5 on the eps loss equals Hang et al.'s form min(SNR, 5) |x0_hat - x0|^2 (2303.09556 eq. 7), with
+    x0_hat from the score by Tweedie's formula, for VP, sub-VP and VE (SNR on both sides of 5)."""
+    from scoresde.core.precond import score_to_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(6, 2, generator=g, dtype=F64), torch.randn(6, 2, generator=g, dtype=F64)
+    t = torch.tensor([0.01, 0.05, 0.2, 0.4, 0.7, 1.0], dtype=F64)
+    score = lambda x, t: -x / 1.3 + 0.2 * torch.sin(x)  # noqa: E731
+    for sde in (VP(), SubVP(), VE()):
+        loss = denoising_score_matching(score, sde, x0, t=t, noise=noise, weighting="min_snr")
+        a, s = sde.alpha(t), sde.sigma(t)
+        xt = a[:, None] * x0 + s[:, None] * noise
+        snr = (a / s) ** 2
+        assert (snr > 5).any() and (snr < 5).any()
+        x0_hat = score_to_x0(score(xt, t), xt, a, s)
+        torch.testing.assert_close(loss, torch.clamp(snr, max=5.0) * (x0_hat - x0).pow(2).sum(1))
+
+
+@pytest.mark.parametrize("importance", [False, True])
+def test_edm_weighting_is_edm_objective(importance):
+    """E_t[lambda_edm(t) |s + z / sigma|^2] over t ~ U (or EDM's lognormal, the importance draw) equals EDM's objective
+    E[lambda(s) |x0_hat - x0|^2] with ln s ~ N(-1.2, 1.2^2) drawn directly (Karras et al. 2206.00364 eq. 2, Table 1),
+    restricted to the SDE's noise range: two Monte Carlo means within 4 combined standard errors."""
+    from scoresde.core.precond import score_to_x0
+
+    sde, n = VP(), 400000
+    g = torch.Generator().manual_seed(3)
+    score = lambda x, t: -x / 1.3 + 0.2 * torch.sin(x)  # noqa: E731
+    x0 = 0.7 * torch.randn(n, 2, generator=g, dtype=F64)
+    ours = denoising_score_matching(score, sde, x0, weighting="edm", importance=importance, generator=g)
+    log_s = -1.2 + 1.2 * torch.randn(n, generator=g, dtype=F64)
+    inside = (log_s >= -sde.log_snr(sde.t_min)) & (log_s <= -sde.log_snr(sde.T))
+    t = sde.inverse_log_snr(-log_s[inside])
+    a, s = sde.alpha(t), sde.sigma(t)
+    xt = a[:, None] * x0[inside] + s[:, None] * torch.randn(t.shape[0], 2, generator=g, dtype=F64)
+    sig = s / a
+    edm = (sig**2 + 0.25) / (sig * 0.5) ** 2 * (score_to_x0(score(xt, t), xt, a, s) - x0[inside]).pow(2).sum(1)
+    edm = torch.where(inside, torch.zeros(n, dtype=F64).index_put((inside.nonzero()[:, 0],), edm), 0.0)
+    se = math.sqrt(ours.var() / n + edm.var() / n)
+    assert abs(ours.mean() - edm.mean()) < 4 * se, (ours.mean(), edm.mean(), se)
+
+
 def test_bad_inputs():
     sde, x0 = VP(), torch.zeros(4, 2, dtype=F64)
     score = lambda x, t: -x  # noqa: E731
     t = torch.full((4,), 0.5, dtype=F64)
-    with pytest.raises(ValueError, match="weighting must be one of sigma2, g2, uniform"):
+    with pytest.raises(ValueError, match="weighting must be one of sigma2, g2, uniform, min_snr, edm"):
         denoising_score_matching(score, sde, x0, weighting="snr")
     with pytest.raises(ValueError, match=r"weighting\(t\) must return a scalar or shape \(4,\)"):
         denoising_score_matching(score, sde, x0, weighting=lambda t: torch.ones(4, 2))

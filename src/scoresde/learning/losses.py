@@ -23,7 +23,10 @@ choice), using a piecewise-constant density on a geometric grid of [t_min, T]; e
 is multiplied by the exact ratio (1 / (T - t_min)) / q(t), so the expectation is unchanged.
 
 Weightings lambda(t): "sigma2" (sigma(t)^2, default), "g2" (g(t)^2, likelihood weighting,
-Song et al. 2101.09258), "uniform" (1), or a callable t -> lambda(t) of shape (batch,).
+Song et al. 2101.09258), "uniform" (1), "min_snr" (sigma^2 min(SNR, 5) / SNR, SNR = alpha^2 / sigma^2:
+Min-SNR-5 of Hang et al. 2303.09556, eq. 7 on the eps loss), "edm" (EDM's objective, Karras et al.
+2206.00364 eq. 2 with Table 1's lambda and ln(sigma / alpha) ~ N(-1.2, 1.2^2), sigma_data 0.5, written
+as a weight on uniform t; pair it with importance=True), or a callable t -> lambda(t) of shape (batch,).
 
 SDEs: x_t = alpha x0 + sigma z for linear SDEs. For `Langevin` (no Gaussian marginal) the
 explicit, implicit and sliced losses simulate x_t from x0 with Euler-Maruyama
@@ -55,7 +58,9 @@ __all__ = [
     "implicit_score_matching", "sliced_score_matching", "denoising_score_matching", "LOSSES",
 ]
 
-WEIGHTINGS = ("sigma2", "g2", "uniform")
+WEIGHTINGS = ("sigma2", "g2", "uniform", "min_snr", "edm")
+MIN_SNR_GAMMA = 5.0  # Hang et al. 2303.09556: the gamma of their experiments
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5  # Karras et al. 2206.00364, Table 1
 PROJECTIONS = ("gaussian", "rademacher")
 _GRID_CELLS = 1024
 
@@ -91,8 +96,31 @@ def loss_weight(sde: SDE, t: Tensor, weighting: Weighting = "sigma2") -> Tensor:
         return sde.diffusion(t) ** 2
     if weighting == "uniform":
         return torch.ones_like(t)
+    if weighting == "min_snr":
+        ratio = (_sigma(sde, t, "weighting 'min_snr'") / sde.alpha(t)) ** 2  # 1 / SNR
+        return sde.sigma(t) ** 2 * torch.clamp(MIN_SNR_GAMMA * ratio, max=1.0)
+    if weighting == "edm":
+        return _edm_weight(sde, t)
     raise InvalidValueError(f"weighting must be one of {', '.join(WEIGHTINGS)} or a callable t -> lambda(t), "
                      f"got {weighting!r}")
+
+
+def _edm_density(sde: SDE, t: Tensor) -> Tensor:
+    """(T - t_min) p(t), p the density of t when ln(sigma / alpha) ~ N(P_mean, P_std^2) (EDM's noise levels)."""
+    with torch.enable_grad():
+        tt = t.detach().requires_grad_(True)
+        log_s = -sde.log_snr(tt)
+        (dlog_s,) = torch.autograd.grad(log_s.sum(), tt)
+    u = (log_s.detach() - EDM_P_MEAN) / EDM_P_STD
+    return (float(sde.T) - float(sde.t_min)) * torch.exp(-0.5 * u**2) / (EDM_P_STD * math.sqrt(2 * math.pi)) * dlog_s.abs()
+
+
+def _edm_weight(sde: SDE, t: Tensor) -> Tensor:
+    """EDM's E_{ln s ~ N(P_mean, P_std^2)} lambda(s) |x0_hat - x0|^2 at noise level s = sigma / alpha as a weight
+    on t ~ U(t_min, T): |x0_hat - x0|^2 = (sigma^4 / alpha^2) |s_theta + z / sigma|^2 and lambda(s) =
+    (s^2 + sd^2) / (s sd)^2 give lambda(t) = (T - t_min) p(t) sigma^2 (1 + s^2 / sd^2)."""
+    sigma = _sigma(sde, t, "weighting 'edm'")
+    return _edm_density(sde, t) * sigma**2 * (1 + (sigma / sde.alpha(t)) ** 2 / EDM_SIGMA_DATA**2)
 
 
 def sample_time(sde: SDE, n: int, *, weighting: Weighting = "sigma2", importance: bool = False,
@@ -100,8 +128,9 @@ def sample_time(sde: SDE, n: int, *, weighting: Weighting = "sigma2", importance
                 device=None) -> tuple[Tensor, Tensor]:
     """Times t of shape (n,) on [t_min, T] and per-sample factors r with E_q[r f(t)] = E_U[f(t)].
 
-    Uniform: r = 1. Importance: q(t) proportional to lambda(t) / sigma(t)^2, piecewise constant
-    on a geometric grid (linear when t_min = 0), r = 1 / ((T - t_min) q(t)) exactly.
+    Uniform: r = 1. Importance: q(t) proportional to lambda(t) / sigma(t)^2 (for "edm": EDM's lognormal
+    noise levels, its own proposal), piecewise constant on a geometric grid (linear when t_min = 0),
+    r = 1 / ((T - t_min) q(t)) exactly.
     """
     lo, hi = float(sde.t_min), float(sde.T)
     if not importance:
@@ -113,7 +142,8 @@ def sample_time(sde: SDE, n: int, *, weighting: Weighting = "sigma2", importance
         edges = torch.linspace(lo, hi, _GRID_CELLS + 1, dtype=torch.float64, device=device)
     widths = edges.diff()
     mids = 0.5 * (edges[1:] + edges[:-1])
-    density = loss_weight(sde, mids, weighting) / _sigma(sde, mids, "importance sampling") ** 2
+    density = _edm_density(sde, mids) if weighting == "edm" else \
+        loss_weight(sde, mids, weighting) / _sigma(sde, mids, "importance sampling") ** 2
     mass = density * widths
     if not (torch.isfinite(mass).all() and mass.sum() > 0):
         raise InvalidValueError("importance sampling needs lambda(t) / sigma(t)^2 finite and not all zero on [t_min, T]")
