@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting bench-weightings
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -96,3 +96,6 @@ bench-mnist: $(STAMP)
 # inpainting of the lower half with a finished MNIST VP run (default runs/imaging_mnist_4k/VP; BENCH_ARGS="--run DIR")
 bench-inpainting: $(STAMP)
 	$(HEAVY) -m benchmarks inpainting $(BENCH_ARGS)
+
+bench-weightings: $(STAMP)
+	$(HEAVY) -m benchmarks weightings $(BENCH_ARGS)

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "train": "train_throughput",
     "imaging": "imaging",
     "inpainting": "inpainting",
+    "weightings": "weightings",
     "samplers": "samplers",
     "bounds": "bounds_studies",
     "consistency": "consistency",

@@ -1,0 +1,111 @@
+"""Training weightings of the denoising loss on images: the eps loss (sigma2), Min-SNR-5 and EDM's objective.
+
+One VP score model per `--weightings` entry, trained as the imaging benchmark trains its VP model (same U-Net,
+steps, batch, optimiser, EMA, precision; `imaging.base_config`), then each of `--samplers` at each of `--nfes`
+drawn on sample seed `--seed` and scored with the download-free FID-style distance and KID
+(`running.feature_net.FeatureEvaluator`). The weightings are those of `learning.losses` ("edm" pairs with EDM's
+parametrization and its own lognormal noise levels: entry "edm" trains parametrization edm with importance=True).
+Run it once on a choice seed to pick, and again on another seed to report.
+
+    python -m benchmarks weightings --data mnist --steps 1250 --seeds 1 --threads 2
+
+`--twin` adds the imaging benchmark's diffusers twin, trained on the same budget, sampled on the same seeds.
+
+Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds>.{json,md} and _samples.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import common, imaging
+from scoresde.running.feature_net import FeatureEvaluator
+from scoresde.running.build import draw_samples
+from scoresde.running.plots import save_grid
+
+NAME = "weightings"
+SPECS = {  # weighting entry -> the VP family's config keys
+    "sigma2": dict(sde="vp"),
+    "min_snr": dict(sde="vp", loss_args={"weighting": "min_snr"}),
+    "edm": dict(sde="vp", parametrization="edm", loss_args={"weighting": "edm", "importance": True}),
+}
+QUICK = dict(data="digits", steps=3, n=40, nfes=[5], samplers=["dpm2m"], seeds=[1, 2], twin=[])
+TWIN_ALGORITHMS = ("sde-dpmsolver++", "dpmsolver++")
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--data", choices=sorted(imaging.DATA), default="mnist")
+    ap.add_argument("--steps", type=int, default=1250, help="training steps of every model")
+    ap.add_argument("--weightings", nargs="+", choices=list(SPECS), default=list(SPECS))
+    ap.add_argument("--samplers", nargs="+", default=["dpm2m_sde", "dpm2m"])
+    ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
+    ap.add_argument("--n", type=int, default=500, help="samples per row")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1], help="sample seeds (choose on some, report on others)")
+    ap.add_argument("--twin", nargs="*", default=None, choices=TWIN_ALGORITHMS, metavar="ALGORITHM",
+                    help="also train the imaging benchmark's diffusers twin (same budget) and sample it with "
+                         "DPMSolverMultistepScheduler of these algorithm types (default: sde-dpmsolver++)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
+    ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
+
+
+def tag(args) -> str:
+    return f"{args.data}_{args.steps}steps_seed{'-'.join(map(str, args.seeds))}"
+
+
+run_tag = tag
+
+
+def run(args) -> None:
+    torch.set_num_threads(args.threads)
+    args.runs = args.runs or common.scratch_dir(NAME, f"runs/weightings_{args.data}_{args.steps}")
+    ev = FeatureEvaluator(args.data, args.n, common.REPO / "runs" / "features")
+    rows, grid, labels = [], [], []
+
+    def score(model: str, sampler: str, nfe: int, seed: int, draw, sec: float) -> None:
+        tic = time.perf_counter()
+        x = draw()
+        m = {k: v for k, v in ev(x).items() if not isinstance(v, list)}
+        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, **m, "train_s": sec,
+                     "sample_s": time.perf_counter() - tic})
+        print(json.dumps(rows[-1]), flush=True)
+        if nfe == args.nfes[0] and seed == args.seeds[0]:
+            grid.append(x[:16]), labels.append(f"{model} {sampler} {nfe}")
+
+    for w in args.weightings:
+        tr, sec = imaging.train(args, f"VP_{w}", SPECS[w])
+        model, shape = tr.ema.copy().eval().requires_grad_(False), (args.n,) + tr.data.sample_shape
+        for method in args.samplers:
+            for nfe in args.nfes:
+                for seed in args.seeds:
+                    score(w, method, nfe, seed, lambda: draw_samples(
+                        tr.sde, model, shape, method, nfe, generator=torch.Generator().manual_seed(seed))[0], sec)
+    if args.twin is not None:
+        from diffusers import DPMSolverMultistepScheduler
+
+        unet, sched, sec = imaging.diffusers_baseline(args, tr.data.train)
+        for algorithm in args.twin or ["sde-dpmsolver++"]:
+            for nfe in args.nfes:
+                for seed in args.seeds:
+                    score("diffusers twin", algorithm, nfe, seed, lambda: imaging.diffusers_sample(
+                        unet, DPMSolverMultistepScheduler, {**sched.config, "algorithm_type": algorithm}, nfe, args.n,
+                        seed, imaging.run_precision(args)), sec)
+    fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
+    result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
+              "rows": rows, "figure": str(fig)}
+    common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
+    lines = [f"{args.data}, VP, {args.steps} steps; sample seeds {args.seeds}, n = {ev.n}; floor FID-style "
+             f"{ev.floor:.1f}\n", "| model | sampler | NFE | FID-style per seed | mean +- sd | KID per seed (se) |",
+             "|---|---|---:|---|---:|---|"]
+    for key in dict.fromkeys((r["model"], r["sampler"], r["nfe"]) for r in rows):
+        cell = [r for r in rows if (r["model"], r["sampler"], r["nfe"]) == key]
+        fid = torch.tensor([r["fid"] for r in cell], dtype=torch.float64)
+        sd = f"{float(fid.std()):.1f}" if len(cell) > 1 else "-"
+        kid = " / ".join(f"{r['kid']:.0f} ({r['kid_se']:.0f})" for r in cell)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {' / '.join(f'{v:.1f}' for v in fid.tolist())} | "
+                     f"{float(fid.mean()):.1f} +- {sd} | {kid} |")
+    common.write_text(NAME, f"weightings_{tag(args)}.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
