@@ -26,7 +26,8 @@ Weightings lambda(t): "sigma2" (sigma(t)^2, default), "g2" (g(t)^2, likelihood w
 Song et al. 2101.09258), "uniform" (1), "min_snr" (sigma^2 min(SNR, 5) / SNR, SNR = alpha^2 / sigma^2:
 Min-SNR-5 of Hang et al. 2303.09556, eq. 7 on the eps loss), "edm" (EDM's objective, Karras et al.
 2206.00364 eq. 2 with Table 1's lambda and ln(sigma / alpha) ~ N(-1.2, 1.2^2), sigma_data 0.5, written
-as a weight on uniform t; pair it with importance=True), or a callable t -> lambda(t) of shape (batch,).
+as a weight on uniform t; pair it with importance=True and parametrization "edm": on an eps network it fails),
+or a callable t -> lambda(t) of shape (batch,).
 
 SDEs: x_t = alpha x0 + sigma z for linear SDEs. For `Langevin` (no Gaussian marginal) the
 explicit, implicit and sliced losses simulate x_t from x0 with Euler-Maruyama
