@@ -11,7 +11,7 @@ Run it once on a choice seed to pick, and again on another seed to report.
 
 `--twin` adds the imaging benchmark's diffusers twin, trained on the same budget, sampled on the same seeds.
 
-Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds>.{json,md} and _samples.png.
+Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds>[_twin].{json,md} and _samples.png.
 """
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def add_arguments(ap) -> None:
 
 
 def tag(args) -> str:
-    return f"{args.data}_{args.steps}steps_seed{'-'.join(map(str, args.seeds))}"
+    twin = "" if args.twin is None else "_twin"
+    return f"{args.data}_{args.steps}steps_seed{'-'.join(map(str, args.seeds))}{twin}"
 
 
 run_tag = tag
