@@ -74,7 +74,8 @@ def run(args) -> None:
                      "sample_s": time.perf_counter() - tic})
         print(json.dumps(rows[-1]), flush=True)
         if nfe == args.nfes[0] and seed == args.seeds[0]:
-            grid.append(x[:16]), labels.append(f"{model} {sampler} {nfe}")
+            grid.append(x[:16])
+            labels.append(f"{model} {sampler} {nfe}")
 
     for w in args.weightings:
         tr, sec = imaging.train(args, f"VP_{w}", SPECS[w])
@@ -96,7 +97,7 @@ def run(args) -> None:
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
-              "rows": rows, "figure": str(fig)}
+              "rows": rows, "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
     common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
     lines = [f"{args.data}, VP, {args.steps} steps; sample seeds {args.seeds}, n = {ev.n}; floor FID-style "
              f"{ev.floor:.1f}\n", "| model | sampler | NFE | FID-style per seed | mean +- sd | KID per seed (se) |",
