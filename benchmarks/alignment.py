@@ -24,7 +24,7 @@
     floor: the exact tilted score run on the same EM grid. DDPO (no KL) is scored at its closest approach.
     Where pg's tuned knobs spend extra reward evaluations (the value baseline), pg-equal (its best other knobs)
     is reported too, for the ratio at equal reward evaluations.
-(e) Issue 23, MNIST (`--parts mnist`): the trained VP U-Net of runs/mnist_vp_pretrained fine-tuned towards
+(e) Issue 23, MNIST (`--parts mnist`): a trained VP U-Net (`--mnist-run`, the 4000-step imaging run) fine-tuned towards
     one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
 (f) `--parts grid-floors`: the floor of 20- to 100-step EM grids (the exact tilted score run on them);
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
@@ -36,6 +36,7 @@ import json
 import math
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -511,7 +512,7 @@ def adjoint_tails(n_chains: int = 512, steps=(20, 100)) -> list[str]:
 
 # ---------------------------------------------------------------- issue 23: the MNIST VP model
 
-MNIST_RUN, MNIST_LR = "runs/mnist_vp_pretrained", 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 per step)
+MNIST_LR = 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 per step)
 
 
 def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, label: int, real_feats) -> dict:
@@ -535,14 +536,22 @@ def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, labe
 def mnist_part(args) -> None:
     """Fine-tune the MNIST VP U-Net towards digit `--mnist-label` with r = log p(label | x) (download-free
     classifier); each method at each beta (DDPO once, no KL), snapshots of share / KL / FID-style."""
-    from pathlib import Path
-
+    from benchmarks import inpainting
+    from scoresde.core.errors import ScoresdeError
     from scoresde.models.rewards import class_log_prob
     from scoresde.running.feature_net import feature_net
     from scoresde.running.mnist import load_mnist
     from scoresde.running.runs import load_run
 
-    run = load_run(common.REPO / MNIST_RUN)
+    folder = args.mnist_run or (inpainting.tiny_run(common.scratch_dir(NAME, "runs")) if common.quick()
+                                else common.REPO / inpainting.DEFAULT_RUN)
+    try:
+        run = load_run(folder)
+    except ScoresdeError as err:
+        raise SystemExit(f"--mnist-run: {err} (train one: python -m benchmarks imaging --data mnist --budget bench "
+                         f"--steps 4000 --families VP --runs runs/imaging_mnist_4k)") from None
+    if run.data_name != "mnist":
+        raise SystemExit(f"--mnist-run must be a VP run on mnist, {str(folder)!r} was trained on {run.data_name!r}")
     torch.set_num_threads(1)
     classifier, acc = feature_net("mnist", common.REPO / Path("runs/features"))
     classifier.requires_grad_(False)
@@ -561,7 +570,8 @@ def mnist_part(args) -> None:
     print(f"mnist pretrained: {pre_eval} (classifier held-out accuracy {acc:.3f}; {time.perf_counter() - tic:.0f} s)",
           flush=True)
     for method in args.mnist_methods:
-        out = {"label": label, "classifier_accuracy": acc, "pretrained": pre_eval, "runs": {}}
+        out = {"run": str(folder), "step": run.step, "label": label, "classifier_accuracy": acc,
+               "pretrained": pre_eval, "runs": {}}
         for beta in ([None] if method == "ddpo" else args.mnist_betas):
             opts = method_options(method, beta=beta, k=1 if method == "draft" else None, steps=args.mnist_iters,
                                   batch_size=args.mnist_batch, n_time_steps=args.mnist_steps, lr=MNIST_LR,
@@ -632,6 +642,8 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", nargs="+", choices=[*FIVE, EQUAL], default=None,
                    help="exact-tune, exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
+    p.add_argument("--mnist-run", type=Path, default=None,
+                   help="the pretrained VP run on mnist (default runs/imaging_mnist_4k/VP; --quick: a 3-step one)")
     p.add_argument("--mnist-iters", type=int, default=30)
     p.add_argument("--mnist-batch", type=int, default=16)
     p.add_argument("--mnist-steps", type=int, default=10, help="EM steps of the MNIST rollouts")

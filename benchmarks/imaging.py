@@ -33,13 +33,15 @@ import json
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks import common, inpainting
 from benchmarks.train_throughput import diffusers_twin
-from scoresde.learning.networks import EMA
+from scoresde.learning.networks import EMA, UNet
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
@@ -151,23 +153,41 @@ def timed(fn):
     return out, time.perf_counter() - tic
 
 
-def diffusers_baseline(args, train_x: torch.Tensor):
+class DDPMBackbone(nn.Module):
+    """scoresde's UNet behind UNet2DModel's calling convention (`unet(x, timesteps).sample`, `.config`), fed
+    t = timestep / 1000: the runs' network trained and sampled in the diffusers twin's own discrete-time loop."""
+
+    def __init__(self, net: nn.Module, channels: int, px: int):
+        super().__init__()
+        self.net, self.config = net, SimpleNamespace(in_channels=channels, sample_size=px)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> SimpleNamespace:
+        return SimpleNamespace(sample=self.net(x, timesteps.float().expand(x.shape[0]) / 1000))
+
+
+def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers"):
     """diffusers' UNet2DModel built as the twin of the runs' U-Net (`train_throughput.diffusers_twin`: same widths,
     blocks per level and attention, so the same parameter count) + DDPMScheduler (linear, 1000 steps), trained with
-    the same steps, batch, AdamW, warm-up/cosine schedule, clipping, EMA schedule and precision as the scoresde runs."""
+    the same steps, batch, AdamW, warm-up/cosine schedule, clipping, EMA schedule and precision as the scoresde runs.
+    backbone="scoresde" trains the runs' own UNet in that loop instead (`DDPMBackbone`): it separates the network
+    from the rest of the training (continuous time, input and time scalings)."""
     from diffusers import DDPMScheduler
 
     cfg = base_config(args, "diffusers")
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
     torch.manual_seed(0)
-    unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"], net_args["num_res"],
-                          net_args["attention"], net_args.get("attention_levels", ()), net_args.get("groups", 8))
+    if backbone == "scoresde":
+        unet = DDPMBackbone(UNet(train_x.shape[1], **cfg.net_args), train_x.shape[1], train_x.shape[-1])
+    else:
+        unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"],
+                              net_args["num_res"], net_args["attention"], net_args.get("attention_levels", ()),
+                              net_args.get("groups", 8))
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
     g = torch.Generator().manual_seed(0)
     precision = run_precision(args)
-    print(f"diffusers UNet2DModel: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
+    print(f"diffusers loop, {backbone} U-Net: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
           flush=True)
     tic = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="diffusers", mininterval=5, disable=not cfg.progress):

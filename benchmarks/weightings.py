@@ -9,7 +9,8 @@ Run it once on a choice seed to pick, and again on another seed to report.
 
     python -m benchmarks weightings --data mnist --steps 1250 --seeds 1 --threads 2
 
-`--twin` adds the imaging benchmark's diffusers twin, trained on the same budget, sampled on the same seeds.
+`--twin` adds the imaging benchmark's diffusers twin, trained on the same budget, sampled on the same seeds;
+`--twin-backbone scoresde` puts scoresde's UNet in the twin's loop (network against the rest of the training).
 
 Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds>[_twin].{json,md} and _samples.png.
 """
@@ -47,14 +48,20 @@ def add_arguments(ap) -> None:
     ap.add_argument("--twin", nargs="*", default=None, choices=TWIN_ALGORITHMS, metavar="ALGORITHM",
                     help="also train the imaging benchmark's diffusers twin (same budget) and sample it with "
                          "DPMSolverMultistepScheduler of these algorithm types (default: sde-dpmsolver++)")
+    ap.add_argument("--twin-backbone", choices=("diffusers", "scoresde"), default="diffusers",
+                    help="the twin's network: diffusers' UNet2DModel, or scoresde's UNet in the twin's discrete-time loop "
+                         "(`imaging.DDPMBackbone`)")
+    ap.add_argument("--net-args", type=json.loads, default={}, metavar="JSON",
+                    help='network keys laid over the imaging config\'s, e.g. \'{"zero_init": false}\' (use with --tag)')
+    ap.add_argument("--tag", default="", help="suffix of the run names and output files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
     ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
 
 
 def tag(args) -> str:
-    twin = "" if args.twin is None else "_twin"
-    return f"{args.data}_{args.steps}steps_seed{'-'.join(map(str, args.seeds))}{twin}"
+    twin = "" if args.twin is None else "_twin" if args.twin_backbone == "diffusers" else "_twin_scoresde_unet"
+    return f"{args.data}_{args.steps}steps_seed{'-'.join(map(str, args.seeds))}{args.tag}{twin}"
 
 
 run_tag = tag
@@ -78,21 +85,22 @@ def run(args) -> None:
             labels.append(f"{model} {sampler} {nfe}")
 
     for w in args.weightings:
-        tr, sec = imaging.train(args, f"VP_{w}", SPECS[w])
+        tr, sec = imaging.train(args, f"VP_{w}{args.tag}", {**SPECS[w], "net_args": args.net_args})
         model, shape = tr.ema.copy().eval().requires_grad_(False), (args.n,) + tr.data.sample_shape
         for method in args.samplers:
             for nfe in args.nfes:
                 for seed in args.seeds:
-                    score(w, method, nfe, seed, lambda: draw_samples(
+                    score(w + args.tag, method, nfe, seed, lambda: draw_samples(
                         tr.sde, model, shape, method, nfe, generator=torch.Generator().manual_seed(seed))[0], sec)
     if args.twin is not None:
         from diffusers import DPMSolverMultistepScheduler
 
-        unet, sched, sec = imaging.diffusers_baseline(args, tr.data.train)
+        unet, sched, sec = imaging.diffusers_baseline(args, tr.data.train, args.twin_backbone)
+        twin = "diffusers twin" if args.twin_backbone == "diffusers" else "diffusers loop, scoresde U-Net"
         for algorithm in args.twin or ["sde-dpmsolver++"]:
             for nfe in args.nfes:
                 for seed in args.seeds:
-                    score("diffusers twin", algorithm, nfe, seed, lambda: imaging.diffusers_sample(
+                    score(twin, algorithm, nfe, seed, lambda: imaging.diffusers_sample(
                         unet, DPMSolverMultistepScheduler, {**sched.config, "algorithm_type": algorithm}, nfe, args.n,
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))

@@ -181,6 +181,21 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
     assert f"| {mean:.2e} +- {se:.1e} |" in line and line.startswith(f"| mix16 | 100/200/400 | {null_sd:.1e} / ")
 
 
+def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_path):
+    """`alignment --parts mnist` on the quick 3-step MNIST run: one file per method recording the run it
+    fine-tuned and its snapshots; a --mnist-run that is not a run is refused by name, without a traceback."""
+    from benchmarks import alignment
+
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-methods", "pg", "ddpo")
+    assert res.returncode == 0, res.stderr[-2000:]
+    common.configure(tmp_path, quick=True)
+    saved = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_pg.json")
+    assert saved["step"] == 3 and saved["run"].endswith("VP") and list(saved["runs"]) == ["1.0"]
+    assert saved["runs"]["1.0"]["snapshots"] and (common.out_dir(alignment.NAME) / "alignment_mnist.png").exists()
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-run", str(tmp_path / "no"))
+    assert res.returncode != 0 and "--mnist-run" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
     """`alignment --parts exact-tune exact` on some targets / methods lays its rows over the saved file of its tag;
     pg tuned to the value baseline (more reward evaluations) brings a pg-equal row, and the equal-evaluation

@@ -129,12 +129,15 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between, 1x1 skip if widths differ;
     `attention`: self-attention on the output."""
 
-    def __init__(self, c_in: int, c_out: int, emb: int, groups: int, dropout: float, attention: bool = False):
+    def __init__(self, c_in: int, c_out: int, emb: int, groups: int, dropout: float, attention: bool = False,
+                 zero_init: bool = True):
         super().__init__()
         self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb, c_out)
         self.norm2, self.drop = _norm(c_out, groups), nn.Dropout(dropout)
-        self.conv2 = _zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        if zero_init:
+            _zero(self.conv2)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = Attention(c_out, groups) if attention else None
 
@@ -168,13 +171,16 @@ class UNet(nn.Module):
     multiples of 2^(len(mults) - 1) (28 px with 3 levels: 28, 14, 7). `attention=True` adds
     self-attention at the lowest resolution (middle block); `attention_levels` after every residual
     block of those levels (level i works at H / 2^i: at 32 px, (1, 2) = 16x16 and 8x8).
-    Output conv zero-initialised.
+    `zero_init`: the output conv and the last conv of every residual block start at zero (a fresh network
+    outputs 0, every block is the identity); false: PyTorch's default initialisation throughout.
     """
 
     def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2), attention: bool = False,
                  num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0, n_classes: int = 0,
-                 attention_levels: Sequence[int] = ()):
+                 attention_levels: Sequence[int] = (), zero_init: bool = True):
         super().__init__()
+        if not isinstance(zero_init, bool):
+            raise InvalidValueError(f"zero_init must be true or false, got {zero_init!r}")
         for name, value, low in (("channels", channels, 1), ("base", base, 1), ("num_res", num_res, 1),
                                  ("emb_dim", emb_dim, 2), ("groups", groups, 1), ("n_classes", n_classes, 0)):
             integer(name, value, low)
@@ -196,23 +202,24 @@ class UNet(nn.Module):
         self.down, skips, c = nn.ModuleList(), [base], base
         for i, w in enumerate(widths):
             for _ in range(num_res):
-                self.down.append(ResBlock(c, w, emb, groups, dropout, i in levels))
+                self.down.append(ResBlock(c, w, emb, groups, dropout, i in levels, zero_init))
                 c = w
                 skips.append(c)
             if i < len(widths) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid1 = ResBlock(c, c, emb, groups, dropout)
+        self.mid1 = ResBlock(c, c, emb, groups, dropout, zero_init=zero_init)
         self.attn = Attention(c, groups) if attention else nn.Identity()
-        self.mid2 = ResBlock(c, c, emb, groups, dropout)
+        self.mid2 = ResBlock(c, c, emb, groups, dropout, zero_init=zero_init)
         self.up = nn.ModuleList()
         for i, w in reversed(list(enumerate(widths))):
             for _ in range(num_res + 1):
-                self.up.append(ResBlock(c + skips.pop(), w, emb, groups, dropout, i in levels))
+                self.up.append(ResBlock(c + skips.pop(), w, emb, groups, dropout, i in levels, zero_init))
                 c = w
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)))
-        self.out = nn.Sequential(_norm(c, groups), nn.SiLU(), _zero(nn.Conv2d(c, channels, 3, padding=1)))
+        out = nn.Conv2d(c, channels, 3, padding=1)
+        self.out = nn.Sequential(_norm(c, groups), nn.SiLU(), _zero(out) if zero_init else out)
         self.to(memory_format=torch.channels_last)  # faster convolutions (oneDNN, cuDNN); the output is contiguous
 
     def forward(self, x: Tensor, c: Tensor, y: Tensor | None = None) -> Tensor:
