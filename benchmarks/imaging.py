@@ -114,7 +114,7 @@ FAMILIES = families("digits")  # benchmarks/stochastic.py trains FAMILIES["VP"]
 
 def base_config(args, name: str, **kw) -> Config:
     data = getattr(args, "data", "digits")
-    cfg = dict(name=name, out=str(args.runs), seed=0, threads=args.threads, net="unet", parametrization="eps",
+    cfg = dict(name=name, out=str(args.runs), seed=getattr(args, "train_seed", 0), threads=args.threads, net="unet", parametrization="eps",
                steps=args.steps, lr_schedule="cosine", eval_every=0, checkpoint_every=args.steps, progress=data != "digits",
                nfe=20, sampler="dpm2m", **DATA[data]["config"])
     for k, v in kw.items():
@@ -175,7 +175,7 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
 
     cfg = base_config(args, "diffusers")
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.seed)
     if backbone == "scoresde":
         unet = DDPMBackbone(UNet(train_x.shape[1], **cfg.net_args), train_x.shape[1], train_x.shape[-1])
     else:
@@ -185,7 +185,7 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(cfg.seed)
     precision = run_precision(args)
     print(f"diffusers loop, {backbone} U-Net: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
           flush=True)

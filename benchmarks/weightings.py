@@ -53,6 +53,8 @@ def add_arguments(ap) -> None:
                          "(`imaging.DDPMBackbone`)")
     ap.add_argument("--net-args", type=json.loads, default={}, metavar="JSON",
                     help='network keys laid over the imaging config\'s, e.g. \'{"zero_init": false}\' (use with --tag)')
+    ap.add_argument("--train-seed", type=int, default=0,
+                    help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
