@@ -59,6 +59,21 @@ def test_unet_shapes_and_per_sample(attention, gen):
         UNet(mults=())
 
 
+def test_unet_zero_init_makes_every_residual_block_the_identity(gen):
+    """zero_init (the default): a fresh U-Net outputs 0 and each residual block returns its skip path; false:
+    PyTorch's default initialisation, the same parameters, a non-zero output; anything else is refused by name."""
+    from scoresde.learning.networks import ResBlock
+
+    x, c = torch.randn(2, 1, 8, 8, generator=gen), torch.rand(2, generator=gen)
+    zero, plain = UNet(channels=1, base=8, mults=(1, 2)), UNet(channels=1, base=8, mults=(1, 2), zero_init=False)
+    assert torch.equal(zero(x, c), torch.zeros_like(x)) and plain(x, c).abs().min() > 0
+    assert [p.shape for p in zero.parameters()] == [p.shape for p in plain.parameters()]
+    block, h = zero.down[0], torch.randn(2, 8, 8, 8, generator=gen)
+    assert isinstance(block, ResBlock) and torch.equal(block(h, torch.randn(2, 32, generator=gen)), block.skip(h))
+    with pytest.raises(ValueError, match="zero_init must be true or false"):
+        UNet(zero_init="no")
+
+
 def test_unet_attention_is_permutation_equivariant_over_positions(gen):
     """Self-attention (without convolutions) mixes positions only through softmax weights."""
     from scoresde.learning.networks import Attention
