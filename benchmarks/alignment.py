@@ -570,7 +570,8 @@ def mnist_part(args) -> None:
     print(f"mnist pretrained: {pre_eval} (classifier held-out accuracy {acc:.3f}; {time.perf_counter() - tic:.0f} s)",
           flush=True)
     for method in args.mnist_methods:
-        out = {"run": str(folder), "step": run.step, "label": label, "classifier_accuracy": acc,
+        shown = folder.relative_to(common.REPO) if folder.is_absolute() and folder.is_relative_to(common.REPO) else folder
+        out = {"run": str(shown), "step": run.step, "label": label, "classifier_accuracy": acc,
                "pretrained": pre_eval, "runs": {}}
         for beta in ([None] if method == "ddpo" else args.mnist_betas):
             opts = method_options(method, beta=beta, k=1 if method == "draft" else None, steps=args.mnist_iters,
