@@ -114,9 +114,9 @@ FAMILIES = families("digits")  # benchmarks/stochastic.py trains FAMILIES["VP"]
 
 def base_config(args, name: str, **kw) -> Config:
     data = getattr(args, "data", "digits")
-    cfg = dict(name=name, out=str(args.runs), seed=getattr(args, "train_seed", 0), threads=args.threads, net="unet", parametrization="eps",
-               steps=args.steps, lr_schedule="cosine", eval_every=0, checkpoint_every=args.steps, progress=data != "digits",
-               nfe=20, sampler="dpm2m", **DATA[data]["config"])
+    cfg = dict(name=name, out=str(args.runs), seed=getattr(args, "train_seed", 0), threads=args.threads, net="unet",
+               parametrization="eps", steps=args.steps, lr_schedule="cosine", eval_every=0, checkpoint_every=args.steps,
+               progress=data != "digits", nfe=20, sampler="dpm2m", **DATA[data]["config"])
     for k, v in kw.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) and k == "net_args" else v
     return Config(**cfg)
@@ -187,8 +187,8 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     ema = EMA(unet, ema_decay(cfg))
     g = torch.Generator().manual_seed(cfg.seed)
     precision = run_precision(args)
-    print(f"diffusers loop, {backbone} U-Net: {sum(p.numel() for p in unet.parameters()):,} parameters, precision {precision}",
-          flush=True)
+    print(f"diffusers loop, {backbone} U-Net: {sum(p.numel() for p in unet.parameters()):,} parameters, "
+          f"precision {precision}", flush=True)
     tic = time.perf_counter()
     for step in tqdm(range(cfg.steps), desc="diffusers", mininterval=5, disable=not cfg.progress):
         for group in opt.param_groups:

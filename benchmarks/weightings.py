@@ -12,7 +12,8 @@ Run it once on a choice seed to pick, and again on another seed to report.
 `--twin` adds the imaging benchmark's diffusers twin, trained on the same budget, sampled on the same seeds;
 `--twin-backbone scoresde` puts scoresde's UNet in the twin's loop (network against the rest of the training).
 
-Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds>[_twin].{json,md} and _samples.png.
+Outputs: benchmarks/results/weightings/weightings_<data>_<steps>steps_seed<seeds><tag>[_twin|_twin_scoresde_unet]
+.{json,md} and _samples.png.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def add_arguments(ap) -> None:
                     help="the twin's network: diffusers' UNet2DModel, or scoresde's UNet in the twin's discrete-time loop "
                          "(`imaging.DDPMBackbone`)")
     ap.add_argument("--net-args", type=json.loads, default={}, metavar="JSON",
-                    help='network keys laid over the imaging config\'s, e.g. \'{"zero_init": false}\' (use with --tag)')
+                    help='network keys of the scoresde runs (not the twin\'s) laid over the imaging config\'s, '
+                         'e.g. \'{"zero_init": false}\' (use with --tag)')
     ap.add_argument("--train-seed", type=int, default=0,
                     help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
