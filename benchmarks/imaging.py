@@ -169,15 +169,17 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     """diffusers' UNet2DModel built as the twin of the runs' U-Net (`train_throughput.diffusers_twin`: same widths,
     blocks per level and attention, so the same parameter count) + DDPMScheduler (linear, 1000 steps), trained with
     the same steps, batch, AdamW, warm-up/cosine schedule, clipping, EMA schedule and precision as the scoresde runs.
-    backbone="scoresde" trains the runs' own UNet in that loop instead (`DDPMBackbone`): it separates the network
-    from the rest of the training (continuous time, input and time scalings)."""
+    backbone="scoresde" trains the runs' own UNet in that loop instead (`DDPMBackbone`, with `args.net_args` laid
+    over the config's): it separates the network from the rest of the training (continuous time, input and time
+    scalings)."""
     from diffusers import DDPMScheduler
 
     cfg = base_config(args, "diffusers")
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
     torch.manual_seed(cfg.seed)
     if backbone == "scoresde":
-        unet = DDPMBackbone(UNet(train_x.shape[1], **cfg.net_args), train_x.shape[1], train_x.shape[-1])
+        net = UNet(train_x.shape[1], **cfg.net_args, **getattr(args, "net_args", {}))
+        unet = DDPMBackbone(net, train_x.shape[1], train_x.shape[-1])
     else:
         unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"],
                               net_args["num_res"], net_args["attention"], net_args.get("attention_levels", ()),

@@ -41,7 +41,8 @@ TWIN_ALGORITHMS = ("sde-dpmsolver++", "dpmsolver++")
 def add_arguments(ap) -> None:
     ap.add_argument("--data", choices=sorted(imaging.DATA), default="mnist")
     ap.add_argument("--steps", type=int, default=1250, help="training steps of every model")
-    ap.add_argument("--weightings", nargs="+", choices=list(SPECS), default=list(SPECS))
+    ap.add_argument("--weightings", nargs="*", choices=list(SPECS), default=list(SPECS),
+                    help="the scoresde runs to train (none: only the twin, with --twin and --data mnist)")
     ap.add_argument("--samplers", nargs="+", default=["dpm2m_sde", "dpm2m"])
     ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--n", type=int, default=500, help="samples per row")
@@ -53,8 +54,8 @@ def add_arguments(ap) -> None:
                     help="the twin's network: diffusers' UNet2DModel, or scoresde's UNet in the twin's discrete-time loop "
                          "(`imaging.DDPMBackbone`)")
     ap.add_argument("--net-args", type=json.loads, default={}, metavar="JSON",
-                    help='network keys of the scoresde runs (not the twin\'s) laid over the imaging config\'s, '
-                         'e.g. \'{"zero_init": false}\' (use with --tag)')
+                    help='network keys of scoresde\'s UNet laid over the imaging config\'s, e.g. \'{"zero_init": false}\' '
+                         '(use with --tag): the scoresde runs\' and, with --twin-backbone scoresde, the twin\'s')
     ap.add_argument("--train-seed", type=int, default=0,
                     help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
@@ -74,6 +75,8 @@ run_tag = tag
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/weightings_{args.data}_{args.steps}")
+    if not args.weightings and (args.twin is None or args.data != "mnist"):
+        raise SystemExit("--weightings may be empty only with --twin and --data mnist (then only the twin is trained)")
     ev = FeatureEvaluator(args.data, args.n, common.REPO / "runs" / "features")
     rows, grid, labels = [], [], []
 
@@ -99,7 +102,8 @@ def run(args) -> None:
     if args.twin is not None:
         from diffusers import DPMSolverMultistepScheduler
 
-        unet, sched, sec = imaging.diffusers_baseline(args, tr.data.train, args.twin_backbone)
+        train_x = tr.data.train if args.weightings else imaging.dataset(args).train
+        unet, sched, sec = imaging.diffusers_baseline(args, train_x, args.twin_backbone)
         twin = "diffusers twin" if args.twin_backbone == "diffusers" else "diffusers loop, scoresde U-Net"
         for algorithm in args.twin or ["sde-dpmsolver++"]:
             for nfe in args.nfes:

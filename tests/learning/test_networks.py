@@ -74,6 +74,51 @@ def test_unet_zero_init_makes_every_residual_block_the_identity(gen):
         UNet(zero_init="no")
 
 
+def test_unet_equals_diffusers_unet2dmodel_given_its_weights_and_embedding(gen):
+    """The layout is diffusers' UNet2DModel's (no attention, GroupNorm groups as ours): with its weights copied in
+    and its embedding (base sinusoids of the integer timestep, frequencies 10^(-4 i / (base / 2)), i.e. emb_freqs
+    scaled by 1000 on t = timestep / 1000) the two networks are one function; bad emb_freqs are refused by name."""
+    diffusers = pytest.importorskip("diffusers")
+    from scoresde.learning.networks import ResBlock
+
+    base, half = 16, 8
+    peer = diffusers.UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(base, 2 * base),
+                                 layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                                 up_block_types=("UpBlock2D",) * 2, add_attention=False, norm_num_groups=8).double()
+    ours = UNet(1, base=base, mults=(1, 2), emb_dim=base, emb_freqs=(1000 * 1e4 ** (-(half - 1) / half), 1000.0),
+                zero_init=False).double()
+
+    def peer_blocks():
+        for b in peer.down_blocks:
+            yield from [*b.resnets, *(b.downsamplers or [])]
+        yield from peer.mid_block.resnets
+        for b in peer.up_blocks:
+            yield from [*b.resnets, *(b.upsamplers or [])]
+
+    pairs = [(ours.embed[1], peer.time_embedding.linear_1), (ours.embed[3], peer.time_embedding.linear_2),
+             (ours.inp, peer.conv_in), (ours.out[0], peer.conv_norm_out), (ours.out[2], peer.conv_out)]
+    for o, m in zip([*ours.down, ours.mid1, ours.mid2, *ours.up], peer_blocks(), strict=True):
+        if isinstance(o, ResBlock):
+            pairs += [(o.norm1, m.norm1), (o.conv1, m.conv1), (o.emb, m.time_emb_proj), (o.norm2, m.norm2),
+                      (o.conv2, m.conv2)] + ([(o.skip, m.conv_shortcut)] if m.conv_shortcut is not None else [])
+        else:
+            pairs.append((o if isinstance(o, nn.Conv2d) else o[1], m.conv))
+    with torch.no_grad():
+        for o, m in pairs:
+            for a, b in zip(o.parameters(), m.parameters(), strict=True):
+                a.copy_(b)
+        # the peer's features are [cos, sin] at decreasing frequencies, ours [sin, cos] at increasing ones
+        ours.embed[1].weight.copy_(peer.time_embedding.linear_1.weight.flip(1))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in peer.parameters())
+    x, ts = torch.randn(3, 1, 16, 16, generator=gen, dtype=torch.float64), torch.tensor([0, 417, 999])
+    ref = peer(x, ts).sample
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(ours(x, ts.double() / 1000), ref, rtol=0, atol=1e-5)  # the peer's sinusoids are fp32
+    for bad in ((1.0,), (5.0, 1.0), (0.0, 1.0), ("a", 2.0), (1.0, math.inf)):
+        with pytest.raises(ValueError, match="emb_freqs must be two finite numbers"):
+            UNet(emb_freqs=bad)
+
+
 def test_unet_attention_is_permutation_equivariant_over_positions(gen):
     """Self-attention (without convolutions) mixes positions only through softmax weights."""
     from scoresde.learning.networks import Attention

@@ -51,8 +51,16 @@ class SinusoidalEmbedding(nn.Module):
         return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 
-def _time_mlp(emb_dim: int, width: int) -> nn.Sequential:
-    return nn.Sequential(SinusoidalEmbedding(emb_dim), nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+EMB_FREQS = (0.1, 200.0)
+
+
+def _time_mlp(emb_dim: int, width: int, freqs: Sequence[float]) -> nn.Sequential:
+    freqs = tuple(freqs)
+    if len(freqs) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in freqs) \
+            or not 0 < freqs[0] < freqs[1] < math.inf:
+        raise InvalidValueError(f"emb_freqs must be two finite numbers [min, max] with 0 < min < max, got {freqs!r}")
+    return nn.Sequential(SinusoidalEmbedding(emb_dim, *map(float, freqs)), nn.Linear(emb_dim, width), nn.SiLU(),
+                         nn.Linear(width, width))
 
 
 class LabelEmbedding(nn.Module):
@@ -94,16 +102,18 @@ class MLP(nn.Module):
     """Residual MLP for vector data: x (batch, dim), c (batch,) -> (batch, dim).
 
     depth residual blocks h <- h + W2 silu(W1 silu(h) + E c_emb), output layer zero-initialised;
-    `n_classes` > 0: class-conditional, forward(x, c, y) (module docstring).
+    `n_classes` > 0: class-conditional, forward(x, c, y) (module docstring); `emb_freqs`: the
+    sinusoids' frequency range [min, max] (`SinusoidalEmbedding`).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 64, n_classes: int = 0):
+    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, emb_dim: int = 64, n_classes: int = 0,
+                 emb_freqs: Sequence[float] = EMB_FREQS):
         super().__init__()
         for name, value, low in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 1), ("emb_dim", emb_dim, 2),
                                  ("n_classes", n_classes, 0)):
             integer(name, value, low)
         self.dim, self.n_classes = dim, n_classes
-        self.embed = _time_mlp(emb_dim, hidden)
+        self.embed = _time_mlp(emb_dim, hidden, emb_freqs)
         self.label = LabelEmbedding(n_classes, hidden) if n_classes else None
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList(
@@ -173,11 +183,13 @@ class UNet(nn.Module):
     block of those levels (level i works at H / 2^i: at 32 px, (1, 2) = 16x16 and 8x8).
     `zero_init`: the output conv and the last conv of every residual block start at zero (a fresh network
     outputs 0, every block is the identity); false: PyTorch's default initialisation throughout.
+    `emb_freqs`: the frequency range [min, max] of the `emb_dim` sinusoids of c (`SinusoidalEmbedding`).
     """
 
     def __init__(self, channels: int = 1, base: int = 32, mults: Sequence[int] = (1, 2), attention: bool = False,
                  num_res: int = 1, emb_dim: int = 64, groups: int = 8, dropout: float = 0.0, n_classes: int = 0,
-                 attention_levels: Sequence[int] = (), zero_init: bool = True):
+                 attention_levels: Sequence[int] = (), zero_init: bool = True,
+                 emb_freqs: Sequence[float] = EMB_FREQS):
         super().__init__()
         if not isinstance(zero_init, bool):
             raise InvalidValueError(f"zero_init must be true or false, got {zero_init!r}")
@@ -195,7 +207,7 @@ class UNet(nn.Module):
                              f"(level i works at H / 2^i), got {attention_levels!r}")
         self.channels, self.factor, self.n_classes = channels, 2 ** (len(mults) - 1), n_classes
         emb = 4 * base
-        self.embed = _time_mlp(emb_dim, emb)
+        self.embed = _time_mlp(emb_dim, emb, emb_freqs)
         self.label = LabelEmbedding(n_classes, emb) if n_classes else None
         self.inp = nn.Conv2d(channels, base, 3, padding=1)
         widths = [base * m for m in mults]
