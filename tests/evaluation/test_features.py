@@ -35,6 +35,22 @@ def test_classifier_accuracy_and_cache(digits_net, tmp_path_factory):
     torch.testing.assert_close(image_features(x[:10], again), image_features(x[:10], model))
 
 
+def test_feature_net_depends_on_its_seed_only(digits_net, tmp_path):
+    """The cache's weights depend neither on the global RNG nor on the caller's thread count (which changes
+    float rounding), and the caller's count comes back."""
+    model, _ = digits_net  # trained on the suite's one thread
+    threads = torch.get_num_threads()
+    torch.manual_seed(12345)
+    torch.set_num_threads(2)
+    try:
+        again, _ = digits_feature_net(tmp_path)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_frechet_distance_floor_noise_and_order(digits_net, gen):
     model, _ = digits_net
     x, _ = load_digits()

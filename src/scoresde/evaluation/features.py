@@ -73,12 +73,17 @@ def train_classifier(x: Tensor, y: Tensor, *, steps: int = 600, batch_size: int 
                      **kwargs) -> Classifier:
     """Cross-entropy training with AdamW; `kwargs` go to `Classifier`. `shift` > 0 augments each batch with
     `random_shift(batch, shift)` (background -1). `noise_fn(x, generator) -> (x_noisy, c)` (optional)
-    corrupts each batch and returns the conditioning, for a noise-conditional classifier."""
+    corrupts each batch and returns the conditioning, for a noise-conditional classifier. With a `generator`
+    the initial weights are drawn from it too, so the result does not depend on the global RNG."""
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise InvalidValueError(f"x and y must be non-empty with the same length, got {x.shape[0]} and {y.shape[0]}")
     if shift < 0:
         raise InvalidValueError(f"shift must be >= 0 pixels, got {shift}")
-    model = Classifier(channels=x.shape[1], n_classes=int(y.max()) + 1, time_conditional=noise_fn is not None, **kwargs)
+    with torch.random.fork_rng(devices=[], enabled=generator is not None):
+        if generator is not None:
+            torch.manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
+        model = Classifier(channels=x.shape[1], n_classes=int(y.max()) + 1, time_conditional=noise_fn is not None,
+                           **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     for _ in range(steps):

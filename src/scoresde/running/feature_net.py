@@ -4,8 +4,12 @@ accuracy (issues 12 and 20).
 
 - "digits": scikit-learn's 8x8 digits; trained on the first 80% of a fixed permutation, tested on the rest.
 - "mnist": the 5,000 MNIST digits of `running.mnist`; trained on its 4,500 training digits (random shifts of
-  up to 2 pixels), tested on its 500 held-out digits (seed 0: 98.8% trained on one CPU thread in about
-  35 s, 98.6% on two; thread counts change the float rounding).
+  up to 2 pixels), tested on its 500 held-out digits (seed 0: 98.8-99.0% in about 35 s).
+
+Training runs on one CPU thread whatever the caller's count, since thread counts change the float rounding.
+The weights still differ between CPUs and library versions, and FID-style values with them: one retraining
+moved a model's FID-style on MNIST by 20% (benchmarks/RESULTS.md, session 17). Compare numbers made with one
+cached network only.
 
 Features of a network trained on 4,500 digits are not Inception features: FID-style numbers made with them
 are comparable only with each other and with their floor, never with published FIDs.
@@ -73,7 +77,12 @@ def feature_net(data: str = "digits", cache: str | Path = "runs/features", pad_t
         return model.eval(), acc
     g = torch.Generator().manual_seed(seed)
     x, y, tr, te = split(pad_to, g)
-    model = train_classifier(x[tr], y[tr], generator=g, **net_args, **train_args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = train_classifier(x[tr], y[tr], generator=g, **net_args, **train_args)
+    finally:
+        torch.set_num_threads(threads)
     acc = accuracy(model, x[te], y[te])
     # the .json first: a reader that finds the weights (another process training the same net) finds both
     atomic_write(meta_path, json.dumps({"data": data, "held_out_accuracy": acc, "n_train": len(tr),
