@@ -114,7 +114,7 @@ def test_unet_equals_diffusers_unet2dmodel_given_its_weights_and_embedding(gen):
     ref = peer(x, ts).sample
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(ours(x, ts.double() / 1000), ref, rtol=0, atol=1e-5)  # the peer's sinusoids are fp32
-    for bad in ((1.0,), (5.0, 1.0), (0.0, 1.0), ("a", 2.0), (1.0, math.inf)):
+    for bad in ((1.0,), (5.0, 1.0), (0.0, 1.0), ("a", 2.0), (1.0, math.inf), 5.0, "1, 2"):
         with pytest.raises(ValueError, match="emb_freqs must be two finite numbers"):
             UNet(emb_freqs=bad)
 

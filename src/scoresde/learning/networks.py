@@ -55,7 +55,7 @@ EMB_FREQS = (0.1, 200.0)
 
 
 def _time_mlp(emb_dim: int, width: int, freqs: Sequence[float]) -> nn.Sequential:
-    freqs = tuple(freqs)
+    freqs = tuple(freqs) if isinstance(freqs, (list, tuple)) else (freqs,)
     if len(freqs) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in freqs) \
             or not 0 < freqs[0] < freqs[1] < math.inf:
         raise InvalidValueError(f"emb_freqs must be two finite numbers [min, max] with 0 < min < max, got {freqs!r}")
