@@ -43,7 +43,7 @@ from benchmarks import common, inpainting
 from benchmarks.train_throughput import diffusers_twin
 from scoresde.learning.networks import EMA, UNet
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
-from scoresde.running.build import draw_samples
+from scoresde.running.build import draw_samples, resolve_device
 from scoresde.running.config import Config
 from scoresde.running.data import load_dataset
 from scoresde.running.feature_net import FEATURE_NETS, FeatureEvaluator
@@ -52,7 +52,6 @@ from scoresde.running.plots import save_grid
 from scoresde.running.precision import resolve_precision
 from scoresde.running.progress import counting_calls
 from scoresde.running.train import Trainer, ema_decay, learning_rate
-from scoresde.sampling import sample
 from scoresde.sampling.guidance import label_guided
 from scoresde.sampling.likelihood import bits_per_dim
 
@@ -115,6 +114,7 @@ FAMILIES = families("digits")  # benchmarks/stochastic.py trains FAMILIES["VP"]
 def base_config(args, name: str, **kw) -> Config:
     data = getattr(args, "data", "digits")
     cfg = dict(name=name, out=str(args.runs), seed=getattr(args, "train_seed", 0), threads=args.threads, net="unet",
+               device=getattr(args, "device", "cpu"),
                parametrization="eps", steps=args.steps, lr_schedule="cosine", eval_every=0, checkpoint_every=args.steps,
                progress=data != "digits", nfe=20, sampler="dpm2m", **DATA[data]["config"])
     for k, v in kw.items():
@@ -122,9 +122,14 @@ def base_config(args, name: str, **kw) -> Config:
     return Config(**cfg)
 
 
+def device(args) -> torch.device:
+    """Where the runs and the twin train and sample (`--device`); features and metrics are computed on the CPU."""
+    return resolve_device(getattr(args, "device", "cpu"))
+
+
 def run_precision(args) -> str:
-    """The precision the runs train in here: the config's, "auto" resolved on the CPU as the Trainer does."""
-    return resolve_precision(base_config(args, "precision").precision, torch.device("cpu"))
+    """The precision the runs train in here: the config's, "auto" resolved on the device as the Trainer does."""
+    return resolve_precision(base_config(args, "precision").precision, device(args))
 
 
 def dataset(args):
@@ -177,6 +182,7 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     cfg = base_config(args, "diffusers")
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
     torch.manual_seed(cfg.seed)
+    dev = device(args)
     if backbone == "scoresde":
         net = UNet(train_x.shape[1], **cfg.net_args, **getattr(args, "net_args", {}))
         unet = DDPMBackbone(net, train_x.shape[1], train_x.shape[-1])
@@ -184,6 +190,7 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
         unet = diffusers_twin(train_x.shape[1], train_x.shape[-1], net_args["base"], net_args["mults"],
                               net_args["num_res"], net_args["attention"], net_args.get("attention_levels", ()),
                               net_args.get("groups", 8))
+    unet, train_x = unet.to(dev), train_x.to(dev)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(unet, ema_decay(cfg))
@@ -195,10 +202,10 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     for step in tqdm(range(cfg.steps), desc="diffusers", mininterval=5, disable=not cfg.progress):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        x0 = train_x[torch.randint(train_x.shape[0], (cfg.batch_size,), generator=g)]
-        t = torch.randint(0, 1000, (cfg.batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        x0 = train_x[torch.randint(train_x.shape[0], (cfg.batch_size,), generator=g).to(dev)]
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=g).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)  # the CPU's draws on any device
+        with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
             out = unet(sched.add_noise(x0, noise, t), t).sample
         loss = (out.float() - noise).pow(2).flatten(1).sum(1).mean()
         opt.zero_grad(set_to_none=True)
@@ -206,6 +213,8 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
         opt.step()
         ema.update()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     sec = time.perf_counter() - tic
     print(f"trained diffusers: {sec:.0f} s", flush=True)
     return ema.copy(), sched, sec
@@ -213,16 +222,22 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
 
 @torch.no_grad()
 def diffusers_sample(unet, scheduler_cls, config, steps: int, n: int, seed: int, precision: str = "fp32") -> torch.Tensor:
+    """n samples of the twin with `steps` steps of diffusers' `scheduler_cls`, on the twin's device, returned on
+    the CPU. The prior draw comes from the CPU generator of `seed` on every device; off the CPU the schedulers'
+    noise comes from a device generator seeded by it (as `running.build.draw_samples`)."""
+    dev = next(unet.parameters()).device
     scheduler = scheduler_cls.from_config(config)
-    scheduler.set_timesteps(steps)
-    g = torch.Generator().manual_seed(seed)
+    scheduler.set_timesteps(steps, device=dev)
     size = unet.config.sample_size
-    x = torch.randn((n, unet.config.in_channels, size, size), generator=g)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, unet.config.in_channels, size, size), generator=g).to(dev)
+    if dev.type != "cpu":
+        g = torch.Generator(dev).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
     for t in tqdm(scheduler.timesteps, desc=f"diffusers {scheduler_cls.__name__} {steps}", mininterval=5, leave=False):
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
             eps = unet(x, t.expand(n)).sample.float()
         x = scheduler.step(eps, t, x, generator=g).prev_sample
-    return x
+    return x.cpu()
 
 
 def add_arguments(ap) -> None:
@@ -231,6 +246,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the budget's)")
     ap.add_argument("--n", type=int, default=0, help="samples per row (0: the budget's)")
     ap.add_argument("--threads", type=int, default=1)
+    add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/imaging[_mnist]_<budget>)")
     ap.add_argument("--families", nargs="+", choices=ALL, default=None, help="families to train (default: the budget's)")
     ap.add_argument("--nfes", type=int, nargs="+", default=None, help="NFE of the score models' samplers")
@@ -245,6 +261,12 @@ def add_arguments(ap) -> None:
     ap.add_argument("--resume", action="store_true", help="continue (or reuse, when finished) the runs already in --runs "
                     "instead of training them afresh; their configs must agree but for steps")
     ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
+
+
+def add_device(ap) -> None:
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help="where every model trains and samples (auto: cuda when available); the feature network and "
+                         "the metrics stay on the CPU")
 
 
 def run_tag(args) -> str:
@@ -279,6 +301,8 @@ def run(args) -> None:
     args.steps = opt["steps"]
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{tag(args)}")
     torch.set_num_threads(args.threads)
+    dev = device(args)
+    gen = lambda seed: torch.Generator(dev).manual_seed(seed)  # randomness drawn on the device
     total = time.perf_counter()
     ev, sec_features = timed(lambda: FeatureEvaluator(args.data, n, common.REPO / "runs" / "features"))
     print(f"feature classifier held-out accuracy {ev.acc:.3f} ({sec_features:.0f} s); floor (n={ev.n}): "
@@ -295,7 +319,7 @@ def run(args) -> None:
         if label in specs:
             trained[label] = train(args, label, specs[label])
     data = next(iter(trained.values()))[0].data
-    test = data.test[:n_lik]
+    test = data.test[:n_lik].to(dev)
 
     def add(label, method, nfe, x, t_train, t_sample, bpd=None, **extra):
         m = ev(x)
@@ -304,11 +328,13 @@ def run(args) -> None:
         print(json.dumps(rows[-1]), flush=True)
         return m
 
-    def samples(tr, method, nfe, score=None, seed=1, count=n):
+    def samples(tr, method, nfe, score=None, seed=1, count=n, **options):
+        """count samples, on the CPU, and their seconds (`draw_samples` on the device)."""
         model = score or tr.ema.copy()
         with counting_calls(model, f"{tr.cfg.name} {method} {nfe}", nfe):
-            return timed(lambda: draw_samples(tr.sde, model, (count,) + data.sample_shape, method, nfe,
-                                              generator=torch.Generator().manual_seed(seed), family=tr.family)[0])
+            return timed(lambda: draw_samples(tr.sde, model, (count,) + data.sample_shape, method, nfe, family=tr.family,
+                                              generator=torch.Generator().manual_seed(seed), device=dev,
+                                              **options)[0].cpu())
 
     def pf_bits(tr) -> float | None:
         """Probability-flow bits/dim of the n_lik test images (None when n_lik is 0)."""
@@ -316,14 +342,14 @@ def run(args) -> None:
             return None
         model = tr.ema.copy()
         with counting_calls(model, f"{tr.cfg.name} bits/dim"):
-            return float(bits_per_dim(tr.sde, model, test, levels=levels, generator=torch.Generator().manual_seed(0),
+            return float(bits_per_dim(tr.sde, model, test, levels=levels, generator=gen(0),
                                       divergence="hutchinson-rademacher", rtol=1e-3, atol=1e-3,
                                       dtype=torch.float32)[0].mean())
 
     if "VAE" in trained:  # importance-weighted bound (K = 100)
         tr, sec = trained["VAE"]
         vae = tr.ema.copy()
-        bpd = float(vae.bits_per_dim(test, k=100, generator=torch.Generator().manual_seed(0)).mean()) if n_lik else None
+        bpd = float(vae.bits_per_dim(test, k=100, generator=gen(0)).mean()) if n_lik else None
         x, ts = samples(tr, "decoder", 1)
         add(f"VAE (conv, latent {spec['latent']})", "decoder mean", 1, x, sec, ts, bpd)
         show(x, "VAE")
@@ -331,7 +357,7 @@ def run(args) -> None:
     if "DDPM" in trained:  # ancestral at long_chain and 50 steps; ELBO with the discretised decoder
         tr, sec = trained["DDPM"]
         ddpm = tr.ema.copy()
-        bpd = float(ddpm_elbo(ddpm, ddpm.schedule, test, levels=levels, generator=torch.Generator().manual_seed(0))
+        bpd = float(ddpm_elbo(ddpm, ddpm.schedule, test, levels=levels, generator=gen(0))
                     ["bits_per_dim"].mean()) if n_lik else None
         for steps in (long_chain, 50):
             x, ts = samples(tr, "ddpm", steps)
@@ -341,10 +367,7 @@ def run(args) -> None:
 
     if "SMLD" in trained:  # SMLD / NCSN with annealed Langevin (100 levels x 2 steps + denoise)
         tr, sec = trained["SMLD"]
-        model = tr.ema.copy()
-        with counting_calls(model, "SMLD ald", 201):
-            x, ts = timed(lambda: sample(tr.sde, model, (n,) + data.sample_shape, method="ald", nfe=201,
-                                         generator=torch.Generator().manual_seed(1), **ALD))
+        x, ts = samples(tr, "ald", 201, **ALD)
         add("SMLD/NCSN (VE, 50 levels)", f"ald (ratio {ALD['step_ratio']:g})", 201, x, sec, ts, pf_bits(tr))
         show(x, "SMLD ald")
 
@@ -384,8 +407,8 @@ def run(args) -> None:
     unet, sched, sec = diffusers_baseline(args, data.train)
     precision = run_precision(args)
     eps_fn = lambda x, i: unet(x.float(), i).sample.to(x.dtype)
-    bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels,
-                          generator=torch.Generator().manual_seed(0))["bits_per_dim"].mean()) if n_lik else None
+    bpd = float(ddpm_elbo(eps_fn, DDPMSchedule.linear(1000), test, levels=levels, generator=gen(0))
+                ["bits_per_dim"].mean()) if n_lik else None
     schedulers = [("DDPMScheduler", DDPMScheduler, {}, (long_chain,) if long_chain else ()),
                   ("DPMSolverMultistepScheduler", DPMSolverMultistepScheduler, {}, nfes)]
     if any(m.endswith("_sde") for m in candidates):
@@ -426,8 +449,8 @@ def run(args) -> None:
         cond_fig = common.record_png(save_grid(list(x.split(per_row)), common.out_dir(NAME) / f"imaging_{tag(args)}_cond.png",
                                                [f"{k} (w={pick['w']:g})" for k in range(10)], cols=per_row))
 
-    if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown
-        inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy(), data,
+    if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown (on the CPU)
+        inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy().cpu(), data,
                                                   ev.classify, opt["n_inpaint"], weights=opt["inpaint_weights"],
                                                   classifier_args=FEATURE_NETS[args.data][2])
         grid, grid_labels = grid + rows_, grid_labels + labels_
@@ -436,7 +459,7 @@ def run(args) -> None:
     rel = lambda f: str(f.relative_to(common.REPO)) if f.is_relative_to(common.REPO) else str(f)
     cfg = base_config(args, "table")
     result = {"data": args.data, "budget": args.budget, "steps": args.steps, "batch": cfg.batch_size,
-              "precision": precision, "net_args": cfg.net_args, "n": ev.n, "threads": args.threads,
+              "precision": precision, "net_args": cfg.net_args, "n": ev.n, "threads": args.threads, "device": str(dev),
               "feature_accuracy": ev.acc, "fid_floor": ev.floor, "pr_floor": ev.floor_pr, "floor": ev.floor_metrics,
               "rows": rows, "conditional": cond, "total_s": time.perf_counter() - total, "figure": rel(fig),
               **({"inpainting": inp} if inp else {}), **({"conditional_figure": rel(cond_fig)} if cond_fig else {})}

@@ -60,6 +60,7 @@ def add_arguments(ap) -> None:
                     help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
     ap.add_argument("--threads", type=int, default=1)
+    imaging.add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
     ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
 
@@ -98,7 +99,8 @@ def run(args) -> None:
             for nfe in args.nfes:
                 for seed in args.seeds:
                     score(w + args.tag, method, nfe, seed, lambda: draw_samples(
-                        tr.sde, model, shape, method, nfe, generator=torch.Generator().manual_seed(seed))[0], sec)
+                        tr.sde, model, shape, method, nfe, generator=torch.Generator().manual_seed(seed),
+                        device=tr.device)[0].cpu(), sec)
     if args.twin is not None:
         from diffusers import DPMSolverMultistepScheduler
 
@@ -113,9 +115,11 @@ def run(args) -> None:
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
+              "device": str(imaging.device(args)), "precision": imaging.run_precision(args),
               "rows": rows, "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
     common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
-    lines = [f"{args.data}, VP, {args.steps} steps; sample seeds {args.seeds}, n = {ev.n}; floor FID-style "
+    lines = [f"{args.data}, VP, {args.steps} steps ({result['device']}, {result['precision']}); sample seeds "
+             f"{args.seeds}, n = {ev.n}; floor FID-style "
              f"{ev.floor:.1f}\n", "| model | sampler | NFE | FID-style per seed | mean +- sd | KID per seed (se) |",
              "|---|---|---:|---|---:|---|"]
     for key in dict.fromkeys((r["model"], r["sampler"], r["nfe"]) for r in rows):

@@ -1,19 +1,25 @@
-"""The GPU path against the CPU path: samplers, grid fitting, likelihood and training on CUDA.
+"""The GPU path against the CPU path: samplers, grid fitting, likelihood and training on CUDA; the model families
+with their own samplers and the image benchmarks' --device cuda path.
 
-Skipped where CUDA is absent (CI); run on a GPU machine with `pytest tests/test_cuda.py`.
+Skipped where CUDA is absent (CI); run on a GPU machine with `pytest tests/test_cuda.py` (`benchmarks/gpu_check.sh`).
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from scoresde.core.sde import VE, VP
 from scoresde.core.targets import ring
-from scoresde.running.config import Config
+from scoresde.running.config import Config, load_config
 from scoresde.running.train import Trainer
 from scoresde.sampling import METHODS, fit_grid, sample
 from scoresde.sampling.likelihood import log_likelihood
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 F64 = torch.float64
+REPO = Path(__file__).resolve().parents[1]
 BUDGETS = {"pc": 9, "ald": 9}  # others: 7
 
 
@@ -116,3 +122,26 @@ def test_compiled_bf16_unet_training_on_cuda(tmp_path):
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.5 * losses[0]
     assert set(checkpoint_weights(tmp_path / "c" / "checkpoint.safetensors", "ema")) == set(tr.model.state_dict())
+
+
+@pytest.mark.parametrize("config", ["digits8_ddpm", "digits8_vae"])
+def test_families_with_their_own_sampler_train_and_sample_on_cuda(config, tmp_path):
+    """DDPM (its schedule's tables follow the data to the device) and the VAE draw their samples on CUDA from
+    the device generator `draw_samples` hands them."""
+    cfg = load_config(REPO / "configs" / f"{config}.yaml", [f"out={tmp_path}", "steps=10", "batch_size=32", "warmup=2",
+                                                            "eval_every=0", "checkpoint_every=10", "progress=false",
+                                                            "nfe=1" if config.endswith("vae") else "nfe=20",
+                                                            "device=cuda"])
+    tr = Trainer(cfg).run()
+    x = tr.sample(16, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 1, 8, 8) and x.device.type == "cpu" and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("args", [["imaging", "--data", "mnist"], ["weightings", "--twin"],
+                                  ["weightings", "--twin", "--twin-backbone", "scoresde"]], ids=" ".join)
+def test_image_benchmarks_run_quick_on_cuda(args, tmp_path):
+    """`--device cuda` of the image benchmarks: every family, the diffusers twin in both backbones, bits/dim,
+    guidance and inpainting, at the quick sizes."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--quick", "--device", "cuda", "--out",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]

@@ -75,7 +75,7 @@ class DDPMSchedule:
         return torch.cat([self.betas.new_ones(1), self.alphas_cumprod[:-1]])
 
     def _gather(self, v: Tensor, i: Tensor, x: Tensor) -> Tensor:
-        return expand_like(v.to(x.dtype)[i], x)
+        return expand_like(v.to(device=x.device, dtype=x.dtype)[i], x)
 
     def q_sample(self, x0: Tensor, i: Tensor, noise: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. eq. 4)."""
@@ -219,8 +219,9 @@ class DDPMModel(nn.Module):
         if method != "ddpm":
             raise InvalidValueError(f"a DDPM run samples with method 'ddpm' (ancestral), got {method!r}")
         sched, idx = self.schedule.respace(int(nfe or self.schedule.n_steps))
-        idx = idx.to(next(self.parameters()).device)
-        return ddpm_sample(lambda x, i: self(x, idx[i]), sched, tuple(shape), generator=generator)
+        device = next(self.parameters()).device  # the generator's too
+        x_T = torch.randn(tuple(shape), generator=generator, device=device)
+        return ddpm_sample(lambda x, i: self(x, idx.to(device)[i]), sched, tuple(shape), generator=generator, x_T=x_T)
 
 
 def _ddpm(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:

@@ -42,7 +42,7 @@ class Family:
     name: the `Config.model` value. build(cfg, sde, sample_shape, network) -> the model (network() builds
     `cfg.net`). losses: the `Config.loss` values it trains with, the default first. methods: the sampling
     methods it accepts, the default first. generate: its own sampler generate(model, shape, method=, nfe=,
-    generator=), or None: the model is sampled by `sampling.sample` (as a score, or as a consistency
+    generator=; on the model's device), or None: the model is sampled by `sampling.sample` (as a score, or as a consistency
     function for methods that take one). has_score: forward(x, t) returns grad log p_t. evaluations: the
     names in `EVALUATIONS` that apply (all need a score). variants: loss -> the family of a run trained
     with that loss (a run's family is `for_loss(cfg.loss)`).
