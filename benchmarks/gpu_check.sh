@@ -19,7 +19,7 @@ PARTS=${*:-mnist}
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "no wheels: run 'make gpu-wheels' here and carry .whl"; exit 2; }
+    || { echo "could not install .whl/*.whl: make them here with 'make gpu-wheels' (python 3.12) and carry .whl"; exit 2; }
 export PYTHONPATH=/tmp/site:src:. PYTHONUNBUFFERED=1
 touch "$OUT/start"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

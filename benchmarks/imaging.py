@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import common, inpainting
 from benchmarks.train_throughput import diffusers_twin
+from scoresde.core.errors import InvalidValueError
 from scoresde.learning.networks import EMA, UNet
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
 from scoresde.running.build import draw_samples, resolve_device
@@ -124,7 +125,10 @@ def base_config(args, name: str, **kw) -> Config:
 
 def device(args) -> torch.device:
     """Where the runs and the twin train and sample (`--device`); features and metrics are computed on the CPU."""
-    return resolve_device(getattr(args, "device", "cpu"))
+    try:
+        return resolve_device(getattr(args, "device", "cpu"))
+    except InvalidValueError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
 
 
 def run_precision(args) -> str:

@@ -75,6 +75,7 @@ run_tag = tag
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
+    imaging.device(args)  # refused here, before any work, where it is not available
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/weightings_{args.data}_{args.steps}")
     if not args.weightings and (args.twin is None or args.data != "mnist"):
         raise SystemExit("--weightings may be empty only with --twin and --data mnist (then only the twin is trained)")

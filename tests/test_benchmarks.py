@@ -107,6 +107,18 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
         assert res.returncode != 0 and "needs a CUDA device" in res.stderr
 
 
+@pytest.mark.parametrize("name", ["imaging", "weightings"])
+def test_image_benchmarks_refuse_an_absent_device_by_name(name, tmp_path):
+    """--device cuda without CUDA: one line naming the option, before any training, no traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    res = harness(name, "--quick", "--device", "cuda", "--out", str(tmp_path))
+    assert res.returncode != 0 and "--device cuda" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / name / "runs").exists()
+
+
 @pytest.mark.slow  # 6 min on an AVX2-only 2-core CPU (every sampler configuration on five exact-score targets)
 def test_stochastic_quick_runs_every_stage(tmp_path):
     """`stochastic --quick`: choice set and its refinement, held-out report, learned digits model, overhead, report
