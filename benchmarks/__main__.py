@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     tag = mod.run_tag(args) if hasattr(mod, "run_tag") else ""
     stem = f"run-{tag}" if tag else "run"
     log = common.out_dir(name) / f"{stem}.log"
+    partial = log.with_name(log.name + ".partial")  # the log so far; it replaces the last one when the run ends
     tic = time.perf_counter()
-    with open(log, "w") as fh, contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
+    with open(partial, "w") as fh, contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
         mod.run(args)
+    os.replace(partial, log)
     common.write_json(name, {"benchmark": name, "command": f"python -m benchmarks {' '.join([name, *rest])}",
                              "options": vars(args), "seconds": round(time.perf_counter() - tic, 1),
                              "log": log.name}, file=f"{stem}.json")

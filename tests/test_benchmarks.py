@@ -107,16 +107,21 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
         assert res.returncode != 0 and "needs a CUDA device" in res.stderr
 
 
-@pytest.mark.parametrize("name", ["imaging", "weightings"])
-def test_image_benchmarks_refuse_an_absent_device_by_name(name, tmp_path):
-    """--device cuda without CUDA: one line naming the option, before any training, no traceback."""
+@pytest.mark.parametrize("name, log", [("imaging", "run-quick.log"), ("weightings", "run-digits_3steps_seed1-2_twin.log")])
+def test_image_benchmarks_refuse_an_absent_device_by_name(name, log, tmp_path):
+    """--device cuda without CUDA: one line naming the option, before any training, no traceback; the log of
+    the last finished run of that name is left as it was (the stopped run's is beside it, .partial)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is present")
+    (tmp_path / name).mkdir()
+    (tmp_path / name / log).write_text("the last finished run\n")
     res = harness(name, "--quick", "--device", "cuda", "--out", str(tmp_path))
     assert res.returncode != 0 and "--device cuda" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / name / "runs").exists()
+    assert (tmp_path / name / log).read_text() == "the last finished run\n"
+    assert (tmp_path / name / f"{log}.partial").exists()
 
 
 @pytest.mark.slow  # 6 min on an AVX2-only 2-core CPU (every sampler configuration on five exact-score targets)
