@@ -130,6 +130,41 @@ def test_errors_are_one_line_messages(run_dir, tmp_path):
     assert res.exit_code == 2 and "unknown config key 'stepz'; valid:" in res.output
 
 
+def test_device_option_of_the_commands_that_load_a_run(run_dir, tmp_path):
+    """--device cpu is the default here (the run's config device) sample for sample; an unknown device, and CUDA
+    where there is none, are one-line errors naming --device; a run configured for CUDA loaded where there is
+    none names the way out."""
+    import shutil
+
+    import torch
+
+    outs = []
+    for extra in ([], ["--device", "cpu"], ["--device", "auto"] * (not torch.cuda.is_available())):
+        res = runner.invoke(app, ["sample", str(run_dir), "--method", "em", "--nfe", "7", "--n", "16",
+                                  "--out", str(tmp_path / f"d{len(outs)}.npy"), *extra])
+        assert res.exit_code == 0, res.output
+        outs.append(np.load(tmp_path / f"d{len(outs)}.npy"))
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    for command in (["sample", "--out", str(tmp_path / "e.npy")], ["evaluate"], ["likelihood"],
+                    ["inpaint", "--mask", str(tmp_path / "m.npy"), "--out", str(tmp_path / "e.png")]):
+        res = runner.invoke(app, [command[0], str(run_dir), *command[1:], "--device", "tpu"])
+        assert res.exit_code == 2 and "--device must be one of cpu, cuda, auto, got 'tpu'" in res.output, res.output
+    if torch.cuda.is_available():
+        return
+    res = runner.invoke(app, ["evaluate", str(run_dir), "--device", "cuda"])
+    assert res.exit_code == 2 and "--device cuda: CUDA is not available here; use --device cpu or auto" in res.output
+    moved = tmp_path / "trained_on_a_gpu"
+    shutil.copytree(run_dir, moved)
+    cfg = moved / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("device: cpu", "device: cuda"))
+    res = runner.invoke(app, ["sample", str(moved), "--n", "8", "--nfe", "7", "--out", str(tmp_path / "g.npy")])
+    assert res.exit_code == 2 and "is configured for device 'cuda', which is not available here" in res.output
+    assert "--device cpu" in res.output
+    res = runner.invoke(app, ["sample", str(moved), "--n", "8", "--nfe", "7", "--out", str(tmp_path / "g.npy"),
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+
+
 def test_train_resumes_a_finished_run(run_dir):
     before = (run_dir / "checkpoint.safetensors").read_bytes()
     res = runner.invoke(app, ["train", str(run_dir / "config.yaml")])

@@ -145,3 +145,40 @@ def test_image_benchmarks_run_quick_on_cuda(args, tmp_path):
     res = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--quick", "--device", "cuda", "--out",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_a_cpu_trained_image_run_samples_inpaints_and_evaluates_on_cuda(tmp_path):
+    """`load_run(device=...)` and the CLI's --device: a deterministic sampler from the same prior draw gives the
+    CPU's samples (to TF32 convolution rounding); sample, evaluate, inpaint and likelihood run on CUDA; a run
+    whose config names cuda loads there by default."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from scoresde.cli import app
+    from scoresde.running.runs import load_run, sample_run
+
+    cfg = load_config(REPO / "configs" / "digits.yaml", [f"out={tmp_path}", "steps=10", "batch_size=32", "warmup=2",
+                                                            "eval_every=0", "checkpoint_every=10", "progress=false",
+                                                            "ema_decay=0.9"])
+    Trainer(cfg).run()
+    cpu, gpu = load_run(cfg.run_dir), load_run(cfg.run_dir, device="cuda")
+    assert gpu.device.type == "cuda" and cpu.device.type == "cpu"
+    x_cpu, _ = sample_run(cpu, 32, method="dpm2m", nfe=10, seed=3)
+    x_gpu, _ = sample_run(gpu, 32, method="dpm2m", nfe=10, seed=3)
+    assert x_gpu.device.type == "cpu"
+    torch.testing.assert_close(x_gpu, x_cpu, rtol=2e-2, atol=2e-2)
+    mask = np.zeros((16, 16), dtype=np.float32)
+    mask[:8] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    runner, run = CliRunner(), str(cfg.run_dir)
+    for args in (["sample", run, "--n", "16", "--nfe", "10", "--out", str(tmp_path / "x.npy")],
+                 ["evaluate", run, "--n", "40", "--nfe", "10"],
+                 ["inpaint", run, "--mask", str(tmp_path / "mask.npy"), "--n", "4", "--nfe", "10",
+                  "--out", str(tmp_path / "i.png")],
+                 ["likelihood", run, "--n", "4", "--rtol", "1e-3", "--atol", "1e-3"]):
+        res = runner.invoke(app, [*args, "--device", "cuda"])
+        assert res.exit_code == 0, (args[0], res.output)
+    assert np.isfinite(np.load(tmp_path / "x.npy")).all()
+    cfg_file = cfg.run_dir / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("device: cpu", "device: cuda"))
+    assert load_run(cfg.run_dir, device=None).device.type == "cuda"

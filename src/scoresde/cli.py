@@ -118,7 +118,7 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     cfg = load_config(config, overrides or [])
     trainer = trainer_for(cfg)(cfg, resume=not restart).run()
     if trainer.rank == 0:
-        _report(write_report(load_run(trainer.run_dir)))
+        _report(write_report(load_run(trainer.run_dir, device=trainer.device)))
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -138,13 +138,21 @@ def _report(paths: dict) -> None:
         typer.echo(f"  {name:13s} {path}")
 
 
-def _open_run(run: Path):
-    """`runs.load_run`, and torch's thread count set to the run's `threads`."""
+DEVICE_HELP = "cpu | cuda | auto (cuda where there is one); default: the run's config device"
+
+
+def _open_run(run: Path, device: str | None = "cpu"):
+    """`runs.load_run` on `device` (--device; None: the run's config device), and torch's thread count set to
+    the run's `threads`."""
     import torch
 
     from .running.runs import load_run
 
-    r = load_run(run)
+    if device not in (None, "cpu", "cuda", "auto"):
+        raise InvalidValueError(f"--device must be one of cpu, cuda, auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidValueError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    r = load_run(run, device=device)
     torch.set_num_threads(r.cfg.threads)
     return r
 
@@ -190,7 +198,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            guidance: float = typer.Option(0.0, "--guidance", help="classifier-free guidance weight w >= 0 (with --label)"),
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
-           schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP)) -> None:
+           schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+           device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
     from .running.progress import counting_calls
@@ -206,7 +215,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
     if fit_grid and schedule == "auto":
         raise InvalidValueError("--fit-grid and --schedule auto both choose the time grid; pass one of them")
-    r = _open_run(run)
+    r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
     held_out = r.data.test[:n] if out.suffix == ".png" else None  # the plot's data, before sampling
@@ -251,7 +260,8 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
                                                                 "p(known | x_t)^w (1: the exact h-transform; 4-8 "
                                                                 "recovered MNIST digit classes far more often); smc: "
                                                                 "the twisting weight (any w stays exact)"),
-            seed: int = typer.Option(0)) -> None:
+            seed: int = typer.Option(0),
+            device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
     from .running.files import check_writable, save_array
     from .running.plots import save_grid
@@ -260,7 +270,7 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
-    r = _open_run(run)
+    r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     _at_least_one("--cg-iters", cg_iters, "the default 5")
     if not weight > 0 or weight == float("inf"):
@@ -288,7 +298,8 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
              method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0),
-             schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP)) -> None:
+             schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+             device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """W2 to held-out data with its floor, MMD^2, for analytic data TV and the T 5.2 bound from the measured
     score error, and for the built-in image sets (digits, mnist) FID-style with its floor, KID and k-NN
     precision / recall on a download-free feature network (trained once into runs/features; not comparable
@@ -302,7 +313,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     _check_schedule(schedule)
-    r = _open_run(run)
+    r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
@@ -324,7 +335,8 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
                                                      "nats per point even in the tails of the benchmark mixtures)"),
                atol: float = typer.Option(1e-6, help="ODE absolute tolerance"),
                batch_size: int = typer.Option(256, help="points per ODE solve"),
-               seed: int = typer.Option(0)) -> None:
+               seed: int = typer.Option(0),
+               device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Mean NLL (and bits/dim for 8-bit images) with a 95% CI through the probability-flow ODE of the
     run's EMA model, at the SDE's t_min; writes RUN/likelihood.json."""
     from .running.files import check_writable, save_json
@@ -332,7 +344,7 @@ def likelihood(run: Path = typer.Argument(..., help="run folder"),
     from .running.runs import likelihood_run
 
     check_writable(run / "likelihood.json")
-    r = _open_run(run)
+    r = _open_run(run, device)
     with counting_calls(r.model, "likelihood (adaptive ODE)", enable=r.cfg.progress):
         out = likelihood_run(r, data=data, n=n, seed=seed, divergence=divergence, batch_size=batch_size,
                              rtol=rtol, atol=atol)
@@ -357,7 +369,7 @@ def demo(out: str = typer.Option("runs", help="parent folder of runs/demo"),
     cfg = Config(**{**DEMO, "out": out, "steps": steps, "warmup": min(DEMO["warmup"], steps)})
     typer.echo(f"training {cfg.steps} steps ({cfg.sde}, {cfg.net}, {cfg.data}) into {cfg.run_dir} ...")
     trainer = Trainer(cfg, resume=False).run()
-    _report(write_report(load_run(trainer.run_dir)))
+    _report(write_report(load_run(trainer.run_dir, device=trainer.device)))
 
 
 @app.command()

@@ -89,6 +89,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_generator(generator: torch.Generator | None, device: torch.device | str | None) -> torch.Generator | None:
+    """A generator on `device` seeded by one draw of the CPU `generator` (itself where `device` is the CPU or None):
+    one seed drives both, and the CPU path stays what it was."""
+    if device is None or torch.device(device).type == "cpu":
+        return generator
+    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+
+
 @torch.no_grad()
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
                  generator: torch.Generator | None = None, paths: int = 0, family: Family | None = None,
@@ -100,7 +108,7 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
     options). On a non-CPU `device` the prior draw comes from the CPU `generator` and the sampler's noise
     from a device generator seeded by it; a family's own sampler draws all of its randomness from that one."""
     on_device = device is not None and torch.device(device).type != "cpu"
-    reseed = lambda: torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    reseed = lambda: device_generator(generator, device)
     if family is not None:
         family.check_method(method)
         if family.generate is not None:

@@ -27,7 +27,7 @@ from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.schedule import Schedule, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
-from .build import build_model, build_sde, draw_samples, family_of
+from .build import build_model, build_sde, device_generator, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
 from .config import Config, load_config
 from .data import (
@@ -86,6 +86,11 @@ class Run:
         return self._data
 
     @property
+    def device(self) -> torch.device:
+        """Where the model computes (`load_run`'s device); samples and results come back on the CPU."""
+        return next(iter(self.model.parameters()), torch.empty(0)).device
+
+    @property
     def data_name(self) -> str:
         """The name of the data the run was trained on."""
         return self.record["name"] if self.record else self.cfg.data
@@ -115,14 +120,17 @@ def _reload(cfg: Config, record: dict, where: str) -> tuple[Dataset | None, str]
     return None, f"{data_mismatch(data, record, where)}; {how}"
 
 
-def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = None) -> Run:
+def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = None,
+             device: str | torch.device | None = "cpu") -> Run:
     """Rebuild a run from `run_dir/config.yaml`, its data record and `run_dir/checkpoint.safetensors`.
 
     `data`: the data the run was trained on, needed when it was given to the Trainer (its content hash must
     be the recorded one). Without it the config's data is reloaded and checked; data that cannot be had
     leaves a run that samples but has no `data` (module docstring). A run folder without a data record
     (written before runs recorded their data) reloads its config's data unchecked. Torch's thread count is left
-    as it is (the CLI sets the run's `threads`; a Trainer loading a teacher keeps its own)."""
+    as it is (the CLI sets the run's `threads`; a Trainer loading a teacher keeps its own). `device`: where the
+    model computes (cpu, cuda, auto as in configs; None: the run's config device); sampling, inpainting and
+    likelihoods of the run run there."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not has_checkpoint(run_dir / CHECKPOINT):
         raise InvalidValueError(f"{str(run_dir)!r} is not a run folder (needs config.yaml and {CHECKPOINT})")
@@ -135,6 +143,13 @@ def load_run(run_dir: str | Path, which: str = "ema", data: Dataset | None = Non
         data, unavailable = (load_config_data(cfg), "") if record is None else _reload(cfg, record, where)
     model = build_model(cfg, build_sde(cfg), tuple(record["shape"]) if data is None else data.sample_shape)
     step = load_weights(run_dir / CHECKPOINT, model, which, net=cfg.net, net_args=cfg.net_args)
+    if device is None:
+        try:
+            device = resolve_device(cfg.device)
+        except InvalidValueError:
+            raise InvalidValueError(f"{where} is configured for device {cfg.device!r}, which is not available here; "
+                                    "load it with device 'cpu' or 'auto' (CLI: --device cpu)") from None
+    model = model.to(device if isinstance(device, torch.device) else resolve_device(device))
     return Run(cfg, data, model.eval().requires_grad_(False), step, record=record, unavailable=unavailable)
 
 
@@ -185,7 +200,8 @@ def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedul
         return Schedule(torch.tensor(e["ts"], dtype=torch.float64), e["denoise"], e["choice"], e["check"],
                         e["default_check"], e["evaluations"], e["seconds"]), True
     with torch.no_grad():
-        s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), **options)
+        s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), device=run.device,
+                          **options)
     entries[key] = {"ts": s.ts.tolist(), "denoise": s.denoise, "choice": s.choice, "check": s.check,
                     "default_check": s.default_check, "evaluations": s.evaluations, "seconds": s.seconds}
     atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
@@ -207,8 +223,9 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
         family.require("guidance")
         family.check_method(method)
         model, family = label_guided(run.model, label, n, guidance), None
-    return draw_samples(run.sde, model, (n,) + run.sample_shape, method, nfe,
-                        generator=torch.Generator().manual_seed(seed), paths=paths, family=family, **options)
+    x, traj = draw_samples(run.sde, model, (n,) + run.sample_shape, method, nfe, device=run.device,
+                           generator=torch.Generator().manual_seed(seed), paths=paths, family=family, **options)
+    return x.cpu(), None if traj is None else traj.cpu()
 
 
 def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0, **options) -> GridFit:
@@ -218,7 +235,7 @@ def fit_run_grid(run: Run, *, method: str, nfe: int, n_probe: int, seed: int = 0
     sde = run.require_linear("fit_grid")
     if isinstance(n_probe, bool) or not isinstance(n_probe, int) or n_probe < 1:
         raise InvalidValueError(f"n_probe must be an integer >= 1, got {n_probe!r}")
-    probe = sde.prior_sample((n_probe,) + run.sample_shape, torch.Generator().manual_seed(seed + 1))
+    probe = sde.prior_sample((n_probe,) + run.sample_shape, torch.Generator().manual_seed(seed + 1)).to(run.device)
     with torch.no_grad():
         return fit_grid(sde, run.model, probe, method=method, nfe=nfe, **options)
 
@@ -244,9 +261,10 @@ def inpaint_run(run: Run, mask: str | Path | Tensor, n: int, *, how: str = "twee
     run.family.check_method(method)
     m = mask if isinstance(mask, Tensor) else load_mask(mask, run.sample_shape)
     known = run.data.test[:n]
-    x = inpaint(sde, run.model, known, m, method=how, sampler=method, nfe=run.cfg.nfe if nfe is None else nfe,
-                cg_iters=cg_iters, weight=weight, generator=torch.Generator().manual_seed(seed), **options)
-    return known, m, x
+    x = inpaint(sde, run.model, known.to(run.device), m.to(run.device), method=how, sampler=method,
+                nfe=run.cfg.nfe if nfe is None else nfe, cg_iters=cg_iters, weight=weight,
+                generator=device_generator(torch.Generator().manual_seed(seed), run.device), **options)
+    return known, m, x.cpu()
 
 
 def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **options) -> dict[str, Any]:
@@ -264,7 +282,8 @@ def likelihood_run(run: Run, *, data: str = "", n: int = 500, seed: int = 0, **o
         x = run.data.test[:n]
     if x.shape[1:] != run.sample_shape:
         raise InvalidValueError(f"data points have shape {tuple(x.shape[1:])}, the run's model takes {run.sample_shape}")
-    out = evaluate_likelihood(run.sde, run.model, x, generator=torch.Generator().manual_seed(seed), **options)
+    out = evaluate_likelihood(run.sde, run.model, x.to(run.device),
+                              generator=device_generator(torch.Generator().manual_seed(seed), run.device), **options)
     out.update(data=data or f"{run.data_name} (held out)", sde=run.cfg.sde, step=run.step)
     return out
 
@@ -322,7 +341,7 @@ def analytic_report(run: Run, x: Tensor, n_times: int = 24, n_points: int = 2000
         pt = mix.at_time(sde, float(t))
         xt = pt.sample(n_points, generator)
         tb = torch.full((n_points,), float(t))
-        s = run.model(xt.float(), tb).double()
+        s = run.model(xt.float().to(run.device), tb.to(run.device)).double().cpu()
         errors.append(float((s - pt.score(xt)).pow(2).sum(1).mean().sqrt()))
     pT = mix.at_time(sde, sde.T)
     prior = tv(pT.log_prob, sde.prior_logp, pT.sample(n_points, generator))

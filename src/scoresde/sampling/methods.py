@@ -218,7 +218,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations.
 
     score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape`, at least one sample, in
-    `options["dtype"]`, default torch's default dtype) fixes the dtype of the whole run.
+    `options["dtype"]`, default torch's default dtype, on the generator's device) fixes the dtype and device
+    of the whole run.
     callback(step, t, x) sees every grid time (t = 0 for the denoised output).
     Raises ValueError when `nfe` does not fit the method's budget rule (module docstring), and
     `NonFiniteError` when the samples hold NaN/inf (one check of the output, skipped with
@@ -236,7 +237,8 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if shape is None:
             raise InvalidValueError("shape must be given when x_T is not")
         _check_shape("shape", tuple(shape))
-        x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype())
+        x_T = sde.prior_sample(tuple(shape), generator=generator, dtype=dtype or torch.get_default_dtype(),
+                               device=None if generator is None else generator.device)
     else:
         if not (isinstance(x_T, Tensor) and x_T.is_floating_point()):
             got = x_T.dtype if isinstance(x_T, Tensor) else type(x_T).__name__
