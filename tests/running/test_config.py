@@ -85,11 +85,12 @@ def test_shipped_configs_build(path):
     data = load_dataset(cfg.data, n_train=16, n_test=4, pad_to=cfg.pad_to)
     sde = build_sde(cfg)
     model = build_model(cfg, sde, data.sample_shape)
+    x0 = data.test[:4]  # mnist's held-out split is fixed at 500 whatever n_test says
     if family.generate is None:  # a score model, or a consistency run's x0-parametrised score network
-        assert model(data.test, data.test.new_full((data.test.shape[0],), 0.5)).shape == data.test.shape
+        assert model(x0, x0.new_full((x0.shape[0],), 0.5)).shape == x0.shape
     else:  # the family's own sampler (VAE, discrete DDPM), at its cheapest budget
-        x, _ = draw_samples(sde, model, tuple(data.test.shape), cfg.sampler, min(cfg.nfe, 2), family=family)
-        assert x.shape == data.test.shape
+        x, _ = draw_samples(sde, model, tuple(x0.shape), cfg.sampler, min(cfg.nfe, 2), family=family)
+        assert x.shape == x0.shape
 
 
 def test_at_least_the_issue_configs_exist():
