@@ -146,7 +146,8 @@ def test_device_option_of_the_commands_that_load_a_run(run_dir, tmp_path):
         outs.append(np.load(tmp_path / f"d{len(outs)}.npy"))
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
     for command in (["sample", "--out", str(tmp_path / "e.npy")], ["evaluate"], ["likelihood"],
-                    ["inpaint", "--mask", str(tmp_path / "m.npy"), "--out", str(tmp_path / "e.png")]):
+                    ["inpaint", "--mask", str(tmp_path / "m.npy"), "--out", str(tmp_path / "e.png")],
+                    ["finetune", "--reward", "linear", "--param", "c=1,0", "--beta", "1", "--out", str(tmp_path / "f")]):
         res = runner.invoke(app, [command[0], str(run_dir), *command[1:], "--device", "tpu"])
         assert res.exit_code == 2 and "--device must be one of cpu, cuda, auto, got 'tpu'" in res.output, res.output
     if torch.cuda.is_available():

@@ -182,3 +182,20 @@ def test_a_cpu_trained_image_run_samples_inpaints_and_evaluates_on_cuda(tmp_path
     cfg_file = cfg.run_dir / "config.yaml"
     cfg_file.write_text(cfg_file.read_text().replace("device: cpu", "device: cuda"))
     assert load_run(cfg.run_dir, device=None).device.type == "cuda"
+
+
+@pytest.mark.parametrize("method", ["pg", "adjoint", "dpok", "draft", "ddpo"])
+def test_finetune_runs_on_cuda(method, tiny_run, tmp_path):
+    """`scoresde finetune --device cuda`: every method's rollouts, noise, value baseline and update on the GPU,
+    the fine-tuned run saved and sampled before and after."""
+    from typer.testing import CliRunner
+
+    from scoresde.cli import app
+    from scoresde.running.runs import load_run
+
+    beta = [] if method == "ddpo" else ["--beta", "1"]
+    res = CliRunner().invoke(app, ["finetune", str(tiny_run), "--reward", "linear", "--param", "c=1,0", *beta,
+                                   "--method", method, "--steps", "3", "--batch-size", "16", "--n-time-steps", "5",
+                                   "--n", "64", "--device", "cuda", "--out", str(tmp_path / "ft")])
+    assert res.exit_code == 0, res.output
+    assert torch.isfinite(load_run(tmp_path / "ft").model(torch.zeros(4, 2), torch.full((4,), 0.5))).all()

@@ -141,6 +141,17 @@ def _report(paths: dict) -> None:
 DEVICE_HELP = "cpu | cuda | auto (cuda where there is one); default: the run's config device"
 
 
+def _device(device: str | None) -> str | None:
+    """--device checked: one of cpu, cuda (where there is one), auto, or None (the run's config device)."""
+    import torch
+
+    if device not in (None, "cpu", "cuda", "auto"):
+        raise InvalidValueError(f"--device must be one of cpu, cuda, auto, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidValueError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    return device
+
+
 def _open_run(run: Path, device: str | None = "cpu"):
     """`runs.load_run` on `device` (--device; None: the run's config device), and torch's thread count set to
     the run's `threads`."""
@@ -148,11 +159,7 @@ def _open_run(run: Path, device: str | None = "cpu"):
 
     from .running.runs import load_run
 
-    if device not in (None, "cpu", "cuda", "auto"):
-        raise InvalidValueError(f"--device must be one of cpu, cuda, auto, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidValueError("--device cuda: CUDA is not available here; use --device cpu or auto")
-    r = load_run(run, device=device)
+    r = load_run(run, device=_device(device))
     torch.set_num_threads(r.cfg.threads)
     return r
 
@@ -411,7 +418,8 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
                                                                         "at every rollout state) | mean | none"),
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
-             seed: int = typer.Option(0)) -> None:
+             seed: int = typer.Option(0),
+             device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Fine-tune a run against a reward into a new run folder: KL-regularised continuous-time RL (pg, DESIGN 9),
     adjoint matching, DPOK, DRaFT-K or DDPO."""
     from .models.rewards import parse_reward
@@ -423,7 +431,8 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
     _at_least_one("--n", n)
     options = method_options(method, beta=beta, k=k, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
                              lr=lr, baseline=baseline)
-    res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed)
+    res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed,
+                       device=_device(device))
     typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")
     for name, path in res["paths"].items():
         typer.echo(f"  {name:15s} {path}")

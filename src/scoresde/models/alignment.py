@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..core.devices import device_generator
 from ..core.errors import InvalidValueError
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time, expand_like
 from ..core.targets import GaussianMixture
@@ -152,17 +153,18 @@ class Rollout:
 
 def rollout(sde: SDE, model: ScoreFn, pretrained: ScoreFn, shape: tuple[int, ...], grid: Tensor,
             generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Rollout:
-    """Simulate the backward EM chain from the prior along `grid` (T down to t_end), no gradient;
-    each step is the samplers' (`stochastic.em_update`, T 5.21) with dB = sqrt(h) z."""
+    """Simulate the backward EM chain from the prior along `grid` (T down to t_end), no gradient, on the
+    grid's device (`generator` must be there too); each step is the samplers' (`stochastic.em_update`, T 5.21)
+    with dB = sqrt(h) z."""
     ts = check_grid(torch.as_tensor(grid, dtype=dtype))
-    x = sde.prior_sample(shape, generator=generator, dtype=dtype)
+    x = sde.prior_sample(shape, generator=generator, dtype=dtype, device=ts.device)
     states, noise, scores, pres, gs = [x], [], [], [], []
     per_point = 1 if isinstance(model, ResidualScore) else 2
     coefs = em_coefficients(sde, ts) if isinstance(sde, LinearSDE) else [None] * (ts.numel() - 1)
     with torch.no_grad():
         for k in range(ts.numel() - 1):
             s, pre = _score_pair(model, pretrained, x, batch_time(ts[k], x))
-            z = torch.randn(x.shape, generator=generator, dtype=dtype)
+            z = torch.randn(x.shape, generator=generator, dtype=dtype, device=x.device)
             x_next = em_update(sde, x, s, ts[k], ts[k + 1], z, coefs[k])
             states.append(x_next), noise.append((ts[k] - ts[k + 1]).sqrt() * z), scores.append(s), pres.append(pre)
             gs.append(sde.diffusion(ts[k]).to(dtype))
@@ -218,7 +220,7 @@ def policy_loss(model: ScoreFn, ro: Rollout, advantages: Tensor, beta: float,
 def _tweedie_reward(sde: SDE, reward: Reward, ro: Rollout) -> Tensor:
     """r at the denoised points (x + sigma^2 s) / alpha (Tweedie) of every stored state (N, B)."""
     if not isinstance(sde, LinearSDE):
-        return torch.zeros(ro.noise.shape[:2], dtype=ro.states.dtype)
+        return ro.states.new_zeros(ro.noise.shape[:2])
     x, t = ro.states[:-1], ro.times[:-1]
     a = expand_like(sde.alpha(t).to(x.dtype), x)
     sig = expand_like(sde.sigma(t).to(x.dtype), x)
@@ -368,7 +370,8 @@ def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Ten
     ts = _resolve_grid(sde, options)
     reward = CountedReward(reward)
     model, frozen, shape = _prepare(pretrained, shape, network, generator)
-    dtype = next(model.parameters()).dtype
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    ts, generator = ts.to(device), device_generator(generator, device)  # the chains run where the model is
     lr, lr_final = options.lr, options.lr_final
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     step = Step(sde, model, frozen, opt, reward)
@@ -417,7 +420,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOpt
                 with torch.random.fork_rng():
                     if value_seed is not None:
                         torch.manual_seed(value_seed)
-                    value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G.dtype)
+                    value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G)
                 value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
             r_tw = _tweedie_reward(sde, step.reward, ro)
             with torch.no_grad():
@@ -482,7 +485,7 @@ def _clipped_updates(step: Step, ro: Rollout, A: Tensor, clip: float, minibatche
     """One Adam step per minibatch on the clipped surrogate l_ik = max(-A_i rho_ik, -A_i clip(rho_ik, 1 -+ clip)):
     DDPO's loss mean_{i,k} l_ik (beta None) or DPOK's mean_i [sum_k l_ik + beta sum_k c_k(theta)], the per-step
     KL c_k taken at the stored states (the sum over steps keeps the reward and the KL on one scale)."""
-    for idx in torch.arange(A.numel()).chunk(minibatches):
+    for idx in torch.arange(A.numel(), device=A.device).chunk(minibatches):
         sub = Rollout(ro.times, ro.states[:, idx], ro.noise[:, idx], ro.scores[:, idx], ro.pre[:, idx],
                       ro.diffusion, 0)
         s = sub.rescore(step.model)

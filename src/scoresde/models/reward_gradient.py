@@ -64,7 +64,7 @@ def draft_loss(sde: SDE, model: nn.Module, frozen: ScoreFn, ro: Rollout, reward:
     N = ro.noise.shape[0]
     start = N - k
     coefs = em_coefficients(sde, ro.times) if isinstance(sde, LinearSDE) else [None] * N
-    x, kl = ro.states[start], torch.zeros(ro.noise.shape[1], dtype=ro.states.dtype)
+    x, kl = ro.states[start], ro.states.new_zeros(ro.noise.shape[1])
     if beta is not None and start > 0:
         head = Rollout(ro.times[:start + 1], ro.states[:start + 1], ro.noise[:start], ro.scores[:start],
                        ro.pre[:start], ro.diffusion[:start], 0)

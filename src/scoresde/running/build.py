@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..core.devices import device_generator
 from ..core.errors import InvalidValueError, NonFiniteError
 from ..core.registry import Registry
 from ..core.sde import SDE, SDES, ScoreFn
@@ -87,14 +88,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise InvalidValueError("device 'cuda' requested but CUDA is not available; use device=cpu or auto")
     return torch.device(name)
-
-
-def device_generator(generator: torch.Generator | None, device: torch.device | str | None) -> torch.Generator | None:
-    """A generator on `device` seeded by one draw of the CPU `generator` (itself where `device` is the CPU or None):
-    one seed drives both, and the CPU path stays what it was."""
-    if device is None or torch.device(device).type == "cpu":
-        return generator
-    return torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
 
 
 @torch.no_grad()

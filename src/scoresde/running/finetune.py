@@ -60,20 +60,21 @@ def method_options(method: str, beta: float | None = None, k: int | None = None,
 
 
 def finetune_run(run_dir, out_dir, reward: Reward, options: FinetuneOptions, *, data: Dataset | None = None,
-                 n_samples: int = 2000, seed: int = 0) -> dict:
+                 n_samples: int = 2000, seed: int = 0, device: str | torch.device | None = "cpu") -> dict:
     """Fine-tune a trained run (`runs.load_run(run_dir, data=data)`; its data is plotted beside the samples) and
     write a new run folder at `out_dir`: its config, data record and a checkpoint (loadable by `load_run`),
     history.json, reward and KL curves, samples before and after.
 
     `options` choose the method (`METHODS`: FinetuneOptions -> `finetune`, AdjointOptions -> `adjoint_matching`,
-    ...) and its settings. Returns the paths and the mean reward of n_samples draws (the run's sampler and
-    NFE) before and after.
+    ...) and its settings; `device` where the run's model is loaded and fine-tuned (as in `load_run`; the
+    chains and their noise follow it). Returns the paths and the mean reward of n_samples draws (the run's
+    sampler and NFE) before and after.
     """
     method = next((name for name, (cls, _) in METHODS.items() if type(options) is cls), None)
     if method is None:
         raise InvalidValueError(f"options must be one of {', '.join(c.__name__ for c, _ in METHODS.values())}, "
                                 f"got {type(options).__name__}")
-    run, out_dir = load_run(run_dir, data=data), Path(out_dir)
+    run, out_dir = load_run(run_dir, data=data, device=device), Path(out_dir)
     torch.set_num_threads(run.cfg.threads)  # a training entry point, as the Trainer: the run's thread count
     if out_dir.resolve() == Path(run_dir).resolve():
         raise InvalidValueError("out_dir must differ from run_dir (the pretrained run is left untouched)")

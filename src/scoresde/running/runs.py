@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.devices import device_generator
 from ..core.errors import InvalidValueError, ScoresdeError
 from ..core.sde import LinearSDE
 from ..core.validate import integer
@@ -27,7 +28,7 @@ from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.schedule import Schedule, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
-from .build import build_model, build_sde, device_generator, draw_samples, family_of, resolve_device
+from .build import build_model, build_sde, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
 from .config import Config, load_config
 from .data import (
