@@ -143,10 +143,17 @@ def _beta_params(beta_min: float, beta_max: float) -> None:
 
 
 class _LinearBeta:
-    """beta(t) = beta_min + t (beta_max - beta_min) (T 3.9), B(t) = int_0^t beta."""
+    """beta(t) = beta_min + t (beta_max - beta_min) (T 3.9), B(t) = int_0^t beta; the parameters and the horizon
+    [t_min, T] are checked at construction."""
 
     beta_min: float
     beta_max: float
+    T: float
+    t_min: float
+
+    def __post_init__(self):
+        _beta_params(self.beta_min, self.beta_max)
+        _check_horizon(self.T, self.t_min)
 
     def beta(self, t: TimeLike) -> Tensor:
         return self.beta_min + as_time(t) * (self.beta_max - self.beta_min)
@@ -279,10 +286,6 @@ class VP(_LinearBeta, LinearSDE):
     T: float = 1.0
     t_min: float = 1e-3
 
-    def __post_init__(self):
-        _beta_params(self.beta_min, self.beta_max)
-        _check_horizon(self.T, self.t_min)
-
     def b(self, t):
         return 0.5 * self.beta(t)
 
@@ -317,10 +320,6 @@ class SubVP(_LinearBeta, LinearSDE):
     beta_max: float = 20.0
     T: float = 1.0
     t_min: float = 1e-3
-
-    def __post_init__(self):
-        _beta_params(self.beta_min, self.beta_max)
-        _check_horizon(self.T, self.t_min)
 
     def b(self, t):
         return 0.5 * self.beta(t)
@@ -396,10 +395,6 @@ class ContractiveVP(_LinearBeta, LinearSDE):
     beta_max: float = 8.0
     T: float = 1.0
     t_min: float = 1e-3
-
-    def __post_init__(self):
-        _beta_params(self.beta_min, self.beta_max)
-        _check_horizon(self.T, self.t_min)
 
     def b(self, t):
         return -0.5 * self.beta(t)
