@@ -28,6 +28,9 @@
     one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
 (f) `--parts grid-floors`: the floor of 20- to 100-step EM grids (the exact tilted score run on them);
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
+(g) `--parts seed-spread`: the report of (d) across training seeds: runs of `--parts exact --report-seed S
+    --tag TAG_seedS` (seed 1, the report's, may instead sit in TAG's own file), one table and figure per target of
+    each method's final MMD per seed, their mean +- sd and how many seeds lie within null + 2 sd.
 Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
@@ -411,7 +414,7 @@ def exact_report(args) -> dict:
                 if args.methods and method not in args.methods:
                     continue
                 tic = time.perf_counter()
-                snaps = method_run(method, target, beta, knobs, args, REPORT_SEED)
+                snaps = method_run(method, target, beta, knobs, args, args.report_seed)
                 row["methods"][method] = {"knobs": knobs, "curve": snaps, "final": final(method, snaps)}
                 f = row["methods"][method]["final"]
                 print(f"{target} beta={beta} {method}: MMD {f['mmd']:.4f} (null {null[0]:.4f}+-{null[1]:.4f}, floor "
@@ -433,6 +436,57 @@ def ratio_cell(ours: float | None, base: float | None, line: float) -> str:
         return "-"
     r = "-" if base == 0 else f"{ours / base:.2f}"
     return (f"floor ({r})" if base > 0 else "floor") if max(ours, base) <= line else r
+
+
+def seed_finals(tag: str, seeds, methods=None) -> dict:
+    """{target: {beta: {"null": ..., "methods": {method: {seed: final MMD}}}}} of the `methods` (None: all) from the
+    exact report of each training seed: alignment_exact{tag}_seed{S}.json, else (the report's seed)
+    alignment_exact{tag}.json."""
+    out: dict = {}
+    for seed in seeds:
+        files = [f"alignment_exact{tag}_seed{seed}.json"] + ([f"alignment_exact{tag}.json"] if seed == REPORT_SEED else [])
+        for file in files:
+            path = common.out_dir(NAME) / file
+            for target, rows in (common.read_json(path) if path.exists() else {}).items():
+                for beta, row in rows.items():
+                    cell = out.setdefault(target, {}).setdefault(float(beta), {"null": row["null"], "methods": {}})
+                    for method, run in row["methods"].items():
+                        if methods is None or method in methods:
+                            cell["methods"].setdefault(method, {}).setdefault(seed, run["final"]["mmd"])
+    return {t: kept for t, rows in out.items() if (kept := {b: r for b, r in rows.items() if r["methods"]})}
+
+
+def seed_spread(tag: str, seeds, methods=None) -> list[str]:
+    """Table and figure of `seed_finals`: the final MMD of each method (those in `methods`, None: all) per training
+    seed against null + 2 sd."""
+    res, lines = seed_finals(tag, seeds, methods), []
+    if not res:
+        raise SystemExit(f"no alignment_exact{tag}_seed*.json for seeds {list(seeds)}: run --parts exact --report-seed S "
+                         f"--tag {tag}_seedS first")
+    plt = common.plt()
+    fig, axes = plt.subplots(1, len(res), figsize=(5.5 * len(res), 4), squeeze=False)
+    for ax, (target, rows) in zip(axes[0], res.items()):
+        lines += [f"### {target}: final MMD to the exact tilt per training seed ({tag})", "",
+                  "| beta | null + 2 sd | method | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | mean +- sd | within the line |", "|---|---|---|" + "---|" * len(seeds) + "---|---|"]
+        for i, (beta, row) in enumerate(sorted(rows.items())):
+            line = row["null"][0] + 2 * row["null"][1]
+            ax.hlines(line, i - 0.4, i + 0.4, color="k", ls="--", lw=1, label="null + 2 sd" if i == 0 else None)
+            for j, (method, by_seed) in enumerate(sorted(row["methods"].items())):
+                v = np.array([by_seed[s] for s in seeds if s in by_seed])
+                sd = f"{v.std(ddof=1):.4f}" if v.size > 1 else "-"
+                lines.append(f"| {beta} | {line:.4f} | {method} | " + " | ".join(
+                    f"{by_seed[s]:.4f}" if s in by_seed else "-" for s in seeds)
+                    + f" | {v.mean():.4f} +- {sd} | {int((v <= line).sum())} of {v.size} |")
+                ax.plot(np.full(v.size, i + 0.15 * (j - 0.5)), v, "o", ms=4, color=f"C{j}",
+                        label=method if i == 0 else None)
+        ax.set_xticks(range(len(rows)), [f"beta {b:g}" for b in sorted(rows)])
+        ax.set_ylabel("final MMD to the exact tilt"), ax.set_title(f"{target}: training seeds {', '.join(map(str, seeds))}")
+        ax.legend(fontsize=7)
+        lines.append("")
+    fig.tight_layout()
+    common.save_figure(fig, NAME, f"alignment_seed_spread{tag}.png", dpi=110)
+    return lines
 
 
 def exact_table(res: dict) -> list[str]:
@@ -642,6 +696,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tag", default="", help="exact-tune, exact: suffix of the output files (e.g. _long for a longer run)")
     p.add_argument("--methods", nargs="+", choices=[*FIVE, EQUAL], default=None,
                    help="exact-tune, exact: only these methods (the others' saved rows are kept)")
+    p.add_argument("--report-seed", type=int, default=REPORT_SEED,
+                   help="exact: the training seed of the report (the evaluation chains keep theirs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seed-spread: the training seeds")
     p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
     p.add_argument("--mnist-run", type=Path, default=None,
                    help="the pretrained VP run on mnist (default runs/imaging_mnist_4k/VP; --quick: a 3-step one)")
@@ -653,12 +710,13 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
     p.add_argument("--mnist-label", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
-                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails (issue 23), each its own run")
+                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails, seed-spread "
+                        "(issue 23), each its own run")
 
 
 def run_tag(args) -> str:
     """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
-    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "grid-floors", "adjoint-tails")]
+    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "grid-floors", "adjoint-tails", "seed-spread")]
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
@@ -678,6 +736,10 @@ def run(args) -> None:
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
     if "mnist" in args.parts:
         mnist_part(args)
+    if "seed-spread" in args.parts:
+        lines = seed_spread(args.tag, args.seeds, args.methods)
+        print("\n".join(lines))
+        common.write_text(NAME, f"alignment_seed_spread{args.tag}.md", "\n".join(lines) + "\n")
     for part, table in (("grid-floors", lambda: grid_floors(n=200 if common.quick() else 4000)),
                         ("adjoint-tails", adjoint_tails)):
         if part in args.parts:

@@ -234,6 +234,16 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     assert sorted(saved["mix2"]["1.0"]["methods"]) == ["ddpo", "dpok", "pg"]
     assert sorted(saved["mix16"]["1.0"]["methods"]) == ["dpok"]
     assert (folder / "run-exact-tune+exact_t-mix2-ddpo.json").exists()
+    res = harness(*tiny[:4], "--parts", "exact", *tiny[7:-2], "--tag", "_t_seed2", "--tuned-tag", "_t", "--report-seed", "2",
+                  "--targets", "mix2", "--methods", "pg")
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "seed-spread", "--tag", "_t", "--seeds", "1",
+                  "2", "--methods", "pg")
+    assert res.returncode == 0, res.stderr[-2000:]
+    spread = (folder / "alignment_seed_spread_t.md").read_text()
+    pg = [r for r in spread.splitlines() if r.startswith("| 1.0 |") and "| pg |" in r]
+    assert len(pg) == 1 and pg[0].endswith(" of 2 |") and "| - |" not in pg[0]  # seed 1 from _t, seed 2 from _t_seed2
+    assert "mix16" not in spread and "| dpok |" not in spread and (folder / "alignment_seed_spread_t.png").exists()
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "adjoint-tails", "grid-floors")
     assert res.returncode == 0, res.stderr[-2000:]
     for file, second in (("alignment_adjoint_tails.md", ("20", "100")), ("alignment_grid_floors.md", ("1.0", "2.0"))):
