@@ -438,9 +438,9 @@ def ratio_cell(ours: float | None, base: float | None, line: float) -> str:
     return (f"floor ({r})" if base > 0 else "floor") if max(ours, base) <= line else r
 
 
-def seed_finals(tag: str, seeds, methods=None) -> dict:
-    """{target: {beta: {"null": ..., "methods": {method: {seed: final MMD}}}}} of the `methods` (None: all) from the
-    exact report of each training seed: alignment_exact{tag}_seed{S}.json, else (the report's seed)
+def seed_finals(tag: str, seeds, methods=None, targets=None, betas=None) -> dict:
+    """{target: {beta: {"null": ..., "methods": {method: {seed: final MMD}}}}} of the `methods` on the `targets` at
+    the `betas` (None: all) from the exact report of each training seed: alignment_exact{tag}_seed{S}.json, else (the report's seed)
     alignment_exact{tag}.json."""
     out: dict = {}
     for seed in seeds:
@@ -448,7 +448,11 @@ def seed_finals(tag: str, seeds, methods=None) -> dict:
         for file in files:
             path = common.out_dir(NAME) / file
             for target, rows in (common.read_json(path) if path.exists() else {}).items():
+                if targets is not None and target not in targets:
+                    continue
                 for beta, row in rows.items():
+                    if betas is not None and float(beta) not in betas:
+                        continue
                     cell = out.setdefault(target, {}).setdefault(float(beta), {"null": row["null"], "methods": {}})
                     for method, run in row["methods"].items():
                         if methods is None or method in methods:
@@ -456,10 +460,10 @@ def seed_finals(tag: str, seeds, methods=None) -> dict:
     return {t: kept for t, rows in out.items() if (kept := {b: r for b, r in rows.items() if r["methods"]})}
 
 
-def seed_spread(tag: str, seeds, methods=None) -> list[str]:
-    """Table and figure of `seed_finals`: the final MMD of each method (those in `methods`, None: all) per training
-    seed against null + 2 sd."""
-    res, lines = seed_finals(tag, seeds, methods), []
+def seed_spread(tag: str, seeds, methods=None, targets=None, betas=None) -> list[str]:
+    """Table and figure of `seed_finals`: the final MMD of each method (those in `methods` on the `targets` at the
+    `betas`, None: all) per training seed against null + 2 sd."""
+    res, lines = seed_finals(tag, seeds, methods, targets, betas), []
     if not res:
         raise SystemExit(f"no alignment_exact{tag}_seed*.json for seeds {list(seeds)}: run --parts exact --report-seed S "
                          f"--tag {tag}_seedS first")
@@ -737,7 +741,7 @@ def run(args) -> None:
     if "mnist" in args.parts:
         mnist_part(args)
     if "seed-spread" in args.parts:
-        lines = seed_spread(args.tag, args.seeds, args.methods)
+        lines = seed_spread(args.tag, args.seeds, args.methods, args.targets, [float(b) for b in args.betas])
         print("\n".join(lines))
         common.write_text(NAME, f"alignment_seed_spread{args.tag}.md", "\n".join(lines) + "\n")
     for part, table in (("grid-floors", lambda: grid_floors(n=200 if common.quick() else 4000)),

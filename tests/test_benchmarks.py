@@ -238,7 +238,7 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
                   "--targets", "mix2", "--methods", "pg")
     assert res.returncode == 0, res.stderr[-2000:]
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "seed-spread", "--tag", "_t", "--seeds", "1",
-                  "2", "--methods", "pg")
+                  "2", "--methods", "pg", "--targets", "mix2")
     assert res.returncode == 0, res.stderr[-2000:]
     spread = (folder / "alignment_seed_spread_t.md").read_text()
     pg = [r for r in spread.splitlines() if r.startswith("| 1.0 |") and "| pg |" in r]
