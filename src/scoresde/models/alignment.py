@@ -370,7 +370,7 @@ def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Ten
     ts = _resolve_grid(sde, options)
     reward = CountedReward(reward)
     model, frozen, shape = _prepare(pretrained, shape, network, generator)
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    dtype, device = (p := next(model.parameters())).dtype, p.device
     ts, generator = ts.to(device), device_generator(generator, device)  # the chains run where the model is
     lr, lr_final = options.lr, options.lr_final
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
