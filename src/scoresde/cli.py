@@ -152,7 +152,7 @@ def _device(device: str | None) -> str | None:
     return device
 
 
-def _open_run(run: Path, device: str | None = "cpu"):
+def _open_run(run: Path, device: str | None):
     """`runs.load_run` on `device` (--device; None: the run's config device), and torch's thread count set to
     the run's `threads`."""
     import torch

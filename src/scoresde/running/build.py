@@ -100,8 +100,6 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
     with its own sampler (`Family.generate`: DDPM, VAE) draws its samples itself (trajectories None, no
     options). On a non-CPU `device` the prior draw comes from the CPU `generator` and the sampler's noise
     from a device generator seeded by it; a family's own sampler draws all of its randomness from that one."""
-    on_device = device is not None and torch.device(device).type != "cpu"
-    reseed = lambda: device_generator(generator, device)
     if family is not None:
         family.check_method(method)
         if family.generate is not None:
@@ -109,15 +107,15 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
                 raise InvalidValueError(f"a {family.name!r} model draws its own samples: it takes no sampler options, "
                                  f"got {', '.join(sorted(options))}")
             x = family.generate(unwrap(score_fn), tuple(shape), method=method, nfe=nfe,
-                                generator=reseed() if on_device else generator)
+                                generator=device_generator(generator, device))
             if not bool(torch.isfinite(x).all()):
                 raise NonFiniteError(f"the samples of {family.name!r} with method {method!r} at nfe={nfe} are not "
                                      f"finite: the model returned NaN/inf")
             return x, None
     x_T = None
-    if on_device:
+    if device is not None and torch.device(device).type != "cpu":
         x_T = sde.prior_sample(tuple(shape), generator=generator).to(device)
-        generator, shape = reseed(), None
+        generator, shape = device_generator(generator, device), None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
     x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T, callback=callback,
