@@ -35,6 +35,7 @@ Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchma
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from scoresde.core.devices import device_generator
 from scoresde.core.sde import VP
 from scoresde.core.targets import GaussianMixture
 from scoresde.evaluation.metrics import mmd2
@@ -574,15 +576,18 @@ MNIST_LR = 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 p
 
 
 def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, label: int, real_feats) -> dict:
-    """Class share (classifier argmax), path KL and FID-style distance (classifier features) of n fresh samples."""
+    """Class share (classifier argmax), path KL and FID-style distance (classifier features, on the CPU) of n fresh
+    samples, drawn where the model is."""
     from scoresde.evaluation.features import image_features
     from scoresde.evaluation.metrics import frechet_distance
 
-    gen = torch.Generator().manual_seed(EVAL_SEED)
+    device = next(model.parameters()).device
+    gen = device_generator(torch.Generator().manual_seed(EVAL_SEED), device)
+    grid = time_grid(sde, n_steps, kind="uniform").to(device)
     xs, kls = [], []
     for i in range(0, n, 32):
-        ro = A.rollout(sde, model, frozen, (min(32, n - i), *shape), time_grid(sde, n_steps, kind="uniform"), gen)
-        xs.append(ro.terminal), kls.append(ro.cost().sum(0))
+        ro = A.rollout(sde, model, frozen, (min(32, n - i), *shape), grid, gen)
+        xs.append(ro.terminal.cpu()), kls.append(ro.cost().sum(0).cpu())
     x, kl = torch.cat(xs).clamp(-1, 1), torch.cat(kls)
     with torch.no_grad():
         share = float((classifier(x).argmax(1) == label).float().mean())
@@ -601,10 +606,11 @@ def mnist_part(args) -> None:
     from scoresde.running.mnist import load_mnist
     from scoresde.running.runs import load_run
 
+    dev = common.device(args)  # refused before any work where it is not available
     folder = args.mnist_run or (inpainting.tiny_run(common.scratch_dir(NAME, "runs")) if common.quick()
                                 else common.REPO / inpainting.DEFAULT_RUN)
     try:
-        run = load_run(folder)
+        run = load_run(folder, device=dev)
     except ScoresdeError as err:
         raise SystemExit(f"--mnist-run: {err} (train one: python -m benchmarks imaging --data mnist --budget bench "
                          f"--steps 4000 --families VP --runs runs/imaging_mnist_4k)") from None
@@ -618,7 +624,7 @@ def mnist_part(args) -> None:
     with torch.no_grad():
         from scoresde.evaluation.features import image_features
         real_feats = image_features(images[labels == label], classifier)
-    reward = class_log_prob(classifier, label)
+    reward = class_log_prob(copy.deepcopy(classifier).to(dev), label)  # on the samples' device
     shape = tuple(run.sample_shape)
     frozen = run.model.eval().requires_grad_(False)
     ev = lambda m: mnist_eval(m, frozen, run.sde, shape, args.mnist_eval, args.mnist_steps, classifier, label,  # noqa: E731
@@ -713,6 +719,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
     p.add_argument("--mnist-label", type=int, default=3)
+    common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
                    help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails, seed-spread "
                         "(issue 23), each its own run")

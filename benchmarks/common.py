@@ -66,6 +66,25 @@ def choice(allowed):
 
 # ---- the environment record ----------------------------------------------------------------------------
 
+def add_device(ap, what: str = "every model trains and samples") -> None:
+    """`--device` of the benchmarks that train or sample an image model."""
+    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                    help=f"where {what} (auto: cuda when available); the feature network and the metrics stay on "
+                         "the CPU")
+
+
+def device(args):
+    """The torch.device of `--device` (cpu where the benchmark has none), or exit naming the option where it is
+    not available; features and metrics are computed on the CPU."""
+    from scoresde.core.errors import InvalidValueError
+    from scoresde.running.build import resolve_device
+
+    try:
+        return resolve_device(getattr(args, "device", "cpu"))
+    except InvalidValueError as e:
+        raise SystemExit(f"--device {args.device}: {e}") from None
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()

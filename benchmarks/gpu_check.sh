@@ -10,6 +10,10 @@
 #   mnist-embed the same for scoresde's VP model with the twin's time embedding and PyTorch's initialisation
 #               (session 17's open question; about 3 min)
 #   throughput  python -m benchmarks gpu: images/s of training and sampling against diffusers (about 5 min)
+#   downstream  issues 20 and 23 (b) on the GPU: scoresde's 4000-step VP model of part mnist (training seed 0;
+#               trained first where absent), then Tweedie / replacement / twisted-SMC inpainting of the lower half
+#               of held-out digits 100-299 (`benchmarks/inpainting.py`) and the five alignment methods fine-tuning
+#               it towards the digit 3 at 4x session 16's iterations and batch (`alignment --parts mnist`)
 #
 # The times are estimates: this script has not yet run on a GPU. Default: mnist; each part is meant to fit one call
 # of at most 10 min (run "tests" in a second call). Results come back as $OUT/gpu_check.tgz (what this run wrote
@@ -38,7 +42,14 @@ for part in $PARTS; do
                        --tag _cuda_dembed_plain_train$seed 2>&1 | tee -a "$OUT/mnist.log"
                done ;;
         throughput) timeout 420 python3 -m benchmarks gpu 2>&1 | tee "$OUT/throughput.log" ;;
-        *) echo "unknown part $part (tests, mnist, mnist-embed, throughput)"; exit 2 ;;
+        downstream) RUN=runs/weightings_mnist_4000_cuda/VP_sigma2_cuda_train0
+               [ -f $RUN/checkpoint.safetensors ] || timeout 150 python3 -m benchmarks weightings $MNIST \
+                   --weightings sigma2 --train-seed 0 --tag _cuda_train0 2>&1 | tee -a "$OUT/mnist.log"
+               timeout 150 python3 -m benchmarks inpainting --run $RUN --device cuda 2>&1 | tee "$OUT/inpainting.log"
+               timeout 240 python3 -m benchmarks alignment --parts mnist --mnist-run $RUN --device cuda --mnist-betas 1 \
+                   --mnist-iters 240 --mnist-batch 64 --mnist-steps 10 --mnist-eval 256 --tag _cuda 2>&1 \
+                   | tee "$OUT/alignment_mnist.log" ;;
+        *) echo "unknown part $part (tests, mnist, mnist-embed, throughput, downstream)"; exit 2 ;;
     esac
 done
 find benchmarks/results -type f -newer "$OUT/start" | tar czf "$OUT/gpu_check.tgz" -T - "$OUT"/*.log

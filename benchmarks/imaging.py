@@ -41,10 +41,9 @@ from tqdm.auto import tqdm
 
 from benchmarks import common, inpainting
 from benchmarks.train_throughput import diffusers_twin
-from scoresde.core.errors import InvalidValueError
 from scoresde.learning.networks import EMA, UNet
 from scoresde.models.ddpm import DDPMSchedule, ddpm_elbo
-from scoresde.running.build import draw_samples, resolve_device
+from scoresde.running.build import draw_samples
 from scoresde.running.config import Config
 from scoresde.running.data import load_dataset
 from scoresde.running.feature_net import FEATURE_NETS, FeatureEvaluator
@@ -123,17 +122,9 @@ def base_config(args, name: str, **kw) -> Config:
     return Config(**cfg)
 
 
-def device(args) -> torch.device:
-    """Where the runs and the twin train and sample (`--device`); features and metrics are computed on the CPU."""
-    try:
-        return resolve_device(getattr(args, "device", "cpu"))
-    except InvalidValueError as e:
-        raise SystemExit(f"--device {args.device}: {e}") from None
-
-
 def run_precision(args) -> str:
     """The precision the runs train in here: the config's, "auto" resolved on the device as the Trainer does."""
-    return resolve_precision(base_config(args, "precision").precision, device(args))
+    return resolve_precision(base_config(args, "precision").precision, common.device(args))
 
 
 def dataset(args):
@@ -186,7 +177,7 @@ def diffusers_baseline(args, train_x: torch.Tensor, backbone: str = "diffusers")
     cfg = base_config(args, "diffusers")
     net_args = {"num_res": 1, "attention": False, **cfg.net_args}
     torch.manual_seed(cfg.seed)
-    dev = device(args)
+    dev = common.device(args)
     if backbone == "scoresde":
         net = UNet(train_x.shape[1], **cfg.net_args, **getattr(args, "net_args", {}))
         unet = DDPMBackbone(net, train_x.shape[1], train_x.shape[-1])
@@ -250,7 +241,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--steps", type=int, default=0, help="training steps (0: the budget's)")
     ap.add_argument("--n", type=int, default=0, help="samples per row (0: the budget's)")
     ap.add_argument("--threads", type=int, default=1)
-    add_device(ap)
+    common.add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/imaging[_mnist]_<budget>)")
     ap.add_argument("--families", nargs="+", choices=ALL, default=None, help="families to train (default: the budget's)")
     ap.add_argument("--nfes", type=int, nargs="+", default=None, help="NFE of the score models' samplers")
@@ -265,12 +256,6 @@ def add_arguments(ap) -> None:
     ap.add_argument("--resume", action="store_true", help="continue (or reuse, when finished) the runs already in --runs "
                     "instead of training them afresh; their configs must agree but for steps")
     ap.add_argument("--table", type=Path, default=None, help="only print the tables of a saved imaging_<budget>.json")
-
-
-def add_device(ap) -> None:
-    ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
-                    help="where every model trains and samples (auto: cuda when available); the feature network and "
-                         "the metrics stay on the CPU")
 
 
 def run_tag(args) -> str:
@@ -305,7 +290,7 @@ def run(args) -> None:
     args.steps = opt["steps"]
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/imaging_{tag(args)}")
     torch.set_num_threads(args.threads)
-    dev = device(args)
+    dev = common.device(args)
     gen = lambda seed: torch.Generator(dev).manual_seed(seed)  # randomness drawn on the device
     total = time.perf_counter()
     ev, sec_features = timed(lambda: FeatureEvaluator(args.data, n, common.REPO / "runs" / "features"))
@@ -453,10 +438,10 @@ def run(args) -> None:
         cond_fig = common.record_png(save_grid(list(x.split(per_row)), common.out_dir(NAME) / f"imaging_{tag(args)}_cond.png",
                                                [f"{k} (w={pick['w']:g})" for k in range(10)], cols=per_row))
 
-    if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown (on the CPU)
-        inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy().cpu(), data,
+    if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown
+        inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy(), data,
                                                   ev.classify, opt["n_inpaint"], weights=opt["inpaint_weights"],
-                                                  classifier_args=FEATURE_NETS[args.data][2])
+                                                  classifier_args=FEATURE_NETS[args.data][2], device=common.device(args))
         grid, grid_labels = grid + rows_, grid_labels + labels_
 
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{tag(args)}_samples.png", grid_labels))

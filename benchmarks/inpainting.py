@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmarks import common
+from scoresde.core.devices import device_generator
 from scoresde.core.errors import ScoresdeError
 from scoresde.core.sde import LinearSDE, ScoreFn
 from scoresde.evaluation.features import train_classifier
@@ -82,10 +83,11 @@ def upper_half_reference(train: Tensor, labels: Tensor, known: Tensor, truth: Te
 def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, offset: int = OFFSET,
              cg: tuple[int, ...] = CG, weights: tuple[float, ...] = WEIGHTS, nfe_scale: float = 1.0,
              classifier_args: dict = MNIST_CLASSIFIER, methods: tuple[str, ...] = METHODS,
-             particles: tuple[int, ...] = PARTICLES, smc_weights: tuple[float, ...] = SMC_WEIGHTS
-             ) -> tuple[dict, list[Tensor], list[str]]:
+             particles: tuple[int, ...] = PARTICLES, smc_weights: tuple[float, ...] = SMC_WEIGHTS,
+             device: torch.device | str = "cpu") -> tuple[dict, list[Tensor], list[str]]:
     """Class recovery of the lower half of held-out digits offset .. offset + n: the references and every
-    method; returns (results, grid rows of 16, their labels)."""
+    method; returns (results, grid rows of 16, their labels). The samplers run on `device` (where `model` is;
+    their noise from a generator there seeded by the CPU's), the references and the classifier on the CPU."""
     known, truth = data.test[offset:offset + n], data.test_labels[offset:offset + n]
     mask = lower_half_mask(known.shape[-1])
     accuracy = lambda x: float((classify(x) == truth).float().mean())
@@ -107,9 +109,9 @@ def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, of
         chunk = max(1, CHUNK // opts.get("particles", 1))
         tic = time.perf_counter()
         with counting_calls(model, f"inpaint {label}", nfe * -(-len(known) // chunk)):
-            g = torch.Generator().manual_seed(3)
-            x = torch.cat([inpaint(sde, model, part, mask, method=how, sampler="em", nfe=nfe, weight=weight,
-                                   generator=g, **opts) for part in known.split(chunk)])
+            g = device_generator(torch.Generator().manual_seed(3), device)
+            x = torch.cat([inpaint(sde, model, part.to(device), mask.to(device), method=how, sampler="em", nfe=nfe,
+                                   weight=weight, generator=g, **opts).cpu() for part in known.split(chunk)])
         res[label] = {"nfe": nfe, **opts, "weight": weight, "accuracy": accuracy(x),
                       "sample_s": time.perf_counter() - tic}
         print(json.dumps({label: res[label]}), flush=True)
@@ -130,6 +132,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="inpainting methods run")
     ap.add_argument("--particles", type=int, nargs="+", default=list(PARTICLES), help="smc: particles per digit")
     ap.add_argument("--smc-weights", type=float, nargs="+", default=list(SMC_WEIGHTS), help="smc: twisting weights")
+    common.add_device(ap, "the run's model samples")
 
 
 def tiny_run(folder: Path) -> Path:
@@ -150,10 +153,11 @@ def tiny_run(folder: Path) -> Path:
 def run(args):
     from scoresde.running.runs import load_run
 
+    dev = common.device(args)  # refused before any work where it is not available
     if args.run is None:
         args.run = tiny_run(common.scratch_dir(NAME, "runs")) if common.quick() else DEFAULT_RUN
     try:
-        run_ = load_run(args.run)
+        run_ = load_run(args.run, device=dev)
     except ScoresdeError as err:
         raise SystemExit(f"--run: {err} (train one: make bench-mnist, or python -m benchmarks imaging --data mnist "
                          f"--runs DIR, then pass DIR/VP)") from None
@@ -162,7 +166,7 @@ def run(args):
     ev = FeatureEvaluator("mnist", 20)
     res, grid, labels = evaluate(run_.sde, run_.model, run_.data, ev.classify, args.n, args.offset,
                                  tuple(args.cg), tuple(args.weights), args.nfe_scale, methods=tuple(args.methods),
-                                 particles=tuple(args.particles), smc_weights=tuple(args.smc_weights))
+                                 particles=tuple(args.particles), smc_weights=tuple(args.smc_weights), device=dev)
     tag = f"{args.run.parent.name}_{args.run.name}".lower()
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"inpainting_{tag}.png", labels))
     common.write_json(NAME, {"run": str(args.run), "step": run_.step, **res, "figure": fig.name},

@@ -60,7 +60,7 @@ def add_arguments(ap) -> None:
                     help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
     ap.add_argument("--threads", type=int, default=1)
-    imaging.add_device(ap)
+    common.add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
     ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
 
@@ -75,7 +75,7 @@ run_tag = tag
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    imaging.device(args)  # refused here, before any work, where it is not available
+    common.device(args)  # refused here, before any work, where it is not available
     args.runs = args.runs or common.scratch_dir(NAME, f"runs/weightings_{args.data}_{args.steps}")
     if not args.weightings and (args.twin is None or args.data != "mnist"):
         raise SystemExit("--weightings may be empty only with --twin and --data mnist (then only the twin is trained)")
@@ -116,7 +116,7 @@ def run(args) -> None:
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
-              "device": str(imaging.device(args)), "precision": imaging.run_precision(args),
+              "device": str(common.device(args)), "precision": imaging.run_precision(args),
               "rows": rows, "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
     common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
     lines = [f"{args.data}, VP, {args.steps} steps ({result['device']}, {result['precision']}); sample seeds "

@@ -107,8 +107,11 @@ def test_gpu_benchmark_quick_on_the_cpu(tmp_path):
         assert res.returncode != 0 and "needs a CUDA device" in res.stderr
 
 
-@pytest.mark.parametrize("name, log", [("imaging", "run-quick.log"), ("weightings", "run-digits_3steps_seed1-2_twin.log")])
-def test_image_benchmarks_refuse_an_absent_device_by_name(name, log, tmp_path):
+@pytest.mark.parametrize("name, log, extra", [("imaging", "run-quick.log", []),
+                                              ("weightings", "run-digits_3steps_seed1-2_twin.log", []),
+                                              ("inpainting", "run.log", []),
+                                              ("alignment", "run-mnist.log", ["--parts", "mnist"])])
+def test_image_benchmarks_refuse_an_absent_device_by_name(name, log, extra, tmp_path):
     """--device cuda without CUDA: one line naming the option, before any training, no traceback; the log of
     the last finished run of that name is left as it was (the stopped run's is beside it, .partial)."""
     import torch
@@ -117,7 +120,7 @@ def test_image_benchmarks_refuse_an_absent_device_by_name(name, log, tmp_path):
         pytest.skip("CUDA is present")
     (tmp_path / name).mkdir()
     (tmp_path / name / log).write_text("the last finished run\n")
-    res = harness(name, "--quick", "--device", "cuda", "--out", str(tmp_path))
+    res = harness(name, "--quick", "--device", "cuda", "--out", str(tmp_path), *extra)
     assert res.returncode != 0 and "--device cuda" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / name / "runs").exists()
     assert (tmp_path / name / log).read_text() == "the last finished run\n"

@@ -138,10 +138,12 @@ def test_families_with_their_own_sampler_train_and_sample_on_cuda(config, tmp_pa
 
 
 @pytest.mark.parametrize("args", [["imaging", "--data", "mnist"], ["weightings", "--twin"],
-                                  ["weightings", "--twin", "--twin-backbone", "scoresde"]], ids=" ".join)
+                                  ["weightings", "--twin", "--twin-backbone", "scoresde"], ["inpainting"],
+                                  ["alignment", "--parts", "mnist"]], ids=" ".join)
 def test_image_benchmarks_run_quick_on_cuda(args, tmp_path):
     """`--device cuda` of the image benchmarks: every family, the diffusers twin in both backbones, bits/dim,
-    guidance and inpainting, at the quick sizes."""
+    guidance, inpainting (every method, twisted SMC included) and the MNIST fine-tuning of every alignment
+    method, at the quick sizes."""
     res = subprocess.run([sys.executable, "-m", "benchmarks", *args, "--quick", "--device", "cuda", "--out",
                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -104,7 +104,7 @@ def twisted_inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tens
         raise NonFiniteError(f"twisted inpainting at nfe={nfe}: the particles' weights are not finite (the score "
                              "returned NaN/inf, or the guided steps are unstable: raise nfe or lower weight)")
     pick = torch.multinomial(torch.softmax(log_w.view(n, k).double(), 1), 1, generator=generator)[:, 0]
-    x0 = x0.view(n, k, *x0.shape[1:])[torch.arange(n), pick]
+    x0 = x0.view(n, k, *x0.shape[1:])[torch.arange(n, device=pick.device), pick]
     return m0 * known + (1 - m0) * x0
 
 
