@@ -441,7 +441,8 @@ def ratio_cell(ours: float | None, base: float | None, line: float) -> str:
 
 
 def seed_finals(tag: str, seeds, methods=None, targets=None, betas=None) -> dict:
-    """{target: {beta: {"null": ..., "methods": {method: {seed: final MMD}}}}} of the `methods` on the `targets` at
+    """{target: {beta: {"null": ..., "methods": {method: {seed: final MMD}}, "spends_more": {methods whose knobs
+    evaluate the reward beyond the terminal points}}}} of the `methods` on the `targets` at
     the `betas` (None: all) from the exact report of each training seed: alignment_exact{tag}_seed{S}.json, else (the report's seed)
     alignment_exact{tag}.json."""
     out: dict = {}
@@ -455,16 +456,20 @@ def seed_finals(tag: str, seeds, methods=None, targets=None, betas=None) -> dict
                 for beta, row in rows.items():
                     if betas is not None and float(beta) not in betas:
                         continue
-                    cell = out.setdefault(target, {}).setdefault(float(beta), {"null": row["null"], "methods": {}})
+                    cell = out.setdefault(target, {}).setdefault(float(beta), {"null": row["null"], "methods": {},
+                                                                               "spends_more": set()})
                     for method, run in row["methods"].items():
                         if methods is None or method in methods:
                             cell["methods"].setdefault(method, {}).setdefault(seed, run["final"]["mmd"])
+                            if spends_more(run["knobs"]):
+                                cell["spends_more"].add(method)
     return {t: kept for t, rows in out.items() if (kept := {b: r for b, r in rows.items() if r["methods"]})}
 
 
 def seed_spread(tag: str, seeds, methods=None, targets=None, betas=None) -> list[str]:
     """Table and figure of `seed_finals`: the final MMD of each method (those in `methods` on the `targets` at the
-    `betas`, None: all) per training seed against null + 2 sd."""
+    `betas`, None: all) per training seed against null + 2 sd; where baselines were run too, per seed the best
+    scoresde method at equal reward evaluations over the best baseline (`ratio_cell`)."""
     res, lines = seed_finals(tag, seeds, methods, targets, betas), []
     if not res:
         raise SystemExit(f"no alignment_exact{tag}_seed*.json for seeds {list(seeds)}: run --parts exact --report-seed S "
@@ -479,20 +484,43 @@ def seed_spread(tag: str, seeds, methods=None, targets=None, betas=None) -> list
             line = row["null"][0] + 2 * row["null"][1]
             ax.hlines(line, i - 0.4, i + 0.4, color="k", ls="--", lw=1, label="null + 2 sd" if i == 0 else None)
             for j, (method, by_seed) in enumerate(sorted(row["methods"].items())):
+                offset = 0.15 * (j - (len(row["methods"]) - 1) / 2)
                 v = np.array([by_seed[s] for s in seeds if s in by_seed])
                 sd = f"{v.std(ddof=1):.4f}" if v.size > 1 else "-"
                 lines.append(f"| {beta} | {line:.4f} | {method} | " + " | ".join(
                     f"{by_seed[s]:.4f}" if s in by_seed else "-" for s in seeds)
                     + f" | {v.mean():.4f} +- {sd} | {int((v <= line).sum())} of {v.size} |")
-                ax.plot(np.full(v.size, i + 0.15 * (j - 0.5)), v, "o", ms=4, color=f"C{j}",
+                ax.plot(np.full(v.size, i + offset), v, "o", ms=4, color=f"C{j}",
                         label=method if i == 0 else None)
         ax.set_xticks(range(len(rows)), [f"beta {b:g}" for b in sorted(rows)])
         ax.set_ylabel("final MMD to the exact tilt"), ax.set_title(f"{target}: training seeds {', '.join(map(str, seeds))}")
         ax.legend(fontsize=7)
-        lines.append("")
+        lines += [""] + seed_ratios(target, rows, seeds)
     fig.tight_layout()
     common.save_figure(fig, NAME, f"alignment_seed_spread{tag}.png", dpi=110)
     return lines
+
+
+def seed_ratios(target: str, rows: dict, seeds) -> list[str]:
+    """Per beta and seed: the best scoresde method at equal reward evaluations over the best baseline (none
+    where no seed has both sides)."""
+    out = []
+    for beta, row in sorted(rows.items()):
+        runs, line = row["methods"], row["null"][0] + 2 * row["null"][1]
+        equal = [m for m in OURS if m in runs and m not in row["spends_more"]]
+        pick = lambda names, s: min((runs[m][s] for m in names if s in runs[m]), default=None)  # noqa: E731
+        cells = {s: ratio_cell(pick(equal, s), pick([m for m in BASELINES if m in runs], s), line) for s in seeds}
+        if all(c == "-" for c in cells.values()):
+            continue
+        met = [c for c in cells.values() if c != "-" and (c.startswith("floor") or float(c) <= 0.5)]
+        out.append(f"| {beta} | " + " | ".join(cells[s] for s in seeds)
+                   + f" | {len(met)} of {sum(c != '-' for c in cells.values())} |")
+    if not out:
+        return []
+    return [f"{target}: best scoresde method at equal reward evaluations ({', '.join(OURS)} where run, not spending more)"
+            f" over the best baseline ({', '.join(BASELINES)} where run), per training seed", "",
+            "| beta | " + " | ".join(f"seed {s}" for s in seeds) + " | at most 0.5 or both at the floor |",
+            "|---|" + "---|" * len(seeds) + "---|", *out, ""]
 
 
 def exact_table(res: dict) -> list[str]:
