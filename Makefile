@@ -93,9 +93,10 @@ demo-mnist: $(STAMP)
 bench-mnist: $(STAMP)
 	$(HEAVY) -m benchmarks imaging --data mnist --budget bench --threads 2 --device auto $(BENCH_ARGS)
 
-# inpainting of the lower half with a finished MNIST VP run (default runs/imaging_mnist_4k/VP; BENCH_ARGS="--run DIR")
+# inpainting of the lower half with a finished MNIST VP run (default runs/imaging_mnist_4k/VP; BENCH_ARGS="--run DIR"),
+# on a GPU where there is one
 bench-inpainting: $(STAMP)
-	$(HEAVY) -m benchmarks inpainting $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks inpainting --device auto $(BENCH_ARGS)
 
 bench-weightings: $(STAMP)
 	$(HEAVY) -m benchmarks weightings $(BENCH_ARGS)
