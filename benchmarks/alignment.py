@@ -30,7 +30,8 @@
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets.
 (g) `--parts seed-spread`: the report of (d) across training seeds: runs of `--parts exact --report-seed S
     --tag TAG_seedS` (seed 1, the report's, may instead sit in TAG's own file), one table and figure per target of
-    each method's final MMD per seed, their mean +- sd and how many seeds lie within null + 2 sd.
+    each method's final MMD per seed, their mean +- sd and how many seeds lie within null + 2 sd; where baselines
+    were run too, the equal-evaluation ratio to the best baseline per seed.
 Run: `python -m benchmarks alignment` (make bench-alignment); outputs in benchmarks/results/alignment/.
 """
 from __future__ import annotations
