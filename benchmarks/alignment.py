@@ -41,6 +41,7 @@ import json
 import math
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -313,25 +314,36 @@ def targets() -> dict:
 
 def method_run(method: str, target: str, beta: float, knobs: dict, args, seed: int) -> list[dict]:
     """Train one method (DRaFT with the KL weight beta, DDPO without any) and snapshot MMD to the tilt, reward
-    and path KL (fresh samples, EVAL_SEED) against reward evaluations and training wall time."""
+    and path KL (fresh samples, EVAL_SEED) against reward evaluations and training wall time. DDPO's run does
+    not depend on beta: it is trained once (per target, knobs, seed and sizes) and scored against each tilt."""
+    mix, c = targets()[target]
+    tilt = A.tilted_mixture(mix, c, beta)
+    sizes = (args.iters, args.batch, args.n_steps, args.n_eval, args.snapshots)
+    snaps = _trained_snapshots(method, target, None if method == "ddpo" else beta, json.dumps(knobs, sort_keys=True),
+                               seed, sizes)
+    return [{**{k: v for k, v in snap.items() if k != "samples"}, "mmd": mmd(snap["samples"], tilt)} for snap in snaps]
+
+
+@lru_cache(maxsize=8)  # a beta's other methods run between DDPO's calls; a run's samples are ~1 MB
+def _trained_snapshots(method: str, target: str, beta: float | None, knobs: str, seed: int, sizes: tuple) -> list[dict]:
+    """The snapshots of `method_run` with their samples in place of the MMD."""
+    iters, batch, n_steps, n_eval, n_snapshots = sizes
     mix, c = targets()[target]
     d, pre = mix.dim, mix.score_fn(SDE)
-    tilt = A.tilted_mixture(mix, c, beta)
-    knobs, method = dict(knobs), "pg" if method == EQUAL else method
-    opts = method_options(method, beta=None if method == "ddpo" else beta, k=knobs.pop("k", None) if method == "draft"
-                          else None, steps=args.iters, batch_size=args.batch, n_time_steps=args.n_steps,
-                          lr_final=knobs["lr"] / 10, **knobs)
+    knobs, method = json.loads(knobs), "pg" if method == EQUAL else method
+    opts = method_options(method, beta=beta, k=knobs.pop("k", None) if method == "draft" else None, steps=iters,
+                          batch_size=batch, n_time_steps=n_steps, lr_final=knobs["lr"] / 10, **knobs)
     snaps, eval_time = [], [0.0]
 
     def snapshot(it, model, record):
-        if (it + 1) % max(1, args.iters // args.snapshots) == 0:
+        if (it + 1) % max(1, iters // n_snapshots) == 0:
             tic = time.perf_counter()
-            x, r, kl, kl_se = evaluate(model, pre, args.n_steps, args.n_eval, EVAL_SEED, c)
+            x, r, kl, kl_se = evaluate(model, pre, n_steps, n_eval, EVAL_SEED, c)
             eval_time[0] += time.perf_counter() - tic
             snaps.append({"iteration": it + 1, "reward_evals": record["reward_evals"],
                           "reward_grad_evals": record["reward_grad_evals"], "nfe": record["nfe"],
                           "seconds": record["wall_time"] - eval_time[0] + (time.perf_counter() - tic),
-                          "reward": r, "kl": kl, "kl_se": kl_se, "mmd": mmd(x, tilt)})
+                          "reward": r, "kl": kl, "kl_se": kl_se, "samples": x})
 
     torch.manual_seed(seed)
     METHODS[method][1](SDE, pre, linear(c), opts, shape=(d,), network=MLP(d, hidden=64, depth=2),

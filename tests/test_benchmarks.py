@@ -283,3 +283,24 @@ def test_alignment_seed_ratios_compare_equal_evaluation_methods_with_the_best_ba
     rows[1.0]["methods"]["dpok"][1] = 0.05  # 0.03 / 0.05 = 0.6: missed
     assert alignment.seed_ratios("mix16", rows, [1, 2, 3])[-2] == "| 1.0 | 0.60 | floor (1.33) | - | 1 of 2 |"
     assert alignment.seed_ratios("mix16", {1.0: {**rows[1.0], "methods": {"pg": {1: 0.01}}}}, [1]) == []
+
+
+def test_alignment_trains_ddpo_once_for_every_beta_and_scores_it_against_each_tilt(monkeypatch):
+    """DDPO has no KL term, so its run does not depend on beta: method_run trains it once and scores the same
+    snapshots against each beta's tilt; a method with a KL term is trained per beta."""
+    from types import SimpleNamespace
+
+    from benchmarks import alignment
+
+    calls = []
+    for name in ("ddpo", "pg"):
+        options, train = alignment.METHODS[name]
+        monkeypatch.setitem(alignment.METHODS, name, (options, lambda *a, _t=train, _n=name, **k: calls.append(_n) or _t(*a, **k)))
+    args = SimpleNamespace(iters=2, batch=8, n_steps=3, n_eval=64, snapshots=1)
+    alignment._trained_snapshots.cache_clear()
+    ddpo = [alignment.method_run("ddpo", "mix2", b, {"lr": 1e-2, "clip": 1e-3}, args, 7) for b in (1.0, 4.0)]
+    pg = [alignment.method_run("pg", "mix2", b, {"lr": 1e-2, "baseline": "mean"}, args, 7) for b in (1.0, 4.0)]
+    assert calls == ["ddpo", "pg", "pg"]
+    (one,), (four,) = ddpo
+    assert one["reward"] == four["reward"] and one["kl"] == four["kl"] and one["mmd"] != four["mmd"]
+    assert pg[0][0]["kl"] != pg[1][0]["kl"] and "samples" not in one
