@@ -445,11 +445,11 @@ def best_mmd(finals: dict, names) -> float | None:
 
 
 def ratio_cell(ours: float | None, base: float | None, line: float) -> str:
-    """ours / base, or 'floor (ratio)' when both are within `line` (null mean + 2 sd) of the exact tilt; '-'
-    when a side was not run."""
+    """ours / base ('inf' for base 0), or 'floor (ratio)' when both are within `line` (null mean + 2 sd) of the
+    exact tilt; '-' when a side was not run."""
     if ours is None or base is None:
         return "-"
-    r = "-" if base == 0 else f"{ours / base:.2f}"
+    r = "inf" if base == 0 else f"{ours / base:.2f}"
     return (f"floor ({r})" if base > 0 else "floor") if max(ours, base) <= line else r
 
 

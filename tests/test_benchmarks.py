@@ -266,6 +266,7 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     line = alignment.exact_table({"mix2": {1.0: row}})[-2]
     assert line.endswith("| 0.10 | 0.30 |")  # all knobs: pg 0.01 / dpok 0.1; equal evaluations: pg-equal 0.03 / 0.1
     assert alignment.ratio_cell(0.004, 0.003, 0.005) == "floor (1.33)" and alignment.ratio_cell(0.0, 0.0, 0.005) == "floor"
+    assert alignment.ratio_cell(0.01, 0.0, 0.005) == "inf"  # the baseline on the tilt, ours off it
 
 
 def test_alignment_seed_ratios_compare_equal_evaluation_methods_with_the_best_baseline_seed_by_seed():
@@ -282,6 +283,8 @@ def test_alignment_seed_ratios_compare_equal_evaluation_methods_with_the_best_ba
     assert lines[-2] == "| 1.0 | 0.30 | floor (1.33) | - | 2 of 2 |"
     rows[1.0]["methods"]["dpok"][1] = 0.05  # 0.03 / 0.05 = 0.6: missed
     assert alignment.seed_ratios("mix16", rows, [1, 2, 3])[-2] == "| 1.0 | 0.60 | floor (1.33) | - | 1 of 2 |"
+    rows[1.0]["methods"]["dpok"][1] = 0.0  # the baseline exactly on the tilt, ours off it: missed, not skipped
+    assert alignment.seed_ratios("mix16", rows, [1, 2, 3])[-2] == "| 1.0 | inf | floor (1.33) | - | 1 of 2 |"
     assert alignment.seed_ratios("mix16", {1.0: {**rows[1.0], "methods": {"pg": {1: 0.01}}}}, [1]) == []
 
 
