@@ -776,6 +776,8 @@ def run_tag(args) -> str:
 
 
 def run(args) -> None:
+    if args.device != "cpu" and "mnist" not in args.parts:
+        raise SystemExit(f"--device {args.device} applies to --parts mnist only (the other parts run on the CPU)")
     tic = time.perf_counter()
     if "exact-tune" in args.parts:
         exact_tune(args)

@@ -215,6 +215,8 @@ def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_
     assert saved["runs"]["1.0"]["snapshots"] and (common.out_dir(alignment.NAME) / "alignment_mnist.png").exists()
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-run", str(tmp_path / "no"))
     assert res.returncode != 0 and "--mnist-run" in res.stderr and "Traceback" not in res.stderr
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "grid-floors", "--device", "auto")
+    assert res.returncode != 0 and "--device auto applies to --parts mnist only" in res.stderr  # not silently ignored
 
 
 def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
