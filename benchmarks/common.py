@@ -64,8 +64,6 @@ def choice(allowed):
     return check
 
 
-# ---- the environment record ----------------------------------------------------------------------------
-
 def add_device(ap, what: str = "every model trains and samples") -> None:
     """`--device` of the benchmarks that train or sample an image model."""
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
@@ -84,6 +82,8 @@ def device(args):
     except InvalidValueError as e:
         raise SystemExit(f"--device {args.device}: {e}") from None
 
+
+# ---- the environment record ----------------------------------------------------------------------------
 
 def _git(*args: str) -> str:
     try:

@@ -441,7 +441,7 @@ def run(args) -> None:
     if "VP" in trained and opt["n_inpaint"]:  # inpainting: lower half of held-out images unknown
         inp, rows_, labels_ = inpainting.evaluate(trained["VP"][0].sde, trained["VP"][0].ema.copy(), data,
                                                   ev.classify, opt["n_inpaint"], weights=opt["inpaint_weights"],
-                                                  classifier_args=FEATURE_NETS[args.data][2], device=common.device(args))
+                                                  classifier_args=FEATURE_NETS[args.data][2])
         grid, grid_labels = grid + rows_, grid_labels + labels_
 
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"imaging_{tag(args)}_samples.png", grid_labels))

@@ -36,7 +36,7 @@ from torch import Tensor
 from benchmarks import common
 from scoresde.core.devices import device_generator
 from scoresde.core.errors import ScoresdeError
-from scoresde.core.sde import LinearSDE, ScoreFn
+from scoresde.core.sde import LinearSDE
 from scoresde.evaluation.features import train_classifier
 from scoresde.running.data import Dataset
 from scoresde.running.feature_net import FEATURE_NETS, FeatureEvaluator
@@ -80,17 +80,19 @@ def upper_half_reference(train: Tensor, labels: Tensor, known: Tensor, truth: Te
             "known_half_classifier_temperature": float(temp)}
 
 
-def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, offset: int = OFFSET,
+def evaluate(sde: LinearSDE, model: torch.nn.Module, data: Dataset, classify, n: int, offset: int = OFFSET,
              cg: tuple[int, ...] = CG, weights: tuple[float, ...] = WEIGHTS, nfe_scale: float = 1.0,
              classifier_args: dict = MNIST_CLASSIFIER, methods: tuple[str, ...] = METHODS,
-             particles: tuple[int, ...] = PARTICLES, smc_weights: tuple[float, ...] = SMC_WEIGHTS,
-             device: torch.device | str = "cpu") -> tuple[dict, list[Tensor], list[str]]:
+             particles: tuple[int, ...] = PARTICLES, smc_weights: tuple[float, ...] = SMC_WEIGHTS
+             ) -> tuple[dict, list[Tensor], list[str]]:
     """Class recovery of the lower half of held-out digits offset .. offset + n: the references and every
-    method; returns (results, grid rows of 16, their labels). The samplers run on `device` (where `model` is;
-    their noise from a generator there seeded by the CPU's), the references and the classifier on the CPU."""
+    method; returns (results, grid rows of 16, their labels). The samplers run where `model` (a module) is, their
+    noise from a generator there seeded by the CPU's; the references and the classifier on the CPU."""
+    device = next(model.parameters()).device
     known, truth = data.test[offset:offset + n], data.test_labels[offset:offset + n]
     mask = lower_half_mask(known.shape[-1])
     accuracy = lambda x: float((classify(x) == truth).float().mean())
+    mask_on_device = mask.to(device)
     upper = mask * known - (1 - mask)
     near = torch.cdist((mask * known).flatten(1), (mask * data.train).flatten(1)).argmin(1)
     res = {"n": known.shape[0], "offset": offset, "sampler": "em", "accuracy_original": accuracy(known),
@@ -110,7 +112,7 @@ def evaluate(sde: LinearSDE, model: ScoreFn, data: Dataset, classify, n: int, of
         tic = time.perf_counter()
         with counting_calls(model, f"inpaint {label}", nfe * -(-len(known) // chunk)):
             g = device_generator(torch.Generator().manual_seed(3), device)
-            x = torch.cat([inpaint(sde, model, part.to(device), mask.to(device), method=how, sampler="em", nfe=nfe,
+            x = torch.cat([inpaint(sde, model, part.to(device), mask_on_device, method=how, sampler="em", nfe=nfe,
                                    weight=weight, generator=g, **opts).cpu() for part in known.split(chunk)])
         res[label] = {"nfe": nfe, **opts, "weight": weight, "accuracy": accuracy(x),
                       "sample_s": time.perf_counter() - tic}
@@ -166,7 +168,7 @@ def run(args):
     ev = FeatureEvaluator("mnist", 20)
     res, grid, labels = evaluate(run_.sde, run_.model, run_.data, ev.classify, args.n, args.offset,
                                  tuple(args.cg), tuple(args.weights), args.nfe_scale, methods=tuple(args.methods),
-                                 particles=tuple(args.particles), smc_weights=tuple(args.smc_weights), device=dev)
+                                 particles=tuple(args.particles), smc_weights=tuple(args.smc_weights))
     tag = f"{args.run.parent.name}_{args.run.name}".lower()
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"inpainting_{tag}.png", labels))
     common.write_json(NAME, {"run": str(args.run), "step": run_.step, **res, "figure": fig.name},
