@@ -159,10 +159,12 @@ def all_configs() -> list[tuple[str, str, str, tuple]]:
 
 
 def merge(path, rows):
-    """With --members: the rows of those members replace theirs in the saved file (the null rows are kept)."""
+    """With --members: the rows of those members at the NFEs run replace theirs in the saved file (the null rows and
+    their rows at other NFEs are kept)."""
     if MEMBERS is None or not path.exists():
         return rows
-    old = [r for r in common.read_json(path)["rows"] if r.get("member") not in MEMBERS]
+    run = {(r.get("member"), r["nfe"]) for r in rows if r["nfe"]}
+    old = [r for r in common.read_json(path)["rows"] if (r.get("member"), r["nfe"]) not in run]
     known = {r["target"] for r in old if r["nfe"] == 0}
     return old + [r for r in rows if r["nfe"] != 0 or r["target"] not in known]
 
@@ -175,13 +177,14 @@ def seed_n(row) -> tuple[int, int]:
 def keep_other_cells(path, rows):
     """The saved rows of the (target, NFE, seed) cells that `rows` does not hold stay beside them, each saved null
     row while a kept row of its (target, seed, n) does: a stage re-run on some NFEs, targets or seeds replaces only
-    those, and seeds run at different sample sizes pool in one file."""
+    those, and seeds run at different sample sizes pool in one file. With --members only those members' rows of
+    a re-run cell are replaced."""
     if not path.exists():
         return rows
     cell = lambda r: (r["target"], r["nfe"], r.get("seed", 2))
     null_of = lambda r: (r["target"], *seed_n(r))
     saved, new = common.read_json(path)["rows"], {cell(r) for r in rows if r["nfe"]}
-    old = [r for r in saved if r["nfe"] and cell(r) not in new]
+    old = [r for r in saved if r["nfe"] and (cell(r) not in new or MEMBERS is not None and r.get("member") not in MEMBERS)]
     live = {null_of(r) for r in old} - {null_of(r) for r in rows if r["nfe"] == 0}
     return [r for r in saved if r["nfe"] == 0 and null_of(r) in live] + old + rows
 
@@ -824,7 +827,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--targets", nargs="+", choices=REPORT_TARGETS, default=list(REPORT_TARGETS),
                     help="exact, confirm: only these report targets (the saved rows of the others are kept)")
     ap.add_argument("--members", nargs="+", default=None,
-                    help="choose/exact: only these members (e.g. scoresde/sa3), merged into the saved rows")
+                    help="choose/refine/exact/confirm: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
 
 def run_tag(args) -> str:

@@ -170,6 +170,27 @@ def test_stochastic_choice_scores_each_row_against_the_null_row_of_its_sample_si
     assert picks["best"]["scoresde"] == "scoresde/b/x" and picks["refined_n"] == 1000
 
 
+def test_stochastic_members_rerun_replaces_only_their_rows_at_the_nfes_run(tmp_path):
+    """--members with --nfes 20: that member's NFE 20 rows are replaced; its NFE 10 rows, the other members' rows
+    and the null rows stay."""
+    from benchmarks import stochastic
+
+    common.configure(tmp_path)
+    path = common.out_dir(stochastic.NAME) / "stochastic_choose.json"
+    row = lambda member, nfe, v: {"target": "mix16", "config": f"{member}/x", "member": member, "nfe": nfe, "mmd2": v}
+    null = {"target": "mix16", "config": "null (exact samples)", "nfe": 0, "mmd2": 0.0}
+    common.write_json(stochastic.NAME, {"rows": [null, row("scoresde/a", 10, 1.0), row("scoresde/a", 20, 2.0),
+                                                 row("diffusers/B", 20, 3.0)]}, file=path.name)
+    stochastic.MEMBERS = ["scoresde/a"]
+    try:
+        merged = stochastic.merge(path, [null, row("scoresde/a", 20, 5.0)])
+    finally:
+        stochastic.MEMBERS = None
+    assert sorted((r["member"], r["nfe"], r["mmd2"]) for r in merged if r["nfe"]) == [
+        ("diffusers/B", 20, 3.0), ("scoresde/a", 10, 1.0), ("scoresde/a", 20, 5.0)]
+    assert sum(not r["nfe"] for r in merged) == 1
+
+
 def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance(tmp_path):
     """Seeds run at different n pool in one file (a re-run replaces only its own (NFE, seed) rows) and the report's
     mean is the inverse-variance weighted one, its null sd pooled the same way."""
@@ -182,8 +203,8 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
     def rows(seed, n, ours, ours_se, sd):
         null = {"target": "mix16", "config": "null (exact samples)", "nfe": 0, "n": n, "seed": seed,
                 "mmd2": 0.0, "mmd2_fine": 0.0, "mmd2_sd": sd, "mmd2_fine_sd": sd}
-        made = [{"target": "mix16", "config": c, "nfe": 50, "n": n, "seed": seed, "mmd2": v, "mmd2_se": se,
-                 "mmd2_fine": v, "mmd2_fine_se": se} for c, v, se in (("scoresde/a/x", ours, ours_se),
+        made = [{"target": "mix16", "config": c, "member": c.rsplit("/", 1)[0], "nfe": 50, "n": n, "seed": seed,
+                 "mmd2": v, "mmd2_se": se, "mmd2_fine": v, "mmd2_fine_se": se} for c, v, se in (("scoresde/a/x", ours, ours_se),
                                                                       ("diffusers/B/y", 40.0, 1.0))]
         return [null, *made]
 
@@ -200,6 +221,13 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
     mean, se = (9 * w[0] + 1 * w[1] + 4 * w[2]) / sum(w), sum(w) ** -0.5
     null_sd = (0.3 ** -2 + 0.2 ** -2 + 0.1 ** -2) ** -0.5
     assert f"| {mean:.2e} +- {se:.1e} |" in line and line.startswith(f"| mix16 | 100/200/400 | {null_sd:.1e} / ")
+    stochastic.MEMBERS = ["scoresde/a"]  # --members: a cell re-run for one member keeps the other's rows
+    try:
+        kept = stochastic.keep_other_cells(path, [r for r in rows(4, 400, 3.0, 2.0, 0.1) if r.get("member") != "diffusers/B"])
+    finally:
+        stochastic.MEMBERS = None
+    assert {r["config"]: r["mmd2"] for r in kept if r["seed"] == 4 and r["nfe"]} == {"scoresde/a/x": 3.0, "diffusers/B/y": 40.0}
+    assert sum(r["seed"] == 4 and not r["nfe"] for r in kept) == 1
 
 
 def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_path):

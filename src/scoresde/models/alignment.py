@@ -56,7 +56,7 @@ __all__ = [
     "tilted_mixture", "mean_pairwise_distance", "BASELINES",
 ]
 
-BASELINES = ("value", "mean", "none")
+BASELINES = ("value", "critic", "mean", "none")
 Callback = Callable[[int, nn.Module, dict], None]
 
 
@@ -229,7 +229,8 @@ def _tweedie_reward(sde: SDE, reward: Reward, ro: Rollout) -> Tensor:
 
 
 class _ValueNet(nn.Module):
-    """A learned correction V(x, t) - r(Tweedie(x, t)), zero at initialisation."""
+    """A learned correction to a baseline's base term (r at the Tweedie point, or the batch mean), zero at
+    initialisation."""
 
     def __init__(self, dim: int, T: float, hidden: int = 64):
         super().__init__()
@@ -280,7 +281,8 @@ def _check_beta(beta) -> None:
 class FinetuneOptions(LoopOptions):
     """`finetune`: the KL weight `beta` (required, > 0), the `baseline` ("value": r at the Tweedie point plus a
     learned correction, fitted to the returns after they are used, which evaluates the reward at every state
-    of the chain, n_time_steps times the terminal evaluations; "mean": leave-one-out batch mean, unbiased, no
+    of the chain, n_time_steps times the terminal evaluations; "critic": the leave-one-out batch mean plus such a
+    learned correction V(x_j, t_j), no extra reward evaluations; "mean": leave-one-out batch mean, unbiased, no
     extra reward evaluations; "none"), `updates_per_batch` and the path-ratio trust region `clip` of `policy_loss`."""
 
     beta: float
@@ -413,28 +415,25 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOpt
     def update(step: Step, ro: Rollout, r: Tensor, grad: None) -> int:
         nonlocal value, value_opt
         G = returns_to_go(ro, r, beta)
-        if baseline == "mean":
-            V = leave_one_out_mean(G)
-        elif baseline == "value":
-            if value is None:
-                with torch.random.fork_rng():
-                    if value_seed is not None:
-                        torch.manual_seed(value_seed)
-                    value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G)
-                value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
-            r_tw = _tweedie_reward(sde, step.reward, ro)
-            with torch.no_grad():
-                V = r_tw + value(ro.states[:-1], ro.times[:-1])
-        else:
-            V = torch.zeros_like(G)
+        learned = baseline in ("value", "critic")
+        if learned and value is None:
+            with torch.random.fork_rng():
+                if value_seed is not None:
+                    torch.manual_seed(value_seed)
+                value = _ValueNet(ro.states[0, 0].numel(), float(sde.T)).to(G)
+            value_opt = torch.optim.Adam(value.parameters(), lr=1e-3)
+        base = (_tweedie_reward(sde, step.reward, ro) if baseline == "value" else
+                leave_one_out_mean(G) if baseline in ("critic", "mean") else torch.zeros_like(G))
+        with torch.no_grad():
+            V = base + value(ro.states[:-1], ro.times[:-1]) if learned else base
         for _ in range(options.updates_per_batch):
             step.opt.zero_grad()
             policy_loss(step.model, ro, G - V, beta, options.clip).backward()
             step.opt.step()
-        if baseline == "value":  # fit the correction after use, so V never saw this batch's noise
+        if learned:  # fit the correction after use, so V never saw this batch's noise
             for _ in range(4):
                 value_opt.zero_grad()
-                (value(ro.states[:-1], ro.times[:-1]) - (G - r_tw)).pow(2).mean().backward()
+                (value(ro.states[:-1], ro.times[:-1]) - (G - base)).pow(2).mean().backward()
                 value_opt.step()
         return options.updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
