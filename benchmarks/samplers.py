@@ -47,6 +47,7 @@ warnings.filterwarnings("ignore")
 F64 = torch.float64
 NFES = (5, 10, 20, 50, 100)
 NAME = "samplers"
+NULL_REPEATS = 4  # exact-sample sets of size n behind a Scorer's null mean and sd
 CONFIGS: list[str] | None = None  # --configs: run only these configuration names (None: all)
 QUICK = dict(n_sweep=200, n=300, nfes=[5], overhead_steps=5, overhead_repeats=1,
              configs=["scoresde/unipc2", "scoresde/dpm3m", "scoresde/heun", "diffusers/DPM++3M/default",
@@ -203,7 +204,7 @@ def metrics_of(values: np.ndarray) -> dict:
 class Scorer:
     """Log-density gap and both MMD^2 columns; null mean and spread from exact samples of the same size."""
 
-    def __init__(self, target, n, gen, null_repeats=4):
+    def __init__(self, target, n, gen, null_repeats=NULL_REPEATS):
         self.target, self.n = target, n
         self.ref_logp = float(target.log_prob(target.sample(200000, gen)).mean())
         null = [metrics_of(mmd2_blocked(target.sample(n, gen), target)) for _ in range(null_repeats)]
@@ -397,7 +398,8 @@ def heldout_target(name: str) -> GaussianMixture:
 def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
     """On each target: the untuned default (unipc2, no options), the automatic schedule (unipc2 with
     auto_schedule's ts / denoise: at nfe <= AUTO_MAX_NFE, its cost recorded), the ORACLE variants and every diffusers
-    configuration, from the same x_T; n samples, null spread from 4 exact samples of size n."""
+    configuration, from the same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of
+    size n."""
     sde, rows = VP(), []
     for tname in names:
         target = heldout_target(tname)
@@ -405,7 +407,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
         score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
         gen = torch.Generator().manual_seed(seed)
         scorer = Scorer(target, n, gen)
-        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
+        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim, "seed": seed,
                      **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         for nfe in nfes:
@@ -426,7 +428,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
                 else:
                     x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
                                      **spec), nfe
-                row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, **scorer(x),
+                row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, "seed": seed, **scorer(x),
                        "seconds": round(time.perf_counter() - t0, 2), **(cost if name == "scoresde/auto" else {})}
                 rows.append(row)
                 if name in ("scoresde/default", "scoresde/auto"):
@@ -434,24 +436,53 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
     return rows
 
 
+def pool_seeds(rows: list[dict]) -> list[dict]:
+    """Rows of several x_T seeds (`--heldout-seed`) as one row per (target, NFE, configuration): MMD^2 and gap
+    averaged over the seeds present (`seeds`: how many), and the null's mean and sd pooled over all its exact
+    draws (NULL_REPEATS per seed), so the floor of a mean over k seeds is 2 sd / sqrt(k)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["target"], r["nfe"], r["config"]), []).append(r)
+    out = []
+    for (_, nfe, _), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r.get("seed", 1))  # seed-1 rows (written before `seed` was) first
+        row = {**rs[0], "seeds": len(rs)}
+        if nfe == 0:
+            for k in ("mmd2", "mmd2_fine"):
+                m, s = np.array([r[k] for r in rs]), np.array([r[f"{k}_sd"] for r in rs])
+                mean, count = m.mean(), NULL_REPEATS * len(rs)
+                ss = ((NULL_REPEATS - 1) * s**2 + NULL_REPEATS * (m - mean) ** 2).sum()
+                row |= {k: float(mean), f"{k}_sd": float(np.sqrt(ss / (count - 1)))}
+        else:
+            row |= {k: float(np.mean([r[k] for r in rs])) for k in ("mmd2", "mmd2_fine", "gap")}
+        out.append(row)
+    return out
+
+
 def heldout_report(rows: list[dict], part: str) -> str:
     """Per target and NFE: the untuned default, the automatic schedule, the per-target best of scoresde (oracle)
-    and of diffusers, MMD^2 (and |gap|) with the null's 2 sd; the goals of issue 22 checked cell by cell; a figure."""
+    and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run (`pool_seeds`) with the null's 2 sd for
+    that many; the goals of issue 22 checked cell by cell; a figure."""
+    rows = pool_seeds(rows)
     names = list(dict.fromkeys(r["target"] for r in rows))
     nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
-    lines = [f"held-out part {part!r}: n = {rows[0]['n']} samples per cell, exact scores, VP; ratios of MMD^2 "
-             "(sum over the bandwidths {0.5, 1, 2} sqrt(tr Cov)); 'floor': both below 2 null sd\n",
-             "| target | NFE | 2 null sd | default | auto | auto cost (evals, s) | best scoresde (oracle) | best diffusers "
-             "| auto / best diffusers | auto / default | |gap| default / auto / peer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"held-out part {part!r}: n = {rows[0]['n']} samples per cell and x_T seed, exact scores, VP; MMD^2 "
+             "(sum over the bandwidths {0.5, 1, 2} sqrt(tr Cov)) averaged over the seeds of the cell; 'floor': both "
+             "below 2 null sd of that average\n",
+             "| target | NFE | seeds | 2 null sd | default | auto | auto cost (evals, s) | best scoresde (oracle) "
+             "| best diffusers | auto / best diffusers | auto / default | |gap| default / auto / peer |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts, ratios = [], {}
     for t in names:
         null = [r for r in rows if r["target"] == t and r["nfe"] == 0][0]
-        floor = {"mmd2": 2 * null["mmd2_sd"], "mmd2_fine": 2 * null["mmd2_fine_sd"], "abs_gap": float("inf")}
         for nfe in nfes:
             cell = [r for r in rows if r["target"] == t and r["nfe"] == nfe]
             get = {r["config"]: r for r in cell}
             d, a = get["scoresde/default"], get["scoresde/auto"]
+            k = d["seeds"]
+            cell = [r for r in cell if r["seeds"] == k]  # a configuration missing from a seed does not compete
+            floor = {"mmd2": 2 * null["mmd2_sd"] / k**0.5, "mmd2_fine": 2 * null["mmd2_fine_sd"] / k**0.5,
+                     "abs_gap": float("inf")}
             o, p = best(cell, t, nfe, "mmd2", "scoresde"), best(cell, t, nfe, "mmd2", "diffusers")
             vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, d, "mmd2", floor)
             ratios[(t, nfe)] = (value(a, "mmd2") / value(p, "mmd2"), value(d, "mmd2") / value(p, "mmd2"))
@@ -460,7 +491,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
             ok_default = vs_default.startswith("floor") or float(vs_default) <= 1.0
             verdicts.append((t, nfe, ok_peer, ok_default, at_floor))
             cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
-            lines.append(f"| {t} | {nfe} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {value(a, 'mmd2'):.2e} | "
+            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {value(a, 'mmd2'):.2e} | "
                          f"{cost} | {o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
                          f"| {vs_peer} | {vs_default} | {abs(d['gap']):.2f} / {abs(a['gap']):.2f} / {abs(p['gap']):.2f} |")
     lines.append("\nGoals (issue 22), cells meeting each:")
@@ -505,11 +536,15 @@ def add_arguments(ap) -> None:
                          "of every samplers_heldout*.json written by --part heldout runs (--targets splits them)")
     ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
+    ap.add_argument("--heldout-seed", type=int, default=1,
+                    help="--part heldout / select: the seed of x_T and of the null's exact samples; heldout-report "
+                         "averages each cell over the seeds run")
 
 
 def run_tag(args) -> str:
     if args.part != "main":
-        return args.part + ("-" + "-".join(args.targets) if args.targets else "")
+        return (args.part + ("-" + "-".join(args.targets) if args.targets else "")
+                + (f"-seed{args.heldout_seed}" if args.heldout_seed != 1 else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
 
 
@@ -528,7 +563,7 @@ def run(args):
         names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
         nfes = [v for v in args.nfes if v in HELDOUT_NFES] or list(HELDOUT_NFES)
         tag = run_tag(args)
-        rows = heldout(names, args.n_heldout, nfes)
+        rows = heldout(names, args.n_heldout, nfes, seed=args.heldout_seed)
         common.write_json(NAME, rows, file=f"samplers_{tag}.json", indent=None)
         text = heldout_report(rows, tag)
         common.write_text(NAME, f"samplers_{tag}.md", text)

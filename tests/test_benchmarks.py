@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,3 +338,23 @@ def test_alignment_trains_ddpo_once_for_every_beta_and_scores_it_against_each_ti
     (one,), (four,) = ddpo
     assert one["reward"] == four["reward"] and one["kl"] == four["kl"] and one["mmd"] != four["mmd"]
     assert pg[0][0]["kl"] != pg[1][0]["kl"] and "samples" not in one
+
+
+def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_draws():
+    from benchmarks.samplers import NULL_REPEATS, pool_seeds
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(1e-4, 2e-4, size=(3, NULL_REPEATS))  # the null's exact-sample MMD^2 values, per seed
+    rows = [{"target": "t", "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": s + 1,
+             "mmd2": d.mean(), "mmd2_sd": d.std(ddof=1), "mmd2_fine": d.mean(), "mmd2_fine_sd": d.std(ddof=1)}
+            for s, d in enumerate(draws)]
+    rows += [{"target": "t", "config": "a", "nfe": 5, "n": 10, "seed": s, "mmd2": v, "mmd2_fine": 2 * v, "gap": -v}
+             for s, v in ((2, 3.0), (1, 1.0), (3, 5.0))]
+    rows += [{"target": "t", "config": "b", "nfe": 5, "n": 10, "mmd2": 7.0, "mmd2_fine": 0.0, "gap": 0.0}]  # seed 1
+    pooled = {r["config"]: r for r in pool_seeds(rows)}
+    null = pooled["null (exact samples)"]
+    assert null["seeds"] == 3 and null["mmd2"] == pytest.approx(draws.mean())
+    assert null["mmd2_sd"] == pytest.approx(draws.std(ddof=1))  # the sd of all 12 draws, not a mean of sds
+    a = pooled["a"]
+    assert (a["seeds"], a["mmd2"], a["mmd2_fine"], a["gap"]) == (3, 3.0, 6.0, -3.0)
+    assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
