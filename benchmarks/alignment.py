@@ -274,7 +274,8 @@ def plot_grid(grid: dict) -> None:
 FIVE = ("pg", "adjoint", "dpok", "draft", "ddpo")
 SWEEPS = {  # each method's own knobs; chosen on the hold-out betas / seed (part exact-tune)
     "pg": [dict(lr=1e-2, baseline="mean"), dict(lr=3e-3, baseline="mean"), dict(lr=1e-2, baseline="value"),
-           dict(lr=1e-2, baseline="critic")],
+           dict(lr=1e-2, baseline="critic"), dict(lr=2e-2, baseline="critic"),
+           dict(lr=1e-2, baseline="critic", updates_per_batch=2, clip=1.0)],
     "adjoint": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, updates_per_batch=2)],
     "dpok": [dict(lr=1e-2, clip=0.2), dict(lr=3e-3, clip=0.2), dict(lr=1e-2, clip=0.2, updates_per_batch=3)],
     "draft": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, k=1)],
