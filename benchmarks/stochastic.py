@@ -15,7 +15,8 @@ seed=1), mix16c = random_mixture(16, 8, seed=7), added after mix16b had been ana
 as a 128-component mixture with an exact score, sampled by scoresde under configs/swiss_roll.yaml's VE SDE, by
 diffusers under its own discrete VP), targets no choice saw. The goal compares the two picks made on the choice
 set. The automatic-schedule knobs run only where the library offers
-`schedule="auto"` (nfe <= AUTO_MAX_NFE).
+`schedule="auto"` (for sa3, a stochastic method: nfe <= AUTO_STOCHASTIC_MAX_NFE; rows of the search before
+session 22, which moved knots at every nfe, are not candidates above AUTO_MAX_NFE).
 (b) Learned score (stage `learned`): the digits VP model of benchmarks/imaging.py (its bench budget, cached in
 runs/stochastic_digits/VP), FID-style distance and KID (+- se) on the digits features, NFE 10-200; the best
 stochastic and deterministic method per NFE chosen on sample seed 10, reported on seed 11; EDM churn sweep.
@@ -25,7 +26,8 @@ stochastic and deterministic method per NFE chosen on sample seed 10, reported o
 `refine` re-runs the configurations tied on the choice set with more samples (same targets and seed);
 `refine --precise` re-runs those still tied at n in the 10^5s, scored by metrics.mmd2_fourier (O(n) in place of
 the pairwise O(n^2)); `confirm --precise` re-scores the two picks that way on fresh seeds, where n = 20000 leaves
-both within the null spread.
+both within the null spread. `versus --configs A B ...` scores named configurations side by side that way at the
+confirm seeds (stochastic_versus.{json,md}), also on FRESH targets that no choice or report saw.
 Outputs in benchmarks/results/stochastic/: stochastic_{choose,exact,learned,overhead}.json,
 stochastic_report.md, stochastic_{ring,mix16,mix16b,mix16c}.png, stochastic_learned.png.
 """
@@ -48,7 +50,7 @@ from scoresde.core.targets import GaussianMixture, random_mixture
 from scoresde.evaluation.features import kid
 from scoresde.evaluation.metrics import mmd2_fourier
 from scoresde.sampling.methods import METHODS
-from scoresde.sampling.schedule import AUTO_MAX_NFE, auto_schedule, search_options
+from scoresde.sampling.schedule import AUTO_MAX_NFE, AUTO_STOCHASTIC_MAX_NFE, auto_schedule, search_options
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -57,6 +59,7 @@ NFES = (10, 20, 50, 100)
 CHOICE_TARGETS = ("ring", "mix16")
 REFINE_FACTOR = 2.0  # stage refine: re-run the configurations within this factor of the best choice score
 HELD_OUT = {"mix16b": 1, "mix16c": 7}  # random_mixture(16, 8, seed) that no choice saw
+FRESH = {"mix16d": 13}  # random_mixture(16, 8, seed) for `versus` only, added in session 22
 VE_TARGETS = {"swiss": VE(sigma_min=0.01, sigma_max=10.0)}  # under configs/swiss_roll.yaml's VE; the rest under VP
 CONFIRM_FILES = {False: "stochastic_confirm.json", True: "stochastic_confirm_precise.json"}  # by the `precise` flag
 REPORT_TARGETS = ("ring", "mix16", *HELD_OUT, *VE_TARGETS)
@@ -225,17 +228,21 @@ def counted(fn):
 _AUTO: dict = {}  # automatic schedules of the current target (evaluate clears it)
 
 
-def offered(config: str, nfe: int) -> bool:
-    """Whether the library offers `config` at `nfe`: an automatic-schedule knob only at nfe <= AUTO_MAX_NFE, where
-    `schedule="auto"` applies (rows saved before this rule are not candidates)."""
-    return nfe <= AUTO_MAX_NFE or not config.split("/")[-1].startswith("auto")
+def offered(row: dict) -> bool:
+    """Whether the library offers the row's configuration at its nfe: an automatic-schedule knob (sa3's, a
+    stochastic method) only at nfe <= AUTO_STOCHASTIC_MAX_NFE, where `schedule="auto"` applies, and above
+    AUTO_MAX_NFE only in rows of the current search (`auto_choice` recorded: rows of the search that moved knots at
+    every nfe are not candidates)."""
+    nfe = row["nfe"]
+    return (not row["config"].split("/")[-1].startswith("auto") or nfe <= AUTO_MAX_NFE
+            or nfe <= AUTO_STOCHASTIC_MAX_NFE and "auto_choice" in row)
 
 
 def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
     """sampling.schedule.auto_schedule (as cached_schedule, which keys on the score object), once per method, nfe
     and search options (sa3 at any tau shares one) on the current target."""
-    if nfe > AUTO_MAX_NFE:
-        raise ValueError(f"auto: the library offers schedule='auto' at nfe <= {AUTO_MAX_NFE}")
+    if nfe > AUTO_STOCHASTIC_MAX_NFE:
+        raise ValueError(f"auto: the library offers schedule='auto' at nfe <= {AUTO_STOCHASTIC_MAX_NFE}")
     key = (method, nfe, repr(sorted(search_options(method, options).items())))
     if key not in _AUTO:
         small = dict(n_probe=64, max_iter=4) if common.quick() else {}  # --quick: a smoke-sized search
@@ -244,21 +251,23 @@ def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
 
 
 def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
-    """(x, evaluations used, error message or None, score evaluations of the automatic schedule's search)."""
+    """(x, evaluations used, error message or None, {} or the automatic schedule's search: its score evaluations
+    and the candidate chosen)."""
     try:
         if kind == "ours":
             method, options = spec
-            options, search = dict(options), 0
+            options, search = dict(options), {}
             if options.pop("auto", False):
                 auto = auto_for(sde, score_fn, tuple(x_T.shape[1:]), method, nfe, x_T.dtype, options)
-                options, search = {**options, "ts": auto.ts, "denoise": auto.denoise}, auto.evaluations
+                options = {**options, "ts": auto.ts, "denoise": auto.denoise}
+                search = {"search_evals": auto.evaluations, "auto_choice": auto.choice}
             fn, calls = counted(score_fn)
             x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
             return x, calls[0], None, search
         x, used = run_peer(*spec, eps, x_T, nfe, gen)
-        return x, used, None, 0
+        return x, used, None, {}
     except Exception as err:  # an option the method refuses, or a budget it cannot meet
-        return None, 0, f"{type(err).__name__}: {str(err)[:160]}", 0
+        return None, 0, f"{type(err).__name__}: {str(err)[:160]}", {}
 
 
 # ---- exact-score targets --------------------------------------------------------------------------------
@@ -274,8 +283,9 @@ def swiss_mixture(n_components: int = 128, std: float = 0.05) -> GaussianMixture
 
 def target_of(name):
     """(mixture, its exact score, the SDE scoresde samples it under: VE for VE_TARGETS, else VP)."""
-    if name in HELD_OUT or name in VE_TARGETS:
-        t = random_mixture(16, 8, seed=HELD_OUT[name]) if name in HELD_OUT else swiss_mixture()
+    seeds = {**HELD_OUT, **FRESH}
+    if name in seeds or name in VE_TARGETS:
+        t = random_mixture(16, 8, seed=seeds[name]) if name in seeds else swiss_mixture()
         return t, MixtureScore(t), VE_TARGETS.get(name, VP())
     return (*setup(name), VP())
 
@@ -336,8 +346,7 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4, precise=False):
             if err and ("unexpected keyword" in err or "must be one of" in err):
                 refused.add(name)
             row = {"target": tname, "config": name, "member": member, "nfe": nfe, "used": used, "n": n,
-                   **scorer(x), "error": err, "seconds": round(time.perf_counter() - t0, 2),
-                   **({"search_evals": search} if search else {})}
+                   **scorer(x), "error": err, "seconds": round(time.perf_counter() - t0, 2), **search}
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -367,7 +376,7 @@ def tied(rows, nfe, factor=REFINE_FACTOR):
     for fam in ("scoresde", "diffusers"):
         scores = {c: choice_score(rows, c, nfe) for c in {r["config"] for r in rows if r["nfe"] == nfe
                                                           and r.get("member", "").startswith(fam)
-                                                          and offered(r["config"], nfe)}}
+                                                          and offered(r)}}
         best = min((v for v in scores.values() if math.isfinite(v)), default=math.inf)
         out |= {c for c, v in scores.items() if v <= factor * best}
     return out
@@ -388,7 +397,7 @@ def choose(rows, nfes, refined=()):
         for m in members:
             rs = more if any(r.get("member") == m for r in more) else rows
             cands = sorted({r["config"] for r in rs if r.get("member") == m and r["nfe"] == nfe
-                            and offered(r["config"], nfe)})
+                            and offered(r)})
             scored = [s for s in (key(rs, c) for c in cands) if math.isfinite(s[0])]
             if scored:
                 cell[m], scored_on[m] = min(scored)[2], rs
@@ -796,9 +805,37 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 
 # ---- harness --------------------------------------------------------------------------------------------
 
+def versus(args, path) -> None:
+    """Stage versus: `--configs` side by side on `--targets` at each of `--confirm-seeds` and `--confirm-nfes`,
+    n = --n-precise, scored by metrics.mmd2_fourier; merged into `path` by (target, NFE, seed) cell, and a table of
+    each configuration's estimates and their inverse-variance mean over the seeds (stochastic_versus.md)."""
+    known = {c[0] for c in all_configs()}
+    if not args.configs or set(args.configs) - known:
+        raise SystemExit(f"--configs: give configuration names of this benchmark; unknown: "
+                         f"{sorted(set(args.configs) - known) or 'none given'}")
+    wanted = {(c, nfe) for c in args.configs for nfe in args.confirm_nfes}
+    rows = [{**r, "seed": seed} for seed in args.confirm_seeds for t in args.targets
+            for r in evaluate(t, args.n_precise, args.confirm_nfes, seed, wanted, precise=True)]
+    rows = keep_other_cells(path, rows)
+    common.write_json(NAME, {"rows": rows}, file=path.name, indent=None)
+    lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) | null se |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (t, nfe, c) in sorted({(r["target"], r["nfe"], r["config"]) for r in rows if r["nfe"]}):
+        rs = sorted((r for r in rows if (r["target"], r["nfe"], r["config"]) == (t, nfe, c)), key=seed_n)
+        nulls = [r for r in rows if r["target"] == t and r["nfe"] == 0]
+        pooled = {k: np.average([r[k] for r in rs], weights=[r[f"{k}_se"] ** -2 for r in rs]) for k in ("mmd2", "mmd2_fine")}
+        se = sum(r["mmd2_se"] ** -2 for r in rs) ** -0.5
+        null_se = sum(r["mmd2_sd"] ** -2 for r in nulls) ** -0.5
+        per_seed = "; ".join(f"{r['seed']}: {r['mmd2']:.2e} +- {r['mmd2_se']:.1e} ({r['n']:.0e})" for r in rs)
+        lines.append(f"| {t} | {nfe} | {c} | {per_seed} | {pooled['mmd2']:.2e} +- {se:.1e} | {pooled['mmd2_fine']:.1e} "
+                     f"| {np.mean([r['gap'] for r in rs]):+.3f} | {null_se:.1e} |")
+    common.write_text(NAME, "stochastic_versus.md", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def add_arguments(ap) -> None:
-    ap.add_argument("--stage", choices=("choose", "refine", "exact", "confirm", "learned", "split-spread", "overhead", "report",
-                                        "all"),
+    ap.add_argument("--stage", choices=("choose", "refine", "exact", "confirm", "versus", "learned", "split-spread",
+                                        "overhead", "report", "all"),
                     default="all", help="split-spread: add real_split_spread() to a saved stochastic_learned.json")
     ap.add_argument("--n-choose", type=int, default=3000, help="samples per configuration on the choice set")
     ap.add_argument("--n-refine", type=int, default=20000, help="refine: samples per tied configuration")
@@ -824,8 +861,11 @@ def add_arguments(ap) -> None:
                          "rows where present), results in stochastic_refine_precise.json; confirm: results in "
                          "stochastic_confirm_precise.json, beside the saved rows of other NFEs and seeds")
     ap.add_argument("--n-precise", type=int, default=200000, help="--precise: samples per configuration and seed")
-    ap.add_argument("--targets", nargs="+", choices=REPORT_TARGETS, default=list(REPORT_TARGETS),
-                    help="exact, confirm: only these report targets (the saved rows of the others are kept)")
+    ap.add_argument("--targets", nargs="+", choices=REPORT_TARGETS + tuple(FRESH), default=list(REPORT_TARGETS),
+                    help="exact, confirm, versus: only these targets (the saved rows of the others are kept); "
+                         f"{', '.join(FRESH)}: versus only")
+    ap.add_argument("--configs", nargs="+", default=[], help="versus: the configurations (full names, e.g. "
+                    "'scoresde/sa3/auto tau=0.5' 'diffusers/SA-Solver/p3c3')")
     ap.add_argument("--members", nargs="+", default=None,
                     help="choose/refine/exact/confirm: only these members (e.g. scoresde/sa3), merged into the saved rows")
 
@@ -837,6 +877,7 @@ def run_tag(args) -> str:
         tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}"
         tag += f"-seed{'+'.join(map(str, seeds))}" if seeds else ""
     tag += "-" + "+".join(args.targets) if list(args.targets) != list(REPORT_TARGETS) else ""
+    tag += "-" + "+".join(c.replace("/", "_").replace(" ", "") for c in args.configs) if args.stage == "versus" else ""
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 
@@ -888,6 +929,9 @@ def run(args):
         rows = keep_other_cells(path, rows)  # the picks of kept rows are re-derived with the same rule
         nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
         common.write_json(NAME, {"rows": rows, "picks": saved_picks(files, nfes)}, file=path.name, indent=None)
+    if args.stage == "versus":
+        versus(args, out / "stochastic_versus.json")
+        return
     if args.stage == "split-spread":
         res = common.read_json(files["learned"])
         res["split_spread"] = real_split_spread()

@@ -358,3 +358,21 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     a = pooled["a"]
     assert (a["seeds"], a["mmd2"], a["mmd2_fine"], a["gap"]) == (3, 3.0, 6.0, -3.0)
     assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
+
+
+def test_stochastic_choice_takes_automatic_schedule_rows_only_where_the_library_offers_them():
+    """sa3's automatic-schedule knob: a candidate at NFE 20 only in rows of the current search (auto_choice
+    recorded; the old search moved knots at every nfe), never at NFE 50 (above AUTO_STOCHASTIC_MAX_NFE)."""
+    from benchmarks import stochastic
+
+    def rows(nfe, **extra):
+        out = [{"target": t, "config": "null (exact samples)", "nfe": 0, "n": 1000, "mmd2_sd": 1e-3,
+                "mmd2_fine_sd": 1e-3} for t in stochastic.CHOICE_TARGETS]
+        return out + [{"target": t, "config": f"scoresde/sa3/{k}", "member": "scoresde/sa3", "nfe": nfe, "n": 1000,
+                       "mmd2": v, "mmd2_fine": v, **(extra if k == "auto" else {})}
+                      for t in stochastic.CHOICE_TARGETS for k, v in (("auto", 0.01), ("tau=0.5", 0.05))]
+
+    pick = lambda rs, nfe: stochastic.choose(rs, [nfe])[str(nfe)]["best"]["scoresde"]
+    assert pick(rows(20), 20) == "scoresde/sa3/tau=0.5"
+    assert pick(rows(20, auto_choice="family"), 20) == "scoresde/sa3/auto"
+    assert pick(rows(50, auto_choice="family"), 50) == "scoresde/sa3/tau=0.5"

@@ -67,7 +67,8 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
 def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(run_dir, tmp_path, monkeypatch):
     """Without --schedule, unipc2 at nfe 5 samples on the run's automatic schedule (searched once, kept in
     schedules.json, then read back, also by evaluate); --schedule default and a method or nfe outside its range
-    take the fixed grid without a search or an error. (A small search, for speed.)"""
+    take the fixed grid without a search or an error, as sa3 does above nfe 10 (there --schedule auto asks for it).
+    (A small search, for speed.)"""
     import shutil
 
     from scoresde.running import runs
@@ -82,7 +83,9 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
                                    (["--method", "unipc2", "--nfe", "5"], 1, True),
                                    (["--method", "unipc2", "--nfe", "6", "--schedule", "default"], 1, None),
                                    (["--method", "unipc2", "--nfe", "20"], 1, None),
-                                   (["--method", "dpm2m", "--nfe", "5"], 1, None)):
+                                   (["--method", "sa3", "--nfe", "12"], 1, None),  # opt-in above nfe 10
+                                   (["--method", "dpm2m", "--nfe", "5"], 1, None),
+                                   (["--method", "sa3", "--nfe", "12", "--schedule", "auto"], 2, False)):
         res = runner.invoke(app, ["sample", str(run), *args, "--n", "16", "--out", out])
         assert res.exit_code == 0 and len(searches) == searched, (args, res.output)
         said = [ln for ln in res.output.splitlines() if ln.startswith("automatic schedule")]
@@ -90,7 +93,7 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
                 if cached is not None else not said), (args, res.output)
     assert (run / runs.SCHEDULES).is_file()
     res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--n", "50"])
-    assert res.exit_code == 0 and len(searches) == 1 and "automatic schedule (cached in" in res.output, res.output
+    assert res.exit_code == 0 and len(searches) == 2 and "automatic schedule (cached in" in res.output, res.output
     assert json.loads((run / "eval.json").read_text())["schedule"] == "auto"
     res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--n", "50", "--schedule",
                               "default"])
@@ -103,7 +106,8 @@ def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(r
     out = str(tmp_path / "s.npy")
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "20", "--schedule", "auto",
                               "--out", out])
-    assert res.exit_code == 2 and "schedule='auto' applies at 2 <= nfe <= 10, got 20" in res.output
+    assert res.exit_code == 2 and "schedule='auto' applies at 2 <= nfe <= 10 (20 for a stochastic method), got 20" \
+        in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "dpm2m", "--nfe", "5", "--schedule", "auto",
                               "--out", out])
     assert res.exit_code == 2 and "schedule='auto' applies to methods sa3, unipc2, unipc3" in res.output

@@ -119,6 +119,28 @@ def test_stochastic_method_gets_the_schedule_of_its_deterministic_limit():
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
 
 
+def test_stochastic_method_above_the_deterministic_limit_gets_a_grid_family_without_moved_knots(monkeypatch):
+    """sa3 at tau = 0.5, nfe 16 (above AUTO_MAX_NFE), Gaussian data (eigenvalues 0.01 .. 1), VP: the search never
+    moves knots (Nelder-Mead is not called), its schedule is a grid family, and the exact output law of the
+    stochastic sampler on it is closer in W2 and KL to the data law than on sa3's default grid."""
+    from scoresde.sampling import schedule
+
+    def no_knot_move(*args):
+        raise AssertionError("the knot move ran above AUTO_MAX_NFE for a stochastic method")
+
+    monkeypatch.setattr(schedule, "_move_knots", no_knot_move)
+    sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
+    score = gaussian_score(sde, m, C)
+    s = auto_schedule(sde, score, (4,), method="sa3", nfe=16, tau=0.5, n_probe=256, dtype=F64)
+    assert s.choice == "family"
+    default = time_grid(sde, 15, "poly", t_end=METHODS["sa3"].default_t_end(sde, 15), power=3.0)  # denoise on
+    err = {}
+    for name, ts, denoise in (("auto", s.ts, s.denoise), ("default", default, True)):
+        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=16, tau=0.5, denoise=denoise)
+        err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
+    assert err["auto"][0] < err["default"][0] and err["auto"][1] < err["default"][1] / 1.5, err
+
+
 def test_stochastic_output_law_matches_monte_carlo():
     """The affine-probe law of sa3 (tau 1) against 20000 draws of the same sampler: mean and covariance agree
     within 5 Monte Carlo standard errors."""
@@ -169,6 +191,8 @@ def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_appl
         sample(sde, fresh, (16, 2), method="unipc2", nfe=5, dtype=F64, **kw)
         assert fresh.points == 5 * 16, kw
     for kw, why in (({"t_end": 0.05}, "does not combine with t_end"), ({"nfe": 11}, "applies at 2 <= nfe <= 10"),
+                    ({"method": "sa3", "nfe": 21}, r"\(20 for a stochastic method\), got 21"),
+                    ({"method": "sa3", "tau": 0.0, "nfe": 12}, "got 12"),
                     ({"method": "dpm2m"}, "applies to methods sa3, unipc2, unipc3")):
         with pytest.raises(InvalidValueError, match=why):
             cached_schedule(sde, counted(), (2,), **{"method": "unipc2", "nfe": 5, "dtype": F64, **kw})

@@ -26,7 +26,7 @@ from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.schedule import Schedule, auto_schedule, check_auto, search_options
+from ..sampling.schedule import AUTO_MAX_NFE, Schedule, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -169,7 +169,10 @@ def weights_id(model: torch.nn.Module) -> str:
 
 
 def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
-    """Whether `run_schedule` applies to the run's model with `method` at `nfe` (`check_auto`, a score model)."""
+    """Whether the CLI takes `run_schedule` by default for the run's model with `method` at `nfe`: where it applies
+    (`check_auto`, a score model) at nfe <= AUTO_MAX_NFE; a stochastic method's schedule above that is opt-in."""
+    if nfe > AUTO_MAX_NFE:
+        return False
     try:
         check_auto(run.sde, method=method, nfe=nfe, **options)
         run.family.require("fit_grid")

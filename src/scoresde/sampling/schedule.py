@@ -29,7 +29,9 @@ as the converged one does).
 A stochastic method with a deterministic limit on the same grid (`Method.quiet`: sa3 at tau = 0) gets the
 schedule of that limit. The paired estimate loses its common random numbers when the outputs carry fresh noise
 (searched on sa3 at tau = 0.25 itself, the objective on 512 draws went to -7e-4 and the default grid was kept),
-while the limit's schedule served sa3 at tau <= 0.5 at the null spread at NFE 10 (docs/math/samplers.md).
+while the limit's schedule served sa3 at tau <= 0.5 at the null spread at NFE 10 (docs/math/samplers.md). Above
+AUTO_MAX_NFE, up to AUTO_STOCHASTIC_MAX_NFE, a stochastic method gets stage (1) and the check, not the knot move:
+knots moved to fit the deterministic limit at NFE 20 served it but not sa3's noise (docs/math/samplers.md).
 """
 from __future__ import annotations
 
@@ -51,9 +53,10 @@ from .grids import logsnr_grid, time_grid
 from .methods import METHODS, default_denoise, sample, steps_for
 
 __all__ = ["Schedule", "auto_schedule", "cached_schedule", "check_auto", "clear_schedule_cache", "mmd2_paired",
-           "search_options", "AUTO_MAX_NFE"]
+           "search_options", "AUTO_MAX_NFE", "AUTO_STOCHASTIC_MAX_NFE"]
 
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
+AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
 _END_RATIOS = tuple(np.geomspace(0.01, 0.5, 8))
 _DENOISE = (True, False)  # candidates with and without the final denoise
@@ -97,7 +100,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                   n_probe: int = 1024, reference_nfe: int = 101, max_iter: int | None = None, seed: int = 0,
                   dtype: torch.dtype | None = None, device=None, **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
-    that minimises MMD^2 to the method's converged law (module docstring), from the model alone.
+    that minimises MMD^2 to the method's converged law (module docstring), from the model alone; a stochastic
+    method above AUTO_MAX_NFE gets the best grid family without the knot move.
 
     n_probe prior draws (seeded by `seed`, apart from any generator of the caller) split in halves: the
     search sees the first, the choice is checked on the second. Where the converged run is not finite (a score
@@ -117,6 +121,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     for name in ("ts", "grid", "t_end", "rho", "power", "denoise"):
         if name in options:
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
+    move_knots = not (spec.stochastic(options) and nfe > AUTO_MAX_NFE)
     options = search_options(method, options)
     integer("nfe", nfe, 2)
     integer("n_probe", n_probe, 4)
@@ -192,8 +197,9 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                         continue
                     candidates.append((objective(ts, denoise), ts, denoise))
         _, best_ts, best_denoise = min(candidates, key=lambda c: c[0])
-        fitted = _move_knots(sde, best_ts, best_denoise, objective, lam_min, max_iter)
-        choices = {"default": default, "family": (best_ts, best_denoise), "fitted": fitted}
+        choices = {"default": default, "family": (best_ts, best_denoise)}
+        if move_knots:
+            choices["fitted"] = _move_knots(sde, best_ts, best_denoise, objective, lam_min, max_iter)
         checks = {k: default_check if k == "default" else objective(ts, d, "check") for k, (ts, d) in choices.items()}
     choice = min(checks, key=lambda k: (checks[k], k != "default"))
     ts, denoise = choices[choice]
@@ -243,14 +249,17 @@ def search_options(method: str, options: dict) -> dict:
 
 def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
     """Refuse, naming why, an automatic schedule where it does not apply: methods with `Method.auto` at
-    2 <= nfe <= AUTO_MAX_NFE on a linear SDE, deterministic, without grid options (it chooses them)."""
+    2 <= nfe <= AUTO_MAX_NFE (a stochastic one: AUTO_STOCHASTIC_MAX_NFE) on a linear SDE, deterministic or with a
+    deterministic limit, without grid options (it chooses them)."""
     spec = METHODS[method] if method in METHODS else None
     given = sorted(k for k in _GRID_OPTIONS if k in options)
+    top = AUTO_STOCHASTIC_MAX_NFE if spec is not None and spec.stochastic(options) else AUTO_MAX_NFE
     why = (f"applies to methods {', '.join(m for m in METHODS if METHODS[m].auto)}, got {method!r}"
            if spec is None or not spec.auto else
            f"does not combine with {', '.join(given)}" if given else
            f"needs a linear SDE, got {type(sde).__name__}" if not isinstance(sde, LinearSDE) else
-           f"applies at 2 <= nfe <= {AUTO_MAX_NFE}, got {nfe}" if not 2 <= int(nfe) <= AUTO_MAX_NFE else
+           f"applies at 2 <= nfe <= {AUTO_MAX_NFE} ({AUTO_STOCHASTIC_MAX_NFE} for a stochastic method), got {nfe}"
+           if not 2 <= int(nfe) <= top else
            "applies to deterministic solvers and to stochastic ones with a deterministic limit (Method.quiet)"
            if spec.stochastic(options) and spec.quiet is None else "")
     if why:
