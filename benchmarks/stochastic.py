@@ -807,20 +807,24 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 
 def versus(args, path) -> None:
     """Stage versus: `--configs` side by side on `--targets` at each of `--confirm-seeds` and `--confirm-nfes`,
-    n = --n-precise, scored by metrics.mmd2_fourier; merged into `path` by (target, NFE, seed) cell, and a table of
-    each configuration's estimates and their inverse-variance mean over the seeds (stochastic_versus.md)."""
+    n = --n-precise, scored by metrics.mmd2_fourier, merged into `path` by (target, NFE, seed) cell (no --configs:
+    nothing run); then a table and a figure of each configuration's estimates and their inverse-variance mean over
+    the seeds (stochastic_versus.{md,png})."""
     known = {c[0] for c in all_configs()}
-    if not args.configs or set(args.configs) - known:
+    if set(args.configs) - known:
         raise SystemExit(f"--configs: give configuration names of this benchmark; unknown: "
-                         f"{sorted(set(args.configs) - known) or 'none given'}")
-    wanted = {(c, nfe) for c in args.configs for nfe in args.confirm_nfes}
-    rows = [{**r, "seed": seed} for seed in args.confirm_seeds for t in args.targets
-            for r in evaluate(t, args.n_precise, args.confirm_nfes, seed, wanted, precise=True)]
-    rows = keep_other_cells(path, rows)
-    common.write_json(NAME, {"rows": rows}, file=path.name, indent=None)
+                         f"{sorted(set(args.configs) - known)}")
+    if args.configs:
+        wanted = {(c, nfe) for c in args.configs for nfe in args.confirm_nfes}
+        rows = [{**r, "seed": seed} for seed in args.confirm_seeds for t in args.targets
+                for r in evaluate(t, args.n_precise, args.confirm_nfes, seed, wanted, precise=True)]
+        common.write_json(NAME, {"rows": keep_other_cells(path, rows)}, file=path.name, indent=None)
+    rows = common.read_json(path)["rows"]
     lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) | null se |",
              "|---|---|---|---|---|---|---|---|"]
-    for (t, nfe, c) in sorted({(r["target"], r["nfe"], r["config"]) for r in rows if r["nfe"]}):
+    cells = sorted({(r["target"], r["nfe"], r["config"]) for r in rows if r["nfe"]})
+    points = []
+    for (t, nfe, c) in cells:
         rs = sorted((r for r in rows if (r["target"], r["nfe"], r["config"]) == (t, nfe, c)), key=seed_n)
         nulls = [r for r in rows if r["target"] == t and r["nfe"] == 0]
         pooled = {k: np.average([r[k] for r in rs], weights=[r[f"{k}_se"] ** -2 for r in rs]) for k in ("mmd2", "mmd2_fine")}
@@ -829,8 +833,25 @@ def versus(args, path) -> None:
         per_seed = "; ".join(f"{r['seed']}: {r['mmd2']:.2e} +- {r['mmd2_se']:.1e} ({r['n']:.0e})" for r in rs)
         lines.append(f"| {t} | {nfe} | {c} | {per_seed} | {pooled['mmd2']:.2e} +- {se:.1e} | {pooled['mmd2_fine']:.1e} "
                      f"| {np.mean([r['gap'] for r in rs]):+.3f} | {null_se:.1e} |")
+        points.append((f"{t}, NFE {nfe}", c, pooled["mmd2"], se, 2 * null_se))
     common.write_text(NAME, "stochastic_versus.md", "\n".join(lines))
     print("\n".join(lines))
+    plt = common.plt()
+    groups, configs = list(dict.fromkeys(p[0] for p in points)), sorted({p[1] for p in points})
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 3, 4))
+    for j, c in enumerate(configs):
+        mine = [(groups.index(g), v, e) for g, cc, v, e, _ in points if cc == c]
+        ax.errorbar([i + 0.8 * (j + 0.5) / len(configs) - 0.4 for i, _, _ in mine], [v for _, v, _ in mine],
+                    [2 * e for _, _, e in mine], fmt="o", capsize=3, label=c)
+    for i, g in enumerate(groups):
+        ax.hlines(max(p[4] for p in points if p[0] == g), i - 0.45, i + 0.45, colors="grey", linestyles="--")
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set(xticks=range(len(groups)), ylabel="MMD^2 (+- 2 se; dashed: 2 null se)",
+           title="named configurations side by side (inverse-variance mean over seeds)")
+    ax.set_xticklabels(groups, rotation=30, fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    common.save_figure(fig, NAME, "stochastic_versus.png", dpi=110)
 
 
 def add_arguments(ap) -> None:
@@ -877,7 +898,7 @@ def run_tag(args) -> str:
         tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}"
         tag += f"-seed{'+'.join(map(str, seeds))}" if seeds else ""
     tag += "-" + "+".join(args.targets) if list(args.targets) != list(REPORT_TARGETS) else ""
-    tag += "-" + "+".join(c.replace("/", "_").replace(" ", "") for c in args.configs) if args.stage == "versus" else ""
+    tag += "-" + "+".join(c.replace("/", "_").replace(" ", "") for c in args.configs) if args.configs else ""
     return tag + ("-" + "+".join(m.split("/")[-1] for m in args.members) if args.members else "")
 
 
