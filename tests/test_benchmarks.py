@@ -376,3 +376,21 @@ def test_stochastic_choice_takes_automatic_schedule_rows_only_where_the_library_
     assert pick(rows(20), 20) == "scoresde/sa3/tau=0.5"
     assert pick(rows(20, auto_choice="family"), 20) == "scoresde/sa3/auto"
     assert pick(rows(50, auto_choice="family"), 50) == "scoresde/sa3/tau=0.5"
+
+
+def test_stochastic_versus_scores_named_configurations_on_a_fresh_target_and_names_an_unknown_one(tmp_path):
+    """versus --quick on the fresh target mix16d: the named configuration's row (with its standard error) and the
+    null row, table and figure; a later run without --configs re-renders them; an unknown name is refused."""
+    args = ("stochastic", "--quick", "--stage", "versus", "--out", str(tmp_path))
+    res = harness(*args, "--targets", "mix16d", "--configs", "scoresde/sa3/tau=0.5", "--confirm-nfes", "20")
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = tmp_path / "stochastic"
+    rows = common.read_json(folder / "stochastic_versus.json")["rows"]
+    assert {(r["target"], r["config"], r["seed"]) for r in rows} == {
+        ("mix16d", "null (exact samples)", 2), ("mix16d", "scoresde/sa3/tau=0.5", 2)}
+    assert all("mmd2_se" in r for r in rows if r["nfe"])
+    (folder / "stochastic_versus.md").unlink()
+    assert harness(*args).returncode == 0 and "mix16d | 20" in (folder / "stochastic_versus.md").read_text()
+    assert (folder / "stochastic_versus.png").exists()
+    res = harness(*args, "--configs", "scoresde/sa3/nope")
+    assert res.returncode != 0 and "unknown: ['scoresde/sa3/nope']" in res.stderr
