@@ -407,7 +407,8 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
         score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
         gen = torch.Generator().manual_seed(seed)
         scorer = Scorer(target, n, gen)
-        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim, "seed": seed,
+        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
+                     "seed": seed,
                      **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         for nfe in nfes:
@@ -491,7 +492,8 @@ def heldout_report(rows: list[dict], part: str) -> str:
             ok_default = vs_default.startswith("floor") or float(vs_default) <= 1.0
             verdicts.append((t, nfe, ok_peer, ok_default, at_floor))
             cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
-            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {value(a, 'mmd2'):.2e} | "
+            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | "
+                         f"{value(a, 'mmd2'):.2e} | "
                          f"{cost} | {o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
                          f"| {vs_peer} | {vs_default} | {abs(d['gap']):.2f} / {abs(a['gap']):.2f} / {abs(p['gap']):.2f} |")
     lines.append("\nGoals (issue 22), cells meeting each:")

@@ -819,15 +819,19 @@ def versus(args, path) -> None:
         rows = [{**r, "seed": seed} for seed in args.confirm_seeds for t in args.targets
                 for r in evaluate(t, args.n_precise, args.confirm_nfes, seed, wanted, precise=True)]
         common.write_json(NAME, {"rows": keep_other_cells(path, rows)}, file=path.name, indent=None)
+    if not path.exists():
+        raise SystemExit(f"{path.name}: nothing saved yet; run --stage versus with --configs first")
     rows = common.read_json(path)["rows"]
-    lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) | null se |",
+    lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) "
+             "| null se |",
              "|---|---|---|---|---|---|---|---|"]
     cells = sorted({(r["target"], r["nfe"], r["config"]) for r in rows if r["nfe"]})
     points = []
     for (t, nfe, c) in cells:
         rs = sorted((r for r in rows if (r["target"], r["nfe"], r["config"]) == (t, nfe, c)), key=seed_n)
         nulls = [r for r in rows if r["target"] == t and r["nfe"] == 0]
-        pooled = {k: np.average([r[k] for r in rs], weights=[r[f"{k}_se"] ** -2 for r in rs]) for k in ("mmd2", "mmd2_fine")}
+        pooled = {k: np.average([r[k] for r in rs], weights=[r[f"{k}_se"] ** -2 for r in rs])
+                  for k in ("mmd2", "mmd2_fine")}
         se = sum(r["mmd2_se"] ** -2 for r in rs) ** -0.5
         null_se = sum(r["mmd2_sd"] ** -2 for r in nulls) ** -0.5
         per_seed = "; ".join(f"{r['seed']}: {r['mmd2']:.2e} +- {r['mmd2_se']:.1e} ({r['n']:.0e})" for r in rs)

@@ -380,8 +380,11 @@ def test_stochastic_choice_takes_automatic_schedule_rows_only_where_the_library_
 
 def test_stochastic_versus_scores_named_configurations_on_a_fresh_target_and_names_an_unknown_one(tmp_path):
     """versus --quick on the fresh target mix16d: the named configuration's row (with its standard error) and the
-    null row, table and figure; a later run without --configs re-renders them; an unknown name is refused."""
+    null row, table and figure; a later run without --configs re-renders them (before any run it says so); an
+    unknown name is refused."""
     args = ("stochastic", "--quick", "--stage", "versus", "--out", str(tmp_path))
+    res = harness(*args)
+    assert res.returncode != 0 and "nothing saved yet; run --stage versus with --configs first" in res.stderr
     res = harness(*args, "--targets", "mix16d", "--configs", "scoresde/sa3/tau=0.5", "--confirm-nfes", "20")
     assert res.returncode == 0, res.stderr[-3000:]
     folder = tmp_path / "stochastic"
