@@ -807,8 +807,8 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 
 def versus(args, path) -> None:
     """Stage versus: `--configs` side by side on `--targets` at each of `--confirm-seeds` and `--confirm-nfes`,
-    n = --n-precise, scored by metrics.mmd2_fourier, merged into `path` by (target, NFE, seed) cell (no --configs:
-    nothing run); then a table and a figure of each configuration's estimates and their inverse-variance mean over
+    n = --n-precise, scored by metrics.mmd2_fourier, in place of the saved rows of the same target, NFE, seed, n and
+    configuration in `path` (no --configs: nothing run); then a table and a figure of each configuration's estimates and their inverse-variance mean over
     the seeds (stochastic_versus.{md,png})."""
     known = {c[0] for c in all_configs()}
     if set(args.configs) - known:
@@ -818,7 +818,10 @@ def versus(args, path) -> None:
         wanted = {(c, nfe) for c in args.configs for nfe in args.confirm_nfes}
         rows = [{**r, "seed": seed} for seed in args.confirm_seeds for t in args.targets
                 for r in evaluate(t, args.n_precise, args.confirm_nfes, seed, wanted, precise=True)]
-        common.write_json(NAME, {"rows": keep_other_cells(path, rows)}, file=path.name, indent=None)
+        key = lambda r: (r["target"], r["nfe"], r["seed"], r["n"], r["config"])  # a null row: nfe 0, its own name
+        new = {key(r) for r in rows}
+        saved = common.read_json(path)["rows"] if path.exists() else []
+        common.write_json(NAME, {"rows": [r for r in saved if key(r) not in new] + rows}, file=path.name, indent=None)
     if not path.exists():
         raise SystemExit(f"{path.name}: nothing saved yet; run --stage versus with --configs first")
     rows = common.read_json(path)["rows"]
