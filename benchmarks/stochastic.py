@@ -251,8 +251,8 @@ def auto_for(sde, score_fn, shape, method, nfe, dtype, options):
 
 
 def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
-    """(x, evaluations used, error message or None, {} or the automatic schedule's search: its score evaluations
-    and the candidate chosen)."""
+    """(x, evaluations used, error message or None, {} or the automatic schedule's search: its score evaluations,
+    the candidate chosen, its times and denoise)."""
     try:
         if kind == "ours":
             method, options = spec
@@ -260,7 +260,8 @@ def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
             if options.pop("auto", False):
                 auto = auto_for(sde, score_fn, tuple(x_T.shape[1:]), method, nfe, x_T.dtype, options)
                 options = {**options, "ts": auto.ts, "denoise": auto.denoise}
-                search = {"search_evals": auto.evaluations, "auto_choice": auto.choice}
+                search = {"search_evals": auto.evaluations, "auto_choice": auto.choice,
+                          "auto_ts": [round(float(t), 5) for t in auto.ts], "auto_denoise": auto.denoise}
             fn, calls = counted(score_fn)
             x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
             return x, calls[0], None, search
@@ -805,11 +806,23 @@ def report(choice_rows, picks, exact_rows, learned_res, over, nfes):
 
 # ---- harness --------------------------------------------------------------------------------------------
 
+def largest_n(rows: list[dict]) -> list[dict]:
+    """One row per (target, NFE, configuration, seed): the one of the largest n. Rows of one seed at several n are
+    not independent estimates (their x_T and noise come from one generator), so only the most precise is pooled."""
+    best: dict = {}
+    for r in rows:
+        key = (r["target"], r["nfe"], r["config"], r["seed"])
+        if key not in best or r["n"] > best[key]["n"]:
+            best[key] = r
+    return list(best.values())
+
+
 def versus(args, path) -> None:
     """Stage versus: `--configs` side by side on `--targets` at each of `--confirm-seeds` and `--confirm-nfes`,
     n = --n-precise, scored by metrics.mmd2_fourier, in place of the saved rows of the same target, NFE, seed, n and
-    configuration in `path` (no --configs: nothing run); then a table and a figure of each configuration's estimates and their inverse-variance mean over
-    the seeds (stochastic_versus.{md,png})."""
+    configuration in `path` (no --configs: nothing run); then a table and a figure of each configuration's estimates
+    and their inverse-variance mean over the seeds, each seed at its largest n (`largest_n`;
+    stochastic_versus.{md,png})."""
     known = {c[0] for c in all_configs()}
     if set(args.configs) - known:
         raise SystemExit(f"--configs: give configuration names of this benchmark; unknown: "
@@ -824,7 +837,7 @@ def versus(args, path) -> None:
         common.write_json(NAME, {"rows": [r for r in saved if key(r) not in new] + rows}, file=path.name, indent=None)
     if not path.exists():
         raise SystemExit(f"{path.name}: nothing saved yet; run --stage versus with --configs first")
-    rows = common.read_json(path)["rows"]
+    rows = largest_n(common.read_json(path)["rows"])
     lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) "
              "| null se |",
              "|---|---|---|---|---|---|---|---|"]

@@ -360,6 +360,17 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
 
 
+def test_stochastic_versus_pools_each_seed_at_its_largest_n_only():
+    """Two runs of one seed share their generator, so `largest_n` keeps one row per (target, NFE, configuration,
+    seed): the largest n."""
+    from benchmarks import stochastic
+
+    row = lambda seed, n, config="a": {"target": "t", "nfe": 20, "config": config, "seed": seed, "n": n}
+    rows = [row(4, 10**6), row(4, 2 * 10**6), row(4, 10**5), row(2, 10**5), row(4, 10**5, "b")]
+    assert sorted((r["config"], r["seed"], r["n"]) for r in stochastic.largest_n(rows)) == [
+        ("a", 2, 10**5), ("a", 4, 2 * 10**6), ("b", 4, 10**5)]
+
+
 def test_stochastic_choice_takes_automatic_schedule_rows_only_where_the_library_offers_them():
     """sa3's automatic-schedule knob: a candidate at NFE 20 only in rows of the current search (auto_choice
     recorded; the old search moved knots at every nfe), never at NFE 50 (above AUTO_STOCHASTIC_MAX_NFE)."""
@@ -379,20 +390,23 @@ def test_stochastic_choice_takes_automatic_schedule_rows_only_where_the_library_
 
 
 def test_stochastic_versus_scores_named_configurations_on_a_fresh_target_and_names_an_unknown_one(tmp_path):
-    """versus --quick on the fresh target mix16d: the named configuration's row (with its standard error) and the
-    null row, table and figure; a later run without --configs re-renders them (before any run it says so); an
-    unknown name is refused."""
+    """versus --quick on the fresh target mix16d: the named configurations' rows (with their standard errors; the
+    automatic schedule's with the grid it chose, ending in (0, T)) and the null row, table and figure; a later run
+    without --configs re-renders them (before any run it says so); an unknown name is refused."""
     args = ("stochastic", "--quick", "--stage", "versus", "--out", str(tmp_path))
     res = harness(*args)
     assert res.returncode != 0 and "nothing saved yet; run --stage versus with --configs first" in res.stderr
-    for config in ("scoresde/sa3/tau=0.5", "scoresde/sa3/default"):  # the second run keeps the first one's row
+    for config in ("scoresde/sa3/tau=0.5", "scoresde/sa3/auto tau=0.5"):  # the second run keeps the first one's row
         res = harness(*args, "--targets", "mix16d", "--configs", config, "--confirm-nfes", "20")
         assert res.returncode == 0, res.stderr[-3000:]
     folder = tmp_path / "stochastic"
     rows = common.read_json(folder / "stochastic_versus.json")["rows"]
     assert sorted((r["target"], r["config"], r["seed"]) for r in rows) == [
-        ("mix16d", "null (exact samples)", 2), ("mix16d", "scoresde/sa3/default", 2), ("mix16d", "scoresde/sa3/tau=0.5", 2)]
+        ("mix16d", "null (exact samples)", 2), ("mix16d", "scoresde/sa3/auto tau=0.5", 2),
+        ("mix16d", "scoresde/sa3/tau=0.5", 2)]
     assert all("mmd2_se" in r for r in rows if r["nfe"])
+    ts = next(r["auto_ts"] for r in rows if r["config"] == "scoresde/sa3/auto tau=0.5")
+    assert ts[0] == 1.0 and 0 < ts[-1] < 0.1 and ts == sorted(ts, reverse=True)
     (folder / "stochastic_versus.md").unlink()
     assert harness(*args).returncode == 0 and "mix16d | 20" in (folder / "stochastic_versus.md").read_text()
     assert (folder / "stochastic_versus.png").exists()
