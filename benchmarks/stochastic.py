@@ -913,7 +913,7 @@ def add_arguments(ap) -> None:
 
 def run_tag(args) -> str:
     tag = ("" if args.stage == "all" else args.stage) + ("-precise" if args.precise else "")
-    if args.precise:  # one record per precise run
+    if args.precise or args.stage == "versus" and args.configs:  # one record per precise run
         nfes, seeds = (args.nfes, []) if args.stage == "refine" else (args.confirm_nfes, args.confirm_seeds)
         tag += f"-n{args.n_precise}-nfe{'+'.join(map(str, nfes))}"
         tag += f"-seed{'+'.join(map(str, seeds))}" if seeds else ""

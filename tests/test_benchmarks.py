@@ -405,6 +405,8 @@ def test_stochastic_versus_scores_named_configurations_on_a_fresh_target_and_nam
         ("mix16d", "null (exact samples)", 2), ("mix16d", "scoresde/sa3/auto tau=0.5", 2),
         ("mix16d", "scoresde/sa3/tau=0.5", 2)]
     assert all("mmd2_se" in r for r in rows if r["nfe"])
+    records = [p.name for p in folder.glob("run-versus-*.json")]  # one per run: named by its n, NFEs and seeds
+    assert len(records) == 2 and all("-nfe20-seed2-mix16d-" in name for name in records), records
     ts = next(r["auto_ts"] for r in rows if r["config"] == "scoresde/sa3/auto tau=0.5")
     assert ts[0] == 1.0 and 0 < ts[-1] < 0.1 and ts == sorted(ts, reverse=True)
     (folder / "stochastic_versus.md").unlink()
