@@ -837,15 +837,16 @@ def versus(args, path) -> None:
         common.write_json(NAME, {"rows": [r for r in saved if key(r) not in new] + rows}, file=path.name, indent=None)
     if not path.exists():
         raise SystemExit(f"{path.name}: nothing saved yet; run --stage versus with --configs first")
-    rows = largest_n(common.read_json(path)["rows"])
+    every = common.read_json(path)["rows"]
+    rows = largest_n(every)
     lines = ["| target | NFE | configuration | seed: MMD^2 +- se (n) | pooled MMD^2 | fine (pooled) | gap (mean) "
-             "| null se |",
+             "| null se (its seeds) |",
              "|---|---|---|---|---|---|---|---|"]
     cells = sorted({(r["target"], r["nfe"], r["config"]) for r in rows if r["nfe"]})
     points = []
     for (t, nfe, c) in cells:
         rs = sorted((r for r in rows if (r["target"], r["nfe"], r["config"]) == (t, nfe, c)), key=seed_n)
-        nulls = [r for r in rows if r["target"] == t and r["nfe"] == 0]
+        nulls = [r for r in every if r["target"] == t and r["nfe"] == 0 and seed_n(r) in map(seed_n, rs)]
         pooled = {k: np.average([r[k] for r in rs], weights=[r[f"{k}_se"] ** -2 for r in rs])
                   for k in ("mmd2", "mmd2_fine")}
         se = sum(r["mmd2_se"] ** -2 for r in rs) ** -0.5
