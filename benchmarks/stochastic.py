@@ -867,6 +867,8 @@ def versus(args, path) -> None:
     for i, g in enumerate(groups):
         ax.hlines(max(p[4] for p in points if p[0] == g), i - 0.45, i + 0.45, colors="grey", linestyles="--")
     ax.axhline(0, color="grey", lw=0.6)
+    ax.set_yscale("symlog", linthresh=1e-6)  # estimates near 0 (of either sign) beside ones 100x larger
+    ax.set_ylim(top=2 * max(v + 2 * e for _, _, v, e, _ in points))
     ax.set(xticks=range(len(groups)), ylabel="MMD^2 (+- 2 se; dashed: 2 null se)",
            title="named configurations side by side (inverse-variance mean over seeds)")
     ax.set_xticklabels(groups, rotation=30, fontsize=8)
