@@ -255,6 +255,47 @@ def test_sample_defaults_to_the_runs_sampler_and_nfe(tiny_run, tmp_path, monkeyp
     assert titles == ["tiny: em, nfe 21", "tiny: em, nfe 11"]
 
 
+def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_path):
+    """--option KEY=VALUE gives sample and evaluate the method's own options (sa3's tau, Brownian noise, a grid's end
+    time): the samples are the library's with those options, and evaluate records them; a grid option keeps the
+    automatic schedule out where it would apply unasked, and is refused with --schedule auto; a malformed, unknown,
+    repeated or invalid option is a one-line error naming it."""
+    import shutil
+
+    import torch
+
+    from scoresde.running.runs import load_run, sample_run
+
+    out = tmp_path / "x.npy"
+    for args, options in ((["--method", "sa3", "--nfe", "12", "--option", "tau=0.5", "--option", "noise=brownian"],
+                           {"tau": 0.5, "noise": "brownian"}),
+                          (["--method", "unipc2", "--nfe", "5", "--option", "t_end=2e-2"], {"t_end": 0.02})):
+        res = runner.invoke(app, ["sample", str(tiny_run), *args, "--n", "16", "--out", str(out)])
+        assert res.exit_code == 0 and "automatic schedule" not in res.output, res.output
+        method, nfe = args[1], int(args[3])
+        expected, _ = sample_run(load_run(tiny_run), 16, method=method, nfe=nfe, seed=0, **options)
+        plain, _ = sample_run(load_run(tiny_run), 16, method=method, nfe=nfe, seed=0)
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), expected)
+        assert not torch.allclose(expected, plain)  # the option changed the samples
+    run = tmp_path / "copy"  # evaluate writes RUN/eval.json
+    shutil.copytree(tiny_run, run)
+    res = runner.invoke(app, ["evaluate", str(run), "--method", "sa3", "--nfe", "12", "--n", "50", "--option",
+                              "tau=0.25"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "eval.json").read_text())["options"] == {"tau": 0.25}
+    fails(["sample", tiny_run, "--method", "sa3", "--nfe", "12", "--option", "tau", "--out", out],
+          "--option must be KEY=VALUE (e.g. tau=0.5), got 'tau'")
+    fails(["sample", tiny_run, "--method", "sa3", "--nfe", "12", "--option", "taux=1", "--out", out],
+          "method 'sa3' takes no option 'taux'", "tau")
+    fails(["sample", tiny_run, "--method", "sa3", "--nfe", "12", "--option", "tau=-1", "--out", out],
+          "tau must be a finite number >= 0, got -1")
+    fails(["sample", tiny_run, "--option", "tau=1", "--option", "tau=2", "--out", out], "--option tau is given twice")
+    fails(["sample", tiny_run, "--option", "ts=1", "--out", out], "--option ts is not a command-line option")
+    fails(["sample", tiny_run, "--option", "tau=[1, 2]", "--out", out], "--option tau: give a number")
+    fails(["evaluate", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--option", "t_end=0.1"],
+          "schedule='auto' does not combine with t_end")
+
+
 def test_evaluate_and_inpaint_refuse_bad_n_and_nfe_before_computing(tiny_run, monkeypatch):
     from scoresde.running import runs
 

@@ -174,6 +174,32 @@ def _check_schedule(schedule: str | None) -> None:
         raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
 
 
+OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: tau=0.5; edm_sde: S_churn=10; "
+               "noise=brownian) or grid, t_end, rho, power, denoise; the value is read as YAML (0.5, 1e-3, true, poly)")
+
+
+def _sampler_options(pairs: list[str] | None) -> dict:
+    """--option KEY=VALUE pairs as keyword options of `sampling.sample`, which checks them against the method's
+    (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule."""
+    from .running.config import read_yaml
+
+    options: dict = {}
+    for pair in pairs or []:
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not key.isidentifier():
+            raise InvalidValueError(f"--option must be KEY=VALUE (e.g. tau=0.5), got {pair!r}")
+        if key in ("ts", "dtype"):
+            raise InvalidValueError(f"--option {key} is not a command-line option (the grid: --fit-grid, --schedule "
+                                    "auto, or grid / t_end / power / rho)")
+        if key in options:
+            raise InvalidValueError(f"--option {key} is given twice")
+        value = read_yaml(text) if text else None
+        if isinstance(value, (list, dict)) or value is None:
+            raise InvalidValueError(f"--option {key}: give a number, true / false or a word, got {text!r}")
+        options[key] = value
+    return options
+
+
 def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True, **options) -> dict:
     """The sampler options (ts, denoise) of --schedule: the run's automatic schedule where asked for (refused,
     naming why, where it does not apply) or, unset, where it applies (`auto_applies`) and `eligible`; else none."""
@@ -206,6 +232,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
            schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+           option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
            device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
@@ -216,6 +243,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
     _check_schedule(schedule)
+    options = _sampler_options(option)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -226,9 +254,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
     held_out = r.data.test[:n] if out.suffix == ".png" else None  # the plot's data, before sampling
-    options = {}
     if fit_grid:
-        fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed)
+        fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed, **options)
         options["ts"] = fitted.ts
         typer.echo(f"fitted grid: probe error {fitted.start_error:.3g} -> {fitted.error:.3g}, on check draws "
                    f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
@@ -306,6 +333,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0),
              schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+             option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
              device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """W2 to held-out data with its floor, MMD^2, for analytic data TV and the T 5.2 bound from the measured
     score error, and for the built-in image sets (digits, mnist) FID-style with its floor, KID and k-NN
@@ -320,14 +348,15 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     _check_schedule(schedule)
+    options = _sampler_options(option)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
-    options = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2)
-    metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options),
-               "schedule": "auto" if options else "default"}
+    grid = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2, **options)
+    metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options, **grid),
+               "schedule": "auto" if grid else "default", "options": options}
     save_json(run / "eval.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
 
