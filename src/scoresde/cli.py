@@ -232,7 +232,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
            schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
-           option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
+           option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE", help=OPTION_HELP),
            device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
     from .running.files import check_writable, save_array
@@ -333,7 +333,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0),
              schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
-             option: list[str] = typer.Option(None, "--option", help=OPTION_HELP),
+             option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE", help=OPTION_HELP),
              device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """W2 to held-out data with its floor, MMD^2, for analytic data TV and the T 5.2 bound from the measured
     score error, and for the built-in image sets (digits, mnist) FID-style with its floor, KID and k-NN
