@@ -292,6 +292,7 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
     fails(["sample", tiny_run, "--option", "tau=1", "--option", "tau=2", "--out", out], "--option tau is given twice")
     fails(["sample", tiny_run, "--option", "ts=1", "--out", out], "--option ts is not a command-line option")
     fails(["sample", tiny_run, "--option", "tau=[1, 2]", "--out", out], "--option tau: give a number")
+    fails(["sample", tiny_run, "--option", "tau=[1,", "--out", out], "--option tau is not valid YAML")
     fails(["evaluate", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--option", "t_end=0.1"],
           "schedule='auto' does not combine with t_end")
 

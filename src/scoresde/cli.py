@@ -193,7 +193,7 @@ def _sampler_options(pairs: list[str] | None) -> dict:
                                     "auto, or grid / t_end / power / rho)")
         if key in options:
             raise InvalidValueError(f"--option {key} is given twice")
-        value = read_yaml(text) if text else None
+        value = read_yaml(text, f"--option {key}") if text else None
         if isinstance(value, (list, dict)) or value is None:
             raise InvalidValueError(f"--option {key}: give a number, true / false or a word, got {text!r}")
         options[key] = value

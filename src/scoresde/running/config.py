@@ -52,12 +52,12 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise InvalidValueError(f"{source} is not valid YAML: {err}") from None
 
 
-def read_yaml(text_or_path: str | os.PathLike) -> Any:
-    """Parse YAML text (a str) or a YAML file (a Path / os.PathLike) with the YAML 1.2 float rule, so
-    2e-3, 1E5, .5 and -3e-2 read as floats; malformed YAML raises InvalidValueError naming the file
-    and line, a missing file MissingFileError."""
+def read_yaml(text_or_path: str | os.PathLike, source: str = "YAML text") -> Any:
+    """Parse YAML text (a str; `source` names it in errors) or a YAML file (a Path / os.PathLike) with the
+    YAML 1.2 float rule, so 2e-3, 1E5, .5 and -3e-2 read as floats; malformed YAML raises InvalidValueError
+    naming the file (or source) and line, a missing file MissingFileError."""
     if isinstance(text_or_path, str):
-        return _parse_yaml(text_or_path, "YAML text")
+        return _parse_yaml(text_or_path, source)
     path = Path(text_or_path)
     if not path.is_file():
         raise MissingFileError(f"YAML file {str(path)!r} does not exist")
