@@ -195,7 +195,7 @@ def catalogue(folder: Path, p: dict[str, Path]) -> list[tuple]:
     from scoresde.running.export import export_run, load_model
     from scoresde.running.runs import load_run
     from scoresde.running.train import Trainer
-    from scoresde.sampling.methods import sample
+    from scoresde.sampling import sample
 
     runs = folder / "runs"
     count = iter(range(10_000))

@@ -163,6 +163,7 @@ def run_ours(sde, score_fn, method, options, x_T, nfe, gen):
         fit = fit_grid(sde, score_fn, probe, method=method, nfe=nfe, **options)
         options = {k: v for k, v in options.items() if k != "t_end"} | {"ts": fit.ts}
         fit_evals = fit.evaluations
+    options["schedule"] = "default"  # the method's fixed grid, or the one given: the automatic schedule has its rows
     try:
         x = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, generator=gen, **options)
     except ValueError:
@@ -428,7 +429,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
                     x, used = run_peer(*spec, eps, x_T, nfe)
                 else:
                     x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
-                                     **spec), nfe
+                                     schedule="default", **spec), nfe
                 row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, "seed": seed, **scorer(x),
                        "seconds": round(time.perf_counter() - t0, 2), **(cost if name == "scoresde/auto" else {})}
                 rows.append(row)

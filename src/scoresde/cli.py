@@ -209,7 +209,7 @@ def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: 
     if schedule is None:
         schedule = "auto" if eligible and auto_applies(r, method=method, nfe=nfe, **options) else "default"
     if schedule == "default":
-        return {}
+        return {"schedule": "default"}
     with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
                         "default skips it)", None, enable=r.cfg.progress):
         s, cached = run_schedule(r, method=method, nfe=nfe, **options)
@@ -356,7 +356,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
     grid = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2, **options)
     metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options, **grid),
-               "schedule": "auto" if grid else "default", "options": options}
+               "schedule": grid.get("schedule", "auto"), "options": options}
     save_json(run / "eval.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
 

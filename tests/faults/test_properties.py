@@ -21,7 +21,7 @@ from scoresde.learning.losses import denoising_score_matching
 from scoresde.running.config import Config, load_config
 from scoresde.running.data import Dataset
 from scoresde.running.train import Trainer
-from scoresde.sampling.methods import sample
+from scoresde.sampling import sample
 
 from .harness import api_outcome, cli_outcome
 

@@ -41,8 +41,8 @@ def test_fitted_grid_of_a_run_beats_the_default_on_fresh_draws(tiny_run):
 def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatch):
     """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
     the run folder: a second call (also from a freshly loaded run) reads it (no new search, the same samples
-    through sample_run(ts=, denoise=)); new weights drop it and search again; where it does not apply it is
-    refused, naming why."""
+    through sample_run(ts=, denoise=)); new weights drop it and search again; sample_run without options samples
+    on it, with schedule="default" on the fixed grid; where it does not apply it is refused, naming why."""
     from scoresde.running import runs
 
     run_dir = tmp_path / "copy"
@@ -62,8 +62,18 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     torch.testing.assert_close(x1, want)
     with torch.no_grad():
         next(r.model.parameters()).add_(1e-3)  # a new checkpoint
-    runs.run_schedule(r, method="unipc2", nfe=5)
+    s3, _ = runs.run_schedule(r, method="unipc2", nfe=5)
     assert len(searches) == 2
+    unasked, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3)  # the run's schedule, from the folder
+    torch.testing.assert_close(unasked, sample_run(r, 50, method="unipc2", nfe=5, seed=3, ts=s3.ts,
+                                                   denoise=s3.denoise)[0])
+    fixed, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, schedule="default")
+    torch.testing.assert_close(fixed, sample(r.sde, r.model, None, method="unipc2", nfe=5, schedule="default",
+                                             x_T=r.sde.prior_sample((50,) + r.sample_shape,
+                                                                    torch.Generator().manual_seed(3))))
+    assert len(searches) == 2 and not torch.allclose(fixed, unasked)
+    with pytest.raises(InvalidValueError, match="does not combine with label"):
+        sample_run(r, 4, method="unipc2", nfe=5, label=0, schedule="auto")
     for kw, why in (({"method": "unipc2", "nfe": 5, "t_end": 0.05}, "does not combine with t_end"),
                     ({"method": "dpm2m", "nfe": 5}, "applies to methods sa3, unipc2, unipc3"),
                     ({"method": "unipc2", "nfe": 11}, "applies at 2 <= nfe <= 10")):

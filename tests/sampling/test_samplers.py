@@ -171,11 +171,11 @@ BUDGETS = {"em": 7, "ei": 7, "pc": 9, "ald": 9, "euler": 7, "heun": 7, "dpm1": 7
 @pytest.mark.parametrize("method", sorted(BUDGETS))
 @pytest.mark.parametrize("sde", [VP(), VE(), ContractiveVP()], ids=lambda s: type(s).__name__)
 def test_nfe_spent_equals_budget(method, sde, gen):
-    """(The automatic schedule's own evaluations, paid once per model: test_schedule.py.)"""
+    """On the fixed grid (the automatic schedule's, and its search's evaluations: test_schedule.py)."""
     score = counted(ring().score_fn(sde))
     for nfe in (BUDGETS[method], BUDGETS[method] + 2):
         score.calls = 0
-        x = sample(sde, score, (64, 2), method=method, nfe=nfe, generator=gen, dtype=F64)
+        x = sample(sde, score, (64, 2), method=method, nfe=nfe, generator=gen, dtype=F64, schedule="default")
         assert score.calls == nfe and x.shape == (64, 2) and torch.isfinite(x).all()
     score.calls = 0
     sample(sde, score, (64, 2), method=method, nfe=BUDGETS[method] - 1, denoise=False, generator=gen)
@@ -238,7 +238,7 @@ def test_unipc_default_grid_is_cubic_to_the_step_dependent_end(sde, gen):
     """unipc2 at nfe 10 without the automatic schedule: 9 steps on the cubic-in-t grid from T to
     end_time_for_steps(sde, 9), then the extrapolated denoise; an explicit t_end or grid overrides the defaults."""
     seen = []
-    sample(sde, ring().score_fn(sde), (8, 2), method="unipc2", nfe=10, generator=gen, dtype=F64,
+    sample(sde, ring().score_fn(sde), (8, 2), method="unipc2", nfe=10, generator=gen, dtype=F64, schedule="default",
            callback=lambda i, t, x: seen.append(float(t)))
     expected = time_grid(sde, 9, "poly", t_end=end_time_for_steps(sde, 9), power=3.0).tolist() + [0.0]
     np.testing.assert_allclose(seen, expected, rtol=1e-12)
@@ -250,13 +250,15 @@ def test_unipc_default_grid_is_cubic_to_the_step_dependent_end(sde, gen):
 
 @pytest.mark.parametrize("method", sorted(BUDGETS))
 def test_image_shapes_and_dtypes(method, gen):
-    """(batch, C, H, W) inputs through every method, in float32 and float64."""
+    """(batch, C, H, W) inputs through every method on its fixed grid, in float32 and float64 (the automatic
+    schedule's: test_schedule.py)."""
     sde, mix = VP(), GaussianMixture(torch.ones(2), torch.stack([torch.ones(4), -torch.ones(4)]),
                                      0.1 * torch.eye(4).expand(2, 4, 4))
     score = lambda x, t: mix.score_fn(sde)(x.flatten(1), t).view_as(x)
     for dtype in (torch.float32, F64):
         x_T = sde.prior_sample((6, 1, 2, 2), gen, dtype)
-        x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen)
+        x = sample(sde, score, (6, 1, 2, 2), method=method, nfe=BUDGETS[method] + 2, x_T=x_T, generator=gen,
+                   schedule="default")
         assert x.shape == (6, 1, 2, 2) and x.dtype == dtype and torch.isfinite(x).all()
 
 
@@ -514,7 +516,7 @@ def test_euler_maruyama_weak_order_one():
 
 @pytest.mark.parametrize("method, options", [
     ("em", {}), ("ei", {}), ("pc", {"corrector_steps": 1}), ("ddpm", {}), ("ddim", {"eta": 0.5}),
-    ("dpm2m", {}), ("heun", {}), ("unipc2", {}), ("unipc3", {}),
+    ("dpm2m", {}), ("heun", {}), ("unipc2", {"schedule": "default"}), ("unipc3", {"schedule": "default"}),
 ])
 def test_converges_to_the_target(method, options, gen):
     sde, target = VP(), ring()

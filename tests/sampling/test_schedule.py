@@ -51,7 +51,7 @@ def test_automatic_schedule_lowers_the_exact_law_error_on_gaussian_data():
     score = gaussian_score(sde, m, C)
     s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=256, max_iter=40, dtype=F64)
     err = {}
-    for name, kw in (("auto", {"ts": s.ts, "denoise": s.denoise}), ("default", {})):
+    for name, kw in (("auto", {"ts": s.ts, "denoise": s.denoise}), ("default", {"schedule": "default"})):
         b, S = output_law(sde, score, 4, method="unipc2", nfe=5, **kw)
         err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
@@ -148,7 +148,7 @@ def test_stochastic_output_law_matches_monte_carlo():
     score = gaussian_score(sde, m, C)
     ts = time_grid(sde, 6, "poly", t_end=end_time_for_steps(sde, 6), power=3.0)
     b, S = stochastic_output_law(sde, score, 2, ts, method="sa3", nfe=7)
-    x = sample(sde, score, (20000, 2), method="sa3", nfe=7, dtype=F64,
+    x = sample(sde, score, (20000, 2), method="sa3", nfe=7, dtype=F64, schedule="default",
                generator=torch.Generator().manual_seed(0)).numpy()
     se_mean = np.sqrt(np.diag(S) / len(x))
     assert np.all(np.abs(x.mean(0) - b) < 5 * se_mean), (x.mean(0), b)
@@ -156,10 +156,10 @@ def test_stochastic_output_law_matches_monte_carlo():
     assert np.all(np.abs(np.cov(x.T) - S) < 5 * se_cov), (np.cov(x.T), S)
 
 
-def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_apply(monkeypatch):
+def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_apply(monkeypatch, caplog):
     """The first cached_schedule at nfe 5 pays for the search (Schedule.evaluations score evaluations, all counted
-    by the score function), the second call none; another nfe pays again; `sample` searches nothing on its own;
-    where the automatic schedule does not apply it is refused, naming why. (A small search, for speed.)"""
+    by the score function) and logs its cost, the second call none; another nfe pays again; where the automatic
+    schedule does not apply it is refused, naming why. (A small search, for speed.)"""
     import functools
 
     from scoresde.sampling import schedule
@@ -180,16 +180,14 @@ def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_appl
     score = counted()
     s = cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64)
     assert score.points == s.evaluations > 0 and s.seconds > 0
+    assert f"automatic schedule of unipc2 at nfe 5 searched (once per model; schedule='default' skips it): " \
+           f"{s.evaluations} score evaluations" in caplog.text
     assert cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64) is s and score.points == s.evaluations
     cached_schedule(sde, score, (2,), method="unipc2", nfe=6, dtype=F64)
     assert score.points > s.evaluations
     noisy = cached_schedule(sde, score, (2,), method="sa3", nfe=5, tau=0.5, dtype=F64)  # sa3 at any tau: one search
     spent = score.points
     assert cached_schedule(sde, score, (2,), method="sa3", nfe=5, dtype=F64) is noisy and score.points == spent
-    for kw in ({}, {"t_end": 0.05}, {"ts": s.ts, "denoise": s.denoise}):
-        fresh = counted()
-        sample(sde, fresh, (16, 2), method="unipc2", nfe=5, dtype=F64, **kw)
-        assert fresh.points == 5 * 16, kw
     for kw, why in (({"t_end": 0.05}, "does not combine with t_end"), ({"nfe": 11}, "applies at 2 <= nfe <= 10"),
                     ({"method": "sa3", "nfe": 21}, r"\(20 for a stochastic method\), got 21"),
                     ({"method": "sa3", "tau": 0.0, "nfe": 12}, "got 12"),
@@ -240,8 +238,6 @@ def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
 def test_bad_options_name_the_parameter():
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     score = gaussian_score(sde, m, C)
-    with pytest.raises(InvalidValueError, match="method 'unipc2' takes no option 'schedule'"):
-        sample(sde, score, (4, 2), method="unipc2", nfe=5, schedule="auto")  # sample searches no schedule itself
     for kw, match in [({"method": "em"}, "method must be a deterministic"), ({"method": "nope"}, "method must be"),
                       ({"n_probe": 2}, "n_probe must be an integer >= 4"), ({"nfe": 1}, "nfe must be an integer >= 2"),
                       ({"reference_nfe": 5}, "reference_nfe must be an integer >= 6"),
@@ -255,3 +251,58 @@ def test_bad_options_name_the_parameter():
         fit_grid(sde, score, probe, x_check=probe[:, :1], method="unipc2", nfe=5)
     with pytest.raises(InvalidValueError, match="x_probe must be a batch"):
         fit_grid(sde, score, probe[:1], method="unipc2", nfe=5)
+
+
+def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch):
+    """`sample(..., method="unipc2", nfe=5)` with no options runs on the cached automatic schedule: its output is
+    that of the schedule's grid and denoise, the search is paid by the first call only, then nfe evaluations per
+    call; schedule="default", a grid option or nfe > 10 keep the fixed grid without a search; schedule="auto"
+    where it does not apply is refused, naming why. An nn.Module's weights changed in place search again."""
+    import functools
+
+    from scoresde.sampling import schedule
+
+    monkeypatch.setattr(schedule, "auto_schedule",
+                        functools.partial(schedule.auto_schedule, n_probe=128, reference_nfe=31, max_iter=10))
+    clear_schedule_cache()
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+
+    class Score(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=F64))
+            self.points, self.base = 0, gaussian_score(sde, m, C)
+
+        def forward(self, x, t):
+            self.points += x.shape[0]
+            return self.scale * self.base(x, t)
+
+    score = Score()
+    x_T = torch.randn(16, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T)
+        searched = score.points - 5 * 16
+        s = cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64)
+        assert searched == s.evaluations > 0
+        assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T, ts=s.ts, denoise=s.denoise))
+        before = score.points
+        assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T))
+        assert score.points == before + 5 * 16
+        fixed = sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T, schedule="default")
+        assert not torch.equal(fixed, x)
+        for kw in ({"schedule": "default"}, {"t_end": 0.05}, {"denoise": False}, {"nfe": 11}):
+            before = score.points
+            sample(sde, score, None, x_T=x_T, **{"method": "unipc2", "nfe": 5, **kw})
+            assert score.points == before + kw.get("nfe", 5) * 16, kw
+        images = sample(sde, lambda x, t: score(x.flatten(1), t).view_as(x), None, method="unipc2", nfe=5,
+                        x_T=x_T.view(16, 1, 2, 1))  # (batch, C, H, W): searched and sampled in that shape
+        assert images.shape == (16, 1, 2, 1) and torch.isfinite(images).all()
+        score.scale.mul_(1.0)  # the same function, new weights: searched again
+        before = score.points
+        sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T)
+        assert score.points - before == searched + 5 * 16
+    for kw, why in (({"method": "dpm2m"}, "schedule='auto' applies to methods sa3, unipc2, unipc3"),
+                    ({"t_end": 0.05}, "does not combine with t_end"),
+                    ({"schedule": "fitted"}, "schedule must be 'default', 'auto' or None")):
+        with pytest.raises(InvalidValueError, match=why):
+            sample(sde, score, None, x_T=x_T, **{"method": "unipc2", "nfe": 5, "schedule": "auto", **kw})

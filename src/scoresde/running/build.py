@@ -16,7 +16,7 @@ from ..core.sde import SDE, SDES, ScoreFn
 from ..core.validate import construct
 from ..learning.networks import MLP, UNet
 from ..models import FAMILIES, Family, unwrap
-from ..sampling.methods import sample
+from ..sampling.methods import sample_on_grid
 from .config import Config
 
 __all__ = [
@@ -94,7 +94,8 @@ def resolve_device(name: str) -> torch.device:
 def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: str, nfe: int, *,
                  generator: torch.Generator | None = None, paths: int = 0, family: Family | None = None,
                  device: torch.device | None = None, **options) -> tuple[Tensor, Tensor | None]:
-    """`sampling.sample` with `method`, `nfe` and its `options`; with paths > 0 also the first `paths` reverse
+    """`sampling.methods.sample_on_grid` with `method`, `nfe` and its `options`: the method's fixed grid unless the
+    options give one (a run's automatic schedule is `runs.run_schedule`'s); with paths > 0 also the first `paths` reverse
     trajectories, shape (grid points, paths, ...). `score_fn` is the model of `family` (None: any score
     function, or a consistency function for methods that take one), which must accept `method`; a family
     with its own sampler (`Family.generate`: DDPM, VAE) draws its samples itself (trajectories None, no
@@ -118,6 +119,6 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
         generator, shape = device_generator(generator, device), None
     states: list[Tensor] = []
     callback = (lambda step, t, x: states.append(x[:paths].detach().clone())) if paths else None
-    x = sample(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T, callback=callback,
-               **options)
+    x = sample_on_grid(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T,
+                       callback=callback, **options)
     return x, torch.stack(states) if paths else None

@@ -24,9 +24,10 @@ from ..core.sde import LinearSDE
 from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
+from ..sampling.entry import SCHEDULE_KINDS
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.schedule import AUTO_MAX_NFE, Schedule, auto_schedule, check_auto, search_options
+from ..sampling.schedule import Schedule, auto_by_default, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -169,12 +170,11 @@ def weights_id(model: torch.nn.Module) -> str:
 
 
 def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
-    """Whether the CLI takes `run_schedule` by default for the run's model with `method` at `nfe`: where it applies
-    (`check_auto`, a score model) at nfe <= AUTO_MAX_NFE; a stochastic method's schedule above that is opt-in."""
-    if nfe > AUTO_MAX_NFE:
+    """Whether the CLI takes `run_schedule` by default for the run's model with `method` at `nfe`: a score model
+    where `sample` would (`schedule.auto_by_default`)."""
+    if not auto_by_default(run.sde, method=method, nfe=nfe, **options):
         return False
     try:
-        check_auto(run.sde, method=method, nfe=nfe, **options)
         run.family.require("fit_grid")
     except InvalidValueError:
         return False
@@ -213,16 +213,25 @@ def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedul
 
 
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
-               paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0,
+               paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0, schedule: str | None = None,
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
     (None: the run's configured sampler and nfe) and options go to `sampling.sample` (e.g. ts from
-    `fit_run_grid`, or ts and denoise from `run_schedule`, the run's automatic schedule), t_end.
+    `fit_run_grid`), t_end. schedule as `sampling.sample`'s, the automatic one being the run's (`run_schedule`,
+    kept in the run folder): None takes it where it applies (`auto_applies`) and no label is given.
     With `label` (an int or n ints) the samples are of that class, by classifier-free
     guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
     integer("n", n)
     method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
+    if schedule not in SCHEDULE_KINDS:
+        raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
+    if schedule == "auto" and label is not None:
+        raise InvalidValueError("schedule='auto' is searched for the unconditional model: it does not combine with label")
+    if schedule == "auto" or schedule is None and label is None and auto_applies(run, method=method, nfe=nfe,
+                                                                                  **options):
+        s, _ = run_schedule(run, method=method, nfe=nfe, **options)
+        options = {**options, "ts": s.ts, "denoise": s.denoise}
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
         family.check_method(method)

@@ -130,8 +130,9 @@ def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, m
     "tweedie" (default; exact for Gaussian data once the CG converges, its error shrinks with nfe; each step
     costs up to cg_iters vector-Jacobian products, CG_ITERS by default; `weight`: `inpaint_score`), "replace"
     (one score call per step, but biased at any nfe) or "smc" (`twisted.twisted_inpaint`, sampler "em" or
-    "ei", options particles, sigma_y, ess_min; `weight` is its twisting weight); module docstring."""
-    from .methods import sample
+    "ei", options particles, sigma_y, ess_min; `weight` is its twisting weight); module docstring. The sampler
+    runs on its fixed grid (or options' ts): an automatic schedule is searched for an unconditional score."""
+    from .methods import sample_on_grid
     from .twisted import twisted_inpaint
 
     if cg_iters is not None and method != "tweedie":
@@ -141,7 +142,8 @@ def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, m
                                generator=generator, **options)
     cond = inpaint_score(sde, score_fn, known, mask, method=method, cg_iters=CG_ITERS if cg_iters is None else cg_iters,
                          weight=weight, generator=generator)
-    x = sample(sde, cond, tuple(known.shape), method=sampler, nfe=nfe, generator=generator, dtype=known.dtype, **options)
+    x = sample_on_grid(sde, cond, tuple(known.shape), method=sampler, nfe=nfe, generator=generator,
+                       dtype=known.dtype, **options)
     m = mask.to(known.dtype)
     return m * known + (1 - m) * x
 

@@ -1,6 +1,6 @@
-"""Samplers for every SDE of scoresde (DESIGN section 4) and one entry point, `sample`.
+"""Samplers for every SDE of scoresde (DESIGN section 4), run on a grid by `sample_on_grid`.
 
-`sample(sde, score_fn, shape, method=..., nfe=...)` spends exactly `nfe` score
+`sample_on_grid(sde, score_fn, shape, method=..., nfe=...)` (and so `sampling.sample`) spends exactly `nfe` score
 evaluations (at most `nfe` for the adaptive "dopri5"). Each method is a `Method` record in `METHODS`
 that declares its budget, default grid, noise, denoise and SDE rules. Budget rules, d = 1 if the final
 Tweedie denoise is on (default: `Method.denoise`) else 0:
@@ -29,8 +29,9 @@ quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power
 whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045); sa3's 0.4 / steps, down
 to sde.t_min); all chosen by benchmarks/samplers.py. Other methods end at sde.t_min.
 
-Automatic schedule: `schedule.auto_schedule` / `cached_schedule` (above `sample`, as `tuning.fit_grid` is)
-choose `ts` and `denoise` for unipc2 / unipc3 / sa3 (`Method.auto`) from the model; pass them on as options.
+Automatic schedule: for unipc2 / unipc3 / sa3 (`Method.auto`) at nfe <= 10 the entry point `sampling.sample`
+(`entry`) runs them on the grid, end time and denoise that `schedule.cached_schedule` chooses from the model
+(searched once per score object, method and nfe); `schedule="default"` or any grid option keeps the fixed grid.
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
 explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
@@ -63,7 +64,7 @@ from .pc import annealed_langevin, predictor_corrector
 from .sde_multistep import sde_dpm_solver_multistep
 from .stochastic import euler_maruyama, exponential_integrator
 
-__all__ = ["sample", "METHODS", "Method", "default_denoise", "steps_for"]
+__all__ = ["sample_on_grid", "prepare", "METHODS", "Method", "default_denoise", "steps_for", "GRID_OPTIONS"]
 
 
 def _one(options: dict) -> int:
@@ -179,6 +180,9 @@ for _name, _method in {
     METHODS.register(_name)(_method)
 
 
+GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")  # the grid's options, which `sample_on_grid` reads itself
+
+
 def _budget_counter(score_fn: ScoreFn, nfe: int, method: str) -> ScoreFn:
     calls = 0
 
@@ -212,27 +216,16 @@ def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
     return n_steps
 
 
-def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
-           generator: torch.Generator | None = None, x_T: Tensor | None = None,
-           callback: Callback | None = None, check_finite: bool = True, **options) -> Tensor:
-    """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations.
-
-    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape`, at least one sample, in
-    `options["dtype"]`, default torch's default dtype, on the generator's device) fixes the dtype and device
-    of the whole run.
-    callback(step, t, x) sees every grid time (t = 0 for the denoised output).
-    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring), and
-    `NonFiniteError` when the samples hold NaN/inf (one check of the output, skipped with
-    check_finite=False, e.g. by a caller that scores unstable grids itself).
-    """
+def prepare(sde: SDE, method: str, nfe: int, shape: tuple[int, ...] | None, x_T: Tensor | None,
+            generator: torch.Generator | None, dtype: torch.dtype | None) -> tuple[Method, int, Tensor]:
+    """The method's record, nfe as an int and the initial state: x_T as given, or a prior draw of `shape` (at
+    least one sample) in `dtype` (default torch's) on the generator's device; each refused, naming it, when bad."""
     try:
         spec = METHODS[method]
     except KeyError as err:
         raise InvalidValueError(f"method: {err.args[0]}") from None
     if int(nfe) != nfe or nfe < 1:
         raise InvalidValueError(f"nfe must be an integer >= 1, got {nfe}")
-    nfe = int(nfe)
-    dtype = options.pop("dtype", None)
     if x_T is None:
         if shape is None:
             raise InvalidValueError("shape must be given when x_T is not")
@@ -246,10 +239,28 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if shape is not None and tuple(x_T.shape) != tuple(shape):
             raise InvalidValueError(f"x_T has shape {tuple(x_T.shape)} but shape={tuple(shape)}")
         _check_shape("x_T's shape", tuple(x_T.shape))
-    denoise = options.pop("denoise", default_denoise(sde, method, nfe))
-    grid_opts = {k: options.pop(k) for k in ("grid", "t_end", "rho", "power", "ts") if k in options}
+    return spec, int(nfe), x_T
+
+
+def sample_on_grid(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
+                   generator: torch.Generator | None = None, x_T: Tensor | None = None,
+                   callback: Callback | None = None, check_finite: bool = True, **options) -> Tensor:
+    """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations, on the method's
+    fixed grid or the one the options give (`sampling.sample` adds the automatic schedule).
+
+    score_fn(x, t), t of shape (batch,). x_T (default: a prior draw of `shape`, at least one sample, in
+    `options["dtype"]`, default torch's default dtype, on the generator's device) fixes the dtype and device
+    of the whole run.
+    callback(step, t, x) sees every grid time (t = 0 for the denoised output).
+    Raises ValueError when `nfe` does not fit the method's budget rule (module docstring), and
+    `NonFiniteError` when the samples hold NaN/inf (one check of the output, skipped with
+    check_finite=False, e.g. by a caller that scores unstable grids itself).
+    """
+    spec, nfe, x_T = prepare(sde, method, nfe, shape, x_T, generator, options.pop("dtype", None))
     if spec.linear:
         require_linear(sde, f"method {method!r}")
+    denoise = options.pop("denoise", default_denoise(sde, method, nfe))
+    grid_opts = {k: options.pop(k) for k in GRID_OPTIONS if k in options and k != "denoise"}
     _check_options(method, spec.fn, options)
     if spec.takes == "score":  # a consistency model is passed on as it is (its sampler reads its type)
         score_fn = _shape_checked(score_fn)

@@ -36,6 +36,7 @@ knots moved to fit the deterministic limit at NFE 20 served it but not sa3's noi
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import time
 import weakref
@@ -50,10 +51,10 @@ from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from ..core.validate import integer
 from .grids import logsnr_grid, time_grid
-from .methods import METHODS, default_denoise, sample, steps_for
+from .methods import GRID_OPTIONS, METHODS, default_denoise, sample_on_grid, steps_for
 
-__all__ = ["Schedule", "auto_schedule", "cached_schedule", "check_auto", "clear_schedule_cache", "mmd2_paired",
-           "search_options", "AUTO_MAX_NFE", "AUTO_STOCHASTIC_MAX_NFE"]
+__all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "check_auto", "clear_schedule_cache",
+           "mmd2_paired", "search_options", "AUTO_MAX_NFE", "AUTO_STOCHASTIC_MAX_NFE"]
 
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
@@ -118,7 +119,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                  and (not METHODS[m].stochastic({}) or METHODS[m].quiet is not None)]
         raise InvalidValueError(f"method must be a deterministic fixed-grid sampler or one with a deterministic limit "
                                 f"(Method.quiet): {', '.join(fixed)}; got {method!r}")
-    for name in ("ts", "grid", "t_end", "rho", "power", "denoise"):
+    for name in GRID_OPTIONS:
         if name in options:
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
     move_knots = not (spec.stochastic(options) and nfe > AUTO_MAX_NFE)
@@ -135,7 +136,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     def run(x_T: Tensor, budget: int, **kw) -> Tensor:
         nonlocal spent
         spent += budget * x_T.shape[0]
-        out = sample(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, **options, **kw)
+        out = sample_on_grid(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, **options,
+                             **kw)
         return out.flatten(1)
 
     default_denoise_on = default_denoise(sde, method, nfe)
@@ -237,7 +239,7 @@ def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min
 
 
 _CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
-_GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")
+_LOG = logging.getLogger("scoresde")
 
 
 def search_options(method: str, options: dict) -> dict:
@@ -252,7 +254,7 @@ def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
     2 <= nfe <= AUTO_MAX_NFE (a stochastic one: AUTO_STOCHASTIC_MAX_NFE) on a linear SDE, deterministic or with a
     deterministic limit, without grid options (it chooses them)."""
     spec = METHODS[method] if method in METHODS else None
-    given = sorted(k for k in _GRID_OPTIONS if k in options)
+    given = sorted(k for k in GRID_OPTIONS if k in options)
     top = AUTO_STOCHASTIC_MAX_NFE if spec is not None and spec.stochastic(options) else AUTO_MAX_NFE
     why = (f"applies to methods {', '.join(m for m in METHODS if METHODS[m].auto)}, got {method!r}"
            if spec is None or not spec.auto else
@@ -266,12 +268,34 @@ def check_auto(sde: object, *, method: str, nfe: int, **options) -> None:
         raise InvalidValueError(f"schedule='auto' {why}")
 
 
+def auto_by_default(sde: object, *, method: str, nfe: int, **options) -> bool:
+    """Whether `sample` (schedule=None) and `scoresde sample` take the automatic schedule unasked: where it
+    applies (`check_auto`) at nfe <= AUTO_MAX_NFE; a stochastic method's schedule above that is opt-in."""
+    if nfe > AUTO_MAX_NFE:
+        return False
+    try:
+        check_auto(sde, method=method, nfe=nfe, **options)
+    except InvalidValueError:
+        return False
+    return True
+
+
+def _weights_version(owner: object) -> tuple[int, ...]:
+    """The in-place version counters of a module's parameters and buffers (an optimiser step, an EMA update or
+    load_state_dict moves them): a cached schedule follows the weights it was searched for. () otherwise."""
+    if not isinstance(owner, torch.nn.Module):
+        return ()
+    return tuple(t._version for t in owner.state_dict(keep_vars=True).values() if isinstance(t, Tensor))
+
+
 def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
                     dtype: torch.dtype, device=None, **options) -> Schedule:
     """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
     function), sde, method, nfe, sample shape, dtype, device and solver options (`search_options`: sa3 at any
-    tau shares one), and kept while the score function lives. A model whose weights change in place keeps its
-    entry: call `clear_schedule_cache`. Only where the automatic schedule applies (`check_auto`)."""
+    tau shares one), and kept while the score function lives; a search logs its cost (logger "scoresde",
+    level WARNING). An nn.Module's entry follows its weights (an in-place update searches again); a function
+    that closes over weights changed in place keeps its entry: call `clear_schedule_cache`. Only where the
+    automatic schedule applies (`check_auto`)."""
     check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
     key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device),
@@ -280,10 +304,14 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
         entries = _CACHE.setdefault(owner, {})
     except TypeError:  # not weakly referable: no cache
         entries = {}
-    if key not in entries:
-        entries[key] = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device,
-                                     **options)
-    return entries[key]
+    version = _weights_version(owner)
+    if key not in entries or entries[key][0] != version:
+        s = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device, **options)
+        entries[key] = version, s
+        _LOG.warning("scoresde: automatic schedule of %s at nfe %d searched (once per model; schedule='default' "
+                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, times %s", method, nfe, s.evaluations,
+                     s.seconds, s.choice, s.denoise, [round(t, 4) for t in s.ts.tolist()])
+    return entries[key][1]
 
 
 def clear_schedule_cache() -> None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
 from .grids import logsnr_grid, time_grid
-from .methods import METHODS, default_denoise, sample, steps_for
+from .methods import METHODS, default_denoise, sample_on_grid, steps_for
 
 __all__ = ["GridFit", "fit_grid"]
 
@@ -90,7 +90,8 @@ def fit_grid(sde: LinearSDE, score_fn: ScoreFn, x_probe: Tensor, *, method: str,
     start = time_grid(sde, n_steps, kind=spec.grid, t_end=t_end, power=spec.power)  # validates t_end
 
     def run(ts: Tensor, budget: int, x: Tensor) -> Tensor:
-        return sample(sde, score_fn, None, method=method, nfe=budget, x_T=x, ts=ts, check_finite=False, **options)
+        return sample_on_grid(sde, score_fn, None, method=method, nfe=budget, x_T=x, ts=ts, check_finite=False,
+                              **options)
 
     lam = sde.log_snr(start)
     span = float(lam[-1] - lam[0])

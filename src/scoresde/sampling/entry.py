@@ -1,0 +1,40 @@
+"""`sample`, the entry point of the sampling layer: the automatic few-step schedule where it applies
+(`schedule`), then the method on its grid (`methods.sample_on_grid`)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..core.errors import InvalidValueError
+from ..core.sde import SDE, ScoreFn
+from .common import Callback
+from .methods import METHODS, prepare, sample_on_grid
+from .schedule import auto_by_default, cached_schedule
+
+__all__ = ["sample", "SCHEDULE_KINDS"]
+
+SCHEDULE_KINDS = (None, "default", "auto")  # `sample`'s schedule: None is "auto" where it applies
+
+
+def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
+           generator: torch.Generator | None = None, x_T: Tensor | None = None, callback: Callback | None = None, check_finite: bool = True,
+           schedule: str | None = None, **options) -> Tensor:
+    """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations: the arguments,
+    budget rules and errors of `methods.sample_on_grid`, on the grid `schedule` names.
+
+    schedule: "default", the method's fixed grid (or the options' grid); "auto", the automatic schedule
+    (`schedule.cached_schedule`: searched from score_fn once per score object, method, nfe, sample shape, dtype
+    and device, its cost logged; refused, naming why, where it does not apply); None: "auto" where it applies
+    unasked (`schedule.auto_by_default`: unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
+    given), else "default". The search draws its own probe points: it leaves `generator` untouched.
+    """
+    if schedule not in SCHEDULE_KINDS:
+        raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
+    if schedule == "auto" or schedule is None and method in METHODS and METHODS[method].auto:
+        _, nfe, x_T = prepare(sde, method, nfe, shape, x_T, generator, options.pop("dtype", None))
+        if schedule or auto_by_default(sde, method=method, nfe=nfe, **options):
+            s = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
+                                device=x_T.device, **options)
+            options = {**options, "ts": s.ts, "denoise": s.denoise}
+    return sample_on_grid(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T,
+                          callback=callback, check_finite=check_finite, **options)
