@@ -283,7 +283,7 @@ def evaluate(tname, n, nfes, seed, wanted=None):
 
 
 METRICS = ("mmd2", "mmd2_fine", "abs_gap")
-DEFAULT = "scoresde/unipc2"  # the one configuration a user gets without tuning
+DEFAULT = "scoresde/unipc2"  # the fixed grid, a user's default above NFE 10 (at NFE <= 10: the automatic schedule)
 
 
 def value(row, metric):
@@ -397,10 +397,10 @@ def heldout_target(name: str) -> GaussianMixture:
 
 
 def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
-    """On each target: the untuned default (unipc2, no options), the automatic schedule (unipc2 with
-    auto_schedule's ts / denoise: at nfe <= AUTO_MAX_NFE, its cost recorded), the ORACLE variants and every diffusers
-    configuration, from the same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of
-    size n."""
+    """On each target: the fixed grid (unipc2, schedule="default": sample()'s default before session 24), the
+    automatic schedule (unipc2 with auto_schedule's ts / denoise: at nfe <= AUTO_MAX_NFE, its cost recorded), the
+    ORACLE variants and every diffusers configuration, from the same x_T (drawn from `seed`); n samples, null spread
+    from NULL_REPEATS exact samples of size n."""
     sde, rows = VP(), []
     for tname in names:
         target = heldout_target(tname)
@@ -459,6 +459,30 @@ def pool_seeds(rows: list[dict]) -> list[dict]:
             row |= {k: float(np.mean([r[k] for r in rs])) for k in ("mmd2", "mmd2_fine", "gap")}
         out.append(row)
     return out
+
+
+def default_path(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
+    """sample(..., method="unipc2", nfe=nfe) without options (the automatic schedule, searched by the first call
+    and cached): the seconds of a first and a second call, the search's score evaluations, and whether its samples
+    are those of the heldout part's "scoresde/auto" row (auto_schedule's ts / denoise) from the same x_T."""
+    sde, rows = VP(), []
+    for tname in names:
+        target = heldout_target(tname)
+        score_fn = MixtureScore(target).continuous(sde)
+        for nfe in nfes:
+            x_T = sde.prior_sample((n, target.dim), torch.Generator().manual_seed(seed), F64)
+            runs = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                runs.append((sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T), time.perf_counter() - t0))
+            (first, t1), (second, t2) = runs
+            auto = auto_schedule(sde, score_fn, (target.dim,), method="unipc2", nfe=nfe, dtype=F64)
+            row = sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T, ts=auto.ts, denoise=auto.denoise)
+            rows.append({"target": tname, "nfe": nfe, "n": n, "first_seconds": round(t1, 2),
+                         "second_seconds": round(t2, 2), "search_evals": auto.evaluations, "sample_evals": n * nfe,
+                         "equal_to_auto_row": bool(torch.equal(first, row) and torch.equal(second, row))})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def heldout_report(rows: list[dict], part: str) -> str:
@@ -533,10 +557,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--overhead-steps", type=int, default=50, help="steps per timed overhead run")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
     ap.add_argument("--configs", nargs="+", default=None, help="only these configuration names (default all)")
-    ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report"), default="main",
+    ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report", "default-path"), default="main",
                     help="heldout / select: the default, the automatic schedule and the per-target best against "
                          "diffusers on the reporting / selection targets (issue 22); heldout-report: one report "
-                         "of every samplers_heldout*.json written by --part heldout runs (--targets splits them)")
+                         "of every samplers_heldout*.json written by --part heldout runs (--targets splits them); "
+                         "default-path: sample() without options against the heldout 'auto' row's sampler")
     ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
     ap.add_argument("--heldout-seed", type=int, default=1,
@@ -561,6 +586,11 @@ def run(args):
         text = heldout_report(rows, "heldout")
         common.write_text(NAME, "samplers_heldout.md", text)
         print(text)
+        return
+    if args.part == "default-path":
+        rows = default_path(args.targets or ["d2s100", "d16s100"], args.n_heldout,
+                            [v for v in args.nfes if v <= AUTO_MAX_NFE] or [5, 10], seed=args.heldout_seed)
+        common.write_json(NAME, rows, file="samplers_default_path.json", indent=None)
         return
     if args.part != "main":
         names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
