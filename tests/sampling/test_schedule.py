@@ -253,11 +253,12 @@ def test_bad_options_name_the_parameter():
         fit_grid(sde, score, probe[:1], method="unipc2", nfe=5)
 
 
-def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch):
+def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch, caplog):
     """`sample(..., method="unipc2", nfe=5)` with no options runs on the cached automatic schedule: its output is
     that of the schedule's grid and denoise, the search is paid by the first call only, then nfe evaluations per
     call; schedule="default", a grid option or nfe > 10 keep the fixed grid without a search; schedule="auto"
-    where it does not apply is refused, naming why. An nn.Module's weights changed in place search again."""
+    where it does not apply is refused, naming why. An nn.Module's weights changed in place search again; a score
+    function made anew for each call searches each time, and the log says so."""
     import functools
 
     from scoresde.sampling import schedule
@@ -294,9 +295,13 @@ def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatc
             before = score.points
             sample(sde, score, None, x_T=x_T, **{"method": "unipc2", "nfe": 5, **kw})
             assert score.points == before + kw.get("nfe", 5) * 16, kw
-        images = sample(sde, lambda x, t: score(x.flatten(1), t).view_as(x), None, method="unipc2", nfe=5,
-                        x_T=x_T.view(16, 1, 2, 1))  # (batch, C, H, W): searched and sampled in that shape
-        assert images.shape == (16, 1, 2, 1) and torch.isfinite(images).all()
+        for repeated in (False, True):
+            caplog.clear()
+            images = sample(sde, lambda x, t: score(x.flatten(1), t).view_as(x), None, method="unipc2", nfe=5,
+                            x_T=x_T.view(16, 1, 2, 1))  # (batch, C, H, W): searched and sampled in that shape
+            assert images.shape == (16, 1, 2, 1) and torch.isfinite(images).all()
+            assert "searched (once per model" in caplog.text
+            assert ("if it is made anew for each call, each call searches again" in caplog.text) == repeated
         score.scale.mul_(1.0)  # the same function, new weights: searched again
         before = score.points
         sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T)

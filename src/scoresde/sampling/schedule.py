@@ -239,6 +239,7 @@ def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min
 
 
 _CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
+_SEARCHED: set = set()  # (a score function's code or type, cache key) of every search: to name repeated ones
 _LOG = logging.getLogger("scoresde")
 
 
@@ -308,12 +309,17 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
     if key not in entries or entries[key][0] != version:
         s = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device, **options)
         entries[key] = version, s
+        kind = (getattr(owner, "__code__", type(owner)), key)  # a function's code, else the object's type
+        again = (" This kind of score function was searched before: if it is made anew for each call, each call "
+                 "searches again; keep one object, or pass schedule='default'." if kind in _SEARCHED else "")
+        _SEARCHED.add(kind)
         _LOG.warning("scoresde: automatic schedule of %s at nfe %d searched (once per model; schedule='default' "
-                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, times %s", method, nfe, s.evaluations,
-                     s.seconds, s.choice, s.denoise, [round(t, 4) for t in s.ts.tolist()])
+                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, times %s.%s", method, nfe,
+                     s.evaluations, s.seconds, s.choice, s.denoise, [round(t, 4) for t in s.ts.tolist()], again)
     return entries[key][1]
 
 
 def clear_schedule_cache() -> None:
     """Forget every cached automatic schedule (`cached_schedule`)."""
     _CACHE.clear()
+    _SEARCHED.clear()
