@@ -274,7 +274,7 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
         assert res.exit_code == 0 and "automatic schedule" not in res.output, res.output
         method, nfe = args[1], int(args[3])
         expected, _ = sample_run(load_run(tiny_run), 16, method=method, nfe=nfe, seed=0, **options)
-        plain, _ = sample_run(load_run(tiny_run), 16, method=method, nfe=nfe, seed=0)
+        plain, _ = sample_run(load_run(tiny_run), 16, method=method, nfe=nfe, seed=0, schedule="default")
         torch.testing.assert_close(torch.from_numpy(np.load(out)), expected)
         assert not torch.allclose(expected, plain)  # the option changed the samples
     run = tmp_path / "copy"  # evaluate writes RUN/eval.json
@@ -291,6 +291,10 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
           "tau must be a finite number >= 0, got -1")
     fails(["sample", tiny_run, "--option", "tau=1", "--option", "tau=2", "--out", out], "--option tau is given twice")
     fails(["sample", tiny_run, "--option", "ts=1", "--out", out], "--option ts is not a command-line option")
+    for key in ("schedule", "x_T", "generator", "callback", "check_finite", "shape", "paths", "label", "seed", "n",
+                "method", "nfe", "guidance"):
+        fails(["sample", tiny_run, "--option", f"{key}=1", "--out", out], f"--option {key} is not a sampler option")
+    fails(["evaluate", tiny_run, "--option", "feature_cache=elsewhere"], "--option feature_cache is not a sampler option")
     fails(["sample", tiny_run, "--option", "tau=[1, 2]", "--out", out], "--option tau: give a number")
     fails(["sample", tiny_run, "--option", "tau=[1,", "--out", out], "--option tau is not valid YAML")
     fails(["evaluate", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--option", "t_end=0.1"],

@@ -180,9 +180,17 @@ OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: t
 
 def _sampler_options(pairs: list[str] | None) -> dict:
     """--option KEY=VALUE pairs as keyword options of `sampling.sample`, which checks them against the method's
-    (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule."""
-    from .running.config import read_yaml
+    (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule,
+    and the arguments of `sample` / `sample_run` / `evaluate_run` (method, nfe, seed, ...) from the command's own
+    options."""
+    import inspect
 
+    from .running.config import read_yaml
+    from .running.runs import evaluate_run, sample_run
+    from .sampling import sample
+
+    own = {name for f in (sample, sample_run, evaluate_run) for name, p in inspect.signature(f).parameters.items()
+           if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
     options: dict = {}
     for pair in pairs or []:
         key, sep, text = (part.strip() for part in pair.partition("="))
@@ -191,6 +199,9 @@ def _sampler_options(pairs: list[str] | None) -> dict:
         if key in ("ts", "dtype"):
             raise InvalidValueError(f"--option {key} is not a command-line option (the grid: --fit-grid, --schedule "
                                     "auto, or grid / t_end / power / rho)")
+        if key in own:
+            raise InvalidValueError(f"--option {key} is not a sampler option: the command sets it (--method, --nfe, "
+                                    f"--n, --seed, --schedule, --label, --guidance) or it is not settable here")
         if key in options:
             raise InvalidValueError(f"--option {key} is given twice")
         value = read_yaml(text, f"--option {key}") if text else None
