@@ -253,12 +253,12 @@ def test_bad_options_name_the_parameter():
         fit_grid(sde, score, probe[:1], method="unipc2", nfe=5)
 
 
-def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch, caplog):
+def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch, caplog, capsys):
     """`sample(..., method="unipc2", nfe=5)` with no options runs on the cached automatic schedule: its output is
     that of the schedule's grid and denoise, the search is paid by the first call only, then nfe evaluations per
     call; schedule="default", a grid option or nfe > 10 keep the fixed grid without a search; schedule="auto"
     where it does not apply is refused, naming why. An nn.Module's weights changed in place search again; a score
-    function made anew for each call searches each time, and the log says so."""
+    function made anew for each call searches each time, and the log says so. The search shows a progress bar."""
     import functools
 
     from scoresde.sampling import schedule
@@ -283,6 +283,7 @@ def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatc
     with torch.no_grad():
         x = sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T)
         searched = score.points - 5 * 16
+        assert "automatic schedule of unipc2 at nfe 5 (schedule='default' skips it)" in capsys.readouterr().err
         s = cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64)
         assert searched == s.evaluations > 0
         assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T, ts=s.ts, denoise=s.denoise))

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..core.errors import InvalidValueError
 from ..core.sde import LinearSDE, ScoreFn
@@ -99,15 +100,16 @@ def mmd2_paired(x: Tensor, y: Tensor, bandwidths: Tensor) -> float:
 
 def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
                   n_probe: int = 1024, reference_nfe: int = 101, max_iter: int | None = None, seed: int = 0,
-                  dtype: torch.dtype | None = None, device=None, **options) -> Schedule:
+                  dtype: torch.dtype | None = None, device=None, progress: bool = False, **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
     that minimises MMD^2 to the method's converged law (module docstring), from the model alone; a stochastic
     method above AUTO_MAX_NFE gets the best grid family without the knot move.
 
     n_probe prior draws (seeded by `seed`, apart from any generator of the caller) split in halves: the
     search sees the first, the choice is checked on the second. Where the converged run is not finite (a score
-    returning NaN/inf) it returns the default schedule (check inf). Costs about n_probe (reference_nfe + (nfe + 1)
-    (68 + max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1)).
+    returning NaN/inf) it returns the default schedule (check inf). Costs at most about n_probe (reference_nfe +
+    (nfe + 1) (68 + 2 max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1),
+    each one or two evaluations of the objective), shown as a progress bar on stderr with `progress`.
     """
 
     started = time.perf_counter()
@@ -131,20 +133,25 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     dtype = dtype or torch.get_default_dtype()
     probe = sde.prior_sample((n_probe,) + sample_shape, torch.Generator().manual_seed(seed), dtype).to(device)
     half = n_probe // 2
+    default_denoise_on = default_denoise(sde, method, nfe)
+    default_steps = steps_for(method, nfe, default_denoise_on, options)
+    iterations = (max_iter or 30 * (default_steps + 1)) if move_knots else 0
+    bar = tqdm(total=n_probe * reference_nfe + half * (nfe + 1) * (68 + 2 * iterations), unit="eval", unit_scale=True,
+               desc=f"automatic schedule of {method} at nfe {nfe} (schedule='default' skips it)", leave=False,
+               mininterval=2, dynamic_ncols=True, disable=not progress)
     spent = 0
 
     def run(x_T: Tensor, budget: int, **kw) -> Tensor:
         nonlocal spent
         spent += budget * x_T.shape[0]
+        bar.update(budget * x_T.shape[0])
         out = sample_on_grid(sde, score_fn, None, method=method, nfe=budget, x_T=x_T, check_finite=False, **options,
                              **kw)
         return out.flatten(1)
 
-    default_denoise_on = default_denoise(sde, method, nfe)
-    default_steps = steps_for(method, nfe, default_denoise_on, options)
     t_default = spec.default_t_end(sde, default_steps)
     default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
-    with torch.no_grad():
+    with torch.no_grad(), bar:
         reference = run(probe, reference_nfe)
         if not bool(torch.isfinite(reference).all()):  # nothing to fit to: the default (sample names the NaN)
             return Schedule(*default, "default", math.inf, math.inf, spent, time.perf_counter() - started)
@@ -157,6 +164,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             """log of the mean squared score at t_min over the points x (module docstring)."""
             nonlocal spent
             spent += x.shape[0]
+            bar.update(x.shape[0])
             t_min = torch.full((len(x),), float(sde.t_min), dtype=x.dtype, device=x.device)
             squares = score_fn(x.reshape((-1,) + sample_shape), t_min).double().square()
             return float((squares.sum() / len(x)).log())  # a score 0 everywhere: -inf
@@ -307,7 +315,8 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
         entries = {}
     version = _weights_version(owner)
     if key not in entries or entries[key][0] != version:
-        s = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device, **options)
+        s = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device,
+                          progress=True, **options)
         entries[key] = version, s
         kind = (getattr(owner, "__code__", type(owner)), key)  # a function's code, else the object's type
         again = (" This kind of score function was searched before: if it is made anew for each call, each call "
