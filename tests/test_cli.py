@@ -433,8 +433,8 @@ def test_a_score_returning_nan_is_an_error_naming_method_and_nfe(tiny_run, tmp_p
 
 
 def test_inpaint_passes_its_tweedie_options_on(tiny_run, tmp_path, monkeypatch):
-    """--weight, --cg-iters and --particles reach the inpainting (none is silently dropped); omitted, the library
-    defaults hold."""
+    """--weight, --cg-iters, --particles and --option reach the inpainting (none is silently dropped); omitted, the
+    library defaults hold; an --option the command sets itself is a one-line error."""
     import torch
 
     from scoresde.running import runs
@@ -446,9 +446,14 @@ def test_inpaint_passes_its_tweedie_options_on(tiny_run, tmp_path, monkeypatch):
         return torch.zeros(n, 2), torch.ones(2), torch.zeros(n, 2)
 
     monkeypatch.setattr(runs, "inpaint_run", fake)
-    for extra in (["--weight", "4", "--cg-iters", "2"], [], ["--how", "smc", "--particles", "3", "--weight", "2"]):
+    for extra in (["--weight", "4", "--cg-iters", "2"], [], ["--how", "smc", "--particles", "3", "--weight", "2"],
+                  ["--how", "smc", "--option", "sigma_y=0.1"], ["--method", "ddim", "--option", "eta=0.5"]):
         res = runner.invoke(app, ["inpaint", str(tiny_run), "--mask", "m.npy", "--out", str(tmp_path / "o.npy"), *extra])
         assert res.exit_code == 0, res.output
     assert seen[0]["weight"] == 4.0 and seen[0]["cg_iters"] == 2 and "particles" not in seen[0]
     assert seen[1]["weight"] == 1.0 and "cg_iters" not in seen[1] and seen[1]["how"] == "tweedie"
     assert seen[2] == {**seen[1], "how": "smc", "particles": 3, "weight": 2.0}
+    assert seen[3] == {**seen[1], "how": "smc", "sigma_y": 0.1} and seen[4] == {**seen[1], "method": "ddim", "eta": 0.5}
+    for key in ("particles", "weight", "sampler", "known", "x_T"):
+        fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", tmp_path / "o.npy", "--option", f"{key}=1"],
+              f"--option {key} is not a sampler option")

@@ -178,19 +178,17 @@ OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: t
                "noise=brownian) or grid, t_end, rho, power, denoise; the value is read as YAML (0.5, 1e-3, true, poly)")
 
 
-def _sampler_options(pairs: list[str] | None) -> dict:
-    """--option KEY=VALUE pairs as keyword options of `sampling.sample`, which checks them against the method's
-    (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule,
-    and the arguments of `sample` / `sample_run` / `evaluate_run` (method, nfe, seed, ...) from the command's own
-    options."""
+def _sampler_options(pairs: list[str] | None, *callees, also: tuple[str, ...] = ()) -> dict:
+    """--option KEY=VALUE pairs as keyword options of the sampler, which checks them against the method's (naming
+    the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule, and the
+    named arguments of `callees` (the functions the command calls: method, nfe, seed, ...) and `also` from the
+    command's own options."""
     import inspect
 
     from .running.config import read_yaml
-    from .running.runs import evaluate_run, sample_run
-    from .sampling import sample
 
-    own = {name for f in (sample, sample_run, evaluate_run) for name, p in inspect.signature(f).parameters.items()
-           if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD}
+    own = {name for f in callees for name, p in inspect.signature(f).parameters.items()
+           if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD} | set(also)
     options: dict = {}
     for pair in pairs or []:
         key, sep, text = (part.strip() for part in pair.partition("="))
@@ -200,8 +198,8 @@ def _sampler_options(pairs: list[str] | None) -> dict:
             raise InvalidValueError(f"--option {key} is not a command-line option (the grid: --fit-grid, --schedule "
                                     "auto, or grid / t_end / power / rho)")
         if key in own:
-            raise InvalidValueError(f"--option {key} is not a sampler option: the command sets it (--method, --nfe, "
-                                    f"--n, --seed, --schedule, --label, --guidance) or it is not settable here")
+            raise InvalidValueError(f"--option {key} is not a sampler option: the command sets it (see --help) or it "
+                                    "is not settable here")
         if key in options:
             raise InvalidValueError(f"--option {key} is given twice")
         value = read_yaml(text, f"--option {key}") if text else None
@@ -249,12 +247,13 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     from .running.files import check_writable, save_array
     from .running.progress import counting_calls
     from .running.runs import fit_run_grid, sample_run
+    from .sampling import sample
 
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
     _check_schedule(schedule)
-    options = _sampler_options(option)
+    options = _sampler_options(option, sample, sample_run)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -306,15 +305,20 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
                                                                 "recovered MNIST digit classes far more often); smc: "
                                                                 "the twisting weight (any w stays exact)"),
             seed: int = typer.Option(0),
+            option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE",
+                                             help=OPTION_HELP + "; --how smc: sigma_y, ess_min"),
             device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Fill the unknown pixels of the run's first n held-out images with any sampler (scoresde.sampling.guidance)."""
     from .running.files import check_writable, save_array
     from .running.plots import save_grid
     from .running.progress import counting_calls
     from .running.runs import inpaint_run
+    from .sampling.guidance import inpaint as inpaint_images
+    from .sampling.methods import sample_on_grid
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
+    options = _sampler_options(option, inpaint_run, inpaint_images, sample_on_grid, also=("particles",))
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     _at_least_one("--cg-iters", cg_iters, "the default 5")
@@ -329,7 +333,7 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
     with counting_calls(r.model, f"inpainting ({how})", nfe or r.cfg.nfe, enable=r.cfg.progress):
         known, m, x = inpaint_run(r, mask, n, how=how, method=method, nfe=nfe, seed=seed, weight=weight,
                                   **({} if cg_iters is None else {"cg_iters": cg_iters}),
-                                  **({} if particles is None else {"particles": particles}))
+                                  **({} if particles is None else {"particles": particles}), **options)
     if out.suffix == ".png":
         save_grid([m * known, x, known], out, ["known", "inpainted", "original"], cols=n)
     else:
@@ -354,12 +358,13 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
 
     from .evaluation.metrics import check_mmd2_memory
     from .running.files import check_writable, save_json
-    from .running.runs import evaluate_run
+    from .running.runs import evaluate_run, sample_run
+    from .sampling import sample
 
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     _check_schedule(schedule)
-    options = _sampler_options(option)
+    options = _sampler_options(option, sample, sample_run, evaluate_run)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold

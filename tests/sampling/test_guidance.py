@@ -146,6 +146,10 @@ def test_inpaint_validation():
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), weight=float("nan"))
     with pytest.raises(ValueError, match="cg_iters must be an integer >= 1"):
         inpaint_score(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), cg_iters=0)
+    with pytest.raises(ValueError, match="inpaint method 'smc' takes no option 'eta'; its options: particles, sigma_y"):
+        inpaint(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), method="smc", eta=1.0)
+    with pytest.raises(ValueError, match="method 'em' takes no option 'eta'"):
+        inpaint(S.VP(), lambda x, t: x, torch.zeros(2, 3), torch.ones(3), eta=1.0)
 
 
 def test_cg_solves_spd_systems_and_stops_at_negative_curvature(gen):

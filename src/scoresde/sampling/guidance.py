@@ -30,10 +30,11 @@ from ..core.sde import LinearSDE, ScoreFn, batch_dot, expand_like
 from ..core.validate import integer, number
 from .common import mask_like
 
-__all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS", "CG_ITERS"]
+__all__ = ["classifier_free", "classifier_guidance", "inpaint_score", "inpaint", "INPAINT_METHODS", "SMC_OPTIONS", "CG_ITERS"]
 
 CondScoreFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 INPAINT_METHODS = ("tweedie", "replace", "smc")
+SMC_OPTIONS = ("particles", "sigma_y", "ess_min")  # the options of method "smc" (`twisted.twisted_inpaint`)
 # CG iterations of the Tweedie solve per score call. A truncation on purpose: on the MNIST VP model (EM, NFE 100,
 # held-out digits 0-49) the lower half's class was recovered 0.70 of the time at 1 and at 5 iterations but 0.42 at
 # 15, where the solve trusts the learned covariance's smallest eigenvalues and the guidance blows up.
@@ -138,6 +139,10 @@ def inpaint(sde: LinearSDE, score_fn: ScoreFn, known: Tensor, mask: Tensor, *, m
     if cg_iters is not None and method != "tweedie":
         raise InvalidValueError(f"cg_iters applies to method 'tweedie' only, got method {method!r}")
     if method == "smc":
+        unknown = sorted(set(options) - set(SMC_OPTIONS))
+        if unknown:
+            raise InvalidValueError(f"inpaint method 'smc' takes no option {', '.join(map(repr, unknown))}; its "
+                                    f"options: {', '.join(SMC_OPTIONS)}")
         return twisted_inpaint(sde, score_fn, known, mask, sampler=sampler, nfe=nfe, weight=weight,
                                generator=generator, **options)
     cond = inpaint_score(sde, score_fn, known, mask, method=method, cg_iters=CG_ITERS if cg_iters is None else cg_iters,
