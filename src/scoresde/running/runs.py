@@ -181,14 +181,14 @@ def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
     return True
 
 
-def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedule, bool]:
+def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **options) -> tuple[Schedule, bool]:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
     whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
     family whose model is not a score model). Pass it on as `sample_run(..., ts=s.ts, denoise=s.denoise)`.
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options (those of the
     search, `search_options`), the sample shape and the weights (`weights_id`): paid once per model and nfe; a
-    new checkpoint drops the entries of the old one."""
+    new checkpoint drops the entries of the old one. `progress`: the search's progress bar (`auto_schedule`)."""
     check_auto(run.sde, method=method, nfe=nfe, **options)
     run.family.require("fit_grid")
     path, weights = run.dir / SCHEDULES, weights_id(run.model)
@@ -205,7 +205,7 @@ def run_schedule(run: Run, *, method: str, nfe: int, **options) -> tuple[Schedul
                         e["default_check"], e["evaluations"], e["seconds"]), True
     with torch.no_grad():
         s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), device=run.device,
-                          **options)
+                          progress=progress, **options)
     entries[key] = {"ts": s.ts.tolist(), "denoise": s.denoise, "choice": s.choice, "check": s.check,
                     "default_check": s.default_check, "evaluations": s.evaluations, "seconds": s.seconds}
     atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
@@ -230,7 +230,7 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
         raise InvalidValueError("schedule='auto' is searched for the unconditional model: it does not combine with label")
     if schedule == "auto" or schedule is None and label is None and auto_applies(run, method=method, nfe=nfe,
                                                                                   **options):
-        s, _ = run_schedule(run, method=method, nfe=nfe, **options)
+        s, _ = run_schedule(run, method=method, nfe=nfe, progress=run.cfg.progress, **options)
         options = {**options, "ts": s.ts, "denoise": s.denoise}
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
