@@ -24,7 +24,7 @@ from ..core.sde import LinearSDE
 from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
-from ..sampling.entry import SCHEDULE_KINDS
+from ..sampling.entry import check_schedule
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.schedule import Schedule, auto_by_default, auto_schedule, check_auto, search_options
@@ -224,8 +224,7 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
     integer("n", n)
     method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
-    if schedule not in SCHEDULE_KINDS:
-        raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
+    check_schedule(schedule)
     if schedule == "auto" and label is not None:
         raise InvalidValueError("schedule='auto' is searched for the unconditional model: it does not combine with label")
     if schedule == "auto" or schedule is None and label is None and auto_applies(run, method=method, nfe=nfe,

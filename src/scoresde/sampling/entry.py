@@ -11,14 +11,18 @@ from .common import Callback
 from .methods import METHODS, prepare, sample_on_grid
 from .schedule import auto_by_default, cached_schedule
 
-__all__ = ["sample", "SCHEDULE_KINDS"]
+__all__ = ["sample", "check_schedule"]
 
-SCHEDULE_KINDS = (None, "default", "auto")  # `sample`'s schedule: None is "auto" where it applies
+
+def check_schedule(schedule: object) -> None:
+    """Refuse a `schedule` other than None, "default" or "auto", naming the ones allowed."""
+    if schedule not in (None, "default", "auto"):
+        raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
 
 
 def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
-           generator: torch.Generator | None = None, x_T: Tensor | None = None, callback: Callback | None = None, check_finite: bool = True,
-           schedule: str | None = None, **options) -> Tensor:
+           generator: torch.Generator | None = None, x_T: Tensor | None = None, callback: Callback | None = None,
+           check_finite: bool = True, schedule: str | None = None, **options) -> Tensor:
     """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations: the arguments,
     budget rules and errors of `methods.sample_on_grid`, on the grid `schedule` names.
 
@@ -28,8 +32,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     unasked (`schedule.auto_by_default`: unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
     given), else "default". The search draws its own probe points: it leaves `generator` untouched.
     """
-    if schedule not in SCHEDULE_KINDS:
-        raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
+    check_schedule(schedule)
     if schedule == "auto" or schedule is None and method in METHODS and METHODS[method].auto:
         _, nfe, x_T = prepare(sde, method, nfe, shape, x_T, generator, options.pop("dtype", None))
         if schedule or auto_by_default(sde, method=method, nfe=nfe, **options):
