@@ -95,8 +95,8 @@ def draw_samples(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...], method: st
                  generator: torch.Generator | None = None, paths: int = 0, family: Family | None = None,
                  device: torch.device | None = None, **options) -> tuple[Tensor, Tensor | None]:
     """`sampling.methods.sample_on_grid` with `method`, `nfe` and its `options`: the method's fixed grid unless the
-    options give one (a run's automatic schedule is `runs.run_schedule`'s); with paths > 0 also the first `paths` reverse
-    trajectories, shape (grid points, paths, ...). `score_fn` is the model of `family` (None: any score
+    options give one (a run's automatic schedule is `runs.run_schedule`'s); with paths > 0 also the first `paths`
+    reverse trajectories, shape (grid points, paths, ...). `score_fn` is the model of `family` (None: any score
     function, or a consistency function for methods that take one), which must accept `method`; a family
     with its own sampler (`Family.generate`: DDPM, VAE) draws its samples itself (trajectories None, no
     options). On a non-CPU `device` the prior draw comes from the CPU `generator` and the sampler's noise
