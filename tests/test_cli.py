@@ -291,6 +291,9 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
           "tau must be a finite number >= 0, got -1")
     fails(["sample", tiny_run, "--option", "tau=1", "--option", "tau=2", "--out", out], "--option tau is given twice")
     fails(["sample", tiny_run, "--option", "ts=1", "--out", out], "--option ts is not a command-line option")
+    fails(["sample", tiny_run, "--option", "denoise=maybe", "--out", out], "denoise must be true or false, got 'maybe'")
+    fails(["sample", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--label", "1", "--out", out],
+          "--schedule auto is searched for the unconditional model; it does not combine with --label")
     for key in ("schedule", "x_T", "generator", "callback", "check_finite", "shape", "paths", "label", "seed", "n",
                 "method", "nfe", "guidance"):
         fails(["sample", tiny_run, "--option", f"{key}=1", "--out", out], f"--option {key} is not a sampler option")

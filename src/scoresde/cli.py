@@ -260,6 +260,9 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
         raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
     if fit_grid and schedule == "auto":
         raise InvalidValueError("--fit-grid and --schedule auto both choose the time grid; pass one of them")
+    if label is not None and schedule == "auto":
+        raise InvalidValueError("--schedule auto is searched for the unconditional model; it does not combine with "
+                                "--label")
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe

@@ -198,6 +198,8 @@ def test_impossible_budgets_raise(gen):
         sample(VP(), score, (4, 2), method="em", nfe=0)
     with pytest.raises(ValueError, match="nfe=1 does not fit"):
         sample(VP(), score, (4, 2), method="em", nfe=1)  # the denoise step alone
+    with pytest.raises(ValueError, match="denoise must be true or false, got 'yes'"):
+        sample(VP(), score, (4, 2), method="em", nfe=5, denoise="yes")  # not read as True
     with pytest.raises(ValueError, match="valid: adaptive_sde, ald, consistency, ddim, ddpm, dopri5"):
         sample(VP(), score, (4, 2), method="rk4", nfe=10)
     with pytest.raises(ValueError, match="shape"):

@@ -260,6 +260,8 @@ def sample_on_grid(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *
     if spec.linear:
         require_linear(sde, f"method {method!r}")
     denoise = options.pop("denoise", default_denoise(sde, method, nfe))
+    if denoise not in (True, False):
+        raise InvalidValueError(f"denoise must be true or false, got {denoise!r}")
     grid_opts = {k: options.pop(k) for k in GRID_OPTIONS if k in options and k != "denoise"}
     _check_options(method, spec.fn, options)
     if spec.takes == "score":  # a consistency model is passed on as it is (its sampler reads its type)
