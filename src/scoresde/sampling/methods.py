@@ -301,7 +301,7 @@ def _check_options(method: str, fn: Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(params) - {"generator"})
     if unknown:
         raise InvalidValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; its options: "
-                                f"{', '.join(valid) or 'none'} (and grid, t_end, rho, power, ts, denoise, dtype)")
+                                f"{', '.join(valid) or 'none'} (and {', '.join(GRID_OPTIONS)}, dtype)")
 
 
 def _shape_checked(score_fn: ScoreFn) -> ScoreFn:
