@@ -15,10 +15,10 @@
     1.5x the iterations so the budgets are equal.
 (c) Time grid: the same budget in iterations at N = 10, 20, 40 steps for both methods; each
     result is also evaluated on a common fine grid (N = 100).
-(d) Issue 23, five methods on exact tilts (`--parts exact-tune`, then `--parts exact`): pg (`finetune`),
-    adjoint matching, DPOK, DRaFT-K (with the KL term) and DDPO on the 2-D mixture and a 16-D 4-component
-    mixture, linear reward, exact pretrained score, residual MLP. Every method's knobs (lr, baseline /
-    updates / clip / K) are chosen on hold-out betas {0.75, 3} and training seed 100 (part exact-tune), then
+(d) Issue 23, six methods on exact tilts (`--parts exact-tune`, then `--parts exact`): pg (`finetune`),
+    ce (reward-weighted denoising score matching, `cross_entropy`), adjoint matching, DPOK, DRaFT-K (with the KL
+    term) and DDPO on the 2-D mixture and a 16-D 4-component mixture, linear reward, exact pretrained score,
+    residual MLP. Every method's knobs (lr, baseline / fit steps / pool / updates / clip / K) are chosen on hold-out betas {0.75, 3} and training seed 100 (part exact-tune), then
     reported at beta in {0.5, 1, 2, 4}, seed 1: MMD to the closed-form tilt, reward, path KL against reward
     evaluations and wall time. Null spread: MMD of exact tilt samples of the same size (10 seeds); grid
     floor: the exact tilted score run on the same EM grid. DDPO (no KL) is scored at its closest approach.
@@ -269,13 +269,14 @@ def plot_grid(grid: dict) -> None:
     common.save_figure(fig, NAME, "alignment_grid.png", dpi=120)
 
 
-# ---------------------------------------------------------------- issue 23: five methods on exact tilts
+# ---------------------------------------------------------------- issue 23: six methods on exact tilts
 
-FIVE = ("pg", "adjoint", "dpok", "draft", "ddpo")
+METHODS_RUN = ("pg", "ce", "adjoint", "dpok", "draft", "ddpo")
 SWEEPS = {  # each method's own knobs; chosen on the hold-out betas / seed (part exact-tune)
     "pg": [dict(lr=1e-2, baseline="mean"), dict(lr=3e-3, baseline="mean"), dict(lr=1e-2, baseline="value"),
            dict(lr=1e-2, baseline="critic"), dict(lr=2e-2, baseline="critic"),
            dict(lr=1e-2, baseline="critic", updates_per_batch=2, clip=1.0)],
+    "ce": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, fit_steps=8), dict(lr=1e-2, pool=50)],
     "adjoint": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, updates_per_batch=2)],
     "dpok": [dict(lr=1e-2, clip=0.2), dict(lr=3e-3, clip=0.2), dict(lr=1e-2, clip=0.2, updates_per_batch=3)],
     "draft": [dict(lr=1e-2), dict(lr=3e-3), dict(lr=1e-2, k=1)],
@@ -285,7 +286,7 @@ TUNE_BETAS, TUNE_SEED, REPORT_SEED, EVAL_SEED = (0.75, 3.0), 100, 1, 2
 # pg's "value" baseline also evaluates r at the Tweedie point of every state (N x the terminal evaluations): where
 # it is tuned in, "pg-equal" (pg at its best other knobs) is reported too, for the goal at equal reward evaluations
 EQUAL = "pg-equal"
-OURS, BASELINES = ("pg", EQUAL, "adjoint"), ("dpok", "draft", "ddpo")
+OURS, BASELINES = ("pg", EQUAL, "ce", "adjoint"), ("dpok", "draft", "ddpo")
 
 
 def spends_more(knobs: dict) -> bool:
@@ -295,7 +296,7 @@ def spends_more(knobs: dict) -> bool:
 
 def reported_knobs(tuned: dict) -> dict:
     """Method -> knobs reported for one target: each method's tuned pick, plus pg-equal where pg's spends more."""
-    out = {m: tuned[m]["best"] for m in FIVE if m in tuned}
+    out = {m: tuned[m]["best"] for m in METHODS_RUN if m in tuned}
     if "pg" in out and spends_more(out["pg"]):
         out[EQUAL] = min((d for d in tuned["pg"]["sweep"] if not spends_more(d["knobs"])), key=lambda d: d["score"])["knobs"]
     return out
@@ -363,7 +364,7 @@ def exact_tune(args) -> dict:
     out = {}
     for target in args.targets:
         out[target] = {}
-        for method in (m for m in FIVE if not args.methods or m in args.methods):
+        for method in (m for m in METHODS_RUN if not args.methods or m in args.methods):
             scores = []
             for i, knobs in enumerate(SWEEPS[method][:args.sweep]):
                 tic = time.perf_counter()
@@ -406,10 +407,10 @@ def null_spread(tilt: GaussianMixture, n: int, reps: int = 10) -> tuple[float, f
 
 
 def exact_report(args) -> dict:
-    """All five methods at their tuned knobs on the reported betas and seed, with the null spread and grid floor."""
+    """All six methods at their tuned knobs on the reported betas and seed, with the null spread and grid floor."""
     path = common.out_dir(NAME) / tuned_file(args)
     tuned = common.read_json(path) if path.exists() else None
-    needed = {"pg" if m == EQUAL else m for m in args.methods or FIVE}
+    needed = {"pg" if m == EQUAL else m for m in args.methods or METHODS_RUN}
     missing = [t for t in args.targets if tuned is None or not needed <= set(tuned.get(t, {}))]
     if missing and not common.quick():
         raise SystemExit(f"run `python -m benchmarks alignment --parts exact-tune --targets {' '.join(missing)} --methods "
@@ -426,7 +427,7 @@ def exact_report(args) -> dict:
             null = null_spread(tilt, args.n_eval)
             row = {"null": null, "grid_floor": mmd(x_floor, tilt), "tilt_reward": float(tilt.weights.double() @ (tilt.means.double() @ c.double())),
                    "methods": {}}
-            chosen = {m: SWEEPS[m][0] for m in FIVE} if missing else reported_knobs(tuned[target])
+            chosen = {m: SWEEPS[m][0] for m in METHODS_RUN} if missing else reported_knobs(tuned[target])
             for method, knobs in chosen.items():
                 if args.methods and method not in args.methods:
                     continue
@@ -543,7 +544,7 @@ def exact_table(res: dict) -> list[str]:
     baseline's, with all knobs and at equal reward evaluations (pg-equal in place of a pg that spends more)."""
     lines = []
     for target, rows in res.items():
-        methods = [m for m in (*FIVE, EQUAL) if any(m in row["methods"] for row in rows.values())]
+        methods = [m for m in (*METHODS_RUN, EQUAL) if any(m in row["methods"] for row in rows.values())]
         lines += [f"### {target}: MMD to the exact tilt (reward, path KL), each method at its tuned knobs", "",
                   "| beta | null MMD (mean +- sd) | grid floor | " + " | ".join(methods)
                   + " | best scoresde / best baseline | the same at equal reward evaluations |",
@@ -707,7 +708,7 @@ def plot_mnist() -> None:
     plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     lines = ["| method | beta | iteration | class share | path KL | FID-style |", "|---|---|---|---|---|---|"]
-    for method in FIVE:
+    for method in METHODS_RUN:
         path = common.out_dir(NAME) / f"alignment_mnist_{method}.json"
         if not path.exists():
             continue
@@ -749,7 +750,7 @@ def add_arguments(p) -> None:
     p.add_argument("--targets", nargs="+", choices=["mix2", "mix16"], default=["mix2", "mix16"],
                    help="exact-tune, exact: the targets run (others already saved under the same tag are kept)")
     p.add_argument("--tag", default="", help="exact-tune, exact: suffix of the output files (e.g. _long for a longer run)")
-    p.add_argument("--methods", nargs="+", choices=[*FIVE, EQUAL], default=None,
+    p.add_argument("--methods", nargs="+", choices=[*METHODS_RUN, EQUAL], default=None,
                    help="exact-tune, exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--report-seed", type=int, default=REPORT_SEED,
                    help="exact: the training seed of the report (the evaluation chains keep theirs)")
@@ -762,7 +763,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-steps", type=int, default=10, help="EM steps of the MNIST rollouts")
     p.add_argument("--mnist-eval", type=int, default=256, help="MNIST samples per evaluation")
     p.add_argument("--mnist-betas", type=float, nargs="+", default=[0.5, 2.0])
-    p.add_argument("--mnist-methods", nargs="+", default=list(FIVE))
+    p.add_argument("--mnist-methods", nargs="+", default=list(METHODS_RUN))
     p.add_argument("--mnist-label", type=int, default=3)
     common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],

@@ -256,16 +256,16 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
 
     tiny = ("alignment", "--quick", "--out", str(tmp_path), "--parts", "exact-tune", "exact", "--betas", "1", "--iters",
             "2", "--batch", "8", "--n-steps", "3", "--n-eval", "64", "--snapshots", "1", "--tag", "_t")
-    for extra in (("--targets", "mix2", "--methods", "pg", "dpok"), ("--targets", "mix2", "--methods", "ddpo"),
+    for extra in (("--targets", "mix2", "--methods", "pg", "ce", "dpok"), ("--targets", "mix2", "--methods", "ddpo"),
                   ("--targets", "mix16", "--methods", "dpok")):
         res = harness(*tiny, *extra)
         assert res.returncode == 0, res.stderr[-2000:]
     common.configure(tmp_path, quick=True)
     folder = common.out_dir(alignment.NAME)
     tuned = common.read_json(folder / "alignment_tuned_t.json")
-    assert {t: sorted(v) for t, v in tuned.items()} == {"mix2": ["ddpo", "dpok", "pg"], "mix16": ["dpok"]}
+    assert {t: sorted(v) for t, v in tuned.items()} == {"mix2": ["ce", "ddpo", "dpok", "pg"], "mix16": ["dpok"]}
     saved = common.read_json(folder / "alignment_exact_t.json")
-    assert sorted(saved["mix2"]["1.0"]["methods"]) == ["ddpo", "dpok", "pg"]
+    assert sorted(saved["mix2"]["1.0"]["methods"]) == ["ce", "ddpo", "dpok", "pg"]
     assert sorted(saved["mix16"]["1.0"]["methods"]) == ["dpok"]
     assert (folder / "run-exact-tune+exact_t-mix2-ddpo.json").exists()
     res = harness(*tiny[:4], "--parts", "exact", *tiny[7:-2], "--tag", "_t_seed2", "--tuned-tag", "_t", "--report-seed", "2",
@@ -284,7 +284,7 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
         rows = (folder / file).read_text().splitlines()[-4:]
         assert [r.split(" | ")[:2] for r in rows] == [[f"| {t}", v] for t in ("mix2", "mix16") for v in second]
 
-    tuned = {m: {"best": {"lr": 1.0}, "sweep": []} for m in alignment.FIVE}
+    tuned = {m: {"best": {"lr": 1.0}, "sweep": []} for m in alignment.METHODS_RUN}
     tuned["pg"] = {"best": {"lr": 1.0, "baseline": "value"},
                    "sweep": [{"knobs": {"lr": 1.0, "baseline": "value"}, "score": 0.1},
                              {"knobs": {"lr": 2.0, "baseline": "mean"}, "score": 0.3},

@@ -296,8 +296,8 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
           "--schedule auto is searched for the unconditional model; it does not combine with --label")
     for key in ("schedule", "x_T", "generator", "callback", "check_finite", "shape", "paths", "label", "seed", "n",
                 "method", "nfe", "guidance"):
-        fails(["sample", tiny_run, "--option", f"{key}=1", "--out", out], f"--option {key} is not a sampler option")
-    fails(["evaluate", tiny_run, "--option", "feature_cache=elsewhere"], "--option feature_cache is not a sampler option")
+        fails(["sample", tiny_run, "--option", f"{key}=1", "--out", out], f"--option {key} is not an --option")
+    fails(["evaluate", tiny_run, "--option", "feature_cache=elsewhere"], "--option feature_cache is not an --option")
     fails(["sample", tiny_run, "--option", "tau=[1, 2]", "--out", out], "--option tau: give a number")
     fails(["sample", tiny_run, "--option", "tau=[1,", "--out", out], "--option tau is not valid YAML")
     fails(["evaluate", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--option", "t_end=0.1"],
@@ -373,14 +373,15 @@ def test_finetune_reward_names_and_beta(tiny_run):
 
 
 def test_finetune_methods(tiny_run, tmp_path):
-    """`--method` runs each of the five methods into a loadable run folder (the checkpoint names the method);
-    bad combinations fail with one line naming the option."""
+    """`--method` runs each of the six methods into a loadable run folder (the checkpoint names the method), with
+    the method's other options from --option; bad combinations fail with one line naming the option."""
     from scoresde.running.checkpoint import read_checkpoint
 
     base = ["finetune", tiny_run, "--reward", "linear", "--param", "c=0,1", "--steps", "2", "--batch-size", "8",
             "--n-time-steps", "4", "--n", "20"]
     for method, extra in (("adjoint", ["--beta", "1"]), ("dpok", ["--beta", "1"]), ("draft", ["--k", "2"]),
-                          ("ddpo", []), ("pg", ["--beta", "1", "--baseline", "mean"])):
+                          ("ddpo", []), ("pg", ["--beta", "1", "--baseline", "mean"]),
+                          ("ce", ["--beta", "1", "--option", "fit_steps=2", "--option", "pool=1"])):
         out = tmp_path / method
         res = runner.invoke(app, [str(a) for a in base + ["--method", method, "--out", out] + extra])
         assert res.exit_code == 0, res.output
@@ -391,7 +392,11 @@ def test_finetune_methods(tiny_run, tmp_path):
     fails(base + ["--method", "dpok", "--beta", "1", "--k", "2"], "--k", "'draft'")
     fails(base + ["--method", "adjoint", "--beta", "1", "--baseline", "mean"], "--baseline is for method 'pg'")
     fails(base + ["--method", "draft", "--k", "9"], "k must be <= n_time_steps = 4")
-    fails(base + ["--method", "sgd", "--beta", "1"], "method must be one of pg, adjoint, dpok, draft, ddpo")
+    fails(base + ["--method", "sgd", "--beta", "1"], "method must be one of pg, ce, adjoint, dpok, draft, ddpo")
+    fails(base + ["--method", "pg", "--beta", "1", "--option", "fit_steps=2"], "'fit_steps' is not an option of method "
+          "'pg'", "updates_per_batch")
+    fails(base + ["--method", "ce", "--beta", "1", "--option", "steps=3"], "--option steps is not an --option")
+    fails(base + ["--method", "ce", "--beta", "1", "--option", "fit_steps=0"], "fit_steps must be")
 
 
 def test_outputs_are_checked_before_computing(tiny_run, tmp_path, monkeypatch):
@@ -459,4 +464,4 @@ def test_inpaint_passes_its_tweedie_options_on(tiny_run, tmp_path, monkeypatch):
     assert seen[3] == {**seen[1], "how": "smc", "sigma_y": 0.1} and seen[4] == {**seen[1], "method": "ddim", "eta": 0.5}
     for key in ("particles", "weight", "sampler", "known", "x_T"):
         fails(["inpaint", tiny_run, "--mask", "m.npy", "--out", tmp_path / "o.npy", "--option", f"{key}=1"],
-              f"--option {key} is not a sampler option")
+              f"--option {key} is not an --option")

@@ -178,9 +178,9 @@ OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: t
                "noise=brownian) or grid, t_end, rho, power, denoise; the value is read as YAML (0.5, 1e-3, true, poly)")
 
 
-def _sampler_options(pairs: list[str] | None, *callees, also: tuple[str, ...] = ()) -> dict:
-    """--option KEY=VALUE pairs as keyword options of the sampler, which checks them against the method's (naming
-    the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule, and the
+def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = ()) -> dict:
+    """--option KEY=VALUE pairs as keyword options of the sampler (or of `finetune`'s method), which checks them
+    against the method's (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule, and the
     named arguments of `callees` (the functions the command calls: method, nfe, seed, ...) and `also` from the
     command's own options."""
     import inspect
@@ -198,7 +198,7 @@ def _sampler_options(pairs: list[str] | None, *callees, also: tuple[str, ...] = 
             raise InvalidValueError(f"--option {key} is not a command-line option (the grid: --fit-grid, --schedule "
                                     "auto, or grid / t_end / power / rho)")
         if key in own:
-            raise InvalidValueError(f"--option {key} is not a sampler option: the command sets it (see --help) or it "
+            raise InvalidValueError(f"--option {key} is not an --option: the command sets it (see --help) or it "
                                     "is not settable here")
         if key in options:
             raise InvalidValueError(f"--option {key} is given twice")
@@ -253,7 +253,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
     _check_schedule(schedule)
-    options = _sampler_options(option, sample, sample_run)
+    options = _option_pairs(option, sample, sample_run)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -321,7 +321,7 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
-    options = _sampler_options(option, inpaint_run, inpaint_images, sample_on_grid, also=("particles",))
+    options = _option_pairs(option, inpaint_run, inpaint_images, sample_on_grid, also=("particles",))
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     _at_least_one("--cg-iters", cg_iters, "the default 5")
@@ -367,7 +367,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     _check_schedule(schedule)
-    options = _sampler_options(option, sample, sample_run, evaluate_run)
+    options = _option_pairs(option, sample, sample_run, evaluate_run)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
@@ -455,9 +455,10 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              param: list[str] = typer.Option([], "--param", help="reward parameter key=value, repeatable: c=0,1 "
                                              "points=0,1;1,0 low=0,0 high=1,1 sharpness=10"),
              beta: float = typer.Option(None, "--beta", help="weight > 0 of the path KL to the pretrained model "
-                                        "(required by pg, adjoint, dpok; optional for draft; not for ddpo)"),
-             method: str = typer.Option("pg", "--method", help="pg (KL-regularised policy gradient) | adjoint "
-                                        "(adjoint matching) | dpok | draft (DRaFT-K) | ddpo"),
+                                        "(required by pg, ce, adjoint, dpok; optional for draft; not for ddpo)"),
+             method: str = typer.Option("pg", "--method", help="pg (KL-regularised policy gradient) | ce "
+                                        "(reward-weighted denoising score matching) | adjoint (adjoint matching) | "
+                                        "dpok | draft (DRaFT-K) | ddpo"),
              k: int = typer.Option(None, "--k", help="draft: backpropagate through the last K steps (default all)"),
              out: Path = typer.Option(None, "--out", help="new run folder (default: RUN-finetuned)"),
              steps: int = typer.Option(200, help="training iterations (one rollout each)"),
@@ -465,11 +466,13 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              n_time_steps: int = typer.Option(50, "--n-time-steps", help="Euler-Maruyama steps of the rollouts"),
              lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
                                                                         "at every rollout state) | mean | none"),
+             option: list[str] = typer.Option(None, "--option", help="another option of the method, KEY=VALUE, "
+                                              "repeatable: lr_final=1e-4, fit_steps=4 (ce), clip=0.2 (dpok), ..."),
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
              seed: int = typer.Option(0),
              device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Fine-tune a run against a reward into a new run folder: KL-regularised continuous-time RL (pg, DESIGN 9),
-    adjoint matching, DPOK, DRaFT-K or DDPO."""
+    reward-weighted denoising score matching (ce), adjoint matching, DPOK, DRaFT-K or DDPO."""
     from .models.rewards import parse_reward
     from .running.files import check_writable
     from .running.finetune import finetune_run, method_options
@@ -477,8 +480,8 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
     out = out or run.parent / f"{run.name}-finetuned"
     check_writable(out / "config.yaml", name="--out")
     _at_least_one("--n", n)
-    options = method_options(method, beta=beta, k=k, steps=steps, batch_size=batch_size, n_time_steps=n_time_steps,
-                             lr=lr, baseline=baseline)
+    loop = dict(steps=steps, batch_size=batch_size, n_time_steps=n_time_steps, lr=lr, baseline=baseline)
+    options = method_options(method, beta=beta, k=k, **loop, **_option_pairs(option, method_options, also=tuple(loop)))
     res = finetune_run(run, out, parse_reward(reward, param), options, n_samples=n, seed=seed,
                        device=_device(device))
     typer.echo(f"mean reward {res['reward_before']:.4f} -> {res['reward_after']:.4f}, path KL {res['kl']:.4f}")

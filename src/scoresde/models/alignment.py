@@ -34,7 +34,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -353,13 +353,16 @@ def _record(it: int, ro: Rollout, r: Tensor, nfe: int, start: float) -> dict:
 @dataclass(frozen=True)
 class Step:
     """What a method's update sees besides the rollout: the SDE, the trained model, the frozen pretrained
-    score, the optimiser and the (counting) reward."""
+    score, the optimiser, the (counting) reward, the chains' generator and `info`, a dict the update may fill
+    with diagnostics that join the iteration's history record."""
 
     sde: SDE
     model: nn.Module
     frozen: ScoreFn
     opt: torch.optim.Optimizer
     reward: CountedReward
+    generator: torch.Generator | None = None
+    info: dict = field(default_factory=dict)
 
 
 def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Tensor | None], int],
@@ -376,7 +379,7 @@ def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Ten
     ts, generator = ts.to(device), device_generator(generator, device)  # the chains run where the model is
     lr, lr_final = options.lr, options.lr_final
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    step = Step(sde, model, frozen, opt, reward)
+    step = Step(sde, model, frozen, opt, reward, generator)
     history, nfe, start = [], 0, time.perf_counter()
     for it in range(options.steps):
         if lr_final is not None:  # cosine schedule from lr to lr_final
@@ -386,7 +389,7 @@ def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Ten
         nfe += ro.nfe
         record = _record(it, ro, r, nfe, start)
         nfe += update(step, ro, r, grad)
-        record.update(nfe=nfe, wall_time=time.perf_counter() - start, reward_evals=reward.evals,
+        record.update(step.info, nfe=nfe, wall_time=time.perf_counter() - start, reward_evals=reward.evals,
                       reward_grad_evals=reward.grad_evals)
         history.append(record)
         if callback is not None:

@@ -21,6 +21,7 @@ from ..models.alignment import (
     finetune,
     reward_of,
 )
+from ..models.cross_entropy import CrossEntropyOptions, cross_entropy
 from ..models.reward_gradient import DRaFTOptions, draft
 from ..models.rewards import Reward
 from .checkpoint import CHECKPOINT, save_checkpoint
@@ -33,17 +34,19 @@ from .runs import Run, load_run, sample_run
 __all__ = ["METHODS", "method_options", "finetune_run"]
 
 # CLI name -> (options class, function): every method shares the signature f(sde, pretrained, reward, options, ...)
-METHODS = {"pg": (FinetuneOptions, finetune), "adjoint": (AdjointOptions, adjoint_matching),
-           "dpok": (DPOKOptions, dpok), "draft": (DRaFTOptions, draft), "ddpo": (DDPOOptions, ddpo)}
+METHODS = {"pg": (FinetuneOptions, finetune), "ce": (CrossEntropyOptions, cross_entropy),
+           "adjoint": (AdjointOptions, adjoint_matching), "dpok": (DPOKOptions, dpok), "draft": (DRaFTOptions, draft),
+           "ddpo": (DDPOOptions, ddpo)}
 
 
 def method_options(method: str, beta: float | None = None, k: int | None = None, **loop) -> LoopOptions:
-    """The options of a method named as in `METHODS` from the CLI's inputs: `beta` is required by pg, adjoint
+    """The options of a method named as in `METHODS` from the CLI's inputs: `beta` is required by pg, ce, adjoint
     and dpok, optional for draft (its KL weight) and refused by ddpo (no KL term); `k` is DRaFT's only;
-    `loop` the shared LoopOptions fields (and pg's `baseline`)."""
+    `loop` the shared LoopOptions fields, pg's `baseline` and any other field of the method's options class
+    (an unknown one is named with the fields allowed)."""
     if method not in METHODS:
         raise InvalidValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if beta is None and method in ("pg", "adjoint", "dpok"):
+    if beta is None and method in ("pg", "ce", "adjoint", "dpok"):
         raise InvalidValueError(f"method {method!r} needs --beta (the weight > 0 of the path KL)")
     if beta is not None and method == "ddpo":
         raise InvalidValueError("method 'ddpo' has no KL term: omit --beta (or use dpok)")
@@ -53,6 +56,11 @@ def method_options(method: str, beta: float | None = None, k: int | None = None,
         loop.pop("baseline", None)
     elif method != "pg":
         raise InvalidValueError(f"--baseline is for method 'pg', not {method!r}")
+    fields = [f.name for f in dataclasses.fields(METHODS[method][0]) if f.name not in ("beta", "k")]
+    unknown = [key for key in loop if key not in fields]
+    if unknown:
+        raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: {', '.join(fields)}"
+                                " (beta and k have their own flags)")
     extra = {"k": k} if method == "draft" else {}
     if method != "ddpo":
         extra["beta"] = beta
