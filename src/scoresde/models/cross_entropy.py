@@ -21,7 +21,8 @@ tilt diffused forward (eq. C3). As the model nears the tilt the weights even out
 
 It needs one reward evaluation per chain and no reward gradient. The fitted score reaches the tilt from the
 prior as far as the prior is the tilt diffused to T: alpha(T) ~ 0, the condition under which the pretrained chain
-reaches its own data law (not the contractive SDEs, whose X_T keeps alpha(T) x0).
+reaches its own data law; the contractive SDEs, whose prior drops the alpha(T) x0 that X_T keeps, carry the same
+noise-approximation bias for both (DESIGN section 2).
 """
 from __future__ import annotations
 
