@@ -180,9 +180,9 @@ OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: t
 
 def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = ()) -> dict:
     """--option KEY=VALUE pairs as keyword options of the sampler (or of `finetune`'s method), which checks them
-    against the method's (naming the method's options where one is unknown); the grid itself (ts) comes from --fit-grid or --schedule, and the
-    named arguments of `callees` (the functions the command calls: method, nfe, seed, ...) and `also` from the
-    command's own options."""
+    against the method's (naming the method's options where one is unknown); the grid itself (ts) comes from
+    --fit-grid or --schedule, and the named arguments of `callees` (the functions the command calls: method, nfe,
+    seed, ...) and `also` from the command's own options."""
     import inspect
 
     from .running.config import read_yaml

@@ -59,8 +59,8 @@ def method_options(method: str, beta: float | None = None, k: int | None = None,
     fields = [f.name for f in dataclasses.fields(METHODS[method][0]) if f.name not in ("beta", "k")]
     unknown = [key for key in loop if key not in fields]
     if unknown:
-        raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: {', '.join(fields)}"
-                                " (beta and k have their own flags)")
+        raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: "
+                                f"{', '.join(fields)} (beta and k have their own flags)")
     extra = {"k": k} if method == "draft" else {}
     if method != "ddpo":
         extra["beta"] = beta
