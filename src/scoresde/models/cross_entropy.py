@@ -45,7 +45,7 @@ __all__ = ["CrossEntropyOptions", "log_weights", "cross_entropy"]
 class CrossEntropyOptions(LoopOptions):
     """`cross_entropy`: the KL weight `beta` (required, > 0), `fit_steps` Adam steps of denoising score matching
     per rollout, each on `fit_batch` draws resampled from the pool by weight, and `pool` the number of recent
-    rollouts pooled (None: all of them)."""
+    rollouts pooled (None: all of them, steps x batch_size terminal points held in memory: bound it for images)."""
 
     beta: float
     fit_steps: int = 4
