@@ -84,6 +84,14 @@ z = torch.randn(x0.shape, generator=g, dtype=torch.float64)
 exact = LOSSES["x0"](score, sde, x0, t=t, noise=z).mean()
 assert exact < LOSSES["x0"](lambda x, t: score(x, t) + 0.1, sde, x0, t=t, noise=z).mean()
 assert x.shape == (256, 2)
+from scoresde.core.errors import InvalidValueError
+from scoresde.running.finetune import method_options
+for bad, words in ((dict(beta=1.0), "no KL term"), (dict(top=2.0), "top must be in (0, 1]"), (dict(tops=0.2), "'tops'")):
+    try:
+        method_options("raft", **bad)
+        raise AssertionError(f"{bad} accepted")
+    except InvalidValueError as err:
+        assert words in str(err), err
 """
     _run("\n".join(_python_blocks(ROOT / "docs" / "recipes.md")) + check, tmp_path)
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..core.sde import SDE, LinearSDE, ScoreFn, batch_time
 from ..core.validate import check, integer
 from ..sampling.stochastic import em_coefficients, em_update
-from .alignment import Callback, LoopOptions, Rollout, Step, _check_beta, _train
+from .alignment import Callback, LoopOptions, Rollout, Step, check_beta, train_loop
 from .rewards import Reward
 
 __all__ = ["AdjointOptions", "lean_adjoint", "adjoint_loss", "adjoint_matching"]
@@ -60,7 +60,7 @@ class AdjointOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_beta(self.beta)
+        check_beta(self.beta)
         integer("updates_per_batch", self.updates_per_batch, 1)
 
 
@@ -109,4 +109,4 @@ def adjoint_matching(sde: SDE, pretrained: ScoreFn, reward: Reward, options: Adj
             step.opt.step()
         return (1 + options.updates_per_batch) * ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback, gradient="adjoint")
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback, gradient="adjoint")

@@ -53,7 +53,7 @@ from .rewards import Reward, value_and_grad
 __all__ = [
     "ResidualScore", "Rollout", "rollout", "returns_to_go", "leave_one_out_mean", "policy_loss", "path_kl",
     "LoopOptions", "FinetuneOptions", "DDPOOptions", "DPOKOptions", "finetune", "ddpo", "dpok", "CountedReward", "Step",
-    "tilted_mixture", "mean_pairwise_distance", "BASELINES",
+    "tilted_mixture", "mean_pairwise_distance", "BASELINES", "train_loop", "check_beta", "Callback",
 ]
 
 BASELINES = ("value", "critic", "mean", "none")
@@ -272,7 +272,8 @@ class LoopOptions:
                   f"a grid kind or a tensor of n_time_steps + 1 = {n} times")
 
 
-def _check_beta(beta) -> None:
+def check_beta(beta) -> None:
+    """The KL weight: a finite number > 0, else an error naming `beta`."""
     check("beta", beta, isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta)
           and beta > 0, "> 0 (the KL weight)")
 
@@ -292,7 +293,7 @@ class FinetuneOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_beta(self.beta)
+        check_beta(self.beta)
         one_of("baseline", self.baseline, BASELINES)
         if self.clip is not None:
             positive("clip", self.clip)
@@ -365,9 +366,9 @@ class Step:
     info: dict = field(default_factory=dict)
 
 
-def _train(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Tensor | None], int],
-           options: LoopOptions, shape, network, generator, callback,
-           gradient: str | None = None) -> tuple[nn.Module, list[dict]]:
+def train_loop(sde, pretrained, reward, update: Callable[[Step, Rollout, Tensor, Tensor | None], int],
+               options: LoopOptions, shape, network, generator, callback,
+               gradient: str | None = None) -> tuple[nn.Module, list[dict]]:
     """The loop shared by every method: roll out, score, record, update. update(step, ro, r, grad) returns
     the score evaluations it spent; grad = grad r at the terminal points when `gradient` names the method
     that needs it (else None). The reward counts its own evaluations (reward_evals, all of them, and
@@ -440,7 +441,7 @@ def finetune(sde: SDE, pretrained: ScoreFn, reward: Reward, options: FinetuneOpt
                 value_opt.step()
         return options.updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback)
 
 
 def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DDPOOptions | None = None, *,
@@ -461,7 +462,7 @@ def ddpo(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DDPOOptions | N
         _clipped_updates(step, ro, A, clip, options.minibatches, None)
         return ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -476,7 +477,7 @@ class DPOKOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_beta(self.beta)
+        check_beta(self.beta)
         positive("clip", self.clip)
         integer("minibatches", self.minibatches, 1)
         check("minibatches", self.minibatches, self.minibatches <= self.batch_size, f"<= batch_size = {self.batch_size}")
@@ -520,7 +521,7 @@ def dpok(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DPOKOptions, *,
             _clipped_updates(step, ro, A, options.clip, options.minibatches, options.beta)
         return options.updates_per_batch * ro.noise.shape[0] * ro.noise.shape[1]
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback)
 
 
 def tilted_mixture(mixture: GaussianMixture, c: Tensor, beta: float) -> GaussianMixture:

@@ -35,7 +35,7 @@ from ..core.errors import NonFiniteError
 from ..core.sde import SDE, LinearSDE, ScoreFn
 from ..core.validate import check, integer
 from ..learning.losses import denoising_score_matching
-from .alignment import Callback, LoopOptions, Rollout, Step, _check_beta, _train
+from .alignment import Callback, LoopOptions, Rollout, Step, check_beta, train_loop
 from .rewards import Reward
 
 __all__ = ["CrossEntropyOptions", "log_weights", "cross_entropy"]
@@ -54,7 +54,7 @@ class CrossEntropyOptions(LoopOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_beta(self.beta)
+        check_beta(self.beta)
         integer("fit_steps", self.fit_steps, 1)
         integer("fit_batch", self.fit_batch, 1)
         if self.pool is not None:
@@ -100,4 +100,4 @@ def cross_entropy(sde: SDE, pretrained: ScoreFn, reward: Reward, options: CrossE
             step.opt.step()
         return options.fit_steps * options.fit_batch
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback)

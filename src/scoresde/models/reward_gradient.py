@@ -24,8 +24,8 @@ from .alignment import (
     ResidualScore,
     Rollout,
     Step,
-    _check_beta,
-    _train,
+    check_beta,
+    train_loop,
 )
 from .rewards import Reward, differentiable
 
@@ -46,7 +46,7 @@ class DRaFTOptions(LoopOptions):
             integer("k", self.k, 1)
             check("k", self.k, self.k <= self.n_time_steps, f"<= n_time_steps = {self.n_time_steps}")
         if self.beta is not None:
-            _check_beta(self.beta)
+            check_beta(self.beta)
 
 
 def _live_scores(model: nn.Module, frozen: ScoreFn, x: Tensor, t: Tensor, need_pre: bool) -> tuple[Tensor, Tensor | None]:
@@ -96,4 +96,4 @@ def draft(sde: SDE, pretrained: ScoreFn, reward: Reward, options: DRaFTOptions |
         B, per_point = ro.noise.shape[1], 1 if isinstance(step.model, ResidualScore) or options.beta is None else 2
         return B * (k * per_point + (ro.noise.shape[0] - k if options.beta is not None else 0))
 
-    return _train(sde, pretrained, reward, update, options, shape, network, generator, callback)
+    return train_loop(sde, pretrained, reward, update, options, shape, network, generator, callback)

@@ -40,30 +40,33 @@ METHODS = {"pg": (FinetuneOptions, finetune), "ce": (CrossEntropyOptions, cross_
 
 
 def method_options(method: str, beta: float | None = None, k: int | None = None, **loop) -> LoopOptions:
-    """The options of a method named as in `METHODS` from the CLI's inputs: `beta` is required by pg, ce, adjoint
-    and dpok, optional for draft (its KL weight) and refused by ddpo (no KL term); `k` is DRaFT's only;
-    `loop` the shared LoopOptions fields, pg's `baseline` and any other field of the method's options class
-    (an unknown one is named with the fields allowed)."""
+    """The options of a method named as in `METHODS` from the CLI's inputs, checked against the fields of its
+    options class: `beta` is required where that class has a `beta` without default (pg, ce, adjoint, dpok),
+    optional where it has one with a default (draft) and refused where it has none (ddpo); `k`, pg's `baseline`
+    and any other field (`loop`: the shared LoopOptions fields and the method's own) only where the class has
+    it, an unknown one named with the fields allowed."""
     if method not in METHODS:
         raise InvalidValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if beta is None and method in ("pg", "ce", "adjoint", "dpok"):
+    fields = {f.name: f for f in dataclasses.fields(METHODS[method][0])}
+
+    def owners(name: str) -> str:
+        return ", ".join(repr(m) for m, (cls, _) in METHODS.items() if name in {f.name for f in dataclasses.fields(cls)})
+
+    if beta is None and "beta" in fields and fields["beta"].default is dataclasses.MISSING:
         raise InvalidValueError(f"method {method!r} needs --beta (the weight > 0 of the path KL)")
-    if beta is not None and method == "ddpo":
-        raise InvalidValueError("method 'ddpo' has no KL term: omit --beta (or use dpok)")
-    if k is not None and method != "draft":
-        raise InvalidValueError(f"--k (the steps DRaFT backpropagates through) is for method 'draft', not {method!r}")
+    if beta is not None and "beta" not in fields:
+        raise InvalidValueError(f"method {method!r} has no KL term: omit --beta (or use one of {owners('beta')})")
     if loop.get("baseline") is None:
         loop.pop("baseline", None)
-    elif method != "pg":
-        raise InvalidValueError(f"--baseline is for method 'pg', not {method!r}")
-    fields = [f.name for f in dataclasses.fields(METHODS[method][0]) if f.name not in ("beta", "k")]
-    unknown = [key for key in loop if key not in fields]
+    for name, value in (("k", k), ("baseline", loop.get("baseline"))):
+        if value is not None and name not in fields:
+            raise InvalidValueError(f"--{name} is for method {owners(name)}, not {method!r}")
+    unknown = [key for key in loop if key not in fields or key in ("beta", "k")]
     if unknown:
-        raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: "
-                                f"{', '.join(fields)} (beta and k have their own flags)")
-    extra = {"k": k} if method == "draft" else {}
-    if method != "ddpo":
-        extra["beta"] = beta
+        allowed = ", ".join(name for name in fields if name not in ("beta", "k"))
+        raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: {allowed} "
+                                "(beta and k have their own flags)")
+    extra = {name: value for name, value in (("beta", beta), ("k", k)) if value is not None}
     return METHODS[method][0](**loop, **extra)
 
 
