@@ -61,7 +61,7 @@ def method_options(method: str, beta: float | None = None, k: int | None = None,
     for name, value in (("k", k), ("baseline", loop.get("baseline"))):
         if value is not None and name not in fields:
             raise InvalidValueError(f"--{name} is for method {owners(name)}, not {method!r}")
-    unknown = [key for key in loop if key not in fields or key in ("beta", "k")]
+    unknown = [key for key in loop if key not in fields]
     if unknown:
         allowed = ", ".join(name for name in fields if name not in ("beta", "k"))
         raise InvalidValueError(f"{unknown[0]!r} is not an option of method {method!r}; its options: {allowed} "
