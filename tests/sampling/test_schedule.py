@@ -312,3 +312,48 @@ def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatc
                     ({"schedule": "fitted"}, "schedule must be 'default', 'auto' or None")):
         with pytest.raises(InvalidValueError, match=why):
             sample(sde, score, None, x_T=x_T, **{"method": "unipc2", "nfe": 5, "schedule": "auto", **kw})
+
+
+def test_the_cached_schedule_follows_weights_that_a_closure_partial_or_object_holds(monkeypatch):
+    """A score function that is not itself an nn.Module but closes over one (a lambda, a functools.partial, a
+    bound method of a plain object holding it) keeps its cached schedule until the module's weights change in
+    place, then searches again; a function over no module keeps it."""
+    import functools
+
+    from scoresde.sampling import schedule
+
+    import types
+
+    searches = []
+
+    def search(*args, **kwargs):
+        searches.append(1)
+        return types.SimpleNamespace(evaluations=len(searches), seconds=0.0, choice="", denoise=True,
+                                     ts=torch.zeros(1))
+
+    monkeypatch.setattr(schedule, "auto_schedule", search)
+    clear_schedule_cache()
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+    net = torch.nn.Linear(2, 2).double()
+    base = gaussian_score(sde, m, C)
+
+    class Holder:
+        def __init__(self, model):
+            self.model = model
+
+        def score(self, x, t):
+            return base(x, t) + 0 * self.model(x)
+
+    for fn in (lambda x, t: base(x, t) + 0 * net(x), functools.partial(lambda x, t, model: base(x, t), model=net),
+               Holder(net).score):
+        searches.clear()
+        first = cached_schedule(sde, fn, (2,), method="unipc2", nfe=5, dtype=F64)
+        assert cached_schedule(sde, fn, (2,), method="unipc2", nfe=5, dtype=F64) is first and len(searches) == 1
+        with torch.no_grad():
+            net.weight.add_(0.0)  # an optimiser step's in-place write
+        assert cached_schedule(sde, fn, (2,), method="unipc2", nfe=5, dtype=F64).evaluations == 2, fn
+    searches.clear()
+    cached_schedule(sde, base, (2,), method="unipc2", nfe=5, dtype=F64)
+    cached_schedule(sde, base, (2,), method="unipc2", nfe=5, dtype=F64)
+    assert len(searches) == 1
+    clear_schedule_cache()

@@ -35,6 +35,7 @@ knots moved to fit the deterministic limit at NFE 20 served it but not sa3's noi
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -289,12 +290,42 @@ def auto_by_default(sde: object, *, method: str, nfe: int, **options) -> bool:
     return True
 
 
+def _cell(c) -> list:
+    """A closure cell's content ([] while the variable is unassigned)."""
+    try:
+        return [c.cell_contents]
+    except ValueError:
+        return []
+
+
+def _modules_behind(obj: object, depth: int = 3) -> list[torch.nn.Module]:
+    """The nn.Modules a score object reaches: itself, or those a function closes over (its closure cells and
+    defaults), a bound method's object, a functools.partial's function and arguments, a plain object's
+    attributes, and so on `depth` levels down (not inside lists, dicts or globals)."""
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if depth == 0:
+        return []
+    if inspect.ismethod(obj):
+        inner = [obj.__self__, obj.__func__]
+    elif isinstance(obj, functools.partial):
+        inner = [obj.func, *obj.args, *obj.keywords.values()]
+    elif inspect.isfunction(obj):
+        inner = [v for c in obj.__closure__ or () for v in _cell(c)]
+        inner += list(obj.__defaults__ or ()) + list((obj.__kwdefaults__ or {}).values())
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        inner = list(vars(obj).values())
+    else:
+        return []
+    return [m for o in inner for m in _modules_behind(o, depth - 1)]
+
+
 def _weights_version(owner: object) -> tuple[int, ...]:
-    """The in-place version counters of a module's parameters and buffers (an optimiser step, an EMA update or
-    load_state_dict moves them): a cached schedule follows the weights it was searched for. () otherwise."""
-    if not isinstance(owner, torch.nn.Module):
-        return ()
-    return tuple(t._version for t in owner.state_dict(keep_vars=True).values() if isinstance(t, Tensor))
+    """The in-place version counters of the parameters and buffers of the modules behind a score object
+    (`_modules_behind`; an optimiser step, an EMA update or load_state_dict moves them): a cached schedule follows
+    the weights it was searched for. () where no module is found."""
+    return tuple(t._version for m in _modules_behind(owner) for t in m.state_dict(keep_vars=True).values()
+                 if isinstance(t, Tensor))
 
 
 def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
@@ -302,8 +333,9 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
     """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
     function), sde, method, nfe, sample shape, dtype, device and solver options (`search_options`: sa3 at any
     tau shares one), and kept while the score function lives; a search logs its cost (logger "scoresde",
-    level WARNING). An nn.Module's entry follows its weights (an in-place update searches again); a function
-    that closes over weights changed in place keeps its entry: call `clear_schedule_cache`. Only where the
+    level WARNING). The entry follows the weights of the nn.Modules behind the score function (itself, or those a
+    function, partial or object holds: `_modules_behind`), so an in-place update searches again; weights reached
+    another way (a global, a list or dict) keep it: call `clear_schedule_cache`. Only where the
     automatic schedule applies (`check_auto`)."""
     check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
