@@ -397,6 +397,8 @@ def test_finetune_methods(tiny_run, tmp_path):
           "'pg'", "updates_per_batch")
     fails(base + ["--method", "ce", "--beta", "1", "--option", "steps=3"], "--option steps is not an --option")
     fails(base + ["--method", "ce", "--beta", "1", "--option", "fit_steps=0"], "fit_steps must be")
+    err = fails(base + ["--method", "ce", "--beta", "1", "--option", "ts=1"], "'ts' is not an option of method 'ce'")
+    assert "--fit-grid" not in err  # the samplers' grid message is not finetune's
 
 
 def test_outputs_are_checked_before_computing(tiny_run, tmp_path, monkeypatch):

@@ -178,11 +178,15 @@ OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: t
                "noise=brownian) or grid, t_end, rho, power, denoise; the value is read as YAML (0.5, 1e-3, true, poly)")
 
 
-def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = ()) -> dict:
+GRID_KEYS = {key: "the grid: --fit-grid, --schedule auto, or grid / t_end / power / rho" for key in ("ts", "dtype")}
+
+
+def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = (),
+                  reserved: dict[str, str] | None = None) -> dict:
     """--option KEY=VALUE pairs as keyword options of the sampler (or of `finetune`'s method), which checks them
-    against the method's (naming the method's options where one is unknown); the grid itself (ts) comes from
-    --fit-grid or --schedule, and the named arguments of `callees` (the functions the command calls: method, nfe,
-    seed, ...) and `also` from the command's own options."""
+    against the method's (naming the method's options where one is unknown); the named arguments of `callees`
+    (the functions the command calls: method, nfe, seed, ...) and `also` come from the command's own options,
+    and `reserved` names keys that no --option sets, with where they come from instead (the samplers' GRID_KEYS)."""
     import inspect
 
     from .running.config import read_yaml
@@ -194,9 +198,8 @@ def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = ())
         key, sep, text = (part.strip() for part in pair.partition("="))
         if not sep or not key.isidentifier():
             raise InvalidValueError(f"--option must be KEY=VALUE (e.g. tau=0.5), got {pair!r}")
-        if key in ("ts", "dtype"):
-            raise InvalidValueError(f"--option {key} is not a command-line option (the grid: --fit-grid, --schedule "
-                                    "auto, or grid / t_end / power / rho)")
+        if key in (reserved or {}):
+            raise InvalidValueError(f"--option {key} is not a command-line option ({reserved[key]})")
         if key in own:
             raise InvalidValueError(f"--option {key} is not an --option: the command sets it (see --help) or it "
                                     "is not settable here")
@@ -253,7 +256,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
     _check_schedule(schedule)
-    options = _option_pairs(option, sample, sample_run)
+    options = _option_pairs(option, sample, sample_run, reserved=GRID_KEYS)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
@@ -321,7 +324,7 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
 
     check_writable(out, suffixes=(".npy", ".png"), name="--out")
     _at_least_one("--n", n)
-    options = _option_pairs(option, inpaint_run, inpaint_images, sample_on_grid, also=("particles",))
+    options = _option_pairs(option, inpaint_run, inpaint_images, sample_on_grid, also=("particles",), reserved=GRID_KEYS)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     _at_least_one("--cg-iters", cg_iters, "the default 5")
@@ -367,7 +370,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
     _check_schedule(schedule)
-    options = _option_pairs(option, sample, sample_run, evaluate_run)
+    options = _option_pairs(option, sample, sample_run, evaluate_run, reserved=GRID_KEYS)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
