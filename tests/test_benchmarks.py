@@ -278,11 +278,14 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     pg = [r for r in spread.splitlines() if r.startswith("| 1.0 |") and "| pg |" in r]
     assert len(pg) == 1 and pg[0].endswith(" of 2 |") and "| - |" not in pg[0]  # seed 1 from _t, seed 2 from _t_seed2
     assert "mix16" not in spread and "| dpok |" not in spread and (folder / "alignment_seed_spread_t.png").exists()
-    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "adjoint-tails", "grid-floors")
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "adjoint-tails", "grid-floors", "fit-floor")
     assert res.returncode == 0, res.stderr[-2000:]
     for file, second in (("alignment_adjoint_tails.md", ("20", "100")), ("alignment_grid_floors.md", ("1.0", "2.0"))):
         rows = (folder / file).read_text().splitlines()[-4:]
         assert [r.split(" | ")[:2] for r in rows] == [[f"| {t}", v] for t in ("mix2", "mix16") for v in second]
+    rows = (folder / "alignment_fit_floor.md").read_text().splitlines()
+    assert [r.split(" | ")[0] for r in rows[3:5]] == ["| exact tilt samples", "| EM chain of the exact tilted score, 10 steps"]
+    assert all(len(r.split(" | ")) == 6 for r in [rows[1], *rows[3:5]]) and rows[-1].startswith("null (1000 exact samples")
 
     tuned = {m: {"best": {"lr": 1.0}, "sweep": []} for m in alignment.METHODS_RUN}
     tuned["pg"] = {"best": {"lr": 1.0, "baseline": "value"},
