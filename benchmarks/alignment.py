@@ -28,7 +28,9 @@
     one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
 (f) `--parts grid-floors`: the floor of 20- to 100-step EM grids (the exact tilted score run on them);
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets;
-    `--parts fit-floor`: what ce's fitting step reaches at best, fitted to exact tilt samples or to the chain's.
+    `--parts fit-floor`: what ce's fitting step reaches at best, fitted to exact tilt samples or to the chain's;
+    `--parts default-method`: `scoresde finetune` at its defaults with each method (`--methods`, default pg and
+    ce) on a moons model trained by the library, `--seeds`, `--toy-betas`.
 (g) `--parts seed-spread`: the report of (d) across training seeds: runs of `--parts exact --report-seed S
     --tag TAG_seedS` (seed 1, the report's, may instead sit in TAG's own file), one table and figure per target of
     each method's final MMD per seed, their mean +- sd and how many seeds lie within null + 2 sd; where baselines
@@ -144,29 +146,44 @@ def grid_study(args) -> dict:
     return out
 
 
-def toy_case(args) -> dict:
-    """A moons model trained by the library, fine-tuned as a network; reference tilt by importance resampling."""
+def moons_run(folder: str, train_steps: int) -> Path:
+    """A VP moons model trained by the library (eps-MLP, `train_steps` steps, 1 thread) into `folder`/moons."""
     from scoresde.running.config import load_config
-    from scoresde.running.runs import load_run
     from scoresde.running.train import Trainer
 
+    cfg = load_config(None, [f"out={folder}", "name=moons", "data=moons", f"steps={train_steps}", "eval_every=0",
+                             "progress=false", "lr_schedule=cosine", "checkpoint_every=100000", "threads=1"])
+    tic = time.perf_counter()
+    Trainer(cfg).run()
+    print(f"trained the moons model in {time.perf_counter() - tic:.0f} s", flush=True)
+    return Path(cfg.run_dir)
+
+
+def chain_tilt(net, n_steps: int, n_ref: int, betas, n: int) -> tuple[torch.Tensor, dict]:
+    """The pretrained chain's terminal samples (n_ref, uniform n_steps-step EM grid) and, per beta, n of them
+    resampled by exp(x_2 / beta): the tilt of the chain's law, with its ESS and mean reward."""
+    c = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        base = A.rollout(SDE, net, net, (n_ref, 2), time_grid(SDE, n_steps, kind="uniform"),
+                         torch.Generator().manual_seed(5)).terminal.double()
+    ref = {}
+    for beta in betas:
+        w = torch.softmax(base @ c / beta, 0)
+        idx = torch.multinomial(w, n, replacement=True, generator=torch.Generator().manual_seed(6))
+        ref[beta] = {"samples": base[idx], "ess": float(1 / w.pow(2).sum()), "reward": float(w @ (base @ c))}
+    return base, ref
+
+
+def toy_case(args) -> dict:
+    """A moons model trained by the library, fine-tuned as a network; reference tilt by importance resampling."""
+    from scoresde.running.runs import load_run
+
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [f"out={tmp}", "name=moons", "data=moons", f"steps={args.toy_train_steps}",
-                                 "eval_every=0", "progress=false", "lr_schedule=cosine", "checkpoint_every=100000"])
-        tic = time.perf_counter()
-        Trainer(cfg).run()
-        net = load_run(cfg.run_dir).model
-        print(f"toy: trained moons model in {time.perf_counter() - tic:.0f} s", flush=True)
+        net = load_run(moons_run(tmp, args.toy_train_steps)).model
     c = torch.tensor([0.0, 1.0])
     reward = linear(c)
-    with torch.no_grad():
-        base = A.rollout(SDE, net, net, (args.toy_ref, 2), time_grid(SDE, args.n_steps, kind="uniform"),
-                         torch.Generator().manual_seed(5)).terminal.double()
-    out = {"mine": {}, "ddpo": [], "pretrained_samples": base[:1500].tolist(), "ref": {}}
-    for beta in args.toy_betas:
-        w = torch.softmax(base @ c.double() / beta, 0)
-        idx = torch.multinomial(w, args.n_eval, replacement=True, generator=torch.Generator().manual_seed(6))
-        out["ref"][beta] = {"samples": base[idx], "ess": float(1 / w.pow(2).sum()), "reward": float(w @ (base @ c.double()))}
+    base, ref = chain_tilt(net, args.n_steps, args.toy_ref, args.toy_betas, args.n_eval)
+    out = {"mine": {}, "ddpo": [], "pretrained_samples": base[:1500].tolist(), "ref": ref}
     common = dict(batch_size=args.batch, n_time_steps=args.n_steps, lr=1e-3, lr_final=1e-4)
     per_iter = {"finetune": 3, "ddpo": 2}
     for beta in args.toy_betas:
@@ -195,6 +212,43 @@ def toy_case(args) -> dict:
         out["ref"][beta]["samples"] = out["ref"][beta]["samples"][:1500].tolist()
     return out
 
+
+def default_method(args) -> list[str]:
+    """What `scoresde finetune RUN --reward linear --param c=0,1 --beta B` gives with each method at the CLI's
+    defaults (`cli.FINETUNE_DEFAULTS`, every method option at its default), on a moons model that no choice saw:
+    MMD to the tilt of the pretrained chain's law (200k-sample importance resampling on the same 50-step grid),
+    mean reward, path KL, reward evaluations and seconds, per training seed (`finetune_run`'s seed)."""
+    from scoresde.cli import FINETUNE_DEFAULTS
+    from scoresde.running.finetune import finetune_run
+    from scoresde.running.runs import load_run
+
+    loop = {**FINETUNE_DEFAULTS, **(dict(steps=2, batch_size=8) if common.quick() else {})}
+    c, n_steps = torch.tensor([0.0, 1.0]), loop["n_time_steps"]
+    lines = ["| beta | method | MMD to the tilt, per seed | mean MMD | reward (tilt) | path KL | reward evaluations | "
+             "seconds |", "|---|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = moons_run(tmp, args.toy_train_steps)
+        net = load_run(run).model
+        _, ref = chain_tilt(net, n_steps, args.toy_ref, args.toy_betas, args.n_eval)
+        for beta in args.toy_betas:
+            for method in args.methods or ("pg", "ce"):
+                cells = []
+                for seed in args.seeds:
+                    tic, out = time.perf_counter(), Path(tmp) / f"{method}_{beta}_{seed}"
+                    finetune_run(run, out, linear(c), method_options(method, beta=beta, **loop),
+                                 n_samples=10, seed=seed)
+                    seconds = time.perf_counter() - tic
+                    history = json.loads((out / "history.json").read_text())
+                    x, r, kl, _ = evaluate(load_run(out).model, net, n_steps, args.n_eval, EVAL_SEED, c)
+                    cells.append({"mmd": mmd(x, ref[beta]["samples"]), "reward": r, "kl": kl, "seconds": seconds,
+                                  "reward_evals": history[-1]["reward_evals"]})
+                    print(f"default-method beta={beta} {method} seed {seed}: {cells[-1]}", flush=True)
+                mean = {k: float(np.mean([d[k] for d in cells])) for k in cells[0]}
+                per_seed = " ".join(f"{d['mmd']:.4f}" for d in cells)
+                lines.append(f"| {beta} | {method} | {per_seed} | {mean['mmd']:.4f} | "
+                             f"{mean['reward']:.3f} ({ref[beta]['reward']:.3f}) | {mean['kl']:.3f} | "
+                             f"{mean['reward_evals']:.3g} | {mean['seconds']:.0f} |")
+    return lines
 
 def summarise(name: str, res: dict) -> list[str]:
     lines = [f"### {name}", "", "| beta | finetune reward | KL (path) | DDPO reward at that KL | finetune MMD to tilt "
@@ -809,13 +863,13 @@ def add_arguments(p) -> None:
     common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
                    help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails, fit-floor, "
-                        "seed-spread (issue 23), each its own run")
+                        "default-method, seed-spread (issue 23), each its own run")
 
 
 def run_tag(args) -> str:
     """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
     exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "grid-floors", "adjoint-tails", "fit-floor",
-                                            "seed-spread")]
+                                            "default-method", "seed-spread")]
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
@@ -843,6 +897,7 @@ def run(args) -> None:
         common.write_text(NAME, f"alignment_seed_spread{args.tag}.md", "\n".join(lines) + "\n")
     for part, table in (("grid-floors", lambda: grid_floors(n=200 if common.quick() else 4000)),
                         ("adjoint-tails", adjoint_tails),
+                        ("default-method", lambda: default_method(args)),
                         ("fit-floor", lambda: fit_floor(**(dict(n=512, steps=5, sources=("exact", 10)) if common.quick() else {})))):
         if part in args.parts:
             lines = table()

@@ -446,6 +446,10 @@ def tour() -> None:
                    f"prior std={sde.prior_std:9.3g}  E log p_T(x_T)={float(mix.at_time(sde, t).log_prob(mix.at_time(sde, t).sample(2000)).mean()):8.3f}")
 
 
+# the loop options `scoresde finetune` passes unless told otherwise (benchmarks/alignment.py --parts default-method)
+FINETUNE_DEFAULTS = {"steps": 200, "batch_size": 256, "n_time_steps": 50, "lr": 1e-3}
+
+
 def _reward_help() -> str:
     from .models.rewards import REWARDS
 
@@ -464,10 +468,11 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
                                         "dpok | draft (DRaFT-K) | ddpo"),
              k: int = typer.Option(None, "--k", help="draft: backpropagate through the last K steps (default all)"),
              out: Path = typer.Option(None, "--out", help="new run folder (default: RUN-finetuned)"),
-             steps: int = typer.Option(200, help="training iterations (one rollout each)"),
-             batch_size: int = typer.Option(256, "--batch-size"),
-             n_time_steps: int = typer.Option(50, "--n-time-steps", help="Euler-Maruyama steps of the rollouts"),
-             lr: float = typer.Option(1e-3), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
+             steps: int = typer.Option(FINETUNE_DEFAULTS["steps"], help="training iterations (one rollout each)"),
+             batch_size: int = typer.Option(FINETUNE_DEFAULTS["batch_size"], "--batch-size"),
+             n_time_steps: int = typer.Option(FINETUNE_DEFAULTS["n_time_steps"], "--n-time-steps",
+                                              help="Euler-Maruyama steps of the rollouts"),
+             lr: float = typer.Option(FINETUNE_DEFAULTS["lr"]), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
                                                                         "at every rollout state) | mean | none"),
              option: list[str] = typer.Option(None, "--option", help="another option of the method, KEY=VALUE, "
                                               "repeatable: lr_final=1e-4, fit_steps=4 (ce), clip=0.2 (dpok), ..."),
