@@ -226,11 +226,13 @@ def default_method(args) -> list[str]:
     c, n_steps = torch.tensor([0.0, 1.0]), loop["n_time_steps"]
     lines = ["| beta | method | MMD to the tilt, per seed | mean MMD | reward (tilt) | path KL | reward evaluations | "
              "seconds |", "|---|---|---|---|---|---|---|---|"]
+    panels = {}  # (beta, method) -> (title, samples) of the first seed
     with tempfile.TemporaryDirectory() as tmp:
         run = moons_run(tmp, args.toy_train_steps)
         net = load_run(run).model
         _, ref = chain_tilt(net, n_steps, args.toy_ref, args.toy_betas, args.n_eval)
         for beta in args.toy_betas:
+            panels[beta, "tilt"] = "tilt of the pretrained chain", ref[beta]["samples"]
             for method in args.methods or ("pg", "ce"):
                 cells = []
                 for seed in args.seeds:
@@ -242,12 +244,23 @@ def default_method(args) -> list[str]:
                     x, r, kl, _ = evaluate(load_run(out).model, net, n_steps, args.n_eval, EVAL_SEED, c)
                     cells.append({"mmd": mmd(x, ref[beta]["samples"]), "reward": r, "kl": kl, "seconds": seconds,
                                   "reward_evals": history[-1]["reward_evals"]})
+                    panels.setdefault((beta, method), (f"{method}, seed {seed}: MMD {cells[-1]['mmd']:.3f}, KL {kl:.2f}", x))
                     print(f"default-method beta={beta} {method} seed {seed}: {cells[-1]}", flush=True)
                 mean = {k: float(np.mean([d[k] for d in cells])) for k in cells[0]}
                 per_seed = " ".join(f"{d['mmd']:.4f}" for d in cells)
                 lines.append(f"| {beta} | {method} | {per_seed} | {mean['mmd']:.4f} | "
                              f"{mean['reward']:.3f} ({ref[beta]['reward']:.3f}) | {mean['kl']:.3f} | "
                              f"{mean['reward_evals']:.3g} | {mean['seconds']:.0f} |")
+    plt = common.plt()
+    cols = len(panels) // len(args.toy_betas)
+    fig, axes = plt.subplots(len(args.toy_betas), cols, figsize=(3.6 * cols, 3.4 * len(args.toy_betas)), squeeze=False)
+    for ax, ((beta, _), (title, x)) in zip(axes.flat, panels.items()):
+        lo, hi = (torch.quantile(panels[beta, "tilt"][1], q, dim=0) for q in (0.001, 0.999))
+        ax.scatter(x[:1500, 0], x[:1500, 1], s=2, alpha=0.5)
+        ax.set_title(f"beta {beta}: {title}", fontsize=8)
+        ax.set_xlim(lo[0] - 0.5, hi[0] + 0.5), ax.set_ylim(lo[1] - 0.5, hi[1] + 0.5)
+    fig.tight_layout()
+    common.save_figure(fig, NAME, "alignment_default_method.png", dpi=110)
     return lines
 
 def summarise(name: str, res: dict) -> list[str]:

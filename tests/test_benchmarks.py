@@ -287,7 +287,7 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     assert res.returncode == 0, res.stderr[-2000:]
     rows = (folder / "alignment_default_method.md").read_text().splitlines()[3:]
     assert [r.split(" | ")[1] for r in rows] == ["pg", "ce"] and all(len(r.split(" | ")[2].split()) == 2 for r in rows)
-    assert rows[1].split(" | ")[6] == "16"  # ce: one reward evaluation per chain, 2 iterations x 8 chains
+    assert rows[1].split(" | ")[6] == "16" and (folder / "alignment_default_method.png").exists()  # ce: 2 x 8 chains
     rows = (folder / "alignment_fit_floor.md").read_text().splitlines()
     assert [r.split(" | ")[0] for r in rows[3:5]] == ["| exact tilt samples", "| EM chain of the exact tilted score, 10 steps"]
     assert all(len(r.split(" | ")) == 6 for r in [rows[1], *rows[3:5]]) and rows[-1].startswith("null (1000 exact samples")
