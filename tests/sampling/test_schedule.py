@@ -319,10 +319,9 @@ def test_the_cached_schedule_follows_weights_that_a_closure_partial_or_object_ho
     bound method of a plain object holding it) keeps its cached schedule until the module's weights change in
     place, then searches again; a function over no module keeps it."""
     import functools
+    import types
 
     from scoresde.sampling import schedule
-
-    import types
 
     searches = []
 
