@@ -30,7 +30,8 @@
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets;
     `--parts fit-floor`: what ce's fitting step reaches at best, fitted to exact tilt samples or to the chain's;
     `--parts default-method`: `scoresde finetune` at its defaults with each method (`--methods`, default pg and
-    ce) on a moons model trained by the library, `--seeds`, `--toy-betas`.
+    ce; `--default-option` changes one of their options) on a moons model trained by the library, `--seeds`,
+    `--toy-betas`; written to alignment_default_method<tag>.{md,png}.
 (g) `--parts seed-spread`: the report of (d) across training seeds: runs of `--parts exact --report-seed S
     --tag TAG_seedS` (seed 1, the report's, may instead sit in TAG's own file), one table and figure per target of
     each method's final MMD per seed, their mean +- sd and how many seeds lie within null + 2 sd; where baselines
@@ -219,10 +220,13 @@ def default_method(args) -> list[str]:
     MMD to the tilt of the pretrained chain's law (200k-sample importance resampling on the same 50-step grid),
     mean reward, path KL, reward evaluations and seconds, per training seed (`finetune_run`'s seed)."""
     from scoresde.cli import FINETUNE_DEFAULTS
+    from scoresde.running.config import read_yaml
     from scoresde.running.finetune import finetune_run
     from scoresde.running.runs import load_run
 
     loop = {**FINETUNE_DEFAULTS, **(dict(steps=2, batch_size=8) if common.quick() else {})}
+    extra = {key: read_yaml(text, f"--default-option {key}") for key, text in (p.split("=", 1) for p in args.default_option)}
+    label = lambda m: " ".join([m, *(f"{k}={v}" for k, v in extra.items())])  # noqa: E731
     c, n_steps = torch.tensor([0.0, 1.0]), loop["n_time_steps"]
     lines = ["| beta | method | MMD to the tilt, per seed | mean MMD | reward (tilt) | path KL | reward evaluations | "
              "seconds |", "|---|---|---|---|---|---|---|---|"]
@@ -237,18 +241,18 @@ def default_method(args) -> list[str]:
                 cells = []
                 for seed in args.seeds:
                     tic, out = time.perf_counter(), Path(tmp) / f"{method}_{beta}_{seed}"
-                    finetune_run(run, out, linear(c), method_options(method, beta=beta, **loop),
+                    finetune_run(run, out, linear(c), method_options(method, beta=beta, **loop, **extra),
                                  n_samples=10, seed=seed)
                     seconds = time.perf_counter() - tic
                     history = json.loads((out / "history.json").read_text())
                     x, r, kl, _ = evaluate(load_run(out).model, net, n_steps, args.n_eval, EVAL_SEED, c)
                     cells.append({"mmd": mmd(x, ref[beta]["samples"]), "reward": r, "kl": kl, "seconds": seconds,
                                   "reward_evals": history[-1]["reward_evals"]})
-                    panels.setdefault((beta, method), (f"{method}, seed {seed}: MMD {cells[-1]['mmd']:.3f}, KL {kl:.2f}", x))
+                    panels.setdefault((beta, method), (f"{label(method)}, seed {seed}: MMD {cells[-1]['mmd']:.3f}, KL {kl:.2f}", x))
                     print(f"default-method beta={beta} {method} seed {seed}: {cells[-1]}", flush=True)
                 mean = {k: float(np.mean([d[k] for d in cells])) for k in cells[0]}
                 per_seed = " ".join(f"{d['mmd']:.4f}" for d in cells)
-                lines.append(f"| {beta} | {method} | {per_seed} | {mean['mmd']:.4f} | "
+                lines.append(f"| {beta} | {label(method)} | {per_seed} | {mean['mmd']:.4f} | "
                              f"{mean['reward']:.3f} ({ref[beta]['reward']:.3f}) | {mean['kl']:.3f} | "
                              f"{mean['reward_evals']:.3g} | {mean['seconds']:.0f} |")
     plt = common.plt()
@@ -260,7 +264,7 @@ def default_method(args) -> list[str]:
         ax.set_title(f"beta {beta}: {title}", fontsize=8)
         ax.set_xlim(lo[0] - 0.5, hi[0] + 0.5), ax.set_ylim(lo[1] - 0.5, hi[1] + 0.5)
     fig.tight_layout()
-    common.save_figure(fig, NAME, "alignment_default_method.png", dpi=110)
+    common.save_figure(fig, NAME, f"alignment_default_method{args.tag}.png", dpi=110)
     return lines
 
 def summarise(name: str, res: dict) -> list[str]:
@@ -862,7 +866,11 @@ def add_arguments(p) -> None:
                    help="exact-tune, exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--report-seed", type=int, default=REPORT_SEED,
                    help="exact: the training seed of the report (the evaluation chains keep theirs)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seed-spread: the training seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                   help="seed-spread, default-method: the training seeds")
+    p.add_argument("--default-option", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="default-method: a method option changed from its default, read as `scoresde finetune "
+                        "--option` reads it (baseline=critic, pool=50)")
     p.add_argument("--tuned-tag", default=None, help="exact: read the knobs tuned under this tag (default --tag)")
     p.add_argument("--mnist-run", type=Path, default=None,
                    help="the pretrained VP run on mnist (default runs/imaging_mnist_4k/VP; --quick: a 3-step one)")
@@ -908,9 +916,12 @@ def run(args) -> None:
         lines = seed_spread(args.tag, args.seeds, args.methods, args.targets, [float(b) for b in args.betas])
         print("\n".join(lines))
         common.write_text(NAME, f"alignment_seed_spread{args.tag}.md", "\n".join(lines) + "\n")
+    if "default-method" in args.parts:
+        lines = default_method(args)
+        print("\n".join(lines))
+        common.write_text(NAME, f"alignment_default_method{args.tag}.md", "\n".join(lines) + "\n")
     for part, table in (("grid-floors", lambda: grid_floors(n=200 if common.quick() else 4000)),
                         ("adjoint-tails", adjoint_tails),
-                        ("default-method", lambda: default_method(args)),
                         ("fit-floor", lambda: fit_floor(**(dict(n=512, steps=5, sources=("exact", 10)) if common.quick() else {})))):
         if part in args.parts:
             lines = table()

@@ -283,10 +283,11 @@ def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(
     for file, second in (("alignment_adjoint_tails.md", ("20", "100")), ("alignment_grid_floors.md", ("1.0", "2.0"))):
         rows = (folder / file).read_text().splitlines()[-4:]
         assert [r.split(" | ")[:2] for r in rows] == [[f"| {t}", v] for t in ("mix2", "mix16") for v in second]
-    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "default-method", "--seeds", "1", "2")
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "default-method", "--seeds", "1", "2",
+                  "--default-option", "lr_final=1e-4")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = (folder / "alignment_default_method.md").read_text().splitlines()[3:]
-    assert [r.split(" | ")[1] for r in rows] == ["pg", "ce"] and all(len(r.split(" | ")[2].split()) == 2 for r in rows)
+    assert [r.split(" | ")[1] for r in rows] == ["pg lr_final=0.0001", "ce lr_final=0.0001"] and all(len(r.split(" | ")[2].split()) == 2 for r in rows)
     assert rows[1].split(" | ")[6] == "16" and (folder / "alignment_default_method.png").exists()  # ce: 2 x 8 chains
     rows = (folder / "alignment_fit_floor.md").read_text().splitlines()
     assert [r.split(" | ")[0] for r in rows[3:5]] == ["| exact tilt samples", "| EM chain of the exact tilted score, 10 steps"]

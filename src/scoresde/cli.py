@@ -473,7 +473,7 @@ def finetune(run: Path = typer.Argument(..., help="run folder of a trained score
              n_time_steps: int = typer.Option(FINETUNE_DEFAULTS["n_time_steps"], "--n-time-steps",
                                               help="Euler-Maruyama steps of the rollouts"),
              lr: float = typer.Option(FINETUNE_DEFAULTS["lr"]), baseline: str = typer.Option(None, help="pg: value (default; also evaluates the reward "
-                                                                        "at every rollout state) | mean | none"),
+                                                                        "at every rollout state) | critic | mean | none"),
              option: list[str] = typer.Option(None, "--option", help="another option of the method, KEY=VALUE, "
                                               "repeatable: lr_final=1e-4, fit_steps=4 (ce), clip=0.2 (dpok), ..."),
              n: int = typer.Option(2000, "--n", help="samples drawn before and after"),
