@@ -267,6 +267,7 @@ def default_method(args) -> list[str]:
     common.save_figure(fig, NAME, f"alignment_default_method{args.tag}.png", dpi=110)
     return lines
 
+
 def summarise(name: str, res: dict) -> list[str]:
     lines = [f"### {name}", "", "| beta | finetune reward | KL (path) | DDPO reward at that KL | finetune MMD to tilt "
              "| DDPO best MMD (iteration) | DDPO final MMD | ratio finetune / DDPO best |", "|---|---|---|---|---|---|---|---|"]
@@ -713,13 +714,12 @@ def fit_floor(beta: float = TUNE_BETAS[0], n: int = 25600, steps: int = 800, sou
             gen = torch.Generator().manual_seed(seed)
             model = A.ResidualScore(pre, MLP(mix.dim, hidden=64, depth=2))
             ema, opt = EMA(model.net, 0.99), torch.optim.Adam(model.net.parameters(), lr=1e-2)
-            for it in range(steps):
-                opt.param_groups[0]["lr"] = 1e-3 + 0.5 * (1e-2 - 1e-3) * (1 + math.cos(math.pi * it / steps))
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-3)
+            for _ in range(steps):
                 opt.zero_grad()
                 x0 = data[torch.randint(n, (512,), generator=gen)]
                 denoising_score_matching(model, SDE, x0, generator=gen).mean().backward()
-                opt.step()
-                ema.update()
+                opt.step(), cosine.step(), ema.update()
             model.net.load_state_dict(ema.shadow)
             cells += [mmd(evaluate(model, pre, 100, 1000, e, c)[0], tilt) for e in eval_seeds]
         name = "exact tilt samples" if source == "exact" else f"EM chain of the exact tilted score, {source} steps"
@@ -727,6 +727,7 @@ def fit_floor(beta: float = TUNE_BETAS[0], n: int = 25600, steps: int = 800, sou
     null = null_spread(tilt, 1000)
     lines.append(f"\nnull (1000 exact samples, 10 seeds): {null[0]:.4f} +- {null[1]:.4f}; line {null[0] + 2 * null[1]:.4f}")
     return lines
+
 
 # ---------------------------------------------------------------- issue 23: the MNIST VP model
 
