@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import common, imaging
+from scoresde.evaluation.metrics import frechet_distance_infinity
 from scoresde.running.feature_net import FeatureEvaluator
 from scoresde.running.build import draw_samples
 from scoresde.running.plots import save_grid
@@ -80,12 +81,14 @@ def run(args) -> None:
     if not args.weightings and (args.twin is None or args.data != "mnist"):
         raise SystemExit("--weightings may be empty only with --twin and --data mnist (then only the twin is trained)")
     ev = FeatureEvaluator(args.data, args.n, common.REPO / "runs" / "features")
-    rows, grid, labels = [], [], []
+    rows, grid, labels, pooled = [], [], [], {}
 
     def score(model: str, sampler: str, nfe: int, seed: int, draw, sec: float) -> None:
         tic = time.perf_counter()
         x = draw()
-        m = {k: v for k, v in ev(x).items() if not isinstance(v, list)}
+        f = ev.features(x)
+        pooled.setdefault((model, sampler, nfe), []).append(f)
+        m = {k: v for k, v in ev.metrics(f).items() if not isinstance(v, list)}
         rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, **m, "train_s": sec,
                      "sample_s": time.perf_counter() - tic})
         print(json.dumps(rows[-1]), flush=True)
@@ -115,20 +118,32 @@ def run(args) -> None:
                         unet, DPMSolverMultistepScheduler, {**sched.config, "algorithm_type": algorithm}, nfe, args.n,
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
+    pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
+                  if sum(map(len, f)) // 2 > ev.ref.shape[1] + 1}
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
               "device": str(common.device(args)), "precision": imaging.run_precision(args),
-              "rows": rows, "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
+              "rows": rows, "fid_inf_pooled": pooled_inf,
+              "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
     common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
+    floor_inf = f", FID_inf {ev.floor_metrics['fid_inf']:.1f}" if "fid_inf" in ev.floor_metrics else ""
     lines = [f"{args.data}, VP, {args.steps} steps ({result['device']}, {result['precision']}); sample seeds "
-             f"{args.seeds}, n = {ev.n}; floor FID-style "
-             f"{ev.floor:.1f}\n", "| model | sampler | NFE | FID-style per seed | mean +- sd | KID per seed (se) |",
-             "|---|---|---:|---|---:|---|"]
+             f"{args.seeds}, n = {ev.n}; floor FID-style {ev.floor:.1f}{floor_inf}. FID_inf: FID-style extrapolated "
+             "to infinitely many samples, per seed and on all seeds' samples pooled\n",
+             "| model | sampler | NFE | FID-style per seed | mean +- sd | FID_inf per seed | mean +- sd | FID_inf pooled "
+             "| KID per seed (se) |", "|---|---|---:|---|---:|---|---:|---:|---|"]
+
+    def spread(cell: list[dict], key: str) -> str:
+        v = torch.tensor([r[key] for r in cell if key in r], dtype=torch.float64)
+        if not len(v):
+            return "- | -"
+        sd = f"{float(v.std()):.1f}" if len(v) > 1 else "-"
+        return f"{' / '.join(f'{x:.1f}' for x in v.tolist())} | {float(v.mean()):.1f} +- {sd}"
+
     for key in dict.fromkeys((r["model"], r["sampler"], r["nfe"]) for r in rows):
         cell = [r for r in rows if (r["model"], r["sampler"], r["nfe"]) == key]
-        fid = torch.tensor([r["fid"] for r in cell], dtype=torch.float64)
-        sd = f"{float(fid.std()):.1f}" if len(cell) > 1 else "-"
         kid = " / ".join(f"{r['kid']:.0f} ({r['kid_se']:.0f})" for r in cell)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {' / '.join(f'{v:.1f}' for v in fid.tolist())} | "
-                     f"{float(fid.mean()):.1f} +- {sd} | {kid} |")
+        pool = pooled_inf.get(" / ".join(map(str, key)))
+        lines.append(f"| {' | '.join(map(str, key))} | {spread(cell, 'fid')} | {spread(cell, 'fid_inf')} | "
+                     f"{'-' if pool is None else f'{pool:.1f}'} | {kid} |")
     common.write_text(NAME, f"weightings_{tag(args)}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..core.errors import DamagedFileError, InvalidValueError
 from ..evaluation.features import Classifier, accuracy, image_features, kid, knn_precision_recall, train_classifier
-from ..evaluation.metrics import frechet_distance
+from ..evaluation.metrics import frechet_distance, frechet_distance_infinity
 from .data import load_digits
 from .files import atomic_write
 from .mnist import load_mnist, mnist_split
@@ -126,13 +126,22 @@ class FeatureEvaluator:
         self.floor_pr = (self.floor_metrics["precision"], self.floor_metrics["recall"])
 
     def metrics(self, f: Tensor) -> dict[str, float]:
-        """The metrics of features f (n, d): fid, kid, kid_se, precision, recall."""
+        """The metrics of features f (n, d): fid, kid, kid_se, precision, recall, and, where n > 2 (d + 1),
+        fid_inf: the FID-style distance extrapolated to infinitely many samples (`frechet_distance_infinity`),
+        free of the model-dependent small-n bias that fid carries."""
         p, r = knn_precision_recall(self.ref[:self.n], f)
         k, k_se = kid(self.ref, f)
-        return {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
+        out = {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
+        if f.shape[0] // 2 > f.shape[1] + 1:
+            out["fid_inf"] = frechet_distance_infinity(f, self.ref)
+        return out
+
+    def features(self, samples: Tensor) -> Tensor:
+        """The feature network's features of samples (clamped to [-1, 1])."""
+        return image_features(samples.float().clamp(-1, 1), self.net)
 
     def __call__(self, samples: Tensor) -> dict[str, float]:
-        return self.metrics(image_features(samples.float().clamp(-1, 1), self.net))
+        return self.metrics(self.features(samples))
 
     def classify(self, samples: Tensor) -> Tensor:
         """The feature network's class of each sample."""
