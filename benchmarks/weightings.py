@@ -2,7 +2,8 @@
 
 One VP score model per `--weightings` entry, trained as the imaging benchmark trains its VP model (same U-Net,
 steps, batch, optimiser, EMA, precision; `imaging.base_config`), then each of `--samplers` at each of `--nfes`
-drawn on sample seed `--seed` and scored with the download-free FID-style distance and KID
+drawn on sample seed `--seed` and scored with the download-free FID-style distance, its extrapolation to
+infinitely many samples (FID_inf, per seed and on all seeds' samples pooled) and KID
 (`running.feature_net.FeatureEvaluator`). The weightings are those of `learning.losses` ("edm" pairs with EDM's
 parametrization and its own lognormal noise levels: entry "edm" trains parametrization edm with importance=True).
 Run it once on a choice seed to pick, and again on another seed to report.
