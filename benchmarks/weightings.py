@@ -130,8 +130,8 @@ def run(args) -> None:
     lines = [f"{args.data}, VP, {args.steps} steps ({result['device']}, {result['precision']}); sample seeds "
              f"{args.seeds}, n = {ev.n}; floor FID-style {ev.floor:.1f}{floor_inf}. FID_inf: FID-style extrapolated "
              "to infinitely many samples, per seed and on all seeds' samples pooled\n",
-             "| model | sampler | NFE | FID-style per seed | mean +- sd | FID_inf per seed | mean +- sd | FID_inf pooled "
-             "| KID per seed (se) |", "|---|---|---:|---|---:|---|---:|---:|---|"]
+             "| model | sampler | NFE | FID-style per seed | mean +- sd | FID_inf per seed | mean +- sd "
+             "| FID_inf pooled | KID per seed (se) |", "|---|---|---:|---|---:|---|---:|---:|---|"]
 
     def spread(cell: list[dict], key: str) -> str:
         v = torch.tensor([r[key] for r in cell if key in r], dtype=torch.float64)

@@ -27,8 +27,8 @@ from .features import (  # FID-style features without downloads (issue 12)
 
 __all__ = [
     "Estimate", "TVGrid", "w2_gaussian", "w2", "w2_floor", "sliced_w2", "mmd2", "tv", "tv_grid",
-    "kl_gaussian", "frechet_distance", "frechet_distance_infinity", "image_features", "knn_precision_recall", "available_memory",
-    "check_mmd2_memory", "mmd2_fourier",
+    "kl_gaussian", "frechet_distance", "frechet_distance_infinity", "image_features", "knn_precision_recall",
+    "available_memory", "check_mmd2_memory", "mmd2_fourier",
 ]
 
 W2_BYTES_PER_PAIR = 48  # the cost matrix, the plan and the network simplex's arcs of POT's emd, float64
@@ -450,8 +450,8 @@ def frechet_distance_infinity(feats_x: ArrayLike, feats_y: ArrayLike, sizes: int
     integer("repeats", repeats, 1)
     n = fx.shape[0]
     if n // 2 <= fx.shape[1] + 1:
-        raise InvalidValueError(f"feats_x needs more than 2 (d + 1) = {2 * (fx.shape[1] + 1)} points for subsets of n / 2 "
-                                f"with a full-rank covariance, got {n}")
+        raise InvalidValueError(f"feats_x needs more than 2 (d + 1) = {2 * (fx.shape[1] + 1)} points for subsets of "
+                                f"n / 2 with a full-rank covariance, got {n}")
     rng = np.random.default_rng(seed)
     my, cy = fy.mean(0), np.atleast_2d(np.cov(fy.T))
 
