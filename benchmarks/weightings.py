@@ -4,7 +4,8 @@ One VP score model per `--weightings` entry, trained as the imaging benchmark tr
 steps, batch, optimiser, EMA, precision; `imaging.base_config`), then each of `--samplers` at each of `--nfes`
 drawn on sample seed `--seed` and scored with the download-free FID-style distance, its extrapolation to
 infinitely many samples (FID_inf, per seed and on all seeds' samples pooled) and KID
-(`running.feature_net.FeatureEvaluator`). The weightings are those of `learning.losses` ("edm" pairs with EDM's
+(`running.feature_net.FeatureEvaluator`), and the class frequencies by the feature network with their total
+variation to the data's (per seed and pooled). The weightings are those of `learning.losses` ("edm" pairs with EDM's
 parametrization and its own lognormal noise levels: entry "edm" trains parametrization edm with importance=True).
 Run it once on a choice seed to pick, and again on another seed to report.
 
@@ -90,8 +91,8 @@ def run(args) -> None:
         f = ev.features(x)
         pooled.setdefault((model, sampler, nfe), []).append(f)
         m = {k: v for k, v in ev.metrics(f).items() if not isinstance(v, list)}
-        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, **m, "train_s": sec,
-                     "sample_s": time.perf_counter() - tic})
+        rows.append({"model": model, "sampler": sampler, "nfe": nfe, "seed": seed, **m,
+                     "class_freq": ev.class_frequencies(f), "train_s": sec, "sample_s": time.perf_counter() - tic})
         print(json.dumps(rows[-1]), flush=True)
         if nfe == args.nfes[0] and seed == args.seeds[0]:
             grid.append(x[:16])
@@ -121,9 +122,12 @@ def run(args) -> None:
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
     pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
                   if sum(map(len, f)) // 2 > ev.ref.shape[1] + 1}
+    pooled_classes = {" / ".join(map(str, k)): {"class_tv": ev.metrics(torch.cat(f))["class_tv"],
+                                                "class_freq": ev.class_frequencies(torch.cat(f))} for k, f in pooled.items()}
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
               "device": str(common.device(args)), "precision": imaging.run_precision(args),
-              "rows": rows, "fid_inf_pooled": pooled_inf,
+              "rows": rows, "fid_inf_pooled": pooled_inf, "classes_pooled": pooled_classes,
+              "reference_class_freq": ev.class_frequencies(ev.ref),
               "figure": str(fig.relative_to(common.REPO)) if fig.is_relative_to(common.REPO) else str(fig)}
     common.write_json(NAME, result, file=f"weightings_{tag(args)}.json")
     floor_inf = f", FID_inf {ev.floor_metrics['fid_inf']:.1f}" if "fid_inf" in ev.floor_metrics else ""
@@ -131,7 +135,7 @@ def run(args) -> None:
              f"{args.seeds}, n = {ev.n}; floor FID-style {ev.floor:.1f}{floor_inf}. FID_inf: FID-style extrapolated "
              "to infinitely many samples, per seed and on all seeds' samples pooled\n",
              "| model | sampler | NFE | FID-style per seed | mean +- sd | FID_inf per seed | mean +- sd "
-             "| FID_inf pooled | KID per seed (se) |", "|---|---|---:|---|---:|---|---:|---:|---|"]
+             "| FID_inf pooled | KID per seed (se) | class TV pooled |", "|---|---|---:|---|---:|---|---:|---:|---|---:|"]
 
     def spread(cell: list[dict], key: str) -> str:
         v = torch.tensor([r[key] for r in cell if key in r], dtype=torch.float64)
@@ -145,6 +149,7 @@ def run(args) -> None:
         kid = " / ".join(f"{r['kid']:.0f} ({r['kid_se']:.0f})" for r in cell)
         pool = pooled_inf.get(" / ".join(map(str, key)))
         lines.append(f"| {' | '.join(map(str, key))} | {spread(cell, 'fid')} | {spread(cell, 'fid_inf')} | "
-                     f"{'-' if pool is None else f'{pool:.1f}'} | {kid} |")
+                     f"{'-' if pool is None else f'{pool:.1f}'} | {kid} | "
+                     f"{pooled_classes[' / '.join(map(str, key))]['class_tv']:.3f} |")
     common.write_text(NAME, f"weightings_{tag(args)}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

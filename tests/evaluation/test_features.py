@@ -7,6 +7,7 @@ import torch
 
 from scoresde.core.errors import DamagedFileError, InvalidValueError
 from scoresde.evaluation.features import (
+    class_total_variation,
     image_features,
     kid,
     knn_precision_recall,
@@ -129,6 +130,33 @@ def test_mnist_frechet_distance_near_floor_for_real_far_for_noise_and_shuffled_p
     assert min(noise, shuffled) > 50 * floor
     real = torch.cat([image_features(x[tr[4000:]], mnist_net), image_features(x[te], mnist_net)])
     assert abs(frechet_distance_infinity(real, ref)) < 0.3 * frechet_distance(real, ref)  # the floor is mostly bias
+
+
+def test_class_total_variation_by_hand_and_its_floor_for_one_law(gen):
+    """By hand: (1/2, 1/2) against (3/4, 1/4) is 1/4, disjoint classes 1. Two samples of one balanced 10-class
+    law (500 and 4,500 labels) average the normal approximation sqrt(9 (1/500 + 1/4500) / (2 pi)) within 3 %."""
+    assert class_total_variation(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1]), 2) == pytest.approx(0.25)
+    assert class_total_variation(torch.tensor([0, 1]), torch.tensor([2, 2, 3]), 4) == pytest.approx(1.0)
+    tv = [class_total_variation(torch.randint(10, (4500,), generator=gen), torch.randint(10, (500,), generator=gen), 10)
+          for _ in range(400)]
+    assert np.mean(tv) == pytest.approx(np.sqrt(9 * (1 / 500 + 1 / 4500) / (2 * np.pi)), rel=0.03)
+    with pytest.raises(InvalidValueError, match=r"labels must lie in \[0, 3\), got \[0, 3\]"):
+        class_total_variation(torch.tensor([0, 3]), torch.tensor([1]), 3)
+    with pytest.raises(InvalidValueError, match="non-empty 1-D label sets"):
+        class_total_variation(torch.tensor([0, 1]), torch.tensor([], dtype=torch.long), 3)
+
+
+def test_mnist_class_frequencies_match_for_real_digits_and_not_for_one_class(mnist_net):
+    """On the feature network's labels: the 500 held-out digits match the 4,000 training digits' class frequencies
+    within three times the one-law floor; 500 training 3s score 1 - (share of 3s) = 0.9 up to the classifier's
+    errors."""
+    x, y = load_mnist()
+    tr, te = mnist_split()
+    label = lambda idx: mnist_net(x[idx]).argmax(1)
+    ref = label(tr[:4000])
+    assert class_total_variation(ref, label(te), 10) < 3 * np.sqrt(9 * (1 / 500 + 1 / 4000) / (2 * np.pi))
+    threes = tr[y[tr] == 3][:500]
+    assert abs(class_total_variation(ref, label(threes), 10) - (1 - float((ref == 3).double().mean()))) < 0.03
 
 
 def mmd2_unbiased_brute_force(a: np.ndarray, b: np.ndarray) -> float:

@@ -196,6 +196,7 @@ def test_evaluate_reports_feature_metrics_for_builtin_image_sets(tmp_path, tiny_
     assert (tmp_path / "features" / "digits8_classifier.safetensors").is_file() and m["feature_n"] == 200
     assert m["fid_style"] > 10 * m["fid_style_floor"] > 0 and m["kid"] > 5 * m["kid_stderr"], m
     assert m["fid_style_inf"] > 10 * abs(m["fid_style_inf_floor"]), m
+    assert m["class_tv"] > m["class_tv_floor"] > 0, m  # 3-step samples are not balanced over the digits
     assert 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["feature_net_accuracy"] > 0.9
     assert "fid_style" not in evaluate_run(load_run(tiny_run), 50, feature_cache=tmp_path / "none")  # moons
     with pytest.raises(InvalidValueError, match="n must be at least 20 on digits"):

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from ..core.errors import InvalidValueError
 from ..learning.networks import SinusoidalEmbedding
 
-__all__ = ["Classifier", "image_features", "kid", "knn_precision_recall", "random_shift", "train_classifier"]
+__all__ = ["Classifier", "class_total_variation", "image_features", "kid", "knn_precision_recall", "random_shift", "train_classifier"]
 
 
 class Classifier(nn.Module):
@@ -136,6 +136,21 @@ def kid(real: Tensor | np.ndarray, fake: Tensor | np.ndarray, blocks: int = 10, 
         vals.append((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
                     - 2 * kab.mean())
     return float(np.mean(vals)), float(np.std(vals, ddof=1) / np.sqrt(blocks))
+
+
+def class_total_variation(real: Tensor, fake: Tensor, n_classes: int) -> float:
+    """Total variation (1/2) sum_y |p(y) - q(y)| between the class frequencies of two label sets (integer
+    classes in [0, n_classes)). With the feature classifier's labels on both sides its errors largely cancel.
+    Two samples (sizes n, m) of one law with K equally frequent classes score sqrt((K - 1) (1/n + 1/m) / (2 pi))
+    on average (the normal approximation of E|p_hat - q_hat| per class): that, not 0, is the floor."""
+    if real.dim() != 1 or fake.dim() != 1 or not len(real) or not len(fake):
+        raise InvalidValueError(f"real and fake must be non-empty 1-D label sets, got shapes {tuple(real.shape)} and "
+                                f"{tuple(fake.shape)}")
+    p, q = (torch.bincount(y, minlength=n_classes).double() / len(y) for y in (real, fake))
+    if len(p) != n_classes or len(q) != n_classes or min(int(real.min()), int(fake.min())) < 0:
+        raise InvalidValueError(f"labels must lie in [0, {n_classes}), got [{min(int(real.min()), int(fake.min()))}, "
+                                f"{max(int(real.max()), int(fake.max()))}]")
+    return 0.5 * float((p - q).abs().sum())
 
 
 def _kth_nn_radius(a: np.ndarray, k: int) -> np.ndarray:

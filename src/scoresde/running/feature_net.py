@@ -27,7 +27,8 @@ from safetensors.torch import load, save
 from torch import Tensor
 
 from ..core.errors import DamagedFileError, InvalidValueError
-from ..evaluation.features import Classifier, accuracy, image_features, kid, knn_precision_recall, train_classifier
+from ..evaluation.features import (Classifier, accuracy, class_total_variation, image_features, kid,
+                                   knn_precision_recall, train_classifier)
 from ..evaluation.metrics import frechet_distance, frechet_distance_infinity
 from .data import load_digits
 from .files import atomic_write
@@ -112,7 +113,8 @@ def real_sets(data: str, pad_to: int = 0) -> tuple[Tensor, Tensor]:
 
 class FeatureEvaluator:
     """FID-style distance (Frechet distance of the feature network's features), KID (+- its standard error),
-    k-NN precision and recall of samples against the reference real images of `data` (`real_sets`); `floor`
+    k-NN precision and recall and the total variation of the class frequencies (the feature network's labels)
+    of samples against the reference real images of `data` (`real_sets`); `floor`
     / `floor_metrics`: the same for n other real images, which the reference does not hold (what a perfect
     model scores at this n). Samples are clamped to [-1, 1]."""
 
@@ -121,17 +123,20 @@ class FeatureEvaluator:
         ref, other = real_sets(data, pad_to)
         self.n = min(int(n), other.shape[0])
         self.ref = image_features(ref, self.net)
+        self.ref_classes = self.classes(self.ref)
         self.floor_metrics = self.metrics(image_features(other[:self.n], self.net))
         self.floor = self.floor_metrics["fid"]
         self.floor_pr = (self.floor_metrics["precision"], self.floor_metrics["recall"])
 
     def metrics(self, f: Tensor) -> dict[str, float]:
-        """The metrics of features f (n, d): fid, kid, kid_se, precision, recall, and, where n > 2 (d + 1),
+        """The metrics of features f (n, d): fid, kid, kid_se, precision, recall, class_tv (TV between the class
+        frequencies of the samples and of the reference, `class_total_variation`) and, where n > 2 (d + 1),
         fid_inf: the FID-style distance extrapolated to infinitely many samples (`frechet_distance_infinity`),
         free of the model-dependent small-n bias that fid carries."""
         p, r = knn_precision_recall(self.ref[:self.n], f)
         k, k_se = kid(self.ref, f)
-        out = {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r}
+        out = {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r,
+               "class_tv": class_total_variation(self.ref_classes, self.classes(f), self.net.head.out_features)}
         if f.shape[0] // 2 > f.shape[1] + 1:
             out["fid_inf"] = frechet_distance_infinity(f, self.ref)
         return out
@@ -143,7 +148,15 @@ class FeatureEvaluator:
     def __call__(self, samples: Tensor) -> dict[str, float]:
         return self.metrics(self.features(samples))
 
+    def classes(self, f: Tensor) -> Tensor:
+        """The feature network's class of each sample, from its features f (n, d)."""
+        with torch.no_grad():
+            return self.net.head(f).argmax(1)
+
+    def class_frequencies(self, f: Tensor) -> list[float]:
+        """The share of each class among the samples of features f (n, d), by the feature network."""
+        return (torch.bincount(self.classes(f), minlength=self.net.head.out_features) / len(f)).tolist()
+
     def classify(self, samples: Tensor) -> Tensor:
         """The feature network's class of each sample."""
-        with torch.no_grad():
-            return self.net(samples.float().clamp(-1, 1)).argmax(1)
+        return self.classes(self.features(samples))

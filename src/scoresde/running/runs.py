@@ -325,14 +325,16 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
 
 def feature_report(run: Run, x: Tensor, cache: str | Path = "runs/features") -> dict[str, float]:
     """For a built-in image set (`FEATURE_NETS`: digits, mnist): FID-style distance with its floor, KID +- its
-    standard error, k-NN precision / recall (with their floor) of the samples x on the data's download-free
+    standard error, k-NN precision / recall and the class frequencies' total variation (each with its floor) of
+    the samples x on the data's download-free
     feature network (`FeatureEvaluator`, trained once into `cache`), and where x is large enough the FID-style
     distance extrapolated to infinitely many samples, with its floor; not comparable with Inception FIDs."""
     ev = FeatureEvaluator(run.cfg.data, x.shape[0], cache, run.cfg.pad_to)
     m = ev(x)
     out = {"fid_style": m["fid"], "fid_style_floor": ev.floor, "kid": m["kid"], "kid_stderr": m["kid_se"],
            "precision": m["precision"], "recall": m["recall"], "precision_floor": ev.floor_pr[0],
-           "recall_floor": ev.floor_pr[1], "feature_net_accuracy": ev.acc, "feature_n": ev.n}
+           "recall_floor": ev.floor_pr[1], "class_tv": m["class_tv"], "class_tv_floor": ev.floor_metrics["class_tv"],
+           "feature_net_accuracy": ev.acc, "feature_n": ev.n}
     if "fid_inf" in m and "fid_inf" in ev.floor_metrics:
         out.update(fid_style_inf=m["fid_inf"], fid_style_inf_floor=ev.floor_metrics["fid_inf"])
     return out
