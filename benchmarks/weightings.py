@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
 
 from benchmarks import common, imaging
 from scoresde.evaluation.metrics import frechet_distance_infinity
 from scoresde.running.feature_net import FeatureEvaluator
 from scoresde.running.build import draw_samples
+from scoresde.running.files import atomic_write
 from scoresde.running.plots import save_grid
 
 NAME = "weightings"
@@ -66,6 +68,8 @@ def add_arguments(ap) -> None:
     common.add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
     ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
+    ap.add_argument("--keep-samples", action="store_true",
+                    help="save each row's samples (all seeds, fp16) as --runs/samples_<tag>.safetensors, for later study")
 
 
 def tag(args) -> str:
@@ -83,11 +87,13 @@ def run(args) -> None:
     if not args.weightings and (args.twin is None or args.data != "mnist"):
         raise SystemExit("--weightings may be empty only with --twin and --data mnist (then only the twin is trained)")
     ev = FeatureEvaluator(args.data, args.n, common.REPO / "runs" / "features")
-    rows, grid, labels, pooled = [], [], [], {}
+    rows, grid, labels, pooled, kept = [], [], [], {}, {}
 
     def score(model: str, sampler: str, nfe: int, seed: int, draw, sec: float) -> None:
         tic = time.perf_counter()
         x = draw()
+        if args.keep_samples:
+            kept.setdefault((model, sampler, nfe), []).append(x.float().clamp(-1, 1))
         f = ev.features(x)
         pooled.setdefault((model, sampler, nfe), []).append(f)
         m = {k: v for k, v in ev.metrics(f).items() if not isinstance(v, list)}
@@ -120,6 +126,9 @@ def run(args) -> None:
                         unet, DPMSolverMultistepScheduler, {**sched.config, "algorithm_type": algorithm}, nfe, args.n,
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
+    if args.keep_samples:
+        atomic_write(args.runs / f"samples_{tag(args)}.safetensors", save({
+            " / ".join(map(str, k)): torch.cat(x).half().contiguous() for k, x in kept.items()}))
     pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
                   if sum(map(len, f)) // 2 > ev.ref.shape[1] + 1}
     pooled_classes = {" / ".join(map(str, k)): {"class_tv": ev.metrics(torch.cat(f))["class_tv"],
