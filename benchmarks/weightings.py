@@ -68,8 +68,9 @@ def add_arguments(ap) -> None:
     common.add_device(ap)
     ap.add_argument("--runs", type=Path, default=None, help="run folder parent (default runs/weightings_<data>_<steps>)")
     ap.add_argument("--resume", action="store_true", help="reuse (or continue) the runs already in --runs")
-    ap.add_argument("--keep-samples", action="store_true",
-                    help="save each row's samples (all seeds, fp16) as --runs/samples_<tag>.safetensors, for later study")
+    ap.add_argument("--keep", action="store_true",
+                    help="save each row's samples (all seeds, fp16) as --runs/samples_<tag>.safetensors and the twin's "
+                         "EMA weights as --runs/twin_<tag>.safetensors, for later study")
 
 
 def tag(args) -> str:
@@ -92,7 +93,7 @@ def run(args) -> None:
     def score(model: str, sampler: str, nfe: int, seed: int, draw, sec: float) -> None:
         tic = time.perf_counter()
         x = draw()
-        if args.keep_samples:
+        if args.keep:
             kept.setdefault((model, sampler, nfe), []).append(x.float().clamp(-1, 1))
         f = ev.features(x)
         pooled.setdefault((model, sampler, nfe), []).append(f)
@@ -118,6 +119,8 @@ def run(args) -> None:
 
         train_x = tr.data.train if args.weightings else imaging.dataset(args).train
         unet, sched, sec = imaging.diffusers_baseline(args, train_x, args.twin_backbone)
+        if args.keep:
+            atomic_write(args.runs / f"twin_{tag(args)}.safetensors", save(unet.state_dict()))
         twin = "diffusers twin" if args.twin_backbone == "diffusers" else "diffusers loop, scoresde U-Net"
         for algorithm in args.twin or ["sde-dpmsolver++"]:
             for nfe in args.nfes:
@@ -126,7 +129,7 @@ def run(args) -> None:
                         unet, DPMSolverMultistepScheduler, {**sched.config, "algorithm_type": algorithm}, nfe, args.n,
                         seed, imaging.run_precision(args)), sec)
     fig = common.record_png(save_grid(grid, common.out_dir(NAME) / f"weightings_{tag(args)}_samples.png", labels))
-    if args.keep_samples:
+    if args.keep:
         atomic_write(args.runs / f"samples_{tag(args)}.safetensors", save({
             " / ".join(map(str, k)): torch.cat(x).half().contiguous() for k, x in kept.items()}))
     pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
