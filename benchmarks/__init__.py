@@ -16,6 +16,7 @@ BENCHMARKS = {
     "imaging": "imaging",
     "inpainting": "inpainting",
     "weightings": "weightings",
+    "twin-swap": "twin_swap",
     "samplers": "samplers",
     "bounds": "bounds_studies",
     "consistency": "consistency",
