@@ -49,6 +49,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--twin", type=Path, default=None, help="the twin's EMA weights (weightings --twin --keep)")
     ap.add_argument("--parts", nargs="+", choices=("profile", "swap"), default=["profile", "swap"])
     ap.add_argument("--sampler", default="dpm2m_sde", help="scoresde's sampler")
+    ap.add_argument("--sampler-options", type=json.loads, default={}, metavar="JSON",
+                    help='options of scoresde\'s sampler, e.g. \'{"grid": "uniform"}\' (`sampling.methods`)')
+    ap.add_argument("--networks", nargs="+", choices=("scoresde", "twin"), default=["scoresde", "twin"])
+    ap.add_argument("--samplers", nargs="+", choices=("scoresde", "diffusers"), default=["scoresde", "diffusers"],
+                    help="the swap's samplers: scoresde's --sampler, diffusers' --algorithm")
     ap.add_argument("--algorithm", default="sde-dpmsolver++", help="DPMSolverMultistepScheduler's algorithm_type")
     ap.add_argument("--nfe", type=int, default=20)
     ap.add_argument("--n", type=int, default=500, help="samples per seed")
@@ -168,16 +173,21 @@ def run(args) -> None:
         ev = FeatureEvaluator(run_.cfg.data, args.n, common.REPO / "runs" / "features")
         shape = (args.n, *run_.sample_shape)
         cfg = {**sched.config, "algorithm_type": args.algorithm}
+        ours = args.sampler + "".join(f" {k}={v}" for k, v in args.sampler_options.items())
         draws = {
-            ("scoresde", args.sampler): lambda s: draw_samples(
-                run_.sde, model, shape, args.sampler, args.nfe, generator=torch.Generator().manual_seed(s))[0],
-            ("twin", args.sampler): lambda s: draw_samples(
-                run_.sde, twin, shape, args.sampler, args.nfe, generator=torch.Generator().manual_seed(s))[0],
-            ("scoresde", args.algorithm): lambda s: diffusers_sample(
+            ("scoresde", "scoresde", ours): lambda s: draw_samples(
+                run_.sde, model, shape, args.sampler, args.nfe, generator=torch.Generator().manual_seed(s),
+                **args.sampler_options)[0],
+            ("twin", "scoresde", ours): lambda s: draw_samples(
+                run_.sde, twin, shape, args.sampler, args.nfe, generator=torch.Generator().manual_seed(s),
+                **args.sampler_options)[0],
+            ("scoresde", "diffusers", args.algorithm): lambda s: diffusers_sample(
                 ScoreAsUNet(model, match, run_.sample_shape), DPMSolverMultistepScheduler, cfg, args.nfe, args.n, s),
-            ("twin", args.algorithm): lambda s: diffusers_sample(
+            ("twin", "diffusers", args.algorithm): lambda s: diffusers_sample(
                 unet, DPMSolverMultistepScheduler, cfg, args.nfe, args.n, s, "bf16" if bf16 else "fp32"),
         }
+        draws = {(net, sampler): f for (net, side, sampler), f in draws.items()
+                 if net in args.networks and side in args.samplers}
         result["swap"] = []
         lines += [f"NFE {args.nfe}, sample seeds {args.seeds}, n = {ev.n}\n",
                   "| network | sampler | FID-style per seed | FID_inf per seed | FID_inf pooled | class TV pooled |",
