@@ -65,6 +65,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--threads", type=int, default=1)
 
 
+def run_tag(args) -> str:
+    return args.tag.lstrip("_")
+
+
 class Matched:
     """The map between the twin's timesteps and scoresde's times at equal alpha_bar."""
 
