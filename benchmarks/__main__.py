@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     tag = mod.run_tag(args) if hasattr(mod, "run_tag") else ""
     stem = f"run-{tag}" if tag else "run"
     log = common.out_dir(name) / f"{stem}.log"
-    partial = log.with_name(log.name + ".partial")  # the log so far; it replaces the last one when the run ends
+    # the log so far, one per process (two runs of one name side by side keep theirs); it replaces the last one
+    # when the run ends
+    partial = log.with_name(f"{log.name}.{os.getpid()}.partial")
     tic = time.perf_counter()
     with open(partial, "w") as fh, contextlib.redirect_stdout(_Tee(sys.stdout, fh)):
         mod.run(args)
