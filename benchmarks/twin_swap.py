@@ -116,7 +116,7 @@ class ScoreAsUNet(nn.Module):
 
 
 def twin_for(run, path: Path) -> nn.Module:
-    """The twin's UNet2DModel as `imaging.diffusers_baseline` builds it for this run's config, with the saved weights."""
+    """The twin's UNet2DModel as `imaging.diffusers_baseline` builds it for this run's config, with saved weights."""
     net = {"num_res": 1, "attention": False, **run.cfg.net_args}
     c, px = run.sample_shape[0], run.sample_shape[-1]
     unet = diffusers_twin(c, px, net["base"], net["mults"], net["num_res"], net["attention"],

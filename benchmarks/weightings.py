@@ -135,7 +135,8 @@ def run(args) -> None:
     pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
                   if sum(map(len, f)) // 2 > ev.ref.shape[1] + 1}
     pooled_classes = {" / ".join(map(str, k)): {"class_tv": ev.metrics(torch.cat(f))["class_tv"],
-                                                "class_freq": ev.class_frequencies(torch.cat(f))} for k, f in pooled.items()}
+                                                "class_freq": ev.class_frequencies(torch.cat(f))}
+                      for k, f in pooled.items()}
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,
               "device": str(common.device(args)), "precision": imaging.run_precision(args),
               "rows": rows, "fid_inf_pooled": pooled_inf, "classes_pooled": pooled_classes,
@@ -147,7 +148,8 @@ def run(args) -> None:
              f"{args.seeds}, n = {ev.n}; floor FID-style {ev.floor:.1f}{floor_inf}. FID_inf: FID-style extrapolated "
              "to infinitely many samples, per seed and on all seeds' samples pooled\n",
              "| model | sampler | NFE | FID-style per seed | mean +- sd | FID_inf per seed | mean +- sd "
-             "| FID_inf pooled | KID per seed (se) | class TV pooled |", "|---|---|---:|---|---:|---|---:|---:|---|---:|"]
+             "| FID_inf pooled | KID per seed (se) | class TV pooled |",
+             "|---|---|---:|---|---:|---|---:|---:|---|---:|"]
 
     def spread(cell: list[dict], key: str) -> str:
         v = torch.tensor([r[key] for r in cell if key in r], dtype=torch.float64)

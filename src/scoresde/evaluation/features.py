@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from ..core.errors import InvalidValueError
 from ..learning.networks import SinusoidalEmbedding
 
-__all__ = ["Classifier", "class_total_variation", "image_features", "kid", "knn_precision_recall", "random_shift", "train_classifier"]
+__all__ = ["Classifier", "class_total_variation", "image_features", "kid", "knn_precision_recall", "random_shift",
+           "train_classifier"]
 
 
 class Classifier(nn.Module):
