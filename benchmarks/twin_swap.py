@@ -202,7 +202,7 @@ def run(args) -> None:
             pooled = torch.cat(feats)
             row = {"network": net, "sampler": sampler, "seeds": args.seeds, "fid": [m["fid"] for m in per],
                    "fid_inf": [m.get("fid_inf") for m in per], "class_tv": [m["class_tv"] for m in per],
-                   "class_tv_pooled": ev.metrics(pooled)["class_tv"],
+                   "class_tv_pooled": ev.class_tv(pooled),
                    "fid_inf_pooled": frechet_distance_infinity(pooled, ev.ref)
                    if len(pooled) // 2 > pooled.shape[1] + 1 else None}
             result["swap"].append(row)

@@ -134,7 +134,7 @@ def run(args) -> None:
             " / ".join(map(str, k)): torch.cat(x).half().contiguous() for k, x in kept.items()}))
     pooled_inf = {" / ".join(map(str, k)): frechet_distance_infinity(torch.cat(f), ev.ref) for k, f in pooled.items()
                   if sum(map(len, f)) // 2 > ev.ref.shape[1] + 1}
-    pooled_classes = {" / ".join(map(str, k)): {"class_tv": ev.metrics(torch.cat(f))["class_tv"],
+    pooled_classes = {" / ".join(map(str, k)): {"class_tv": ev.class_tv(torch.cat(f)),
                                                 "class_freq": ev.class_frequencies(torch.cat(f))}
                       for k, f in pooled.items()}
     result = {"data": args.data, "steps": args.steps, "seeds": args.seeds, "n": ev.n, "floor": ev.floor_metrics,

@@ -114,9 +114,9 @@ def real_sets(data: str, pad_to: int = 0) -> tuple[Tensor, Tensor]:
 class FeatureEvaluator:
     """FID-style distance (Frechet distance of the feature network's features), KID (+- its standard error),
     k-NN precision and recall and the total variation of the class frequencies (the feature network's labels)
-    of samples against the reference real images of `data` (`real_sets`); `floor`
-    / `floor_metrics`: the same for n other real images, which the reference does not hold (what a perfect
-    model scores at this n). Samples are clamped to [-1, 1]."""
+    of samples against the reference real images of `data` (`real_sets`); `floor` / `floor_metrics`: the same
+    for n other real images, which the reference does not hold (what a perfect model scores at this n).
+    Samples are clamped to [-1, 1]."""
 
     def __init__(self, data: str, n: int, cache: str | Path = "runs/features", pad_to: int = 0):
         self.net, self.acc = feature_net(data, cache, pad_to)
@@ -136,7 +136,7 @@ class FeatureEvaluator:
         p, r = knn_precision_recall(self.ref[:self.n], f)
         k, k_se = kid(self.ref, f)
         out = {"fid": frechet_distance(self.ref, f), "kid": k, "kid_se": k_se, "precision": p, "recall": r,
-               "class_tv": class_total_variation(self.ref_classes, self.classes(f), self.net.head.out_features)}
+               "class_tv": self.class_tv(f)}
         if f.shape[0] // 2 > f.shape[1] + 1:
             out["fid_inf"] = frechet_distance_infinity(f, self.ref)
         return out
@@ -152,6 +152,10 @@ class FeatureEvaluator:
         """The feature network's class of each sample, from its features f (n, d)."""
         with torch.no_grad():
             return self.net.head(f).argmax(1)
+
+    def class_tv(self, f: Tensor) -> float:
+        """Total variation between the class frequencies of the samples of features f (n, d) and of the reference."""
+        return class_total_variation(self.ref_classes, self.classes(f), self.net.head.out_features)
 
     def class_frequencies(self, f: Tensor) -> list[float]:
         """The share of each class among the samples of features f (n, d), by the feature network."""

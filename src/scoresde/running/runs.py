@@ -326,9 +326,9 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
 def feature_report(run: Run, x: Tensor, cache: str | Path = "runs/features") -> dict[str, float]:
     """For a built-in image set (`FEATURE_NETS`: digits, mnist): FID-style distance with its floor, KID +- its
     standard error, k-NN precision / recall and the class frequencies' total variation (each with its floor) of
-    the samples x on the data's download-free
-    feature network (`FeatureEvaluator`, trained once into `cache`), and where x is large enough the FID-style
-    distance extrapolated to infinitely many samples, with its floor; not comparable with Inception FIDs."""
+    the samples x on the data's download-free feature network (`FeatureEvaluator`, trained once into `cache`),
+    and where x is large enough the FID-style distance extrapolated to infinitely many samples, with its floor;
+    not comparable with Inception FIDs."""
     ev = FeatureEvaluator(run.cfg.data, x.shape[0], cache, run.cfg.pad_to)
     m = ev(x)
     out = {"fid_style": m["fid"], "fid_style_floor": ev.floor, "kid": m["kid"], "kid_stderr": m["kid_se"],
