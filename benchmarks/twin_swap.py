@@ -218,18 +218,13 @@ def run(args) -> None:
 
 def quick_pair(args) -> tuple[Path, Path]:
     """--quick: a 3-step digits VP run and its twin, trained by `weightings --quick --keep` into the output folder."""
-    from benchmarks import weightings
-
-    ns = SimpleNamespace(**{**{a.dest: a.default for a in _parser(weightings)._actions}, **weightings.QUICK,
-                            "weightings": ["sigma2"], "twin": [], "keep": True, "threads": args.threads,
-                            "device": "cpu"})
-    weightings.run(ns)
-    return ns.runs / "VP_sigma2", ns.runs / f"twin_{weightings.tag(ns)}.safetensors"
-
-
-def _parser(mod):
     import argparse
 
-    p = argparse.ArgumentParser()
-    mod.add_arguments(p)
-    return p
+    from benchmarks import weightings
+
+    parser = argparse.ArgumentParser()
+    weightings.add_arguments(parser)
+    parser.set_defaults(**weightings.QUICK, weightings=["sigma2"], keep=True, threads=args.threads, device="cpu")
+    ns = parser.parse_args([])
+    weightings.run(ns)
+    return ns.runs / "VP_sigma2", ns.runs / f"twin_{weightings.tag(ns)}.safetensors"
