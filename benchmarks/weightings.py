@@ -61,6 +61,9 @@ def add_arguments(ap) -> None:
     ap.add_argument("--net-args", type=json.loads, default={}, metavar="JSON",
                     help='network keys of scoresde\'s UNet laid over the imaging config\'s, e.g. \'{"zero_init": false}\' '
                          '(use with --tag): the scoresde runs\' and, with --twin-backbone scoresde, the twin\'s')
+    ap.add_argument("--config-args", type=json.loads, default={}, metavar="JSON",
+                    help='run config keys laid over each weighting\'s, e.g. \'{"sigma_data": 1.0}\' (use with --tag): the '
+                         "scoresde runs' only")
     ap.add_argument("--train-seed", type=int, default=0,
                     help="seed of the networks' initialisation and data order (ours and the twin's)")
     ap.add_argument("--tag", default="", help="suffix of the run names and output files")
@@ -106,7 +109,8 @@ def run(args) -> None:
             labels.append(f"{model} {sampler} {nfe}")
 
     for w in args.weightings:
-        tr, sec = imaging.train(args, f"VP_{w}{args.tag}", {**SPECS[w], "net_args": args.net_args})
+        tr, sec = imaging.train(args, f"VP_{w}{args.tag}", {**SPECS[w], **args.config_args,
+                                                                        "net_args": args.net_args})
         model, shape = tr.ema.copy().eval().requires_grad_(False), (args.n,) + tr.data.sample_shape
         for method in args.samplers:
             for nfe in args.nfes:
