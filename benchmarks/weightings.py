@@ -49,6 +49,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--weightings", nargs="*", choices=list(SPECS), default=list(SPECS),
                     help="the scoresde runs to train (none: only the twin, with --twin and --data mnist)")
     ap.add_argument("--samplers", nargs="+", default=["dpm2m_sde", "dpm2m"])
+    ap.add_argument("--sampler-options", type=json.loads, default={}, metavar="JSON",
+                    help='options of every scoresde sampler, e.g. \'{"grid": "uniform"}\' (named in the rows)')
     ap.add_argument("--nfes", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--n", type=int, default=500, help="samples per row")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1], help="sample seeds (choose on some, report on others)")
@@ -84,6 +86,11 @@ def tag(args) -> str:
 run_tag = tag
 
 
+def run_spec(args, weighting: str) -> dict:
+    """The VP family's config keys of one `--weightings` entry, with --config-args and --net-args laid over them."""
+    return {**SPECS[weighting], **args.config_args, "net_args": args.net_args}
+
+
 def run(args) -> None:
     torch.set_num_threads(args.threads)
     common.device(args)  # refused here, before any work, where it is not available
@@ -109,15 +116,15 @@ def run(args) -> None:
             labels.append(f"{model} {sampler} {nfe}")
 
     for w in args.weightings:
-        tr, sec = imaging.train(args, f"VP_{w}{args.tag}", {**SPECS[w], **args.config_args,
-                                                                        "net_args": args.net_args})
+        tr, sec = imaging.train(args, f"VP_{w}{args.tag}", run_spec(args, w))
         model, shape = tr.ema.copy().eval().requires_grad_(False), (args.n,) + tr.data.sample_shape
         for method in args.samplers:
+            label = method + "".join(f" {k}={v}" for k, v in args.sampler_options.items())
             for nfe in args.nfes:
                 for seed in args.seeds:
-                    score(w + args.tag, method, nfe, seed, lambda: draw_samples(
+                    score(w + args.tag, label, nfe, seed, lambda: draw_samples(
                         tr.sde, model, shape, method, nfe, generator=torch.Generator().manual_seed(seed),
-                        device=tr.device)[0].cpu(), sec)
+                        device=tr.device, **args.sampler_options)[0].cpu(), sec)
     if args.twin is not None:
         from diffusers import DPMSolverMultistepScheduler
 

@@ -478,3 +478,20 @@ def test_twin_swap_matches_noise_levels_by_alpha_bar_and_converts_eps_to_score()
     torch.testing.assert_close(TwinAsScore(Eps(), m, bf16=False)(x, t), -0.5 / sde.sigma(t).view(-1, 1, 1, 1) + x)
     out = ScoreAsUNet(Eps(), m, (1, 4, 4))(x, torch.tensor([10, 300, 900])).sample
     torch.testing.assert_close(out, t.view(-1, 1, 1, 1) + x)
+
+
+def test_weightings_lays_config_and_network_args_over_each_weighting(tmp_path):
+    """--config-args and --net-args reach the run's Config over the weighting's own keys and the imaging config's."""
+    import argparse
+
+    from benchmarks import imaging, weightings
+
+    ap = argparse.ArgumentParser()
+    weightings.add_arguments(ap)
+    args = ap.parse_args(["--config-args", '{"sigma_data": 1.0, "lr": 1e-3}', "--net-args", '{"zero_init": false}',
+                          "--runs", str(tmp_path)])
+    cfg = imaging.base_config(args, "x", **weightings.run_spec(args, "min_snr"))
+    assert (cfg.sigma_data, cfg.lr, cfg.loss_args, cfg.sde) == (1.0, 1e-3, {"weighting": "min_snr"}, "vp")
+    assert cfg.net_args == {"base": 32, "mults": [1, 2, 2], "zero_init": False}
+    plain = imaging.base_config(args, "x", **weightings.run_spec(ap.parse_args(["--runs", str(tmp_path)]), "sigma2"))
+    assert (plain.sigma_data, plain.lr, plain.net_args) == (0.5, 2e-3, {"base": 32, "mults": [1, 2, 2]})

@@ -9,7 +9,8 @@ For a linear SDE, x_t = alpha x0 + sigma z with z ~ N(0, I) (DESIGN section 2), 
 forward always returns the score, whatever the network predicts. Input scaling generalises
 EDM (Karras et al. 2206.00364, Table 1) from alpha = 1 to any (alpha, sigma): x_t / alpha is
 a VE variable with noise level sigma / alpha, so every EDM coefficient carries over and the
-network sees unit-variance inputs for VP, VE and contractive SDEs alike.
+network's input has unit second moment for VP, VE and contractive SDEs alike when the data's mean
+square per coordinate is sigma_data^2 (docs/math/reversal.md).
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ def edm_scalings(alpha: Tensor, sigma: Tensor, sigma_data: float) -> tuple[Tenso
     EDM (2206.00364, Table 1) applied to x / alpha at noise level s = sigma / alpha, written in x:
     c_skip = alpha sd^2 / (sigma^2 + alpha^2 sd^2), c_out = sigma sd / sqrt(sigma^2 + alpha^2 sd^2),
     c_in = 1 / sqrt(sigma^2 + alpha^2 sd^2), c_noise = log(sigma / alpha) / 4. For alpha = 1 these
-    are Table 1's. c_in x and the training target of F have unit variance when x0 has std sd.
-    """
+    are Table 1's. c_in x and the training target of F have unit second moment when E x0^2 = sd^2 per
+    coordinate (for centred data: std sd)."""
     positive("sigma_data", sigma_data)
     norm2 = sigma**2 + alpha**2 * sigma_data**2
     c_in = torch.rsqrt(norm2)

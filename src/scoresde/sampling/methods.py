@@ -24,8 +24,8 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 | edm_sde | edm_sde: EDM Alg. 2, churn (S_churn, default 40) then heun's step from the churned time | 2 steps + d, d as heun |
 | consistency | consistency_method: k steps of a consistency model | steps, no denoise (d = 0) |
 
-Default grids: uniform in t for em, ei, pc; log-SNR for ald; EDM rho = 7 for euler, heun, edm_sde;
-quadratic in t ("poly", power 2) for dpm*, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
+Default grids: uniform in t for em, ei, pc, dpm2m_sde; log-SNR for ald; EDM rho = 7 for euler, heun, edm_sde;
+quadratic in t ("poly", power 2) for dpm1, dpm2m, dpm3m, dpm3m_sde, ddim, ddpm; cubic in t ("poly", power 3) for unipc*,
 whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045); sa3's 0.4 / steps, down
 to sde.t_min); all chosen by benchmarks/samplers.py. Other methods end at sde.t_min.
 
@@ -149,9 +149,11 @@ for _name, _method in {
     "ddim": Method(ddim, grid="poly", stochastic=lambda o: bool(o.get("eta", 0.0)), linear=True),
     # ancestral sampling, variance "posterior" (beta-tilde, DDIM eta = 1) by default or "beta"
     "ddpm": Method(ddpm, grid="poly", stochastic=_always, linear=True),
-    # SDE-DPM-Solver++ on dpm2m's grid: no grid won consistently (|log-density gap|, ring and mix16, VP and VE,
-    # NFE 10/20/50: "poly" best in 10 of 24 cases, uniform 10, logsnr 3, edm 1)
-    "dpm2m_sde": Method(partial(sde_dpm_solver_multistep, order=2), grid="poly", stochastic=_always, linear=True),
+    # SDE-DPM-Solver++. On exact-score toys no grid won consistently (|log-density gap|, ring and mix16, VP and VE,
+    # NFE 10/20/50: "poly" best in 10 of 24 cases, uniform 10, logsnr 3, edm 1); on the MNIST models uniform in t
+    # beat "poly" on sample seeds no choice saw: VP at NFE 20 and 50 and VE at NFE 20, two training seeds each
+    # (FID_inf 2-22 points, benchmarks/RESULTS.md session 29). dpm3m_sde was not measured there and keeps "poly"
+    "dpm2m_sde": Method(partial(sde_dpm_solver_multistep, order=2), grid="uniform", stochastic=_always, linear=True),
     "dpm3m_sde": Method(partial(sde_dpm_solver_multistep, order=3), grid="poly", stochastic=_always, linear=True),
     # EDM's stochastic sampler: heun's budget, grid and denoise rule; deterministic (= heun) at S_churn = 0
     "edm_sde": Method(edm_sde, lambda o: 2, grid="edm", stochastic=lambda o: o.get("S_churn", DEFAULT_S_CHURN) > 0,
