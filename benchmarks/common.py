@@ -64,6 +64,11 @@ def choice(allowed):
     return check
 
 
+def sampler_label(method: str, options: dict) -> str:
+    """A sampler's name in result rows: the method and its options, e.g. "dpm2m_sde grid=uniform"."""
+    return method + "".join(f" {k}={v}" for k, v in options.items())
+
+
 def add_device(ap, what: str = "every model trains and samples") -> None:
     """`--device` of the benchmarks that train or sample an image model."""
     ap.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",

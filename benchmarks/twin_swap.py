@@ -177,7 +177,7 @@ def run(args) -> None:
         ev = FeatureEvaluator(run_.cfg.data, args.n, common.REPO / "runs" / "features")
         shape = (args.n, *run_.sample_shape)
         cfg = {**sched.config, "algorithm_type": args.algorithm}
-        ours = args.sampler + "".join(f" {k}={v}" for k, v in args.sampler_options.items())
+        ours = common.sampler_label(args.sampler, args.sampler_options)
         draws = {
             ("scoresde", "scoresde", ours): lambda s: draw_samples(
                 run_.sde, model, shape, args.sampler, args.nfe, generator=torch.Generator().manual_seed(s),

@@ -119,7 +119,7 @@ def run(args) -> None:
         tr, sec = imaging.train(args, f"VP_{w}{args.tag}", run_spec(args, w))
         model, shape = tr.ema.copy().eval().requires_grad_(False), (args.n,) + tr.data.sample_shape
         for method in args.samplers:
-            label = method + "".join(f" {k}={v}" for k, v in args.sampler_options.items())
+            label = common.sampler_label(method, args.sampler_options)
             for nfe in args.nfes:
                 for seed in args.seeds:
                     score(w + args.tag, label, nfe, seed, lambda: draw_samples(

@@ -495,3 +495,8 @@ def test_weightings_lays_config_and_network_args_over_each_weighting(tmp_path):
     assert cfg.net_args == {"base": 32, "mults": [1, 2, 2], "zero_init": False}
     plain = imaging.base_config(args, "x", **weightings.run_spec(ap.parse_args(["--runs", str(tmp_path)]), "sigma2"))
     assert (plain.sigma_data, plain.lr, plain.net_args) == (0.5, 2e-3, {"base": 32, "mults": [1, 2, 2]})
+
+
+def test_sampler_label_names_the_method_and_its_options():
+    assert common.sampler_label("dpm2m_sde", {}) == "dpm2m_sde"
+    assert common.sampler_label("dpm2m_sde", {"grid": "uniform", "power": 2.0}) == "dpm2m_sde grid=uniform power=2.0"
