@@ -150,7 +150,28 @@ def test_score_model_input_is_unit_scale_for_every_sde(gen):
                 assert abs(seen[-1].pow(2).mean().item() - 1) < 0.05
 
 
+@pytest.mark.parametrize("c_noise", P.C_NOISE)
+def test_score_model_conditions_the_network_on_its_c_noise(c_noise):
+    """"time" hands the network t itself; "log_sigma" EDM's log(s) / 4 at s = sigma / alpha, here against VP's
+    closed form sigma / alpha = sqrt(exp(B(t)) - 1), B(t) = beta_min t + (beta_max - beta_min) t^2 / 2."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x, c):
+            seen.append(c)
+            return torch.zeros_like(x)
+
+    t = torch.tensor([1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)
+    for parametrization in ("eps", "x0", "edm"):
+        P.ScoreModel(Probe(), VP(), parametrization, c_noise=c_noise)(torch.zeros(4, 2, dtype=torch.float64), t)
+        big_b = 0.1 * t + 19.9 * t**2 / 2
+        expect = t if c_noise == "time" else 0.25 * torch.log(torch.sqrt(torch.expm1(big_b)))
+        torch.testing.assert_close(seen[-1], expect, rtol=1e-12, atol=1e-12)
+
+
 def test_score_model_bad_input():
+    with pytest.raises(ValueError, match="c_noise must be one of 'log_sigma', 'time', got 't'"):
+        P.ScoreModel(nn.Linear(2, 2), VP(), "eps", c_noise="t")
     net = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="parametrization must be one of"):
         P.ScoreModel(net, VP(), "v")

@@ -190,7 +190,9 @@ def test_config_is_checked_against_the_family_record(tmp_path):
                       (dict(model="ddpm", loss="ddpm", sampler="ddim"), "valid: ddpm"),
                       (dict(loss="ddpm"), "model 'score' trains with loss denoising, sliced"),
                       (dict(loss="consistency", parametrization="x0"), "does not apply to a 'consistency' model"),
-                      (dict(sampler="consistency"), "does not apply to a 'score' model")):
+                      (dict(sampler="consistency"), "does not apply to a 'score' model"),
+                      (dict(model="ddpm", loss="ddpm", sampler="ddpm", c_noise="time"),
+                       "c_noise conditions the network of a score model; model 'ddpm'")):
         with pytest.raises(ValueError, match=match):
             check_config(_digits_cfg(tmp_path, **kw))
     with pytest.raises(ValueError, match="parametrization x0"):

@@ -79,6 +79,27 @@ def test_json_that_does_not_describe_the_weights_is_refused(exported, tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def test_an_export_from_before_c_noise_loads_as_log_sigma(exported, tmp_path):
+    old = _copy(exported, tmp_path / "old")
+    spec = json.loads((old / SPEC).read_text())
+    del spec["c_noise"]
+    (old / SPEC).write_text(json.dumps(spec))
+    assert load_model(old).c_noise == "log_sigma"
+
+
+def test_a_time_conditioned_run_exports_and_loads_its_conditioning(tiny_config, tmp_path):
+    from scoresde.running.train import Trainer
+
+    cfg = tiny_config(name="tcond", steps=2, checkpoint_every=2, c_noise="time")
+    Trainer(cfg).run()
+    export_run(cfg.run_dir, tmp_path / "m")
+    model, run = load_model(tmp_path / "m"), load_run(cfg.run_dir)
+    assert model.c_noise == run.model.c_noise == "time"
+    x, t = torch.randn(8, 2, generator=torch.Generator().manual_seed(1)), torch.linspace(0.01, 1, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, t), run.model(x, t))
+
+
 def test_cli_export(tiny_run, tmp_path):
     res = CliRunner().invoke(app, ["export", str(tiny_run), str(tmp_path / "m")])
     assert res.exit_code == 0, res.output

@@ -23,11 +23,12 @@ from .validate import one_of, positive
 
 __all__ = [
     "eps_to_score", "score_to_eps", "x0_to_score", "score_to_x0", "eps_to_x0", "x0_to_eps",
-    "convert", "edm_scalings", "ScoreModel", "PARAMETRIZATIONS", "KINDS",
+    "convert", "edm_scalings", "ScoreModel", "PARAMETRIZATIONS", "KINDS", "C_NOISE",
 ]
 
 KINDS = ("score", "eps", "x0")
 PARAMETRIZATIONS = ("score", "eps", "x0", "vp_skip", "edm")
+C_NOISE = ("log_sigma", "time")
 
 
 def _coef(v: TimeLike, x: Tensor) -> Tensor:
@@ -102,11 +103,17 @@ class ScoreModel(nn.Module):
       "vp_skip": s = -x / sigma^2 + alpha net(x, t) / sigma^2, the VP shortcut form (T 7.8)
                  taken literally: raw x and t in, x0 out (the x0 form without input scaling).
       "edm":     x0 = c_skip x + c_out net(c_in x, c_noise), s from x0      (2206.00364 Table 1)
+
+    c_noise (the network's conditioning scalar in the eps, x0 and edm forms):
+      "log_sigma": log(sigma / alpha) / 4, EDM's on the VE variable x / alpha (`edm_scalings`);
+      "time":      t itself, as Song et al. 2011.13456 and DDPM (its timestep / N for VP).
     """
 
-    def __init__(self, net: nn.Module, sde: SDE, parametrization: str = "eps", sigma_data: float = 0.5):
+    def __init__(self, net: nn.Module, sde: SDE, parametrization: str = "eps", sigma_data: float = 0.5,
+                 c_noise: str = "log_sigma"):
         super().__init__()
         one_of("parametrization", parametrization, PARAMETRIZATIONS)
+        one_of("c_noise", c_noise, C_NOISE)
         if parametrization != "score" and not isinstance(sde, LinearSDE):
             raise InvalidValueError(f"parametrization {parametrization!r} needs a linear SDE with (alpha, sigma); "
                              f"{type(sde).__name__} supports only 'score'")
@@ -115,6 +122,7 @@ class ScoreModel(nn.Module):
         self.sde = sde
         self.parametrization = parametrization
         self.sigma_data = float(sigma_data)
+        self.c_noise = c_noise
 
     @property
     def native_kind(self) -> str:
@@ -135,7 +143,7 @@ class ScoreModel(nn.Module):
         if p == "vp_skip":
             return self._net(x, t, y), alpha, sigma
         c_skip, c_out, c_in, c_noise = edm_scalings(alpha, sigma, self.sigma_data)
-        out = self._net(expand_like(c_in, x) * x, c_noise, y)
+        out = self._net(expand_like(c_in, x) * x, t if self.c_noise == "time" else c_noise, y)
         if p == "edm":
             out = expand_like(c_skip, x) * x + expand_like(c_out, x) * out
         return out, alpha, sigma

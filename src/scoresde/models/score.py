@@ -20,7 +20,7 @@ from .family import EVALUATIONS, Family, register
 def _score(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:
     if cfg.model_args:
         raise InvalidValueError(f"model 'score' takes no model_args, got {sorted(cfg.model_args)}")
-    return ScoreModel(network(), sde, cfg.parametrization, cfg.sigma_data)
+    return ScoreModel(network(), sde, cfg.parametrization, cfg.sigma_data, cfg.c_noise)
 
 
 def _consistency(cfg, sde: SDE, sample_shape: tuple[int, ...], network: Callable[[], nn.Module]) -> nn.Module:

@@ -59,6 +59,9 @@ def check_config(cfg: Config) -> Family:
     """`family_of(cfg)`, also checking that its family samples with `cfg.sampler`."""
     family = family_of(cfg)
     family.check_method(cfg.sampler)
+    if cfg.c_noise != Config.c_noise and family.name not in ("score", "consistency"):
+        raise InvalidValueError(f"config c_noise conditions the network of a score model; model {cfg.model!r} "
+                                f"conditions its own network: leave c_noise at {Config.c_noise!r}")
     return family
 
 

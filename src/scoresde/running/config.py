@@ -93,6 +93,7 @@ class Config:
     net_args: dict = field(default_factory=dict)
     parametrization: str = "eps"   # scoresde.precond.PARAMETRIZATIONS
     sigma_data: float = 0.5
+    c_noise: str = "log_sigma"     # the network's noise conditioning: log_sigma (EDM's) | time (scoresde.precond.C_NOISE)
     loss: str = "denoising"        # scoresde.losses.LOSSES
     loss_args: dict = field(default_factory=dict)
     # optimisation (AdamW, linear warm-up, gradient clipping, EMA)

@@ -30,7 +30,7 @@ __all__ = ["FORMAT", "SPEC", "WEIGHTS", "export_run", "load_model", "load_sde", 
 
 WEIGHTS, SPEC, FORMAT = "model.safetensors", "model.json", "scoresde-model-1"
 # the Config fields that rebuild the model and its SDE
-FIELDS = ("model", "model_args", "loss", "net", "net_args", "sde", "sde_args", "parametrization", "sigma_data")
+FIELDS = ("model", "model_args", "loss", "net", "net_args", "sde", "sde_args", "parametrization", "sigma_data", "c_noise")
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> dict[str, Path]:
@@ -67,6 +67,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise InvalidValueError(f"{spec_path} is not a scoresde model description (format "
                          f"{spec.get('format') if isinstance(spec, dict) else None!r}, expected {FORMAT!r})")
+    spec.setdefault("c_noise", "log_sigma")  # exported before the key existed: the only conditioning then
     missing = [k for k in (*FIELDS, "sample_shape", "sha256") if k not in spec]
     if missing:
         raise InvalidValueError(f"{spec_path} lacks {', '.join(missing)}; export the run again")
