@@ -131,7 +131,8 @@ def run(args) -> None:
         train_x = tr.data.train if args.weightings else imaging.dataset(args).train
         unet, sched, sec = imaging.diffusers_baseline(args, train_x, args.twin_backbone)
         if args.keep:
-            atomic_write(args.runs / f"twin_{tag(args)}.safetensors", save(unet.state_dict()))
+            atomic_write(args.runs / f"twin_{tag(args)}.safetensors",
+                         save({k: v.contiguous() for k, v in unet.state_dict().items()}))  # channels_last convs
         twin = "diffusers twin" if args.twin_backbone == "diffusers" else "diffusers loop, scoresde U-Net"
         for algorithm in args.twin or ["sde-dpmsolver++"]:
             for nfe in args.nfes:
