@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting bench-weightings bench-twin-swap gpu-wheels
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting bench-weightings bench-twin-swap bench-seed-spread gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -104,6 +104,10 @@ bench-weightings: $(STAMP)
 # a scoresde run against the twin that `weightings --twin --keep` saved: BENCH_ARGS="--run DIR --twin FILE"
 bench-twin-swap: $(STAMP)
 	$(HEAVY) -m benchmarks twin-swap $(BENCH_ARGS)
+
+# FID_inf across training seeds from weightings / twin-swap results (no training): BENCH_ARGS="--group LABEL FILE ..."
+bench-seed-spread: $(STAMP)
+	$(PY) -m benchmarks seed-spread $(BENCH_ARGS)
 
 # the packages the GPU machine's image lacks, as wheels for its python 3.12 (carried as .whl to benchmarks/gpu_check.sh)
 GPU_WHEELS := diffusers==0.42.1 importlib_metadata==10.2.0 mlxtend==0.25.0 POT==0.9.7.post1 torchsde==0.2.6 trampoline==0.1.2

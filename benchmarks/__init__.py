@@ -17,6 +17,7 @@ BENCHMARKS = {
     "inpainting": "inpainting",
     "weightings": "weightings",
     "twin-swap": "twin_swap",
+    "seed-spread": "seed_spread",
     "samplers": "samplers",
     "bounds": "bounds_studies",
     "consistency": "consistency",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -500,3 +501,36 @@ def test_weightings_lays_config_and_network_args_over_each_weighting(tmp_path):
 def test_sampler_label_names_the_method_and_its_options():
     assert common.sampler_label("dpm2m_sde", {}) == "dpm2m_sde"
     assert common.sampler_label("dpm2m_sde", {"grid": "uniform", "power": 2.0}) == "dpm2m_sde grid=uniform power=2.0"
+
+
+def test_seed_spread_reads_both_result_formats_and_names_an_ambiguous_file(tmp_path):
+    from benchmarks import seed_spread
+
+    common.configure(tmp_path, quick=True)
+    try:
+        w = common.write_json("x", {"fid_inf_pooled": {"a / s / 20": 91.5}}, file="w.json")
+        t = common.write_json("x", {"swap": [{"network": "twin", "sampler": "d", "fid_inf_pooled": 80.0},
+                                             {"network": "ours", "sampler": "d", "fid_inf_pooled": 85.0}]}, file="t.json")
+        assert seed_spread.pooled_fid_inf(str(w)) == ("w", 91.5)
+        assert seed_spread.pooled_fid_inf(f"{t}::ours / d") == ("t", 85.0)
+        for entry, says in [(str(t), "holds 2 pooled FID_inf values (twin / d, ours / d)"),
+                            (f"{t}::mine", "has no pooled FID_inf 'mine'"), (str(tmp_path / "no.json"), "no result file")]:
+            with pytest.raises(SystemExit, match=re.escape(says)):
+                seed_spread.pooled_fid_inf(entry)
+    finally:
+        common.configure(None, quick=False)
+
+
+def test_seed_spread_interval_covers_the_true_difference_at_its_level():
+    """Monte Carlo: with unequal variances and sizes, Welch's 95% interval of mean(a) - mean(b) covers the true
+    difference (+3) in 95% of draws (binomial 4-sigma band over 4000 draws), and the point estimate has its sign."""
+    from benchmarks import seed_spread
+
+    rng = np.random.default_rng(0)
+    hits, diffs = 0, []
+    for _ in range(4000):
+        c = seed_spread.welch(list(rng.normal(3.0, 1.0, 5)), list(rng.normal(0.0, 4.0, 4)))
+        hits += c["low"] <= 3.0 <= c["high"]
+        diffs.append(c["difference"])
+    assert abs(hits / 4000 - 0.95) < 4 * (0.95 * 0.05 / 4000) ** 0.5
+    assert abs(np.mean(diffs) - 3.0) < 4 * (1 / 5 + 16 / 4) ** 0.5 / 4000 ** 0.5
