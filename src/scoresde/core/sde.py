@@ -275,11 +275,8 @@ class VEEDM(LinearSDE):
 
 
 @dataclass(frozen=True)
-class VP(_LinearBeta, LinearSDE):
-    """Variance preserving SDE dX = -beta X / 2 dt + sqrt(beta) dW (T 3.8, 3.10).
-
-    alpha = exp(-B/2), sigma^2 = 1 - e^{-B}; prior N(0, I).
-    """
+class _VPDrift(_LinearBeta, LinearSDE):
+    """The drift -beta(t) X / 2 that VP and sub-VP share: alpha = exp(-B/2), so the prior is N(0, I)."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
@@ -289,18 +286,26 @@ class VP(_LinearBeta, LinearSDE):
     def b(self, t):
         return 0.5 * self.beta(t)
 
-    def diffusion(self, t):
-        return torch.sqrt(self.beta(t))
-
     def alpha(self, t):
         return torch.exp(-0.5 * self.B(t))
-
-    def sigma(self, t):
-        return torch.sqrt(-torch.expm1(-self.B(t)))
 
     @property
     def prior_std(self):
         return 1.0
+
+
+@dataclass(frozen=True)
+class VP(_VPDrift):
+    """Variance preserving SDE dX = -beta X / 2 dt + sqrt(beta) dW (T 3.8, 3.10).
+
+    alpha = exp(-B/2), sigma^2 = 1 - e^{-B}; prior N(0, I).
+    """
+
+    def diffusion(self, t):
+        return torch.sqrt(self.beta(t))
+
+    def sigma(self, t):
+        return torch.sqrt(-torch.expm1(-self.B(t)))
 
     def log_snr(self, t):
         return -0.5 * torch.log(torch.expm1(self.B(t)))
@@ -310,32 +315,17 @@ class VP(_LinearBeta, LinearSDE):
 
 
 @dataclass(frozen=True)
-class SubVP(_LinearBeta, LinearSDE):
+class SubVP(_VPDrift):
     """Sub-VP SDE, g^2 = beta (1 - e^{-2B}) (T 3.12, 3.13).
 
     alpha = exp(-B/2), sigma^2 = (1 - e^{-B})^2; prior N(0, I).
     """
 
-    beta_min: float = 0.1
-    beta_max: float = 20.0
-    T: float = 1.0
-    t_min: float = 1e-3
-
-    def b(self, t):
-        return 0.5 * self.beta(t)
-
     def diffusion(self, t):
         return torch.sqrt(-self.beta(t) * torch.expm1(-2 * self.B(t)))
 
-    def alpha(self, t):
-        return torch.exp(-0.5 * self.B(t))
-
     def sigma(self, t):
         return -torch.expm1(-self.B(t))
-
-    @property
-    def prior_std(self):
-        return 1.0
 
     def inverse_log_snr(self, lam):
         # e^lam = u / (1 - u^2) with u = e^{-B/2}; u is the positive root of e^lam u^2 + u - e^lam.
