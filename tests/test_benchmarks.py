@@ -508,11 +508,15 @@ def test_seed_spread_reads_both_result_formats_and_names_an_ambiguous_file(tmp_p
 
     common.configure(tmp_path, quick=True)
     try:
-        w = common.write_json("x", {"fid_inf_pooled": {"a / s / 20": 91.5}}, file="w.json")
-        t = common.write_json("x", {"swap": [{"network": "twin", "sampler": "d", "fid_inf_pooled": 80.0},
-                                             {"network": "ours", "sampler": "d", "fid_inf_pooled": 85.0}]}, file="t.json")
-        assert seed_spread.pooled_fid_inf(str(w)) == ("w", 91.5)
-        assert seed_spread.pooled_fid_inf(f"{t}::ours / d") == ("t", 85.0)
+        rows = [{"model": "a", "sampler": "s", "nfe": 20, "fid_inf": v} for v in (90.0, 94.0)]
+        w = common.write_json("x", {"fid_inf_pooled": {"a / s / 20": 91.5}, "rows": rows + [
+            {"model": "b", "sampler": "s", "nfe": 20, "fid_inf": 50.0}]}, file="w.json")
+        t = common.write_json("x", {"swap": [
+            {"network": "twin", "sampler": "d", "fid_inf_pooled": 80.0, "fid_inf": [79.0, 81.0]},
+            {"network": "ours", "sampler": "d", "fid_inf_pooled": 85.0, "fid_inf": [84.0, 86.0]}]}, file="t.json")
+        assert seed_spread.pooled_fid_inf(str(w)) == ("w", 91.5, [90.0, 94.0])
+        assert seed_spread.pooled_fid_inf(f"{t}::ours / d") == ("t", 85.0, [84.0, 86.0])
+        assert seed_spread.sample_noise([84.0, 86.0]) == pytest.approx(1.0)  # sd sqrt(2) over sqrt(2) seeds
         for entry, says in [(str(t), "holds 2 pooled FID_inf values (twin / d, ours / d)"),
                             (f"{t}::mine", "has no pooled FID_inf 'mine'"), (str(tmp_path / "no.json"), "no result file")]:
             with pytest.raises(SystemExit, match=re.escape(says)):
