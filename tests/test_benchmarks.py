@@ -508,15 +508,15 @@ def test_seed_spread_reads_both_result_formats_and_names_an_ambiguous_file(tmp_p
 
     common.configure(tmp_path, quick=True)
     try:
-        rows = [{"model": "a", "sampler": "s", "nfe": 20, "fid_inf": v} for v in (90.0, 94.0)]
+        rows = [{"model": "a", "sampler": "s", "nfe": 20, "seed": k, "fid_inf": v} for k, v in ((3, 90.0), (4, 94.0))]
         w = common.write_json("x", {"fid_inf_pooled": {"a / s / 20": 91.5}, "rows": rows + [
-            {"model": "b", "sampler": "s", "nfe": 20, "fid_inf": 50.0}]}, file="w.json")
+            {"model": "b", "sampler": "s", "nfe": 20, "seed": 3, "fid_inf": 50.0}]}, file="w.json")
         t = common.write_json("x", {"swap": [
-            {"network": "twin", "sampler": "d", "fid_inf_pooled": 80.0, "fid_inf": [79.0, 81.0]},
-            {"network": "ours", "sampler": "d", "fid_inf_pooled": 85.0, "fid_inf": [84.0, 86.0]}]}, file="t.json")
-        assert seed_spread.pooled_fid_inf(str(w)) == ("w", 91.5, [90.0, 94.0])
-        assert seed_spread.pooled_fid_inf(f"{t}::ours / d") == ("t", 85.0, [84.0, 86.0])
-        assert seed_spread.sample_noise([84.0, 86.0]) == pytest.approx(1.0)  # sd sqrt(2) over sqrt(2) seeds
+            {"network": "twin", "sampler": "d", "seeds": [3, 4], "fid_inf_pooled": 80.0, "fid_inf": [79.0, 81.0]},
+            {"network": "ours", "sampler": "d", "seeds": [3, 4], "fid_inf_pooled": 85.0, "fid_inf": [84.0, 86.0]}]},
+            file="t.json")
+        assert seed_spread.pooled_fid_inf(str(w)) == ("w", 91.5, {3: 90.0, 4: 94.0})
+        assert seed_spread.pooled_fid_inf(f"{t}::ours / d") == ("t", 85.0, {3: 84.0, 4: 86.0})
         for entry, says in [(str(t), "holds 2 pooled FID_inf values (twin / d, ours / d)"),
                             (f"{t}::mine", "has no pooled FID_inf 'mine'"), (str(tmp_path / "no.json"), "no result file")]:
             with pytest.raises(SystemExit, match=re.escape(says)):
@@ -538,3 +538,17 @@ def test_seed_spread_interval_covers_the_true_difference_at_its_level():
         diffs.append(c["difference"])
     assert abs(hits / 4000 - 0.95) < 4 * (0.95 * 0.05 / 4000) ** 0.5
     assert abs(np.mean(diffs) - 3.0) < 4 * (1 / 5 + 16 / 4) ** 0.5 / 4000 ** 0.5
+
+
+def test_seed_spread_two_way_fit_recovers_seed_effects_and_the_residual_variance():
+    """Tables built as model + seed + noise: without noise the seed effects come back exactly and the residual is
+    0; with noise of sd 2 the residual variance is unbiased (Monte Carlo mean of 2000 tables within 4 se of 4)."""
+    from benchmarks import seed_spread
+
+    rng = np.random.default_rng(1)
+    model, seed = rng.normal(90, 5, (4, 1)), np.array([9.0, -8.0, -5.0, 3.0, 1.0])
+    effects, resid = seed_spread.seed_effects(model + seed)
+    assert np.allclose(effects, seed - seed.mean()) and resid == pytest.approx(0, abs=1e-9)
+    assert seed_spread.seed_effects((model + seed)[:1])[1] is None
+    var = np.array([seed_spread.seed_effects(model + seed + rng.normal(0, 2, (4, 5)))[1] ** 2 for _ in range(2000)])
+    assert abs(var.mean() - 4) < 4 * var.std() / np.sqrt(len(var))
