@@ -35,7 +35,7 @@ QUICK = dict(group=[
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--group", action="append", nargs="+", metavar=("LABEL", "FILE"), required=False,
+    ap.add_argument("--group", action="append", nargs="+", metavar=("LABEL", "FILE"),
                     help="a configuration's label and its result files, one per training seed (repeat the option)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
 
@@ -98,7 +98,7 @@ def run(args) -> None:
         summary[label] = {"files": [r[0] for r in rows], "fid_inf": v, "mean": float(np.mean(v)),
                           "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
                           "seed_effects": dict(zip(seeds, effects.tolist())),
-                          "sampling_se": None if resid is None else resid / np.sqrt(len(seeds))}
+                          "sampling_se": None if resid is None else float(resid / np.sqrt(len(seeds)))}
     (first, a), (second, b) = [(k, v["fid_inf"]) for k, v in list(summary.items())[:2]]
     gap = np.subtract(*[list(summary[g]["seed_effects"].values()) for g in (first, second)])
     comparison = {"first": first, "second": second, **welch(a, b),

@@ -276,7 +276,8 @@ class VEEDM(LinearSDE):
 
 @dataclass(frozen=True)
 class _VPDrift(_LinearBeta, LinearSDE):
-    """The drift -beta(t) X / 2 that VP and sub-VP share: alpha = exp(-B/2), so the prior is N(0, I)."""
+    """What VP and sub-VP share: the drift -beta(t) X / 2, so alpha = exp(-B/2); sigma(T) is near 1 in both, so
+    the prior is N(0, I)."""
 
     beta_min: float = 0.1
     beta_max: float = 20.0
