@@ -552,3 +552,15 @@ def test_seed_spread_two_way_fit_recovers_seed_effects_and_the_residual_variance
     assert seed_spread.seed_effects((model + seed)[:1])[1] is None
     var = np.array([seed_spread.seed_effects(model + seed + rng.normal(0, 2, (4, 5)))[1] ** 2 for _ in range(2000)])
     assert abs(var.mean() - 4) < 4 * var.std() / np.sqrt(len(var))
+
+
+def test_weightings_keeps_the_twin_weights_of_our_unet(tmp_path):
+    """--keep with --twin-backbone scoresde saves the twin's weights (our U-Net's convolutions are channels_last,
+    which safetensors refuses unless they are packed) and they load back."""
+    from safetensors.torch import load_file
+
+    res = harness("weightings", "--quick", "--twin-backbone", "scoresde", "--keep", "--runs", str(tmp_path / "runs"),
+                  "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = load_file(tmp_path / "runs" / "twin_digits_3steps_seed1-2_twin_scoresde_unet.safetensors")
+    assert "net.down.0.conv1.weight" in saved and saved["net.down.0.conv1.weight"].dim() == 4
