@@ -731,7 +731,34 @@ def fit_floor(beta: float = TUNE_BETAS[0], n: int = 25600, steps: int = 800, sou
 
 # ---------------------------------------------------------------- issue 23: the MNIST VP model
 
-MNIST_LR = 3e-5  # one lr for every method (a 2e-4 smoke run moved the KL by 2 per step)
+MNIST_LR = 3e-5  # the one lr of the session-16 report (a 2e-4 smoke run moved the KL by 2 per step)
+MNIST_LRS = (1e-5, 3e-5, 1e-4)  # mnist-tune: each method's lr is chosen from these
+MNIST_TUNE_LABEL = 7  # mnist-tune's digit: the lr is chosen on it, the report is on --mnist-label
+MNIST_KL_BUDGET = 1.0  # nats: mnist-tune scores a run by its class share at this path KL
+MNIST_KLS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)  # the report's share-at-KL columns
+
+
+def share_at_kl(curve: list[tuple[float, float]], budget: float) -> float:
+    """The class share where a (path KL, share) curve, which starts at the pretrained model's (0, share), first
+    reaches `budget`, linear between its points; its last share where it never does (a run that stays under the
+    budget is scored where it ended)."""
+    for (k0, s0), (k1, s1) in zip(curve, curve[1:]):
+        if k1 >= budget > k0:
+            return s0 + (s1 - s0) * (budget - k0) / (k1 - k0)
+    return curve[-1][1]
+
+
+def mnist_curve(pretrained: dict, snapshots: list[dict]) -> list[tuple[float, float]]:
+    return [(0.0, pretrained["share"])] + [(d["kl"], d["share"]) for d in snapshots]
+
+
+def dominance(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int = 50) -> float | None:
+    """The smallest lead in class share of curve a over curve b (`share_at_kl`) across the path KLs both reach;
+    above 0 where a dominates b there, None where they share no KL above 0."""
+    top = min(max(k for k, _ in a), max(k for k, _ in b))
+    if top <= 0:
+        return None
+    return min(share_at_kl(a, k) - share_at_kl(b, k) for k in np.linspace(top / n, top, n))
 
 
 def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, label: int, real_feats) -> dict:
@@ -755,90 +782,151 @@ def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, labe
             "kl_se": float(kl.std() / math.sqrt(n)), "fid": float(frechet_distance(feats.numpy(), real_feats.numpy()))}
 
 
+class MnistTask:
+    """The pretrained MNIST VP run (`--mnist-run`), the download-free classifier and one digit's reward r = log p(label
+    | x): fine-tunes a copy of the run's network with one method and snapshots share / KL / FID-style."""
+
+    def __init__(self, args, label: int):
+        from benchmarks import inpainting
+        from scoresde.core.errors import ScoresdeError
+        from scoresde.evaluation.features import image_features
+        from scoresde.models.rewards import class_log_prob
+        from scoresde.running.feature_net import feature_net
+        from scoresde.running.mnist import load_mnist
+        from scoresde.running.runs import load_run
+
+        dev = common.device(args)  # refused before any work where it is not available
+        folder = args.mnist_run or (inpainting.tiny_run(common.scratch_dir(NAME, "runs")) if common.quick()
+                                    else common.REPO / inpainting.DEFAULT_RUN)
+        try:
+            self.run = load_run(folder, device=dev)
+        except ScoresdeError as err:
+            raise SystemExit(f"--mnist-run: {err} (train one: python -m benchmarks imaging --data mnist --budget bench "
+                             f"--steps 4000 --families VP --runs runs/imaging_mnist_4k)") from None
+        if self.run.data_name != "mnist":
+            raise SystemExit(f"--mnist-run must be a VP run on mnist, {str(folder)!r} was trained on {self.run.data_name!r}")
+        torch.set_num_threads(1)
+        classifier, self.accuracy = feature_net("mnist", common.REPO / Path("runs/features"))
+        classifier.requires_grad_(False)
+        images, labels = load_mnist()
+        with torch.no_grad():
+            real_feats = image_features(images[labels == label], classifier)
+        self.args, self.label = args, label
+        self.reward = class_log_prob(copy.deepcopy(classifier).to(dev), label)  # on the samples' device
+        self.shape = tuple(self.run.sample_shape)
+        self.frozen = self.run.model.eval().requires_grad_(False)
+        self.evaluate = lambda m: mnist_eval(m, self.frozen, self.run.sde, self.shape, args.mnist_eval,  # noqa: E731
+                                             args.mnist_steps, classifier, label, real_feats)
+        self.folder = folder.relative_to(common.REPO) if folder.is_absolute() and folder.is_relative_to(common.REPO) \
+            else folder
+        tic = time.perf_counter()
+        self.pretrained = self.evaluate(self.frozen)
+        print(f"mnist digit {label} pretrained: {self.pretrained} (classifier held-out accuracy {self.accuracy:.3f}; "
+              f"{time.perf_counter() - tic:.0f} s)", flush=True)
+
+    def header(self) -> dict:
+        return {"run": str(self.folder), "step": self.run.step, "label": self.label,
+                "classifier_accuracy": self.accuracy, "pretrained": self.pretrained}
+
+    def finetune(self, method: str, beta: float | None, lr: float, seed: int) -> dict:
+        """One method's run (DDPO without beta): its snapshots (`--mnist-snapshots` of them) and seconds."""
+        a = self.args
+        opts = method_options(method, beta=beta, k=1 if method == "draft" else None, steps=a.mnist_iters,
+                              batch_size=a.mnist_batch, n_time_steps=a.mnist_steps, lr=lr,
+                              **({"baseline": "mean"} if method == "pg" else {}))
+        snaps, tic = [], time.perf_counter()
+
+        def snapshot(it, model, record):
+            if (it + 1) % max(1, a.mnist_iters // a.mnist_snapshots) == 0:
+                snaps.append({"iteration": it + 1, "reward_evals": record["reward_evals"], "nfe": record["nfe"],
+                              "train_seconds": record["wall_time"], **self.evaluate(model.eval())})
+                model.train()
+                print(f"  mnist {method} beta={beta} lr={lr:g} it {it + 1}: {snaps[-1]}", flush=True)
+
+        METHODS[method][1](self.run.sde, self.frozen, self.reward, opts, shape=self.shape,  # fine-tunes a copy
+                           generator=torch.Generator().manual_seed(seed), callback=snapshot)
+        return {"lr": lr, "snapshots": snaps, "seconds": time.perf_counter() - tic}
+
+
+def mnist_tune(args) -> None:
+    """Each method's lr (`--mnist-lrs`, default MNIST_LRS) on the hold-out digit MNIST_TUNE_LABEL at training seed
+    TUNE_SEED, scored by the class share at path KL MNIST_KL_BUDGET; merged into alignment_mnist_tuned{tag}.json."""
+    task = MnistTask(args, MNIST_TUNE_LABEL)
+    file = f"alignment_mnist_tuned{args.tag}.json"
+    path = common.out_dir(NAME) / file
+    for method in args.mnist_methods:
+        sweep = []
+        for lr in args.mnist_lrs or MNIST_LRS:
+            r = task.finetune(method, None if method == "ddpo" else args.mnist_betas[0], lr, TUNE_SEED)
+            sweep.append({**r, "score": share_at_kl(mnist_curve(task.pretrained, r["snapshots"]), MNIST_KL_BUDGET)})
+        best = max(sweep, key=lambda d: d["score"])
+        out = common.read_json(path) if path.exists() else {}  # read late: another process may tune other methods
+        out.update(task.header(), budget=MNIST_KL_BUDGET, beta=args.mnist_betas[0])
+        out.setdefault("methods", {})[method] = {"sweep": sweep, "best_lr": best["lr"]}
+        common.write_json(NAME, out, file=file)
+        print(f"mnist-tune {method}: " + ", ".join(f"lr {d['lr']:g} -> {d['score']:.3f}" for d in sweep)
+              + f"; picked lr {best['lr']:g}", flush=True)
+
+
 def mnist_part(args) -> None:
     """Fine-tune the MNIST VP U-Net towards digit `--mnist-label` with r = log p(label | x) (download-free
-    classifier); each method at each beta (DDPO once, no KL), snapshots of share / KL / FID-style."""
-    from benchmarks import inpainting
-    from scoresde.core.errors import ScoresdeError
-    from scoresde.models.rewards import class_log_prob
-    from scoresde.running.feature_net import feature_net
-    from scoresde.running.mnist import load_mnist
-    from scoresde.running.runs import load_run
-
-    dev = common.device(args)  # refused before any work where it is not available
-    folder = args.mnist_run or (inpainting.tiny_run(common.scratch_dir(NAME, "runs")) if common.quick()
-                                else common.REPO / inpainting.DEFAULT_RUN)
-    try:
-        run = load_run(folder, device=dev)
-    except ScoresdeError as err:
-        raise SystemExit(f"--mnist-run: {err} (train one: python -m benchmarks imaging --data mnist --budget bench "
-                         f"--steps 4000 --families VP --runs runs/imaging_mnist_4k)") from None
-    if run.data_name != "mnist":
-        raise SystemExit(f"--mnist-run must be a VP run on mnist, {str(folder)!r} was trained on {run.data_name!r}")
-    torch.set_num_threads(1)
-    classifier, acc = feature_net("mnist", common.REPO / Path("runs/features"))
-    classifier.requires_grad_(False)
-    images, labels = load_mnist()
-    label = args.mnist_label
-    with torch.no_grad():
-        from scoresde.evaluation.features import image_features
-        real_feats = image_features(images[labels == label], classifier)
-    reward = class_log_prob(copy.deepcopy(classifier).to(dev), label)  # on the samples' device
-    shape = tuple(run.sample_shape)
-    frozen = run.model.eval().requires_grad_(False)
-    ev = lambda m: mnist_eval(m, frozen, run.sde, shape, args.mnist_eval, args.mnist_steps, classifier, label,  # noqa: E731
-                              real_feats)
-    tic = time.perf_counter()
-    pre_eval = ev(frozen)
-    print(f"mnist pretrained: {pre_eval} (classifier held-out accuracy {acc:.3f}; {time.perf_counter() - tic:.0f} s)",
-          flush=True)
+    classifier); each method at each beta (DDPO once, no KL) at its lr: `--mnist-lrs` (one value), else the one
+    mnist-tune chose under `--tuned-tag` (default --tag) where that file exists, else MNIST_LR."""
+    task = MnistTask(args, args.mnist_label)
+    tuned_path = common.out_dir(NAME) / f"alignment_mnist_tuned{args.tuned_tag if args.tuned_tag is not None else args.tag}.json"
+    tuned = common.read_json(tuned_path).get("methods", {}) if tuned_path.exists() and not args.mnist_lrs else {}
+    if args.mnist_lrs and len(args.mnist_lrs) != 1:
+        raise SystemExit(f"--mnist-lrs: --parts mnist runs one lr per method, got {len(args.mnist_lrs)} "
+                         "(sweep them with --parts mnist-tune)")
     for method in args.mnist_methods:
-        shown = folder.relative_to(common.REPO) if folder.is_absolute() and folder.is_relative_to(common.REPO) else folder
-        out = {"run": str(shown), "step": run.step, "label": label, "classifier_accuracy": acc,
-               "pretrained": pre_eval, "runs": {}}
+        lr = args.mnist_lrs[0] if args.mnist_lrs else tuned.get(method, {}).get("best_lr", MNIST_LR)
+        out = {**task.header(), "lr_from": str(tuned_path.name) if method in tuned else "fixed", "runs": {}}
         for beta in ([None] if method == "ddpo" else args.mnist_betas):
-            opts = method_options(method, beta=beta, k=1 if method == "draft" else None, steps=args.mnist_iters,
-                                  batch_size=args.mnist_batch, n_time_steps=args.mnist_steps, lr=MNIST_LR,
-                                  **({"baseline": "mean"} if method == "pg" else {}))
-            snaps, tic = [], time.perf_counter()
-
-            def snapshot(it, model, record):
-                if (it + 1) % max(1, args.mnist_iters // 3) == 0:
-                    snaps.append({"iteration": it + 1, "reward_evals": record["reward_evals"], "nfe": record["nfe"],
-                                  "train_seconds": record["wall_time"], **ev(model.eval())})
-                    model.train()
-                    print(f"  mnist {method} beta={beta} it {it + 1}: {snaps[-1]}", flush=True)
-
-            METHODS[method][1](run.sde, run.model, reward, opts, shape=shape,
-                               generator=torch.Generator().manual_seed(REPORT_SEED), callback=snapshot)
-            out["runs"][str(beta)] = {"snapshots": snaps, "seconds": time.perf_counter() - tic}
-        common.write_json(NAME, out, file=f"alignment_mnist_{method}.json")
-    plot_mnist()
+            out["runs"][str(beta)] = task.finetune(method, beta, lr, REPORT_SEED)
+        common.write_json(NAME, out, file=f"alignment_mnist{args.tag}_{method}.json")
+    plot_mnist(args.tag)
 
 
-def plot_mnist() -> None:
-    """Class share and FID-style distance against path KL for every method file present."""
+def plot_mnist(tag: str = "") -> None:
+    """Class share and FID-style distance against path KL for every method file of `tag` present; the table holds
+    every snapshot, the share at path KLs MNIST_KLS and each scoresde method's lead over each baseline's curve."""
     plt = common.plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    lines = ["| method | beta | iteration | class share | path KL | FID-style |", "|---|---|---|---|---|---|"]
+    lines = ["| method | beta | lr | iteration | class share | path KL | FID-style |", "|---|---|---|---|---|---|---|"]
+    curves = {}
     for method in METHODS_RUN:
-        path = common.out_dir(NAME) / f"alignment_mnist_{method}.json"
+        path = common.out_dir(NAME) / f"alignment_mnist{tag}_{method}.json"
         if not path.exists():
             continue
         res = json.loads(path.read_text())
         for beta, r in res["runs"].items():
             snaps = [{"kl": 0.0, "share": res["pretrained"]["share"], "fid": res["pretrained"]["fid"]}] + r["snapshots"]
             lab = method if beta == "None" else f"{method} beta={beta}"
+            curves[lab] = mnist_curve(res["pretrained"], r["snapshots"])
             axes[0].plot([d["kl"] for d in snaps], [d["share"] for d in snaps], "o-", ms=3, label=lab)
             axes[1].plot([d["kl"] for d in snaps], [d["fid"] for d in snaps], "o-", ms=3, label=lab)
-            lines += [f"| {method} | {beta} | {d['iteration']} | {d['share']:.3f} +- {d['share_se']:.3f} | "
+            lr = f"{r['lr']:g}" if "lr" in r else f"{MNIST_LR:g}"
+            lines += [f"| {method} | {beta} | {lr} | {d['iteration']} | {d['share']:.3f} +- {d['share_se']:.3f} | "
                       f"{d['kl']:.2f} +- {d['kl_se']:.2f} | {d['fid']:.1f} |" for d in r["snapshots"]]
     for ax, lab in zip(axes, ("share classified as the target digit", "FID-style to that digit's real images")):
         ax.set_xscale("symlog", linthresh=1.0), ax.set_xlabel("path KL to the pretrained model"), ax.set_ylabel(lab)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    common.save_figure(fig, NAME, "alignment_mnist.png", dpi=110)
-    common.write_text(NAME, "alignment_mnist.md", "\n".join(lines) + "\n")
+    common.save_figure(fig, NAME, f"alignment_mnist{tag}.png", dpi=110)
+    lines += ["", "Class share where each curve first reaches a path KL (its last share where it stops short; reached: the "
+              "largest KL it reached):", "",
+              "| method | " + " | ".join(f"KL {k:g}" for k in MNIST_KLS) + " | reached |",
+              "|---|" + "---|" * (len(MNIST_KLS) + 1)]
+    lines += [f"| {lab} | " + " | ".join(f"{share_at_kl(c, k):.3f}" for k in MNIST_KLS) + f" | {max(k for k, _ in c):.2f} |"
+              for lab, c in curves.items()]
+    ours = [lab for lab in curves if lab.split()[0] in OURS]
+    base = [lab for lab in curves if lab.split()[0] in ("dpok", "ddpo")]
+    if ours and base:
+        lines += ["", "Smallest lead in class share of the row's curve over the column's, across the path KLs both reach "
+                  "(above 0: it dominates there):", "", "| | " + " | ".join(base) + " |", "|---|" + "---|" * len(base)]
+        lines += [f"| {o} | " + " | ".join(f"{d:+.3f}" if (d := dominance(curves[o], curves[b])) is not None else "-"
+                                          for b in base) + " |" for o in ours]
+    common.write_text(NAME, f"alignment_mnist{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -881,26 +969,33 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-eval", type=int, default=256, help="MNIST samples per evaluation")
     p.add_argument("--mnist-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--mnist-methods", nargs="+", default=list(METHODS_RUN))
-    p.add_argument("--mnist-label", type=int, default=3)
+    p.add_argument("--mnist-label", type=int, default=3, help="mnist: the digit of the report")
+    p.add_argument("--mnist-lrs", type=float, nargs="+", default=None,
+                   help=f"mnist-tune: the lrs swept (default {' '.join(f'{v:g}' for v in MNIST_LRS)}); mnist: one lr "
+                        f"for every method (default each method's tuned lr, else {MNIST_LR:g})")
+    p.add_argument("--mnist-snapshots", type=int, default=3, help="mnist parts: evaluations along each run")
     common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
-                   help="tilt grid toy (issue 11); exact-tune, exact, mnist, grid-floors, adjoint-tails, fit-floor, "
-                        "default-method, seed-spread (issue 23), each its own run")
+                   help="tilt grid toy (issue 11); exact-tune, exact, mnist-tune, mnist, grid-floors, adjoint-tails, "
+                        "fit-floor, default-method, seed-spread (issue 23), each its own run")
 
 
 def run_tag(args) -> str:
     """One run record per part set, tag and target set (the issue-11 parts keep the plain `run.json`)."""
-    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist", "grid-floors", "adjoint-tails", "fit-floor",
+    exact = [p for p in args.parts if p in ("exact-tune", "exact", "mnist-tune", "mnist", "grid-floors", "adjoint-tails", "fit-floor",
                                             "default-method", "seed-spread")]
     if not exact:
         return ""
     targets = "" if not {"exact-tune", "exact"} & set(exact) else "-" + "+".join(args.targets)
-    return "+".join(exact) + args.tag + targets + ("-" + "+".join(args.methods) if args.methods else "")
+    methods = args.methods or (args.mnist_methods if {"mnist-tune", "mnist"} & set(exact)
+                               and args.mnist_methods != list(METHODS_RUN) else None)
+    return "+".join(exact) + args.tag + targets + ("-" + "+".join(methods) if methods else "")
 
 
 def run(args) -> None:
-    if args.device != "cpu" and "mnist" not in args.parts:
-        raise SystemExit(f"--device {args.device} applies to --parts mnist only (the other parts run on the CPU)")
+    if args.device != "cpu" and not {"mnist", "mnist-tune"} & set(args.parts):
+        raise SystemExit(f"--device {args.device} applies to --parts mnist and mnist-tune only (the other parts run on "
+                         "the CPU)")
     tic = time.perf_counter()
     if "exact-tune" in args.parts:
         exact_tune(args)
@@ -911,6 +1006,8 @@ def run(args) -> None:
         lines = exact_table(res)
         print("\n".join(lines))
         common.write_text(NAME, f"alignment_exact{args.tag}.md", "\n".join(lines) + "\n")
+    if "mnist-tune" in args.parts:
+        mnist_tune(args)
     if "mnist" in args.parts:
         mnist_part(args)
     if "seed-spread" in args.parts:

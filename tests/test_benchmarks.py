@@ -233,20 +233,52 @@ def test_stochastic_precise_confirm_pools_seeds_of_two_sizes_by_inverse_variance
 
 
 def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_path):
-    """`alignment --parts mnist` on the quick 3-step MNIST run: one file per method recording the run it
+    """`alignment --parts mnist-tune mnist` on the quick 3-step MNIST run: the tune part scores each lr on the
+    hold-out digit and the report runs each method at its pick, one file per method recording the run it
     fine-tuned and its snapshots; a --mnist-run that is not a run is refused by name, without a traceback."""
     from benchmarks import alignment
 
-    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-methods", "pg", "ddpo")
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist-tune", "mnist",
+                  "--mnist-methods", "pg", "ddpo", "--tag", "_t")
     assert res.returncode == 0, res.stderr[-2000:]
     common.configure(tmp_path, quick=True)
-    saved = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_pg.json")
-    assert saved["step"] == 3 and saved["run"].endswith("VP") and list(saved["runs"]) == ["1.0"]
-    assert saved["runs"]["1.0"]["snapshots"] and (common.out_dir(alignment.NAME) / "alignment_mnist.png").exists()
+    tuned = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_tuned_t.json")
+    assert tuned["label"] == alignment.MNIST_TUNE_LABEL != 3
+    for method in ("pg", "ddpo"):
+        sweep = tuned["methods"][method]["sweep"]
+        assert [d["lr"] for d in sweep] == list(alignment.MNIST_LRS)
+        curve = lambda d: alignment.mnist_curve(tuned["pretrained"], d["snapshots"])  # noqa: E731
+        assert all(d["score"] == alignment.share_at_kl(curve(d), alignment.MNIST_KL_BUDGET) for d in sweep)
+        best = tuned["methods"][method]["best_lr"]
+        assert max(d["score"] for d in sweep) == next(d["score"] for d in sweep if d["lr"] == best)
+        saved = common.read_json(common.out_dir(alignment.NAME) / f"alignment_mnist_t_{method}.json")
+        assert saved["step"] == 3 and saved["run"].endswith("VP") and saved["label"] == 3
+        run = saved["runs"]["None" if method == "ddpo" else "1.0"]
+        assert run["lr"] == best and run["snapshots"] and saved["lr_from"] == "alignment_mnist_tuned_t.json"
+    assert (common.out_dir(alignment.NAME) / "alignment_mnist_t.png").exists()
+    assert "| pg beta=1.0 | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-lrs", "1e-5", "1e-4")
+    assert res.returncode != 0 and "--mnist-lrs" in res.stderr and "Traceback" not in res.stderr
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-run", str(tmp_path / "no"))
     assert res.returncode != 0 and "--mnist-run" in res.stderr and "Traceback" not in res.stderr
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "grid-floors", "--device", "auto")
-    assert res.returncode != 0 and "--device auto applies to --parts mnist only" in res.stderr  # not silently ignored
+    assert res.returncode != 0 and "--device auto applies to --parts mnist" in res.stderr  # not silently ignored
+
+
+def test_alignment_share_at_kl_and_dominance_read_a_piecewise_linear_curve():
+    """share_at_kl interpolates where the curve first crosses the KL (a curve that turns back counts its first
+    crossing) and keeps the last share of a curve that stops short; dominance is the smallest lead over the common
+    KL range, here known in closed form."""
+    from benchmarks.alignment import dominance, share_at_kl
+
+    curve = [(0.0, 0.1), (0.5, 0.3), (2.0, 0.6), (1.0, 0.9)]
+    assert share_at_kl(curve, 0.25) == pytest.approx(0.2) and share_at_kl(curve, 1.25) == pytest.approx(0.45)
+    assert share_at_kl(curve, 0.5) == pytest.approx(0.3) and share_at_kl(curve, 3.0) == 0.9
+    a, b = [(0.0, 0.1), (1.0, 0.5), (3.0, 0.7)], [(0.0, 0.1), (2.0, 0.3)]
+    # on the common range (0, 2]: a - b = 0.3 k up to k = 1, then 0.3; the grid's first KL is 2 / n
+    assert dominance(a, b, n=200) == pytest.approx(0.3 * 2 / 200)
+    assert dominance(b, a, n=200) == pytest.approx(-0.3)
+    assert dominance(a, [(0.0, 0.1)]) is None
 
 
 def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
