@@ -854,14 +854,17 @@ def mnist_tune(args) -> None:
     task = MnistTask(args, MNIST_TUNE_LABEL)
     file = f"alignment_mnist_tuned{args.tag}.json"
     path = common.out_dir(NAME) / file
+    lrs = args.mnist_lrs or MNIST_LRS
     for method in args.mnist_methods:
         sweep = []
-        for lr in args.mnist_lrs or MNIST_LRS:
+        for lr in lrs:
             r = task.finetune(method, None if method == "ddpo" else args.mnist_betas[0], lr, TUNE_SEED)
             sweep.append({**r, "score": share_at_kl(mnist_curve(task.pretrained, r["snapshots"]), MNIST_KL_BUDGET)})
-        best = max(sweep, key=lambda d: d["score"])
         out = common.read_json(path) if path.exists() else {}  # read late: another process may tune other methods
         out.update(task.header(), budget=MNIST_KL_BUDGET, beta=args.mnist_betas[0])
+        kept = [d for d in out.get("methods", {}).get(method, {}).get("sweep", []) if d["lr"] not in lrs]
+        sweep = sorted(kept + sweep, key=lambda d: d["lr"])  # an lr added later joins the method's earlier ones
+        best = max(sweep, key=lambda d: d["score"])
         out.setdefault("methods", {})[method] = {"sweep": sweep, "best_lr": best["lr"]}
         common.write_json(NAME, out, file=file)
         print(f"mnist-tune {method}: " + ", ".join(f"lr {d['lr']:g} -> {d['score']:.3f}" for d in sweep)

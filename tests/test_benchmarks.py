@@ -256,6 +256,12 @@ def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_
         run = saved["runs"]["None" if method == "ddpo" else "1.0"]
         assert run["lr"] == best and run["snapshots"] and saved["lr_from"] == "alignment_mnist_tuned_t.json"
     assert (common.out_dir(alignment.NAME) / "alignment_mnist_t.png").exists()
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist-tune", "--mnist-methods", "pg",
+                  "--tag", "_t", "--mnist-lrs", "3e-4")  # an lr added later joins the sweep; the others' are kept
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_tuned_t.json")["methods"]
+    assert [d["lr"] for d in again["pg"]["sweep"]] == [*alignment.MNIST_LRS, 3e-4]
+    assert again["pg"]["sweep"][:3] == tuned["methods"]["pg"]["sweep"] and again["ddpo"] == tuned["methods"]["ddpo"]
     assert "| pg beta=1.0 | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-lrs", "1e-5", "1e-4")
     assert res.returncode != 0 and "--mnist-lrs" in res.stderr and "Traceback" not in res.stderr
