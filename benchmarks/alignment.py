@@ -24,8 +24,10 @@
     floor: the exact tilted score run on the same EM grid. DDPO (no KL) is scored at its closest approach.
     Where pg's tuned knobs spend extra reward evaluations (the value baseline), pg-equal (its best other knobs)
     is reported too, for the ratio at equal reward evaluations.
-(e) Issue 23, MNIST (`--parts mnist`): a trained VP U-Net (`--mnist-run`, the 4000-step imaging run) fine-tuned towards
-    one digit (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*).
+(e) Issue 23, MNIST: a trained VP U-Net (`--mnist-run`, the 4000-step imaging run) fine-tuned towards one digit
+    (reward: log p(class | x) of the download-free classifier), small on this CPU (see MNIST_*). `--parts mnist-tune`
+    chooses each method's lr on a hold-out digit by the class share at a path-KL budget; `--parts mnist` reports
+    on `--mnist-label` at those lrs: share and FID-style against path KL, and where one curve dominates another.
 (f) `--parts grid-floors`: the floor of 20- to 100-step EM grids (the exact tilted score run on them);
     `--parts adjoint-tails`: how heavy-tailed adjoint matching's regression target is on the exact-tilt targets;
     `--parts fit-floor`: what ce's fitting step reaches at best, fitted to exact tilt samples or to the chain's;
