@@ -754,13 +754,13 @@ def mnist_curve(pretrained: dict, snapshots: list[dict]) -> list[tuple[float, fl
     return [(0.0, pretrained["share"])] + [(d["kl"], d["share"]) for d in snapshots]
 
 
-def dominance(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int = 50) -> float | None:
-    """The smallest lead in class share of curve a over curve b (`share_at_kl`) across the path KLs both reach;
-    above 0 where a dominates b there, None where they share no KL above 0."""
+def leads(a: list[tuple[float, float]], b: list[tuple[float, float]], n: int = 50) -> np.ndarray | None:
+    """The lead in class share of curve a over curve b (`share_at_kl`) at n path KLs evenly across (0, the largest
+    KL both reach]; a dominates b there where every lead is above 0. None where they share no KL above 0."""
     top = min(max(k for k, _ in a), max(k for k, _ in b))
     if top <= 0:
         return None
-    return min(share_at_kl(a, k) - share_at_kl(b, k) for k in np.linspace(top / n, top, n))
+    return np.array([share_at_kl(a, k) - share_at_kl(b, k) for k in np.linspace(top / n, top, n)])
 
 
 def mnist_eval(model, frozen, sde, shape, n: int, n_steps: int, classifier, label: int, real_feats) -> dict:
@@ -875,47 +875,52 @@ def mnist_tune(args) -> None:
 
 def mnist_part(args) -> None:
     """Fine-tune the MNIST VP U-Net towards digit `--mnist-label` with r = log p(label | x) (download-free
-    classifier); each method at each beta (DDPO once, no KL) at its lr: `--mnist-lrs` (one value), else the one
-    mnist-tune chose under `--tuned-tag` (default --tag) where that file exists, else MNIST_LR."""
+    classifier); each method at each beta (DDPO once, no KL) at its lr: the one mnist-tune chose under
+    `--tuned-tag` (default --tag) where that file exists, else MNIST_LR; `--mnist-lrs` runs these lrs instead,
+    added to the method's file beside its earlier runs (each run records whether its lr is the tuned pick)."""
     task = MnistTask(args, args.mnist_label)
     tuned_path = common.out_dir(NAME) / f"alignment_mnist_tuned{args.tuned_tag if args.tuned_tag is not None else args.tag}.json"
-    tuned = common.read_json(tuned_path).get("methods", {}) if tuned_path.exists() and not args.mnist_lrs else {}
-    if args.mnist_lrs and len(args.mnist_lrs) != 1:
-        raise SystemExit(f"--mnist-lrs: --parts mnist runs one lr per method, got {len(args.mnist_lrs)} "
-                         "(sweep them with --parts mnist-tune)")
+    tuned = common.read_json(tuned_path).get("methods", {}) if tuned_path.exists() else {}
     for method in args.mnist_methods:
-        lr = args.mnist_lrs[0] if args.mnist_lrs else tuned.get(method, {}).get("best_lr", MNIST_LR)
-        out = {**task.header(), "lr_from": str(tuned_path.name) if method in tuned else "fixed", "runs": {}}
-        for beta in ([None] if method == "ddpo" else args.mnist_betas):
-            out["runs"][str(beta)] = task.finetune(method, beta, lr, REPORT_SEED)
-        common.write_json(NAME, out, file=f"alignment_mnist{args.tag}_{method}.json")
+        pick = tuned.get(method, {}).get("best_lr", MNIST_LR)
+        runs = {f"beta={beta} lr={lr:g}": {"beta": beta, **task.finetune(method, beta, lr, REPORT_SEED), "picked": lr == pick}
+                for lr in args.mnist_lrs or [pick] for beta in ([None] if method == "ddpo" else args.mnist_betas)}
+        path = common.out_dir(NAME) / f"alignment_mnist{args.tag}_{method}.json"
+        old = common.read_json(path)["runs"] if path.exists() else {}  # read late, as mnist-tune does
+        common.write_json(NAME, {**task.header(), "lr_from": tuned_path.name if method in tuned else "fixed",
+                                 "runs": {**old, **runs}}, file=path.name)
     plot_mnist(args.tag)
 
 
 def plot_mnist(tag: str = "") -> None:
-    """Class share and FID-style distance against path KL for every method file of `tag` present; the table holds
-    every snapshot, the share at path KLs MNIST_KLS and each scoresde method's lead over each baseline's curve."""
+    """Class share and FID-style distance against path KL for every method file of `tag` present (the tuned pick's
+    curves solid, other lrs dashed); the table holds every snapshot, the share at path KLs MNIST_KLS and each
+    scoresde method's lead over each baseline's curve."""
     plt = common.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     lines = ["| method | beta | lr | iteration | class share | path KL | FID-style |", "|---|---|---|---|---|---|---|"]
-    curves = {}
+    curves, picked = {}, set()
     for method in METHODS_RUN:
         path = common.out_dir(NAME) / f"alignment_mnist{tag}_{method}.json"
         if not path.exists():
             continue
         res = json.loads(path.read_text())
-        for beta, r in res["runs"].items():
+        for key, r in res["runs"].items():
+            beta, lr = r.get("beta", None if key == "None" else key), r.get("lr", MNIST_LR)  # files before session 32
             snaps = [{"kl": 0.0, "share": res["pretrained"]["share"], "fid": res["pretrained"]["fid"]}] + r["snapshots"]
-            lab = method if beta == "None" else f"{method} beta={beta}"
+            lab = f"{method} lr={lr:g}" + ("" if beta in (None, "None") else f" beta={beta}")
             curves[lab] = mnist_curve(res["pretrained"], r["snapshots"])
-            axes[0].plot([d["kl"] for d in snaps], [d["share"] for d in snaps], "o-", ms=3, label=lab)
-            axes[1].plot([d["kl"] for d in snaps], [d["fid"] for d in snaps], "o-", ms=3, label=lab)
-            lr = f"{r['lr']:g}" if "lr" in r else f"{MNIST_LR:g}"
-            lines += [f"| {method} | {beta} | {lr} | {d['iteration']} | {d['share']:.3f} +- {d['share_se']:.3f} | "
-                      f"{d['kl']:.2f} +- {d['kl_se']:.2f} | {d['fid']:.1f} |" for d in r["snapshots"]]
+            if r.get("picked", True):
+                picked.add(lab)
+            style = "o-" if lab in picked else "o--"
+            axes[0].plot([d["kl"] for d in snaps], [d["share"] for d in snaps], style, ms=3, label=lab)
+            axes[1].plot([d["kl"] for d in snaps], [d["fid"] for d in snaps], style, ms=3, label=lab)
+            lines += [f"| {method} | {beta} | {lr:g}{'' if lab in picked else ' (not the pick)'} | {d['iteration']} | "
+                      f"{d['share']:.3f} +- {d['share_se']:.3f} | {d['kl']:.2f} +- {d['kl_se']:.2f} | {d['fid']:.1f} |"
+                      for d in r["snapshots"]]
     for ax, lab in zip(axes, ("share classified as the target digit", "FID-style to that digit's real images")):
         ax.set_xscale("symlog", linthresh=1.0), ax.set_xlabel("path KL to the pretrained model"), ax.set_ylabel(lab)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     common.save_figure(fig, NAME, f"alignment_mnist{tag}.png", dpi=110)
     lines += ["", "Class share where each curve first reaches a path KL (its last share where it stops short; reached: the "
@@ -924,13 +929,14 @@ def plot_mnist(tag: str = "") -> None:
               "|---|" + "---|" * (len(MNIST_KLS) + 1)]
     lines += [f"| {lab} | " + " | ".join(f"{share_at_kl(c, k):.3f}" for k in MNIST_KLS) + f" | {max(k for k, _ in c):.2f} |"
               for lab, c in curves.items()]
-    ours = [lab for lab in curves if lab.split()[0] in OURS]
+    ours = [lab for lab in curves if lab.split()[0] in OURS and lab in picked]
     base = [lab for lab in curves if lab.split()[0] in ("dpok", "ddpo")]
     if ours and base:
-        lines += ["", "Smallest lead in class share of the row's curve over the column's, across the path KLs both reach "
-                  "(above 0: it dominates there):", "", "| | " + " | ".join(base) + " |", "|---|" + "---|" * len(base)]
-        lines += [f"| {o} | " + " | ".join(f"{d:+.3f}" if (d := dominance(curves[o], curves[b])) is not None else "-"
-                                          for b in base) + " |" for o in ours]
+        lines += ["", "Lead in class share of the row's curve over the column's across the path KLs both reach, smallest / "
+                  "mean (smallest above 0: it dominates there):", "", "| | " + " | ".join(base) + " |",
+                  "|---|" + "---|" * len(base)]
+        lines += [f"| {o} | " + " | ".join(f"{d.min():+.4f} / {d.mean():+.3f}" if (d := leads(curves[o], curves[b]))
+                                          is not None else "-" for b in base) + " |" for o in ours]
     common.write_text(NAME, f"alignment_mnist{tag}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -976,7 +982,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-methods", nargs="+", default=list(METHODS_RUN))
     p.add_argument("--mnist-label", type=int, default=3, help="mnist: the digit of the report")
     p.add_argument("--mnist-lrs", type=float, nargs="+", default=None,
-                   help=f"mnist-tune: the lrs swept (default {' '.join(f'{v:g}' for v in MNIST_LRS)}); mnist: one lr "
+                   help=f"mnist-tune: the lrs swept (default {' '.join(f'{v:g}' for v in MNIST_LRS)}); mnist: these lrs "
                         f"for every method (default each method's tuned lr, else {MNIST_LR:g})")
     p.add_argument("--mnist-snapshots", type=int, default=3, help="mnist parts: evaluations along each run")
     common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")

@@ -253,8 +253,8 @@ def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_
         assert max(d["score"] for d in sweep) == next(d["score"] for d in sweep if d["lr"] == best)
         saved = common.read_json(common.out_dir(alignment.NAME) / f"alignment_mnist_t_{method}.json")
         assert saved["step"] == 3 and saved["run"].endswith("VP") and saved["label"] == 3
-        run = saved["runs"]["None" if method == "ddpo" else "1.0"]
-        assert run["lr"] == best and run["snapshots"] and saved["lr_from"] == "alignment_mnist_tuned_t.json"
+        run = saved["runs"][f"beta={None if method == 'ddpo' else 1.0} lr={best:g}"]
+        assert run["lr"] == best and run["picked"] and run["snapshots"] and saved["lr_from"] == "alignment_mnist_tuned_t.json"
     assert (common.out_dir(alignment.NAME) / "alignment_mnist_t.png").exists()
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist-tune", "--mnist-methods", "pg",
                   "--tag", "_t", "--mnist-lrs", "3e-4")  # an lr added later joins the sweep; the others' are kept
@@ -262,29 +262,34 @@ def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_
     again = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_tuned_t.json")["methods"]
     assert [d["lr"] for d in again["pg"]["sweep"]] == [*alignment.MNIST_LRS, 3e-4]
     assert again["pg"]["sweep"][:3] == tuned["methods"]["pg"]["sweep"] and again["ddpo"] == tuned["methods"]["ddpo"]
-    assert "| pg beta=1.0 | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
-    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-lrs", "1e-5", "1e-4")
-    assert res.returncode != 0 and "--mnist-lrs" in res.stderr and "Traceback" not in res.stderr
+    best = tuned["methods"]["pg"]["best_lr"]
+    assert f"| pg lr={best:g} beta=1.0 | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-methods", "ddpo",
+                  "--tag", "_t", "--mnist-lrs", "1e-5", "1e-4")  # other lrs join the pick's run, flagged
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = common.read_json(common.out_dir(alignment.NAME) / "alignment_mnist_t_ddpo.json")["runs"]
+    best = tuned["methods"]["ddpo"]["best_lr"]
+    assert {key: r["picked"] for key, r in runs.items()} == {f"beta=None lr={lr:g}": lr == best for lr in {best, 1e-5, 1e-4}}
+    assert "| ddpo | None | 0.0001 (not the pick) | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-run", str(tmp_path / "no"))
     assert res.returncode != 0 and "--mnist-run" in res.stderr and "Traceback" not in res.stderr
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "grid-floors", "--device", "auto")
     assert res.returncode != 0 and "--device auto applies to --parts mnist" in res.stderr  # not silently ignored
 
 
-def test_alignment_share_at_kl_and_dominance_read_a_piecewise_linear_curve():
+def test_alignment_share_at_kl_and_leads_read_a_piecewise_linear_curve():
     """share_at_kl interpolates where the curve first crosses the KL (a curve that turns back counts its first
-    crossing) and keeps the last share of a curve that stops short; dominance is the smallest lead over the common
-    KL range, here known in closed form."""
-    from benchmarks.alignment import dominance, share_at_kl
+    crossing) and keeps the last share of a curve that stops short; leads are known in closed form here."""
+    from benchmarks.alignment import leads, share_at_kl
 
     curve = [(0.0, 0.1), (0.5, 0.3), (2.0, 0.6), (1.0, 0.9)]
     assert share_at_kl(curve, 0.25) == pytest.approx(0.2) and share_at_kl(curve, 1.25) == pytest.approx(0.45)
     assert share_at_kl(curve, 0.5) == pytest.approx(0.3) and share_at_kl(curve, 3.0) == 0.9
     a, b = [(0.0, 0.1), (1.0, 0.5), (3.0, 0.7)], [(0.0, 0.1), (2.0, 0.3)]
-    # on the common range (0, 2]: a - b = 0.3 k up to k = 1, then 0.3; the grid's first KL is 2 / n
-    assert dominance(a, b, n=200) == pytest.approx(0.3 * 2 / 200)
-    assert dominance(b, a, n=200) == pytest.approx(-0.3)
-    assert dominance(a, [(0.0, 0.1)]) is None
+    ks = np.linspace(0.01, 2.0, 200)  # the common range (0, 2]: a - b = 0.3 k up to k = 1, then 0.3
+    assert leads(a, b, n=200) == pytest.approx(np.minimum(0.3 * ks, 0.3))
+    assert leads(b, a, n=200) == pytest.approx(-np.minimum(0.3 * ks, 0.3))
+    assert leads(a, [(0.0, 0.1)]) is None
 
 
 def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
