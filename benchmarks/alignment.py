@@ -883,7 +883,8 @@ def mnist_part(args) -> None:
     tuned = common.read_json(tuned_path).get("methods", {}) if tuned_path.exists() else {}
     for method in args.mnist_methods:
         pick = tuned.get(method, {}).get("best_lr", MNIST_LR)
-        runs = {f"beta={beta} lr={lr:g}": {"beta": beta, **task.finetune(method, beta, lr, REPORT_SEED), "picked": lr == pick}
+        runs = {f"beta={beta} lr={lr:g}": {"beta": beta, **task.finetune(method, beta, lr, args.report_seed),
+                                           "picked": lr == pick, "seed": args.report_seed}
                 for lr in args.mnist_lrs or [pick] for beta in ([None] if method == "ddpo" else args.mnist_betas)}
         path = common.out_dir(NAME) / f"alignment_mnist{args.tag}_{method}.json"
         old = common.read_json(path)["runs"] if path.exists() else {}  # read late, as mnist-tune does
@@ -965,7 +966,7 @@ def add_arguments(p) -> None:
     p.add_argument("--methods", nargs="+", choices=[*METHODS_RUN, EQUAL], default=None,
                    help="exact-tune, exact: only these methods (the others' saved rows are kept)")
     p.add_argument("--report-seed", type=int, default=REPORT_SEED,
-                   help="exact: the training seed of the report (the evaluation chains keep theirs)")
+                   help="exact, mnist: the training seed of the report (the evaluation chains keep theirs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                    help="seed-spread, default-method: the training seeds")
     p.add_argument("--default-option", nargs="+", default=[], metavar="KEY=VALUE",
