@@ -292,6 +292,22 @@ def test_alignment_share_at_kl_and_leads_read_a_piecewise_linear_curve():
     assert leads(a, [(0.0, 0.1)]) is None
 
 
+def test_alignment_budget_share_mixes_the_models_of_a_curve():
+    """budget_share: the best share of a random pick among the curve's models whose mean KL is within the budget;
+    checked against the linear programme over the mixture weights (scipy's linprog)."""
+    from scipy.optimize import linprog
+
+    from benchmarks.alignment import budget_share
+
+    curve = [(0.0, 0.1), (2.0, 0.5), (1.0, 0.2), (3.0, 0.45)]
+    assert budget_share(curve, 1.0) == pytest.approx(0.3) and budget_share(curve, 0.5) == pytest.approx(0.2)
+    assert budget_share(curve, 4.0) == 0.5
+    ks, ss = np.array([k for k, _ in curve]), np.array([s for _, s in curve])
+    for budget in (0.3, 1.0, 1.7, 2.5, 3.0):
+        lp = linprog(-ss, A_ub=ks[None], b_ub=[budget], A_eq=np.ones((1, len(curve))), b_eq=[1.0], bounds=(0, None))
+        assert -lp.fun == pytest.approx(budget_share(curve, budget), abs=1e-9)
+
+
 def test_alignment_exact_runs_on_part_of_the_targets_and_methods_share_one_file(tmp_path):
     """`alignment --parts exact-tune exact` on some targets / methods lays its rows over the saved file of its tag;
     pg tuned to the value baseline (more reward evaluations) brings a pg-equal row, and the equal-evaluation
