@@ -974,7 +974,7 @@ def add_arguments(p) -> None:
     p.add_argument("--toy-iters", type=int, default=150)
     p.add_argument("--toy-betas", type=float, nargs="+", default=[0.5, 2.0])
     p.add_argument("--toy-ref", type=int, default=200000)
-    p.add_argument("--snapshots", type=int, default=8, help="exact parts: evaluations along each training run")
+    p.add_argument("--snapshots", type=common.positive_int, default=8, help="exact parts: evaluations along each training run")
     p.add_argument("--sweep", type=int, default=None, help="exact-tune: the first SWEEP knob settings of each method (all)")
     p.add_argument("--targets", nargs="+", choices=["mix2", "mix16"], default=["mix2", "mix16"],
                    help="exact-tune, exact: the targets run (others already saved under the same tag are kept)")
@@ -1001,7 +1001,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mnist-lrs", type=float, nargs="+", default=None,
                    help=f"mnist-tune: the lrs swept (default {' '.join(f'{v:g}' for v in MNIST_LRS)}); mnist: these lrs "
                         f"for every method (default each method's tuned lr, else {MNIST_LR:g})")
-    p.add_argument("--mnist-snapshots", type=int, default=3, help="mnist parts: evaluations along each run")
+    p.add_argument("--mnist-snapshots", type=common.positive_int, default=3, help="mnist parts: evaluations along each run")
     common.add_device(p, "the MNIST part fine-tunes and samples (the exact parts run on the CPU)")
     p.add_argument("--parts", nargs="+", default=["tilt", "grid", "toy"],
                    help="tilt grid toy (issue 11); exact-tune, exact, mnist-tune, mnist, grid-floors, adjoint-tails, "

@@ -64,6 +64,19 @@ def choice(allowed):
     return check
 
 
+def positive_int(value: str) -> int:
+    """An argparse `type` for a count that must be at least 1."""
+    import argparse
+
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return n
+
+
 def sampler_label(method: str, options: dict) -> str:
     """A sampler's name in result rows: the method and its options, e.g. "dpm2m_sde grid=uniform"."""
     return method + "".join(f" {k}={v}" for k, v in options.items())
