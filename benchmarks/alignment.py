@@ -864,6 +864,9 @@ class MnistTask:
 def mnist_tune(args) -> None:
     """Each method's lr (`--mnist-lrs`, default MNIST_LRS) on the hold-out digit MNIST_TUNE_LABEL at training seed
     TUNE_SEED, scored by the class share at path KL MNIST_KL_BUDGET; merged into alignment_mnist_tuned{tag}.json."""
+    if len(args.mnist_betas) != 1:
+        raise SystemExit(f"--mnist-betas: mnist-tune scores one beta, got {len(args.mnist_betas)} "
+                         f"({' '.join(f'{b:g}' for b in args.mnist_betas)})")
     task = MnistTask(args, MNIST_TUNE_LABEL)
     file = f"alignment_mnist_tuned{args.tag}.json"
     path = common.out_dir(NAME) / file

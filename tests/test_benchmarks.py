@@ -271,6 +271,8 @@ def test_alignment_mnist_part_finetunes_a_given_run_and_names_a_missing_one(tmp_
     best = tuned["methods"]["ddpo"]["best_lr"]
     assert {key: r["picked"] for key, r in runs.items()} == {f"beta=None lr={lr:g}": lr == best for lr in {best, 1e-5, 1e-4}}
     assert "| ddpo | None | 0.0001 (not the pick) | " in (common.out_dir(alignment.NAME) / "alignment_mnist_t.md").read_text()
+    res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist-tune", "--mnist-betas", "1", "2")
+    assert res.returncode != 0 and "--mnist-betas: mnist-tune scores one beta, got 2" in res.stderr  # not ignored
     res = harness("alignment", "--quick", "--out", str(tmp_path), "--parts", "mnist", "--mnist-snapshots", "0")
     assert res.returncode != 0 and "--mnist-snapshots: '0' is not a whole number >= 1" in res.stderr
     assert "Traceback" not in res.stderr
