@@ -396,11 +396,16 @@ def heldout_target(name: str) -> GaussianMixture:
     return random_mixture(dim, 8, seed=seed)
 
 
-def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[dict]:
-    """On each target: the fixed grid (unipc2, schedule="default": sample()'s default before session 24), the
-    automatic schedule (unipc2 with auto_schedule's ts / denoise: at nfe <= AUTO_MAX_NFE, its cost recorded), the
-    ORACLE variants and every diffusers configuration, from the same x_T (drawn from `seed`); n samples, null spread
-    from NULL_REPEATS exact samples of size n."""
+AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the automatic schedule of each method
+FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
+
+
+def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list[str] | None = None) -> list[dict]:
+    """On each target: the fixed grids of unipc2 ("scoresde/default", sample()'s default before session 24) and
+    ipndm, the automatic schedule of each (AUTO_ROWS: auto_schedule's ts / denoise at nfe <= AUTO_MAX_NFE, its cost
+    recorded), the ORACLE variants and every diffusers configuration, from the same x_T (drawn from `seed`); n
+    samples, null spread from NULL_REPEATS exact samples of size n. `only`: just these configurations and no null
+    row (cells added to a run whose files hold it)."""
     sde, rows = VP(), []
     for tname in names:
         target = heldout_target(tname)
@@ -408,21 +413,27 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
         score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
         gen = torch.Generator().manual_seed(seed)
         scorer = Scorer(target, n, gen)
-        rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
-                     "seed": seed,
-                     **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
+        if only is None:
+            rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
+                         "seed": seed, **{k: v[0] for k, v in scorer.null.items()},
+                         **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         for nfe in nfes:
-            t0 = time.perf_counter()
-            auto = (auto_schedule(sde, score_fn, (target.dim,), method="unipc2", nfe=nfe, dtype=F64)
-                    if nfe <= AUTO_MAX_NFE else None)
-            cost = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
-                    "auto_choice": auto.choice, "auto_denoise": auto.denoise,
-                    "auto_ts": [round(float(t), 5) for t in auto.ts]} if auto else {}
-            cells = [("scoresde/default", "unipc2", {}),
-                     ("scoresde/auto", "unipc2", {"ts": auto.ts, "denoise": auto.denoise} if auto else {})]
+            cells, cost = [("scoresde/default", "unipc2", {}), ("scoresde/ipndm", "ipndm", {})], {}
+            for name, method in AUTO_ROWS.items():
+                if nfe > AUTO_MAX_NFE or (only is not None and name not in only):
+                    cells.append((name, method, {}))  # the fixed grid (only the unipc2 row is kept above NFE 10)
+                    continue
+                t0 = time.perf_counter()
+                auto = auto_schedule(sde, score_fn, (target.dim,), method=method, nfe=nfe, dtype=F64)
+                cost[name] = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
+                              "auto_choice": auto.choice, "auto_denoise": auto.denoise,
+                              "auto_ts": [round(float(t), 5) for t in auto.ts]}
+                cells.append((name, method, {"ts": auto.ts, "denoise": auto.denoise}))
             cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
             cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
+            cells = [c for c in cells if (only is None or c[0] in only)
+                     and not (nfe > AUTO_MAX_NFE and c[0] in AUTO_ROWS and c[0] != "scoresde/auto")]
             for name, method, spec in cells:
                 t0 = time.perf_counter()
                 if method == "peer":
@@ -431,9 +442,9 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1) -> list[di
                     x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
                                      schedule="default", **spec), nfe
                 row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, "seed": seed, **scorer(x),
-                       "seconds": round(time.perf_counter() - t0, 2), **(cost if name == "scoresde/auto" else {})}
+                       "seconds": round(time.perf_counter() - t0, 2), **cost.get(name, {})}
                 rows.append(row)
-                if name in ("scoresde/default", "scoresde/auto"):
+                if name in AUTO_ROWS or name in FIXED_ROWS.values():
                     print(json.dumps(row), flush=True)
     return rows
 
@@ -486,58 +497,77 @@ def default_path(names: list[str], n: int, nfes: list[int], seed: int = 1) -> li
 
 
 def heldout_report(rows: list[dict], part: str) -> str:
-    """Per target and NFE: the untuned default, the automatic schedule, the per-target best of scoresde (oracle)
-    and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run (`pool_seeds`) with the null's 2 sd for
-    that many; the goals of issue 22 checked cell by cell; a figure."""
+    """Per target and NFE: the untuned default, the automatic schedule of each method present (AUTO_ROWS), the
+    per-target best of scoresde (oracle) and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run
+    (`pool_seeds`) with the null's 2 sd for that many; the goals of issue 22 checked cell by cell for each
+    automatic schedule (against its own method's fixed grid); a figure."""
     rows = pool_seeds(rows)
     names = list(dict.fromkeys(r["target"] for r in rows))
     nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
+    autos = [a for a in AUTO_ROWS if any(r["config"] == a for r in rows)]
+    head = " | ".join(f"{a[9:]} | {a[9:]} cost (evals, s) | {a[9:]} / best diffusers | {a[9:]} / its default"
+                      for a in autos)
     lines = [f"held-out part {part!r}: n = {rows[0]['n']} samples per cell and x_T seed, exact scores, VP; MMD^2 "
              "(sum over the bandwidths {0.5, 1, 2} sqrt(tr Cov)) averaged over the seeds of the cell; 'floor': both "
-             "below 2 null sd of that average\n",
-             "| target | NFE | seeds | 2 null sd | default | auto | auto cost (evals, s) | best scoresde (oracle) "
-             "| best diffusers | auto / best diffusers | auto / default | |gap| default / auto / peer |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "below 2 null sd of that average; 'auto' is unipc2's automatic schedule, 'auto-ipndm' ipndm's; each "
+             "is compared with its own method's fixed grid ('default' is unipc2's)\n",
+             f"| target | NFE | seeds | 2 null sd | default | {head} | best scoresde (oracle) | best diffusers "
+             f"| |gap| default / {' / '.join(a[9:] for a in autos)} / peer |",
+             "|" + "---|" * (8 + 4 * len(autos))]
     verdicts, ratios = [], {}
     for t in names:
         null = [r for r in rows if r["target"] == t and r["nfe"] == 0][0]
         for nfe in nfes:
             cell = [r for r in rows if r["target"] == t and r["nfe"] == nfe]
             get = {r["config"]: r for r in cell}
-            d, a = get["scoresde/default"], get["scoresde/auto"]
+            d = get["scoresde/default"]
             k = d["seeds"]
             cell = [r for r in cell if r["seeds"] == k]  # a configuration missing from a seed does not compete
+            get = {r["config"]: r for r in cell}
             floor = {"mmd2": 2 * null["mmd2_sd"] / k**0.5, "mmd2_fine": 2 * null["mmd2_fine_sd"] / k**0.5,
                      "abs_gap": float("inf")}
             o, p = best(cell, t, nfe, "mmd2", "scoresde"), best(cell, t, nfe, "mmd2", "diffusers")
-            vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, d, "mmd2", floor)
-            ratios[(t, nfe)] = (value(a, "mmd2") / value(p, "mmd2"), value(d, "mmd2") / value(p, "mmd2"))
-            at_floor = value(a, "mmd2") < floor["mmd2"]
-            ok_peer = vs_peer.startswith("floor") or float(vs_peer) <= 0.5
-            ok_default = vs_default.startswith("floor") or float(vs_default) <= 1.0
-            verdicts.append((t, nfe, ok_peer, ok_default, at_floor))
-            cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
-            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | "
-                         f"{value(a, 'mmd2'):.2e} | "
-                         f"{cost} | {o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
-                         f"| {vs_peer} | {vs_default} | {abs(d['gap']):.2f} / {abs(a['gap']):.2f} / {abs(p['gap']):.2f} |")
+            cols, gaps = [], []
+            for name in autos:
+                a, own = get.get(name), get.get(FIXED_ROWS[name])
+                if a is None or own is None:
+                    cols.append("- | - | - | -"), gaps.append("-")
+                    continue
+                vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, own, "mmd2", floor)
+                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2")
+                verdicts.append((name, t, nfe, vs_peer.startswith("floor") or float(vs_peer) <= 0.5,
+                                 vs_default.startswith("floor") or float(vs_default) <= 1.0,
+                                 value(a, "mmd2") < floor["mmd2"]))
+                cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
+                cols.append(f"{value(a, 'mmd2'):.2e} | {cost} | {vs_peer} | {vs_default}")
+                gaps.append(f"{abs(a['gap']):.2f}")
+            ratios[("default", t, nfe)] = value(d, "mmd2") / value(p, "mmd2")
+            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {' | '.join(cols)} | "
+                         f"{o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
+                         f"| {abs(d['gap']):.2f} / {' / '.join(gaps)} / {abs(p['gap']):.2f} |")
     lines.append("\nGoals (issue 22), cells meeting each:")
-    for nfe in nfes:
-        cells = [v for v in verdicts if v[1] == nfe]
-        if nfe <= AUTO_MAX_NFE:
-            lines.append(f"- NFE {nfe}: auto <= 0.5x best diffusers (or both at the floor) in "
-                         f"{sum(v[2] for v in cells)}/{len(cells)}; auto never worse than the default in "
-                         f"{sum(v[3] for v in cells)}/{len(cells)}; missed: "
-                         f"{', '.join(v[0] for v in cells if not (v[2] and v[3])) or 'none'}")
-        else:
-            lines.append(f"- NFE {nfe}: auto (= the default grid) at the floor in {sum(v[4] for v in cells)}/"
-                         f"{len(cells)}; not at the floor: {', '.join(v[0] for v in cells if not v[4]) or 'none'}")
+    for name in autos:
+        for nfe in nfes:
+            cells = [v for v in verdicts if v[0] == name and v[2] == nfe]
+            if not cells:
+                continue
+            if nfe <= AUTO_MAX_NFE:
+                lines.append(f"- {name[9:]}, NFE {nfe}: <= 0.5x best diffusers (or both at the floor) in "
+                             f"{sum(v[3] for v in cells)}/{len(cells)}; never worse than its fixed grid in "
+                             f"{sum(v[4] for v in cells)}/{len(cells)}; missed: "
+                             f"{', '.join(v[1] for v in cells if not (v[3] and v[4])) or 'none'}")
+            else:
+                lines.append(f"- {name[9:]}, NFE {nfe}: (= the fixed grid) at the floor in "
+                             f"{sum(v[5] for v in cells)}/{len(cells)}; not at the floor: "
+                             f"{', '.join(v[1] for v in cells if not v[5]) or 'none'}")
     plt = common.plt()
     fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
     for ax, nfe in zip(axes[0], nfes):
         xs = np.arange(len(names))
-        for j, (label, style) in enumerate((("auto / best diffusers", "o"), ("default / best diffusers", "x"))):
-            ax.scatter(xs, [max(ratios[(t, nfe)][j], 1e-3) for t in names], marker=style, label=label)
+        for name, style in zip(["default"] + autos, "xos"):
+            ys = [ratios.get((name, t, nfe)) for t in names]
+            ax.scatter([x for x, y in zip(xs, ys) if y is not None], [max(y, 1e-3) for y in ys if y is not None],
+                       marker=style, label=f"{name.removeprefix('scoresde/')} / best diffusers")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio", xticks=xs)
@@ -556,7 +586,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--device", default="cpu", help="overhead stage only: cuda writes samplers_overhead_cuda.json")
     ap.add_argument("--overhead-steps", type=int, default=50, help="steps per timed overhead run")
     ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
-    ap.add_argument("--configs", nargs="+", default=None, help="only these configuration names (default all)")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="only these configuration names (default all); --part heldout / select: and no null row")
     ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report", "default-path"), default="main",
                     help="heldout / select: the default, the automatic schedule and the per-target best against "
                          "diffusers on the reporting / selection targets (issue 22); heldout-report: one report "
@@ -572,7 +603,9 @@ def add_arguments(ap) -> None:
 def run_tag(args) -> str:
     if args.part != "main":
         return (args.part + ("-" + "-".join(args.targets) if args.targets else "")
-                + (f"-seed{args.heldout_seed}" if args.heldout_seed != 1 else ""))
+                + (f"-seed{args.heldout_seed}" if args.heldout_seed != 1 else "")
+                + ("-only-" + "-".join(c.split("/")[-1].replace("/", "_") for c in args.configs)
+                   if args.configs else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
 
 
@@ -596,8 +629,10 @@ def run(args):
         names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
         nfes = [v for v in args.nfes if v in HELDOUT_NFES] or list(HELDOUT_NFES)
         tag = run_tag(args)
-        rows = heldout(names, args.n_heldout, nfes, seed=args.heldout_seed)
+        rows = heldout(names, args.n_heldout, nfes, seed=args.heldout_seed, only=args.configs)
         common.write_json(NAME, rows, file=f"samplers_{tag}.json", indent=None)
+        if args.configs:  # cells added to the runs that hold the null rows: --part heldout-report merges them
+            return
         text = heldout_report(rows, tag)
         common.write_text(NAME, f"samplers_{tag}.md", text)
         print(text)

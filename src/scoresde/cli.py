@@ -164,7 +164,7 @@ def _open_run(run: Path, device: str | None):
     return r
 
 
-SCHEDULE_HELP = ("auto | default. auto: unipc2 / unipc3 / sa3 at nfe <= 10 (sa3 with tau > 0: nfe <= 20) on a "
+SCHEDULE_HELP = ("auto | default. auto: ipndm / unipc2 / unipc3 / sa3 at nfe <= 10 (sa3 with tau > 0: nfe <= 20) on a "
                  "schedule searched once per model and nfe (0.7e6-3.2e6 score evaluations) and kept in the run folder; "
                  "default: the fixed grid. Unset: auto where it applies at nfe <= 10, else the fixed grid")
 

@@ -29,7 +29,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     schedule: "default", the method's fixed grid (or the options' grid); "auto", the automatic schedule
     (`schedule.cached_schedule`: searched from score_fn once per score object, method, nfe, sample shape, dtype
     and device, its cost logged; refused, naming why, where it does not apply); None: "auto" where it applies
-    unasked (`schedule.auto_by_default`: unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
+    unasked (`schedule.auto_by_default`: ipndm / unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
     given), else "default". The search draws its own probe points: it leaves `generator` untouched.
     """
     check_schedule(schedule)

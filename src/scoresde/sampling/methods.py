@@ -14,6 +14,7 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 | euler | ode_euler (probability flow) | steps + d |
 | heun | heun | 2 steps + d; d defaults to nfe odd, so every nfe >= 2 works |
 | dopri5 | dopri5 (adaptive) | at most nfe, else RuntimeError |
+| ipndm | ipndm: Adams-Bashforth on the noise prediction in sigma / alpha (order option, default 3) | steps + d |
 | dpm1, dpm2m, dpm3m | dpm_solver_multistep, order 1/2/3 | steps + d |
 | unipc2, unipc3 | dpm_solver_multistep, order 2/3, corrector, extrapolated denoise | steps + d |
 | sa3 | dpm_solver_multistep, order 3, corrector, tau (default 1): SA-Solver; tau = 0 is unipc3's solver | steps + d |
@@ -30,7 +31,7 @@ whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.
 to sde.t_min); chosen by benchmarks/samplers.py, dpm2m_sde's on the MNIST models (benchmarks/RESULTS.md
 session 29). Other methods end at sde.t_min.
 
-Automatic schedule: for unipc2 / unipc3 / sa3 (`Method.auto`) at nfe <= 10 the entry point `sampling.sample`
+Automatic schedule: for ipndm / unipc2 / unipc3 / sa3 (`Method.auto`) at nfe <= 10 the entry point `sampling.sample`
 (`entry`) runs them on the grid, end time and denoise that `schedule.cached_schedule` chooses from the model
 (searched once per score object, method and nfe); `schedule="default"` or any grid option keeps the fixed grid.
 
@@ -60,7 +61,7 @@ from .consistency import consistency_method
 from .ddim import ddim, ddpm
 from .edm import DEFAULT_S_CHURN, edm_sde
 from .grids import EXTRAPOLATED_END_RATIO, end_time_for_steps, time_grid
-from .ode import dopri5, dpm_solver_multistep, heun, ode_euler
+from .ode import dopri5, dpm_solver_multistep, heun, ipndm, ode_euler
 from .pc import annealed_langevin, predictor_corrector
 from .sde_multistep import sde_dpm_solver_multistep
 from .stochastic import euler_maruyama, exponential_integrator
@@ -141,6 +142,9 @@ for _name, _method in {
     # two evaluations per step: the final denoise is on where nfe is odd, so every nfe >= 2 works
     "heun": Method(heun, lambda o: 2, grid="edm", denoise=lambda nfe: nfe % 2 == 1),
     "dopri5": Method(dopri5, adaptive=True),
+    # uniform in t and order 3: the best of its families, end times and orders at NFE 5 on the near-singular
+    # selection target sing16s301 (benchmarks/RESULTS.md, session 33); the automatic schedule applies
+    "ipndm": Method(ipndm, grid="uniform", linear=True, auto=True),
     # default grid "poly" (t quadratic): best at NFE 5 on both benchmark targets, mixed with uniform at
     # NFE 10, ahead of log-SNR and EDM rho = 7, tied at NFE >= 20 (benchmarks/RESULTS.md)
     "dpm1": Method(partial(dpm_solver_multistep, order=1), grid="poly", linear=True),

@@ -11,7 +11,8 @@ prior draws cancels most of the estimate's noise in the comparison of schedules 
 i != j pairs keep it an estimate of the distance between laws, not of the path error.
 
 The search, as Align Your Steps (Sabour et al. 2404.14507) does, starts from a hand-made grid and then
-moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm") to end
+moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm", and the
+method's own default grid) to end
 noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise on (nfe - 1 steps) or off (nfe
 steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
 end time; (3) a check on probe draws that no choice saw: the schedule returned is the best of the method's
@@ -201,7 +202,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                 if not lam_max < lam_end < lam_min:
                     continue
                 t_end = float(sde.inverse_log_snr(torch.tensor(lam_end, dtype=torch.float64)))
-                for kind, power in _FAMILIES:
+                for kind, power in dict.fromkeys(_FAMILIES + ((spec.grid, spec.power),)):
                     try:
                         ts = time_grid(sde, n_steps, kind, t_end=t_end, power=power)
                     except InvalidValueError:
