@@ -434,6 +434,34 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
 
 
+def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer_and_its_own_fixed_grid(tmp_path,
+                                                                                                      monkeypatch):
+    """Two targets, x_T seeds 1 and 2, the null from the first run and the ipndm rows added by a run with
+    --configs (no null row): each automatic schedule's goals are counted against the best diffusers row and its own
+    method's fixed grid, from the seed means; a row present for one seed only does not compete."""
+    from benchmarks import common, samplers
+
+    monkeypatch.setenv(common.ENV_VAR, str(tmp_path))
+    rows = []
+    for seed in (1, 2):
+        for t in ("a", "b"):
+            rows.append({"target": t, "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": seed,
+                         "mmd2": 0.0, "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5})
+            values = {"scoresde/default": 4e-3, "scoresde/auto": 3e-3, "diffusers/X/default": 2e-3,
+                      "scoresde/ipndm": 5e-3 if t == "a" else 1e-3, "scoresde/auto-ipndm": 9e-4 if t == "a" else 2e-3}
+            rows += [{"target": t, "config": c, "nfe": 5, "n": 10, "seed": seed, "mmd2": v, "mmd2_fine": v,
+                      "gap": 1.0} for c, v in values.items()]
+    rows.append({"target": "a", "config": "diffusers/Y/default", "nfe": 5, "n": 10, "seed": 1, "mmd2": 1e-6,
+                 "mmd2_fine": 0.0, "gap": 0.0})  # seed 1 only: not the best peer
+    text = samplers.heldout_report(rows, "test")
+    assert "- auto, NFE 5: <= 0.5x best diffusers (or both at the floor) in 0/2; never worse than its fixed grid in " \
+           "2/2; missed: a, b" in text
+    assert "- auto-ipndm, NFE 5: <= 0.5x best diffusers (or both at the floor) in 1/2; never worse than its fixed " \
+           "grid in 1/2; missed: b" in text
+    assert "| a | 5 | 2 |" in text and "X/default 2.00e-03" in text
+    assert (tmp_path / "samplers" / "samplers_test.png").exists()
+
+
 def test_stochastic_versus_pools_each_seed_at_its_largest_n_only():
     """Two runs of one seed share their generator, so `largest_n` keeps one row per (target, NFE, configuration,
     seed): the largest n."""

@@ -110,7 +110,7 @@ def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(r
         in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "dpm2m", "--nfe", "5", "--schedule", "auto",
                               "--out", out])
-    assert res.exit_code == 2 and "schedule='auto' applies to methods sa3, unipc2, unipc3" in res.output
+    assert res.exit_code == 2 and "schedule='auto' applies to methods ipndm, sa3, unipc2, unipc3" in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--nfe", "5", "--schedule", "fast", "--out", out])
     assert res.exit_code == 2 and "--schedule must be one of default, auto; got 'fast'" in res.output
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "5", "--schedule", "auto",

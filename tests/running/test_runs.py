@@ -75,7 +75,7 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     with pytest.raises(InvalidValueError, match="does not combine with label"):
         sample_run(r, 4, method="unipc2", nfe=5, label=0, schedule="auto")
     for kw, why in (({"method": "unipc2", "nfe": 5, "t_end": 0.05}, "does not combine with t_end"),
-                    ({"method": "dpm2m", "nfe": 5}, "applies to methods sa3, unipc2, unipc3"),
+                    ({"method": "dpm2m", "nfe": 5}, "applies to methods ipndm, sa3, unipc2, unipc3"),
                     ({"method": "unipc2", "nfe": 11}, "applies at 2 <= nfe <= 10")):
         with pytest.raises(InvalidValueError, match=why):
             runs.run_schedule(r, **kw)

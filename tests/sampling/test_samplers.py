@@ -1,5 +1,6 @@
 """Tests of scoresde.samplers against closed forms, a tight dopri5 reference and exact densities."""
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from scoresde.sampling import (
     sample,
     time_grid,
 )
-from scoresde.sampling.ode import exp_adams_weights
+from scoresde.sampling.ode import exp_adams_weights, ipndm
 from scoresde.core.gaussian import ei_coefficients
 
 LINEAR_SDES = [VP(), SubVP(), VE(), VEEDM(), OU(), ContractiveOU(), ContractiveVP()]
@@ -165,7 +166,7 @@ def test_exponential_integrator_exact_for_the_linear_part(sde, gen):
 
 BUDGETS = {"em": 7, "ei": 7, "pc": 9, "ald": 9, "euler": 7, "heun": 7, "dpm1": 7, "dpm2m": 7, "dpm3m": 7,
            "dpm2m_sde": 7, "dpm3m_sde": 7, "edm_sde": 7,
-           "ddim": 7, "ddpm": 7, "unipc2": 7, "unipc3": 7, "sa3": 7}
+           "ddim": 7, "ddpm": 7, "unipc2": 7, "unipc3": 7, "sa3": 7, "ipndm": 7}
 
 
 @pytest.mark.parametrize("method", sorted(BUDGETS))
@@ -376,10 +377,14 @@ def vp_reference():
     (lambda *a, **k: dpm_solver_multistep(*a, order=1, corrector=True, **k), "logsnr", 2),
     (lambda *a, **k: dpm_solver_multistep(*a, order=2, lower_order_final=False, corrector=True, **k), "logsnr", 3),
     (lambda *a, **k: dpm_solver_multistep(*a, order=3, lower_order_final=False, corrector=True, **k), "logsnr", 4),
-], ids=["euler", "heun", "ddim", "dpm2m", "dpm3m", "dpm1+corrector", "dpm2m+corrector", "dpm3m+corrector"])
+    (lambda *a, **k: ipndm(*a, order=1, **k), "logsnr", 1),
+    (lambda *a, **k: ipndm(*a, order=3, **k), "logsnr", 2),
+], ids=["euler", "heun", "ddim", "dpm2m", "dpm3m", "dpm1+corrector", "dpm2m+corrector", "dpm3m+corrector",
+        "ipndm1", "ipndm3"])
 def test_observed_order_of_ode_solvers(solver, kind, order, vp_reference):
     """The UniC-style corrector raises each multistep solver's order by one at no extra NFE (the last step,
-    which no evaluation follows, is not corrected: a lower-order final step would cap the order)."""
+    which no evaluation follows, is not corrected: a lower-order final step would cap the order). iPNDM's
+    first step is Euler's (local error h^2, once), so its order-3 steps converge at order 2."""
     sde, t_end, x_T, ref = vp_reference
     steps = {4: [64, 128, 256], 3: [32, 64, 128]}.get(order, [16, 32, 64])
     err = _ode_errors(solver, sde, steps, t_end, kind, x_T, ref)
@@ -388,17 +393,36 @@ def test_observed_order_of_ode_solvers(solver, kind, order, vp_reference):
     assert order - 0.35 < rates[-1] < order + 0.6, (err, rates)
 
 
+@pytest.mark.parametrize("solver", [partial(dpm_solver_multistep, order=3), ipndm], ids=["dpm3m", "ipndm"])
 @pytest.mark.parametrize("sde", LINEAR_SDES, ids=lambda s: type(s).__name__)
-def test_multistep_solves_the_flow_of_every_linear_sde(sde):
-    """DPM-Solver++(3M), written only in (alpha, sigma, lambda), converges to the probability-flow
+def test_multistep_solves_the_flow_of_every_linear_sde(sde, solver):
+    """DPM-Solver++(3M) and iPNDM, written only in (alpha, sigma), converge to the probability-flow
     solution for VE, contractive and OU SDEs alike."""
     x_T = sde.prior_sample((100, 2), torch.Generator().manual_seed(3), F64)
     score = ring().score_fn(sde)
     ref = dopri5(sde, score, x_T, rtol=1e-10, atol=1e-10, denoise=False)
     scale = ref.norm(dim=1).mean()
-    errs = [(dpm_solver_multistep(sde, score, x_T, time_grid(sde, n, "logsnr", dtype=F64), order=3,
-                                  denoise=False) - ref).norm(dim=1).mean() / scale for n in (10, 40)]
+    errs = [(solver(sde, score, x_T, time_grid(sde, n, "logsnr", dtype=F64), denoise=False) - ref).norm(dim=1).mean()
+            / scale for n in (10, 40)]
     assert errs[1] < 5e-3 and errs[1] < errs[0] / 8, errs
+
+
+@pytest.mark.parametrize("sde", [VP(), VE(), ContractiveVP()], ids=lambda s: type(s).__name__)
+def test_ipndm_is_exact_where_the_data_are_a_point(sde):
+    """For data N(m, v) the flow maps y = x / alpha to m + (y - m) sqrt((v + rho'^2) / (v + rho^2)), rho = sigma /
+    alpha (closed form). As v -> 0 the noise prediction (y - m) / rho is constant along it, so three Adams-Bashforth
+    steps are exact (relative to the distance travelled); at v = 0.04 their error is 1e3 times larger."""
+    x_T = sde.prior_sample((100, 1), torch.Generator().manual_seed(1), F64)
+    ts = time_grid(sde, 3, "uniform", dtype=F64)
+    rho = sde.sigma(ts[[0, -1]]) / sde.alpha(ts[[0, -1]])
+    errors = []
+    for v in (1e-10, 0.04):
+        data = GaussianMixture(torch.ones(1, dtype=F64), torch.tensor([[0.5]], dtype=F64),
+                               torch.tensor([[[v]]], dtype=F64))
+        x = ipndm(sde, data.score_fn(sde), x_T, ts, denoise=False)
+        flow = sde.alpha(ts[-1]) * (0.5 + (x_T / sde.alpha(ts[0]) - 0.5) * torch.sqrt((v + rho[1]**2) / (v + rho[0]**2)))
+        errors.append(float((x - flow).abs().max() / (x_T - flow).abs().max()))
+    assert errors[0] < 1e-7 and errors[0] < 1e-3 * errors[1], errors
 
 
 @pytest.mark.parametrize("sde", [VP(), VE()], ids=lambda s: type(s).__name__)
