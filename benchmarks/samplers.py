@@ -364,7 +364,8 @@ HELDOUT_NFES = (5, 10, 20, 50)
 # the constants of sampling.schedule (bandwidths, families, end ratios, probe size) were set on SELECTION alone
 SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)] + ["sing16s301", "sing8s302"]
 REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
-             + ["sing16s401", "sing32s402", "sing8s403"])  # the last three: added with the near-singular selection
+             + ["sing16s401", "sing32s402", "sing8s403"]  # added with the near-singular selection (session 13)
+             + ["sing16s501", "sing32s502", "sing8s503"])  # fresh for ipndm's second report (session 33)
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
