@@ -434,14 +434,13 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
 
 
-def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer_and_its_own_fixed_grid(tmp_path,
-                                                                                                      monkeypatch):
+def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer_and_its_own_fixed_grid(tmp_path):
     """Two targets, x_T seeds 1 and 2, the null from the first run and the ipndm rows added by a run with
     --configs (no null row): each automatic schedule's goals are counted against the best diffusers row and its own
     method's fixed grid, from the seed means; a row present for one seed only does not compete."""
     from benchmarks import common, samplers
 
-    monkeypatch.setenv(common.ENV_VAR, str(tmp_path))
+    common.configure(tmp_path)
     rows = []
     for seed in (1, 2):
         for t in ("a", "b"):
