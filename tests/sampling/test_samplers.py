@@ -425,6 +425,13 @@ def test_ipndm_is_exact_where_the_data_are_a_point(sde):
     assert errors[0] < 1e-7 and errors[0] < 1e-3 * errors[1], errors
 
 
+def test_ipndm_refuses_an_order_it_has_no_coefficients_for():
+    sde = VP()
+    for order in (0, 5, 2.5):
+        with pytest.raises(ValueError, match=f"order must be 1, 2, 3 or 4, got {order}"):
+            sample(sde, ring().score_fn(sde), (8, 2), method="ipndm", nfe=5, schedule="default", order=order)
+
+
 @pytest.mark.parametrize("sde", [VP(), VE()], ids=lambda s: type(s).__name__)
 def test_extrapolated_denoise_follows_the_flow_to_zero(sde):
     """For a Gaussian target the probability flow from T to 0 is the affine map
