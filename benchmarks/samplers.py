@@ -421,9 +421,10 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         for nfe in nfes:
             cells, cost = [("scoresde/default", "unipc2", {}), ("scoresde/ipndm", "ipndm", {})], {}
-            for name, method in AUTO_ROWS.items():
-                if nfe > AUTO_MAX_NFE or (only is not None and name not in only):
-                    cells.append((name, method, {}))  # the fixed grid (only the unipc2 row is kept above NFE 10)
+            if nfe > AUTO_MAX_NFE:  # no schedule: unipc2's "auto" row is its fixed grid, as in the earlier sessions
+                cells.append(("scoresde/auto", "unipc2", {}))
+            for name, method in AUTO_ROWS.items() if nfe <= AUTO_MAX_NFE else ():
+                if only is not None and name not in only:
                     continue
                 t0 = time.perf_counter()
                 auto = auto_schedule(sde, score_fn, (target.dim,), method=method, nfe=nfe, dtype=F64)
@@ -433,8 +434,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
                 cells.append((name, method, {"ts": auto.ts, "denoise": auto.denoise}))
             cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
             cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
-            cells = [c for c in cells if (only is None or c[0] in only)
-                     and not (nfe > AUTO_MAX_NFE and c[0] in AUTO_ROWS and c[0] != "scoresde/auto")]
+            cells = [c for c in cells if only is None or c[0] in only]
             for name, method, spec in cells:
                 t0 = time.perf_counter()
                 if method == "peer":

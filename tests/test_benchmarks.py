@@ -461,6 +461,29 @@ def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer
     assert (tmp_path / "samplers" / "samplers_test.png").exists()
 
 
+def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(monkeypatch):
+    """Both automatic schedules at NFE 5 with their grids recorded, none above AUTO_MAX_NFE (unipc2's "auto" row is
+    its fixed grid there, bit for bit); `only` runs just the named cells and writes no null row (a small search and
+    no peers, for speed)."""
+    import functools
+
+    from benchmarks import samplers
+    from scoresde.sampling import schedule
+
+    monkeypatch.setattr(samplers, "auto_schedule",
+                        functools.partial(schedule.auto_schedule, n_probe=64, reference_nfe=21, max_iter=3))
+    monkeypatch.setattr(samplers, "peers", dict)
+    monkeypatch.setattr(samplers, "ORACLE", {})
+    rows = {(r["nfe"], r["config"]): r for r in samplers.heldout(["d2s100"], 200, [5, 20])}
+    assert set(rows) == {(0, "null (exact samples)")} | {(5, c) for c in ("scoresde/default", "scoresde/ipndm",
+                                                                           "scoresde/auto", "scoresde/auto-ipndm")} \
+        | {(20, c) for c in ("scoresde/default", "scoresde/ipndm", "scoresde/auto")}
+    assert all(rows[(5, c)]["auto_ts"][0] == 1.0 for c in samplers.AUTO_ROWS)
+    assert rows[(20, "scoresde/auto")]["mmd2"] == rows[(20, "scoresde/default")]["mmd2"]
+    only = samplers.heldout(["d2s100"], 200, [5], only=["scoresde/auto-ipndm"])
+    assert [r["config"] for r in only] == ["scoresde/auto-ipndm"] and "auto_evals" in only[0]
+
+
 def test_stochastic_versus_pools_each_seed_at_its_largest_n_only():
     """Two runs of one seed share their generator, so `largest_n` keeps one row per (target, NFE, configuration,
     seed): the largest n."""
