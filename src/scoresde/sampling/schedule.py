@@ -12,9 +12,8 @@ i != j pairs keep it an estimate of the distance between laws, not of the path e
 
 The search, as Align Your Steps (Sabour et al. 2404.14507) does, starts from a hand-made grid and then
 moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm", and the
-method's own default grid) to end
-noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise on (nfe - 1 steps) or off (nfe
-steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
+method's own default grid) to end noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise
+on (nfe - 1 steps) or off (nfe steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
 end time; (3) a check on probe draws that no choice saw: the schedule returned is the best of the method's
 default, (1) and (2) on that second set, so it is never worse there than the default.
 
