@@ -532,7 +532,8 @@ def heldout_report(rows: list[dict], part: str) -> str:
             for name in autos:
                 a, own = get.get(name), get.get(FIXED_ROWS[name])
                 if a is None or own is None:
-                    cols.append("- | - | - | -"), gaps.append("-")
+                    cols.append("- | - | - | -")
+                    gaps.append("-")
                     continue
                 vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, own, "mmd2", floor)
                 ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2")
@@ -605,7 +606,7 @@ def run_tag(args) -> str:
     if args.part != "main":
         return (args.part + ("-" + "-".join(args.targets) if args.targets else "")
                 + (f"-seed{args.heldout_seed}" if args.heldout_seed != 1 else "")
-                + ("-only-" + "-".join(c.split("/")[-1].replace("/", "_") for c in args.configs)
+                + ("-only-" + "-".join(c.split("/")[-1] for c in args.configs)
                    if args.configs else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
 
