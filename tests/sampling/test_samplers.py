@@ -384,7 +384,8 @@ def vp_reference():
 def test_observed_order_of_ode_solvers(solver, kind, order, vp_reference):
     """The UniC-style corrector raises each multistep solver's order by one at no extra NFE (the last step,
     which no evaluation follows, is not corrected: a lower-order final step would cap the order). iPNDM's
-    first step is Euler's (local error h^2, once), so its order-3 steps converge at order 2."""
+    order-3 steps converge at order 2: its first step is Euler's (local error h^2, once), and its equal-step
+    coefficients on steps of unequal length in sigma / alpha leave an error of O(h^3) at every step."""
     sde, t_end, x_T, ref = vp_reference
     steps = {4: [64, 128, 256], 3: [32, 64, 128]}.get(order, [16, 32, 64])
     err = _ode_errors(solver, sde, steps, t_end, kind, x_T, ref)
