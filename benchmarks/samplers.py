@@ -365,7 +365,8 @@ HELDOUT_NFES = (5, 10, 20, 50)
 SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)] + ["sing16s301", "sing8s302"]
 REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
              + ["sing16s401", "sing32s402", "sing8s403"]  # added with the near-singular selection (session 13)
-             + ["sing16s501", "sing32s502", "sing8s503"])  # fresh for ipndm's second report (session 33)
+             + ["sing16s501", "sing32s502", "sing8s503"]  # fresh for ipndm's second report (session 33)
+             + ["d8s600", "d32s601", "sing16s601", "sing32s602", "sing8s603"])  # fresh for session 36's report
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -398,6 +399,9 @@ def heldout_target(name: str) -> GaussianMixture:
 
 
 AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the automatic schedule of each method
+# the automatic schedule's search, recorded in its rows: 1 (no field) until session 35; 2 also chooses the analytic
+# first step (session 36). A report keeps, per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
+SEARCH = 2
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 
 
@@ -430,8 +434,9 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
                 auto = auto_schedule(sde, score_fn, (target.dim,), method=method, nfe=nfe, dtype=F64)
                 cost[name] = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
                               "auto_choice": auto.choice, "auto_denoise": auto.denoise,
-                              "auto_ts": [round(float(t), 5) for t in auto.ts]}
-                cells.append((name, method, {"ts": auto.ts, "denoise": auto.denoise}))
+                              "auto_first": auto.analytic_first, "auto_ts": [round(float(t), 5) for t in auto.ts],
+                              "search": SEARCH}
+                cells.append((name, method, auto.options))
             cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
             cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
             cells = [c for c in cells if only is None or c[0] in only]
@@ -453,10 +458,16 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
 def pool_seeds(rows: list[dict]) -> list[dict]:
     """Rows of several x_T seeds (`--heldout-seed`) as one row per (target, NFE, configuration): MMD^2 and gap
     averaged over the seeds present (`seeds`: how many), and the null's mean and sd pooled over all its exact
-    draws (NULL_REPEATS per seed), so the floor of a mean over k seeds is 2 sd / sqrt(k)."""
+    draws (NULL_REPEATS per seed), so the floor of a mean over k seeds is 2 sd / sqrt(k). Where a cell and seed
+    has rows of several searches of the automatic schedule (SEARCH), only the latest search's count."""
+    latest: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["target"], r["nfe"], r["config"], r.get("seed", 1))
+        latest[key] = max(latest.get(key, 1), r.get("search", 1))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["target"], r["nfe"], r["config"]), []).append(r)
+        if r.get("search", 1) == latest[(r["target"], r["nfe"], r["config"], r.get("seed", 1))]:
+            groups.setdefault((r["target"], r["nfe"], r["config"]), []).append(r)
     out = []
     for (_, nfe, _), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.get("seed", 1))  # seed-1 rows (written before `seed` was) first
@@ -489,7 +500,7 @@ def default_path(names: list[str], n: int, nfes: list[int], seed: int = 1) -> li
                 runs.append((sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T), time.perf_counter() - t0))
             (first, t1), (second, t2) = runs
             auto = auto_schedule(sde, score_fn, (target.dim,), method="unipc2", nfe=nfe, dtype=F64)
-            row = sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T, ts=auto.ts, denoise=auto.denoise)
+            row = sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T, **auto.options)
             rows.append({"target": tname, "nfe": nfe, "n": n, "first_seconds": round(t1, 2),
                          "second_seconds": round(t2, 2), "search_evals": auto.evaluations, "sample_evals": n * nfe,
                          "equal_to_auto_row": bool(torch.equal(first, row) and torch.equal(second, row))})

@@ -259,9 +259,10 @@ def run_config(kind, spec, sde, score_fn, eps, x_T, nfe, gen):
             options, search = dict(options), {}
             if options.pop("auto", False):
                 auto = auto_for(sde, score_fn, tuple(x_T.shape[1:]), method, nfe, x_T.dtype, options)
-                options = {**options, "ts": auto.ts, "denoise": auto.denoise}
+                options = {**options, **auto.options}
                 search = {"search_evals": auto.evaluations, "auto_choice": auto.choice,
-                          "auto_ts": [round(float(t), 5) for t in auto.ts], "auto_denoise": auto.denoise}
+                          "auto_ts": [round(float(t), 5) for t in auto.ts], "auto_denoise": auto.denoise,
+                          "auto_first": auto.analytic_first}
             fn, calls = counted(score_fn)
             x, _ = run_ours(sde, fn, method, options, x_T, nfe, gen)
             return x, calls[0], None, search

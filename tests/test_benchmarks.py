@@ -425,7 +425,11 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     rows += [{"target": "t", "config": "a", "nfe": 5, "n": 10, "seed": s, "mmd2": v, "mmd2_fine": 2 * v, "gap": -v}
              for s, v in ((2, 3.0), (1, 1.0), (3, 5.0))]
     rows += [{"target": "t", "config": "b", "nfe": 5, "n": 10, "mmd2": 7.0, "mmd2_fine": 0.0, "gap": 0.0}]  # seed 1
+    # an automatic schedule's cell run by two searches: the later search's rows replace the earlier's, seed by seed
+    rows += [{"target": "t", "config": "auto", "nfe": 5, "n": 10, "seed": s, "mmd2": v, "mmd2_fine": 0.0, "gap": 0.0,
+              **({"search": k} if k > 1 else {})} for s, v, k in ((1, 9.0, 1), (2, 9.0, 1), (1, 2.0, 2), (2, 4.0, 2))]
     pooled = {r["config"]: r for r in pool_seeds(rows)}
+    assert (pooled["auto"]["seeds"], pooled["auto"]["mmd2"]) == (2, 3.0)
     null = pooled["null (exact samples)"]
     assert null["seeds"] == 3 and null["mmd2"] == pytest.approx(draws.mean())
     assert null["mmd2_sd"] == pytest.approx(draws.std(ddof=1))  # the sd of all 12 draws, not a mean of sds

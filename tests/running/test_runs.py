@@ -56,8 +56,9 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     assert not cached and len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
     s2, cached = runs.run_schedule(load_run(run_dir), method="unipc2", nfe=5)
     assert cached and s2.evaluations == s.evaluations > 0 and len(searches) == 1 and torch.equal(s2.ts, s.ts)
-    x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, ts=s2.ts, denoise=s2.denoise)
-    want = sample(r.sde, r.model, None, method="unipc2", nfe=5, ts=s.ts, denoise=s.denoise,
+    assert (s2.denoise, s2.analytic_first) == (s.denoise, s.analytic_first)
+    x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, **s2.options)
+    want = sample(r.sde, r.model, None, method="unipc2", nfe=5, **s.options,
                   x_T=r.sde.prior_sample((50,) + r.sample_shape, torch.Generator().manual_seed(3)))
     torch.testing.assert_close(x1, want)
     with torch.no_grad():

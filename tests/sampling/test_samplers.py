@@ -433,6 +433,39 @@ def test_ipndm_refuses_an_order_it_has_no_coefficients_for():
             sample(sde, ring().score_fn(sde), (8, 2), method="ipndm", nfe=5, schedule="default", order=order)
 
 
+@pytest.mark.parametrize("method", ["ipndm", "unipc2", "dpm3m"])
+def test_analytic_first_step_is_the_score_where_p_T_is_the_prior(method):
+    """Data N(m, I) under VP: p_T = N(alpha_T m, I) and the prior is N(0, I). With m = 0 they are equal, so the
+    analytical first step (the prior's score at T) is the exact score: on the same grid the output equals that of
+    the evaluated first step, the score is never asked at T and nfe buys that one step more. With m = 3 the
+    two differ by about the first step's error alpha_T m / sigma_T in the noise prediction (0.019), carried
+    through the flow."""
+    sde, ts = VP(), time_grid(VP(), 5, "uniform", dtype=F64)
+    x_T = sde.prior_sample((64, 2), torch.Generator().manual_seed(0), F64)
+    for m, same in ((0.0, True), (3.0, False)):
+        data = GaussianMixture(torch.ones(1, dtype=F64), torch.full((1, 2), m, dtype=F64),
+                               torch.eye(2, dtype=F64)[None])
+        times = []
+
+        def score(x, t, exact=data.score_fn(sde)):
+            times.append(float(t[0]))
+            return exact(x, t)
+
+        x = sample(sde, score, None, method=method, nfe=5, x_T=x_T, ts=ts, analytic_first=True)
+        assert len(times) == 5 and max(times) < float(ts[0])
+        ref = sample(sde, data.score_fn(sde), None, method=method, nfe=6, x_T=x_T, ts=ts)
+        gap = float((x - ref).abs().max())
+        assert gap < 1e-12 if same else gap > 1e-3, (m, gap)
+
+
+def test_analytic_first_step_is_refused_unless_true_or_false_and_where_a_method_has_none():
+    sde, score = VP(), ring().score_fn(VP())
+    with pytest.raises(ValueError, match="analytic_first must be one of True, False, got 'yes'"):
+        sample(sde, score, (8, 2), method="ipndm", nfe=5, schedule="default", analytic_first="yes")
+    with pytest.raises(ValueError, match="method 'heun' takes no option 'analytic_first'"):
+        sample(sde, score, (8, 2), method="heun", nfe=5, analytic_first=True)
+
+
 @pytest.mark.parametrize("sde", [VP(), VE()], ids=lambda s: type(s).__name__)
 def test_extrapolated_denoise_follows_the_flow_to_zero(sde):
     """For a Gaussian target the probability flow from T to 0 is the affine map

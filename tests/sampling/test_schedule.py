@@ -12,6 +12,7 @@ from scoresde.core.sde import VP, Langevin
 from scoresde.core.targets import GaussianMixture
 from scoresde.evaluation.metrics import kl_gaussian, mmd2, w2_gaussian
 from scoresde.sampling import METHODS, end_time_for_steps, fit_grid, sample, time_grid
+from scoresde.sampling.methods import steps_for
 from scoresde.sampling.schedule import (
     auto_schedule,
     cached_schedule,
@@ -52,10 +53,22 @@ def test_automatic_schedule_lowers_the_exact_law_error_on_gaussian_data(method):
     score = gaussian_score(sde, m, C)
     s = auto_schedule(sde, score, (4,), method=method, nfe=5, n_probe=256, max_iter=40, dtype=F64)
     err = {}
-    for name, kw in (("auto", {"ts": s.ts, "denoise": s.denoise}), ("default", {"schedule": "default"})):
+    for name, kw in (("auto", s.options), ("default", {"schedule": "default"})):
         b, S = output_law(sde, score, 4, method=method, nfe=5, **kw)
         err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
+
+
+def test_an_analytic_first_step_the_caller_fixes_is_kept_and_runs_with_the_schedule():
+    """analytic_first given to the search is not searched: the schedule has it, its grid has the steps that nfe buys
+    with it, and its options run the sampler at that nfe."""
+    sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
+    score = gaussian_score(sde, m, C)
+    for afs in (False, True):
+        s = auto_schedule(sde, score, (4,), method="ipndm", nfe=5, n_probe=128, max_iter=10, dtype=F64,
+                          analytic_first=afs)
+        assert s.analytic_first is afs and len(s.ts) == steps_for("ipndm", 5, s.denoise, {"analytic_first": afs}) + 1
+        assert sample(sde, score, (16, 4), method="ipndm", nfe=5, dtype=F64, **s.options).shape == (16, 4)
 
 
 def log_density_gap(b, S, m, C):
@@ -82,7 +95,7 @@ def test_automatic_schedule_leaves_no_noise_in_thin_directions(monkeypatch):
 
     def auto():
         s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=256, max_iter=40, dtype=F64)
-        return gap(ts=s.ts, denoise=s.denoise)
+        return gap(**s.options)
 
     default, constrained = gap(), auto()
     assert abs(constrained) <= abs(default), (constrained, default)
@@ -111,11 +124,12 @@ def test_stochastic_method_gets_the_schedule_of_its_deterministic_limit():
     kw = dict(n_probe=256, max_iter=40, dtype=F64)
     s = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.5, **kw)
     limit = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.0, **kw)
-    assert torch.equal(s.ts, limit.ts) and s.denoise == limit.denoise
+    assert torch.equal(s.ts, limit.ts) and (s.denoise, s.analytic_first) == (limit.denoise, limit.analytic_first)
     default = time_grid(sde, 4, "poly", t_end=METHODS["sa3"].default_t_end(sde, 4), power=3.0)  # denoise on
     err = {}
-    for name, ts, denoise in (("auto", s.ts, s.denoise), ("default", default, True)):
-        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=5, tau=0.5, denoise=denoise)
+    for name, ts, denoise, afs in (("auto", s.ts, s.denoise, s.analytic_first), ("default", default, True, False)):
+        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=5, tau=0.5, denoise=denoise,
+                                     analytic_first=afs)
         err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
     assert err["auto"][0] < err["default"][0] / 1.5 and err["auto"][1] < err["default"][1] / 1.5, err
 
@@ -136,8 +150,9 @@ def test_stochastic_method_above_the_deterministic_limit_gets_a_grid_family_with
     assert s.choice == "family"
     default = time_grid(sde, 15, "poly", t_end=METHODS["sa3"].default_t_end(sde, 15), power=3.0)  # denoise on
     err = {}
-    for name, ts, denoise in (("auto", s.ts, s.denoise), ("default", default, True)):
-        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=16, tau=0.5, denoise=denoise)
+    for name, ts, denoise, afs in (("auto", s.ts, s.denoise, s.analytic_first), ("default", default, True, False)):
+        b, S = stochastic_output_law(sde, score, 4, ts, method="sa3", nfe=16, tau=0.5, denoise=denoise,
+                                     analytic_first=afs)
         err[name] = (w2_gaussian(b, S, m, C), kl_gaussian(m, C, b, S))
     assert err["auto"][0] < err["default"][0] and err["auto"][1] < err["default"][1] / 1.5, err
 
@@ -287,7 +302,7 @@ def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatc
         assert "automatic schedule of unipc2 at nfe 5 (schedule='default' skips it)" in capsys.readouterr().err
         s = cached_schedule(sde, score, (2,), method="unipc2", nfe=5, dtype=F64)
         assert searched == s.evaluations > 0
-        assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T, ts=s.ts, denoise=s.denoise))
+        assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T, **s.options))
         before = score.points
         assert torch.equal(x, sample(sde, score, None, method="unipc2", nfe=5, x_T=x_T))
         assert score.points == before + 5 * 16
@@ -329,7 +344,7 @@ def test_the_cached_schedule_follows_weights_that_a_closure_partial_or_object_ho
     def search(*args, **kwargs):
         searches.append(1)
         return types.SimpleNamespace(evaluations=len(searches), seconds=0.0, choice="", denoise=True,
-                                     ts=torch.zeros(1))
+                                     analytic_first=False, ts=torch.zeros(1))
 
     monkeypatch.setattr(schedule, "auto_schedule", search)
     clear_schedule_cache()

@@ -9,6 +9,7 @@ leaves the run loadable: it samples (the sample shape is recorded), and what nee
 plots beside data, inpainting, held-out likelihoods) raises `DataUnavailable` saying why and how to pass it."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -184,7 +185,7 @@ def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
 def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **options) -> tuple[Schedule, bool]:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
     whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
-    family whose model is not a score model). Pass it on as `sample_run(..., ts=s.ts, denoise=s.denoise)`.
+    family whose model is not a score model). Pass it on as `sample_run(..., **s.options)`.
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options (those of the
     search, `search_options`), the sample shape and the weights (`weights_id`): paid once per model and nfe; a
@@ -199,15 +200,15 @@ def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **o
         entries = stored["entries"] if stored.get("weights") == weights else {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or unreadable: recompute
         entries = {}
-    if key in entries:
-        e = entries[key]
-        return Schedule(torch.tensor(e["ts"], dtype=torch.float64), e["denoise"], e["choice"], e["check"],
-                        e["default_check"], e["evaluations"], e["seconds"]), True
+    entries = entries if isinstance(entries, dict) else {}
+    try:
+        return Schedule(**{**entries[key], "ts": torch.tensor(entries[key]["ts"], dtype=torch.float64)}), True
+    except (KeyError, TypeError, ValueError):  # none yet, or a damaged entry: recompute
+        pass
     with torch.no_grad():
         s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), device=run.device,
                           progress=progress, **options)
-    entries[key] = {"ts": s.ts.tolist(), "denoise": s.denoise, "choice": s.choice, "check": s.check,
-                    "default_check": s.default_check, "evaluations": s.evaluations, "seconds": s.seconds}
+    entries[key] = {**dataclasses.asdict(s), "ts": s.ts.tolist()}
     atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
     return s, False
 
@@ -230,7 +231,7 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
     if schedule == "auto" or schedule is None and label is None and auto_applies(run, method=method, nfe=nfe,
                                                                                   **options):
         s, _ = run_schedule(run, method=method, nfe=nfe, progress=run.cfg.progress, **options)
-        options = {**options, "ts": s.ts, "denoise": s.denoise}
+        options = {**options, **s.options}
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")
         family.check_method(method)

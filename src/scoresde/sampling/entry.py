@@ -38,6 +38,6 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
         if schedule or auto_by_default(sde, method=method, nfe=nfe, **options):
             s = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
                                 device=x_T.device, **options)
-            options = {**options, "ts": s.ts, "denoise": s.denoise}
+            options = {**options, **s.options}
     return sample_on_grid(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T,
                           callback=callback, check_finite=check_finite, **options)

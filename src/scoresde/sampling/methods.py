@@ -218,7 +218,8 @@ def steps_for(method: str, nfe: int, denoise: bool, options: dict) -> int:
     spec = METHODS[method]
     per_step = spec.evals_per_step(options)
     budget = nfe - int(bool(denoise))
-    n_steps = budget // per_step - int(spec.levels_are_points) if per_step > 0 else 0
+    free = int(bool(options.get("analytic_first", False)))  # the analytical first step costs no evaluation
+    n_steps = budget // per_step - int(spec.levels_are_points) + free if per_step > 0 else 0
     if per_step < 1 or budget % per_step or n_steps < 1:
         extra = " plus 1 for the final denoise" if denoise else ""
         raise InvalidValueError(f"nfe={nfe} does not fit method {method!r}: it needs a multiple of {per_step} "

@@ -29,7 +29,7 @@ from ..core.sde import (
     probability_flow_drift,
 )
 from ..core.validate import check, number, one_of
-from .common import Callback, check_grid, finish, require_linear, schedule
+from .common import Callback, check_grid, finish, first_score, require_linear, schedule
 from .noise import Noise, step_noise
 
 __all__ = ["dopri5", "dpm_solver_multistep", "exp_adams_weights", "explicit_step", "heun", "ipndm", "ode_euler",
@@ -116,24 +116,26 @@ def dopri5(sde: SDE, score_fn: ScoreFn, x_T: Tensor, *, t_end: float | None = No
     return finish(sde, score_fn, x, ts[1], denoise, callback, 2)
 
 
-def ipndm(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 3, denoise: bool = True,
-          callback: Callback | None = None) -> Tensor:
+def ipndm(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 3, analytic_first: bool = False,
+          denoise: bool = True, callback: Callback | None = None) -> Tensor:
     """iPNDM (Zhang & Chen 2204.13902, app. "improved PNDM"): the probability flow written for y = x / alpha
     in rho = sigma / alpha is dy/drho = eps(y), eps = -sigma s(x, t) (DDIM's ODE, Song et al. 2010.02502
     eq. 14), stepped by Adams-Bashforth on the past eps with the equal-step coefficients whatever the grid,
     order min(order, steps so far) (1 to 4). Where the data are a point m, eps = (y - m) / rho is constant
     along the flow, so every step is exact; a direction of data variance v << rho^2 is nearly so. Ends with
-    the plain Tweedie denoise (`finish`). NFE = len(ts) - 1 + denoise."""
+    the plain Tweedie denoise (`finish`). With `analytic_first` the first eps is the prior's (`first_score`).
+    NFE = len(ts) - 1 + denoise - analytic_first."""
     sde = require_linear(sde, "iPNDM")
     if order not in (1, 2, 3, 4):
         raise InvalidValueError(f"order must be 1, 2, 3 or 4, got {order}")
+    one_of("analytic_first", analytic_first, (True, False))
     ts = check_grid(ts.to(x_T.dtype))
     alpha, sigma, _ = schedule(sde, ts)
     y, eps = x_T / alpha[0], []
     if callback is not None:
         callback(0, ts[0], x_T)
     for i in range(len(ts) - 1):
-        eps = [-sigma[i] * score_fn(y * alpha[i], ts[i].expand(y.shape[0]))] + eps[:order - 1]
+        eps = [-sigma[i] * first_score(sde, score_fn, y * alpha[i], ts[i], analytic_first and i == 0)] + eps[:order - 1]
         step = sigma[i + 1] / alpha[i + 1] - sigma[i] / alpha[i]
         for c, e in zip(_ADAMS_BASHFORTH[len(eps) - 1], eps):
             y = y.add(e, alpha=step * c)
@@ -192,8 +194,8 @@ def exp_adams_weights(a_next: float, lam_from: float, lam_to: float, nodes: list
 def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Tensor, *, order: int = 2,
                          lower_order_final: bool = True, corrector: bool = False, denoise: bool = True,
                          extrapolate: bool = False, tau: float = 0.0, tau_band: tuple[float, float] | None = None,
-                         noise: Noise = "gaussian", generator: torch.Generator | None = None,
-                         callback: Callback | None = None) -> Tensor:
+                         noise: Noise = "gaussian", analytic_first: bool = False,
+                         generator: torch.Generator | None = None, callback: Callback | None = None) -> Tensor:
     """Multistep DPM-Solver++ (order 1, 2 or 3) in data-prediction form for any linear SDE; with tau > 0
     SA-Solver's stochastic Adams method (Xue et al. 2309.05019).
 
@@ -202,8 +204,8 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     stabilises very coarse grids. With `corrector` (UniC, Zhao et al. 2302.04867) each new
     evaluation also re-does the step that led to it with that point as one more node (one order
     higher) before the next step starts, at no extra NFE. With `extrapolate` the final denoise is
-    extrapolated to sigma = 0 through the last two data predictions (`finish`). One NFE per step:
-    NFE = len(ts) - 1 + denoise.
+    extrapolated to sigma = 0 through the last two data predictions (`finish`). With `analytic_first` the first
+    step's score is the prior's (`first_score`). One NFE per step: NFE = len(ts) - 1 + denoise - analytic_first.
 
     tau >= 0 picks the reverse SDE dx = [f x - (1 + tau^2) g^2 s / 2] dt + tau g dW-bar (the same marginals
     for every tau; 0 is the probability flow, 1 the reverse SDE of T 2.7). Its exact solution in lambda,
@@ -220,6 +222,7 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     if order not in (1, 2, 3):
         raise InvalidValueError(f"order must be 1, 2 or 3, got {order}")
     number("tau", tau, 0, strict=False)
+    one_of("analytic_first", analytic_first, (True, False))
     if tau_band is not None:
         low, high = tau_band
         check("tau_band", tau_band, 0 <= number("tau_band low", low) <= number("tau_band high", high),
@@ -233,7 +236,7 @@ def dpm_solver_multistep(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor, ts: Ten
     if callback is not None:
         callback(0, ts[0], x)
     for i in range(n):
-        score = score_fn(x, ts[i].expand(x.shape[0]))
+        score = first_score(sde, score_fn, x, ts[i], analytic_first and i == 0)
         # Tweedie, newest first; the corrector needs one more
         x0s = ([(x + sigma[i] ** 2 * score) / alpha[i]] + x0s)[:order + bool(corrector)]
         if corrector and i > 0:  # the step i-1 -> i again, its k nodes and the new one, its noise z

@@ -13,9 +13,11 @@ i != j pairs keep it an estimate of the distance between laws, not of the path e
 The search, as Align Your Steps (Sabour et al. 2404.14507) does, starts from a hand-made grid and then
 moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm", and the
 method's own default grid) to end noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise
-on (nfe - 1 steps) or off (nfe steps); (2) Nelder-Mead from the best of (1) over the log step lengths in lambda = log(alpha / sigma) and the
-end time; (3) a check on probe draws that no choice saw: the schedule returned is the best of the method's
-default, (1) and (2) on that second set, so it is never worse there than the default.
+on (nfe - 1 steps) or off (nfe steps), and with the analytical first step (`common.first_score`: the prior's
+score at T, one step more for the same nfe) off or on unless the options fix it; (2) Nelder-Mead from the best
+of (1) over the log step lengths in lambda = log(alpha / sigma) and the end time; (3) a check on probe draws
+that no choice saw: the schedule returned is the best of the method's default, (1) and (2) on that second set,
+so it is never worse there than the default.
 
 The kernels cannot see leftover noise in directions much thinner than sqrt(tr Cov): on a mixture of rank-3
 components plus 1e-4 I (thin sd 0.01) the MMD-best schedule stopped at noise-to-signal 0.03-0.2 without the final
@@ -69,12 +71,12 @@ _FINE_SLACK = math.log(3.0)  # the rise of the fine-scale statistic always allow
 
 @dataclass(frozen=True)
 class Schedule:
-    """ts: the grid (float64, sde.T down to the end time), denoise: the final denoise, to pass as
-    `sample(..., ts=ts, denoise=denoise)`; choice: which candidate won on the check draws ("default", "family",
-    "fitted"); check / default_check: the objective (MMD^2 to the converged law) of the returned schedule and of
-    the method's default one on the check draws (for a stochastic method: of its deterministic limit);
-    evaluations: score evaluations spent, one per point (a call on a batch of m points counts m; compare
-    n * nfe for n samples); seconds: wall time of the search."""
+    """ts: the grid (float64, sde.T down to the end time), denoise: the final denoise, analytic_first: the
+    analytical first step, to pass as `sample(..., **schedule.options)`; choice: which candidate won on the check
+    draws ("default", "family", "fitted"); check / default_check: the objective (MMD^2 to the converged law) of
+    the returned schedule and of the method's default one on the check draws (for a stochastic method: of its
+    deterministic limit); evaluations: score evaluations spent, one per point (a call on a batch of m points counts
+    m; compare n * nfe for n samples); seconds: wall time of the search."""
 
     ts: Tensor
     denoise: bool
@@ -83,6 +85,12 @@ class Schedule:
     default_check: float
     evaluations: int
     seconds: float
+    analytic_first: bool = False
+
+    @property
+    def options(self) -> dict:
+        """The sampler options that run this schedule."""
+        return {"ts": self.ts, "denoise": self.denoise, "analytic_first": self.analytic_first}
 
 
 def mmd2_paired(x: Tensor, y: Tensor, bandwidths: Tensor) -> float:
@@ -127,6 +135,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
     move_knots = not (spec.stochastic(options) and nfe > AUTO_MAX_NFE)
     options = search_options(method, options)
+    given = options.pop("analytic_first", None)  # fixed by the caller, else searched
+    afs_choices = (False, True) if given is None else (given,)
     integer("nfe", nfe, 2)
     integer("n_probe", n_probe, 4)
     integer("reference_nfe", reference_nfe, nfe + 1)
@@ -135,9 +145,11 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     probe = sde.prior_sample((n_probe,) + sample_shape, torch.Generator().manual_seed(seed), dtype).to(device)
     half = n_probe // 2
     default_denoise_on = default_denoise(sde, method, nfe)
-    default_steps = steps_for(method, nfe, default_denoise_on, options)
+    default_afs = bool(given)
+    default_steps = steps_for(method, nfe, default_denoise_on, {**options, "analytic_first": default_afs})
     iterations = (max_iter or 30 * (default_steps + 1)) if move_knots else 0
-    bar = tqdm(total=n_probe * reference_nfe + half * (nfe + 1) * (68 + 2 * iterations), unit="eval", unit_scale=True,
+    bar = tqdm(total=n_probe * reference_nfe + half * (nfe + 1) * (68 * len(afs_choices) + 2 * iterations),
+               unit="eval", unit_scale=True,
                desc=f"automatic schedule of {method} at nfe {nfe} (schedule='default' skips it)", leave=False,
                mininterval=2, dynamic_ncols=True, disable=not progress)
     spent = 0
@@ -151,11 +163,13 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         return out.flatten(1)
 
     t_default = spec.default_t_end(sde, default_steps)
-    default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on)
+    default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on,
+               default_afs)
     with torch.no_grad(), bar:
         reference = run(probe, reference_nfe)
         if not bool(torch.isfinite(reference).all()):  # nothing to fit to: the default (sample names the NaN)
-            return Schedule(*default, "default", math.inf, math.inf, spent, time.perf_counter() - started)
+            return Schedule(default[0], default[1], "default", math.inf, math.inf, spent, time.perf_counter() - started,
+                            default[2])
         scale = math.sqrt(float(torch.var(reference.double(), 0).sum()))
         h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
         ref = {"fit": reference[:half], "check": reference[half:]}
@@ -172,8 +186,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
 
         ref_fine = {part: fine(x) for part, x in ref.items()}
 
-        def outputs(ts: Tensor, denoise: bool, part: str) -> tuple[Tensor, float] | None:
-            x = run(probes[part], nfe, ts=ts, denoise=denoise)
+        def outputs(ts: Tensor, denoise: bool, afs: bool, part: str) -> tuple[Tensor, float] | None:
+            x = run(probes[part], nfe, ts=ts, denoise=denoise, analytic_first=afs)
             if not bool(torch.isfinite(x).all()):
                 return None
             excess = fine(x) - ref_fine[part]
@@ -184,16 +198,16 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         out = default_out["check"]
         default_check = mmd2_paired(out[0], ref["check"], h) if out else math.inf
 
-        def objective(ts: Tensor, denoise: bool, part: str = "fit") -> float:
-            out = outputs(ts, denoise, part)
+        def objective(ts: Tensor, denoise: bool, afs: bool, part: str = "fit") -> float:
+            out = outputs(ts, denoise, afs, part)
             return mmd2_paired(out[0], ref[part], h) if out and out[1] <= allowed[part] else math.inf
 
         lam_min = float(sde.log_snr(torch.tensor(float(sde.t_min), dtype=torch.float64)))
         lam_max = float(sde.log_snr(torch.tensor(float(sde.T), dtype=torch.float64)))
         candidates = []
-        for denoise in _DENOISE:
+        for denoise, afs in ((d, a) for d in _DENOISE for a in afs_choices):
             try:
-                n_steps = steps_for(method, nfe, denoise, options)
+                n_steps = steps_for(method, nfe, denoise, {**options, "analytic_first": afs})
             except InvalidValueError:
                 continue
             for ratio in _END_RATIOS:
@@ -206,22 +220,22 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                         ts = time_grid(sde, n_steps, kind, t_end=t_end, power=power)
                     except InvalidValueError:
                         continue
-                    candidates.append((objective(ts, denoise), ts, denoise))
-        _, best_ts, best_denoise = min(candidates, key=lambda c: c[0])
-        choices = {"default": default, "family": (best_ts, best_denoise)}
+                    candidates.append((objective(ts, denoise, afs), ts, denoise, afs))
+        _, best_ts, best_denoise, best_afs = min(candidates, key=lambda c: c[0])
+        choices = {"default": default, "family": (best_ts, best_denoise, best_afs)}
         if move_knots:
-            choices["fitted"] = _move_knots(sde, best_ts, best_denoise, objective, lam_min, max_iter)
-        checks = {k: default_check if k == "default" else objective(ts, d, "check") for k, (ts, d) in choices.items()}
+            fitted = _move_knots(sde, best_ts, lambda ts: objective(ts, best_denoise, best_afs), lam_min, max_iter)
+            choices["fitted"] = (fitted, best_denoise, best_afs)
+        checks = {k: default_check if k == "default" else objective(*c, "check") for k, c in choices.items()}
     choice = min(checks, key=lambda k: (checks[k], k != "default"))
-    ts, denoise = choices[choice]
+    ts, denoise, afs = choices[choice]
     return Schedule(ts, bool(denoise), choice, checks[choice], checks["default"], spent,
-                    time.perf_counter() - started)
+                    time.perf_counter() - started, bool(afs))
 
 
-def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min: float,
-                max_iter: int | None) -> tuple[Tensor, bool]:
+def _move_knots(sde: LinearSDE, start: Tensor, objective, lam_min: float, max_iter: int | None) -> Tensor:
     """Nelder-Mead from `start` over theta = (log step lengths in lambda, lambda at the end), the end kept
-    below lambda(t_min); returns the best grid it met."""
+    below lambda(t_min), minimising objective(ts); returns the best grid it met."""
     lam = sde.log_snr(start)
     n_steps = len(start) - 1
     T = float(start[0])
@@ -236,7 +250,7 @@ def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min
 
     def f(theta: np.ndarray) -> float:
         ts = grid(theta)
-        return math.inf if ts is None or not bool((ts[1:] < ts[:-1]).all()) else objective(ts, denoise)
+        return math.inf if ts is None or not bool((ts[1:] < ts[:-1]).all()) else objective(ts)
 
     theta0 = np.concatenate([np.log(np.maximum(np.diff(lam.numpy()), 1e-6)), [float(lam[-1])]])
     simplex = np.vstack([theta0] + [theta0 + 0.3 * e for e in np.eye(n_steps + 1)])
@@ -244,7 +258,7 @@ def _move_knots(sde: LinearSDE, start: Tensor, denoise: bool, objective, lam_min
                    options=dict(initial_simplex=simplex, maxiter=max_iter or 30 * (n_steps + 1), xatol=1e-2,
                                 fatol=0.0))
     ts = grid(fit.x)
-    return (start if ts is None else ts), denoise
+    return start if ts is None else ts
 
 
 _CACHE: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
@@ -355,8 +369,9 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
                  "searches again; keep one object, or pass schedule='default'." if kind in _SEARCHED else "")
         _SEARCHED.add(kind)
         _LOG.warning("scoresde: automatic schedule of %s at nfe %d searched (once per model; schedule='default' "
-                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, times %s.%s", method, nfe,
-                     s.evaluations, s.seconds, s.choice, s.denoise, [round(t, 4) for t in s.ts.tolist()], again)
+                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, analytic first step %s, times %s.%s",
+                     method, nfe, s.evaluations, s.seconds, s.choice, s.denoise, s.analytic_first,
+                     [round(t, 4) for t in s.ts.tolist()], again)
     return entries[key][1]
 
 
