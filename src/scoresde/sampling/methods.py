@@ -25,6 +25,9 @@ Tweedie denoise is on (default: `Method.denoise`) else 0:
 | edm_sde | edm_sde: EDM Alg. 2, churn (S_churn, default 40) then heun's step from the churned time | 2 steps + d, d as heun |
 | consistency | consistency_method: k steps of a consistency model | steps, no denoise (d = 0) |
 
+With the option analytic_first=True (ipndm and the dpm_solver_multistep methods) the first step takes the prior's
+score at no evaluation (`common.first_score`): NFE = steps + d - 1.
+
 Default grids: uniform in t for em, ei, pc, dpm2m_sde, ipndm; log-SNR for ald; EDM rho = 7 for euler, heun,
 edm_sde; quadratic in t ("poly", power 2) for dpm1, dpm2m, dpm3m, dpm3m_sde, ddim, ddpm; cubic in t ("poly", power 3)
 for unipc*, whose default t_end is `end_time_for_steps` (noise-to-signal max(0.4 / steps, 0.045); sa3's and ipndm's

@@ -117,8 +117,9 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     n_probe prior draws (seeded by `seed`, apart from any generator of the caller) split in halves: the
     search sees the first, the choice is checked on the second. Where the converged run is not finite (a score
     returning NaN/inf) it returns the default schedule (check inf). Costs at most about n_probe (reference_nfe +
-    (nfe + 1) (68 + 2 max_iter) / 2) score evaluations (max_iter: Nelder-Mead iterations, default 30 (steps + 1),
-    each one or two evaluations of the objective), shown as a progress bar on stderr with `progress`.
+    (nfe + 1) (136 + 2 max_iter) / 2) score evaluations (68 in place of 136 where the options fix analytic_first;
+    max_iter: Nelder-Mead iterations, default 30 (steps + 1), each one or two evaluations of the objective), shown
+    as a progress bar on stderr with `progress`.
     """
 
     started = time.perf_counter()
