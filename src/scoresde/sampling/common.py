@@ -45,7 +45,7 @@ def alpha_sigma(sde: LinearSDE, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def first_score(sde: LinearSDE, score_fn: ScoreFn, x: Tensor, t: Tensor, analytic: bool) -> Tensor:
     """The score at the first grid point: s(x, t), or with `analytic` the prior's -x / prior_std^2 at no evaluation,
-    the analytical first step (AFS; Zhou et al. 2312.00094, sec. 4.3) that takes p_T = pi, the approximation x_T ~ pi
+    the analytical first step (AFS; Zhou et al. 2312.00094) that takes p_T = pi, the approximation x_T ~ pi
     already makes. For VP its error in the noise prediction is about alpha_T E[X_0] / sigma_T (0.0064 E[X_0] for
     beta 0.1 .. 20), which the flow then contracts as the data's spread allows; a sampler with it spends its
     nfe on one more step."""
