@@ -366,7 +366,8 @@ SELECTION = ["ring", "mix16"] + [f"d{d}s{k}" for d in (8, 16) for k in range(10)
 REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["unequal", "singular"]
              + ["sing16s401", "sing32s402", "sing8s403"]  # added with the near-singular selection (session 13)
              + ["sing16s501", "sing32s502", "sing8s503"]  # fresh for ipndm's second report (session 33)
-             + ["d8s600", "d32s601", "sing16s601", "sing32s602", "sing8s603"])  # fresh for session 36's report
+             + ["d8s600", "d32s601", "sing16s601", "sing32s602", "sing8s603"]  # fresh for session 36's report
+             + ["d16s700", "sing16s701", "sing16s702", "sing32s703", "sing8s704"])  # fresh for session 37's
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -400,17 +401,21 @@ def heldout_target(name: str) -> GaussianMixture:
 
 AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the automatic schedule of each method
 # the automatic schedule's search, recorded in its rows: 1 (no field) until session 35; 2 also chooses the analytic
-# first step (session 36). A report keeps, per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
-SEARCH = 2
+# first step (session 36); 3 checks the best grid family of each first-step setting (session 37). A report keeps, per
+# cell and x_T seed, the rows of the latest search only (`pool_seeds`)
+SEARCH = 3
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 
 
-def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list[str] | None = None) -> list[dict]:
+def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list[str] | None = None,
+            searched: dict | None = None) -> list[dict]:
     """On each target: the fixed grids of unipc2 ("scoresde/default", sample()'s default before session 24) and
     ipndm, the automatic schedule of each (AUTO_ROWS: auto_schedule's ts / denoise at nfe <= AUTO_MAX_NFE, its cost
     recorded), the ORACLE variants and every diffusers configuration, from the same x_T (drawn from `seed`); n
     samples, null spread from NULL_REPEATS exact samples of size n. `only`: just these configurations and no null
-    row (cells added to a run whose files hold it)."""
+    row (cells added to a run whose files hold it). `searched`: schedules (with their cost) of earlier calls, by
+    target, method and NFE, filled here: the search does not depend on the x_T seed."""
+    searched = {} if searched is None else searched
     sde, rows = VP(), []
     for tname in names:
         target = heldout_target(tname)
@@ -430,12 +435,14 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
             for name, method in AUTO_ROWS.items() if nfe <= AUTO_MAX_NFE else ():
                 if only is not None and name not in only:
                     continue
-                t0 = time.perf_counter()
-                auto = auto_schedule(sde, score_fn, (target.dim,), method=method, nfe=nfe, dtype=F64)
-                cost[name] = {"auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
-                              "auto_choice": auto.choice, "auto_denoise": auto.denoise,
-                              "auto_first": auto.analytic_first, "auto_ts": [round(float(t), 5) for t in auto.ts],
-                              "search": SEARCH}
+                if (tname, method, nfe) not in searched:
+                    t0 = time.perf_counter()
+                    auto = auto_schedule(sde, score_fn, (target.dim,), method=method, nfe=nfe, dtype=F64)
+                    searched[(tname, method, nfe)] = auto, {
+                        "auto_seconds": round(time.perf_counter() - t0, 2), "auto_evals": auto.evaluations,
+                        "auto_choice": auto.choice, "auto_denoise": auto.denoise, "auto_first": auto.analytic_first,
+                        "auto_ts": [round(float(t), 5) for t in auto.ts], "search": SEARCH}
+                auto, cost[name] = searched[(tname, method, nfe)]
                 cells.append((name, method, auto.options))
             cells += [(f"scoresde/{k}", *v) for k, v in ORACLE.items()]
             cells += [(f"diffusers/{k}", "peer", v) for k, v in peers().items()]
@@ -608,15 +615,17 @@ def add_arguments(ap) -> None:
                          "default-path: sample() without options against the heldout 'auto' row's sampler")
     ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
-    ap.add_argument("--heldout-seed", type=int, default=1,
-                    help="--part heldout / select: the seed of x_T and of the null's exact samples; heldout-report "
-                         "averages each cell over the seeds run")
+    ap.add_argument("--heldout-seed", type=int, nargs="+", default=[1],
+                    help="--part heldout / select: the seeds of x_T and of the null's exact samples, one file each "
+                         "(the automatic schedule searched once); heldout-report averages each cell over the seeds run")
 
 
-def run_tag(args) -> str:
+def run_tag(args, seed: int | None = None) -> str:
+    """The name of a run's log, and with `seed` of its output files (one per seed)."""
     if args.part != "main":
+        seeds = [seed] if seed is not None else args.heldout_seed
         return (args.part + ("-" + "-".join(args.targets) if args.targets else "")
-                + (f"-seed{args.heldout_seed}" if args.heldout_seed != 1 else "")
+                + ("-seed" + "-".join(map(str, seeds)) if seeds != [1] else "")
                 + ("-only-" + "-".join(c.split("/")[-1] for c in args.configs)
                    if args.configs else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
@@ -635,20 +644,21 @@ def run(args):
         return
     if args.part == "default-path":
         rows = default_path(args.targets or ["d2s100", "d16s100"], args.n_heldout,
-                            [v for v in args.nfes if v <= AUTO_MAX_NFE] or [5, 10], seed=args.heldout_seed)
+                            [v for v in args.nfes if v <= AUTO_MAX_NFE] or [5, 10], seed=args.heldout_seed[0])
         common.write_json(NAME, rows, file="samplers_default_path.json", indent=None)
         return
     if args.part != "main":
         names = args.targets or (REPORTING if args.part == "heldout" else SELECTION)
         nfes = [v for v in args.nfes if v in HELDOUT_NFES] or list(HELDOUT_NFES)
-        tag = run_tag(args)
-        rows = heldout(names, args.n_heldout, nfes, seed=args.heldout_seed, only=args.configs)
-        common.write_json(NAME, rows, file=f"samplers_{tag}.json", indent=None)
-        if args.configs:  # cells added to the runs that hold the null rows: --part heldout-report merges them
-            return
-        text = heldout_report(rows, tag)
-        common.write_text(NAME, f"samplers_{tag}.md", text)
-        print(text)
+        searched = {}
+        for seed in args.heldout_seed:
+            tag = run_tag(args, seed)
+            rows = heldout(names, args.n_heldout, nfes, seed=seed, only=args.configs, searched=searched)
+            common.write_json(NAME, rows, file=f"samplers_{tag}.json", indent=None)
+            if not args.configs:  # else cells added to the runs that hold the null rows: heldout-report merges them
+                text = heldout_report(rows, tag)
+                common.write_text(NAME, f"samplers_{tag}.md", text)
+                print(text)
         return
     if args.device != "cpu":
         assert args.stage == "overhead", "--device applies to the overhead stage"

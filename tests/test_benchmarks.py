@@ -468,14 +468,14 @@ def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer
 def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(monkeypatch):
     """Both automatic schedules at NFE 5 with their grids recorded, none above AUTO_MAX_NFE (unipc2's "auto" row is
     its fixed grid there, bit for bit); `only` runs just the named cells and writes no null row (a small search and
-    no peers, for speed)."""
+    no peers, for speed); runs of two x_T seeds sharing `searched` search once and sample from different x_T."""
     import functools
 
     from benchmarks import samplers
     from scoresde.sampling import schedule
 
-    monkeypatch.setattr(samplers, "auto_schedule",
-                        functools.partial(schedule.auto_schedule, n_probe=64, reference_nfe=21, max_iter=3))
+    search = functools.partial(schedule.auto_schedule, n_probe=64, reference_nfe=21, max_iter=3)
+    monkeypatch.setattr(samplers, "auto_schedule", search)
     monkeypatch.setattr(samplers, "peers", dict)
     monkeypatch.setattr(samplers, "ORACLE", {})
     rows = {(r["nfe"], r["config"]): r for r in samplers.heldout(["d2s100"], 200, [5, 20])}
@@ -486,6 +486,11 @@ def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(mo
     assert rows[(20, "scoresde/auto")]["mmd2"] == rows[(20, "scoresde/default")]["mmd2"]
     only = samplers.heldout(["d2s100"], 200, [5], only=["scoresde/auto-ipndm"])
     assert [r["config"] for r in only] == ["scoresde/auto-ipndm"] and "auto_evals" in only[0]
+    calls, searched = [], {}
+    monkeypatch.setattr(samplers, "auto_schedule", lambda *a, **kw: calls.append(kw["method"]) or search(*a, **kw))
+    seeds = [samplers.heldout(["d2s100"], 200, [5], seed=s, only=["scoresde/auto"], searched=searched)[0]
+             for s in (1, 2)]
+    assert calls == ["unipc2"] and seeds[0]["auto_ts"] == seeds[1]["auto_ts"] and seeds[0]["mmd2"] != seeds[1]["mmd2"]
 
 
 def test_stochastic_versus_pools_each_seed_at_its_largest_n_only():
