@@ -515,6 +515,36 @@ def default_path(names: list[str], n: int, nfes: list[int], seed: int = 1) -> li
     return rows
 
 
+def prior_term(names: list[str], n: int, nfes: list[int], seeds: list[int]) -> str:
+    """unipc2 on its fixed grid from x_T drawn from the prior N(0, I) and from the exact p_T (alpha_T X_0 + sigma_T Z),
+    MMD^2 averaged over `seeds` with 2 null sd of that mean: what is left at large NFE when the sampler starts from
+    the prior is the prior's error p_T != N(0, I) (a shift alpha_T E[X_0]) carried by the flow, not its steps."""
+    sde = VP()
+    T = torch.tensor(sde.T, dtype=F64)
+    a, s = float(sde.alpha(T)), float(sde.sigma(T))
+    lines = [f"unipc2, fixed grid, n = {n}, x_T seeds {seeds}; alpha_T = {a:.4f}\n",
+             "| target | alpha_T |E X_0| | 2 null sd | " + " | ".join(f"NFE {k} from N(0, I) | NFE {k} from p_T"
+                                                             for k in nfes) + " |",
+             "|" + "---|" * (3 + 2 * len(nfes))]
+    for tname in names:
+        target = heldout_target(tname)
+        score_fn, values, sds = MixtureScore(target).continuous(sde), {}, []
+        for seed in seeds:
+            gen = torch.Generator().manual_seed(seed)
+            scorer = Scorer(target, n, gen)
+            sds.append(scorer.null["mmd2"][1])
+            starts = {"prior": sde.prior_sample((n, target.dim), gen, F64),
+                      "exact": a * target.sample(n, gen) + s * torch.randn(n, target.dim, generator=gen, dtype=F64)}
+            for nfe in nfes:
+                for name, x_T in starts.items():
+                    x = sample(sde, score_fn, None, method="unipc2", nfe=nfe, x_T=x_T, schedule="default")
+                    values.setdefault((nfe, name), []).append(scorer(x)["mmd2"])
+        shift = a * float((target.weights[:, None] * target.means).sum(0).norm())
+        lines.append(f"| {tname} | {shift:.4f} | {2 * float(np.mean(sds)) / len(seeds) ** 0.5:.1e} | "
+                     + " | ".join(f"{np.mean(values[(k, w)]):.2e}" for k in nfes for w in ("prior", "exact")) + " |")
+    return "\n".join(lines)
+
+
 def heldout_report(rows: list[dict], part: str) -> str:
     """Per target and NFE: the untuned default, the automatic schedule of each method present (AUTO_ROWS), the
     per-target best of scoresde (oracle) and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run
@@ -608,11 +638,13 @@ def add_arguments(ap) -> None:
     ap.add_argument("--overhead-repeats", type=int, default=3, help="timed overhead runs (the best counts)")
     ap.add_argument("--configs", nargs="+", default=None,
                     help="only these configuration names (default all); --part heldout / select: and no null row")
-    ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report", "default-path"), default="main",
+    ap.add_argument("--part", choices=("main", "heldout", "select", "heldout-report", "default-path", "prior-term"),
+                    default="main",
                     help="heldout / select: the default, the automatic schedule and the per-target best against "
                          "diffusers on the reporting / selection targets (issue 22); heldout-report: one report "
                          "of every samplers_heldout*.json written by --part heldout runs (--targets splits them); "
-                         "default-path: sample() without options against the heldout 'auto' row's sampler")
+                         "default-path: sample() without options against the heldout 'auto' row's sampler; "
+                         "prior-term: unipc2 from the prior and from the exact p_T at --nfes")
     ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
     ap.add_argument("--heldout-seed", type=int, nargs="+", default=[1],
@@ -640,6 +672,12 @@ def run(args):
         rows = [r for f in sorted(out.glob("samplers_heldout-*.json")) for r in common.read_json(f)]
         text = heldout_report(rows, "heldout")
         common.write_text(NAME, "samplers_heldout.md", text)
+        print(text)
+        return
+    if args.part == "prior-term":
+        text = prior_term(args.targets or ["d16s100", "d32s101"], args.n_heldout, args.nfes,
+                          args.heldout_seed)
+        common.write_text(NAME, "samplers_prior_term.md", text)
         print(text)
         return
     if args.part == "default-path":

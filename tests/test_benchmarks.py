@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import os
 import subprocess
@@ -687,3 +688,20 @@ def test_weightings_keeps_the_twin_weights_of_our_unet(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     saved = load_file(tmp_path / "runs" / "twin_digits_3steps_seed1-2_twin_scoresde_unet.safetensors")
     assert "net.down.0.conv1.weight" in saved and saved["net.down.0.conv1.weight"].dim() == 4
+
+
+def test_samplers_prior_term_starts_from_the_prior_and_from_the_exact_marginal():
+    """One row per target with both starts at each NFE, and the prior's shift alpha_T |E X_0| agreeing with a Monte
+    Carlo mean of the target (a small run, for speed)."""
+    import torch
+
+    from benchmarks import samplers
+    from scoresde.core.sde import VP
+
+    text = samplers.prior_term(["d2s100"], 200, [5], [1])
+    row = [line for line in text.splitlines() if line.startswith("| d2s100 |")][0].strip("|").split("|")
+    assert len(row) == 5 and all(math.isfinite(float(v)) for v in row[1:])
+    alpha_T = float(VP().alpha(torch.tensor(1.0, dtype=torch.float64)))
+    draws = samplers.heldout_target("d2s100").sample(200000, torch.Generator().manual_seed(0))
+    mc = alpha_T * float(draws.mean(0).norm())
+    assert abs(float(row[1]) - mc) < 2e-4
