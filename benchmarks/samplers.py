@@ -584,14 +584,15 @@ def heldout_report(rows: list[dict], part: str) -> str:
                     gaps.append("-")
                     continue
                 vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, own, "mmd2", floor)
-                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2")
+                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2"), vs_peer.startswith("floor")
                 verdicts.append((name, t, nfe, vs_peer.startswith("floor") or float(vs_peer) <= 0.5,
                                  vs_default.startswith("floor") or float(vs_default) <= 1.0,
                                  value(a, "mmd2") < floor["mmd2"]))
                 cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
                 cols.append(f"{value(a, 'mmd2'):.2e} | {cost} | {vs_peer} | {vs_default}")
                 gaps.append(f"{abs(a['gap']):.2f}")
-            ratios[("default", t, nfe)] = value(d, "mmd2") / value(p, "mmd2")
+            ratios[("default", t, nfe)] = (value(d, "mmd2") / value(p, "mmd2"),
+                                           verdict(d, p, "mmd2", floor).startswith("floor"))
             lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {' | '.join(cols)} | "
                          f"{o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
                          f"| {abs(d['gap']):.2f} / {' / '.join(gaps)} / {abs(p['gap']):.2f} |")
@@ -614,13 +615,16 @@ def heldout_report(rows: list[dict], part: str) -> str:
     fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
     for ax, nfe in zip(axes[0], nfes):
         xs = np.arange(len(names))
-        for name, style in zip(["default"] + autos, "xos"):
-            ys = [ratios.get((name, t, nfe)) for t in names]
-            ax.scatter([x for x, y in zip(xs, ys) if y is not None], [max(y, 1e-3) for y in ys if y is not None],
-                       marker=style, label=f"{name.removeprefix('scoresde/')} / best diffusers")
+        for (name, style), color in zip(zip(["default"] + autos, "xos"), ("C0", "C1", "C2")):
+            for floor_too in (False, True):  # both at the floor: a ratio of noise, drawn faint
+                cells = [(x, ratios[(name, t, nfe)][0]) for x, t in zip(xs, names)
+                         if ratios.get((name, t, nfe), (0, not floor_too))[1] == floor_too]
+                ax.scatter([c[0] for c in cells], [max(c[1], 1e-3) for c in cells], marker=style, color=color,
+                           alpha=0.25 if floor_too else 1.0,
+                           label=None if floor_too else f"{name.removeprefix('scoresde/')} / best diffusers")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio", xticks=xs)
+        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio (faint: both at the floor)", xticks=xs)
         ax.set_xticklabels(names, rotation=90, fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
