@@ -66,8 +66,7 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     s3, _ = runs.run_schedule(r, method="unipc2", nfe=5)
     assert len(searches) == 2
     unasked, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3)  # the run's schedule, from the folder
-    torch.testing.assert_close(unasked, sample_run(r, 50, method="unipc2", nfe=5, seed=3, ts=s3.ts,
-                                                   denoise=s3.denoise)[0])
+    torch.testing.assert_close(unasked, sample_run(r, 50, method="unipc2", nfe=5, seed=3, **s3.options)[0])
     fixed, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, schedule="default")
     torch.testing.assert_close(fixed, sample(r.sde, r.model, None, method="unipc2", nfe=5, schedule="default",
                                              x_T=r.sde.prior_sample((50,) + r.sample_shape,
