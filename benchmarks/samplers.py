@@ -367,7 +367,8 @@ REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["
              + ["sing16s401", "sing32s402", "sing8s403"]  # added with the near-singular selection (session 13)
              + ["sing16s501", "sing32s502", "sing8s503"]  # fresh for ipndm's second report (session 33)
              + ["d8s600", "d32s601", "sing16s601", "sing32s602", "sing8s603"]  # fresh for session 36's report
-             + ["d16s700", "sing16s701", "sing16s702", "sing32s703", "sing8s704"])  # fresh for session 37's
+             + ["d16s700", "sing16s701", "sing16s702", "sing32s703", "sing8s704"]  # fresh for session 37's first
+             + ["d8s800", "sing16s801", "sing16s802", "sing32s803", "sing8s804"])  # and second report
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -401,9 +402,9 @@ def heldout_target(name: str) -> GaussianMixture:
 
 AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the automatic schedule of each method
 # the automatic schedule's search, recorded in its rows: 1 (no field) until session 35; 2 also chooses the analytic
-# first step (session 36); 3 checks the best grid family of each first-step setting (session 37). A report keeps, per
-# cell and x_T seed, the rows of the latest search only (`pool_seeds`)
-SEARCH = 3
+# first step (session 36); 3 checks the best grid family of each first-step setting, 4 trims the fine-scale statistic
+# (both session 37). A report keeps, per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
+SEARCH = 4
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 
 

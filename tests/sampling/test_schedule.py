@@ -17,6 +17,7 @@ from scoresde.sampling.schedule import (
     auto_schedule,
     cached_schedule,
     clear_schedule_cache,
+    log_score_level,
     mmd2_paired,
 )
 
@@ -119,6 +120,40 @@ def test_automatic_schedule_leaves_no_noise_in_thin_directions(monkeypatch):
         assert abs(constrained) <= abs(default), (kw, constrained, default)
     monkeypatch.setattr(schedule, "_FINE_SLACK", math.inf)
     assert auto(analytic_first=False) < -2.0
+
+
+def test_the_fine_scale_statistic_sees_noise_left_in_a_tenth_of_the_points_and_not_one_far_point():
+    """Gaussian data with two directions of variance 1e-4, VP, exact score at t_min, 512 data draws: noise of sd
+    0.03 left in the thin directions of every point, or of sd 0.1 in a tenth of them, raises log_score_level by more
+    than the allowance log 3 (the mean of the logs rises by less than log 3 in the second case); one point moved 1.4
+    (100 thin sd) along a thin direction moves it by less than 0.05, while the log of the mean squared score (the
+    statistic before session 37) rises by more than log 3."""
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    m, C = rng.normal(size=4), Q @ np.diag([1e-4, 1e-4, 1.0, 1.0]) @ Q.T
+    sde, t = VP(), float(VP().t_min)
+    score = gaussian_score(sde, m, C)
+    x = torch.as_tensor(rng.multivariate_normal(m, C, size=512))
+    thin = torch.as_tensor(Q[:, :2])
+    level = log_score_level(score, x, t)
+    noisy = x + 0.03 * torch.as_tensor(rng.normal(size=(512, 2))) @ thin.T
+    assert log_score_level(score, noisy, t) - level > math.log(3)
+    tenth = x.clone()
+    tenth[:51] += 0.1 * torch.as_tensor(rng.normal(size=(51, 2))) @ thin.T
+    assert log_score_level(score, tenth, t) - level > math.log(3)
+
+    def mean_log(y):
+        return float(score(y, torch.full((len(y),), t, dtype=F64)).square().sum(1).log().mean())
+
+    assert mean_log(tenth) - mean_log(x) < math.log(3)
+    far = x.clone()
+    far[0] += 1.4 * thin[:, 0]
+    assert abs(log_score_level(score, far, t) - level) < 0.05
+
+    def log_mean_square(y):
+        return float(score(y, torch.full((len(y),), t, dtype=F64)).square().sum(1).mean().log())
+
+    assert log_mean_square(far) - log_mean_square(x) > math.log(3)
 
 
 def stochastic_output_law(sde, score, dim, ts, **kw):
