@@ -28,6 +28,7 @@ whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-targe
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -658,10 +659,15 @@ def add_arguments(ap) -> None:
 
 
 def run_tag(args, seed: int | None = None) -> str:
-    """The name of a run's log, and with `seed` of its output files (one per seed)."""
+    """The name of a run's log, and with `seed` of its output files (one per seed); more targets than fit in a
+    file name are named by the first, their count and a hash of all."""
     if args.part != "main":
         seeds = [seed] if seed is not None else args.heldout_seed
-        return (args.part + ("-" + "-".join(args.targets) if args.targets else "")
+        targets = "-".join(args.targets or [])
+        if len(targets) > 80:
+            digest = hashlib.sha256(targets.encode()).hexdigest()[:8]
+            targets = f"{args.targets[0]}-and-{len(args.targets) - 1}-more-{digest}"
+        return (args.part + ("-" + targets if targets else "")
                 + ("-seed" + "-".join(map(str, seeds)) if seeds != [1] else "")
                 + ("-only-" + "-".join(c.split("/")[-1] for c in args.configs)
                    if args.configs else ""))
