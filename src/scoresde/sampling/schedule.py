@@ -205,7 +205,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             if not bool(torch.isfinite(x).all()):
                 return None
             excess = fine(x) - ref_fine[part]
-            return x, excess if excess == excess else 0.0  # nan: a score that is 0 at points of both (-inf - -inf)
+            return x, excess if excess == excess else 0.0  # nan: a score 0 at every point kept, in both (-inf - -inf)
 
         default_out = {part: outputs(*default, part) for part in ref}  # sets the allowance, and the default's check
         allowed = {part: max(_FINE_SLACK, out[1] if out else -math.inf) for part, out in default_out.items()}
