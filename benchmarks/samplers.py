@@ -525,7 +525,7 @@ def prior_term(names: list[str], n: int, nfes: list[int], seeds: list[int]) -> s
     T = torch.tensor(sde.T, dtype=F64)
     a, s = float(sde.alpha(T)), float(sde.sigma(T))
     lines = [f"unipc2, fixed grid, n = {n}, x_T seeds {seeds}; alpha_T = {a:.4f}\n",
-             "| target | alpha_T |E X_0| | 2 null sd | " + " | ".join(f"NFE {k} from N(0, I) | NFE {k} from p_T"
+             "| target | alpha_T norm(E X_0) | 2 null sd | " + " | ".join(f"NFE {k} from N(0, I) | NFE {k} from p_T"
                                                              for k in nfes) + " |",
              "|" + "---|" * (3 + 2 * len(nfes))]
     for tname in names:
