@@ -100,6 +100,39 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
     assert res.exit_code == 0 and json.loads((run / "eval.json").read_text())["schedule"] == "default"
 
 
+def test_a_few_step_nfe_without_a_method_takes_the_few_step_method_on_its_schedule(run_dir, tmp_path, monkeypatch):
+    """`sample RUN --nfe 5` on a run whose sampler (em) has no automatic schedule samples with ipndm on its
+    automatic schedule (unipc2 above nfe 5), saying so; the run's sampler stays where --method, an --option,
+    --schedule default or an nfe above 10 is given; evaluate does the same. (A small search, for speed.)"""
+    import shutil
+
+    from scoresde.running import runs
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    real, searches = runs.auto_schedule, []
+    monkeypatch.setattr(runs, "auto_schedule",
+                        lambda *a, **k: searches.append(k["method"]) or real(*a, n_probe=128, reference_nfe=31,
+                                                                              max_iter=10, **k))
+    out = str(tmp_path / "s.npy")
+    for args, method in ((["--nfe", "5"], "ipndm"), (["--nfe", "8"], "unipc2"), (["--nfe", "5", "--method", "em"], None),
+                         (["--nfe", "5", "--schedule", "default"], None), (["--nfe", "20"], None),
+                         (["--nfe", "5", "--option", "noise=brownian"], None)):
+        before = len(searches)
+        res = runner.invoke(app, ["sample", str(run), *args, "--n", "16", "--out", out])
+        assert res.exit_code == 0, (args, res.output)
+        said = [ln for ln in res.output.splitlines() if "without --method" in ln]
+        if method is None:
+            assert not said and len(searches) == before, (args, res.output)
+        else:
+            assert said == [f"--nfe {args[1]} without --method: the run's sampler em has no automatic schedule; "
+                            f"sampling with {method} on its automatic schedule (--method em keeps it)"], res.output
+            assert searches[before:] == [method] and np.isfinite(np.load(out)).all(), (args, res.output)
+    res = runner.invoke(app, ["evaluate", str(run), "--nfe", "5", "--n", "50"])
+    assert res.exit_code == 0 and "automatic schedule (cached in" in res.output, res.output
+    assert json.loads((run / "eval.json").read_text())["sampler"] == "ipndm" and searches == ["ipndm", "unipc2"]
+
+
 def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):
     """--schedule auto outside its range (nfe <= 10, sa3 / unipc2 / unipc3) is an error naming why, never ignored;
     an unknown --schedule names the choices; with --fit-grid (another grid) it is refused naming both."""

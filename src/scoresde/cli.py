@@ -233,6 +233,21 @@ def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: 
     return s.options
 
 
+def _method(r, method: str | None, nfe: int | None, options: dict, label: int | None = None,
+            schedule: str | None = None, fit_grid: int = 0) -> tuple[str, int]:
+    """The method and nfe of --method / --nfe (unset: the run's); a named few-step --nfe without --method takes
+    `running.runs.run_method`'s choice, said on stderr."""
+    from .running.runs import run_method
+
+    if method is None and nfe is not None and not fit_grid:
+        method = run_method(r, nfe, label=label, schedule=schedule, **options)
+        if method != r.cfg.sampler:
+            typer.echo(f"--nfe {nfe} without --method: the run's sampler {r.cfg.sampler} has no automatic schedule; "
+                       f"sampling with {method} on its automatic schedule (--method {r.cfg.sampler} keeps it)",
+                       err=True)
+    return method or r.cfg.sampler, nfe or r.cfg.nfe
+
+
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
@@ -270,7 +285,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
                                 "--label")
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
-    method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
+    method, nfe = _method(r, method, nfe, options, label, schedule, fit_grid)
     held_out = r.data.test[:n] if out.suffix == ".png" else None  # the plot's data, before sampling
     if fit_grid:
         fitted = fit_run_grid(r, method=method, nfe=nfe, n_probe=fit_grid, seed=seed, **options)
@@ -377,7 +392,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
-    method, nfe = method or r.cfg.sampler, nfe or r.cfg.nfe
+    method, nfe = _method(r, method, nfe, options, schedule=schedule)
     grid = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2, **options)
     metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options, **grid),
                "schedule": grid.get("schedule", "auto"), "options": options}

@@ -82,6 +82,30 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     assert len(searches) == 2
 
 
+def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(tiny_run, tmp_path, monkeypatch):
+    """sample_run(nfe=5) without a method, on a run whose sampler (em) has no automatic schedule, draws what
+    ipndm on its automatic schedule draws (unipc2 at nfe 8); the run's em where the nfe is not named, above 10, or
+    with schedule="default" (run_method)."""
+    from scoresde.running import runs
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    real = runs.auto_schedule
+    monkeypatch.setattr(runs, "auto_schedule",  # a small search, for speed
+                        lambda *a, **k: real(*a, n_probe=128, reference_nfe=31, max_iter=10, **k))
+    r = load_run(run_dir)
+    assert r.cfg.sampler == "em"
+    for nfe, method in ((5, "ipndm"), (8, "unipc2")):
+        assert runs.run_method(r, nfe) == method
+        torch.testing.assert_close(sample_run(r, 20, nfe=nfe, seed=1)[0],
+                                   sample_run(r, 20, method=method, nfe=nfe, seed=1, schedule="auto")[0])
+    for kw in ({"nfe": 5, "schedule": "default"}, {"nfe": 12}, {"nfe": 5, "label": 0}, {"nfe": 5, "t_end": 0.1},
+               {"nfe": 1}):
+        assert runs.run_method(r, **kw) == "em", kw
+    torch.testing.assert_close(sample_run(r, 20, nfe=5, seed=1, schedule="default")[0],
+                               sample_run(r, 20, method="em", nfe=5, seed=1)[0])
+
+
 def test_likelihood_run_checks_the_family_and_the_data(tiny_run):
     """likelihood_run is evaluate_likelihood on the run's held-out points (or another source) with the run's
     model; it refuses data of another shape."""
