@@ -705,7 +705,7 @@ def run(args):
         return
     if args.part == "floor-check":
         rows, text = floor_check(args.targets or REPORTING, args.n_heldout,
-                                 [v for v in args.nfes if v > AUTO_MAX_NFE] or [20, 50], args.heldout_seed)
+                                 [v for v in args.nfes if v > AUTO_MAX_NFE and v in HELDOUT_NFES] or [20, 50], args.heldout_seed)
         common.write_json(NAME, rows, file=f"samplers_{run_tag(args)}.json", indent=None)
         common.write_text(NAME, f"samplers_{run_tag(args)}.md", text)
         print(text)
