@@ -251,7 +251,8 @@ def _method(r, method: str | None, nfe: int | None, options: dict, label: int | 
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
-                                      "or the run's family's own: ddpm, decoder; default: the run's sampler)"),
+                                      "or the run's family's own: ddpm, decoder; default: the run's sampler, or at a named --nfe <= 10 where "
+                                      "it has no automatic schedule ipndm (nfe <= 5) / unipc2 on theirs)"),
            nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
            n: int = typer.Option(1000, "--n", help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),
@@ -367,7 +368,8 @@ def inpaint(run: Path = typer.Argument(..., help="run folder of a score model on
 @app.command()
 def evaluate(run: Path = typer.Argument(..., help="run folder"),
              n: int = typer.Option(None, "--n", help="samples (default: 2 n_eval, at most the held-out size)"),
-             method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: the run's)"),
+             method: str = typer.Option(None, "--method", "--sampler", help="sampling method (default: as for "
+                                        "`sample`)"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0),
              schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
