@@ -24,7 +24,9 @@ Held-out discipline (issue 22): `--part heldout --targets ...` runs, on targets 
 with near-singular covariances), the untuned default grid, the automatic schedule (unipc2 with cached_schedule's ts / denoise at NFE <= 10,
 whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-target best of a small unipc family
 (an oracle) and every diffusers configuration, at NFE 5, 10, 20, 50 and n = --n-heldout (4000) samples per cell;
-`--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png.
+`--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png (runs at another
+--n-heldout: samplers_heldout-n{N}.{md,png}, from those runs alone). `--part floor-check` sets the fixed grid at
+NFE 20 and 50 beside a fresh exact sample (`floor_check`).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ warnings.filterwarnings("ignore")
 F64 = torch.float64
 NFES = (5, 10, 20, 50, 100)
 NAME = "samplers"
+N_HELDOUT = 4000  # samples per cell of the held-out parts (--n-heldout)
 NULL_REPEATS = 4  # exact-sample sets of size n behind a Scorer's null mean and sd
 CONFIGS: list[str] | None = None  # --configs: run only these configuration names (None: all)
 QUICK = dict(n_sweep=200, n=300, nfes=[5], overhead_steps=5, overhead_repeats=1,
@@ -669,7 +672,7 @@ def add_arguments(ap) -> None:
                          "default-path: sample() without options against the heldout 'auto' row's sampler; "
                          "floor-check: unipc2's fixed grid at --nfes beside a fresh exact sample, each against the "
                          "floor (--n-heldout samples, --heldout-seed)")
-    ap.add_argument("--n-heldout", type=int, default=4000, help="samples per cell of --part heldout / select")
+    ap.add_argument("--n-heldout", type=int, default=N_HELDOUT, help="samples per cell of --part heldout / select")
     ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
     ap.add_argument("--heldout-seed", type=int, nargs="+", default=[1],
                     help="--part heldout / select: the seeds of x_T and of the null's exact samples, one file each "
@@ -686,6 +689,7 @@ def run_tag(args, seed: int | None = None) -> str:
             digest = hashlib.sha256(targets.encode()).hexdigest()[:8]
             targets = f"{args.targets[0]}-and-{len(args.targets) - 1}-more-{digest}"
         return (args.part + ("-" + targets if targets else "")
+                + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else "")
                 + ("-seed" + "-".join(map(str, seeds)) if seeds != [1] else "")
                 + ("-only-" + "-".join(c.split("/")[-1] for c in args.configs)
                    if args.configs else ""))
@@ -698,9 +702,11 @@ def run(args):
     timing = dict(steps=args.overhead_steps, repeats=args.overhead_repeats)
     out = common.out_dir(NAME)
     if args.part == "heldout-report":
-        rows = [r for f in sorted(out.glob("samplers_heldout-*.json")) for r in common.read_json(f)]
-        text = heldout_report(rows, "heldout")
-        common.write_text(NAME, "samplers_heldout.md", text)
+        part = "heldout" + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else "")
+        rows = [r for f in sorted(out.glob("samplers_heldout-*.json")) for r in common.read_json(f)
+                if r["n"] == args.n_heldout]
+        text = heldout_report(rows, part)
+        common.write_text(NAME, f"samplers_{part}.md", text)
         print(text)
         return
     if args.part == "floor-check":

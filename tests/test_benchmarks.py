@@ -713,10 +713,11 @@ def test_samplers_run_tag_fits_a_file_name_for_many_targets():
 
     from benchmarks import samplers
 
-    def tag(targets):
-        return samplers.run_tag(argparse.Namespace(part="heldout", targets=targets, heldout_seed=[1, 2, 3],
+    def tag(targets, n=samplers.N_HELDOUT):
+        return samplers.run_tag(argparse.Namespace(part="heldout", targets=targets, heldout_seed=[1, 2, 3], n_heldout=n,
                                                    configs=["scoresde/auto", "scoresde/auto-ipndm"]))
 
     many = samplers.REPORTING[:30]
     assert len(f"run-{tag(many)}.log.4194304.partial") < 255 and tag(many) != tag(many[:1] + many[:0:-1])
     assert tag(["d2s100", "unequal"]) == "heldout-d2s100-unequal-seed1-2-3-only-auto-auto-ipndm"
+    assert tag(["d2s100"], 20000) == "heldout-d2s100-n20000-seed1-2-3-only-auto-auto-ipndm"  # apart from n = 4000
