@@ -239,20 +239,21 @@ def _method(r, method: str | None, nfe: int | None, options: dict, label: int | 
     `running.runs.run_method`'s choice, said on stderr."""
     from .running.runs import run_method
 
-    if method is None and nfe is not None and not fit_grid:
-        method = run_method(r, nfe, label=label, schedule=schedule, **options)
+    if method is None:
+        method = r.cfg.sampler if fit_grid else run_method(r, nfe, label=label, schedule=schedule, **options)
         if method != r.cfg.sampler:
             typer.echo(f"--nfe {nfe} without --method: the run's sampler {r.cfg.sampler} has no automatic schedule; "
                        f"sampling with {method} on its automatic schedule (--method {r.cfg.sampler} keeps it)",
                        err=True)
-    return method or r.cfg.sampler, nfe or r.cfg.nfe
+    return method, nfe or r.cfg.nfe
 
 
 @app.command()
 def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml and checkpoint.safetensors)"),
            method: str = typer.Option(None, "--method", "--sampler", help="sampling method (scoresde.sampling.METHODS, "
-                                      "or the run's family's own: ddpm, decoder; default: the run's sampler, or at a named --nfe <= 10 where "
-                                      "it has no automatic schedule ipndm (nfe <= 5) / unipc2 on theirs)"),
+                                      "or the run's family's own: ddpm, decoder; default: the run's sampler, or at a "
+                                      "named --nfe <= 10 where it has no automatic schedule ipndm (nfe <= 5) / unipc2 "
+                                      "on theirs)"),
            nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
            n: int = typer.Option(1000, "--n", help="number of samples"),
            out: Path = typer.Option(..., "--out", help=".npy / .npz (array) or .png (plot beside data)"),

@@ -183,15 +183,15 @@ def auto_applies(run: Run, *, method: str, nfe: int, **options) -> bool:
     return True
 
 
-def run_method(run: Run, nfe: int, *, label: int | Tensor | None = None, schedule: str | None = None,
+def run_method(run: Run, nfe: int | None, *, label: int | Tensor | None = None, schedule: str | None = None,
                **options) -> str:
-    """The method that samples `run` at a named `nfe` when none is named: the run's sampler, except at
+    """The method that samples `run` at `nfe` when none is named: the run's sampler, except at a named
     nfe <= AUTO_MAX_NFE where that sampler has no automatic schedule (`auto_applies`: em, pc, ...) and neither a
     sampler option, a label nor schedule="default" is given: then ipndm at nfe <= 5 and unipc2 above, on their
     automatic schedule (the methods that met issue 22's goals on the held-out targets of benchmarks/samplers.py;
     docs/math/samplers.md). So `scoresde sample RUN --nfe 5` gets a few-step sampler without options."""
     own = run.cfg.sampler
-    if options or label is not None or schedule == "default" or auto_applies(run, method=own, nfe=nfe):
+    if nfe is None or options or label is not None or schedule == "default" or auto_applies(run, method=own, nfe=nfe):
         return own
     few = "ipndm" if nfe <= 5 else "unipc2"
     return few if auto_applies(run, method=few, nfe=nfe) else own
@@ -232,15 +232,14 @@ def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None =
                paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0, schedule: str | None = None,
                **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
-    (None: the run's configured sampler and nfe; a named nfe without a method: `run_method`) and options go to `sampling.sample` (e.g. ts from
-    `fit_run_grid`), t_end. schedule as `sampling.sample`'s, the automatic one being the run's (`run_schedule`,
+    (None: `run_method`'s, the run's configured sampler but at a few-step nfe, and the run's nfe) and options go
+    to `sampling.sample` (e.g. ts from `fit_run_grid`), t_end. schedule as `sampling.sample`'s, the automatic one being the run's (`run_schedule`,
     kept in the run folder): None takes it where it applies (`auto_applies`) and no label is given.
     With `label` (an int or n ints) the samples are of that class, by classifier-free
     guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
     integer("n", n)
-    if method is None and nfe is not None:
-        method = run_method(run, nfe, label=label, schedule=schedule, **options)
-    method, model, family = run.cfg.sampler if method is None else method, run.model, run.family
+    method = run_method(run, nfe, label=label, schedule=schedule, **options) if method is None else method
+    model, family = run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
     check_schedule(schedule)
     if schedule == "auto" and label is not None:
@@ -326,9 +325,8 @@ def _evaluate(run: Run, n: int | None, method: str | None, nfe: int | None, seed
         raise InvalidValueError(f"n must be at least 20 on {run.cfg.data} (KID over 10 blocks of 2+ samples), got {n}")
     n = min(run.cfg.n_eval * 2, data.test.shape[0]) if n is None else integer("n", n)
     features = features and n >= 20  # a default n (2 n_eval) too small for KID: the report goes without them
-    if method is None and nfe is not None:
-        method = run_method(run, nfe, **options)
-    method, nfe = run.cfg.sampler if method is None else method, run.cfg.nfe if nfe is None else nfe
+    method = run_method(run, nfe, **options) if method is None else method
+    nfe = run.cfg.nfe if nfe is None else nfe
     check_mmd2_memory(n, None if data.mixture is not None else min(n, data.test.shape[0]))  # before sampling
     x, traj = sample_run(run, n, method=method, nfe=nfe, seed=seed, paths=paths, **options)
     metrics = {"step": run.step, "sampler": method, "nfe": nfe,
