@@ -19,7 +19,6 @@ from scoresde.sampling.schedule import (
     clear_schedule_cache,
     log_score_level,
     mmd2_paired,
-    mmd2_paired_difference,
 )
 
 F64 = torch.float64
@@ -284,45 +283,6 @@ def test_mmd2_paired_is_unbiased_between_laws():
     assert ref.value > 8 * ref.stderr and abs(np.mean(coupled) - ref.value) < 4 * (se + ref.stderr), (coupled, ref)
     equal = [mmd2_paired(x, -x, h) for x in (torch.randn(300, 2, generator=g, dtype=F64) for _ in range(40))]
     assert abs(np.mean(equal)) < 4 * np.std(equal) / math.sqrt(len(equal)), np.mean(equal)
-
-
-def test_the_paired_difference_and_its_standard_error_match_monte_carlo():
-    """mmd2_paired_difference over 300 repetitions of 200 jointly drawn triples (two samplers' outputs from the same
-    draws, and the reference's): its value is mmd2_paired(x) - mmd2_paired(x0), and the spread of the values over
-    the repetitions is the standard error it reports (within 10 %)."""
-    g = torch.Generator().manual_seed(1)
-    h = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
-    values, ses = [], []
-    for _ in range(300):
-        y = torch.randn(200, 2, generator=g, dtype=F64)  # the reference; x, x0: two samplers from the same draws
-        x, x0 = 1.1 * y + 0.1, y + 0.3 * torch.randn(y.shape, generator=g, dtype=F64)
-        d, se = mmd2_paired_difference(x, x0, y, h)
-        assert d == pytest.approx(mmd2_paired(x, y, h) - mmd2_paired(x0, y, h), rel=1e-9, abs=1e-12)
-        values.append(d)
-        ses.append(se)
-    assert abs(np.mean(ses) / np.std(values) - 1) < 0.1, (np.mean(ses), np.std(values))
-
-
-def test_the_check_keeps_the_default_unless_the_gain_is_beyond_its_noise(monkeypatch):
-    """Stage (3) returns the check's best candidate only where its paired difference from the default is below
-    -2 standard errors: on the Gaussian of the first-step test the candidate wins, and the same search with each
-    gain's standard error scaled up (as if the check draws were that much noisier) returns the default."""
-    from scoresde.sampling import schedule
-
-    sde, (m, C) = VP(), random_gaussian(4, seed=0, eig_range=(0.001, 1.0))
-    score = gaussian_score(sde, m, C)
-    kw = dict(method="unipc2", nfe=5, n_probe=256, max_iter=10, dtype=F64)
-    gains = []
-    real = schedule.mmd2_paired_difference
-    monkeypatch.setattr(schedule, "mmd2_paired_difference", lambda *a: gains.append(real(*a)) or gains[-1])
-    won = auto_schedule(sde, score, (4,), **kw)
-    (gain, se), = gains
-    assert won.choice != "default" and won.check < won.default_check and gain < -2 * se, (won, gains)
-    scale = 1.01 * -gain / (2 * se)  # the gain is then 2 / 1.01 standard errors
-    monkeypatch.setattr(schedule, "mmd2_paired_difference", lambda *a: (real(*a)[0], scale * real(*a)[1]))
-    kept = auto_schedule(sde, score, (4,), **kw)
-    assert kept.choice == "default" and kept.check == kept.default_check == won.default_check, kept
-    assert torch.equal(kept.ts, time_grid(sde, len(kept.ts) - 1, "poly", t_end=float(kept.ts[-1]), power=3.0))
 
 
 def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
