@@ -199,7 +199,7 @@ def test_device_option_of_the_commands_that_load_a_run(run_dir, tmp_path):
     assert res.exit_code == 2 and "is configured for device 'cuda', which is not available here" in res.output
     assert "--device cpu" in res.output
     res = runner.invoke(app, ["sample", str(moved), "--n", "8", "--nfe", "7", "--out", str(tmp_path / "g.npy"),
-                              "--device", "cpu"])
+                              "--device", "cpu", "--schedule", "default"])
     assert res.exit_code == 0, res.output
 
 
