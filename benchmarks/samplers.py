@@ -222,6 +222,12 @@ class Scorer:
         return {"gap": float(self.target.log_prob(x).mean()) - self.ref_logp, **metrics_of(mmd2_blocked(x, self.target))}
 
 
+def null_row(scorer, **fields) -> dict:
+    """The row of a scorer's null spread (mean and sd of each metric over exact samples), with `fields`."""
+    return {**fields, "config": "null (exact samples)", "nfe": 0, **{k: v[0] for k, v in scorer.null.items()},
+            **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}
+
+
 # ---- stages ---------------------------------------------------------------------------
 
 def setup(name):
@@ -266,8 +272,7 @@ def evaluate(tname, n, nfes, seed, wanted=None):
     target, sc = setup(tname)
     gen = torch.Generator().manual_seed(seed)
     scorer = Scorer(target, n, gen)
-    rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
-             **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}]
+    rows = [null_row(scorer, target=tname, n=n)]
     x_T = sde.prior_sample((n, target.dim), gen, F64)
     score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
     for name, kind, spec in configs():
@@ -429,9 +434,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         gen = torch.Generator().manual_seed(seed)
         scorer = Scorer(target, n, gen)
         if only is None:
-            rows.append({"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n, "dim": target.dim,
-                         "seed": seed, **{k: v[0] for k, v in scorer.null.items()},
-                         **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
+            rows.append(null_row(scorer, target=tname, n=n, dim=target.dim, seed=seed))
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         for nfe in nfes:
             cells, cost = [("scoresde/default", "unipc2", {}), ("scoresde/ipndm", "ipndm", {})], {}
@@ -535,8 +538,7 @@ def floor_check(names: list[str], n: int, nfes: list[int], seeds: list[int]) -> 
             gen = torch.Generator().manual_seed(seed)
             scorer = Scorer(target, n, gen)
             base = {"target": tname, "n": n, "seed": seed}
-            rows.append({**base, "config": "null (exact samples)", "nfe": 0, **{k: v[0] for k, v in scorer.null.items()},
-                         **{f"{k}_sd": v[1] for k, v in scorer.null.items()}})
+            rows.append(null_row(scorer, **base))
             x_T = sde.prior_sample((n, target.dim), gen, F64)
             rows.append({**base, "config": "exact sample", "nfe": -1, **scorer(target.sample(n, gen))})
             for nfe in nfes:

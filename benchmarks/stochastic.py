@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, bandwidths, run_ours, setup, value
+from benchmarks.samplers import DiscreteEps, MixtureScore, Scorer, bandwidths, null_row, run_ours, setup, value
 from scoresde.core.sde import VE, VP
 from scoresde.core.targets import GaussianMixture, random_mixture
 from scoresde.evaluation.features import kid
@@ -331,8 +331,7 @@ def evaluate(tname, n, nfes, seed, wanted=None, null_repeats=4, precise=False):
     target, sc, sde = target_of(tname)
     gen = torch.Generator().manual_seed(seed)
     scorer = FourierScorer(target, n, gen) if precise else Scorer(target, n, gen, null_repeats=null_repeats)
-    rows = [{"target": tname, "config": "null (exact samples)", "nfe": 0, "n": n,
-             **{k: v[0] for k, v in scorer.null.items()}, **{f"{k}_sd": v[1] for k, v in scorer.null.items()}}]
+    rows = [null_row(scorer, target=tname, n=n)]
     print(json.dumps(rows[0]), flush=True)
     x_T = sde.prior_sample((n, target.dim), gen, F64)
     score_fn, eps = sc.continuous(sde), DiscreteEps(sc)
