@@ -412,8 +412,10 @@ def heldout_target(name: str) -> GaussianMixture:
 AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the automatic schedule of each method
 # the automatic schedule's search, recorded in its rows: 1 (no field) until session 35; 2 also chooses the analytic
 # first step (session 36); 3 checks the best grid family of each first-step setting, 4 trims the fine-scale statistic
-# (both session 37). A report keeps, per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
-SEARCH = 4
+# (both session 37), 6 keeps the default unless the check's gain is beyond 2 standard errors, on a check set of 2048
+# draws (session 39; 5, the margin on 512, was reverted: its rows are in results/samplers/search5/). A report keeps,
+# per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
+SEARCH = 6
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 
 

@@ -475,7 +475,7 @@ def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(mo
     from benchmarks import samplers
     from scoresde.sampling import schedule
 
-    search = functools.partial(schedule.auto_schedule, n_probe=64, reference_nfe=21, max_iter=3)
+    search = functools.partial(schedule.auto_schedule, n_probe=32, n_check=32, reference_nfe=21, max_iter=3)
     monkeypatch.setattr(samplers, "auto_schedule", search)
     monkeypatch.setattr(samplers, "peers", dict)
     monkeypatch.setattr(samplers, "ORACLE", {})
@@ -559,7 +559,7 @@ def test_samplers_default_path_is_the_heldout_auto_row(monkeypatch):
     from benchmarks import samplers
     from scoresde.sampling import schedule
 
-    small = functools.partial(schedule.auto_schedule, n_probe=64, reference_nfe=21, max_iter=5)
+    small = functools.partial(schedule.auto_schedule, n_probe=32, n_check=32, reference_nfe=21, max_iter=5)
     monkeypatch.setattr(schedule, "auto_schedule", small)
     monkeypatch.setattr(samplers, "auto_schedule", small)
     schedule.clear_schedule_cache()

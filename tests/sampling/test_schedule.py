@@ -19,6 +19,7 @@ from scoresde.sampling.schedule import (
     clear_schedule_cache,
     log_score_level,
     mmd2_paired,
+    mmd2_paired_difference,
 )
 
 F64 = torch.float64
@@ -52,7 +53,7 @@ def test_automatic_schedule_lowers_the_exact_law_error_on_gaussian_data(method):
     law than on the fixed default grid, both laws exact (the sampler is affine in x_T)."""
     sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
     score = gaussian_score(sde, m, C)
-    s = auto_schedule(sde, score, (4,), method=method, nfe=5, n_probe=256, max_iter=40, dtype=F64)
+    s = auto_schedule(sde, score, (4,), method=method, nfe=5, n_probe=128, n_check=128, max_iter=40, dtype=F64)
     err = {}
     for name, kw in (("auto", s.options), ("default", {"schedule": "default"})):
         b, S = output_law(sde, score, 4, method=method, nfe=5, **kw)
@@ -66,7 +67,7 @@ def test_an_analytic_first_step_the_caller_fixes_is_kept_and_runs_with_the_sched
     sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
     score = gaussian_score(sde, m, C)
     for afs in (False, True):
-        s = auto_schedule(sde, score, (4,), method="ipndm", nfe=5, n_probe=128, max_iter=10, dtype=F64,
+        s = auto_schedule(sde, score, (4,), method="ipndm", nfe=5, n_probe=64, n_check=64, max_iter=10, dtype=F64,
                           analytic_first=afs)
         assert s.analytic_first is afs and len(s.ts) == steps_for("ipndm", 5, s.denoise, {"analytic_first": afs}) + 1
         assert sample(sde, score, (16, 4), method="ipndm", nfe=5, dtype=F64, **s.options).shape == (16, 4)
@@ -82,7 +83,7 @@ def test_the_check_keeps_the_best_grid_family_of_each_first_step_setting(monkeyp
     monkeypatch.setattr(schedule, "_move_knots", lambda sde, start, *args: start)
     sde, (m, C) = VP(), random_gaussian(4, seed=0, eig_range=(0.001, 1.0))
     score = gaussian_score(sde, m, C)
-    free, off = (auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=256, dtype=F64, **kw)
+    free, off = (auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=128, n_check=128, dtype=F64, **kw)
                  for kw in ({}, {"analytic_first": False}))
     assert off.choice == "family" and free.check <= off.check < free.default_check, (free, off)
 
@@ -111,7 +112,7 @@ def test_automatic_schedule_leaves_no_noise_in_thin_directions(monkeypatch):
         return log_density_gap(*output_law(sde, score, 4, method="unipc2", nfe=5, **kw), m, C)
 
     def auto(**kw):
-        s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=256, max_iter=40, dtype=F64, **kw)
+        s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=128, n_check=128, max_iter=40, dtype=F64, **kw)
         return gap(**s.options)
 
     default = gap(schedule="default")
@@ -174,7 +175,7 @@ def test_stochastic_method_gets_the_schedule_of_its_deterministic_limit():
     and KL to the data law than on sa3's default grid."""
     sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
     score = gaussian_score(sde, m, C)
-    kw = dict(n_probe=256, max_iter=40, dtype=F64)
+    kw = dict(n_probe=128, n_check=128, max_iter=40, dtype=F64)
     s = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.5, **kw)
     limit = auto_schedule(sde, score, (4,), method="sa3", nfe=5, tau=0.0, **kw)
     assert torch.equal(s.ts, limit.ts) and (s.denoise, s.analytic_first) == (limit.denoise, limit.analytic_first)
@@ -199,7 +200,7 @@ def test_stochastic_method_above_the_deterministic_limit_gets_a_grid_family_with
     monkeypatch.setattr(schedule, "_move_knots", no_knot_move)
     sde, (m, C) = VP(), random_gaussian(4, seed=3, eig_range=(0.01, 1.0))
     score = gaussian_score(sde, m, C)
-    s = auto_schedule(sde, score, (4,), method="sa3", nfe=16, tau=0.5, n_probe=256, dtype=F64)
+    s = auto_schedule(sde, score, (4,), method="sa3", nfe=16, tau=0.5, n_probe=128, n_check=128, dtype=F64)
     assert s.choice == "family"
     default = time_grid(sde, 15, "poly", t_end=METHODS["sa3"].default_t_end(sde, 15), power=3.0)  # denoise on
     err = {}
@@ -234,7 +235,7 @@ def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_appl
     from scoresde.sampling import schedule
 
     monkeypatch.setattr(schedule, "auto_schedule",
-                        functools.partial(schedule.auto_schedule, n_probe=128, reference_nfe=31, max_iter=10))
+                        functools.partial(schedule.auto_schedule, n_probe=64, n_check=64, reference_nfe=31, max_iter=10))
     clear_schedule_cache()
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     base = gaussian_score(sde, m, C)
@@ -285,6 +286,45 @@ def test_mmd2_paired_is_unbiased_between_laws():
     assert abs(np.mean(equal)) < 4 * np.std(equal) / math.sqrt(len(equal)), np.mean(equal)
 
 
+def test_the_paired_difference_and_its_standard_error_match_monte_carlo():
+    """mmd2_paired_difference over 300 repetitions of 200 jointly drawn triples (two samplers' outputs from the same
+    draws, and the reference's): its value is mmd2_paired(x) - mmd2_paired(x0), and the spread of the values over
+    the repetitions is the standard error it reports (within 10 %)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.tensor([0.5, 1.0, 2.0], dtype=F64)
+    values, ses = [], []
+    for _ in range(300):
+        y = torch.randn(200, 2, generator=g, dtype=F64)  # the reference; x, x0: two samplers from the same draws
+        x, x0 = 1.1 * y + 0.1, y + 0.3 * torch.randn(y.shape, generator=g, dtype=F64)
+        d, se = mmd2_paired_difference(x, x0, y, h)
+        assert d == pytest.approx(mmd2_paired(x, y, h) - mmd2_paired(x0, y, h), rel=1e-9, abs=1e-12)
+        values.append(d)
+        ses.append(se)
+    assert abs(np.mean(ses) / np.std(values) - 1) < 0.1, (np.mean(ses), np.std(values))
+
+
+def test_the_check_keeps_the_default_unless_the_gain_is_beyond_its_noise(monkeypatch):
+    """Stage (3) returns the check's best candidate only where its paired difference from the default is below
+    -2 standard errors: on the Gaussian of the first-step test the candidate wins, and the same search with each
+    gain's standard error scaled up (as if the check draws were that much noisier) returns the default."""
+    from scoresde.sampling import schedule
+
+    sde, (m, C) = VP(), random_gaussian(4, seed=0, eig_range=(0.001, 1.0))
+    score = gaussian_score(sde, m, C)
+    kw = dict(method="unipc2", nfe=5, n_probe=128, n_check=128, max_iter=10, dtype=F64)
+    gains = []
+    real = schedule.mmd2_paired_difference
+    monkeypatch.setattr(schedule, "mmd2_paired_difference", lambda *a: gains.append(real(*a)) or gains[-1])
+    won = auto_schedule(sde, score, (4,), **kw)
+    (gain, se), = gains
+    assert won.choice != "default" and won.check < won.default_check and gain < -2 * se, (won, gains)
+    scale = 1.01 * -gain / (2 * se)  # the gain is then 2 / 1.01 standard errors
+    monkeypatch.setattr(schedule, "mmd2_paired_difference", lambda *a: (real(*a)[0], scale * real(*a)[1]))
+    kept = auto_schedule(sde, score, (4,), **kw)
+    assert kept.choice == "default" and kept.check == kept.default_check == won.default_check, kept
+    assert torch.equal(kept.ts, time_grid(sde, len(kept.ts) - 1, "poly", t_end=float(kept.ts[-1]), power=3.0))
+
+
 def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
     """A fit on probe draws that all flow to one tight mode, checked on draws that flow to a broad mode far away:
     the fitted grid lowers the fit error but loses on the check draws, so fit_grid returns the starting grid
@@ -308,7 +348,8 @@ def test_bad_options_name_the_parameter():
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     score = gaussian_score(sde, m, C)
     for kw, match in [({"method": "em"}, "method must be a deterministic"), ({"method": "nope"}, "method must be"),
-                      ({"n_probe": 2}, "n_probe must be an integer >= 4"), ({"nfe": 1}, "nfe must be an integer >= 2"),
+                      ({"n_probe": 2}, "n_probe must be an integer >= 4"), ({"n_check": 3}, "n_check must be an integer >= 4"),
+                      ({"nfe": 1}, "nfe must be an integer >= 2"),
                       ({"reference_nfe": 5}, "reference_nfe must be an integer >= 6"),
                       ({"t_end": 0.1}, "do not pass t_end"), ({"denoise": False}, "do not pass denoise")]:
         with pytest.raises(InvalidValueError, match=match):
@@ -333,7 +374,7 @@ def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatc
     from scoresde.sampling import schedule
 
     monkeypatch.setattr(schedule, "auto_schedule",
-                        functools.partial(schedule.auto_schedule, n_probe=128, reference_nfe=31, max_iter=10))
+                        functools.partial(schedule.auto_schedule, n_probe=64, n_check=64, reference_nfe=31, max_iter=10))
     clear_schedule_cache()
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
 
