@@ -472,19 +472,43 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
     return rows
 
 
+def latest_search(rows: list[dict]) -> list[dict]:
+    """The rows of the latest search of the automatic schedule (SEARCH) for each cell and x_T seed."""
+    latest: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["target"], r["nfe"], r["config"], r.get("seed", 1))
+        latest[key] = max(latest.get(key, 1), r.get("search", 1))
+    return [r for r in rows if r.get("search", 1) == latest[(r["target"], r["nfe"], r["config"], r.get("seed", 1))]]
+
+
+def paired_lines(rows: list[dict]) -> list[str]:
+    """Each automatic schedule against its fixed grid on the x_T seeds where both ran: the mean over seeds of the
+    paired MMD^2 difference (auto - fixed, the same x_T), its standard error (sd of the differences / sqrt(seeds))
+    and "worse" where the mean exceeds 2 of them; for cells run on seeds beyond those of the null rows only."""
+    full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
+    by = {(r["target"], r["nfe"], r["config"], r.get("seed", 1)): r["mmd2"] for r in latest_search(rows)}
+    lines = []
+    for name, fixed in FIXED_ROWS.items():
+        cells = sorted({(t, nfe) for (t, nfe, c, seed) in by if c == name and (t, seed) not in full})
+        for t, nfe in cells:
+            d = np.array([v - by[(t, nfe, fixed, seed)] for (tt, f, c, seed), v in sorted(by.items())
+                          if (tt, f, c) == (t, nfe, name) and (t, nfe, fixed, seed) in by])
+            if len(d) < 2:
+                continue
+            se = d.std(ddof=1) / math.sqrt(len(d))
+            lines.append(f"- {name[9:]} - {fixed[9:]}, {t}, NFE {nfe}, {len(d)} seeds: {d.mean():+.2e} (se {se:.1e}, "
+                         f"{d.mean() / se:+.1f} se){' worse' if d.mean() > 2 * se else ''}")
+    return lines
+
+
 def pool_seeds(rows: list[dict]) -> list[dict]:
     """Rows of several x_T seeds (`--heldout-seed`) as one row per (target, NFE, configuration): MMD^2 and gap
     averaged over the seeds present (`seeds`: how many), and the null's mean and sd pooled over all its exact
     draws (NULL_REPEATS per seed), so the floor of a mean over k seeds is 2 sd / sqrt(k). Where a cell and seed
     has rows of several searches of the automatic schedule (SEARCH), only the latest search's count."""
-    latest: dict[tuple, int] = {}
-    for r in rows:
-        key = (r["target"], r["nfe"], r["config"], r.get("seed", 1))
-        latest[key] = max(latest.get(key, 1), r.get("search", 1))
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("search", 1) == latest[(r["target"], r["nfe"], r["config"], r.get("seed", 1))]:
-            groups.setdefault((r["target"], r["nfe"], r["config"]), []).append(r)
+    for r in latest_search(rows):
+        groups.setdefault((r["target"], r["nfe"], r["config"]), []).append(r)
     out = []
     for (_, nfe, _), rs in groups.items():
         rs = sorted(rs, key=lambda r: r.get("seed", 1))  # seed-1 rows (written before `seed` was) first
@@ -576,8 +600,11 @@ def heldout_report(rows: list[dict], part: str) -> str:
     """Per target and NFE: the untuned default, the automatic schedule of each method present (AUTO_ROWS), the
     per-target best of scoresde (oracle) and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run
     (`pool_seeds`) with the null's 2 sd for that many; the goals of issue 22 checked cell by cell for each
-    automatic schedule (against its own method's fixed grid); a figure."""
-    rows = pool_seeds(rows)
+    automatic schedule (against its own method's fixed grid); a figure. x_T seeds without a null row (runs of a few
+    configurations only, for precision) are left out of the cells and read by `paired_lines`."""
+    paired = paired_lines(rows)
+    full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
+    rows = pool_seeds([r for r in rows if (r["target"], r.get("seed", 1)) in full])
     names = list(dict.fromkeys(r["target"] for r in rows))
     nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
     autos = [a for a in AUTO_ROWS if any(r["config"] == a for r in rows)]
@@ -638,6 +665,8 @@ def heldout_report(rows: list[dict], part: str) -> str:
                 lines.append(f"- {name[9:]}, NFE {nfe}: (= the fixed grid) at the floor in "
                              f"{sum(v[5] for v in cells)}/{len(cells)}; not at the floor: "
                              f"{', '.join(v[1] for v in cells if not v[5]) or 'none'}")
+    if paired:
+        lines += ["\nPaired differences from the fixed grid over every x_T seed run (each the same x_T):", *paired]
     plt = common.plt()
     fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
     for ax, nfe in zip(axes[0], nfes):

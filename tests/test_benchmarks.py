@@ -466,6 +466,31 @@ def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer
     assert (tmp_path / "samplers" / "samplers_test.png").exists()
 
 
+def test_samplers_heldout_report_reads_seeds_without_a_null_row_as_paired_differences_only(tmp_path):
+    """Seed 1 is a full run (null row, peer); seeds 2-5 ran ipndm's fixed grid and its schedule only: the cell's
+    means are seed 1's, and the paired line gives the mean of auto - fixed over all five seeds with the sd of the
+    differences / sqrt(5), marked worse only beyond 2 of them."""
+    from benchmarks import common, samplers
+
+    common.configure(tmp_path)
+    rows = [{"target": "a", "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": 1, "mmd2": 0.0,
+             "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5}]
+    rows += [{"target": "a", "config": c, "nfe": 10, "n": 10, "seed": 1, "mmd2": v, "mmd2_fine": v, "gap": 1.0}
+             for c, v in (("scoresde/default", 4e-3), ("diffusers/X/default", 2e-3))]
+    fixed, auto = [1e-3, 2e-3, 1e-3, 3e-3, 2e-3], [2e-3, 2e-3, 3e-3, 4e-3, 2e-3]
+    rows += [{"target": "a", "config": c, "nfe": 10, "n": 10, "seed": seed, "mmd2": v[seed - 1], "mmd2_fine": 0.0,
+              "gap": 1.0} for seed in range(1, 6) for c, v in (("scoresde/ipndm", fixed), ("scoresde/auto-ipndm", auto))]
+    text = samplers.heldout_report(rows, "test")
+    assert "| a | 10 | 1 |" in text and "| 2.00e-03 | - | 1.00 | 2.00 |" in text  # seed 1 alone in the cell
+    d = np.subtract(auto, fixed)
+    se = d.std(ddof=1) / np.sqrt(5)
+    assert f"- auto-ipndm - ipndm, a, NFE 10, 5 seeds: {d.mean():+.2e} (se {se:.1e}, {d.mean() / se:+.1f} se)" in text
+    assert d.mean() > 2 * se and text.rstrip().endswith("worse")
+    rows = [r for r in rows if not (r["seed"] == 3 and r["config"] == "scoresde/auto-ipndm")]
+    text = samplers.heldout_report(rows, "test")
+    assert "4 seeds" in text and not text.rstrip().endswith("worse")
+
+
 def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(monkeypatch):
     """Both automatic schedules at NFE 5 with their grids recorded, none above AUTO_MAX_NFE (unipc2's "auto" row is
     its fixed grid there, bit for bit); `only` runs just the named cells and writes no null row (a small search and
