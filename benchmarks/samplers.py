@@ -25,7 +25,8 @@ with near-singular covariances), the untuned default grid, the automatic schedul
 whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-target best of a small unipc family
 (an oracle) and every diffusers configuration, at NFE 5, 10, 20, 50 and n = --n-heldout (4000) samples per cell;
 `--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png (runs at another
---n-heldout: samplers_heldout-n{N}.{md,png}, from those runs alone). `--part floor-check` sets the fixed grid at
+--n-heldout: samplers_heldout-n{N}.{md,png}, from those runs alone; with --targets, of those targets alone:
+samplers_heldout-report-TARGETS.{md,png}). `--part floor-check` sets the fixed grid at
 NFE 20 and 50 beside a fresh exact sample (`floor_check`).
 """
 from __future__ import annotations
@@ -702,12 +703,13 @@ def add_arguments(ap) -> None:
                     default="main",
                     help="heldout / select: the default, the automatic schedule and the per-target best against "
                          "diffusers on the reporting / selection targets (issue 22); heldout-report: one report "
-                         "of every samplers_heldout*.json written by --part heldout runs (--targets splits them); "
+                         "of every samplers_heldout*.json written by --part heldout runs (--targets: of these "
+                         "targets only, as samplers_heldout-report-TARGETS.md); "
                          "default-path: sample() without options against the heldout 'auto' row's sampler; "
                          "floor-check: unipc2's fixed grid at --nfes beside a fresh exact sample, each against the "
                          "floor (--n-heldout samples, --heldout-seed)")
     ap.add_argument("--n-heldout", type=int, default=N_HELDOUT, help="samples per cell of --part heldout / select")
-    ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select: only these targets")
+    ap.add_argument("--targets", nargs="+", default=None, help="--part heldout / select / heldout-report: only these targets")
     ap.add_argument("--heldout-seed", type=int, nargs="+", default=[1],
                     help="--part heldout / select: the seeds of x_T and of the null's exact samples, one file each "
                          "(the automatic schedule searched once); heldout-report averages each cell over the seeds run")
@@ -736,9 +738,10 @@ def run(args):
     timing = dict(steps=args.overhead_steps, repeats=args.overhead_repeats)
     out = common.out_dir(NAME)
     if args.part == "heldout-report":
-        part = "heldout" + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else "")
+        part = (run_tag(args) if args.targets
+                else "heldout" + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else ""))
         rows = [r for f in sorted(out.glob("samplers_heldout-*.json")) for r in common.read_json(f)
-                if r["n"] == args.n_heldout]
+                if r["n"] == args.n_heldout and r["target"] in (args.targets or [r["target"]])]
         text = heldout_report(rows, part)
         common.write_text(NAME, f"samplers_{part}.md", text)
         print(text)
