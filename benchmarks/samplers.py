@@ -378,7 +378,8 @@ REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["
              + ["sing16s501", "sing32s502", "sing8s503"]  # fresh for ipndm's second report (session 33)
              + ["d8s600", "d32s601", "sing16s601", "sing32s602", "sing8s603"]  # fresh for session 36's report
              + ["d16s700", "sing16s701", "sing16s702", "sing32s703", "sing8s704"]  # fresh for session 37's first
-             + ["d8s800", "sing16s801", "sing16s802", "sing32s803", "sing8s804"])  # and second report
+             + ["d8s800", "sing16s801", "sing16s802", "sing32s803", "sing8s804"]  # and second report
+             + ["d8s1000", "sing16s1001", "sing16s1002", "sing32s1003", "sing8s1004"])  # fresh for search 6 (session 39)
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -474,12 +475,14 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
 
 
 def latest_search(rows: list[dict]) -> list[dict]:
-    """The rows of the latest search of the automatic schedule (SEARCH) for each cell and x_T seed."""
-    latest: dict[tuple, int] = {}
+    """One row for each cell and x_T seed: of the latest search of the automatic schedule (SEARCH), and of those the
+    last given (a cell run twice on one seed has drawn the same x_T)."""
+    latest: dict[tuple, dict] = {}
     for r in rows:
         key = (r["target"], r["nfe"], r["config"], r.get("seed", 1))
-        latest[key] = max(latest.get(key, 1), r.get("search", 1))
-    return [r for r in rows if r.get("search", 1) == latest[(r["target"], r["nfe"], r["config"], r.get("seed", 1))]]
+        if r.get("search", 1) >= latest.get(key, {}).get("search", 1):
+            latest[key] = r
+    return list(latest.values())
 
 
 def paired_lines(rows: list[dict]) -> list[str]:
@@ -497,6 +500,9 @@ def paired_lines(rows: list[dict]) -> list[str]:
             if len(d) < 2:
                 continue
             se = d.std(ddof=1) / math.sqrt(len(d))
+            if se == 0 and d.mean() == 0:
+                lines.append(f"- {name[9:]} - {fixed[9:]}, {t}, NFE {nfe}, {len(d)} seeds: 0 (the same samples)")
+                continue
             lines.append(f"- {name[9:]} - {fixed[9:]}, {t}, NFE {nfe}, {len(d)} seeds: {d.mean():+.2e} (se {se:.1e}, "
                          f"{d.mean() / se:+.1f} se){' worse' if d.mean() > 2 * se else ''}")
     return lines

@@ -480,6 +480,7 @@ def test_samplers_heldout_report_reads_seeds_without_a_null_row_as_paired_differ
     fixed, auto = [1e-3, 2e-3, 1e-3, 3e-3, 2e-3], [2e-3, 2e-3, 3e-3, 4e-3, 2e-3]
     rows += [{"target": "a", "config": c, "nfe": 10, "n": 10, "seed": seed, "mmd2": v[seed - 1], "mmd2_fine": 0.0,
               "gap": 1.0} for seed in range(1, 6) for c, v in (("scoresde/ipndm", fixed), ("scoresde/auto-ipndm", auto))]
+    rows.append(dict(rows[-2]))  # seed 5's fixed grid run twice: one row counts
     text = samplers.heldout_report(rows, "test")
     assert "| a | 10 | 1 |" in text and "| 2.00e-03 | - | 1.00 | 2.00 |" in text  # seed 1 alone in the cell
     d = np.subtract(auto, fixed)
@@ -489,6 +490,8 @@ def test_samplers_heldout_report_reads_seeds_without_a_null_row_as_paired_differ
     rows = [r for r in rows if not (r["seed"] == 3 and r["config"] == "scoresde/auto-ipndm")]
     text = samplers.heldout_report(rows, "test")
     assert "4 seeds" in text and not text.rstrip().endswith("worse")
+    same = [{**r, "mmd2": fixed[r["seed"] - 1]} if r["config"] == "scoresde/auto-ipndm" else r for r in rows]
+    assert samplers.heldout_report(same, "test").rstrip().endswith("4 seeds: 0 (the same samples)")
 
 
 def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(monkeypatch):
