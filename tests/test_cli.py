@@ -77,7 +77,8 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
     shutil.copytree(run_dir, run)
     real, searches = runs.auto_schedule, []
     monkeypatch.setattr(runs, "auto_schedule",
-                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31, max_iter=10, **k))
+                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31,
+                                                                  max_iter=10, **k))
     out = str(tmp_path / "s.npy")
     for args, searched, cached in ((["--method", "unipc2", "--nfe", "5"], 1, False),
                                    (["--method", "unipc2", "--nfe", "5"], 1, True),
@@ -112,8 +113,8 @@ def test_a_few_step_nfe_without_a_method_takes_the_few_step_method_on_its_schedu
     shutil.copytree(run_dir, run)
     real, searches = runs.auto_schedule, []
     monkeypatch.setattr(runs, "auto_schedule",
-                        lambda *a, **k: searches.append(k["method"]) or real(*a, n_probe=64, n_check=64, reference_nfe=31,
-                                                                              max_iter=10, **k))
+                        lambda *a, **k: searches.append(k["method"]) or real(*a, n_probe=64, n_check=64,
+                                                                              reference_nfe=31, max_iter=10, **k))
     out = str(tmp_path / "s.npy")
     for args, method in ((["--nfe", "5"], "ipndm"), (["--nfe", "8"], "unipc2"), (["--nfe", "5", "--method", "em"], None),
                          (["--nfe", "5", "--schedule", "default"], None), (["--nfe", "20"], None),

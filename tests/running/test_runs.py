@@ -50,7 +50,8 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     searches = []
     real = runs.auto_schedule
     monkeypatch.setattr(runs, "auto_schedule",  # a small search (128 probe draws), for speed
-                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31, max_iter=10, **k))
+                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31,
+                                                                  max_iter=10, **k))
     r = load_run(run_dir)
     s, cached = runs.run_schedule(r, method="unipc2", nfe=5)
     assert not cached and len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
@@ -92,7 +93,8 @@ def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(
     shutil.copytree(tiny_run, run_dir)
     real = runs.auto_schedule
     monkeypatch.setattr(runs, "auto_schedule",  # a small search, for speed
-                        lambda *a, **k: real(*a, n_probe=64, n_check=64, reference_nfe=31, max_iter=10, **k))
+                        lambda *a, **k: real(*a, n_probe=64, n_check=64, reference_nfe=31,
+                                                                  max_iter=10, **k))
     r = load_run(run_dir)
     assert r.cfg.sampler == "em"
     for nfe, method in ((5, "ipndm"), (8, "unipc2")):

@@ -112,7 +112,8 @@ def test_automatic_schedule_leaves_no_noise_in_thin_directions(monkeypatch):
         return log_density_gap(*output_law(sde, score, 4, method="unipc2", nfe=5, **kw), m, C)
 
     def auto(**kw):
-        s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=128, n_check=128, max_iter=40, dtype=F64, **kw)
+        s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=128, n_check=128, max_iter=40, dtype=F64,
+                          **kw)
         return gap(**s.options)
 
     default = gap(schedule="default")

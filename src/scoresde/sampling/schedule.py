@@ -71,7 +71,8 @@ from .grids import logsnr_grid, time_grid
 from .methods import GRID_OPTIONS, METHODS, default_denoise, sample_on_grid, steps_for
 
 __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "check_auto", "clear_schedule_cache",
-           "log_score_level", "mmd2_paired", "mmd2_paired_difference", "search_options", "AUTO_MAX_NFE", "AUTO_STOCHASTIC_MAX_NFE"]
+           "log_score_level", "mmd2_paired", "mmd2_paired_difference", "search_options", "AUTO_MAX_NFE",
+           "AUTO_STOCHASTIC_MAX_NFE"]
 
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
@@ -151,8 +152,8 @@ def log_score_level(score_fn: ScoreFn, x: Tensor, t: float) -> float:
 
 def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
                   n_probe: int = 512, n_check: int = 2048, reference_nfe: int = 101, max_iter: int | None = None,
-                  seed: int = 0,
-                  dtype: torch.dtype | None = None, device=None, progress: bool = False, **options) -> Schedule:
+                  seed: int = 0, dtype: torch.dtype | None = None, device=None, progress: bool = False,
+                  **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
     that minimises MMD^2 to the method's converged law (module docstring), from the model alone; a stochastic
     method above AUTO_MAX_NFE gets the best grid family without the knot move.
@@ -188,13 +189,15 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     integer("reference_nfe", reference_nfe, nfe + 1)
     sample_shape = tuple(int(k) for k in sample_shape)
     dtype = dtype or torch.get_default_dtype()
-    probe = sde.prior_sample((n_probe + n_check,) + sample_shape, torch.Generator().manual_seed(seed), dtype).to(device)
+    probe = sde.prior_sample((n_probe + n_check,) + sample_shape, torch.Generator().manual_seed(seed), dtype)
+    probe = probe.to(device)
     default_denoise_on = default_denoise(sde, method, nfe)
     default_afs = bool(given)
     default_steps = steps_for(method, nfe, default_denoise_on, {**options, "analytic_first": default_afs})
     iterations = (max_iter or 30 * (default_steps + 1)) if move_knots else 0
-    bar = tqdm(total=(n_probe + n_check) * reference_nfe
-               + (nfe + 1) * (n_probe * (68 * len(afs_choices) + 1 + 2 * iterations) + n_check * (2 + len(afs_choices))),
+    evaluations = (n_probe + n_check) * reference_nfe + (nfe + 1) * (
+        n_probe * (68 * len(afs_choices) + 1 + 2 * iterations) + n_check * (2 + len(afs_choices)))
+    bar = tqdm(total=evaluations,
                unit="eval", unit_scale=True,
                desc=f"automatic schedule of {method} at nfe {nfe} (schedule='default' skips it)", leave=False,
                mininterval=2, dynamic_ncols=True, disable=not progress)
