@@ -45,7 +45,7 @@ from scoresde.core.sde import VP
 from scoresde.core.targets import GaussianMixture, random_mixture, ring
 from scoresde.evaluation.metrics import _mixture_kernel_means, mmd2
 from scoresde.sampling import fit_grid, sample
-from scoresde.sampling.schedule import AUTO_MAX_NFE, auto_schedule
+from scoresde.sampling.schedule import AUTO_MAX_NFE, SEARCH, auto_schedule
 
 warnings.filterwarnings("ignore")
 F64 = torch.float64
@@ -416,8 +416,7 @@ AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the a
 # first step (session 36); 3 checks the best grid family of each first-step setting, 4 trims the fine-scale statistic
 # (both session 37), 6 keeps the default unless the check's gain is beyond 2 standard errors, on a check set of 2048
 # draws (session 39; 5, the margin on 512, was reverted: its rows are in results/samplers/search5/). A report keeps,
-# per cell and x_T seed, the rows of the latest search only (`pool_seeds`)
-SEARCH = 6
+# per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is the library's SEARCH
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 
 

@@ -42,7 +42,8 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
     the run folder: a second call (also from a freshly loaded run) reads it (no new search, the same samples
     through sample_run(ts=, denoise=)); new weights drop it and search again; sample_run without options samples
-    on it, with schedule="default" on the fixed grid; where it does not apply it is refused, naming why."""
+    on it, with schedule="default" on the fixed grid; where it does not apply it is refused, naming why; a
+    schedule stored by another version of the search is searched again."""
     from scoresde.running import runs
 
     run_dir = tmp_path / "copy"
@@ -81,6 +82,8 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
         with pytest.raises(InvalidValueError, match=why):
             runs.run_schedule(r, **kw)
     assert len(searches) == 2
+    monkeypatch.setattr(runs, "SEARCH", runs.SEARCH + 1)  # a library whose search changed: searched again
+    assert not runs.run_schedule(r, method="unipc2", nfe=5)[1] and len(searches) == 3
 
 
 def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(tiny_run, tmp_path, monkeypatch):

@@ -28,7 +28,7 @@ from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.entry import check_schedule
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.schedule import Schedule, auto_by_default, auto_schedule, check_auto, search_options
+from ..sampling.schedule import SEARCH, Schedule, auto_by_default, auto_schedule, check_auto, search_options
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -203,13 +203,13 @@ def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **o
     family whose model is not a score model). Pass it on as `sample_run(..., **s.options)`.
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options (those of the
-    search, `search_options`), the sample shape and the weights (`weights_id`): paid once per model and nfe; a
-    new checkpoint drops the entries of the old one. `progress`: the search's progress bar (`auto_schedule`)."""
+    search, `search_options`), the sample shape, the search's version (`schedule.SEARCH`) and the weights
+    (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of the old one. `progress`: the search's progress bar (`auto_schedule`)."""
     check_auto(run.sde, method=method, nfe=nfe, **options)
     run.family.require("fit_grid")
     path, weights = run.dir / SCHEDULES, weights_id(run.model)
     key = json.dumps([method, int(nfe), list(run.sample_shape),
-                      sorted((k, repr(v)) for k, v in search_options(method, options).items())])
+                      sorted((k, repr(v)) for k, v in search_options(method, options).items()), f"search {SEARCH}"])
     try:
         stored = json.loads(path.read_text())
         entries = stored["entries"] if stored.get("weights") == weights else {}

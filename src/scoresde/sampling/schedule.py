@@ -72,8 +72,9 @@ from .methods import GRID_OPTIONS, METHODS, default_denoise, sample_on_grid, ste
 
 __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "check_auto", "clear_schedule_cache",
            "log_score_level", "mmd2_paired", "mmd2_paired_difference", "search_options", "AUTO_MAX_NFE",
-           "AUTO_STOCHASTIC_MAX_NFE"]
+           "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
 
+SEARCH = 6  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
