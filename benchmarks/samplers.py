@@ -484,11 +484,11 @@ def latest_search(rows: list[dict]) -> list[dict]:
     return list(latest.values())
 
 
-def paired_lines(rows: list[dict]) -> list[str]:
+def paired_lines(rows: list[dict], full: set[tuple]) -> list[str]:
     """Each automatic schedule against its fixed grid on the x_T seeds where both ran: the mean over seeds of the
     paired MMD^2 difference (auto - fixed, the same x_T), its standard error (sd of the differences / sqrt(seeds))
-    and "worse" where the mean exceeds 2 of them; for cells run on seeds beyond those of the null rows only."""
-    full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
+    and "worse" where the mean exceeds 2 of them; for cells run on seeds beyond `full`, the (target, seed) pairs
+    with a null row."""
     by = {(r["target"], r["nfe"], r["config"], r.get("seed", 1)): r["mmd2"] for r in latest_search(rows)}
     lines = []
     for name, fixed in FIXED_ROWS.items():
@@ -608,8 +608,8 @@ def heldout_report(rows: list[dict], part: str) -> str:
     (`pool_seeds`) with the null's 2 sd for that many; the goals of issue 22 checked cell by cell for each
     automatic schedule (against its own method's fixed grid); a figure. x_T seeds without a null row (runs of a few
     configurations only, for precision) are left out of the cells and read by `paired_lines`."""
-    paired = paired_lines(rows)
     full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
+    paired = paired_lines(rows, full)
     rows = pool_seeds([r for r in rows if (r["target"], r.get("seed", 1)) in full])
     names = list(dict.fromkeys(r["target"] for r in rows))
     nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
