@@ -119,11 +119,17 @@ def train(config: Path = typer.Argument(..., help="YAML config (see configs/)"),
     trainer = trainer_for(cfg)(cfg, resume=not restart).run()
     if trainer.rank == 0:
         _report(write_report(load_run(trainer.run_dir, device=trainer.device)))
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         # every rank waits for rank 0's report, then all tear down together: a gloo rank that destroys
-        # its group while a peer is still connected can abort ("terminate called without an active exception")
+        # its group while a peer is still connected can abort ("terminate called without an active exception");
+        # the trainer's DDP model holds the group too, so it goes first, or the group outlives destroy_process_group
+        # and is torn down at interpreter exit (that aborted a rank in 2 of 4 fresh-clone test runs under load)
+        del trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
