@@ -611,7 +611,8 @@ def heldout_report(rows: list[dict], part: str) -> str:
     full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
     paired = paired_lines(rows, full)
     rows = pool_seeds([r for r in rows if (r["target"], r.get("seed", 1)) in full])
-    names = list(dict.fromkeys(r["target"] for r in rows))
+    names = sorted(dict.fromkeys(r["target"] for r in rows),  # REPORTING's order, then the others as read
+                   key=lambda t: REPORTING.index(t) if t in REPORTING else len(REPORTING))
     nfes = sorted({r["nfe"] for r in rows if r["nfe"]})
     autos = [a for a in AUTO_ROWS if any(r["config"] == a for r in rows)]
     head = " | ".join(f"{a[9:]} | {a[9:]} cost (evals, s) | {a[9:]} / best diffusers | {a[9:]} / its default"

@@ -466,6 +466,20 @@ def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer
     assert (tmp_path / "samplers" / "samplers_test.png").exists()
 
 
+def test_samplers_heldout_report_lists_the_targets_in_reporting_order_whatever_the_file_order(tmp_path):
+    from benchmarks import common, samplers
+
+    common.configure(tmp_path)
+    rows = []
+    for t in ("zz", "sing8s804", "d2s100"):
+        rows.append({"target": t, "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": 1, "mmd2": 0.0,
+                     "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5})
+        rows += [{"target": t, "config": c, "nfe": 5, "n": 10, "seed": 1, "mmd2": 1e-3, "mmd2_fine": 0.0, "gap": 0.0}
+                 for c in ("scoresde/default", "diffusers/X/default")]
+    text = samplers.heldout_report(rows, "test")
+    assert text.index("| d2s100 | 5 |") < text.index("| sing8s804 | 5 |") < text.index("| zz | 5 |")
+
+
 def test_samplers_heldout_report_reads_seeds_without_a_null_row_as_paired_differences_only(tmp_path):
     """Seed 1 is a full run (null row, peer); seeds 2-5 ran ipndm's fixed grid and its schedule only: the cell's
     means are seed 1's, and the paired line gives the mean of auto - fixed over all five seeds with the sd of the
