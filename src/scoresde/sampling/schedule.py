@@ -79,7 +79,7 @@ from .grids import logsnr_grid, time_grid
 from .methods import GRID_OPTIONS, METHODS, default_denoise, sample_on_grid, steps_for
 
 __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "check_auto", "clear_schedule_cache",
-           "log_score_level", "mmd2_paired", "mmd2_paired_difference", "search_options", "AUTO_MAX_NFE",
+           "log_score_level", "mmd2_paired", "mmd2_paired_difference", "prior_shift", "search_options", "AUTO_MAX_NFE",
            "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
 
 SEARCH = 7  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
@@ -180,8 +180,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller): the search sees the
     first n_probe, the choice is checked on the other n_check. Where the converged run is not finite (a score
     returning NaN/inf) it returns the default schedule (check inf). Costs at most about (n_probe + n_check)
-    reference_nfe + (nfe + 1) (n_probe (137 + 2 max_iter) + 4 n_check) score evaluations (68 and 3 in place of
-    137 and 4 where the options fix analytic_first; max_iter: Nelder-Mead iterations, default 30 (steps + 1), each
+    (reference_nfe + 1) + (nfe + 1) (n_probe (137 + 2 max_iter) + 8 n_check) score evaluations (68 and 5 in place
+    of 137 and 8 where the options fix analytic_first; max_iter: Nelder-Mead iterations, default 30 (steps + 1), each
     one or two evaluations of the objective), shown as a progress bar on stderr with `progress`; the model sees
     batches of at most 1024 draws.
     """
