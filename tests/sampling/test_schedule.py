@@ -85,9 +85,13 @@ def test_the_converged_reference_starts_from_the_shifted_prior_and_so_meets_the_
     m, C = torch.tensor([3.0, -2.0, 1.5, 2.5], dtype=F64), torch.as_tensor(random_gaussian(4, seed=1)[1], dtype=F64)
     score = gaussian_score(sde, m, C)
     starts, real = [], schedule.sample_on_grid
-    monkeypatch.setattr(schedule, "sample_on_grid",
-                        lambda *a, nfe, x_T, **k: (starts.append(x_T) if nfe == 31 else None) or real(*a, nfe=nfe,
-                                                                                                    x_T=x_T, **k))
+
+    def recording(*args, nfe, x_T, **kwargs):
+        if nfe == 31:
+            starts.append(x_T)
+        return real(*args, nfe=nfe, x_T=x_T, **kwargs)
+
+    monkeypatch.setattr(schedule, "sample_on_grid", recording)
     auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=64, n_check=64, reference_nfe=31, max_iter=2,
                   dtype=F64)
     probe = sde.prior_sample((128, 4), torch.Generator().manual_seed(0), F64)
@@ -97,6 +101,28 @@ def test_the_converged_reference_starts_from_the_shifted_prior_and_so_meets_the_
                    method="unipc2", nfe=101, schedule="default")
     plain, shifted = (float(torch.linalg.norm(b - m)) for b in means)
     assert plain > 0.005 and shifted < plain / 100, (plain, shifted)
+
+
+def test_the_check_runs_the_default_three_grids_of_each_first_step_setting_and_the_moved_knots(monkeypatch):
+    """Stage (3) runs 8 schedules on the check draws: the default, the three best grids of stage (1) with the first
+    step off and with it on, and the moved knots (the cost formula's 8 n_check (nfe + 1)); 5 where the caller fixes
+    analytic_first."""
+    from scoresde.sampling import schedule
+
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+    score, real, checked = gaussian_score(sde, m, C), schedule.sample_on_grid, []
+
+    def recording(*args, nfe, x_T, **kwargs):
+        if len(x_T) == 48 and nfe == 5:  # the check draws (48), not the fit draws (32) or the reference run
+            checked.append((tuple(kwargs.get("ts", torch.zeros(0)).tolist()), kwargs.get("analytic_first")))
+        return real(*args, nfe=nfe, x_T=x_T, **kwargs)
+
+    monkeypatch.setattr(schedule, "sample_on_grid", recording)
+    for options, runs in (({}, 8), ({"analytic_first": False}, 5)):
+        checked.clear()
+        auto_schedule(sde, score, (2,), method="unipc2", nfe=5, n_probe=32, n_check=48, reference_nfe=21, max_iter=3,
+                      dtype=F64, **options)
+        assert len(checked) == len(set(checked)) == runs, checked
 
 
 def test_an_analytic_first_step_the_caller_fixes_is_kept_and_runs_with_the_schedule():
