@@ -419,14 +419,18 @@ AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the a
 # draws (session 39; 5, the margin on 512, was reverted: its rows are in results/samplers/search5/). A report keeps,
 # per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is the library's SEARCH
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
+# ipndm at 101 evaluations on its fixed grid from the cell's x_T: the draw's own level, which no sampler run from that
+# x_T leaves (at 301 evaluations the same to 3 digits on the targets of session 41's groundwork). Not a candidate
+# for "best scoresde" (its name is outside both families); one run per target and seed, a row per NFE
+CONVERGED, CONVERGED_NFE = "converged/ipndm-101", 101
 
 
 def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list[str] | None = None,
             searched: dict | None = None) -> list[dict]:
     """On each target: the fixed grids of unipc2 ("scoresde/default", sample()'s default before session 24) and
     ipndm, the automatic schedule of each (AUTO_ROWS: auto_schedule's ts / denoise at nfe <= AUTO_MAX_NFE, its cost
-    recorded), the ORACLE variants and every diffusers configuration, from the same x_T (drawn from `seed`); n
-    samples, null spread from NULL_REPEATS exact samples of size n. `only`: just these configurations and no null
+    recorded), the ORACLE variants, every diffusers configuration and the converged sampler (CONVERGED), from the
+    same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of size n. `only`: just these configurations and no null
     row (cells added to a run whose files hold it). `searched`: schedules (with their cost) of earlier calls, by
     target, method and NFE, filled here: the search does not depend on the x_T seed."""
     searched = {} if searched is None else searched
@@ -440,7 +444,15 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         if only is None:
             rows.append(null_row(scorer, target=tname, n=n, dim=target.dim, seed=seed))
         x_T = sde.prior_sample((n, target.dim), gen, F64)
+        converged = None
+        if only is None or CONVERGED in only:
+            t0 = time.perf_counter()
+            x = sample(sde, score_fn, None, method="ipndm", nfe=CONVERGED_NFE, x_T=x_T, schedule="default")
+            converged = {"config": CONVERGED, "used": CONVERGED_NFE, **scorer(x),
+                         "seconds": round(time.perf_counter() - t0, 2)}
         for nfe in nfes:
+            if converged is not None:
+                rows.append({"target": tname, "nfe": nfe, "n": n, "seed": seed, **converged})
             cells, cost = [("scoresde/default", "unipc2", {}), ("scoresde/ipndm", "ipndm", {})], {}
             if nfe > AUTO_MAX_NFE:  # no schedule: unipc2's "auto" row is its fixed grid, as in the earlier sessions
                 cells.append(("scoresde/auto", "unipc2", {}))
@@ -607,8 +619,9 @@ def heldout_report(rows: list[dict], part: str) -> str:
     """Per target and NFE: the untuned default, the automatic schedule of each method present (AUTO_ROWS), the
     per-target best of scoresde (oracle) and of diffusers, MMD^2 (and |gap|) averaged over the x_T seeds run
     (`pool_seeds`) with the null's 2 sd for that many; the goals of issue 22 checked cell by cell for each
-    automatic schedule (against its own method's fixed grid); a figure. x_T seeds without a null row (runs of a few
-    configurations only, for precision) are left out of the cells and read by `paired_lines`."""
+    automatic schedule (against its own method's fixed grid), with and without the converged level (`verdict`) where
+    the cell has the CONVERGED row; a figure. x_T seeds without a null row (runs of a few configurations only, for
+    precision) are left out of the cells and read by `paired_lines`."""
     full = {(r["target"], r.get("seed", 1)) for r in rows if r["nfe"] == 0}
     paired = paired_lines(rows, full)
     rows = pool_seeds([r for r in rows if (r["target"], r.get("seed", 1)) in full])
@@ -620,11 +633,12 @@ def heldout_report(rows: list[dict], part: str) -> str:
                       for a in autos)
     lines = [f"held-out part {part!r}: n = {rows[0]['n']} samples per cell and x_T seed, exact scores, VP; MMD^2 "
              "(sum over the bandwidths {0.5, 1, 2} sqrt(tr Cov)) averaged over the seeds of the cell; 'floor': both "
-             "below 2 null sd of that average; 'auto' is unipc2's automatic schedule, 'auto-ipndm' ipndm's; each "
-             "is compared with its own method's fixed grid ('default' is unipc2's)\n",
-             f"| target | NFE | seeds | 2 null sd | default | {head} | best scoresde (oracle) | best diffusers "
-             f"| |gap| default / {' / '.join(a[9:] for a in autos)} / peer |",
-             "|" + "---|" * (8 + 4 * len(autos))]
+             "below 2 null sd of that average; 'converged': both within 2 null sd of the converged sampler's average "
+             f"({CONVERGED}, from the same x_T); 'auto' is unipc2's automatic schedule, 'auto-ipndm' ipndm's; "
+             "each is compared with its own method's fixed grid ('default' is unipc2's)\n",
+             f"| target | NFE | seeds | 2 null sd | converged | default | {head} | best scoresde (oracle) "
+             f"| best diffusers | |gap| default / {' / '.join(a[9:] for a in autos)} / peer |",
+             "|" + "---|" * (9 + 4 * len(autos))]
     verdicts, ratios = [], {}
     for t in names:
         null = [r for r in rows if r["target"] == t and r["nfe"] == 0][0]
@@ -638,6 +652,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
             floor = {"mmd2": 2 * null["mmd2_sd"] / k**0.5, "mmd2_fine": 2 * null["mmd2_fine_sd"] / k**0.5,
                      "abs_gap": float("inf")}
             o, p = best(cell, t, nfe, "mmd2", "scoresde"), best(cell, t, nfe, "mmd2", "diffusers")
+            level = get[CONVERGED]["mmd2"] if CONVERGED in get else None
             cols, gaps = [], []
             for name in autos:
                 a, own = get.get(name), get.get(FIXED_ROWS[name])
@@ -645,34 +660,44 @@ def heldout_report(rows: list[dict], part: str) -> str:
                     cols.append("- | - | - | -")
                     gaps.append("-")
                     continue
-                vs_peer, vs_default = verdict(a, p, "mmd2", floor), verdict(a, own, "mmd2", floor)
-                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2"), vs_peer.startswith("floor")
-                verdicts.append((name, t, nfe, vs_peer.startswith("floor") or float(vs_peer) <= 0.5,
-                                 vs_default.startswith("floor") or float(vs_default) <= 1.0,
-                                 value(a, "mmd2") < floor["mmd2"]))
+                vs_peer, vs_default = (verdict(a, b, "mmd2", floor, level) for b in (p, own))
+                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2"), not vs_peer[0].isdigit()
+                at_floor = value(a, "mmd2") < floor["mmd2"]
+                verdicts.append((name, t, nfe, meets(vs_peer, 0.5), meets(vs_default, 1.0),
+                                 at_floor or (level is not None and abs(a["mmd2"] - level) < floor["mmd2"]),
+                                 meets(verdict(a, p, "mmd2", floor), 0.5), meets(verdict(a, own, "mmd2", floor), 1.0),
+                                 at_floor))
                 cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
                 cols.append(f"{value(a, 'mmd2'):.2e} | {cost} | {vs_peer} | {vs_default}")
                 gaps.append(f"{abs(a['gap']):.2f}")
             ratios[("default", t, nfe)] = (value(d, "mmd2") / value(p, "mmd2"),
-                                           verdict(d, p, "mmd2", floor).startswith("floor"))
-            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {value(d, 'mmd2'):.2e} | {' | '.join(cols)} | "
+                                           not verdict(d, p, "mmd2", floor, level)[0].isdigit())
+            conv = "-" if level is None else f"{level:.2e}"
+            lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {conv} | {value(d, 'mmd2'):.2e} | "
+                         f"{' | '.join(cols)} | "
                          f"{o['config'][9:]} {value(o, 'mmd2'):.2e} | {p['config'][10:]} {value(p, 'mmd2'):.2e} "
                          f"| {abs(d['gap']):.2f} / {' / '.join(gaps)} / {abs(p['gap']):.2f} |")
     lines.append("\nGoals (issue 22), cells meeting each:")
+    with_level = any(r["config"] == CONVERGED for r in rows)
     for name in autos:
         for nfe in nfes:
             cells = [v for v in verdicts if v[0] == name and v[2] == nfe]
             if not cells:
                 continue
-            if nfe <= AUTO_MAX_NFE:
-                lines.append(f"- {name[9:]}, NFE {nfe}: <= 0.5x best diffusers (or both at the floor) in "
-                             f"{sum(v[3] for v in cells)}/{len(cells)}; never worse than its fixed grid in "
-                             f"{sum(v[4] for v in cells)}/{len(cells)}; missed: "
-                             f"{', '.join(v[1] for v in cells if not (v[3] and v[4])) or 'none'}")
-            else:
-                lines.append(f"- {name[9:]}, NFE {nfe}: (= the fixed grid) at the floor in "
-                             f"{sum(v[5] for v in cells)}/{len(cells)}; not at the floor: "
-                             f"{', '.join(v[1] for v in cells if not v[5]) or 'none'}")
+            for what, (peer, fixed, floor_) in (("", (3, 4, 5)), (" Without the converged level:", (6, 7, 8))):
+                if what and not with_level:
+                    continue
+                if nfe <= AUTO_MAX_NFE:
+                    lines.append(f"-{what} {name[9:]}, NFE {nfe}: <= 0.5x best diffusers (or both at the floor"
+                                 f"{', or at the converged level' if with_level and not what else ''}) in "
+                                 f"{sum(v[peer] for v in cells)}/{len(cells)}; never worse than its fixed grid in "
+                                 f"{sum(v[fixed] for v in cells)}/{len(cells)}; missed: "
+                                 f"{', '.join(v[1] for v in cells if not (v[peer] and v[fixed])) or 'none'}")
+                else:
+                    lines.append(f"-{what} {name[9:]}, NFE {nfe}: (= the fixed grid) at the floor"
+                                 f"{' (or the converged level)' if with_level and not what else ''} in "
+                                 f"{sum(v[floor_] for v in cells)}/{len(cells)}; not at the floor: "
+                                 f"{', '.join(v[1] for v in cells if not v[floor_]) or 'none'}")
     if paired:
         lines += ["\nPaired differences from the fixed grid over every x_T seed run (each the same x_T):", *paired]
     plt = common.plt()
@@ -680,7 +705,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
     for ax, nfe in zip(axes[0], nfes):
         xs = np.arange(len(names))
         for (name, style), color in zip(zip(["default"] + autos, "xos"), ("C0", "C1", "C2")):
-            for floor_too in (False, True):  # both at the floor: a ratio of noise, drawn faint
+            for floor_too in (False, True):  # both at the floor or the converged level: a ratio of noise, drawn faint
                 cells = [(x, ratios[(name, t, nfe)][0]) for x, t in zip(xs, names)
                          if ratios.get((name, t, nfe), (0, not floor_too))[1] == floor_too]
                 ax.scatter([c[0] for c in cells], [max(c[1], 1e-3) for c in cells], marker=style, color=color,
@@ -688,7 +713,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
                            label=None if floor_too else f"{name.removeprefix('scoresde/')} / best diffusers")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio (faint: both at the floor)", xticks=xs)
+        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio (faint: both at the floor / converged level)", xticks=xs)
         ax.set_xticklabels(names, rotation=90, fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
@@ -821,12 +846,21 @@ def floor_of(tname, null_row):
     return {"mmd2": 2 * null_row["mmd2_sd"], "mmd2_fine": 2 * null_row["mmd2_fine_sd"], "abs_gap": 2 * gap_se}
 
 
-def verdict(ours, peer, m, floor):
-    """The ratio ours / peer, or "floor" when both lie within the null spread (their ratio is noise)."""
+def verdict(ours, peer, m, floor, level=None):
+    """The ratio ours / peer; "floor" when both lie within the null spread, "converged" when both lie within it of
+    `level`, the converged sampler's value from the same x_T (a level the draw holds every sampler at): either way
+    their ratio is noise."""
     a, b = value(ours, m), value(peer, m)
     if a < floor[m] and b < floor[m]:
         return f"floor ({a / b:.2f})"
+    if level is not None and abs(ours[m] - level) < floor[m] and abs(peer[m] - level) < floor[m]:
+        return f"converged ({a / b:.2f})"
     return f"{a / b:.2f}"
+
+
+def meets(verdict_text: str, bound: float) -> bool:
+    """A `verdict` at most `bound`, or noise (both at the floor or at the converged level)."""
+    return verdict_text.startswith(("floor", "converged")) or float(verdict_text) <= bound
 
 
 def report(sweep_rows, head_rows, over, nfes):

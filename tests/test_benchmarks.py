@@ -466,6 +466,33 @@ def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer
     assert (tmp_path / "samplers" / "samplers_test.png").exists()
 
 
+def test_samplers_heldout_report_reads_a_level_every_sampler_shares_with_the_converged_sampler_as_noise(tmp_path):
+    """Where the converged sampler's seed mean sits above the floor, an automatic schedule and the best peer both
+    within the floor of it are "both at the converged level" (met, whatever their ratio), and so is the fixed grid
+    at NFE 20; one outside it is judged by its ratio, as before; the verdicts without the clause are given too."""
+    from benchmarks import common, samplers
+
+    common.configure(tmp_path)
+    rows = []
+    for t, auto in (("a", 3.1e-4), ("b", 3.6e-4)):
+        rows.append({"target": t, "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": 1, "mmd2": 0.0,
+                     "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5})  # floor 2e-5
+        for nfe, values in ((10, {"scoresde/default": 3.3e-4, "scoresde/auto": auto, "diffusers/X/default": 2.9e-4}),
+                            (20, {"scoresde/default": auto, "scoresde/auto": auto, "diffusers/X/default": 2.9e-4})):
+            values[samplers.CONVERGED] = 3.0e-4
+            rows += [{"target": t, "config": c, "nfe": nfe, "n": 10, "seed": 1, "mmd2": v, "mmd2_fine": v,
+                      "gap": 1.0} for c, v in values.items()]
+    text = samplers.heldout_report(rows, "test")
+    assert "| a | 10 | 1 | 2.0e-05 | 3.00e-04 | 3.30e-04 | 3.10e-04 | - | converged (1.07) | 0.94 |" in text
+    assert "best scoresde (oracle)" in text and "| auto 3.10e-04 |" in text  # the converged row never the oracle
+    assert "- auto, NFE 10: <= 0.5x best diffusers (or both at the floor, or at the converged level) in 1/2; never " \
+           "worse than its fixed grid in 1/2; missed: b" in text
+    assert "- Without the converged level: auto, NFE 10: <= 0.5x best diffusers (or both at the floor) in 0/2; " \
+           "never worse than its fixed grid in 1/2; missed: a, b" in text
+    assert "- auto, NFE 20: (= the fixed grid) at the floor (or the converged level) in 1/2; not at the floor: b" in text
+    assert "- Without the converged level: auto, NFE 20: (= the fixed grid) at the floor in 0/2" in text
+
+
 def test_samplers_heldout_report_lists_the_targets_in_reporting_order_whatever_the_file_order(tmp_path):
     from benchmarks import common, samplers
 
@@ -510,12 +537,17 @@ def test_samplers_heldout_report_reads_seeds_without_a_null_row_as_paired_differ
 
 def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(monkeypatch):
     """Both automatic schedules at NFE 5 with their grids recorded, none above AUTO_MAX_NFE (unipc2's "auto" row is
-    its fixed grid there, bit for bit); `only` runs just the named cells and writes no null row (a small search and
-    no peers, for speed); runs of two x_T seeds sharing `searched` search once and sample from different x_T."""
+    its fixed grid there, bit for bit); the converged sampler once per target, its row repeated at each NFE and
+    equal to ipndm's 101 steps from the same x_T; `only` runs just the named cells and writes no null row (a small
+    search and no peers, for speed); runs of two x_T seeds sharing `searched` search once and sample from different
+    x_T."""
     import functools
 
+    import torch
+
     from benchmarks import samplers
-    from scoresde.sampling import schedule
+    from scoresde.core.sde import VP
+    from scoresde.sampling import sample, schedule
 
     search = functools.partial(schedule.auto_schedule, n_probe=32, n_check=32, reference_nfe=21, max_iter=3)
     monkeypatch.setattr(samplers, "auto_schedule", search)
@@ -524,8 +556,18 @@ def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(mo
     rows = {(r["nfe"], r["config"]): r for r in samplers.heldout(["d2s100"], 200, [5, 20])}
     assert set(rows) == {(0, "null (exact samples)")} | {(5, c) for c in ("scoresde/default", "scoresde/ipndm",
                                                                            "scoresde/auto", "scoresde/auto-ipndm")} \
-        | {(20, c) for c in ("scoresde/default", "scoresde/ipndm", "scoresde/auto")}
+        | {(20, c) for c in ("scoresde/default", "scoresde/ipndm", "scoresde/auto")} \
+        | {(k, samplers.CONVERGED) for k in (5, 20)}
     assert all(rows[(5, c)]["auto_ts"][0] == 1.0 for c in samplers.AUTO_ROWS)
+    conv = samplers.heldout(["d2s100"], 200, [5], only=[samplers.CONVERGED])
+    target = samplers.heldout_target("d2s100")
+    gen = torch.Generator().manual_seed(1)
+    scorer = samplers.Scorer(target, 200, gen)  # the draws heldout makes before x_T
+    x = sample(VP(), samplers.MixtureScore(target).continuous(VP()), None, method="ipndm", nfe=101,
+               x_T=VP().prior_sample((200, 2), gen, torch.float64), schedule="default")
+    assert [r["config"] for r in conv] == [samplers.CONVERGED] and conv[0]["used"] == 101
+    assert conv[0]["mmd2"] == rows[(5, samplers.CONVERGED)]["mmd2"] == rows[(20, samplers.CONVERGED)]["mmd2"] \
+        == scorer(x)["mmd2"]
     assert rows[(20, "scoresde/auto")]["mmd2"] == rows[(20, "scoresde/default")]["mmd2"]
     only = samplers.heldout(["d2s100"], 200, [5], only=["scoresde/auto-ipndm"])
     assert [r["config"] for r in only] == ["scoresde/auto-ipndm"] and "auto_evals" in only[0]
