@@ -23,7 +23,9 @@ Held-out discipline (issue 22): `--part heldout --targets ...` runs, on targets 
 (REPORTING: random_mixture seeds 100-102 in 2, 8, 16 and 32 dimensions, a mixture with very unequal weights, one
 with near-singular covariances), the untuned default grid, the automatic schedule (unipc2 with cached_schedule's ts / denoise at NFE <= 10,
 whose constants were set on SELECTION: ring, mix16 and seeds 0-9), the per-target best of a small unipc family
-(an oracle) and every diffusers configuration, at NFE 5, 10, 20, 50 and n = --n-heldout (4000) samples per cell;
+(an oracle), every diffusers configuration and the converged sampler (CONVERGED: the level of that x_T draw,
+which its MMD^2's heavy tail can set well above the exact samples' floor), at NFE 5, 10, 20, 50 and
+n = --n-heldout (4000) samples per cell;
 `--part heldout-report` merges the runs into samplers_heldout.md and samplers_heldout.png (runs at another
 --n-heldout: samplers_heldout-n{N}.{md,png}, from those runs alone; with --targets, of those targets alone:
 samplers_heldout-report-TARGETS.{md,png}). `--part floor-check` sets the fixed grid at
@@ -186,21 +188,46 @@ def bandwidths(target: GaussianMixture) -> np.ndarray:
     return np.array(list(math.sqrt(float(torch.trace(target.covariance()))) * np.array([0.5, 1.0, 2.0])) + [fine])
 
 
+def kernel_sums(a: torch.Tensor, b: torch.Tensor, h: np.ndarray, dtype=torch.float32, block: int = 250) -> np.ndarray:
+    """sum_{i, j} exp(-|a_i - b_j|^2 / (2 h^2)) for each h, in row blocks of a (kernels in `dtype`, sums in float64)
+    so n = 20000 fits in memory; blocks of 250 rows keep each temporary under glibc's mmap threshold (1000-row
+    blocks ran 5x slower, in page faults)."""
+    a, b = a.to(dtype), b.to(dtype)
+    sq_a, sq_b = (a**2).sum(1), (b**2).sum(1)
+    sums = np.zeros(len(h))
+    for i in range(0, len(a), block):
+        d2 = (sq_a[i:i + block, None] + sq_b[None, :] - 2 * a[i:i + block] @ b.T).clamp_min_(0)
+        for j, hh in enumerate(h):
+            sums[j] += torch.exp(d2 * (-0.5 / hh**2)).sum(dtype=F64).item()
+    return sums
+
+
 def mmd2_blocked(x: torch.Tensor, target: GaussianMixture, block: int = 250) -> np.ndarray:
     """metrics.mmd2(x, target, [h]).value for each h in bandwidths(target): the generated-pairs U-statistic
-    summed in row blocks (float32 kernels, float64 sums) so n = 20000 fits in memory; blocks of 250 rows
-    keep each temporary under glibc's mmap threshold (1000-row blocks ran 5x slower, in page faults)."""
+    from `kernel_sums` (float32 kernels)."""
     h = bandwidths(target)
-    x32 = x.to(torch.float32)
-    n, sq = len(x), (x32**2).sum(1)
-    pair_sum = np.zeros(len(h))
-    for i in range(0, n, block):
-        d2 = (sq[i:i + block, None] + sq[None, :] - 2 * x32[i:i + block] @ x32.T).clamp_min_(0)
-        for j, hh in enumerate(h):
-            pair_sum[j] += torch.exp(d2 * (-0.5 / hh**2)).sum(dtype=F64).item()
-    pair_mean = (pair_sum - n) / (n * (n - 1))  # k(x, x) = 1 on the diagonal
+    n = len(x)
+    pair_mean = (kernel_sums(x, x, h, block=block) - n) / (n * (n - 1))  # k(x, x) = 1 on the diagonal
     closed = [_mixture_kernel_means(x.to(F64).numpy(), target, np.array([hh])) for hh in h]
     return np.array([pair_mean[j] - 2 * mk.mean() + mkk for j, (mk, mkk) in enumerate(closed)])
+
+
+def mmd2_paired_blocked(x: torch.Tensor, y: torch.Tensor, h: np.ndarray, yy: np.ndarray | None = None) -> np.ndarray:
+    """schedule.mmd2_paired(x, y, [h]) for each h, from `kernel_sums` in float64 (the terms nearly cancel): the
+    unbiased MMD^2 between the laws of x and y whose pairs (x_i, y_i) are drawn jointly, here two samplers run from
+    the same x_T, so its noise is that of the pairs' differences and not the draw's. `yy`: kernel_sums(y, y, h)
+    in float64, the same for every x paired with y."""
+    n = len(x)
+    yy = kernel_sums(y, y, h, F64) if yy is None else yy
+    d2 = ((x.to(F64) - y.to(F64)) ** 2).sum(1)
+    own = np.array([float(torch.exp(d2 * (-0.5 / hh**2)).sum()) for hh in h])  # k(x_i, y_i), left out of the cross
+    return (kernel_sums(x, x, h, F64) + yy - 2 * kernel_sums(x, y, h, F64) - 2 * n + 2 * own) / (n * (n - 1))
+
+
+def paired_metric(x: torch.Tensor | None, y: torch.Tensor, h: np.ndarray, yy: np.ndarray) -> dict:
+    """The row field `mmd2_paired`: mmd2_paired_blocked summed over the bandwidths h (NaN for a failed run)."""
+    ok = x is not None and bool(torch.isfinite(x).all())
+    return {"mmd2_paired": float(mmd2_paired_blocked(x, y, h, yy).sum()) if ok else float("nan")}
 
 
 def metrics_of(values: np.ndarray) -> dict:
@@ -430,8 +457,9 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
     """On each target: the fixed grids of unipc2 ("scoresde/default", sample()'s default before session 24) and
     ipndm, the automatic schedule of each (AUTO_ROWS: auto_schedule's ts / denoise at nfe <= AUTO_MAX_NFE, its cost
     recorded), the ORACLE variants, every diffusers configuration and the converged sampler (CONVERGED), from the
-    same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of size n. `only`: just these configurations and no null
-    row (cells added to a run whose files hold it). `searched`: schedules (with their cost) of earlier calls, by
+    same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of size n. Each row also
+    carries `mmd2_paired`, its MMD^2 to the converged sampler's law paired by x_T (`paired_metric`). `only`: just
+    these configurations and no null row (cells added to a run whose files hold it). `searched`: schedules (with their cost) of earlier calls, by
     target, method and NFE, filled here: the search does not depend on the x_T seed."""
     searched = {} if searched is None else searched
     sde, rows = VP(), []
@@ -444,11 +472,12 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         if only is None:
             rows.append(null_row(scorer, target=tname, n=n, dim=target.dim, seed=seed))
         x_T = sde.prior_sample((n, target.dim), gen, F64)
+        t0 = time.perf_counter()
+        y = sample(sde, score_fn, None, method="ipndm", nfe=CONVERGED_NFE, x_T=x_T, schedule="default")
+        reference = y, bandwidths(target)[:3], kernel_sums(y, y, bandwidths(target)[:3], F64)
         converged = None
         if only is None or CONVERGED in only:
-            t0 = time.perf_counter()
-            x = sample(sde, score_fn, None, method="ipndm", nfe=CONVERGED_NFE, x_T=x_T, schedule="default")
-            converged = {"config": CONVERGED, "used": CONVERGED_NFE, **scorer(x),
+            converged = {"config": CONVERGED, "used": CONVERGED_NFE, **scorer(y), **paired_metric(y, *reference),
                          "seconds": round(time.perf_counter() - t0, 2)}
         for nfe in nfes:
             if converged is not None:
@@ -479,7 +508,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
                     x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
                                      schedule="default", **spec), nfe
                 row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, "seed": seed, **scorer(x),
-                       "seconds": round(time.perf_counter() - t0, 2), **cost.get(name, {})}
+                       **paired_metric(x, *reference), "seconds": round(time.perf_counter() - t0, 2), **cost.get(name, {})}
                 rows.append(row)
                 if name in AUTO_ROWS or name in FIXED_ROWS.values():
                     print(json.dumps(row), flush=True)

@@ -493,6 +493,24 @@ def test_samplers_heldout_report_reads_a_level_every_sampler_shares_with_the_con
     assert "- Without the converged level: auto, NFE 20: (= the fixed grid) at the floor in 0/2" in text
 
 
+def test_samplers_paired_mmd2_in_blocks_is_the_librarys_paired_estimate():
+    """mmd2_paired_blocked (row blocks, one bandwidth at a time) against schedule.mmd2_paired (the full matrices, tested
+    for unbiasedness in tests/sampling) on coupled samples larger than a block, per bandwidth."""
+    import torch
+
+    from benchmarks.samplers import kernel_sums, mmd2_paired_blocked
+    from scoresde.sampling.schedule import mmd2_paired
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(600, 3, generator=g, dtype=torch.float64)
+    x = 1.1 * y + 0.1 * torch.randn(600, 3, generator=g, dtype=torch.float64) + 0.05
+    h = np.array([0.5, 1.0, 2.0])
+    want = [mmd2_paired(x, y, torch.tensor([v])) for v in h]
+    np.testing.assert_allclose(mmd2_paired_blocked(x, y, h), want, rtol=1e-9)
+    np.testing.assert_allclose(mmd2_paired_blocked(x, y, h, kernel_sums(y, y, h, torch.float64)), want, rtol=1e-9)
+    assert min(want) > 0
+
+
 def test_samplers_heldout_report_lists_the_targets_in_reporting_order_whatever_the_file_order(tmp_path):
     from benchmarks import common, samplers
 
@@ -568,6 +586,9 @@ def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(mo
     assert [r["config"] for r in conv] == [samplers.CONVERGED] and conv[0]["used"] == 101
     assert conv[0]["mmd2"] == rows[(5, samplers.CONVERGED)]["mmd2"] == rows[(20, samplers.CONVERGED)]["mmd2"] \
         == scorer(x)["mmd2"]
+    assert conv[0]["mmd2_paired"] == rows[(20, samplers.CONVERGED)]["mmd2_paired"] == 0.0  # its own reference
+    assert rows[(5, "scoresde/default")]["mmd2_paired"] > 0 and all(math.isfinite(r["mmd2_paired"])
+                                                                   for r in rows.values() if r["nfe"])
     assert rows[(20, "scoresde/auto")]["mmd2"] == rows[(20, "scoresde/default")]["mmd2"]
     only = samplers.heldout(["d2s100"], 200, [5], only=["scoresde/auto-ipndm"])
     assert [r["config"] for r in only] == ["scoresde/auto-ipndm"] and "auto_evals" in only[0]
