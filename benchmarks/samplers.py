@@ -568,7 +568,8 @@ def pool_seeds(rows: list[dict]) -> list[dict]:
                 ss = ((NULL_REPEATS - 1) * s**2 + NULL_REPEATS * (m - mean) ** 2).sum()
                 row |= {k: float(mean), f"{k}_sd": float(np.sqrt(ss / (count - 1)))}
         else:
-            row |= {k: float(np.mean([r[k] for r in rs])) for k in ("mmd2", "mmd2_fine", "gap")}
+            row |= {k: float(np.mean([r[k] for r in rs])) for k in ("mmd2", "mmd2_fine", "gap", "mmd2_paired")
+                    if all(k in r for r in rs)}
         out.append(row)
     return out
 
@@ -642,6 +643,35 @@ def floor_check(names: list[str], n: int, nfes: list[int], seeds: list[int]) -> 
         lines.append(f"- {what}: at the floor on {len(names) - len(above[c])} of {len(names)} targets; above it: "
                      f"{', '.join(above[c]) or 'none'}")
     return rows, "\n".join(lines)
+
+
+def coupled_lines(pooled: list[dict], names: list[str], nfes: list[int]) -> list[str]:
+    """Cells whose rows all carry `mmd2_paired` (each configuration's MMD^2 to the converged sampler's law, paired
+    by x_T, so without the draw's level): the automatic schedules and fixed grids beside the diffusers configuration
+    closest to the converged law by that measure, and their ratios to it. Beside the goals, not part of them."""
+    configs = list(AUTO_ROWS) + list(FIXED_ROWS.values())
+    lines = []
+    for t in names:
+        for nfe in nfes:
+            cell = [r for r in pooled if r["target"] == t and r["nfe"] == nfe]
+            k = max((r["seeds"] for r in cell), default=0)
+            cell = {r["config"]: r for r in cell if r["seeds"] == k and "mmd2_paired" in r}
+            peer = [r for c, r in cell.items() if c.startswith("diffusers/") and r["mmd2_paired"] == r["mmd2_paired"]]
+            if not peer or not all(c in cell for c in configs):
+                continue
+            p = min(peer, key=lambda r: abs(r["mmd2_paired"]))
+            ours = [abs(cell[c]["mmd2_paired"]) for c in configs]
+            lines.append(f"| {t} | {nfe} | {k} | " + " | ".join(f"{v:.2e}" for v in ours)
+                         + f" | {p['config'][10:]} {abs(p['mmd2_paired']):.2e} | "
+                         + " | ".join(f"{v / abs(p['mmd2_paired']):.2f}" for v in ours[:len(AUTO_ROWS)]) + " |")
+    if not lines:
+        return []
+    names_ = [c.removeprefix("scoresde/") for c in configs]
+    return ["\nMMD^2 to the converged sampler's law, paired by x_T (`mmd2_paired`: the draw's own level drops out; "
+            "beside the goals, not part of them), seed means:\n",
+            f"| target | NFE | seeds | {' | '.join(names_)} | closest diffusers configuration | "
+            + " | ".join(f"{c} / it" for c in names_[:len(AUTO_ROWS)]) + " |",
+            "|" + "---|" * (4 + len(configs) + len(AUTO_ROWS)), *lines]
 
 
 def heldout_report(rows: list[dict], part: str) -> str:
@@ -729,6 +759,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
                                  f"{', '.join(v[1] for v in cells if not v[floor_]) or 'none'}")
     if paired:
         lines += ["\nPaired differences from the fixed grid over every x_T seed run (each the same x_T):", *paired]
+    lines += coupled_lines(rows, names, [v for v in nfes if v <= AUTO_MAX_NFE])
     plt = common.plt()
     fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
     for ax, nfe in zip(axes[0], nfes):

@@ -493,6 +493,28 @@ def test_samplers_heldout_report_reads_a_level_every_sampler_shares_with_the_con
     assert "- Without the converged level: auto, NFE 20: (= the fixed grid) at the floor in 0/2" in text
 
 
+def test_samplers_heldout_report_sets_the_schedules_beside_the_peer_closest_to_the_converged_law(tmp_path):
+    """Where every row carries mmd2_paired, a table of seed means: the schedules and fixed grids against the
+    diffusers configuration with the smallest paired value (not the one closest to the target by MMD^2)."""
+    from benchmarks import common, samplers
+
+    common.configure(tmp_path)
+    rows = [{"target": "a", "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": s, "mmd2": 0.0,
+             "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5} for s in (1, 2)]
+    paired = {"scoresde/default": 4e-5, "scoresde/ipndm": 3e-5, "scoresde/auto": 1e-5, "scoresde/auto-ipndm": 2e-5,
+              "diffusers/X/default": 3e-4, "diffusers/Y/default": 2e-5}
+    for seed, shift in ((1, 1e-6), (2, -1e-6)):
+        rows += [{"target": "a", "config": c, "nfe": 10, "n": 10, "seed": seed, "gap": 0.0, "mmd2_fine": 0.0,
+                  "mmd2": 1e-6 if c == "diffusers/X/default" else -2e-4, "mmd2_paired": v + shift}
+                 for c, v in paired.items()]
+    text = samplers.heldout_report(rows, "test")
+    assert "X/default 1.00e-06" in text  # the best peer of the goals, by MMD^2 to the target
+    assert "| a | 10 | 2 | 1.00e-05 | 2.00e-05 | 4.00e-05 | 3.00e-05 | Y/default 2.00e-05 | 0.50 | 1.00 |" in text
+    plain = [{k: v for k, v in r.items() if k != "mmd2_paired"} for r in rows]
+    for part in (plain, [r for r in rows if r["config"] != "scoresde/ipndm"]):  # no paired values; a row missing
+        assert "paired by x_T" not in samplers.heldout_report(part, "t")
+
+
 def test_samplers_paired_mmd2_in_blocks_is_the_librarys_paired_estimate():
     """mmd2_paired_blocked (row blocks, one bandwidth at a time) against schedule.mmd2_paired (the full matrices, tested
     for unbiasedness in tests/sampling) on coupled samples larger than a block, per bandwidth."""
