@@ -407,7 +407,8 @@ REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["
              + ["d16s700", "sing16s701", "sing16s702", "sing32s703", "sing8s704"]  # fresh for session 37's first
              + ["d8s800", "sing16s801", "sing16s802", "sing32s803", "sing8s804"]  # and second report
              + ["d8s1000", "sing16s1001", "sing16s1002", "sing32s1003", "sing8s1004"]  # fresh for search 6 (session 39)
-             + ["d8s1100", "sing16s1101", "sing16s1102", "sing32s1103", "sing8s1104"])  # and for search 7 (session 40)
+             + ["d8s1100", "sing16s1101", "sing16s1102", "sing32s1103", "sing8s1104"]  # and for search 7 (session 40)
+             + ["d8s1200", "sing16s1201", "sing16s1202", "sing32s1203", "sing8s1204"])  # for session 41's rule
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
