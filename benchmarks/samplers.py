@@ -518,12 +518,16 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
 
 def latest_search(rows: list[dict]) -> list[dict]:
     """One row for each cell and x_T seed: of the latest search of the automatic schedule (SEARCH), and of those the
-    last given (a cell run twice on one seed has drawn the same x_T)."""
+    fields of all, the last given first (a cell run twice on one seed has drawn the same x_T; a later run may add a
+    field, as mmd2_paired)."""
     latest: dict[tuple, dict] = {}
     for r in rows:
         key = (r["target"], r["nfe"], r["config"], r.get("seed", 1))
-        if r.get("search", 1) >= latest.get(key, {}).get("search", 1):
+        prev = latest.get(key, {})
+        if r.get("search", 1) > prev.get("search", 1):
             latest[key] = r
+        elif r.get("search", 1) == prev.get("search", 1):
+            latest[key] = prev | r
     return list(latest.values())
 
 
@@ -569,8 +573,11 @@ def pool_seeds(rows: list[dict]) -> list[dict]:
                 ss = ((NULL_REPEATS - 1) * s**2 + NULL_REPEATS * (m - mean) ** 2).sum()
                 row |= {k: float(mean), f"{k}_sd": float(np.sqrt(ss / (count - 1)))}
         else:
-            row |= {k: float(np.mean([r[k] for r in rs])) for k in ("mmd2", "mmd2_fine", "gap", "mmd2_paired")
-                    if all(k in r for r in rs)}
+            for k in ("mmd2", "mmd2_fine", "gap", "mmd2_paired"):
+                if all(k in r for r in rs):
+                    row[k] = float(np.mean([r[k] for r in rs]))
+                else:  # a field some seeds lack (mmd2_paired, before session 41): no mean of it
+                    row.pop(k, None)
         out.append(row)
     return out
 

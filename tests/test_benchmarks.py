@@ -426,6 +426,8 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     rows += [{"target": "t", "config": "a", "nfe": 5, "n": 10, "seed": s, "mmd2": v, "mmd2_fine": 2 * v, "gap": -v}
              for s, v in ((2, 3.0), (1, 1.0), (3, 5.0))]
     rows += [{"target": "t", "config": "b", "nfe": 5, "n": 10, "mmd2": 7.0, "mmd2_fine": 0.0, "gap": 0.0}]  # seed 1
+    rows += [{"target": "t", "config": "c", "nfe": 5, "n": 10, "seed": s, "mmd2": 1.0, "mmd2_fine": 0.0, "gap": 0.0,
+              **({"mmd2_paired": 2.0 * s} if s < 3 else {})} for s in (1, 2, 3)]  # paired on two seeds of three
     # an automatic schedule's cell run by two searches: the later search's rows replace the earlier's, seed by seed
     rows += [{"target": "t", "config": "auto", "nfe": 5, "n": 10, "seed": s, "mmd2": v, "mmd2_fine": 0.0, "gap": 0.0,
               **({"search": k} if k > 1 else {})} for s, v, k in ((1, 9.0, 1), (2, 9.0, 1), (1, 2.0, 2), (2, 4.0, 2))]
@@ -437,6 +439,13 @@ def test_samplers_heldout_pools_seeds_into_cell_means_and_the_null_of_all_exact_
     a = pooled["a"]
     assert (a["seeds"], a["mmd2"], a["mmd2_fine"], a["gap"]) == (3, 3.0, 6.0, -3.0)
     assert pooled["a"]["seed"] == 1 and pooled["b"]["seeds"] == 1
+    assert "mmd2_paired" not in pooled["c"]
+    again = [{k: v for k, v in r.items() if k != "mmd2_paired"} for r in rows if r["config"] == "c"]  # run again
+    assert {r["config"]: r for r in pool_seeds(rows + again)}["c"] == pooled["c"]
+    paired = [dict(r, mmd2_paired=1.0) for r in again]
+    assert {r["config"]: r for r in pool_seeds(rows + paired + again)}["c"]["mmd2_paired"] == 1.0  # kept: one draw
+    two = {r["config"]: r for r in pool_seeds([r for r in rows if r.get("seed") != 3 or r["config"] != "c"])}
+    assert two["c"]["mmd2_paired"] == 3.0
 
 
 def test_samplers_heldout_report_checks_each_automatic_schedule_against_the_peer_and_its_own_fixed_grid(tmp_path):
