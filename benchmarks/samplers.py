@@ -781,7 +781,7 @@ def heldout_report(rows: list[dict], part: str) -> str:
                            label=None if floor_too else f"{name.removeprefix('scoresde/')} / best diffusers")
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio (faint: both at the floor / converged level)", xticks=xs)
+        ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio\n(faint: both at the floor / converged level)", xticks=xs)
         ax.set_xticklabels(names, rotation=90, fontsize=7)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
