@@ -448,7 +448,7 @@ AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the a
 # per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is the library's SEARCH
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 # ipndm at 101 evaluations on its fixed grid from the cell's x_T: the draw's own level, which no sampler run from that
-# x_T leaves (at 301 evaluations the same to 3 digits on the targets of session 41's groundwork). Not a candidate
+# x_T leaves (at 301 evaluations within 5e-10 of it in mmd2_paired, session 41). Not a candidate
 # for "best scoresde" (its name is outside both families); one run per target and seed, a row per NFE
 CONVERGED, CONVERGED_NFE = "converged/ipndm-101", 101
 
@@ -460,8 +460,9 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
     recorded), the ORACLE variants, every diffusers configuration and the converged sampler (CONVERGED), from the
     same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of size n. Each row also
     carries `mmd2_paired`, its MMD^2 to the converged sampler's law paired by x_T (`paired_metric`). `only`: just
-    these configurations and no null row (cells added to a run whose files hold it). `searched`: schedules (with their cost) of earlier calls, by
-    target, method and NFE, filled here: the search does not depend on the x_T seed."""
+    these configurations and no null row (cells added to a run whose files hold it). `searched`: schedules (with
+    their cost) of earlier calls, by target, method and NFE, filled here: the search does not depend on the x_T
+    seed."""
     searched = {} if searched is None else searched
     sde, rows = VP(), []
     for tname in names:
@@ -509,7 +510,8 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
                     x, used = sample(sde, score_fn, None, method=method, nfe=nfe, x_T=x_T, check_finite=False,
                                      schedule="default", **spec), nfe
                 row = {"target": tname, "config": name, "nfe": nfe, "used": used, "n": n, "seed": seed, **scorer(x),
-                       **paired_metric(x, *reference), "seconds": round(time.perf_counter() - t0, 2), **cost.get(name, {})}
+                       **paired_metric(x, *reference), "seconds": round(time.perf_counter() - t0, 2),
+                       **cost.get(name, {})}
                 rows.append(row)
                 if name in AUTO_ROWS or name in FIXED_ROWS.values():
                     print(json.dumps(row), flush=True)
