@@ -476,7 +476,8 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         x_T = sde.prior_sample((n, target.dim), gen, F64)
         t0 = time.perf_counter()
         y = sample(sde, score_fn, None, method="ipndm", nfe=CONVERGED_NFE, x_T=x_T, schedule="default")
-        reference = y, bandwidths(target)[:3], kernel_sums(y, y, bandwidths(target)[:3], F64)
+        h = bandwidths(target)[:3]
+        reference = y, h, kernel_sums(y, y, h, F64)
         converged = None
         if only is None or CONVERGED in only:
             converged = {"config": CONVERGED, "used": CONVERGED_NFE, **scorer(y), **paired_metric(y, *reference),
@@ -666,7 +667,7 @@ def coupled_lines(pooled: list[dict], names: list[str], nfes: list[int]) -> list
             cell = [r for r in pooled if r["target"] == t and r["nfe"] == nfe]
             k = max((r["seeds"] for r in cell), default=0)
             cell = {r["config"]: r for r in cell if r["seeds"] == k and "mmd2_paired" in r}
-            peer = [r for c, r in cell.items() if c.startswith("diffusers/") and r["mmd2_paired"] == r["mmd2_paired"]]
+            peer = [r for c, r in cell.items() if c.startswith("diffusers/") and math.isfinite(r["mmd2_paired"])]
             if not peer or not all(c in cell for c in configs):
                 continue
             p = min(peer, key=lambda r: abs(r["mmd2_paired"]))
@@ -730,17 +731,14 @@ def heldout_report(rows: list[dict], part: str) -> str:
                     gaps.append("-")
                     continue
                 vs_peer, vs_default = (verdict(a, b, "mmd2", floor, level) for b in (p, own))
-                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2"), not vs_peer[0].isdigit()
-                at_floor = value(a, "mmd2") < floor["mmd2"]
-                verdicts.append((name, t, nfe, meets(vs_peer, 0.5), meets(vs_default, 1.0),
-                                 at_floor or (level is not None and abs(a["mmd2"] - level) < floor["mmd2"]),
-                                 meets(verdict(a, p, "mmd2", floor), 0.5), meets(verdict(a, own, "mmd2", floor), 1.0),
-                                 at_floor))
+                ratios[(name, t, nfe)] = value(a, "mmd2") / value(p, "mmd2"), is_noise(vs_peer)
+                verdicts.append((name, t, nfe, {rule: goals(a, p, own, floor, lvl)
+                                                for rule, lvl in ((WITH_LEVEL, level), (WITHOUT_LEVEL, None))}))
                 cost = f"{a['auto_evals']:.2e}, {a['auto_seconds']:.0f}" if "auto_evals" in a else "-"
                 cols.append(f"{value(a, 'mmd2'):.2e} | {cost} | {vs_peer} | {vs_default}")
                 gaps.append(f"{abs(a['gap']):.2f}")
             ratios[("default", t, nfe)] = (value(d, "mmd2") / value(p, "mmd2"),
-                                           not verdict(d, p, "mmd2", floor, level)[0].isdigit())
+                                           is_noise(verdict(d, p, "mmd2", floor, level)))
             conv = "-" if level is None else f"{level:.2e}"
             lines.append(f"| {t} | {nfe} | {k} | {floor['mmd2']:.1e} | {conv} | {value(d, 'mmd2'):.2e} | "
                          f"{' | '.join(cols)} | "
@@ -753,20 +751,20 @@ def heldout_report(rows: list[dict], part: str) -> str:
             cells = [v for v in verdicts if v[0] == name and v[2] == nfe]
             if not cells:
                 continue
-            for what, (peer, fixed, floor_) in (("", (3, 4, 5)), (" Without the converged level:", (6, 7, 8))):
-                if what and not with_level:
-                    continue
+            for rule in (WITH_LEVEL, WITHOUT_LEVEL) if with_level else (WITHOUT_LEVEL,):
+                what = " Without the converged level:" if with_level and rule == WITHOUT_LEVEL else ""
+                met = [(v[1], *v[3][rule]) for v in cells]  # (target, <= 0.5x peer, <= fixed grid, at the floor)
                 if nfe <= AUTO_MAX_NFE:
                     lines.append(f"-{what} {name[9:]}, NFE {nfe}: <= 0.5x best diffusers (or both at the floor"
-                                 f"{', or at the converged level' if with_level and not what else ''}) in "
-                                 f"{sum(v[peer] for v in cells)}/{len(cells)}; never worse than its fixed grid in "
-                                 f"{sum(v[fixed] for v in cells)}/{len(cells)}; missed: "
-                                 f"{', '.join(v[1] for v in cells if not (v[peer] and v[fixed])) or 'none'}")
+                                 f"{', or at the converged level' if rule == WITH_LEVEL else ''}) in "
+                                 f"{sum(m[1] for m in met)}/{len(met)}; never worse than its fixed grid in "
+                                 f"{sum(m[2] for m in met)}/{len(met)}; missed: "
+                                 f"{', '.join(m[0] for m in met if not (m[1] and m[2])) or 'none'}")
                 else:
                     lines.append(f"-{what} {name[9:]}, NFE {nfe}: (= the fixed grid) at the floor"
-                                 f"{' (or the converged level)' if with_level and not what else ''} in "
-                                 f"{sum(v[floor_] for v in cells)}/{len(cells)}; not at the floor: "
-                                 f"{', '.join(v[1] for v in cells if not v[floor_]) or 'none'}")
+                                 f"{' (or the converged level)' if rule == WITH_LEVEL else ''} in "
+                                 f"{sum(m[3] for m in met)}/{len(met)}; not at the floor: "
+                                 f"{', '.join(m[0] for m in met if not m[3]) or 'none'}")
     if paired:
         lines += ["\nPaired differences from the fixed grid over every x_T seed run (each the same x_T):", *paired]
     lines += coupled_lines(rows, names, [v for v in nfes if v <= AUTO_MAX_NFE])
@@ -928,9 +926,26 @@ def verdict(ours, peer, m, floor, level=None):
     return f"{a / b:.2f}"
 
 
+def is_noise(verdict_text: str) -> bool:
+    """A `verdict` of two samplers both at the floor or both at the converged level."""
+    return verdict_text.startswith(("floor", "converged"))
+
+
 def meets(verdict_text: str, bound: float) -> bool:
-    """A `verdict` at most `bound`, or noise (both at the floor or at the converged level)."""
-    return verdict_text.startswith(("floor", "converged")) or float(verdict_text) <= bound
+    """A `verdict` at most `bound`, or noise."""
+    return is_noise(verdict_text) or float(verdict_text) <= bound
+
+
+WITH_LEVEL, WITHOUT_LEVEL = "with the converged level", "without it"  # the two readings of `heldout_report`
+
+
+def goals(auto, peer, fixed, floor, level) -> tuple[bool, bool, bool]:
+    """An automatic schedule's row against the best peer's and its fixed grid's, with the converged `level` (None:
+    without it): at most 0.5x the peer, at most its fixed grid (each or noise), its MMD^2 at the floor (or within
+    it of the level)."""
+    near = level is not None and abs(auto["mmd2"] - level) < floor["mmd2"]
+    return (meets(verdict(auto, peer, "mmd2", floor, level), 0.5),
+            meets(verdict(auto, fixed, "mmd2", floor, level), 1.0), value(auto, "mmd2") < floor["mmd2"] or near)
 
 
 def report(sweep_rows, head_rows, over, nfes):
