@@ -219,7 +219,7 @@ def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = (),
 
 
 def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True, **options) -> dict:
-    """The sampler options (ts, denoise, analytic_first) of --schedule: the run's automatic schedule where asked
+    """The sampler options (ts, denoise, analytic_first, prior_mean) of --schedule: the run's automatic schedule where asked
     for (refused, naming why, where it does not apply) or, unset, where it applies (`auto_applies`) and
     `eligible`; else none."""
     from .running.progress import counting_calls
@@ -232,9 +232,8 @@ def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: 
     with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
                         "default skips it)", None, enable=r.cfg.progress):
         s, cached = run_schedule(r, method=method, nfe=nfe, **options)
-    typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.choice}, "
-               f"denoise {s.denoise}, analytic first step {s.analytic_first}, times "
-               f"{[round(t, 4) for t in s.ts.tolist()]}; cost {s.evaluations} "
+    typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.summary}; "
+               f"cost {s.evaluations} "
                f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})", err=True)
     return s.options
 

@@ -503,8 +503,7 @@ def test_the_cached_schedule_follows_weights_that_a_closure_partial_or_object_ho
 
     def search(*args, **kwargs):
         searches.append(1)
-        return types.SimpleNamespace(evaluations=len(searches), seconds=0.0, choice="", denoise=True,
-                                     analytic_first=False, ts=torch.zeros(1))
+        return types.SimpleNamespace(evaluations=len(searches), seconds=0.0, summary="")
 
     monkeypatch.setattr(schedule, "auto_schedule", search)
     clear_schedule_cache()

@@ -217,13 +217,18 @@ def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **o
         entries = {}
     entries = entries if isinstance(entries, dict) else {}
     try:
-        return Schedule(**{**entries[key], "ts": torch.tensor(entries[key]["ts"], dtype=torch.float64)}), True
+        entry = entries[key]
+        mean = None if entry["prior_mean"] is None else torch.tensor(entry["prior_mean"], dtype=torch.float64)
+        s = Schedule(**{**entry, "ts": torch.tensor(entry["ts"], dtype=torch.float64), "prior_mean": mean})
+        if mean is None or tuple(mean.shape) == tuple(run.sample_shape):
+            return s, True
     except (KeyError, TypeError, ValueError):  # none yet, or a damaged entry: recompute
         pass
     with torch.no_grad():
         s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), device=run.device,
                           progress=progress, **options)
-    entries[key] = {**dataclasses.asdict(s), "ts": s.ts.tolist()}
+    entries[key] = {**dataclasses.asdict(s), "ts": s.ts.tolist(),
+                    "prior_mean": None if s.prior_mean is None else s.prior_mean.tolist()}
     atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
     return s, False
 

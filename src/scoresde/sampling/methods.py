@@ -40,7 +40,9 @@ Automatic schedule: for ipndm / unipc2 / unipc3 / sa3 (`Method.auto`) at nfe <= 
 
 Options: `grid` ("uniform", "logsnr", "edm", "poly"), `t_end`, `rho`, `power`, or an
 explicit decreasing `ts` (e.g. `fit_grid(...).ts`, a grid fitted to the model on probe draws); `denoise` (default on for linear SDEs; the general Langevin SDE has
-no Tweedie step); `dtype` (when x_T is not given); and each
+no Tweedie step); `prior_mean` (a tensor of the sample shape added to x_T: the mean alpha_T E[X_0] of p_T that the
+prior N(0, I) lacks, as `schedule.prior_shift` estimates it; the automatic schedule passes it); `dtype` (when x_T is
+not given); and each
 function's own keywords (eta, snr, corrector_steps, predictor, order, rtol, atol, ...), among them
 `noise` ("gaussian" i.i.d. draws, the default, or "brownian": one Brownian path whatever the grid; `noise.step_noise`)
 for em, ei, dpm2m_sde, dpm3m_sde and edm_sde.
@@ -193,7 +195,8 @@ for _name, _method in {
     METHODS.register(_name)(_method)
 
 
-GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise")  # the grid's options, which `sample_on_grid` reads itself
+# the grid's options and the start's, which `sample_on_grid` reads itself (and the automatic schedule chooses)
+GRID_OPTIONS = ("grid", "t_end", "rho", "power", "ts", "denoise", "prior_mean")
 
 
 def _budget_counter(score_fn: ScoreFn, nfe: int, method: str) -> ScoreFn:
@@ -277,6 +280,7 @@ def sample_on_grid(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *
     if denoise not in (True, False):
         raise InvalidValueError(f"denoise must be true or false, got {denoise!r}")
     grid_opts = {k: options.pop(k) for k in GRID_OPTIONS if k in options and k != "denoise"}
+    x_T = _moved(x_T, grid_opts.pop("prior_mean", None))
     _check_options(method, spec.fn, options)
     if spec.takes == "score":  # a consistency model is passed on as it is (its sampler reads its type)
         score_fn = _shape_checked(score_fn)
@@ -303,6 +307,19 @@ def sample_on_grid(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *
         raise InvalidValueError(f"ts has {len(ts)} times but nfe={nfe} gives {n_steps} steps ({n_steps + 1} times)")
     x = spec.fn(sde, score_fn, x_T, ts, **kwargs)
     return _finite(x, method, nfe) if check_finite else x
+
+
+def _moved(x_T: Tensor, prior_mean: Tensor | None) -> Tensor:
+    """x_T + prior_mean (in x_T's dtype and device); refused, naming prior_mean, unless it is a finite tensor of
+    x_T's sample shape."""
+    if prior_mean is None:
+        return x_T
+    if not isinstance(prior_mean, Tensor) or tuple(prior_mean.shape) != tuple(x_T.shape[1:]):
+        got = f"shape {tuple(prior_mean.shape)}" if isinstance(prior_mean, Tensor) else type(prior_mean).__name__
+        raise InvalidValueError(f"prior_mean must be a tensor of the sample shape {tuple(x_T.shape[1:])}, got {got}")
+    if not bool(torch.isfinite(prior_mean).all()):
+        raise InvalidValueError("prior_mean must be finite")
+    return x_T + prior_mean.to(device=x_T.device, dtype=x_T.dtype)
 
 
 def _check_options(method: str, fn: Callable, options: dict) -> None:

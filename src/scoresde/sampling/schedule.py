@@ -5,11 +5,14 @@ A few-step sampler's error in law is set mostly by where it stops and whether it
 error of `fit_grid` does not see (two runs can differ point by point and still draw the same law). Here the
 objective is a distance between laws: the squared MMD (Gretton et al. 2012, JMLR, Lemma 6: the unbiased
 estimate of equal-size samples, over the pairs i != j) between the outputs of the candidate schedule and of the same method at
-`reference_nfe` evaluations (its converged law, the target of every schedule) from the same prior draws moved by
-the mean alpha_T E[X_0] that the prior N(0, I) lacks, as the model estimates it (`prior_shift`; without it the
-converged law carries the prior's error, and knots fitted to it copied that error: ipndm's at NFE 10 on a
-near-singular mixture were 2.8e-5 farther from the data than its fixed grid at n = 20000, session 39),
-with Gaussian kernels at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the
+`reference_nfe` evaluations (its converged law, the target of every schedule), both from the same prior draws moved by
+the mean alpha_T E[X_0] of p_T that the prior N(0, I) lacks, as the model estimates it (`prior_shift`), a move the
+schedule keeps (`Schedule.prior_mean`) and the sampler applies. The converged law from N(0, I) carries the prior's
+error: on near-singular 16-32-D mixtures under VP it sat 1-5e-5 (paired MMD^2 at the report's bandwidths) from the one
+from the moved draws, whose mode weights are nearer the data's (session 42), the level of every 10-step sampler's own
+error there; knots fitted to it copied that error (ipndm's at NFE 10 on a near-singular mixture were 2.8e-5 farther
+from the data than its fixed grid at n = 20000, session 39), and knots fitted from N(0, I) to the moved law's could
+only offset it by chance (session 41). with Gaussian kernels at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the
 prior draws cancels most of the estimate's noise in the comparison of schedules (common random numbers), while the
 i != j pairs keep it an estimate of the distance between laws, not of the path error.
 
@@ -82,7 +85,7 @@ __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "c
            "log_score_level", "mmd2_paired", "mmd2_paired_difference", "prior_shift", "search_options", "AUTO_MAX_NFE",
            "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
 
-SEARCH = 7  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
+SEARCH = 8  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
@@ -99,7 +102,8 @@ _TRIM = 100  # the fine-scale statistic leaves out the largest 1 / _TRIM of the 
 @dataclass(frozen=True)
 class Schedule:
     """ts: the grid (float64, sde.T down to the end time), denoise: the final denoise, analytic_first: the
-    analytical first step, to pass as `sample(..., **schedule.options)`; choice: which candidate won on the check
+    analytical first step, prior_mean: the shift of the prior draws (`prior_shift`, None where the model gave no
+    finite one), to pass as `sample(..., **schedule.options)`; choice: which candidate won on the check
     draws ("default", "family", "fitted"); check / default_check: the objective (MMD^2 to the converged law) of
     the returned schedule and of the method's default one on the check draws (for a stochastic method: of its
     deterministic limit); evaluations: score evaluations spent, one per point (a call on a batch of m points counts
@@ -113,11 +117,20 @@ class Schedule:
     evaluations: int
     seconds: float
     analytic_first: bool = False
+    prior_mean: Tensor | None = None
 
     @property
     def options(self) -> dict:
         """The sampler options that run this schedule."""
-        return {"ts": self.ts, "denoise": self.denoise, "analytic_first": self.analytic_first}
+        return {"ts": self.ts, "denoise": self.denoise, "analytic_first": self.analytic_first,
+                "prior_mean": self.prior_mean}
+
+    @property
+    def summary(self) -> str:
+        """The choice, denoise, first step, times and the prior mean's norm, in words."""
+        norm = "none" if self.prior_mean is None else f"{float(self.prior_mean.norm()):.3g}"
+        return (f"{self.choice}, denoise {self.denoise}, analytic first step {self.analytic_first}, times "
+                f"{[round(t, 4) for t in self.ts.tolist()]}, prior mean of norm {norm}")
 
 
 def _pair_terms(x: Tensor, y: Tensor, bandwidths: Tensor) -> Tensor:
@@ -174,8 +187,9 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                   seed: int = 0, dtype: torch.dtype | None = None, device=None, progress: bool = False,
                   **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
-    that minimises MMD^2 to the method's converged law (module docstring), from the model alone; a stochastic
-    method above AUTO_MAX_NFE gets the best grid family without the knot move.
+    that minimises MMD^2 to the method's converged law (module docstring), from the model alone, with the shift of
+    the prior draws (`prior_shift`) it is searched from; a stochastic method above AUTO_MAX_NFE gets the best grid
+    family without the knot move.
 
     n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller): the search sees the
     first n_probe, the choice is checked on the other n_check. Where the converged run is not finite (a score
@@ -233,12 +247,15 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     default = (time_grid(sde, default_steps, spec.grid, t_end=t_default, power=spec.power), default_denoise_on,
                default_afs)
     with torch.no_grad(), bar:
-        reference = run(probe + prior_shift(sde, score_fn, probe), reference_nfe)
+        shift = prior_shift(sde, score_fn, probe)
+        probe = probe + shift
+        reference = run(probe, reference_nfe)
         spent += len(probe)
         bar.update(len(probe))
         if not bool(torch.isfinite(reference).all()):  # nothing to fit to: the default (sample names the NaN)
             return Schedule(default[0], default[1], "default", math.inf, math.inf, spent, time.perf_counter() - started,
                             default[2])
+        shift = shift.reshape(sample_shape).to(torch.float64).cpu()
         scale = math.sqrt(float(torch.var(reference.double(), 0).sum()))
         h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
         ref = {"fit": reference[:n_probe], "check": reference[n_probe:]}
@@ -307,7 +324,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
             key = key if gain < -_MARGIN * se else ("default", default_afs)
     ts, denoise, afs = choices[key]
     return Schedule(ts, bool(denoise), key[0], checks[key], default_check, spent, time.perf_counter() - started,
-                    bool(afs))
+                    bool(afs), shift)
 
 
 def _move_knots(sde: LinearSDE, start: Tensor, objective, lam_min: float, max_iter: int | None) -> Tensor:
@@ -446,9 +463,7 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
                  "searches again; keep one object, or pass schedule='default'." if kind in _SEARCHED else "")
         _SEARCHED.add(kind)
         _LOG.warning("scoresde: automatic schedule of %s at nfe %d searched (once per model; schedule='default' "
-                     "skips it): %d score evaluations, %.1f s; %s, denoise %s, analytic first step %s, times %s.%s",
-                     method, nfe, s.evaluations, s.seconds, s.choice, s.denoise, s.analytic_first,
-                     [round(t, 4) for t in s.ts.tolist()], again)
+                     "skips it): %d score evaluations, %.1f s; %s.%s", method, nfe, s.evaluations, s.seconds, s.summary, again)
     return entries[key][1]
 
 
