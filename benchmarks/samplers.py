@@ -676,12 +676,14 @@ def floor_check(names: list[str], n: int, nfes: list[int], seeds: list[int]) -> 
     return rows, "\n".join(lines)
 
 
-def coupled_lines(pooled: list[dict], names: list[str], nfes: list[int], field: str = "mmd2_paired") -> list[str]:
+def coupled_lines(pooled: list[dict], names: list[str], nfes: list[int], field: str = "mmd2_paired",
+                  ratios: dict | None = None) -> list[str]:
     """Cells whose rows all carry `field` (mmd2_paired: each configuration's MMD^2 to the converged sampler's law,
     paired by x_T, so without the draw's level; EXACT_MEAN: the same from x_T moved by p_T's exact mean): the
     automatic schedules and fixed grids beside the diffusers configuration closest to that law by this measure, and
     their ratios to it. For EXACT_MEAN, the goal's reading from session 42: a schedule meets it at most 0.5x that
-    configuration and at most its own fixed grid, each unless both are within RESOLUTION."""
+    configuration and at most its own fixed grid, each unless both are within RESOLUTION. `ratios`, where given,
+    gets each schedule's ratio to that configuration, by (name, target, NFE)."""
     configs = list(AUTO_ROWS) + list(FIXED_ROWS.values())
     lines, met = [], {}
     for t in names:
@@ -700,6 +702,8 @@ def coupled_lines(pooled: list[dict], names: list[str], nfes: list[int], field: 
                 ok = ((v <= 0.5 * peer_value or max(v, peer_value) <= RESOLUTION)
                       and (v <= fixed or max(v, fixed) <= RESOLUTION))
                 met.setdefault((name, nfe), []).append((t, ok))
+                if ratios is not None:
+                    ratios[(name, t, nfe)] = v / peer_value
             lines.append(f"| {t} | {nfe} | {k} | " + " | ".join(f"{v:.2e}" for v in ours)
                          + f" | {p['config'][10:]} {peer_value:.2e} | "
                          + " | ".join(f"{v / peer_value:.2f}" for v in ours[:len(AUTO_ROWS)]) + " |")
@@ -803,10 +807,11 @@ def heldout_report(rows: list[dict], part: str) -> str:
                                  f"{', '.join(m[0] for m in met if not m[3]) or 'none'}")
     if paired:
         lines += ["\nPaired differences from the fixed grid over every x_T seed run (each the same x_T):", *paired]
-    few = [v for v in nfes if v <= AUTO_MAX_NFE]
-    lines += coupled_lines(rows, names, few, EXACT_MEAN) + coupled_lines(rows, names, few)
+    few, exact = [v for v in nfes if v <= AUTO_MAX_NFE], {}
+    lines += coupled_lines(rows, names, few, EXACT_MEAN, exact) + coupled_lines(rows, names, few)
     plt = common.plt()
-    fig, axes = plt.subplots(1, len(nfes), figsize=(4 * len(nfes), 4), squeeze=False)
+    fig, axes = plt.subplots(1 + bool(exact), len(nfes), figsize=(4 * len(nfes), 4 * (1 + bool(exact))),
+                             squeeze=False)
     for ax, nfe in zip(axes[0], nfes):
         xs = np.arange(len(names))
         for (name, style), color in zip(zip(["default"] + autos, "xos"), ("C0", "C1", "C2")):
@@ -821,6 +826,21 @@ def heldout_report(rows: list[dict], part: str) -> str:
         ax.set(yscale="log", title=f"NFE {nfe}: MMD^2 ratio\n(faint: both at the floor / converged level)", xticks=xs)
         ax.set_xticklabels(names, rotation=90, fontsize=7)
     axes[0][0].legend(fontsize=7)
+    for ax, nfe in zip(axes[1] if exact else (), nfes):
+        if nfe not in few:
+            ax.set_visible(False)
+            continue
+        xs = np.arange(len(names))
+        for (name, style), color in zip(zip(autos, "os"), ("C1", "C2")):
+            cells = [(x, exact[(name, t, nfe)]) for x, t in zip(xs, names) if (name, t, nfe) in exact]
+            ax.scatter([c[0] for c in cells], [max(c[1], 1e-3) for c in cells], marker=style, color=color,
+                       label=f"{name.removeprefix('scoresde/')} / closest diffusers")
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(yscale="log", title=f"NFE {nfe}: ratio of {EXACT_MEAN}\n(paired, to the exact-mean converged law)",
+               xticks=xs)
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     common.save_figure(fig, NAME, f"samplers_{part}.png", dpi=110)
     return "\n".join(lines)

@@ -524,6 +524,39 @@ def test_samplers_heldout_report_sets_the_schedules_beside_the_peer_closest_to_t
         assert "paired by x_T" not in samplers.heldout_report(part, "t")
 
 
+def test_samplers_goal_by_the_exact_mean_paired_measure_counts_each_clause(tmp_path):
+    """The goal read by mmd2_paired_exact (session 42): a schedule meets it at most 0.5x the closest diffusers
+    configuration and at most its fixed grid, each unless both sides are within RESOLUTION. auto meets it on a, at
+    exactly 0.5x on c and within RESOLUTION of the peer on d, and is 0.6x on b; auto-ipndm is above its fixed grid
+    on a, and within RESOLUTION of it on b and of the peer on d."""
+    from benchmarks import common, samplers
+
+    common.configure(tmp_path)
+    r = samplers.RESOLUTION
+    values = {"a": {"scoresde/auto": 1e-5, "scoresde/auto-ipndm": 2e-5, "scoresde/default": 5e-5,
+                    "scoresde/ipndm": 1.5e-5, "diffusers/X/default": 4e-5, "diffusers/Y/default": 9e-5},
+              "b": {"scoresde/auto": 3e-5, "scoresde/auto-ipndm": 0.9 * r, "scoresde/default": 5e-5,
+                    "scoresde/ipndm": 0.5 * r, "diffusers/X/default": 5e-5, "diffusers/Y/default": 9e-5},
+              "c": {"scoresde/auto": 2e-6, "scoresde/auto-ipndm": 0.8 * r, "scoresde/default": 5e-5,
+                    "scoresde/ipndm": 5e-6, "diffusers/X/default": 4e-6, "diffusers/Y/default": 8e-6},
+              "d": {"scoresde/auto": 0.9 * r, "scoresde/auto-ipndm": 0.7 * r, "scoresde/default": 5e-5,
+                    "scoresde/ipndm": 1e-5, "diffusers/X/default": 5e-5, "diffusers/Y/default": 0.6 * r}}
+    rows = []
+    for t, cell in values.items():
+        for seed in (1, 2):
+            rows.append({"target": t, "config": "null (exact samples)", "nfe": 0, "n": 10, "seed": seed, "mmd2": 0.0,
+                         "mmd2_sd": 1e-5, "mmd2_fine": 0.0, "mmd2_fine_sd": 1e-5})
+            rows += [{"target": t, "config": c, "nfe": 10, "n": 10, "seed": seed, "gap": 0.0, "mmd2_fine": 0.0,
+                      "mmd2": 1e-4, "mmd2_paired": 1e-5, samplers.EXACT_MEAN: v} for c, v in cell.items()]
+    ratios = {}
+    lines = samplers.coupled_lines(samplers.pool_seeds(rows), list(values), [10], samplers.EXACT_MEAN, ratios)
+    assert "- auto, NFE 10: 3/4; missed: b" in lines
+    assert "- auto-ipndm, NFE 10: 3/4; missed: a" in lines
+    assert ratios[("scoresde/auto", "a", 10)] == 0.25 and ratios[("scoresde/auto", "c", 10)] == 0.5
+    assert not any(line.startswith("- ") for line in samplers.coupled_lines(samplers.pool_seeds(rows), ["a"], [10]))
+    assert samplers.EXACT_MEAN in samplers.heldout_report(rows, "test")
+
+
 def test_samplers_paired_mmd2_in_blocks_is_the_librarys_paired_estimate():
     """mmd2_paired_blocked (row blocks, one bandwidth at a time) against schedule.mmd2_paired (the full matrices, tested
     for unbiasedness in tests/sampling) on coupled samples larger than a block, per bandwidth."""
@@ -618,6 +651,17 @@ def test_samplers_heldout_runs_each_methods_schedule_and_only_the_cells_named(mo
     assert conv[0]["mmd2"] == rows[(5, samplers.CONVERGED)]["mmd2"] == rows[(20, samplers.CONVERGED)]["mmd2"] \
         == scorer(x)["mmd2"]
     assert conv[0]["mmd2_paired"] == rows[(20, samplers.CONVERGED)]["mmd2_paired"] == 0.0  # its own reference
+    alpha_T = VP().alpha(torch.tensor(1.0, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(1)
+    samplers.Scorer(target, 200, gen)  # the same draws again, then the same x_T, moved by p_T's exact mean
+    moved = sample(VP(), samplers.MixtureScore(target).continuous(VP()), None, method="ipndm", nfe=101,
+                   x_T=VP().prior_sample((200, 2), gen, torch.float64) + alpha_T * target.weights @ target.means,
+                   schedule="default")
+    h = torch.tensor(samplers.bandwidths(target)[:3])
+    assert math.isclose(conv[0][samplers.EXACT_MEAN], schedule.mmd2_paired(x, moved, h), rel_tol=1e-6)
+    assert conv[0][samplers.EXACT_MEAN] > 0
+    for c in samplers.AUTO_ROWS:  # the model's estimate of the shift, near the exact alpha_T E[X_0]
+        assert math.isclose(rows[(5, c)]["auto_prior_mean_norm"], float((alpha_T * target.mean()).norm()), rel_tol=0.02)
     assert rows[(5, "scoresde/default")]["mmd2_paired"] > 0 and all(math.isfinite(r["mmd2_paired"])
                                                                    for r in rows.values() if r["nfe"])
     assert rows[(20, "scoresde/auto")]["mmd2"] == rows[(20, "scoresde/default")]["mmd2"]

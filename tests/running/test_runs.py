@@ -40,8 +40,8 @@ def test_fitted_grid_of_a_run_beats_the_default_on_fresh_draws(tiny_run):
 
 def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatch):
     """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
-    the run folder: a second call (also from a freshly loaded run) reads it (no new search, the same samples
-    through sample_run(ts=, denoise=)); new weights drop it and search again; sample_run without options samples
+    the run folder: a second call (also from a freshly loaded run) reads it (the same grid and prior mean, no new
+    search, the same samples through sample_run(**options)); new weights drop it and search again; sample_run without options samples
     on it, with schedule="default" on the fixed grid; where it does not apply it is refused, naming why; a
     schedule stored by another version of the search is searched again."""
     from scoresde.running import runs
@@ -59,6 +59,7 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     s2, cached = runs.run_schedule(load_run(run_dir), method="unipc2", nfe=5)
     assert cached and s2.evaluations == s.evaluations > 0 and len(searches) == 1 and torch.equal(s2.ts, s.ts)
     assert (s2.denoise, s2.analytic_first) == (s.denoise, s.analytic_first)
+    assert s.prior_mean.shape == r.sample_shape and torch.equal(s2.prior_mean, s.prior_mean)  # kept in the folder
     x1, _ = sample_run(r, 50, method="unipc2", nfe=5, seed=3, **s2.options)
     want = sample(r.sde, r.model, None, method="unipc2", nfe=5, **s.options,
                   x_T=r.sde.prior_sample((50,) + r.sample_shape, torch.Generator().manual_seed(3)))

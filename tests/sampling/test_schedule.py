@@ -75,10 +75,12 @@ def test_the_prior_shift_estimates_alpha_T_times_the_data_mean(sde):
     assert torch.allclose(prior_shift(sde, score, x_T), alpha_T * m, rtol=0, atol=0.01 * alpha_T)
 
 
-def test_the_converged_reference_starts_from_the_shifted_prior_and_so_meets_the_data_mean(monkeypatch):
-    """The search's reference runs start from its probe draws plus prior_shift of them; on Gaussian data with mean
-    m (VP) the converged sampler's outputs from x_T ~ N(0, I) have a mean off by about alpha_T C^(1/2) m (the
-    prior's error; exact, the sampler being affine in x_T), and from x_T + prior_shift a hundredth of that at most."""
+def test_the_search_and_the_schedule_start_from_the_shifted_prior_and_so_meet_the_data_mean(monkeypatch):
+    """Every run of the search (the converged reference and the candidates) starts from its probe draws plus
+    prior_shift of them, and the schedule keeps that shift (prior_mean). On Gaussian data with mean m (VP) the
+    converged sampler's outputs from x_T ~ N(0, I) have a mean off by about alpha_T C^(1/2) m (the prior's error;
+    exact, the sampler being affine in x_T, so the mean of its outputs is its output at the prior's mean), and with
+    the schedule's prior_mean a hundredth of that at most."""
     from scoresde.sampling import schedule
 
     sde = VP()
@@ -87,20 +89,43 @@ def test_the_converged_reference_starts_from_the_shifted_prior_and_so_meets_the_
     starts, real = [], schedule.sample_on_grid
 
     def recording(*args, nfe, x_T, **kwargs):
-        if nfe == 31:
-            starts.append(x_T)
+        starts.append((nfe, x_T))
         return real(*args, nfe=nfe, x_T=x_T, **kwargs)
 
     monkeypatch.setattr(schedule, "sample_on_grid", recording)
-    auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=64, n_check=64, reference_nfe=31, max_iter=2,
-                  dtype=F64)
+    s = auto_schedule(sde, score, (4,), method="unipc2", nfe=5, n_probe=64, n_check=64, reference_nfe=31,
+                      max_iter=2, dtype=F64)
     probe = sde.prior_sample((128, 4), torch.Generator().manual_seed(0), F64)
-    assert torch.equal(torch.cat(starts), probe + prior_shift(sde, score, probe))
-    # the sampler is affine in x_T: the mean of its outputs from x_T ~ N(0, I) + shift is its output at the shift
-    means = sample(sde, score, None, x_T=torch.stack([torch.zeros(4, dtype=F64), prior_shift(sde, score, probe)]),
-                   method="unipc2", nfe=101, schedule="default")
-    plain, shifted = (float(torch.linalg.norm(b - m)) for b in means)
+    moved = probe + prior_shift(sde, score, probe)
+    assert torch.equal(torch.cat([x for nfe, x in starts if nfe == 31]), moved)
+    assert all(torch.equal(x, moved[:64]) or torch.equal(x, moved[64:]) for nfe, x in starts if nfe == 5)
+    assert torch.equal(s.prior_mean, prior_shift(sde, score, probe)) and s.options["prior_mean"] is s.prior_mean
+    zero = torch.zeros(1, 4, dtype=F64)
+    plain, shifted = (float(torch.linalg.norm(sample(sde, score, None, x_T=zero, method="unipc2", nfe=101,
+                                                     schedule="default", **kw)[0] - m))
+                      for kw in ({}, {"prior_mean": s.prior_mean}))
     assert plain > 0.005 and shifted < plain / 100, (plain, shifted)
+
+
+def test_prior_mean_moves_the_starting_points_and_is_refused_when_bad():
+    """sample(..., prior_mean=v) is the sampler from x_T + v (also for a drawn x_T); a prior_mean that is not a
+    finite tensor of the sample shape is refused naming it, and the automatic schedule, which sets it, refuses it."""
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+    score = gaussian_score(sde, m, C)
+    x_T, v = sde.prior_sample((8, 2), torch.Generator().manual_seed(0), F64), torch.tensor([0.5, -1.0], dtype=F64)
+    kw = dict(method="ipndm", nfe=6, schedule="default")
+    assert torch.equal(sample(sde, score, None, x_T=x_T, prior_mean=v, **kw), sample(sde, score, None, x_T=x_T + v, **kw))
+    drawn = sample(sde, score, (8, 2), generator=torch.Generator().manual_seed(0), dtype=F64, prior_mean=v, **kw)
+    assert torch.equal(drawn, sample(sde, score, None, x_T=x_T + v, **kw))
+    for bad, match in ((torch.zeros(3, dtype=F64), r"prior_mean must be a tensor of the sample shape \(2,\), got shape \(3,\)"),
+                       ([0.5, 1.0], "prior_mean must be a tensor .* got list"),
+                       (torch.tensor([0.0, float("nan")]), "prior_mean must be finite")):
+        with pytest.raises(InvalidValueError, match=match):
+            sample(sde, score, None, x_T=x_T, prior_mean=bad, **kw)
+    with pytest.raises(InvalidValueError, match="does not combine with prior_mean"):
+        sample(sde, score, None, x_T=x_T, method="ipndm", nfe=6, schedule="auto", prior_mean=v)
+    with pytest.raises(InvalidValueError, match="do not pass prior_mean"):
+        auto_schedule(sde, score, (2,), method="ipndm", nfe=6, prior_mean=v)
 
 
 def test_the_check_runs_the_default_three_grids_of_each_first_step_setting_and_the_moved_knots(monkeypatch):
