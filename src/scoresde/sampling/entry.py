@@ -30,7 +30,9 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     (`schedule.cached_schedule`: searched from score_fn once per score object, method, nfe, sample shape, dtype
     and device, its cost logged; refused, naming why, where it does not apply); None: "auto" where it applies
     unasked (`schedule.auto_by_default`: ipndm / unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
-    given), else "default". The search draws its own probe points: it leaves `generator` untouched.
+    given), else "default". The automatic schedule also moves x_T (drawn or given) by the mean alpha_T E[X_0] of p_T
+    that the prior lacks, as the model estimates it (its `prior_mean` option). The search draws its own probe points:
+    it leaves `generator` untouched.
     """
     check_schedule(schedule)
     if schedule == "auto" or schedule is None and method in METHODS and METHODS[method].auto:
