@@ -212,23 +212,27 @@ def mmd2_blocked(x: torch.Tensor, target: GaussianMixture, block: int = 250) -> 
     return np.array([pair_mean[j] - 2 * mk.mean() + mkk for j, (mk, mkk) in enumerate(closed)])
 
 
-def mmd2_paired_blocked(x: torch.Tensor, y: torch.Tensor, h: np.ndarray, yy: np.ndarray | None = None) -> np.ndarray:
+def mmd2_paired_blocked(x: torch.Tensor, y: torch.Tensor, h: np.ndarray, yy: np.ndarray | None = None,
+                        xx: np.ndarray | None = None) -> np.ndarray:
     """schedule.mmd2_paired(x, y, [h]) for each h, from `kernel_sums` in float64 (the terms nearly cancel): the
     unbiased MMD^2 between the laws of x and y whose pairs (x_i, y_i) are drawn jointly, here two samplers run from
     the same x_T, so its noise is that of the pairs' differences and not the draw's. `yy`: kernel_sums(y, y, h)
-    in float64, the same for every x paired with y."""
+    in float64, the same for every x paired with y; `xx` likewise for x, the same for every y it is paired with."""
     n = len(x)
     yy = kernel_sums(y, y, h, F64) if yy is None else yy
+    xx = kernel_sums(x, x, h, F64) if xx is None else xx
     d2 = ((x.to(F64) - y.to(F64)) ** 2).sum(1)
     own = np.array([float(torch.exp(d2 * (-0.5 / hh**2)).sum()) for hh in h])  # k(x_i, y_i), left out of the cross
-    return (kernel_sums(x, x, h, F64) + yy - 2 * kernel_sums(x, y, h, F64) - 2 * n + 2 * own) / (n * (n - 1))
+    return (xx + yy - 2 * kernel_sums(x, y, h, F64) - 2 * n + 2 * own) / (n * (n - 1))
 
 
-def paired_metric(x: torch.Tensor | None, y: torch.Tensor, h: np.ndarray, yy: np.ndarray,
-                  field: str = "mmd2_paired") -> dict:
-    """The row field `field`: mmd2_paired_blocked summed over the bandwidths h (NaN for a failed run)."""
-    ok = x is not None and bool(torch.isfinite(x).all())
-    return {field: float(mmd2_paired_blocked(x, y, h, yy).sum()) if ok else float("nan")}
+def paired_metrics(x: torch.Tensor | None, h: np.ndarray, references: dict[str, tuple]) -> dict:
+    """The row fields of `references` (field: (y, kernel_sums(y, y, h) in float64)): mmd2_paired_blocked of x
+    against each y summed over the bandwidths h (NaN for a failed run), x's own kernel sums computed once."""
+    if x is None or not bool(torch.isfinite(x).all()):
+        return {field: float("nan") for field in references}
+    xx = kernel_sums(x, x, h, F64)
+    return {field: float(mmd2_paired_blocked(x, y, h, yy, xx).sum()) for field, (y, yy) in references.items()}
 
 
 def metrics_of(values: np.ndarray) -> dict:
@@ -466,7 +470,7 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
     ipndm, the automatic schedule of each (AUTO_ROWS: auto_schedule's ts / denoise at nfe <= AUTO_MAX_NFE, its cost
     recorded), the ORACLE variants, every diffusers configuration and the converged sampler (CONVERGED), from the
     same x_T (drawn from `seed`); n samples, null spread from NULL_REPEATS exact samples of size n. Each row also
-    carries `mmd2_paired`, its MMD^2 to the converged sampler's law paired by x_T (`paired_metric`), and EXACT_MEAN,
+    carries `mmd2_paired`, its MMD^2 to the converged sampler's law paired by x_T (`paired_metrics`), and EXACT_MEAN,
     the same to the converged sampler from x_T moved by p_T's exact mean alpha_T E[X_0]. `only`: just
     these configurations and no null row (cells added to a run whose files hold it). `searched`: schedules (with
     their cost) of earlier calls, by target, method and NFE, filled here: the search does not depend on the x_T
@@ -487,11 +491,12 @@ def heldout(names: list[str], n: int, nfes: list[int], seed: int = 1, only: list
         h = bandwidths(target)[:3]
         y_exact = sample(sde, score_fn, None, method="ipndm", nfe=CONVERGED_NFE, x_T=x_T + exact_shift(sde, target),
                          schedule="default")
+        references = {"mmd2_paired": (y, kernel_sums(y, y, h, F64)),
+                      EXACT_MEAN: (y_exact, kernel_sums(y_exact, y_exact, h, F64))}
 
         def paired(x):
-            return {**paired_metric(x, y, h, yy), **paired_metric(x, y_exact, h, yy_exact, EXACT_MEAN)}
+            return paired_metrics(x, h, references)
 
-        yy, yy_exact = kernel_sums(y, y, h, F64), kernel_sums(y_exact, y_exact, h, F64)
         converged = None
         if only is None or CONVERGED in only:
             converged = {"config": CONVERGED, "used": CONVERGED_NFE, **scorer(y), **paired(y),

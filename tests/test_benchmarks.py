@@ -571,7 +571,8 @@ def test_samplers_paired_mmd2_in_blocks_is_the_librarys_paired_estimate():
     h = np.array([0.5, 1.0, 2.0])
     want = [mmd2_paired(x, y, torch.tensor([v])) for v in h]
     np.testing.assert_allclose(mmd2_paired_blocked(x, y, h), want, rtol=1e-9)
-    np.testing.assert_allclose(mmd2_paired_blocked(x, y, h, kernel_sums(y, y, h, torch.float64)), want, rtol=1e-9)
+    np.testing.assert_allclose(mmd2_paired_blocked(x, y, h, kernel_sums(y, y, h, torch.float64),
+                                                   kernel_sums(x, x, h, torch.float64)), want, rtol=1e-9)
     assert min(want) > 0
 
 
