@@ -878,20 +878,24 @@ def add_arguments(ap) -> None:
 
 
 def run_tag(args, seed: int | None = None) -> str:
-    """The name of a run's log, and with `seed` of its output files (one per seed); more targets than fit in a
-    file name are named by the first, their count and a hash of all."""
+    """The name of a run's log, and with `seed` of its output files (one per seed); more targets or configurations
+    than fit in a file name are named by the first, their count and a hash of all (`_short`)."""
     if args.part != "main":
         seeds = [seed] if seed is not None else args.heldout_seed
-        targets = "-".join(args.targets or [])
-        if len(targets) > 80:
-            digest = hashlib.sha256(targets.encode()).hexdigest()[:8]
-            targets = f"{args.targets[0]}-and-{len(args.targets) - 1}-more-{digest}"
+        targets = _short(args.targets or [])
         return (args.part + ("-" + targets if targets else "")
                 + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else "")
                 + ("-seed" + "-".join(map(str, seeds)) if seeds != [1] else "")
-                + ("-only-" + "-".join(c.split("/")[-1] for c in args.configs)
-                   if args.configs else ""))
+                + ("-only-" + _short([c.split("/")[-1] for c in args.configs]) if args.configs else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")
+
+
+def _short(names: list[str]) -> str:
+    """names joined by "-", or where that is longer than 80 characters the first, their count and a hash of all."""
+    joined = "-".join(names)
+    if len(joined) <= 80:
+        return joined
+    return f"{names[0]}-and-{len(names) - 1}-more-{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
 
 
 def run(args):

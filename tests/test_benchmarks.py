@@ -887,9 +887,10 @@ def test_samplers_floor_check_repeats_the_heldout_cells_and_marks_what_is_above_
     assert len(row) == 5 and row[3].strip().endswith("*") and math.isfinite(float(row[2]))
 
 
-def test_samplers_run_tag_fits_a_file_name_for_many_targets():
-    """Thirty targets give a tag that, with the log's suffixes, fits the 255 bytes of a file name, and two lists of
-    the same first target and length (the rest reordered) give two tags; a short list is named in full."""
+def test_samplers_run_tag_fits_a_file_name_for_many_targets_and_configurations():
+    """Thirty targets, or every peer configuration, give a tag that, with the log's suffixes, fits the 255 bytes of a
+    file name, and two lists of the same first target and length (the rest reordered) give two tags; a short list is
+    named in full."""
     import argparse
 
     from benchmarks import samplers
@@ -902,3 +903,7 @@ def test_samplers_run_tag_fits_a_file_name_for_many_targets():
     assert len(f"run-{tag(many)}.log.4194304.partial") < 255 and tag(many) != tag(many[:1] + many[:0:-1])
     assert tag(["d2s100", "unequal"]) == "heldout-d2s100-unequal-seed1-2-3-only-auto-auto-ipndm"
     assert tag(["d2s100"], 20000) == "heldout-d2s100-n20000-seed1-2-3-only-auto-auto-ipndm"  # apart from n = 4000
+    configs = ["scoresde/auto"] + [f"diffusers/{k}" for k in samplers.peers()]
+    long = samplers.run_tag(argparse.Namespace(part="heldout", targets=many, heldout_seed=[1, 2, 3],
+                                               n_heldout=samplers.N_HELDOUT, configs=configs))
+    assert len(f"run-{long}.log.4194304.partial") < 255 and f"-only-auto-and-{len(configs) - 1}-more-" in long
