@@ -219,9 +219,9 @@ def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = (),
 
 
 def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True, **options) -> dict:
-    """The sampler options (ts, denoise, analytic_first, prior_mean) of --schedule: the run's automatic schedule where asked
-    for (refused, naming why, where it does not apply) or, unset, where it applies (`auto_applies`) and
-    `eligible`; else none."""
+    """The sampler options (ts, denoise, analytic_first, prior_mean) of --schedule: the run's automatic schedule
+    where asked for (refused, naming why, where it does not apply) or, unset, where it applies (`auto_applies`)
+    and `eligible`; else none."""
     from .running.progress import counting_calls
     from .running.runs import SCHEDULES, auto_applies, run_schedule
 

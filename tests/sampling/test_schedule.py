@@ -114,10 +114,11 @@ def test_prior_mean_moves_the_starting_points_and_is_refused_when_bad():
     score = gaussian_score(sde, m, C)
     x_T, v = sde.prior_sample((8, 2), torch.Generator().manual_seed(0), F64), torch.tensor([0.5, -1.0], dtype=F64)
     kw = dict(method="ipndm", nfe=6, schedule="default")
-    assert torch.equal(sample(sde, score, None, x_T=x_T, prior_mean=v, **kw), sample(sde, score, None, x_T=x_T + v, **kw))
+    assert torch.equal(sample(sde, score, None, x_T=x_T, prior_mean=v, **kw),
+                       sample(sde, score, None, x_T=x_T + v, **kw))
     drawn = sample(sde, score, (8, 2), generator=torch.Generator().manual_seed(0), dtype=F64, prior_mean=v, **kw)
     assert torch.equal(drawn, sample(sde, score, None, x_T=x_T + v, **kw))
-    for bad, match in ((torch.zeros(3, dtype=F64), r"prior_mean must be a tensor of the sample shape \(2,\), got shape \(3,\)"),
+    for bad, match in ((torch.zeros(3, dtype=F64), r"must be a tensor of the sample shape \(2,\), got shape \(3,\)"),
                        ([0.5, 1.0], "prior_mean must be a tensor .* got list"),
                        (torch.tensor([0.0, float("nan")]), "prior_mean must be finite")):
         with pytest.raises(InvalidValueError, match=match):

@@ -12,9 +12,10 @@ error: on near-singular 16-32-D mixtures under VP it sat 1-5e-5 (paired MMD^2 at
 from the moved draws, whose mode weights are nearer the data's (session 42), the level of every 10-step sampler's own
 error there; knots fitted to it copied that error (ipndm's at NFE 10 on a near-singular mixture were 2.8e-5 farther
 from the data than its fixed grid at n = 20000, session 39), and knots fitted from N(0, I) to the moved law's could
-only offset it by chance (session 41). with Gaussian kernels at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2} sqrt(tr Cov) of the reference. Sharing the
-prior draws cancels most of the estimate's noise in the comparison of schedules (common random numbers), while the
-i != j pairs keep it an estimate of the distance between laws, not of the path error.
+only offset it by chance (session 41). The kernels are Gaussian, at bandwidths {1/16, 1/8, 1/4, 1/2, 1, 2}
+sqrt(tr Cov) of the reference. Sharing the prior draws cancels most of the estimate's noise in the comparison of
+schedules (common random numbers), while the i != j pairs keep it an estimate of the distance between laws, not of
+the path error.
 
 The search, as Align Your Steps (Sabour et al. 2404.14507) does, starts from a hand-made grid and then
 moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "logsnr", "edm", and the
@@ -463,7 +464,8 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
                  "searches again; keep one object, or pass schedule='default'." if kind in _SEARCHED else "")
         _SEARCHED.add(kind)
         _LOG.warning("scoresde: automatic schedule of %s at nfe %d searched (once per model; schedule='default' "
-                     "skips it): %d score evaluations, %.1f s; %s.%s", method, nfe, s.evaluations, s.seconds, s.summary, again)
+                     "skips it): %d score evaluations, %.1f s; %s.%s", method, nfe, s.evaluations, s.seconds, s.summary,
+                     again)
     return entries[key][1]
 
 
