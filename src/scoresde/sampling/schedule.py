@@ -256,7 +256,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         if not bool(torch.isfinite(reference).all()):  # nothing to fit to: the default (sample names the NaN)
             return Schedule(default[0], default[1], "default", math.inf, math.inf, spent, time.perf_counter() - started,
                             default[2])
-        shift = shift.reshape(sample_shape).to(torch.float64).cpu()
+        shift = shift.to(torch.float64).cpu()  # kept with the schedule, as its ts
         scale = math.sqrt(float(torch.var(reference.double(), 0).sum()))
         h = torch.tensor(_BANDWIDTHS, dtype=torch.float64) * scale
         ref = {"fit": reference[:n_probe], "check": reference[n_probe:]}
