@@ -378,6 +378,32 @@ def test_mmd2_paired_is_unbiased_between_laws():
     assert abs(np.mean(equal)) < 4 * np.std(equal) / math.sqrt(len(equal)), np.mean(equal)
 
 
+def test_mmd2_paired_in_blocks_with_squared_kernels_is_the_plain_sum():
+    """mmd2_paired and mmd2_paired_difference (row blocks; each halving of the bandwidth a kernel squared twice, a
+    factor sqrt 2 squared once, any other ratio an exponential) against the mean of the whole matrix of terms
+    written out with scipy's distances, on 300 coupled pairs (more than one block), for bandwidth sets that use
+    each path, a repeated one included."""
+    from scipy.spatial.distance import cdist
+
+    g = torch.Generator().manual_seed(2)
+    y = torch.randn(300, 3, generator=g, dtype=F64)
+    x, x0 = 1.1 * y + 0.05 * torch.randn(y.shape, generator=g, dtype=F64), y + 0.2
+
+    def plain(a, b, hs):
+        def k(u, v):
+            return sum(np.exp(-cdist(u, v, "sqeuclidean") / (2 * h**2)) for h in hs)
+        a, b = a.numpy(), b.numpy()
+        terms = k(a, a) + k(b, b) - k(a, b) - k(b, a)
+        np.fill_diagonal(terms, 0.0)
+        return terms.sum() / (len(a) * (len(a) - 1))
+
+    for hs in ([0.0625, 0.125, 0.25, 0.5, 1.0, 2.0], [2.0, 2.0 / math.sqrt(2), 0.3, 0.3], [0.7]):
+        h = torch.tensor(hs, dtype=F64)
+        want = plain(x, y, hs)
+        assert mmd2_paired(x, y, h) == pytest.approx(want, rel=1e-9) and want > 0
+        assert mmd2_paired_difference(x, x0, y, h)[0] == pytest.approx(want - plain(x0, y, hs), rel=1e-9)
+
+
 def test_the_paired_difference_and_its_standard_error_match_monte_carlo():
     """mmd2_paired_difference over 300 repetitions of 200 jointly drawn triples (two samplers' outputs from the same
     draws, and the reference's): its value is mmd2_paired(x) - mmd2_paired(x0), and the spread of the values over
