@@ -462,6 +462,23 @@ def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
     assert won.fitted and won.check_error < won.check_start_error and not torch.equal(won.ts, start)
 
 
+def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_above(monkeypatch):
+    """The default n_probe by nfe (session 43): the prior draws asked for are n_probe + n_check (2048); a given
+    n_probe is kept."""
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+    asked = []
+
+    def drawn(self, shape, *a, **k):
+        asked.append(shape[0])
+        raise KeyboardInterrupt  # enough: the search stops at its first draw
+
+    monkeypatch.setattr(VP, "prior_sample", drawn)
+    for nfe, n_probe in ((5, None), (6, None), (10, None), (10, 64)):
+        with pytest.raises(KeyboardInterrupt):
+            auto_schedule(sde, gaussian_score(sde, m, C), (2,), method="unipc2", nfe=nfe, n_probe=n_probe)
+    assert asked == [512 + 2048, 2048 + 2048, 2048 + 2048, 64 + 2048]
+
+
 def test_bad_options_name_the_parameter():
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     score = gaussian_score(sde, m, C)
