@@ -40,7 +40,7 @@ the default's MMD^2 to the data, session 38.)
 Stages (1) and (2) see 512 probe draws at nfe <= 5 and 2048 above. At NFE 10 the schedules differ by about 1e-5
 in MMD^2, the noise of the objective on 512 draws, and the knots moved on them were a choice among ties: on two
 near-singular selection mixtures, 2048 draws brought the schedules of unipc2 and ipndm 3-8x nearer the data's law
-(at about 3.4x the evaluations). At NFE 5, where they differ by about 1e-4, 2048 gained on three of four of those
+(at 3.7x the evaluations). At NFE 5, where they differ by about 1e-4, 2048 gained on three of four of those
 cells and lost on one, 1.5x: kept at 512 (session 43).
 
 The kernels cannot see leftover noise in directions much thinner than sqrt(tr Cov): on a mixture of rank-3
@@ -168,7 +168,7 @@ def _pair_term_rows(x: Tensor, y: Tensor, bandwidths: Tensor) -> Iterator[Tensor
         rows = slice(start, start + _ROWS)
         terms = (_kernel(x[rows], x, bandwidths) + _kernel(y[rows], y, bandwidths)
                  - _kernel(x[rows], y, bandwidths) - _kernel(y[rows], x, bandwidths))
-        own = torch.arange(terms.shape[0])
+        own = torch.arange(terms.shape[0], device=terms.device)
         terms[own, start + own] = 0.0
         yield terms
 
@@ -217,21 +217,21 @@ def prior_shift(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor) -> Tensor:
 
 
 def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
-                  n_probe: int | None = None, n_check: int = 2048, reference_nfe: int = 101, max_iter: int | None = None,
-                  seed: int = 0, dtype: torch.dtype | None = None, device=None, progress: bool = False,
-                  **options) -> Schedule:
+                  n_probe: int | None = None, n_check: int = 2048, reference_nfe: int = 101,
+                  max_iter: int | None = None, seed: int = 0, dtype: torch.dtype | None = None, device=None,
+                  progress: bool = False, **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
     that minimises MMD^2 to the method's converged law (module docstring), from the model alone, with the shift of
     the prior draws (`prior_shift`) it is searched from; a stochastic method above AUTO_MAX_NFE gets the best grid
     family without the knot move.
 
     n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller): the search sees the
-    first n_probe (default 512 at nfe <= 5, 2048 above), the choice is checked on the other n_check. Where the converged run is not finite (a score
-    returning NaN/inf) it returns the default schedule (check inf). Costs at most about (n_probe + n_check)
-    (reference_nfe + 1) + (nfe + 1) (n_probe (137 + 2 max_iter) + 8 n_check) score evaluations (68 and 5 in place
-    of 137 and 8 where the options fix analytic_first; max_iter: Nelder-Mead iterations, default 30 (steps + 1), each
-    one or two evaluations of the objective), shown as a progress bar on stderr with `progress`; the model sees
-    batches of at most 1024 draws.
+    first n_probe (default 512 at nfe <= 5, 2048 above), the choice is checked on the other n_check. Where the
+    converged run is not finite (a score returning NaN/inf) it returns the default schedule (check inf). Costs at
+    most about (n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (137 + 2 max_iter) + 8 n_check) score
+    evaluations (68 and 5 in place of 137 and 8 where the options fix analytic_first; max_iter: Nelder-Mead
+    iterations, default 30 (steps + 1), each one or two evaluations of the objective), shown as a progress bar on
+    stderr with `progress`; the model sees batches of at most 1024 draws.
     """
 
     started = time.perf_counter()
