@@ -463,8 +463,8 @@ def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
 
 
 def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_above(monkeypatch):
-    """The default n_probe by nfe (session 43): the prior draws asked for are n_probe + n_check (2048); a given
-    n_probe is kept."""
+    """The default n_probe by nfe and n_check = 4 n_probe (session 43): the prior draws asked for are
+    n_probe + n_check; given ones are kept."""
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     asked = []
 
@@ -473,10 +473,11 @@ def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_above(monkeypatch)
         raise KeyboardInterrupt  # enough: the search stops at its first draw
 
     monkeypatch.setattr(VP, "prior_sample", drawn)
-    for nfe, n_probe in ((5, None), (6, None), (10, None), (10, 64)):
+    for nfe, n_probe, n_check in ((5, None, None), (6, None, None), (10, None, None), (10, 64, None), (10, 64, 8)):
         with pytest.raises(KeyboardInterrupt):
-            auto_schedule(sde, gaussian_score(sde, m, C), (2,), method="unipc2", nfe=nfe, n_probe=n_probe)
-    assert asked == [512 + 2048, 2048 + 2048, 2048 + 2048, 64 + 2048]
+            auto_schedule(sde, gaussian_score(sde, m, C), (2,), method="unipc2", nfe=nfe, n_probe=n_probe,
+                          n_check=n_check)
+    assert asked == [512 + 2048, 2048 + 8192, 2048 + 8192, 64 + 256, 64 + 8]
 
 
 def test_bad_options_name_the_parameter():

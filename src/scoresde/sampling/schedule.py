@@ -22,8 +22,9 @@ moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "l
 method's own default grid) to end noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise
 on (nfe - 1 steps) or off (nfe steps), and with the analytical first step (`common.first_score`: the prior's
 score at T, one step more for the same nfe) off or on unless the options fix it; (2) Nelder-Mead from the best
-of (1) over the log step lengths in lambda = log(alpha / sigma) and the end time; (3) a check on 2048 probe draws
-that no choice saw: the schedule returned is the best on that second set of the method's default,
+of (1) over the log step lengths in lambda = log(alpha / sigma) and the end time; (3) a check on probe draws
+that no choice saw, four times as many as the search's (the check runs up to 8 schedules, the search about 70 per
+first-step setting): the schedule returned is the best on that second set of the method's default,
 the three best of (1) with each analytical-first setting, and (2), where it beats the default there by more than
 twice the standard error of the paired difference (`mmd2_paired_difference`), else the default. (The winner of (1)
 and the end of (2) are both selected on the fit draws, so the selection flatters their fine-scale statistic
@@ -37,11 +38,14 @@ Without the margin, ipndm's moved knots at NFE 10 won a check of 512 draws on tw
 check draws, unipc2's moved knots on a 32-D one were kept out at -1.8 standard errors while they had a third of
 the default's MMD^2 to the data, session 38.)
 
-Stages (1) and (2) see 512 probe draws at nfe <= 5 and 2048 above. At NFE 10 the schedules differ by about 1e-5
-in MMD^2, the noise of the objective on 512 draws, and the knots moved on them were a choice among ties: on two
-near-singular selection mixtures, 2048 draws brought the schedules of unipc2 and ipndm 3-8x nearer the data's law
-(at 3.7x the evaluations). At NFE 5, where they differ by about 1e-4, 2048 gained on three of four of those
-cells and lost on one, 1.5x: kept at 512 (session 43).
+Stages (1) and (2) see 512 probe draws at nfe <= 5 and 2048 above (the check 2048 and 8192). At NFE 10 the
+schedules differ by about 1e-5 in MMD^2, the noise of the objective on 512 draws, and the knots moved on them were a
+choice among ties: on two near-singular selection mixtures, 2048 draws brought the schedules of unipc2 and ipndm
+3-8x nearer the data's law (at 3.7x the evaluations). At NFE 5, where they differ by about 1e-4, 2048 gained on
+three of four of those cells and lost on one, 1.5x: kept at 512 (search 9). With 2048 check draws, ipndm's moved
+knots at NFE 10 gained 3.8e-6 on the default at a standard error of 6.2e-6 on a fresh near-singular mixture and the
+default was kept, 3.2x farther from the data's law than the knots; on 8192 the gain was 2.9 standard errors and
+the knots were kept (search 10, session 43).
 
 The kernels cannot see leftover noise in directions much thinner than sqrt(tr Cov): on a mixture of rank-3
 components plus 1e-4 I (thin sd 0.01) the MMD-best schedule stopped at noise-to-signal 0.03-0.2 without the final
@@ -92,7 +96,7 @@ __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "c
            "log_score_level", "mmd2_paired", "mmd2_paired_difference", "prior_shift", "search_options", "AUTO_MAX_NFE",
            "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
 
-SEARCH = 9  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
+SEARCH = 10  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
@@ -217,7 +221,7 @@ def prior_shift(sde: LinearSDE, score_fn: ScoreFn, x_T: Tensor) -> Tensor:
 
 
 def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
-                  n_probe: int | None = None, n_check: int = 2048, reference_nfe: int = 101,
+                  n_probe: int | None = None, n_check: int | None = None, reference_nfe: int = 101,
                   max_iter: int | None = None, seed: int = 0, dtype: torch.dtype | None = None, device=None,
                   progress: bool = False, **options) -> Schedule:
     """The schedule (grid, end time, denoise) of `sample(sde, score_fn, method=method, nfe=nfe, **options)`
@@ -226,7 +230,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     family without the knot move.
 
     n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller): the search sees the
-    first n_probe (default 512 at nfe <= 5, 2048 above), the choice is checked on the other n_check. Where the
+    first n_probe (default 512 at nfe <= 5, 2048 above), the choice is checked on the other n_check (default 4
+    n_probe). Where the
     converged run is not finite (a score returning NaN/inf) it returns the default schedule (check inf). Costs at
     most about (n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (137 + 2 max_iter) + 8 n_check) score
     evaluations (68 and 5 in place of 137 and 8 where the options fix analytic_first; max_iter: Nelder-Mead
@@ -253,6 +258,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     integer("nfe", nfe, 2)
     n_probe = (512 if nfe <= _FEW_STEPS else 2048) if n_probe is None else n_probe
     integer("n_probe", n_probe, 4)
+    n_check = 4 * n_probe if n_check is None else n_check
     integer("n_check", n_check, 4)
     integer("reference_nfe", reference_nfe, nfe + 1)
     sample_shape = tuple(int(k) for k in sample_shape)
