@@ -42,9 +42,8 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
     the run folder: a second call (also from a freshly loaded run) reads it (the same grid and prior mean, no new
     search, the same samples through sample_run(**options)); new weights drop it and search again; sample_run
-    without options samples
-    on it, with schedule="default" on the fixed grid; where it does not apply it is refused, naming why; a
-    schedule stored by another version of the search is searched again."""
+    without options samples on it, with schedule="default" on the fixed grid; where it does not apply it is
+    refused, naming why; a schedule stored by another version of the search is searched again."""
     from scoresde.running import runs
 
     run_dir = tmp_path / "copy"
