@@ -129,26 +129,58 @@ def test_prior_mean_moves_the_starting_points_and_is_refused_when_bad():
         auto_schedule(sde, score, (2,), method="ipndm", nfe=6, prior_mean=v)
 
 
-def test_the_check_runs_the_default_three_grids_of_each_first_step_setting_and_the_moved_knots(monkeypatch):
-    """Stage (3) runs 8 schedules on the check draws: the default, the three best grids of stage (1) with the first
-    step off and with it on, and the moved knots (the cost formula's 8 n_check (nfe + 1)); 5 where the caller fixes
-    analytic_first."""
+def test_the_check_runs_the_default_three_grids_of_each_first_step_setting_and_each_knot_move(monkeypatch):
+    """Stage (3) runs 8 schedules on the check draws at nfe 5: the default, the three best grids of stage (1) with
+    the first step off and with it on, and the moved knots (the cost formula's n_check (1 + 1 + 6) (nfe + 1)); 5
+    where the caller fixes analytic_first. Above nfe 5 the knots move twice, so 9 and 6."""
     from scoresde.sampling import schedule
 
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     score, real, checked = gaussian_score(sde, m, C), schedule.sample_on_grid, []
 
     def recording(*args, nfe, x_T, **kwargs):
-        if len(x_T) == 48 and nfe == 5:  # the check draws (48), not the fit draws (32) or the reference run
+        if len(x_T) == 48 and nfe < 21:  # the check draws (48), not the fit draws (32) or the reference run
             checked.append((tuple(kwargs.get("ts", torch.zeros(0)).tolist()), kwargs.get("analytic_first")))
         return real(*args, nfe=nfe, x_T=x_T, **kwargs)
 
     monkeypatch.setattr(schedule, "sample_on_grid", recording)
-    for options, runs in (({}, 8), ({"analytic_first": False}, 5)):
+    for nfe, options, runs in ((5, {}, 8), (5, {"analytic_first": False}, 5), (6, {}, 9),
+                               (6, {"analytic_first": False}, 6)):
         checked.clear()
-        auto_schedule(sde, score, (2,), method="unipc2", nfe=5, n_probe=32, n_check=48, reference_nfe=21, max_iter=3,
-                      dtype=F64, **options)
+        auto_schedule(sde, score, (2,), method="unipc2", nfe=nfe, n_probe=32, n_check=48, reference_nfe=21,
+                      max_iter=3, dtype=F64, **options)
         assert len(checked) == len(set(checked)) == runs, checked
+
+
+def test_above_nfe_5_the_knots_move_twice_on_disjoint_draws_apart_from_the_check(monkeypatch):
+    """At nfe 6 the two knot moves start from the same grid and each runs its sampler on its own 32 prior draws,
+    disjoint from each other and from the 48 check draws; before them the default ran on all 112."""
+    from scoresde.sampling import schedule
+
+    sde, (m, C) = VP(), random_gaussian(2, seed=0)
+    score, real_sample, real_move = gaussian_score(sde, m, C), schedule.sample_on_grid, schedule._move_knots
+    seen, starts, stage = {}, [], ["family"]
+
+    def recording(*args, nfe, x_T, **kwargs):
+        if nfe == 6:
+            seen.setdefault(stage[0], set()).update(map(tuple, x_T.tolist()))
+        return real_sample(*args, nfe=nfe, x_T=x_T, **kwargs)
+
+    def move(sde, start, objective, *args):
+        stage[0] = f"move {len(starts)}"
+        starts.append(start)
+        out = real_move(sde, start, objective, *args)
+        stage[0] = "check"
+        return out
+
+    monkeypatch.setattr(schedule, "sample_on_grid", recording)
+    monkeypatch.setattr(schedule, "_move_knots", move)
+    auto_schedule(sde, score, (2,), method="unipc2", nfe=6, n_probe=32, n_check=48, reference_nfe=21, max_iter=3,
+                  dtype=F64)
+    assert len(starts) == 2 and torch.equal(*starts)
+    assert [len(seen[k]) for k in ("move 0", "move 1", "check")] == [32, 32, 48]
+    assert not seen["move 0"] & seen["move 1"] and not (seen["move 0"] | seen["move 1"]) & seen["check"]
+    assert seen["family"] == seen["move 0"] | seen["move 1"] | seen["check"]
 
 
 def test_an_analytic_first_step_the_caller_fixes_is_kept_and_runs_with_the_schedule():
@@ -462,9 +494,10 @@ def test_fit_grid_falls_back_when_the_fitted_grid_loses_on_the_check_draws():
     assert won.fitted and won.check_error < won.check_start_error and not torch.equal(won.ts, start)
 
 
-def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_above(monkeypatch):
+def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_twice_above(monkeypatch):
     """The default n_probe by nfe and n_check = 4 n_probe (session 43): the prior draws asked for are
-    n_probe + n_check; given ones are kept."""
+    n_probe + n_check, above nfe 5 2 n_probe + n_check (a knot move on each n_probe, session 44); given ones are
+    kept."""
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     asked = []
 
@@ -480,7 +513,7 @@ def test_the_search_sees_512_probe_draws_up_to_nfe_5_and_2048_above(monkeypatch)
         with pytest.raises(Drawn):
             auto_schedule(sde, gaussian_score(sde, m, C), (2,), method="unipc2", nfe=nfe, n_probe=n_probe,
                           n_check=n_check)
-    assert asked == [512 + 2048, 2048 + 8192, 2048 + 8192, 64 + 256, 64 + 8]
+    assert asked == [512 + 2048, 2 * 2048 + 8192, 2 * 2048 + 8192, 2 * 64 + 256, 2 * 64 + 8]
 
 
 def test_bad_options_name_the_parameter():
