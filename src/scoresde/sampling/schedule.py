@@ -49,7 +49,7 @@ default was kept, 3.2x farther from the data's law than the knots; on 8192 the g
 the knots were kept (search 10, session 43).
 
 Where Nelder-Mead ends is itself a draw: at NFE 10 many grids fit the probe draws within their noise, and unipc2's
-knots on a near-singular 16-D mixture ended 1.6e-5 and 6.5e-6 from the data's law (20000 samples) from two probe
+knots on a near-singular 16-D mixture ended 1.6e-5 and 6.5e-6 from the data's law (3 x 4000 samples) from two probe
 seeds, at fit values of 5.7e-6 and -3.7e-7. Their check values, 1.49e-5 and 4.5e-6, ranked them as the data did, so
 above nfe 5 the knots move a second time, from the same grid of (1) on draws of its own, and the check chooses
 between the two ends (search 11, session 44; nfe <= 5 keeps one move, with which its schedules met the goal on
