@@ -417,7 +417,8 @@ REPORTING = ([f"d{d}s{k}" for d in (2, 8, 16, 32) for k in (100, 101, 102)] + ["
              + ["d8s1300", "sing16s1301", "sing16s1302", "sing32s1303", "sing8s1304"]  # for search 8 (session 42)
              + ["d8s1400", "sing16s1401", "sing16s1402", "sing32s1403", "sing8s1404"]  # for search 9 (session 43)
              + ["d8s1500", "sing16s1501", "sing16s1502", "sing32s1503", "sing8s1504"]  # and search 10
-             + ["d8s1600", "sing16s1601", "sing16s1602", "sing32s1603", "sing8s1604"])  # for search 11 (session 44)
+             + ["d8s1600", "sing16s1601", "sing16s1602", "sing32s1603", "sing8s1604"]  # for search 11 (session 44)
+             + ["d8s1700", "sing16s1701", "sing16s1702", "sing32s1703", "sing8s1704"])  # for search 12 (session 45)
 # per-target best (an oracle: chosen on the target it reports on): the automatic schedule, the untuned default
 # and these unipc variants
 ORACLE = {f"{m}@{g}" + (f",t_end={te:g}" if te else ""): (m, {**o, **({"t_end": te} if te else {})})
@@ -455,7 +456,7 @@ AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the a
 # (both session 37), 6 keeps the default unless the check's gain is beyond 2 standard errors, on a check set of 2048
 # draws (session 39; 5, the margin on 512, was reverted: its rows are in results/samplers/search5/), 7 the reference
 # from the prior's corrected mean (session 40), 8 the samples too (session 42), 9 2048 probe draws above NFE 5, 10
-# and 8192 check draws (both session 43), 11 two knot moves above NFE 5 (session 44). A report keeps,
+# and 8192 check draws (both session 43), 11 two knot moves above NFE 5 (session 44), 12 both at every NFE (session 45). A report keeps,
 # per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is the library's SEARCH
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 # ipndm at 101 evaluations on its fixed grid from the cell's x_T: the draw's own level, which no sampler run from that

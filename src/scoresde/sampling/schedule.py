@@ -22,8 +22,8 @@ moves its knots: (1) every grid family of `time_grid` ("poly" powers 2 and 3, "l
 method's own default grid) to end noise-to-signal ratios sigma / alpha in [0.01, 0.5], with the final denoise
 on (nfe - 1 steps) or off (nfe steps), and with the analytical first step (`common.first_score`: the prior's
 score at T, one step more for the same nfe) off or on unless the options fix it; (2) Nelder-Mead from the best
-of (1) over the log step lengths in lambda = log(alpha / sigma) and the end time, above nfe 5 twice, each time on
-probe draws of its own; (3) a check on probe draws that no choice saw, four times as many as one stage's (the check
+of (1) over the log step lengths in lambda = log(alpha / sigma) and the end time, twice, each time on probe
+draws of its own; (3) a check on probe draws that no choice saw, four times as many as one stage's (the check
 runs up to 9 schedules, the search about 70 per first-step setting): the schedule returned is the best on that
 set of the method's default, the three best of (1) with each analytical-first setting, and each end of (2), where it
 beats the default there by more than
@@ -39,21 +39,21 @@ Without the margin, ipndm's moved knots at NFE 10 won a check of 512 draws on tw
 check draws, unipc2's moved knots on a 32-D one were kept out at -1.8 standard errors while they had a third of
 the default's MMD^2 to the data, session 38.)
 
-Stages (1) and (2) see 512 probe draws at nfe <= 5 and 2048 above (the check 2048 and 8192). At NFE 10 the
-schedules differ by about 1e-5 in MMD^2, the noise of the objective on 512 draws, and the knots moved on them were a
-choice among ties: on two near-singular selection mixtures, 2048 draws brought the schedules of unipc2 and ipndm
-3-8x nearer the data's law (at 3.7x the evaluations). At NFE 5, where they differ by about 1e-4, 2048 gained on
-three of four of those cells and lost on one, 1.5x: kept at 512 (search 9). With 2048 check draws, ipndm's moved
-knots at NFE 10 gained 3.8e-6 on the default at a standard error of 6.2e-6 on a fresh near-singular mixture and the
-default was kept, 3.2x farther from the data's law than the knots; on 8192 the gain was 2.9 standard errors and
-the knots were kept (search 10, session 43).
+Stages (1) and (2) see 2048 probe draws (the check 8192). At NFE 10 the schedules differ by about 1e-5 in MMD^2,
+the noise of the objective on 512 draws, and the knots moved on them were a choice among ties: on two near-singular
+selection mixtures, 2048 draws brought the schedules of unipc2 and ipndm 3-8x nearer the data's law (at 3.7x the
+evaluations; search 9, session 43). With 2048 check draws, ipndm's moved knots at NFE 10 gained 3.8e-6 on the
+default at a standard error of 6.2e-6 on a fresh near-singular mixture and the default was kept, 3.2x farther from
+the data's law than the knots; on 8192 the gain was 2.9 standard errors and the knots were kept (search 10).
 
 Where Nelder-Mead ends is itself a draw: at NFE 10 many grids fit the probe draws within their noise, and unipc2's
 knots on a near-singular 16-D mixture ended 1.6e-5 and 6.5e-6 from the data's law (3 x 4000 samples) from two probe
 seeds, at fit values of 5.7e-6 and -3.7e-7. Their check values, 1.49e-5 and 4.5e-6, ranked them as the data did, so
-above nfe 5 the knots move a second time, from the same grid of (1) on draws of its own, and the check chooses
-between the two ends (search 11, session 44; nfe <= 5 keeps one move, with which its schedules met the goal on
-every reported target).
+the knots move a second time, from the same grid of (1) on draws of its own, and the check chooses between the two
+ends (search 11, session 44). NFE 5 kept 512 draws and one move until unipc2's schedule drew 0.83x the closest
+diffusers configuration's MMD^2 on a fresh 32-D near-singular mixture, where 2048 draws reach 0.50x; with two moves on
+2048 draws each, the largest ratio to the closest peer on the selection mixtures fell from 0.22x to 0.17x, at 6.4x
+the evaluations (search 12, session 45).
 
 The kernels cannot see leftover noise in directions much thinner than sqrt(tr Cov): on a mixture of rank-3
 components plus 1e-4 I (thin sd 0.01) the MMD-best schedule stopped at noise-to-signal 0.03-0.2 without the final
@@ -104,7 +104,7 @@ __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "c
            "log_score_level", "mmd2_paired", "mmd2_paired_difference", "prior_shift", "search_options", "AUTO_MAX_NFE",
            "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
 
-SEARCH = 11  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
+SEARCH = 12  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
 AUTO_STOCHASTIC_MAX_NFE = 20  # and a stochastic one up to this, without the knot move
 _FAMILIES = (("poly", 2.0), ("poly", 3.0), ("logsnr", 2.0), ("edm", 2.0))
@@ -114,8 +114,7 @@ _BANDWIDTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)  # set on the selection targe
 _FINE_SLACK = math.log(3.0)  # the rise of the fine-scale statistic always allowed; set on the selection targets
 _MARGIN = 2.0  # stage (3) leaves the default for a gain beyond this many standard errors (a 2.3 % one-sided test)
 _RUNNERS = 3  # grids of stage (1) per analytical-first setting that stage (3) checks
-_FEW_STEPS = 5  # the search sees 512 probe draws at nfe <= this and 2048 above (`auto_schedule`, module docstring)
-_MOVES = 2  # knot moves above _FEW_STEPS, each on its own n_probe draws (module docstring)
+_MOVES = 2  # knot moves, each on its own n_probe draws (module docstring)
 _BATCH = 1024  # draws per sampler run of the search (the model's batch)
 _ROWS = 128  # rows per block of the MMD's kernel matrices
 _TRIM = 100  # the fine-scale statistic leaves out the largest 1 / _TRIM of the squared scores (module docstring)
@@ -239,8 +238,8 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     family without the knot move.
 
     m n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller), m the knot moves
-    (1 at nfe <= 5, 2 above): stage (1) and the first move see the first n_probe (default 512 at nfe <= 5, 2048
-    above), the second move the next n_probe, the choice is checked on the other n_check (default 4 n_probe). Where
+    (2; 1 draw set and no move for a stochastic method above AUTO_MAX_NFE): stage (1) and the first move see the first n_probe
+    (default 2048), the second move the next n_probe, the choice is checked on the other n_check (default 4 n_probe). Where
     the converged run is not finite (a score returning NaN/inf) it returns the default schedule (check inf). Costs at
     most about (m n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (136 + m (1 + 2 max_iter))
     + (7 + m) n_check) score evaluations (68 and 4 in place of 136 and 7 where the options fix analytic_first;
@@ -265,11 +264,11 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     given = options.pop("analytic_first", None)  # fixed by the caller, else searched
     afs_choices = (False, True) if given is None else (given,)
     integer("nfe", nfe, 2)
-    n_probe = (512 if nfe <= _FEW_STEPS else 2048) if n_probe is None else n_probe
+    n_probe = 2048 if n_probe is None else n_probe
     integer("n_probe", n_probe, 4)
     n_check = 4 * n_probe if n_check is None else n_check
     integer("n_check", n_check, 4)
-    fits = [f"fit{i}" for i in range(_MOVES if move_knots and nfe > _FEW_STEPS else 1)]
+    fits = [f"fit{i}" for i in range(_MOVES if move_knots else 1)]
     integer("reference_nfe", reference_nfe, nfe + 1)
     sample_shape = tuple(int(k) for k in sample_shape)
     dtype = dtype or torch.get_default_dtype()
