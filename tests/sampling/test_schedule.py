@@ -89,7 +89,8 @@ def test_the_search_and_the_schedule_start_from_the_shifted_prior_and_so_meet_th
     starts, real = [], schedule.sample_on_grid
 
     def recording(*args, nfe, x_T, **kwargs):
-        starts.append((nfe, x_T))
+        if len(x_T) > 1:  # not the check of the options on one point
+            starts.append((nfe, x_T))
         return real(*args, nfe=nfe, x_T=x_T, **kwargs)
 
     monkeypatch.setattr(schedule, "sample_on_grid", recording)
@@ -164,7 +165,7 @@ def test_the_knots_move_twice_on_disjoint_draws_apart_from_the_check(monkeypatch
     seen, starts, stage = {}, [], ["family"]
 
     def recording(*args, nfe, x_T, **kwargs):
-        if nfe == 5:
+        if nfe == 5 and len(x_T) > 1:  # not the check of the options on one point
             seen.setdefault(stage[0], set()).update(map(tuple, x_T.tolist()))
         return real_sample(*args, nfe=nfe, x_T=x_T, **kwargs)
 
@@ -520,18 +521,30 @@ def test_the_search_sees_2048_probe_draws_twice_and_8192_check_draws(monkeypatch
     assert asked == [2 * 2048 + 8192, 2 * 2048 + 8192, 2048 + 8192, 2 * 64 + 256, 2 * 64 + 8]
 
 
-def test_bad_options_name_the_parameter():
+def test_bad_options_name_the_parameter_before_the_search_draws_its_probes(monkeypatch):
+    """Each bad option is refused naming it, the method's own ones (sa3's tau, an option unipc2 does not take, a
+    score of the wrong shape) by one run of the method before the search draws its first probe point."""
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     score = gaussian_score(sde, m, C)
+
+    def drawn(*a, **k):
+        raise AssertionError("the search started on a bad option")
+
+    monkeypatch.setattr(VP, "prior_sample", drawn)
     for kw, match in [({"method": "em"}, "method must be a deterministic"), ({"method": "nope"}, "method must be"),
                       ({"n_probe": 2}, "n_probe must be an integer >= 4"), ({"n_check": 3}, "n_check must be an integer >= 4"),
                       ({"nfe": 1}, "nfe must be an integer >= 2"),
                       ({"reference_nfe": 5}, "reference_nfe must be an integer >= 6"),
-                      ({"t_end": 0.1}, "do not pass t_end"), ({"denoise": False}, "do not pass denoise")]:
+                      ({"t_end": 0.1}, "do not pass t_end"), ({"denoise": False}, "do not pass denoise"),
+                      ({"method": "sa3", "tau": -0.5}, "tau must be"), ({"eta": 1.0}, "takes no option 'eta'"),
+                      ({"method": "sa3", "tau_band": (1.0, 0.5)}, "tau_band")]:
         with pytest.raises(InvalidValueError, match=match):
             auto_schedule(sde, score, (2,), **{"method": "unipc2", "nfe": 5, **kw})
+    with pytest.raises(InvalidValueError, match="shape"):
+        auto_schedule(sde, lambda x, t: score(x, t)[:, :1], (2,), method="unipc2", nfe=5)
     with pytest.raises(InvalidValueError, match="linear SDE"):
         auto_schedule(Langevin(potential=lambda x: 0.5 * x.pow(2).sum(1)), score, (2,), method="unipc2", nfe=5)
+    monkeypatch.undo()
     probe = sde.prior_sample((8, 2), torch.Generator().manual_seed(0), F64)
     with pytest.raises(InvalidValueError, match="x_check must be a batch"):
         fit_grid(sde, score, probe, x_check=probe[:, :1], method="unipc2", nfe=5)

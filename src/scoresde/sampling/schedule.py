@@ -244,7 +244,9 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     most about (m n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (136 + m (1 + 2 max_iter))
     + (7 + m) n_check) score evaluations (68 and 4 in place of 136 and 7 where the options fix analytic_first;
     max_iter: Nelder-Mead iterations, default 30 (steps + 1), each one or two evaluations of the objective), shown
-    as a progress bar on stderr with `progress`; the model sees batches of at most 1024 draws.
+    as a progress bar on stderr with `progress`; the model sees batches of at most 1024 draws. The method first runs
+    once on one point with the caller's options (nfe evaluations), so that a bad option is refused, naming it, before
+    the search is paid.
     """
 
     started = time.perf_counter()
@@ -259,19 +261,23 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     for name in GRID_OPTIONS:
         if name in options:
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
-    move_knots = not (spec.stochastic(options) and nfe > AUTO_MAX_NFE)
-    options = search_options(method, options)
-    given = options.pop("analytic_first", None)  # fixed by the caller, else searched
-    afs_choices = (False, True) if given is None else (given,)
     integer("nfe", nfe, 2)
     n_probe = 2048 if n_probe is None else n_probe
     integer("n_probe", n_probe, 4)
     n_check = 4 * n_probe if n_check is None else n_check
     integer("n_check", n_check, 4)
-    fits = [f"fit{i}" for i in range(_MOVES if move_knots else 1)]
     integer("reference_nfe", reference_nfe, nfe + 1)
     sample_shape = tuple(int(k) for k in sample_shape)
     dtype = dtype or torch.get_default_dtype()
+    # the method's own checks of the caller's options (and of the score's shape), on one point, before the search
+    sample_on_grid(sde, score_fn, None, method=method, nfe=nfe, x_T=torch.zeros((1,) + sample_shape, dtype=dtype,
+                   device=device), generator=torch.Generator(device or "cpu").manual_seed(seed), check_finite=False,
+                   **options)
+    move_knots = not (spec.stochastic(options) and nfe > AUTO_MAX_NFE)
+    options = search_options(method, options)
+    given = options.pop("analytic_first", None)  # fixed by the caller, else searched
+    afs_choices = (False, True) if given is None else (given,)
+    fits = [f"fit{i}" for i in range(_MOVES if move_knots else 1)]
     probe = sde.prior_sample((len(fits) * n_probe + n_check,) + sample_shape, torch.Generator().manual_seed(seed),
                              dtype)
     probe = probe.to(device)
@@ -286,7 +292,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
                unit="eval", unit_scale=True,
                desc=f"automatic schedule of {method} at nfe {nfe} (schedule='default' skips it)", leave=False,
                mininterval=2, dynamic_ncols=True, disable=not progress)
-    spent = 0
+    spent = nfe  # the check of the options above
 
     def run(x_T: Tensor, budget: int, **kw) -> Tensor:
         nonlocal spent
