@@ -886,12 +886,14 @@ def add_arguments(ap) -> None:
 
 def run_tag(args, seed: int | None = None) -> str:
     """The name of a run's log, and with `seed` of its output files (one per seed); more targets or configurations
-    than fit in a file name are named by the first, their count and a hash of all (`_short`)."""
+    than fit in a file name are named by the first, their count and a hash of all (`_short`); NFEs other than the
+    default are named, so that a run at fewer NFEs does not overwrite the rows of one at more."""
     if args.part != "main":
         seeds = [seed] if seed is not None else args.heldout_seed
         targets = _short(args.targets or [])
         return (args.part + ("-" + targets if targets else "")
                 + (f"-n{args.n_heldout}" if args.n_heldout != N_HELDOUT else "")
+                + ("-nfe" + "-".join(map(str, args.nfes)) if list(args.nfes) != list(NFES) else "")
                 + ("-seed" + "-".join(map(str, seeds)) if seeds != [1] else "")
                 + ("-only-" + _short([c.split("/")[-1] for c in args.configs]) if args.configs else ""))
     return "" if args.stage == "all" else args.stage + ("-" + args.device if args.device != "cpu" else "")

@@ -891,20 +891,22 @@ def test_samplers_floor_check_repeats_the_heldout_cells_and_marks_what_is_above_
 def test_samplers_run_tag_fits_a_file_name_for_many_targets_and_configurations():
     """Thirty targets, or every peer configuration, give a tag that, with the log's suffixes, fits the 255 bytes of a
     file name, and two lists of the same first target and length (the rest reordered) give two tags; a short list is
-    named in full."""
+    named in full; NFEs other than the default are named (a run at NFE 10 alone overwrote one at NFE 5 and 10)."""
     import argparse
 
     from benchmarks import samplers
 
-    def tag(targets, n=samplers.N_HELDOUT):
+    def tag(targets, n=samplers.N_HELDOUT, nfes=samplers.NFES):
         return samplers.run_tag(argparse.Namespace(part="heldout", targets=targets, heldout_seed=[1, 2, 3], n_heldout=n,
-                                                   configs=["scoresde/auto", "scoresde/auto-ipndm"]))
+                                                   nfes=list(nfes), configs=["scoresde/auto", "scoresde/auto-ipndm"]))
 
     many = samplers.REPORTING[:30]
     assert len(f"run-{tag(many)}.log.4194304.partial") < 255 and tag(many) != tag(many[:1] + many[:0:-1])
     assert tag(["d2s100", "unequal"]) == "heldout-d2s100-unequal-seed1-2-3-only-auto-auto-ipndm"
     assert tag(["d2s100"], 20000) == "heldout-d2s100-n20000-seed1-2-3-only-auto-auto-ipndm"  # apart from n = 4000
+    assert tag(["d2s100"], nfes=[5, 10]) == "heldout-d2s100-nfe5-10-seed1-2-3-only-auto-auto-ipndm"
+    assert tag(["d2s100"], nfes=[10]) == "heldout-d2s100-nfe10-seed1-2-3-only-auto-auto-ipndm"
     configs = ["scoresde/auto"] + [f"diffusers/{k}" for k in samplers.peers()]
     long = samplers.run_tag(argparse.Namespace(part="heldout", targets=many, heldout_seed=[1, 2, 3],
-                                               n_heldout=samplers.N_HELDOUT, configs=configs))
+                                               n_heldout=samplers.N_HELDOUT, nfes=list(samplers.NFES), configs=configs))
     assert len(f"run-{long}.log.4194304.partial") < 255 and f"-only-auto-and-{len(configs) - 1}-more-" in long
