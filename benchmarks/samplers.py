@@ -455,9 +455,9 @@ AUTO_ROWS = {"scoresde/auto": "unipc2", "scoresde/auto-ipndm": "ipndm"}  # the a
 # first step (session 36); 3 checks the best grid family of each first-step setting, 4 trims the fine-scale statistic
 # (both session 37), 6 keeps the default unless the check's gain is beyond 2 standard errors, on a check set of 2048
 # draws (session 39; 5, the margin on 512, was reverted: its rows are in results/samplers/search5/), 7 the reference
-# from the prior's corrected mean (session 40), 8 the samples too (session 42), 9 2048 probe draws above NFE 5, 10
-# and 8192 check draws (both session 43), 11 two knot moves above NFE 5 (session 44), 12 both at every NFE (session 45). A report keeps,
-# per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is the library's SEARCH
+# from the prior's corrected mean (session 40), 8 the samples too (session 42), 9 2048 probe draws above NFE 5, 10 and
+# 8192 check draws (both session 43), 11 two knot moves above NFE 5 (session 44), 12 both at every NFE (session 45).
+# A report keeps, per cell and x_T seed, the rows of the latest search only (`pool_seeds`). The number is SEARCH
 FIXED_ROWS = {"scoresde/auto": "scoresde/default", "scoresde/auto-ipndm": "scoresde/ipndm"}  # its fixed grid
 # ipndm at 101 evaluations on its fixed grid from the cell's x_T: the draw's own level, which no sampler run from that
 # x_T leaves (at 301 evaluations within 5e-10 of it in mmd2_paired, session 41). Not a candidate

@@ -237,16 +237,16 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
     the prior draws (`prior_shift`) it is searched from; a stochastic method above AUTO_MAX_NFE gets the best grid
     family without the knot move.
 
-    m n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller), m the knot moves
-    (2; 1 draw set and no move for a stochastic method above AUTO_MAX_NFE): stage (1) and the first move see the first n_probe
-    (default 2048), the second move the next n_probe, the choice is checked on the other n_check (default 4 n_probe). Where
-    the converged run is not finite (a score returning NaN/inf) it returns the default schedule (check inf). Costs at
-    most about (m n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (136 + m (1 + 2 max_iter))
-    + (7 + m) n_check) score evaluations (68 and 4 in place of 136 and 7 where the options fix analytic_first;
-    max_iter: Nelder-Mead iterations, default 30 (steps + 1), each one or two evaluations of the objective), shown
-    as a progress bar on stderr with `progress`; the model sees batches of at most 1024 draws. The method first runs
-    once on one point with the caller's options (nfe evaluations), so that a bad option is refused, naming it, before
-    the search is paid.
+    m n_probe + n_check prior draws (seeded by `seed`, apart from any generator of the caller), m the knot moves (2;
+    1 draw set and no move for a stochastic method above AUTO_MAX_NFE): stage (1) and the first move see the first
+    n_probe (default 2048), the second move the next n_probe, the choice is checked on the other n_check (default 4
+    n_probe). Where the converged run is not finite (a score returning NaN/inf) it returns the default schedule
+    (check inf). Costs at most about (m n_probe + n_check) (reference_nfe + 1) + (nfe + 1) (n_probe (136 + m (1 + 2
+    max_iter)) + (7 + m) n_check) score evaluations (68 and 4 in place of 136 and 7 where the options fix
+    analytic_first; max_iter: Nelder-Mead iterations, default 30 (steps + 1), each one or two evaluations of the
+    objective), shown as a progress bar on stderr with `progress`; the model sees batches of at most 1024 draws. The
+    method first runs once on one point with the caller's options (nfe evaluations), so that a bad option is
+    refused, naming it, before the search is paid.
     """
 
     started = time.perf_counter()
