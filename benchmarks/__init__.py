@@ -19,6 +19,7 @@ BENCHMARKS = {
     "twin-swap": "twin_swap",
     "seed-spread": "seed_spread",
     "samplers": "samplers",
+    "search-size": "search_size",
     "bounds": "bounds_studies",
     "consistency": "consistency",
     "alignment": "alignment",

@@ -102,7 +102,7 @@ from .methods import GRID_OPTIONS, METHODS, default_denoise, sample_on_grid, ste
 
 __all__ = ["Schedule", "auto_schedule", "auto_by_default", "cached_schedule", "check_auto", "clear_schedule_cache",
            "log_score_level", "mmd2_paired", "mmd2_paired_difference", "prior_shift", "search_options", "AUTO_MAX_NFE",
-           "AUTO_STOCHASTIC_MAX_NFE", "SEARCH"]
+           "AUTO_STOCHASTIC_MAX_NFE", "N_PROBE", "SEARCH"]
 
 SEARCH = 12  # the search's version (benchmarks/RESULTS.md, "search N"): a schedule stored by another is searched again
 AUTO_MAX_NFE = 10  # the automatic schedule applies at nfe <= this (methods with Method.auto; `check_auto`)
@@ -114,6 +114,7 @@ _BANDWIDTHS = (0.0625, 0.125, 0.25, 0.5, 1.0, 2.0)  # set on the selection targe
 _FINE_SLACK = math.log(3.0)  # the rise of the fine-scale statistic always allowed; set on the selection targets
 _MARGIN = 2.0  # stage (3) leaves the default for a gain beyond this many standard errors (a 2.3 % one-sided test)
 _RUNNERS = 3  # grids of stage (1) per analytical-first setting that stage (3) checks
+N_PROBE = 2048  # probe draws per stage of the search (auto_schedule's n_probe; the check 4 times as many)
 _MOVES = 2  # knot moves, each on its own n_probe draws (module docstring)
 _BATCH = 1024  # draws per sampler run of the search (the model's batch)
 _ROWS = 128  # rows per block of the MMD's kernel matrices
@@ -262,7 +263,7 @@ def auto_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ..
         if name in options:
             raise InvalidValueError(f"auto_schedule chooses the grid, end time and denoise itself: do not pass {name}")
     integer("nfe", nfe, 2)
-    n_probe = 2048 if n_probe is None else n_probe
+    n_probe = N_PROBE if n_probe is None else n_probe
     integer("n_probe", n_probe, 4)
     n_check = 4 * n_probe if n_check is None else n_check
     integer("n_check", n_check, 4)
