@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded generator, a tiny config factory and a tiny trained run."""
+"""Shared fixtures: a seeded generator, a tiny config factory, a tiny trained run and a small schedule search."""
 import pytest
 import torch
 
@@ -36,3 +36,19 @@ def tiny_run(tmp_path_factory):
     Trainer(cfg).run()
     write_report(load_run(cfg.run_dir))
     return cfg.run_dir
+
+
+@pytest.fixture
+def small_search(monkeypatch):
+    """runs.auto_schedule as a small search, for speed (64 probe draws where none are asked for, 64 check draws,
+    a 31-step reference, 10 Nelder-Mead iterations); returns the keyword arguments of each search, as called."""
+    from scoresde.running import runs
+
+    real, searches = runs.auto_schedule, []
+
+    def search(*args, n_probe=None, **kw):
+        searches.append({**kw, "n_probe": n_probe})
+        return real(*args, n_probe=n_probe or 64, n_check=64, reference_nfe=31, max_iter=10, **kw)
+
+    monkeypatch.setattr(runs, "auto_schedule", search)
+    return searches

@@ -64,7 +64,7 @@ def test_sample_with_a_fitted_grid(run_dir, tmp_path):
     assert res.exit_code == 2 and "--fit-grid must be >= 0" in res.output
 
 
-def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(run_dir, tmp_path, monkeypatch):
+def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(run_dir, tmp_path, small_search):
     """Without --schedule, unipc2 at nfe 5 samples on the run's automatic schedule (searched once, kept in
     schedules.json, then read back, also by evaluate); --schedule default and a method or nfe outside its range
     take the fixed grid without a search or an error, as sa3 does above nfe 10 (there --schedule auto asks for it).
@@ -75,10 +75,7 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
 
     run = tmp_path / "copy"
     shutil.copytree(run_dir, run)
-    real, searches = runs.auto_schedule, []
-    monkeypatch.setattr(runs, "auto_schedule",
-                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31,
-                                                                  max_iter=10, **k))
+    searches = small_search
     out = str(tmp_path / "s.npy")
     for args, searched, cached in ((["--method", "unipc2", "--nfe", "5"], 1, False),
                                    (["--method", "unipc2", "--nfe", "5"], 1, True),
@@ -101,20 +98,15 @@ def test_sample_uses_the_automatic_schedule_where_it_applies_unless_told_not_to(
     assert res.exit_code == 0 and json.loads((run / "eval.json").read_text())["schedule"] == "default"
 
 
-def test_a_few_step_nfe_without_a_method_takes_the_few_step_method_on_its_schedule(run_dir, tmp_path, monkeypatch):
+def test_a_few_step_nfe_without_a_method_takes_the_few_step_method_on_its_schedule(run_dir, tmp_path, small_search):
     """`sample RUN --nfe 5` on a run whose sampler (em) has no automatic schedule samples with ipndm on its
     automatic schedule (unipc2 above nfe 5), saying so; the run's sampler stays where --method, an --option,
     --schedule default or an nfe above 10 is given; evaluate does the same. (A small search, for speed.)"""
     import shutil
 
-    from scoresde.running import runs
-
     run = tmp_path / "copy"
     shutil.copytree(run_dir, run)
-    real, searches = runs.auto_schedule, []
-    monkeypatch.setattr(runs, "auto_schedule",
-                        lambda *a, **k: searches.append(k["method"]) or real(*a, n_probe=64, n_check=64,
-                                                                              reference_nfe=31, max_iter=10, **k))
+    searches = small_search
     out = str(tmp_path / "s.npy")
     for args, method in ((["--nfe", "5"], "ipndm"), (["--nfe", "8"], "unipc2"), (["--nfe", "5", "--method", "em"], None),
                          (["--nfe", "5", "--schedule", "default"], None), (["--nfe", "20"], None),
@@ -128,10 +120,11 @@ def test_a_few_step_nfe_without_a_method_takes_the_few_step_method_on_its_schedu
         else:
             assert said == [f"--nfe {args[1]} without --method: the run's sampler em has no automatic schedule; "
                             f"sampling with {method} on its automatic schedule (--method em keeps it)"], res.output
-            assert searches[before:] == [method] and np.isfinite(np.load(out)).all(), (args, res.output)
+            assert [k["method"] for k in searches[before:]] == [method] and np.isfinite(np.load(out)).all(), (args, res.output)
     res = runner.invoke(app, ["evaluate", str(run), "--nfe", "5", "--n", "50"])
     assert res.exit_code == 0 and "automatic schedule (cached in" in res.output, res.output
-    assert json.loads((run / "eval.json").read_text())["sampler"] == "ipndm" and searches == ["ipndm", "unipc2"]
+    assert json.loads((run / "eval.json").read_text())["sampler"] == "ipndm"
+    assert [k["method"] for k in searches] == ["ipndm", "unipc2"]
 
 
 def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(run_dir, tmp_path):
@@ -150,6 +143,39 @@ def test_sample_schedule_auto_is_asked_for_and_refused_where_it_does_not_apply(r
     res = runner.invoke(app, ["sample", str(run_dir), "--method", "unipc2", "--nfe", "5", "--schedule", "auto",
                               "--fit-grid", "64", "--out", out])
     assert res.exit_code == 2 and "--fit-grid and --schedule auto both choose the time grid" in res.output
+
+
+def test_search_draws_size_the_search_and_are_kept_per_size(run_dir, tmp_path, small_search):
+    """--search-draws N searches the automatic schedule on N probe draws (asking for it where --schedule is unset),
+    once: sample and evaluate then read it from the run folder; beside --schedule default, --fit-grid or --label,
+    below 4, or where the schedule does not apply, it is refused, naming why, before any search."""
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(run_dir, run)
+    out = str(tmp_path / "s.npy")
+    for extra, said in ((["--search-draws", "32"], "searched"), (["--search-draws", "32"], "cached in"),
+                        (["--search-draws", "32", "--schedule", "auto"], "cached in")):
+        res = runner.invoke(app, ["sample", str(run), "--method", "unipc2", "--nfe", "5", "--n", "16", *extra,
+                                  "--out", out])
+        assert res.exit_code == 0 and f"automatic schedule ({said}" in res.output, (extra, res.output)
+    res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--n", "50",
+                              "--search-draws", "32"])
+    assert res.exit_code == 0 and "automatic schedule (cached in" in res.output, res.output
+    assert json.loads((run / "eval.json").read_text())["search_draws"] == 32
+    assert [k["n_probe"] for k in small_search] == [32]
+    for extra, why in ((["--schedule", "default"], "--search-draws sizes the automatic schedule's search; it does "
+                                                   "not combine with --schedule default"),
+                       (["--fit-grid", "64"], "--fit-grid and --search-draws both choose the time grid"),
+                       (["--label", "0"], "--search-draws: the automatic schedule is searched for the unconditional"),
+                       (["--nfe", "20"], "schedule='auto' applies at 2 <= nfe <= 10"),
+                       (["--search-draws", "3"], "--search-draws must be an integer >= 4 (default 2048), got 3")):
+        res = runner.invoke(app, ["sample", str(run), "--method", "unipc2", "--nfe", "5", "--search-draws", "32",
+                                  *extra, "--out", out])
+        assert res.exit_code == 2 and why in res.output, (extra, res.output)
+    res = runner.invoke(app, ["evaluate", str(run), "--method", "unipc2", "--nfe", "5", "--search-draws", "0"])
+    assert res.exit_code == 2 and "--search-draws must be an integer >= 4" in res.output, res.output
+    assert len(small_search) == 1
 
 
 def test_errors_are_one_line_messages(run_dir, tmp_path):
@@ -327,7 +353,8 @@ def test_sampler_options_reach_the_sampler_and_bad_ones_are_named(tiny_run, tmp_
     fails(["sample", tiny_run, "--option", "ts=1", "--out", out], "--option ts is not a command-line option")
     fails(["sample", tiny_run, "--option", "denoise=maybe", "--out", out], "denoise must be true or false, got 'maybe'")
     fails(["sample", tiny_run, "--method", "unipc2", "--nfe", "5", "--schedule", "auto", "--label", "1", "--out", out],
-          "--schedule auto is searched for the unconditional model; it does not combine with --label")
+          "--schedule auto: the automatic schedule is searched for the unconditional model; it does not combine with "
+          "--label")
     for key in ("schedule", "x_T", "generator", "callback", "check_finite", "shape", "paths", "label", "seed", "n",
                 "method", "nfe", "guidance"):
         fails(["sample", tiny_run, "--option", f"{key}=1", "--out", out], f"--option {key} is not an --option")

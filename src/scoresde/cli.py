@@ -171,13 +171,27 @@ def _open_run(run: Path, device: str | None):
 
 
 SCHEDULE_HELP = ("auto | default. auto: ipndm / unipc2 / unipc3 / sa3 at nfe <= 10 (sa3 with tau > 0: nfe <= 20) on a "
-                 "schedule searched once per model and nfe (0.7e6-3.2e6 score evaluations) and kept in the run folder; "
-                 "default: the fixed grid. Unset: auto where it applies at nfe <= 10, else the fixed grid")
+                 "schedule searched once per model and nfe (about 11e6 score evaluations at nfe 5, 28e6 at nfe 10; "
+                 "--search-draws shrinks it) and kept in the run folder; default: the fixed grid. Unset: auto where "
+                 "it applies at nfe <= 10, else the fixed grid")
+SEARCH_DRAWS_HELP = ("prior draws per stage of the automatic schedule's search (default 2048; implies --schedule "
+                     "auto). Its cost is about linear in them: 256 costs an eighth of the default, for a schedule "
+                     "chosen on noisier estimates (benchmarks/RESULTS.md, search size); kept in the run folder per "
+                     "size")
 
 
-def _check_schedule(schedule: str | None) -> None:
+def _check_schedule(schedule: str | None, search_draws: int | None = None) -> str | None:
+    """--schedule checked, and set to auto by --search-draws (refused beside --schedule default)."""
     if schedule not in (None, "default", "auto"):
         raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
+    if search_draws is None:
+        return schedule
+    if isinstance(search_draws, bool) or not isinstance(search_draws, int) or search_draws < 4:
+        raise InvalidValueError(f"--search-draws must be an integer >= 4 (default 2048), got {search_draws!r}")
+    if schedule == "default":
+        raise InvalidValueError("--search-draws sizes the automatic schedule's search; it does not combine with "
+                                "--schedule default")
+    return "auto"
 
 
 OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: tau=0.5; edm_sde: S_churn=10; "
@@ -218,10 +232,11 @@ def _option_pairs(pairs: list[str] | None, *callees, also: tuple[str, ...] = (),
     return options
 
 
-def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True, **options) -> dict:
+def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: bool = True,
+              search_draws: int | None = None, **options) -> dict:
     """The sampler options (ts, denoise, analytic_first, prior_mean) of --schedule: the run's automatic schedule
-    where asked for (refused, naming why, where it does not apply) or, unset, where it applies (`auto_applies`)
-    and `eligible`; else none."""
+    (searched on `search_draws` probe draws, None: the default) where asked for (refused, naming why, where it does
+    not apply) or, unset, where it applies (`auto_applies`) and `eligible`; else none."""
     from .running.progress import counting_calls
     from .running.runs import SCHEDULES, auto_applies, run_schedule
 
@@ -231,7 +246,7 @@ def _schedule(r, schedule: str | None, method: str, nfe: int, n: int, eligible: 
         return {"schedule": "default"}
     with counting_calls(r.model, f"automatic schedule of {method} at nfe {nfe} (once per model; --schedule "
                         "default skips it)", None, enable=r.cfg.progress):
-        s, cached = run_schedule(r, method=method, nfe=nfe, **options)
+        s, cached = run_schedule(r, method=method, nfe=nfe, n_probe=search_draws, **options)
     typer.echo(f"automatic schedule ({'cached in ' + SCHEDULES if cached else 'searched'}): {s.summary}; "
                f"cost {s.evaluations} "
                f"score evaluations, {s.seconds:.1f} s (the samples: {n * nfe})", err=True)
@@ -268,6 +283,7 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
            fit_grid: int = typer.Option(0, "--fit-grid", help="fit the time grid to the model on this many probe "
                                         "prior draws first (sampling.fit_grid; deterministic methods, 0: off)"),
            schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+           search_draws: int = typer.Option(None, "--search-draws", help=SEARCH_DRAWS_HELP),
            option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE", help=OPTION_HELP),
            device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """Draw samples from a trained run with its EMA weights (of one class with --label)."""
@@ -279,17 +295,18 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
     check_writable(out, suffixes=(".npy", ".npz", ".png"), name="--out")
     _at_least_one("--n", n)
     _check_guidance(label, guidance)
-    _check_schedule(schedule)
+    asked = "--search-draws" if search_draws is not None else "--schedule auto"
+    schedule = _check_schedule(schedule, search_draws)
     options = _option_pairs(option, sample, sample_run, reserved=GRID_KEYS)
     if fit_grid < 0:
         raise InvalidValueError(f"--fit-grid must be >= 0 (0: off), got {fit_grid}")
     if fit_grid and label is not None:
         raise InvalidValueError("--fit-grid fits an unconditional model's grid; it does not combine with --label")
     if fit_grid and schedule == "auto":
-        raise InvalidValueError("--fit-grid and --schedule auto both choose the time grid; pass one of them")
+        raise InvalidValueError(f"--fit-grid and {asked} both choose the time grid; pass one of them")
     if label is not None and schedule == "auto":
-        raise InvalidValueError("--schedule auto is searched for the unconditional model; it does not combine with "
-                                "--label")
+        raise InvalidValueError(f"{asked}: the automatic schedule is searched for the unconditional model; it does "
+                                "not combine with --label")
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     method, nfe = _method(r, method, nfe, options, label, schedule, fit_grid)
@@ -301,7 +318,8 @@ def sample(run: Path = typer.Argument(..., help="run folder (holds config.yaml a
                    f"{fitted.check_start_error:.3g} -> {fitted.check_error:.3g}: "
                    f"{'fitted grid' if fitted.fitted else 'the default grid (the fit lost on the check draws)'} "
                    f"({fitted.evaluations} probe-batch evaluations); times {[round(t, 4) for t in fitted.ts.tolist()]}")
-    options.update(_schedule(r, schedule, method, nfe, n, eligible=not fit_grid and label is None, **options))
+    options.update(_schedule(r, schedule, method, nfe, n, eligible=not fit_grid and label is None,
+                             search_draws=search_draws, **options))
     calls = nfe * (2 if label is not None and guidance else 1)
     with counting_calls(r.model, f"sampling {method}", calls, enable=r.cfg.progress):
         x, _ = sample_run(r, n, method=method, nfe=nfe, seed=seed, label=label, guidance=guidance, **options)
@@ -379,6 +397,7 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
              nfe: int = typer.Option(None, "--nfe", "--steps", help="score evaluations (default: the run's nfe)"),
              seed: int = typer.Option(0),
              schedule: str = typer.Option(None, "--schedule", help=SCHEDULE_HELP),
+             search_draws: int = typer.Option(None, "--search-draws", help=SEARCH_DRAWS_HELP),
              option: list[str] = typer.Option(None, "--option", metavar="KEY=VALUE", help=OPTION_HELP),
              device: str = typer.Option(None, "--device", help=DEVICE_HELP)) -> None:
     """W2 to held-out data with its floor, MMD^2, for analytic data TV and the T 5.2 bound from the measured
@@ -394,16 +413,18 @@ def evaluate(run: Path = typer.Argument(..., help="run folder"),
 
     check_writable(run / "eval.json")
     _at_least_one("--n", n, "the default: 2 n_eval, at most the held-out size")
-    _check_schedule(schedule)
+    schedule = _check_schedule(schedule, search_draws)
     options = _option_pairs(option, sample, sample_run, evaluate_run, reserved=GRID_KEYS)
     r = _open_run(run, device)
     _at_least_one("--nfe", nfe, f"the run's nfe {r.cfg.nfe}")
     if n is not None:  # refuse before sampling what the MMD's kernel matrices could not hold
         check_mmd2_memory(n, None if r.data.mixture is not None else min(n, r.data.test.shape[0]))
     method, nfe = _method(r, method, nfe, options, schedule=schedule)
-    grid = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2, **options)
+    grid = _schedule(r, schedule, method, nfe, n or r.cfg.n_eval * 2, search_draws=search_draws, **options)
     metrics = {**evaluate_run(r, n, method=method, nfe=nfe, seed=seed, **options, **grid),
                "schedule": grid.get("schedule", "auto"), "options": options}
+    if search_draws is not None:
+        metrics["search_draws"] = search_draws
     save_json(run / "eval.json", metrics)
     typer.echo(json.dumps(metrics, indent=2))
 

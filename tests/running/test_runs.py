@@ -38,7 +38,7 @@ def test_fitted_grid_of_a_run_beats_the_default_on_fresh_draws(tiny_run):
         fit_run_grid(r, method="unipc2", nfe=5, n_probe=0)
 
 
-def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatch):
+def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, small_search, monkeypatch):
     """run_schedule at nfe 5 with unipc2 computes the automatic schedule of the run's model once and keeps it in
     the run folder: a second call (also from a freshly loaded run) reads it (the same grid and prior mean, no new
     search, the same samples through sample_run(**options)); new weights drop it and search again; sample_run
@@ -48,11 +48,7 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
 
     run_dir = tmp_path / "copy"
     shutil.copytree(tiny_run, run_dir)
-    searches = []
-    real = runs.auto_schedule
-    monkeypatch.setattr(runs, "auto_schedule",  # a small search (128 probe draws), for speed
-                        lambda *a, **k: searches.append(k) or real(*a, n_probe=64, n_check=64, reference_nfe=31,
-                                                                  max_iter=10, **k))
+    searches = small_search
     r = load_run(run_dir)
     s, cached = runs.run_schedule(r, method="unipc2", nfe=5)
     assert not cached and len(searches) == 1 and (run_dir / runs.SCHEDULES).is_file()
@@ -87,7 +83,26 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, monkeypatc
     assert not runs.run_schedule(r, method="unipc2", nfe=5)[1] and len(searches) == 3
 
 
-def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(tiny_run, tmp_path, monkeypatch):
+def test_run_schedule_keeps_one_entry_per_search_size(tiny_run, tmp_path, small_search):
+    """A search of another size (n_probe) is searched once and kept beside the default's; n_probe=N_PROBE is the
+    default's entry; a size below 4 is refused, naming n_probe, before any search."""
+    from scoresde.running import runs
+    from scoresde.sampling.schedule import N_PROBE
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(tiny_run, run_dir)
+    r = load_run(run_dir)
+    for n_probe, cached, searched in ((None, False, 1), (32, False, 2), (32, True, 2), (N_PROBE, True, 2),
+                                      (None, True, 2)):
+        s, was = runs.run_schedule(r, method="ipndm", nfe=4, n_probe=n_probe)
+        assert was == cached and len(small_search) == searched, (n_probe, was, len(small_search))
+    assert [k["n_probe"] for k in small_search] == [None, 32]
+    with pytest.raises(InvalidValueError, match="n_probe must be an integer >= 4, got 3"):
+        runs.run_schedule(r, method="ipndm", nfe=4, n_probe=3)
+    assert len(small_search) == 2
+
+
+def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(tiny_run, tmp_path, small_search):
     """sample_run(nfe=5) without a method, on a run whose sampler (em) has no automatic schedule, draws what
     ipndm on its automatic schedule draws (unipc2 at nfe 8); the run's em where the nfe is not named, above 10, or
     with schedule="default" (run_method)."""
@@ -95,10 +110,6 @@ def test_a_named_few_step_nfe_without_a_method_samples_with_the_few_step_method(
 
     run_dir = tmp_path / "copy"
     shutil.copytree(tiny_run, run_dir)
-    real = runs.auto_schedule
-    monkeypatch.setattr(runs, "auto_schedule",  # a small search, for speed
-                        lambda *a, **k: real(*a, n_probe=64, n_check=64, reference_nfe=31,
-                                                                  max_iter=10, **k))
     r = load_run(run_dir)
     assert r.cfg.sampler == "em"
     for nfe, method in ((5, "ipndm"), (8, "unipc2")):

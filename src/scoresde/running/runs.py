@@ -28,7 +28,8 @@ from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
 from ..sampling.entry import check_schedule
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
-from ..sampling.schedule import SEARCH, Schedule, auto_by_default, auto_schedule, check_auto, search_options
+from ..sampling.schedule import (N_PROBE, SEARCH, Schedule, auto_by_default, auto_schedule, check_auto,
+                                search_options)
 from ..sampling.tuning import GridFit, fit_grid
 from .build import build_model, build_sde, draw_samples, family_of, resolve_device
 from .checkpoint import CHECKPOINT, has_checkpoint, load_weights
@@ -197,19 +198,26 @@ def run_method(run: Run, nfe: int | None, *, label: int | Tensor | None = None, 
     return few if auto_applies(run, method=few, nfe=nfe) else own
 
 
-def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **options) -> tuple[Schedule, bool]:
+def run_schedule(run: Run, *, method: str, nfe: int, n_probe: int | None = None, progress: bool = False,
+                 **options) -> tuple[Schedule, bool]:
     """The automatic schedule (`sampling.schedule.auto_schedule`) of the run's model for `method` at `nfe`, and
     whether it came from the run folder; refused, naming why, where it does not apply (`check_auto`, and a
     family whose model is not a score model). Pass it on as `sample_run(..., **s.options)`.
 
     Kept in `run_dir/schedules.json` (written atomically), keyed by method, nfe, solver options (those of the
-    search, `search_options`), the sample shape, the search's version (`schedule.SEARCH`) and the weights
-    (`weights_id`): paid once per model and nfe; a new checkpoint drops the entries of the old one. `progress`: the search's progress bar (`auto_schedule`)."""
+    search, `search_options`), the sample shape, the search's version (`schedule.SEARCH`), its probe draws
+    (`n_probe`, None: N_PROBE; the search's cost is about linear in them) and the weights (`weights_id`): paid once
+    per model, nfe and size; a new checkpoint drops the entries of the old one. `progress`: the search's progress
+    bar (`auto_schedule`)."""
     check_auto(run.sde, method=method, nfe=nfe, **options)
     run.family.require("fit_grid")
+    if n_probe is not None:
+        integer("n_probe", n_probe, 4)
     path, weights = run.dir / SCHEDULES, weights_id(run.model)
+    size = "" if n_probe in (None, N_PROBE) else f", {n_probe} probe draws"  # the default's keys of search 12 hold
     key = json.dumps([method, int(nfe), list(run.sample_shape),
-                      sorted((k, repr(v)) for k, v in search_options(method, options).items()), f"search {SEARCH}"])
+                      sorted((k, repr(v)) for k, v in search_options(method, options).items()),
+                      f"search {SEARCH}{size}"])
     try:
         stored = json.loads(path.read_text())
         entries = stored["entries"] if stored.get("weights") == weights else {}
@@ -226,7 +234,7 @@ def run_schedule(run: Run, *, method: str, nfe: int, progress: bool = False, **o
         pass
     with torch.no_grad():
         s = auto_schedule(run.sde, run.model, run.sample_shape, method=method, nfe=int(nfe), device=run.device,
-                          progress=progress, **options)
+                          n_probe=n_probe, progress=progress, **options)
     entries[key] = {**dataclasses.asdict(s), "ts": s.ts.tolist(),
                     "prior_mean": None if s.prior_mean is None else s.prior_mean.tolist()}
     atomic_write(path, (json.dumps({"weights": weights, "entries": entries}, indent=1) + "\n").encode())
