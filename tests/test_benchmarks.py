@@ -910,3 +910,25 @@ def test_samplers_run_tag_fits_a_file_name_for_many_targets_and_configurations()
     long = samplers.run_tag(argparse.Namespace(part="heldout", targets=many, heldout_seed=[1, 2, 3],
                                                n_heldout=samplers.N_HELDOUT, nfes=list(samplers.NFES), configs=configs))
     assert len(f"run-{long}.log.4194304.partial") < 255 and f"-only-auto-and-{len(configs) - 1}-more-" in long
+
+
+def test_search_size_report_sets_each_size_beside_the_closest_peer_and_the_fixed_grid(tmp_path):
+    """The seed mean of each size's mmd2_paired_exact over the seed mean of the closest diffusers configuration
+    and of the method's fixed grid, both read from the heldout part's files of that target; a figure."""
+    from benchmarks import common, samplers, search_size
+
+    common.configure(tmp_path)
+    ex = samplers.EXACT_MEAN
+    peer = [{"target": "a", "config": c, "nfe": 5, "n": 10, "seed": s, "gap": 0.0, "mmd2": 0.0, "mmd2_fine": 0.0,
+             ex: v + (1e-5 if s == 1 else -1e-5)} for s in (1, 2)
+            for c, v in (("diffusers/X/default", 4e-4), ("diffusers/Y/trailing", 2e-4), ("scoresde/default", 8e-4),
+                         ("scoresde/ipndm", 5e-4), ("scoresde/auto", 1e-4))]
+    common.write_json(samplers.NAME, peer, file="samplers_heldout-a.json")
+    rows = [{"target": "a", "method": m, "nfe": 5, "draws": d, "seed": s, "n": 10, "gap": 0.0, "evaluations": 100 * d,
+             "seconds": 1.0, ex: v * (1.5 if s == 1 else 0.5)} for s in (1, 2)
+            for m, d, v in (("unipc2", 16, 1e-4), ("unipc2", 32, 5e-5), ("ipndm", 16, 2.5e-4))]
+    text = search_size.report(rows)
+    assert "| a | unipc2 | 5 | 16 | 1.60e+03 | 1 | 2 | 1.00e-04 | 0.50 | 0.12 |" in text
+    assert "| a | unipc2 | 5 | 32 | 3.20e+03 | 1 | 2 | 5.00e-05 | 0.25 | 0.06 |" in text
+    assert "| a | ipndm | 5 | 16 | 1.60e+03 | 1 | 2 | 2.50e-04 | 1.25 | 0.50 |" in text
+    assert (tmp_path / search_size.NAME / "search_size.png").exists()
