@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting bench-weightings bench-twin-swap bench-seed-spread gpu-wheels
+.PHONY: demo test docs test-slow clean demo-digits bench-score-matching bench-likelihood bench-likelihood-tolerance bench-train bench-bounds bench-imaging bench-samplers bench-search-size bench-consistency bench-alignment bench-estimation bench-stochastic bench-reliability demo-mnist bench-mnist bench-inpainting bench-weightings bench-twin-swap bench-seed-spread gpu-wheels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ demo-digits: $(STAMP)
 
 bench-samplers: $(STAMP)
 	$(HEAVY) -m benchmarks samplers $(BENCH_ARGS)
+
+bench-search-size: $(STAMP)
+	$(HEAVY) -m benchmarks search-size $(BENCH_ARGS)
+	$(HEAVY) -m benchmarks search-size --report
 
 bench-consistency: $(STAMP)
 	$(HEAVY) -m benchmarks consistency $(BENCH_ARGS)
