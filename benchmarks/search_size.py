@@ -105,17 +105,23 @@ def report(rows: list[dict]) -> str:
 
 
 def _figure(cells: dict) -> None:
+    """One panel per target (rows) and NFE (columns): each method's MMD^2 against the search's evaluations."""
     plt = common.plt()
-    fig, axes = plt.subplots(1, len(cells), figsize=(4 * len(cells), 3.4), squeeze=False)
-    for ax, ((t, nfe), curves) in zip(axes[0], sorted(cells.items())):
+    targets, nfes = sorted({t for t, _ in cells}), sorted({nfe for _, nfe in cells})
+    fig, axes = plt.subplots(len(targets), len(nfes), figsize=(4.5 * len(nfes), 2.8 * len(targets)), squeeze=False)
+    for (t, nfe), curves in cells.items():
+        ax = axes[targets.index(t)][nfes.index(nfe)]
         for method, pts in curves.items():
             if method != "peer":
                 ax.loglog(*zip(*pts), "o-", label=f"{method} (automatic)")
         if "peer" in curves:
             name, v = curves["peer"]
             ax.axhline(0.5 * v, ls="--", c="k", lw=1, label=f"0.5 x {name}")
-        ax.set(title=f"{t}, NFE {nfe}", xlabel="search cost (score evaluations)", ylabel=f"{EXACT_MEAN}")
-        ax.legend(fontsize=7)
+        ax.tick_params(axis="x", which="minor", labelbottom=False)
+        ax.set_title(f"{t}, NFE {nfe}", fontsize=9)
+        ax.set_xlabel("search cost (score evaluations)", fontsize=8)
+        ax.set_ylabel(EXACT_MEAN, fontsize=8)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     common.save_figure(fig, NAME, "search_size.png", dpi=110)
 
