@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..core.errors import InvalidValueError
 from ..core.sde import SDE, ScoreFn
+from ..core.validate import integer
 from .common import Callback
 from .methods import METHODS, prepare, sample_on_grid
 from .schedule import auto_by_default, cached_schedule
@@ -22,7 +23,8 @@ def check_schedule(schedule: object) -> None:
 
 def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
            generator: torch.Generator | None = None, x_T: Tensor | None = None, callback: Callback | None = None,
-           check_finite: bool = True, schedule: str | None = None, **options) -> Tensor:
+           check_finite: bool = True, schedule: str | None = None, search_draws: int | None = None,
+           **options) -> Tensor:
     """Draw samples with `method` (a name in METHODS) spending exactly `nfe` score evaluations: the arguments,
     budget rules and errors of `methods.sample_on_grid`, on the grid `schedule` names.
 
@@ -32,14 +34,22 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     unasked (`schedule.auto_by_default`: ipndm / unipc2 / unipc3 / sa3 at nfe <= 10 on a linear SDE, no grid option
     given), else "default". The automatic schedule also moves x_T (drawn or given) by the mean alpha_T E[X_0] of p_T
     that the prior lacks, as the model estimates it (its `prior_mean` option). The search draws its own probe points:
-    it leaves `generator` untouched.
+    it leaves `generator` untouched. search_draws: the search's probe draws per stage (`auto_schedule`'s n_probe,
+    default N_PROBE = 2048; its cost is about linear in them, benchmarks/RESULTS.md "search size"); it asks for the
+    automatic schedule, and is refused beside schedule="default".
     """
     check_schedule(schedule)
+    if search_draws is not None:
+        integer("search_draws", search_draws, 4)
+        if schedule == "default":
+            raise InvalidValueError("search_draws sizes the automatic schedule's search; it does not combine with "
+                                    "schedule='default'")
+        schedule = "auto"
     if schedule == "auto" or schedule is None and method in METHODS and METHODS[method].auto:
         _, nfe, x_T = prepare(sde, method, nfe, shape, x_T, generator, options.pop("dtype", None))
         if schedule or auto_by_default(sde, method=method, nfe=nfe, **options):
             s = cached_schedule(sde, score_fn, tuple(x_T.shape[1:]), method=method, nfe=nfe, dtype=x_T.dtype,
-                                device=x_T.device, **options)
+                                device=x_T.device, n_probe=search_draws, **options)
             options = {**options, **s.options}
     return sample_on_grid(sde, score_fn, shape, method=method, nfe=nfe, generator=generator, x_T=x_T,
                           callback=callback, check_finite=check_finite, **options)

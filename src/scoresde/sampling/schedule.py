@@ -498,17 +498,17 @@ def _weights_version(owner: object) -> tuple[int, ...]:
 
 
 def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, ...], *, method: str, nfe: int,
-                    dtype: torch.dtype, device=None, **options) -> Schedule:
-    """`auto_schedule` at its defaults, computed once per score function object (a bound method: per object and
-    function), sde, method, nfe, sample shape, dtype, device and solver options (`search_options`: sa3 at any
-    tau shares one), and kept while the score function lives; a search logs its cost (logger "scoresde",
+                    dtype: torch.dtype, device=None, n_probe: int | None = None, **options) -> Schedule:
+    """`auto_schedule` at its defaults but `n_probe`, computed once per score function object (a bound method: per
+    object and function), sde, method, nfe, sample shape, dtype, device, n_probe and solver options
+    (`search_options`: sa3 at any tau shares one), and kept while the score function lives; a search logs its cost (logger "scoresde",
     level WARNING). The entry follows the weights of the nn.Modules behind the score function (itself, or those a
     function, partial or object holds: `_modules_behind`), so an in-place update searches again; weights reached
     another way (a global, a list or dict) keep it: call `clear_schedule_cache`. Only where the
     automatic schedule applies (`check_auto`)."""
     check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
-    key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device),
+    key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device), n_probe or N_PROBE,
            repr(sorted(search_options(method, options).items())))
     try:
         entries = _CACHE.setdefault(owner, {})
@@ -517,7 +517,7 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
     version = _weights_version(owner)
     if key not in entries or entries[key][0] != version:
         s = auto_schedule(sde, score_fn, sample_shape, method=method, nfe=nfe, dtype=dtype, device=device,
-                          progress=True, **options)
+                          n_probe=n_probe, progress=True, **options)
         entries[key] = version, s
         kind = (getattr(owner, "__code__", type(owner)), key)  # a function's code, else the object's type
         again = (" This kind of score function was searched before: if it is made anew for each call, each call "
