@@ -90,7 +90,8 @@ def report(rows: list[dict]) -> str:
                            key=lambda r: value(r, EXACT_MEAN), default=None)
                 fixed = next((r for r in cell if r["config"] == fixed_of[method]), None)
                 for draws in sorted({r["draws"] for r in rows}):
-                    rs = [r for r in rows if (r["target"], r["method"], r["nfe"], r["draws"]) == (t, method, nfe, draws)]
+                    rs = [r for r in rows
+                          if (r["target"], r["method"], r["nfe"], r["draws"]) == (t, method, nfe, draws)]
                     if not rs:
                         continue
                     m = float(np.mean([r[EXACT_MEAN] for r in rs]))

@@ -501,11 +501,11 @@ def cached_schedule(sde: LinearSDE, score_fn: ScoreFn, sample_shape: tuple[int, 
                     dtype: torch.dtype, device=None, n_probe: int | None = None, **options) -> Schedule:
     """`auto_schedule` at its defaults but `n_probe`, computed once per score function object (a bound method: per
     object and function), sde, method, nfe, sample shape, dtype, device, n_probe and solver options
-    (`search_options`: sa3 at any tau shares one), and kept while the score function lives; a search logs its cost (logger "scoresde",
-    level WARNING). The entry follows the weights of the nn.Modules behind the score function (itself, or those a
-    function, partial or object holds: `_modules_behind`), so an in-place update searches again; weights reached
-    another way (a global, a list or dict) keep it: call `clear_schedule_cache`. Only where the
-    automatic schedule applies (`check_auto`)."""
+    (`search_options`: sa3 at any tau shares one), and kept while the score function lives; a search logs its
+    cost (logger "scoresde", level WARNING). The entry follows the weights of the nn.Modules behind the score
+    function (itself, or those a function, partial or object holds: `_modules_behind`), so an in-place update
+    searches again; weights reached another way (a global, a list or dict) keep it: call `clear_schedule_cache`.
+    Only where the automatic schedule applies (`check_auto`)."""
     check_auto(sde, method=method, nfe=nfe, **options)
     owner, func = (score_fn.__self__, score_fn.__func__) if inspect.ismethod(score_fn) else (score_fn, None)
     key = (func, sde, method, int(nfe), tuple(sample_shape), dtype, str(device), n_probe or N_PROBE,
