@@ -170,7 +170,7 @@ def test_search_draws_size_the_search_and_are_kept_per_size(run_dir, tmp_path, s
                        (["--fit-grid", "64"], "--fit-grid and --search-draws both choose the time grid"),
                        (["--label", "0"], "--search-draws: the automatic schedule is searched for the unconditional"),
                        (["--nfe", "20"], "schedule='auto' applies at 2 <= nfe <= 10"),
-                       (["--search-draws", "3"], "--search-draws must be an integer >= 4 (default 2048), got 3")):
+                       (["--search-draws", "3"], "--search-draws must be an integer >= 4, got 3")):
         res = runner.invoke(app, ["sample", str(run), "--method", "unipc2", "--nfe", "5", "--search-draws", "32",
                                   *extra, "--out", out])
         assert res.exit_code == 2 and why in res.output, (extra, res.output)

@@ -181,17 +181,12 @@ SEARCH_DRAWS_HELP = ("prior draws per stage of the automatic schedule's search (
 
 
 def _check_schedule(schedule: str | None, search_draws: int | None = None) -> str | None:
-    """--schedule checked, and set to auto by --search-draws (refused beside --schedule default)."""
+    """--schedule checked, and set to auto by --search-draws (`sampling.entry.resolve_schedule`)."""
+    from .sampling.entry import resolve_schedule
+
     if schedule not in (None, "default", "auto"):
         raise InvalidValueError(f"--schedule must be one of default, auto; got {schedule!r}")
-    if search_draws is None:
-        return schedule
-    if isinstance(search_draws, bool) or not isinstance(search_draws, int) or search_draws < 4:
-        raise InvalidValueError(f"--search-draws must be an integer >= 4 (default 2048), got {search_draws!r}")
-    if schedule == "default":
-        raise InvalidValueError("--search-draws sizes the automatic schedule's search; it does not combine with "
-                                "--schedule default")
-    return "auto"
+    return resolve_schedule(schedule, search_draws, names=("--schedule default", "--search-draws"))
 
 
 OPTION_HELP = ("a sampler option KEY=VALUE, repeatable: the method's own (sa3: tau=0.5; edm_sde: S_churn=10; "

@@ -85,7 +85,8 @@ def test_run_schedule_is_paid_once_per_checkpoint(tiny_run, tmp_path, small_sear
 
 def test_run_schedule_keeps_one_entry_per_search_size(tiny_run, tmp_path, small_search):
     """A search of another size (n_probe) is searched once and kept beside the default's; n_probe=N_PROBE is the
-    default's entry; a size below 4 is refused, naming n_probe, before any search."""
+    default's entry; sample_run(search_draws=) samples on the entry of that size; a size below 4 is refused,
+    naming it, before any search, and search_draws beside schedule="default" too."""
     from scoresde.running import runs
     from scoresde.sampling.schedule import N_PROBE
 
@@ -97,8 +98,15 @@ def test_run_schedule_keeps_one_entry_per_search_size(tiny_run, tmp_path, small_
         s, was = runs.run_schedule(r, method="ipndm", nfe=4, n_probe=n_probe)
         assert was == cached and len(small_search) == searched, (n_probe, was, len(small_search))
     assert [k["n_probe"] for k in small_search] == [None, 32]
+    s, _ = runs.run_schedule(r, method="ipndm", nfe=4, n_probe=32)
+    torch.testing.assert_close(sample_run(r, 20, method="ipndm", nfe=4, seed=1, search_draws=32)[0],
+                               sample_run(r, 20, method="ipndm", nfe=4, seed=1, **s.options)[0])
     with pytest.raises(InvalidValueError, match="n_probe must be an integer >= 4, got 3"):
         runs.run_schedule(r, method="ipndm", nfe=4, n_probe=3)
+    for kw, why in (({"search_draws": 3}, "search_draws must be an integer >= 4, got 3"),
+                    ({"search_draws": 32, "schedule": "default"}, "does not combine with schedule='default'")):
+        with pytest.raises(InvalidValueError, match=why):
+            sample_run(r, 20, method="ipndm", nfe=4, **kw)
     assert len(small_search) == 2
 
 

@@ -25,7 +25,7 @@ from ..core.sde import LinearSDE
 from ..core.validate import integer
 from ..evaluation.bounds import tv_bound
 from ..evaluation.metrics import check_mmd2_memory, mmd2, tv, tv_grid, w2_report
-from ..sampling.entry import check_schedule
+from ..sampling.entry import check_schedule, resolve_schedule
 from ..sampling.guidance import INPAINT_METHODS, inpaint, label_guided
 from ..sampling.likelihood import evaluate_likelihood
 from ..sampling.schedule import (N_PROBE, SEARCH, Schedule, auto_by_default, auto_schedule, check_auto,
@@ -243,23 +243,24 @@ def run_schedule(run: Run, *, method: str, nfe: int, n_probe: int | None = None,
 
 def sample_run(run: Run, n: int, *, method: str | None = None, nfe: int | None = None, seed: int = 0,
                paths: int = 0, label: int | Tensor | None = None, guidance: float = 0.0, schedule: str | None = None,
-               **options) -> tuple[Tensor, Tensor | None]:
+               search_draws: int | None = None, **options) -> tuple[Tensor, Tensor | None]:
     """n samples (and optionally `paths` reverse trajectories) from a loaded run; method and nfe
     (None: `run_method`'s, the run's configured sampler but at a few-step nfe, and the run's nfe) and options go
-    to `sampling.sample` (e.g. ts from `fit_run_grid`), t_end. schedule as `sampling.sample`'s, the automatic one being the run's (`run_schedule`,
-    kept in the run folder): None takes it where it applies (`auto_applies`) and no label is given.
-    With `label` (an int or n ints) the samples are of that class, by classifier-free
-    guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
+    to `sampling.sample` (e.g. ts from `fit_run_grid`), t_end. schedule and search_draws as `sampling.sample`'s,
+    the automatic schedule being the run's (`run_schedule`, kept in the run folder): None takes it where it applies
+    (`auto_applies`) and no label is given. With `label` (an int or n ints) the samples are of that class, by
+    classifier-free guidance with weight `guidance` (`guidance.label_guided`; a class-conditional score run)."""
     integer("n", n)
+    check_schedule(schedule)
+    schedule = resolve_schedule(schedule, search_draws)
     method = run_method(run, nfe, label=label, schedule=schedule, **options) if method is None else method
     model, family = run.model, run.family
     nfe = run.cfg.nfe if nfe is None else nfe
-    check_schedule(schedule)
     if schedule == "auto" and label is not None:
         raise InvalidValueError("schedule='auto' is searched for the unconditional model: it does not combine with label")
     if schedule == "auto" or schedule is None and label is None and auto_applies(run, method=method, nfe=nfe,
                                                                                   **options):
-        s, _ = run_schedule(run, method=method, nfe=nfe, progress=run.cfg.progress, **options)
+        s, _ = run_schedule(run, method=method, nfe=nfe, n_probe=search_draws, progress=run.cfg.progress, **options)
         options = {**options, **s.options}
     if label is not None:  # the guided score is a score function of the run's family, not its model
         family.require("guidance")

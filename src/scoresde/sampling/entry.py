@@ -12,13 +12,26 @@ from .common import Callback
 from .methods import METHODS, prepare, sample_on_grid
 from .schedule import auto_by_default, cached_schedule
 
-__all__ = ["sample", "check_schedule"]
+__all__ = ["sample", "check_schedule", "resolve_schedule"]
 
 
 def check_schedule(schedule: object) -> None:
     """Refuse a `schedule` other than None, "default" or "auto", naming the ones allowed."""
     if schedule not in (None, "default", "auto"):
         raise InvalidValueError(f"schedule must be 'default', 'auto' or None (auto where it applies), got {schedule!r}")
+
+
+def resolve_schedule(schedule: str | None, search_draws: int | None, *,
+                     names: tuple[str, str] = ("schedule='default'", "search_draws")) -> str | None:
+    """`schedule` as asked: "auto" where `search_draws` (the search's size, an integer >= 4) is given, which is
+    refused beside schedule="default"; `names`: how the caller spells that and search_draws in its messages."""
+    if search_draws is None:
+        return schedule
+    integer(names[1], search_draws, 4)
+    if schedule == "default":
+        raise InvalidValueError(f"{names[1]} sizes the automatic schedule's search; it does not combine with "
+                                f"{names[0]}")
+    return "auto"
 
 
 def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method: str, nfe: int,
@@ -39,12 +52,7 @@ def sample(sde: SDE, score_fn: ScoreFn, shape: tuple[int, ...] | None, *, method
     automatic schedule, and is refused beside schedule="default".
     """
     check_schedule(schedule)
-    if search_draws is not None:
-        integer("search_draws", search_draws, 4)
-        if schedule == "default":
-            raise InvalidValueError("search_draws sizes the automatic schedule's search; it does not combine with "
-                                    "schedule='default'")
-        schedule = "auto"
+    schedule = resolve_schedule(schedule, search_draws)
     if schedule == "auto" or schedule is None and method in METHODS and METHODS[method].auto:
         _, nfe, x_T = prepare(sde, method, nfe, shape, x_T, generator, options.pop("dtype", None))
         if schedule or auto_by_default(sde, method=method, nfe=nfe, **options):
