@@ -40,15 +40,20 @@ def tiny_run(tmp_path_factory):
 
 @pytest.fixture
 def small_search(monkeypatch):
-    """runs.auto_schedule as a small search, for speed (64 probe draws where none are asked for, 64 check draws,
-    a 31-step reference, 10 Nelder-Mead iterations); returns the keyword arguments of each search, as called."""
+    """auto_schedule, as `sample` (schedule.cached_schedule) and the run functions (runs.run_schedule) call it, as a
+    small search, for speed: 64 probe draws where none are asked for, 64 check draws, a 31-step reference, 10
+    Nelder-Mead iterations; the in-memory cache cleared. Returns the keyword arguments of each search, as called."""
     from scoresde.running import runs
+    from scoresde.sampling import schedule
 
-    real, searches = runs.auto_schedule, []
+    real, searches = schedule.auto_schedule, []
 
     def search(*args, n_probe=None, **kw):
         searches.append({**kw, "n_probe": n_probe})
         return real(*args, n_probe=n_probe or 64, n_check=64, reference_nfe=31, max_iter=10, **kw)
 
     monkeypatch.setattr(runs, "auto_schedule", search)
-    return searches
+    monkeypatch.setattr(schedule, "auto_schedule", search)
+    schedule.clear_schedule_cache()
+    yield searches
+    schedule.clear_schedule_cache()

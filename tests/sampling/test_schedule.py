@@ -354,27 +354,10 @@ def test_stochastic_output_law_matches_monte_carlo():
     assert np.all(np.abs(np.cov(x.T) - S) < 5 * se_cov), (np.cov(x.T), S)
 
 
-def _small_search(monkeypatch) -> list[int | None]:
-    """schedule.auto_schedule as a small search, for speed (64 probe draws where none are asked for); the cache
-    cleared; returns the n_probe of each search, as asked."""
-    from scoresde.sampling import schedule
-
-    real, sizes = schedule.auto_schedule, []
-
-    def search(*args, n_probe=None, **kw):
-        sizes.append(n_probe)
-        return real(*args, n_probe=n_probe or 64, n_check=64, reference_nfe=31, max_iter=10, **kw)
-
-    monkeypatch.setattr(schedule, "auto_schedule", search)
-    clear_schedule_cache()
-    return sizes
-
-
-def test_search_draws_size_the_search_of_sample_and_are_cached_per_size(monkeypatch):
+def test_search_draws_size_the_search_of_sample_and_are_cached_per_size(small_search):
     """sample(search_draws=N) searches on N probe draws (schedule unset or "auto"), once per size: the same call
     again spends only its samples' evaluations and draws the same samples; the default size is another entry.
     Beside schedule="default", below 4 or where the schedule does not apply it is refused, naming why."""
-    sizes = _small_search(monkeypatch)
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     base = gaussian_score(sde, m, C)
 
@@ -388,27 +371,29 @@ def test_search_draws_size_the_search_of_sample_and_are_cached_per_size(monkeypa
         return sample(sde, score, (50, 2), method="unipc2", nfe=5, dtype=F64,
                       generator=torch.Generator().manual_seed(1), **kw)
 
+    def sizes():
+        return [k["n_probe"] for k in small_search]
+
     first = draw(search_draws=32)
     spent = score.points
-    assert sizes == [32] and spent > 1000
+    assert sizes() == [32] and spent > 1000
     torch.testing.assert_close(draw(search_draws=32, schedule="auto"), first)
-    assert sizes == [32] and score.points == spent + 50 * 5
+    assert sizes() == [32] and score.points == spent + 50 * 5
     draw()
-    assert sizes == [32, None]
+    assert sizes() == [32, None]
     for kw, why in (({"schedule": "default"}, "search_draws sizes the automatic schedule's search; it does not "
                                                "combine with schedule='default'"),
                     ({"search_draws": 3}, "search_draws must be an integer >= 4, got 3"),
                     ({"method": "dpm2m"}, "applies to methods ipndm, sa3, unipc2, unipc3")):
         with pytest.raises(InvalidValueError, match=why):
             sample(sde, score, (50, 2), **{"method": "unipc2", "nfe": 5, "search_draws": 32, **kw})
-    assert sizes == [32, None]
+    assert sizes() == [32, None]
 
 
-def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_apply(monkeypatch, caplog):
+def test_schedule_is_cached_per_model_and_nfe_and_refused_where_it_does_not_apply(small_search, caplog):
     """The first cached_schedule at nfe 5 pays for the search (Schedule.evaluations score evaluations, all counted
     by the score function) and logs its cost, the second call none; another nfe pays again; where the automatic
     schedule does not apply it is refused, naming why. (A small search, for speed.)"""
-    _small_search(monkeypatch)
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
     base = gaussian_score(sde, m, C)
 
@@ -596,13 +581,12 @@ def test_bad_options_name_the_parameter_before_the_search_draws_its_probes(monke
         fit_grid(sde, score, probe[:1], method="unipc2", nfe=5)
 
 
-def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(monkeypatch, caplog, capsys):
+def test_sample_takes_the_automatic_schedule_unasked_where_it_applies(small_search, caplog, capsys):
     """`sample(..., method="unipc2", nfe=5)` with no options runs on the cached automatic schedule: its output is
     that of the schedule's grid and denoise, the search is paid by the first call only, then nfe evaluations per
     call; schedule="default", a grid option or nfe > 10 keep the fixed grid without a search; schedule="auto"
     where it does not apply is refused, naming why. An nn.Module's weights changed in place search again; a score
     function made anew for each call searches each time, and the log says so. The search shows a progress bar."""
-    _small_search(monkeypatch)
     sde, (m, C) = VP(), random_gaussian(2, seed=0)
 
     class Score(torch.nn.Module):
