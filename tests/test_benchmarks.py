@@ -732,19 +732,14 @@ def test_stochastic_versus_scores_named_configurations_on_a_fresh_target_and_nam
     assert res.returncode != 0 and "unknown: ['scoresde/sa3/nope']" in res.stderr
 
 
-def test_samplers_default_path_is_the_heldout_auto_row(monkeypatch):
+def test_samplers_default_path_is_the_heldout_auto_row(small_search, monkeypatch):
     """sample() without options at nfe 5 (first call searching, second cached) draws the samples of the heldout
-    part's "scoresde/auto" row from the same x_T; the first call pays the search, the second none (a small search,
-    for speed)."""
-    import functools
-
+    part's "scoresde/auto" row from the same x_T; the first call pays the search, the second none (the same small
+    search on both paths, for speed)."""
     from benchmarks import samplers
     from scoresde.sampling import schedule
 
-    small = functools.partial(schedule.auto_schedule, n_probe=32, n_check=32, reference_nfe=21, max_iter=5)
-    monkeypatch.setattr(schedule, "auto_schedule", small)
-    monkeypatch.setattr(samplers, "auto_schedule", small)
-    schedule.clear_schedule_cache()
+    monkeypatch.setattr(samplers, "auto_schedule", schedule.auto_schedule)  # small_search's
     (row,) = samplers.default_path(["d2s100"], n=200, nfes=[5])
     assert row["equal_to_auto_row"] and row["search_evals"] > row["sample_evals"] == 1000
     assert row["first_seconds"] > row["second_seconds"]
